@@ -1,0 +1,38 @@
+"""Error types and the exit codes the CLI maps them to.
+
+A security failure is not a usage error: TAMPERED has its own exit code (1), and every
+other failure (bad input, unreachable endpoint, damaged file) exits 2 and is never
+reported as INTACT.
+"""
+
+from __future__ import annotations
+
+EXIT_INTACT = 0
+EXIT_TAMPERED = 1
+EXIT_ERROR = 2
+
+
+class TamperprobeError(Exception):
+    """Base class: a one-line message meant for the user; the CLI exits with `exit_code`."""
+
+    exit_code = EXIT_ERROR
+
+
+class UsageError(TamperprobeError):
+    """The caller asked for something malformed (bad option value, unknown name)."""
+
+
+class ModelLoadError(TamperprobeError):
+    """A model file or reference could not be loaded."""
+
+
+class DataError(TamperprobeError):
+    """A data set could not be read or does not fit the model."""
+
+
+class FingerprintFormatError(TamperprobeError):
+    """A fingerprint file is damaged, altered, truncated or of an unknown version."""
+
+
+class QueryError(TamperprobeError):
+    """A prediction request failed or its answer was malformed."""

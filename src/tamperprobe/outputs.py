@@ -1,0 +1,177 @@
+"""What a prediction API reveals, and the one rule that decides whether an answer matches.
+
+Output specifications (the forms of VerIDeep's Table III):
+
+==================  =====================================================================
+``top1``            the top-1 label
+``topk:K``          the K most likely labels, most likely first
+``top1-prob:N``     the top-1 label and its probability rounded to N decimals
+``probs:N``         every class probability rounded to N decimals
+``logits``          every logit, unrounded
+==================  =====================================================================
+
+The comparison rule (``OutputSpec.compare``) with a tolerance ``tol`` (logit units; the
+same number bounds probabilities, since ``|Δp_i| <= max|Δz| / 2`` for a softmax):
+
+* **Labels.** Let ``s_1 >= s_2 >= ...`` be the expected logits sorted. The observed labels
+  ``o_1..o_K`` match when they are distinct and ``|z[o_i] - s_i| <= tol`` for every i. A
+  label whose logit ties the expected one within ``tol`` is accepted in its place, so a
+  near-tie never raises a false alarm; any other label, or another order, is a mismatch.
+* **Rounded probabilities.** An observed value ``r`` matches the expected probability
+  ``p`` when ``|r - p| <= 0.5 * 10**-N + tol``: a value within ``tol`` of a rounding
+  boundary matches whichever side the API rounded to. An unrounded answer also matches.
+* **Logits.** ``|r - z| <= tol + 1e-6 * |z|``.
+
+Everything else (wrong length, NaN, labels out of range) is a mismatch.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import UsageError
+
+DEFAULT_TOLERANCE = 3e-5
+_KINDS = ("top1", "topk", "top1-prob", "probs", "logits")
+_MAX_DECIMALS = 12
+
+
+@dataclass(frozen=True)
+class Answer:
+    """One API answer in a normal form: labels (most likely first) and/or scores.
+
+    ``top1``/``topk`` fill ``labels``; ``top1-prob`` fills both (one score, the top-1
+    probability); ``probs``/``logits`` fill ``scores`` with one value per class.
+    """
+
+    labels: tuple[int, ...] | None = None
+    scores: tuple[float, ...] | None = None
+
+    def __str__(self) -> str:
+        parts = []
+        if self.labels is not None:
+            parts.append(",".join(str(c) for c in self.labels))
+        if self.scores is not None:
+            shown = ", ".join(f"{s:.4g}" for s in self.scores[:4])
+            more = ", …" if len(self.scores) > 4 else ""
+            parts.append(f"[{shown}{more}]")
+        return " ".join(parts) if parts else "-"
+
+
+@dataclass(frozen=True)
+class Match:
+    ok: bool
+    detail: str = ""
+
+
+def softmax64(logits: np.ndarray) -> np.ndarray:
+    """Softmax in float64 along the last axis (the reference both sides use)."""
+    z = np.asarray(logits, dtype=np.float64)
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+@dataclass(frozen=True)
+class OutputSpec:
+    kind: str
+    k: int = 1
+    decimals: int | None = None
+
+    @classmethod
+    def parse(cls, text: str | OutputSpec) -> OutputSpec:
+        if isinstance(text, OutputSpec):
+            return text
+        raw = str(text).strip().lower()
+        m = re.fullmatch(r"(top1|topk|top1-prob|probs|logits)(?::(\d+))?", raw)
+        if not m:
+            raise UsageError(
+                f"bad output spec {text!r}: expected one of top1, topk:K, top1-prob:N, probs:N, logits"
+            )
+        kind, arg = m.group(1), m.group(2)
+        if kind in ("top1", "logits"):
+            if arg is not None:
+                raise UsageError(f"bad output spec {text!r}: {kind} takes no argument")
+            return cls(kind)
+        if arg is None:
+            raise UsageError(f"bad output spec {text!r}: {kind} needs a number, e.g. {kind}:3")
+        n = int(arg)
+        if kind == "topk":
+            if n < 1:
+                raise UsageError(f"bad output spec {text!r}: K must be at least 1")
+            return cls("top1") if n == 1 else cls("topk", k=n)
+        if n > _MAX_DECIMALS:
+            raise UsageError(f"bad output spec {text!r}: at most {_MAX_DECIMALS} decimals")
+        return cls(kind, decimals=n)
+
+    def __str__(self) -> str:
+        if self.kind == "topk":
+            return f"topk:{self.k}"
+        if self.kind in ("top1-prob", "probs"):
+            return f"{self.kind}:{self.decimals}"
+        return self.kind
+
+    @property
+    def label_count(self) -> int:
+        """How many labels an answer carries (0 for the score-only forms)."""
+        return {"top1": 1, "topk": self.k, "top1-prob": 1}.get(self.kind, 0)
+
+    def reveal(self, logits: np.ndarray) -> Answer:
+        """What an API following this spec answers for one sample's logits (C,)."""
+        z = np.asarray(logits, dtype=np.float64).reshape(-1)
+        if self.kind == "logits":
+            return Answer(scores=tuple(float(v) for v in z))
+        if self.k > z.size:
+            raise UsageError(f"output spec {self} asks for {self.k} labels but the model has {z.size} classes")
+        order = np.argsort(-z, kind="stable")
+        if self.kind in ("top1", "topk"):
+            return Answer(labels=tuple(int(c) for c in order[: self.k]))
+        p = softmax64(z)
+        if self.kind == "top1-prob":
+            top = int(order[0])
+            return Answer(labels=(top,), scores=(round(float(p[top]), self.decimals),))
+        return Answer(scores=tuple(round(float(v), self.decimals) for v in p))
+
+    def compare(self, expected_logits: np.ndarray, observed: Answer, tol: float = DEFAULT_TOLERANCE) -> Match:
+        """Does ``observed`` match what the intact model answers for ``expected_logits``?"""
+        z = np.asarray(expected_logits, dtype=np.float64).reshape(-1)
+        n_labels = self.label_count
+        if n_labels:
+            labels = observed.labels
+            if labels is None or len(labels) != n_labels:
+                return Match(False, f"expected {n_labels} label(s), got {observed}")
+            if len(set(labels)) != len(labels) or any(not 0 <= c < z.size for c in labels):
+                return Match(False, f"invalid labels {labels}")
+            ranked = np.sort(z)[::-1]
+            for i, c in enumerate(labels):
+                if abs(z[c] - ranked[i]) > tol:
+                    want = int(np.argsort(-z, kind="stable")[i])
+                    return Match(False, f"label #{i + 1} is {c}, expected {want}")
+        if self.kind in ("top1", "topk"):
+            return Match(True)
+        scores = observed.scores
+        if self.kind == "top1-prob":
+            if scores is None or len(scores) != 1:
+                return Match(False, "expected one probability")
+            want = softmax64(z)[observed.labels[0]]
+            return _close(scores, [want], 0.5 * 10.0 ** -self.decimals + tol, 0.0)
+        if scores is None or len(scores) != z.size:
+            return Match(False, f"expected {z.size} scores, got {0 if scores is None else len(scores)}")
+        if self.kind == "probs":
+            return _close(scores, softmax64(z), 0.5 * 10.0 ** -self.decimals + tol, 0.0)
+        return _close(scores, z, tol, 1e-6)
+
+
+def _close(observed, expected, atol: float, rtol: float) -> Match:
+    # The 1e-12 absorbs the decimal representation error of a rounded float (0.15 is not exactly 0.15).
+    for i, (r, e) in enumerate(zip(observed, expected)):
+        r = float(r)
+        if not math.isfinite(r):
+            return Match(False, f"score {i} is {r}")
+        if abs(r - e) > atol + rtol * abs(e) + 1e-12:
+            return Match(False, f"score {i} is {r:.6g}, expected {e:.6g}")
+    return Match(True)

@@ -1,0 +1,44 @@
+"""Shared fixtures: a tiny trained model on scikit-learn's digits, seeded."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+
+@pytest.fixture(autouse=True)
+def _seed_and_isolate(tmp_path_factory, monkeypatch):
+    torch.manual_seed(0)
+    np.random.seed(0)
+    monkeypatch.setenv("TAMPERPROBE_HISTORY", str(tmp_path_factory.mktemp("hist") / "history.sqlite"))
+    monkeypatch.setenv("TAMPERPROBE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from tamperprobe.data import load_data
+
+    return load_data("digits").split(0.3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_cnn(digits):
+    from tamperprobe import zoo
+    from tamperprobe.train import fit
+
+    train, _ = digits
+    torch.manual_seed(0)
+    m = zoo.build("cnn", (1, 8, 8))
+    return fit(m, train.x, train.y, epochs=8, lr=3e-3, seed=0)
+
+
+@pytest.fixture(scope="session")
+def trained_mlp(digits):
+    from tamperprobe import zoo
+    from tamperprobe.train import fit
+
+    train, _ = digits
+    torch.manual_seed(0)
+    m = zoo.build("mlp", (1, 8, 8))
+    return fit(m, train.x, train.y, epochs=8, lr=3e-3, seed=0)

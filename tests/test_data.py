@@ -1,0 +1,88 @@
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from tamperprobe.data import load_data
+from tamperprobe.errors import DataError
+
+
+def test_digits_builtin():
+    d = load_data("digits")
+    assert d.x.shape == (1797, 1, 8, 8) and d.x.dtype == np.float32
+    assert d.y.shape == (1797,) and set(np.unique(d.y)) == set(range(10))
+    assert (d.low, d.high) == (0.0, 1.0) and d.x.min() >= 0 and d.x.max() <= 1
+
+
+def test_split_is_seeded_and_disjoint():
+    d = load_data("digits")
+    a1, b1 = d.split(0.3, seed=1)
+    a2, b2 = d.split(0.3, seed=1)
+    assert np.array_equal(a1.x, a2.x) and np.array_equal(b1.y, b2.y)
+    assert len(a1) + len(b1) == len(d) and len(b1) == round(0.3 * len(d))
+
+
+def test_npz_and_range_override(tmp_path):
+    x = np.linspace(-1, 1, 2 * 3 * 4, dtype=np.float32).reshape(2, 3, 4)
+    np.savez(tmp_path / "d.npz", x=x, y=np.array([0, 1]))
+    d = load_data(tmp_path / "d.npz")
+    assert np.array_equal(d.x, x) and (d.low, d.high) == (-1.0, 1.0)
+    d2 = load_data(tmp_path / "d.npz", low=-2, high=2)
+    assert (d2.low, d2.high) == (-2.0, 2.0)
+    with pytest.raises(DataError, match="outside the input range"):
+        load_data(tmp_path / "d.npz", low=0.0)
+
+
+@pytest.mark.parametrize(
+    "arrays, msg",
+    [({"z": np.zeros((2, 2))}, "no array 'x'"), ({"x": np.zeros(3)}, "shape"), ({"x": np.array([[np.nan]])}, "NaN"),
+     ({"x": np.zeros((2, 2)), "y": np.zeros(3, dtype=np.int64)}, "one per row")],
+)
+def test_npz_errors(tmp_path, arrays, msg):
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(DataError, match=msg):
+        load_data(tmp_path / "d.npz")
+
+
+def test_npz_pickle_refused(tmp_path):
+    np.save(tmp_path / "x.npy", np.array([object()], dtype=object), allow_pickle=True)
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "d.npz", "w") as z:
+        z.write(tmp_path / "x.npy", "x.npy")
+    with pytest.raises(DataError, match="cannot read"):
+        load_data(tmp_path / "d.npz")
+
+
+def _idx(path, arr, gz):
+    arr = np.asarray(arr, dtype=np.uint8)
+    head = bytes([0, 0, 8, arr.ndim]) + struct.pack(f">{arr.ndim}I", *arr.shape)
+    (gzip.open if gz else open)(path, "wb").write(head + arr.tobytes())
+
+
+@pytest.mark.parametrize("gz", [True, False])
+def test_idx_folder(tmp_path, gz):
+    rng = np.random.default_rng(0)
+    imgs = rng.integers(0, 256, size=(4, 5, 5))
+    sfx = ".gz" if gz else ""
+    _idx(tmp_path / f"t-images-idx3-ubyte{sfx}", imgs, gz)
+    _idx(tmp_path / f"t-labels-idx1-ubyte{sfx}", [1, 2, 3, 4], gz)
+    d = load_data(tmp_path)
+    assert d.x.shape == (4, 1, 5, 5)
+    np.testing.assert_array_equal(d.x[:, 0] * 255, imgs.astype(np.float32))
+    assert d.y.tolist() == [1, 2, 3, 4]
+
+
+def test_idx_errors(tmp_path):
+    (tmp_path / "bad-idx3-ubyte").write_bytes(b"\x01\x02\x03")
+    with pytest.raises(DataError, match="not an IDX"):
+        load_data(tmp_path)
+    (tmp_path / "bad-idx3-ubyte").write_bytes(bytes([0, 0, 8, 3]) + struct.pack(">3I", 2, 2, 2) + b"\x00" * 5)
+    with pytest.raises(DataError, match="header says 8"):
+        load_data(tmp_path)
+
+
+def test_unknown_data():
+    with pytest.raises(DataError, match="data not found"):
+        load_data("nope")
