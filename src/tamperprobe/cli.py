@@ -244,5 +244,5 @@ def main() -> None:
     except SystemExit:
         raise
     except Exception as exc:  # last resort: never a traceback for the user
-        err_console.print(f"[bold red]error:[/] internal error: {type(exc).__name__}: {exc}", highlight=False)
+        err_console.print(f"[bold red]error:[/] internal error: {type(exc).__name__}: {exc}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None

@@ -31,8 +31,6 @@ def create_fingerprint(
     progress: Progress | None = None,
 ) -> Fingerprint:
     """Generate a bag of ``bag`` candidates with ``method``, keep ``size`` by ``select``, record the intact outputs."""
-    from .selection import select as select_markers
-
     model.require_torch("fingerprint generation")
     spec = OutputSpec.parse(output_spec)
     if size < 1 or bag < 1:
@@ -43,8 +41,10 @@ def create_fingerprint(
         raise UsageError(f"unknown selection {select!r}: choose manc or random")
     if tolerance < 0:
         raise UsageError("tolerance must be >= 0")
-    _check_fit(model, data)
     gen = get_method(method, **(params or {}))
+    _check_fit(model, data)
+    from .selection import select as select_markers
+
     rng = np.random.default_rng(seed)
     candidates = gen.generate(model, data, bag, rng, progress)
     if len(candidates) < size:

@@ -1,0 +1,94 @@
+"""The CLI contract of the core pipeline: exit codes, one-line errors, never a traceback."""
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from tamperprobe.fingerprint import make_fingerprint, save
+from tamperprobe.models import LoadedModel, save_model
+
+
+def run(*args, timeout=120):
+    return subprocess.run([sys.executable, "-m", "tamperprobe", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, trained_cnn, digits):
+    d = tmp_path_factory.mktemp("cli")
+    x = digits[1].x[:12]
+    intact = save_model(trained_cnn, d / "intact.pt", x)
+    import copy
+
+    tampered = copy.deepcopy(trained_cnn)
+    with torch.no_grad():
+        tampered.head[-1].weight.mul_(1.001)
+    bad = save_model(tampered, d / "tampered.pt", x)
+    m = LoadedModel("m", "module", module=trained_cnn)
+    fp = make_fingerprint(x, m.logits(x), digits[0].input_spec, {"method": "natural", "params": {}, "seed": 0}, m.digest())
+    save(fp, d / "fp.tpf")
+    np.savez(d / "data.npz", x=digits[0].x[:50], y=digits[0].y[:50])
+    return d, intact, bad
+
+
+def test_verify_intact_exit_0(files):
+    d, intact, _ = files
+    r = run("verify", d / "fp.tpf", "--model", intact, "--no-history")
+    assert r.returncode == 0, r.stderr
+    assert "INTACT" in r.stdout
+
+
+def test_verify_tampered_exit_1(files):
+    d, _, bad = files
+    r = run("verify", d / "fp.tpf", "--model", bad, "--no-history")
+    assert r.returncode == 1, r.stderr
+    assert "TAMPERED" in r.stdout
+
+
+def test_verify_json(files):
+    import json
+
+    d, _, bad = files
+    r = run("verify", d / "fp.tpf", "--model", bad, "--no-history", "--json", "--output-spec", "probs:6")
+    assert r.returncode == 1
+    doc = json.loads(r.stdout)
+    assert doc["verdict"] == "TAMPERED" and doc["output_spec"] == "probs:6" and len(doc["markers"]) == 12
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["verify", "{d}/missing.tpf", "--model", "{intact}"], "fingerprint not found"),
+        (["verify", "{d}/data.npz", "--model", "{intact}"], "not a readable fingerprint"),
+        (["verify", "{d}/fp.tpf", "--model", "{d}/data.npz"], "unknown model format"),
+        (["verify", "{d}/fp.tpf"], "exactly one of --model or --endpoint"),
+        (["verify", "{d}/fp.tpf", "--model", "{intact}", "--output-spec", "top7"], "bad output spec"),
+        (["fingerprint", "{intact}", "--data", "{d}/nothing.npz", "--out", "{d}/x.tpf"], "data not found"),
+        (["fingerprint", "{intact}", "--data", "{d}/data.npz", "--out", "{d}/x.tpf", "--size", "5", "--bag", "3"], "larger than --bag"),
+        (["fingerprint", "{intact}", "--data", "{d}/data.npz", "--out", "{d}/x.tpf", "--method", "magic"], "unknown method"),
+        (["inspect", "{d}/data.npz"], "not a readable fingerprint"),
+    ],
+)
+def test_errors_are_one_line_exit_2(files, args, message):
+    d, intact, _ = files
+    r = run(*[a.format(d=d, intact=intact) for a in args])
+    assert r.returncode == 2, (r.stdout, r.stderr)
+    assert message in r.stderr
+    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
+
+
+def test_inspect_and_png(files):
+    d, _, _ = files
+    r = run("inspect", d / "fp.tpf", "--png", d / "grid.png")
+    assert r.returncode == 0, r.stderr
+    assert "12" in r.stdout and "natural" in r.stdout
+    assert (d / "grid.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_help_lists_contract_commands():
+    r = run("--help")
+    assert r.returncode == 0
+    for cmd in ("fingerprint", "verify", "inspect", "demo"):
+        assert cmd in r.stdout
