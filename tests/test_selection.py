@@ -1,0 +1,179 @@
+"""MANC greedy coverage and random selection, with groups."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tamperprobe.errors import UsageError
+from tamperprobe.methods.base import Bag
+from tamperprobe.models import LoadedModel
+from tamperprobe.selection import manc, random_selection, select
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids oversubscription stalls on a busy machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+def _coverage(active: np.ndarray, idx) -> int:
+    idx = list(idx)
+    return int(active[idx].any(axis=0).sum()) if idx else 0
+
+
+def _optimum(active: np.ndarray, k: int) -> int:
+    return max(_coverage(active, c) for c in itertools.combinations(range(len(active)), k))
+
+
+def _random_instance(rng: np.random.Generator) -> np.ndarray:
+    n, units = int(rng.integers(2, 9)), int(rng.integers(3, 13))
+    acts = rng.normal(size=(n, units)) - rng.uniform(0.0, 1.5)  # varied densities of active neurons
+    return acts
+
+
+def test_greedy_guarantee_against_brute_force() -> None:
+    rng = np.random.default_rng(0)
+    for _ in range(300):
+        acts = _random_instance(rng)
+        active = acts > 0
+        for k in range(1, min(3, len(acts)) + 1):
+            idx = manc(acts, k, np.random.default_rng(1))
+            assert len(idx) == k and len(set(idx.tolist())) == k
+            best_single = max(_coverage(active, [i]) for i in range(len(acts)))
+            assert _coverage(active, idx[:1]) == best_single  # the first pick maximises coverage
+            if k == 1:
+                assert _coverage(active, idx) == _optimum(active, 1)
+            assert _coverage(active, idx) >= (1 - 1 / math.e) * _optimum(active, k) - 1e-9
+
+
+def test_greedy_is_optimal_on_disjoint_and_nested_instances() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(100):
+        n, units = int(rng.integers(3, 9)), 16
+        # disjoint supports: greedy takes the k largest sets, which is optimal
+        labels = rng.integers(0, n, size=units)
+        disjoint = np.stack([(labels == i) for i in range(n)]).astype(float)
+        # nested supports (a chain): any optimum contains the largest set, greedy too
+        sizes = rng.permutation(np.linspace(1, units, n).astype(int))
+        nested = (np.arange(units)[None, :] < sizes[:, None]).astype(float)
+        for acts in (disjoint, nested):
+            for k in range(1, min(4, n) + 1):
+                idx = manc(acts, k, np.random.default_rng(0))
+                assert _coverage(acts > 0, idx) == _optimum(acts > 0, k)
+
+
+def test_known_greedy_order_and_reset_after_saturation() -> None:
+    acts = np.array(
+        [
+            [1, 1, 0, 0, 0, 0],  # 0
+            [1, 1, 1, 1, 0, 0],  # 1: the biggest
+            [0, 0, 0, 0, 1, 0],  # 2
+            [0, 0, 0, 0, 1, 1],  # 3: the only one adding 2 after sample 1
+            [0, 0, 0, 0, 0, 0],  # 4: never active, comes last
+            [1, 1, 1, 0, 0, 0],  # 5: biggest once coverage is reset
+        ],
+        dtype=float,
+    )
+    order = manc(acts, 6, np.random.default_rng(0))
+    assert order[:3].tolist() == [1, 3, 5]  # 1, then 3, then saturation: reset, 5 covers 3
+    assert order[-1] == 4
+    assert sorted(order.tolist()) == list(range(6))
+
+
+def test_ties_are_broken_by_the_rng_and_are_reproducible() -> None:
+    acts = np.eye(8)  # every sample adds exactly one neuron: all ties
+    firsts = {int(manc(acts, 1, np.random.default_rng(s))[0]) for s in range(40)}
+    assert len(firsts) > 3
+    for s in range(5):
+        a = manc(acts, 5, np.random.default_rng(s))
+        b = manc(acts, 5, np.random.default_rng(s))
+        assert a.tolist() == b.tolist()
+
+
+def test_random_selection_and_k_checks() -> None:
+    idx = random_selection(10, 4, np.random.default_rng(0))
+    assert len(set(idx.tolist())) == 4 and idx.max() < 10
+    assert idx.tolist() == random_selection(10, 4, np.random.default_rng(0)).tolist()
+    with pytest.raises(UsageError):
+        random_selection(3, 4, np.random.default_rng(0))
+    with pytest.raises(UsageError):
+        manc(np.ones((3, 2)), 4, np.random.default_rng(0))
+    with pytest.raises(UsageError):
+        manc(np.ones((3, 2)), 0, np.random.default_rng(0))
+
+
+def _model_and_bag(n: int = 12, groups: np.ndarray | None = None) -> tuple[LoadedModel, Bag]:
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Flatten(), nn.Linear(64, 20), nn.ReLU(), nn.Linear(20, 10)).eval()
+    x = np.random.default_rng(0).random((n, 1, 8, 8), dtype=np.float32)
+    return LoadedModel("mlp", "module", module), Bag(x, x.copy(), groups)
+
+
+def test_select_manc_uses_the_penultimate_activations() -> None:
+    model, bag = _model_and_bag()
+    idx = select("manc", model, bag, 5, np.random.default_rng(0))
+    with torch.no_grad():
+        acts = model.module[:3](torch.from_numpy(bag.inputs)).numpy()
+    assert idx.tolist() == manc(acts, 5, np.random.default_rng(0)).tolist()
+    assert idx.tolist() == select("manc", model, bag, 5, np.random.default_rng(0)).tolist()
+    named = select("manc", model, bag, 5, np.random.default_rng(0), layer="1")
+    assert len(set(named.tolist())) == 5
+    with pytest.raises(UsageError):
+        select("manc", model, bag, 13, np.random.default_rng(0))
+    with pytest.raises(UsageError):
+        select("best", model, bag, 3, np.random.default_rng(0))  # type: ignore[arg-type]
+
+
+def test_select_random_is_deterministic() -> None:
+    model, bag = _model_and_bag()
+    a = select("random", model, bag, 6, np.random.default_rng(7))
+    b = select("random", None, bag, 6, np.random.default_rng(7))
+    assert a.tolist() == b.tolist() and len(set(a.tolist())) == 6
+
+
+@pytest.mark.parametrize("kind", ["manc", "random"])
+def test_groups_are_kept_or_dropped_whole(kind: str) -> None:
+    groups = np.repeat(np.arange(6), 2)  # six pairs
+    model, bag = _model_and_bag(12, groups)
+    for k in (2, 4, 6):
+        idx = select(kind, model, bag, k, np.random.default_rng(k))
+        assert len(idx) == k and len(set(idx.tolist())) == k
+        chosen = set(groups[idx].tolist())
+        for g in chosen:
+            assert set(np.flatnonzero(groups == g).tolist()) <= set(idx.tolist())
+    idx = select(kind, model, bag, 5, np.random.default_rng(0))  # odd k with pairs: one marker more
+    assert len(idx) == 6
+    assert all((groups[idx] == g).sum() == 2 for g in set(groups[idx].tolist()))
+
+
+def test_groups_of_mixed_sizes_fill_k_exactly_when_possible() -> None:
+    groups = np.array([0, 0, 0, 1, 2, 2, 3, 4, 4, 4])  # sizes 3, 1, 2, 1, 3
+    model, bag = _model_and_bag(10, groups)
+    for k in range(1, 11):
+        for seed in range(3):
+            idx = select("manc", model, bag, k, np.random.default_rng(seed))
+            assert len(idx) == k  # 1 and 2 fill any remainder
+            for g in set(groups[idx].tolist()):
+                assert (groups[idx] == g).sum() == (groups == g).sum()
+
+
+def test_group_coverage_is_the_union_of_members() -> None:
+    acts = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]], dtype=np.float32)
+    groups = np.array([0, 0, 1, 2])  # group 0 covers {0, 1} with two markers; group 1 covers {0, 1, 2}
+    model = LoadedModel("id", "module", nn.Sequential(nn.Identity(), nn.Linear(4, 2)).eval())
+    bag = Bag(acts, acts.copy(), groups)
+    idx = select("manc", model, bag, 2, np.random.default_rng(0))
+    assert idx.tolist() == [2, 3]  # group 1 first (3 new neurons), then group 2 (1 new); pair 0 adds none
+    idx = select("manc", model, bag, 3, np.random.default_rng(0))
+    assert idx.tolist() == [2, 0, 1]  # group 2 would leave 1 marker that no whole group fills
+    idx = select("manc", model, bag, 4, np.random.default_rng(0))
+    assert idx.tolist() == [2, 3, 0, 1]

@@ -1,0 +1,138 @@
+"""The sensitive-sample generator: constraints, progress, determinism, model kinds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tamperprobe.data import Dataset
+from tamperprobe.errors import UsageError
+from tamperprobe.methods import get_method
+from tamperprobe.methods.sensitive import SensitiveSamples
+from tamperprobe.models import LoadedModel
+from tamperprobe.sensitivity import resolve_params, sensitivity
+
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny tensors: one thread avoids oversubscription stalls on a busy machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def data() -> Dataset:
+    from sklearn.datasets import load_digits
+
+    d = load_digits()
+    x = (d.images[:300].astype(np.float32) / 16.0)[:, None]
+    return Dataset(x, d.target[:300].astype(np.int64), "digits300", 0.0, 1.0)
+
+
+def _model(kind: str = "cnn") -> LoadedModel:
+    torch.manual_seed(0)
+    if kind == "mlp":
+        module = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    else:
+        module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 10))
+    return LoadedModel(kind, "module", module.eval())
+
+
+def _check_constraints(bag, data: Dataset, epsilon: float) -> None:
+    assert bag.inputs.dtype == np.float32 and bag.inputs.shape == bag.seeds.shape
+    assert bag.inputs.min() >= data.low and bag.inputs.max() <= data.high
+    d = (bag.inputs.astype(np.float64) - bag.seeds).reshape(len(bag), -1)
+    rel = np.linalg.norm(d, axis=1) / np.linalg.norm(bag.seeds.astype(np.float64).reshape(len(bag), -1), axis=1)
+    assert rel.max() <= epsilon + 1e-6
+    # the seeds are natural samples of the data set
+    flat = data.x.reshape(len(data), -1)
+    for s in bag.seeds.reshape(len(bag), -1):
+        assert np.any(np.all(flat == s, axis=1))
+
+
+@pytest.mark.parametrize("output", ["softmax", "logits"])
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+def test_constraints_and_sensitivity_gain(data: Dataset, arch: str, output: str) -> None:
+    model = _model(arch)
+    calls: list[tuple[int, int]] = []
+    gen = SensitiveSamples(epsilon=0.1, lr=0.02, steps=40, output=output)
+    bag = gen.generate(model, data, 24, np.random.default_rng(0), lambda d, t: calls.append((d, t)))
+    assert len(bag) == 24 and bag.groups is None
+    _check_constraints(bag, data, 0.1)
+    s0, s1 = bag.info["sensitivity_seed"], bag.info["sensitivity"]
+    assert s0.shape == s1.shape == (24,)
+    assert np.all(s1 >= s0)  # the best iterate starts at the seed
+    assert s1.mean() > s0.mean() * 1.001
+    assert 1 <= bag.info["steps"] <= 40 and calls and calls[-1] == (40, 40)
+    # the recorded sensitivity is that of the returned inputs
+    names = resolve_params(model.module, None)
+    recomputed = sensitivity(model, torch.from_numpy(bag.inputs), names, output).detach().numpy()
+    np.testing.assert_allclose(recomputed, s1, rtol=1e-4)
+
+
+def test_small_box_and_large_epsilon_still_hold(data: Dataset) -> None:
+    clipped = Dataset(np.clip(data.x, 0.2, 0.7), data.y, "clipped", 0.2, 0.7)
+    bag = SensitiveSamples(epsilon=0.5, lr=0.2, steps=15).generate(_model("mlp"), clipped, 16, np.random.default_rng(1))
+    _check_constraints(bag, clipped, 0.5)
+    assert np.any(bag.inputs == 0.2) or np.any(bag.inputs == 0.7)  # the box was active
+
+
+def test_deterministic_for_a_seed(data: Dataset) -> None:
+    model = _model("cnn")
+    gen = get_method("sensitive", steps=10)
+    a = gen.generate(model, data, 8, np.random.default_rng(5))
+    b = gen.generate(model, data, 8, np.random.default_rng(5))
+    np.testing.assert_array_equal(a.inputs, b.inputs)
+    np.testing.assert_array_equal(a.info["sensitivity"], b.info["sensitivity"])
+    c = gen.generate(model, data, 8, np.random.default_rng(6))
+    assert not np.array_equal(a.seeds, c.seeds)
+
+
+def test_seeds_without_replacement_when_possible(data: Dataset) -> None:
+    small = Dataset(data.x[:5], data.y[:5], "five", 0.0, 1.0)
+    bag = SensitiveSamples(steps=0).generate(_model("mlp"), small, 5, np.random.default_rng(0))
+    assert len({s.tobytes() for s in bag.seeds}) == 5
+    np.testing.assert_array_equal(bag.inputs, bag.seeds)  # no step: the seeds themselves
+    assert len(SensitiveSamples(steps=0).generate(_model("mlp"), small, 9, np.random.default_rng(0))) == 9
+
+
+def test_early_stopping_with_patience(data: Dataset) -> None:
+    gen = SensitiveSamples(epsilon=1e-6, steps=200, patience=3, min_delta=0.5)
+    bag = gen.generate(_model("mlp"), data, 6, np.random.default_rng(0))
+    assert bag.info["steps"] == 3
+
+
+def test_torchscript_and_inner_params(data: Dataset) -> None:
+    model = _model("mlp")
+    traced = torch.jit.trace(model.module, torch.from_numpy(data.x[:2]), check_trace=False)
+    ts = LoadedModel("ts", "torchscript", traced)
+    gen = SensitiveSamples(steps=5, lr=0.05)
+    a = gen.generate(ts, data, 4, np.random.default_rng(2))
+    b = gen.generate(model, data, 4, np.random.default_rng(2))
+    _check_constraints(a, data, 0.1)
+    np.testing.assert_allclose(a.inputs, b.inputs, atol=1e-5)
+    inner = SensitiveSamples(steps=5, params=["1.weight", "1.bias"]).generate(model, data, 4, np.random.default_rng(2))
+    assert inner.info["params"] == ["1.weight", "1.bias"]
+    assert np.all(inner.info["sensitivity"] >= inner.info["sensitivity_seed"])
+
+
+def test_misuse_is_a_usage_error(data: Dataset) -> None:
+    with pytest.raises(UsageError):
+        SensitiveSamples(output="probs")
+    with pytest.raises(UsageError):
+        SensitiveSamples(epsilon=-1)
+    with pytest.raises(UsageError):
+        get_method("sensitive", bogus=1)
+    with pytest.raises(UsageError, match="PyTorch"):
+        SensitiveSamples().generate(LoadedModel("m.onnx", "onnx", session=object()), data, 4, np.random.default_rng(0))
+    with pytest.raises(UsageError, match="valid names"):
+        SensitiveSamples(params=["nope"]).generate(_model("mlp"), data, 4, np.random.default_rng(0))
+    assert get_method("sensitive").params() == {
+        "epsilon": 0.1, "lr": 0.01, "steps": 200, "patience": 20, "min_delta": 1e-4, "output": "softmax", "params": None,
+    }
