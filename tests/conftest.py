@@ -11,8 +11,14 @@ import torch
 def _seed_and_isolate(tmp_path_factory, monkeypatch):
     torch.manual_seed(0)
     np.random.seed(0)
+    # One torch thread: tiny-batch loops oversubscribe a busy 2-core machine badly; tests that
+    # measure thread counts set them explicitly.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     monkeypatch.setenv("TAMPERPROBE_HISTORY", str(tmp_path_factory.mktemp("hist") / "history.sqlite"))
     monkeypatch.setenv("TAMPERPROBE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,10 @@ def fingerprint(
                 tolerance=tolerance, layer=layer, params=params, progress=update,
             )
         save(fp, out)
-        console.print(f"wrote {out}: {len(fp)} markers ({method}, {select} of {bag}), id {fp.id}, output spec {fp.output_spec}")
+        chosen = fp.generator["selection"]
+        if chosen != select:
+            err_console.print(f"[yellow]warning:[/] {chosen}", highlight=False, soft_wrap=True)
+        console.print(f"wrote {out}: {len(fp)} markers ({method}, {chosen.split(' ')[0]} of {bag}), id {fp.id}, output spec {fp.output_spec}")
         console.print(f"query budget: {len(fp)} prediction requests per verification")
 
 
@@ -130,7 +133,7 @@ def verify(
             from .models import load_model
             from .targets import LocalTarget
 
-            target = LocalTarget(load_model(model, weights), threads=threads)
+            target = LocalTarget(load_model(model, weights), input_spec=fp.input_spec, threads=threads)
             proto = "local"
         else:
             from .clients import make_client

@@ -42,6 +42,19 @@ class InputSpec:
     def from_json(cls, d: dict) -> InputSpec:
         return cls(tuple(int(s) for s in d["shape"]), str(d["dtype"]), float(d["low"]), float(d["high"]))
 
+    def decode(self, x: np.ndarray) -> np.ndarray:
+        """The model-domain float32 inputs for inputs as sent.
+
+        In the 8-bit domain (dtype ``uint8``) a pixel value u maps to ``u / 255 · (high − low) + low``,
+        computed in float32; float inputs pass through as float32.
+        """
+        x = np.asarray(x)
+        if self.dtype == "uint8":
+            if x.dtype != np.uint8:
+                raise DataError(f"8-bit inputs must be uint8, got {x.dtype}")
+            return (x.astype(np.float32) / np.float32(255.0)) * np.float32(self.high - self.low) + np.float32(self.low)
+        return x.astype(np.float32, copy=False)
+
 
 @dataclass
 class Dataset:

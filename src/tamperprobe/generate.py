@@ -6,11 +6,11 @@ from typing import Any
 
 import numpy as np
 
-from .data import Dataset
+from .data import Dataset, InputSpec
 from .errors import DataError, UsageError
 from .fingerprint import Fingerprint, make_fingerprint
 from .methods import get_method
-from .methods.base import Progress
+from .methods.base import Bag, Progress
 from .models import LoadedModel
 from .outputs import DEFAULT_TOLERANCE, OutputSpec
 
@@ -49,19 +49,32 @@ def create_fingerprint(
     candidates = gen.generate(model, data, bag, rng, progress)
     if len(candidates) < size:
         raise UsageError(f"method {method} produced {len(candidates)} candidates, fewer than --size {size}")
-    chosen = np.asarray(select_markers(select, model, candidates, size, rng, layer=layer), dtype=np.int64)
-    kept = candidates.take(chosen)
-    logits = model.logits(kept.inputs)
+    input_spec = data.input_spec
+    encoding = candidates.info.get("input_encoding")
+    if encoding:  # markers in the 8-bit domain: sent as uint8, decoded by the served model's preprocessing
+        input_spec = InputSpec(input_spec.shape, str(encoding["dtype"]), float(encoding["low"]), float(encoding["high"]))
+    decoded = Bag(input_spec.decode(candidates.inputs), candidates.seeds, candidates.groups, candidates.info)
+    selection = select
+    try:
+        chosen = select_markers(select, model, decoded, size, rng, layer=layer)
+    except UsageError as exc:
+        if select != "manc" or layer is not None:
+            raise
+        # MANC needs a hookable layer (not TorchScript / torch.export): fall back, and say so in the file
+        selection = f"random (manc unavailable: {exc})"
+        chosen = select_markers("random", model, decoded, size, rng)
+    kept = candidates.take(np.asarray(chosen, dtype=np.int64))
+    logits = model.logits(input_spec.decode(kept.inputs))
     if not np.isfinite(logits).all():
         raise UsageError("the model returns NaN or infinite logits on the markers")
     generator = {
-        "method": method, "params": gen.params(), "seed": int(seed), "selection": select, "bag": int(bag),
+        "method": method, "params": gen.params(), "seed": int(seed), "selection": selection, "bag": int(bag),
         "layer": layer, "data": data.name,
     }
     extra = {k: v for k, v in kept.info.items() if not isinstance(v, np.ndarray)}
     return make_fingerprint(
-        kept.inputs, logits, data.input_spec, generator, model.digest(), output_spec=str(spec), tolerance=float(tolerance),
-        seeds=kept.seeds.astype(np.float32), groups=kept.groups, extra=extra,
+        kept.inputs, logits, input_spec, generator, model.digest(), output_spec=str(spec), tolerance=float(tolerance),
+        seeds=np.asarray(kept.seeds, dtype=np.float32), groups=kept.groups, extra=extra,
     )
 
 

@@ -12,6 +12,8 @@ from typing import Protocol, runtime_checkable
 
 import numpy as np
 
+from .data import InputSpec
+from .errors import UsageError
 from .models import LoadedModel
 from .outputs import Answer, OutputSpec
 
@@ -36,13 +38,18 @@ class Target(Protocol):
 class LocalTarget:
     """A model run in-process: computes logits and reveals what ``spec`` allows."""
 
-    def __init__(self, model: LoadedModel, *, batch_size: int = 64, threads: int | None = None) -> None:
+    def __init__(self, model: LoadedModel, *, input_spec: InputSpec | None = None, batch_size: int = 64, threads: int | None = None) -> None:
         self.model = model
+        self.input_spec = input_spec
         self.batch_size = batch_size
         self.threads = threads
         self.name = f"local:{model.source}"
 
     def query(self, inputs: np.ndarray, spec: OutputSpec) -> list[Answer | QueryFailure]:
+        if np.asarray(inputs).dtype == np.uint8:
+            if self.input_spec is None or self.input_spec.dtype != "uint8":
+                raise UsageError("8-bit markers need the fingerprint's input spec to decode them (LocalTarget(input_spec=...))")
+            inputs = self.input_spec.decode(inputs)
         logits = self.model.logits(inputs, batch_size=self.batch_size, threads=self.threads)
         out: list[Answer | QueryFailure] = []
         for row in logits:

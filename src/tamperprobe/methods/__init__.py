@@ -7,6 +7,14 @@ from .base import Bag, Method
 
 _REGISTRY: dict[str, str] = {
     "sensitive": "tamperprobe.methods.sensitive:SensitiveSamples",
+    "natural": "tamperprobe.methods.natural:Natural",
+    "grid": "tamperprobe.methods.grid:Grid",
+    "wght": "tamperprobe.methods.wght:Wght",
+    "badv": "tamperprobe.methods.badv:Badv",
+    "boundary": "tamperprobe.methods.boundary:Boundary",
+    "noise": "tamperprobe.methods.transforms:NoiseMarkers",
+    "rotation": "tamperprobe.methods.transforms:RotationMarkers",
+    "distortion": "tamperprobe.methods.transforms:DistortionMarkers",
 }
 
 

@@ -1,0 +1,65 @@
+"""Owner-side generation end to end: create_fingerprint for each method, uint8 markers, selection fallback."""
+
+import numpy as np
+import pytest
+import torch
+
+from tamperprobe.generate import create_fingerprint
+from tamperprobe.models import LoadedModel, load_model, save_model
+from tamperprobe.targets import LocalTarget
+from tamperprobe.verify import INTACT, TAMPERED, verify
+
+
+@pytest.fixture(scope="module")
+def cnn(trained_cnn):
+    return LoadedModel("cnn", "module", module=trained_cnn)
+
+
+@pytest.mark.parametrize("method", ["sensitive", "natural", "grid", "badv", "boundary"])
+def test_every_method_verifies_its_own_model(cnn, digits, method):
+    params = {"steps": 20} if method == "sensitive" else {}
+    fp = create_fingerprint(cnn, digits[0], method=method, size=6, bag=24, seed=1, output_spec="top1", params=params)
+    assert len(fp) >= 6
+    assert fp.generator["method"] == method and fp.generator["seed"] == 1
+    assert fp.model_digest == cnn.digest()
+    assert verify(fp, LocalTarget(cnn, input_spec=fp.input_spec)).verdict == INTACT
+
+
+def test_uint8_boundary_markers_round_trip_through_verify(cnn, digits, tmp_path):
+    from tamperprobe.fingerprint import load, save
+
+    fp = create_fingerprint(cnn, digits[0], method="boundary", size=4, bag=12, seed=0, output_spec="top1", params={"uint8": True})
+    assert fp.inputs.dtype == np.uint8 and fp.input_spec.dtype == "uint8"
+    save(fp, tmp_path / "u8.tpf")
+    back = load(tmp_path / "u8.tpf")
+    assert back.inputs.tobytes() == fp.inputs.tobytes()
+    # the recorded logits are the model's logits on the decoded 8-bit images
+    np.testing.assert_array_equal(back.logits, cnn.logits(back.input_spec.decode(back.inputs)))
+    assert verify(back, LocalTarget(cnn, input_spec=back.input_spec)).verdict == INTACT
+    with pytest.raises(Exception, match="input spec"):
+        verify(back, LocalTarget(cnn))
+
+
+def test_boundary_pairs_catch_int8_with_top1(cnn, digits, trained_cnn):
+    import copy
+
+    fp = create_fingerprint(cnn, digits[0], method="boundary", size=8, bag=24, seed=0, output_spec="top1")
+    q = copy.deepcopy(trained_cnn)
+    with torch.no_grad():
+        for p in q.parameters():
+            scale = p.abs().max() / 127
+            p.copy_(torch.round(p / scale) * scale)
+    assert verify(fp, LocalTarget(LoadedModel("q", "module", module=q))).verdict == TAMPERED
+
+
+def test_manc_falls_back_to_random_for_torchscript(trained_cnn, digits, tmp_path):
+    ts = load_model(save_model(trained_cnn, tmp_path / "m.pt", digits[1].x))
+    fp = create_fingerprint(ts, digits[0], method="natural", size=4, bag=10, seed=0)
+    assert fp.generator["selection"].startswith("random (manc unavailable")
+    assert verify(fp, LocalTarget(ts)).verdict == INTACT
+
+
+def test_generation_is_deterministic(cnn, digits):
+    a = create_fingerprint(cnn, digits[0], method="sensitive", size=4, bag=8, seed=3, params={"steps": 10})
+    b = create_fingerprint(cnn, digits[0], method="sensitive", size=4, bag=8, seed=3, params={"steps": 10})
+    assert a.inputs.tobytes() == b.inputs.tobytes() and a.logits.tobytes() == b.logits.tobytes()
