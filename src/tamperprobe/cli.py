@@ -153,7 +153,7 @@ def verify(
             target = make_client(
                 protocol, endpoint, model_name=model_name, headers=headers, token_env=token_env, timeout=timeout,
                 retries=retries, batch_size=batch_size, delay=delay, seed=seed, verify_tls=not insecure, template=tpl,
-                input_spec=fp.input_spec,
+                input_spec=fp.input_spec, classes=fp.classes,
             )
             proto = protocol
         report = run_verify(fp, target, output_spec, tolerance=tolerance, limit=limit)
@@ -174,7 +174,7 @@ def report_to_json(report) -> dict:
         "fingerprint": report.fingerprint_id, "seconds": round(report.seconds, 4), "tolerance": report.tolerance,
         "markers": [
             {"index": m.index, "status": m.status, "expected": str(m.expected), "observed": None if m.observed is None else str(m.observed),
-             "detail": m.failure or m.detail}
+             "detail": m.failure or m.detail, "latency": m.latency}
             for m in report.markers
         ],
     }

@@ -135,7 +135,7 @@ def run_demo(fresh: bool = False, seed: int = 0, console=None) -> bool:
             cells = []
             for plan, fp in prints:
                 client = make_client("kserve", server.url, model_name="digits-cnn", seed=seed, timeout=10.0,
-                                     input_spec=fp.input_spec)
+                                     input_spec=fp.input_spec, classes=fp.classes)
                 report = verify(fp, client, plan.spec)
                 want = INTACT if kind is None else TAMPERED
                 all_ok &= report.verdict == want

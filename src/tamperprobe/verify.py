@@ -29,6 +29,7 @@ class MarkerResult:
     ok: bool
     failure: str | None = None  # set when the marker got no usable answer
     detail: str = ""
+    latency: float | None = None  # seconds of the request that carried this marker (remote targets)
 
     @property
     def status(self) -> str:
@@ -92,6 +93,8 @@ def verify(
         raise UsageError("nothing to verify: the fingerprint (or --limit) has no markers")
     started = time.monotonic()
     answers = target.query(fp.inputs[:n], spec)
+    latencies = list(getattr(target, "last_latencies", None) or [])
+    latencies += [None] * (n - len(latencies))
     seconds = time.monotonic() - started
     if len(answers) != n:
         answers = list(answers) + [QueryFailure("no answer returned")] * (n - len(answers))
@@ -100,10 +103,10 @@ def verify(
         expected = spec.reveal(fp.logits[i])
         got = answers[i]
         if isinstance(got, QueryFailure):
-            results.append(MarkerResult(i, expected, None, False, failure=got.reason))
+            results.append(MarkerResult(i, expected, None, False, failure=got.reason, latency=latencies[i]))
             continue
         match = spec.compare(fp.logits[i], got, tol)
-        results.append(MarkerResult(i, expected, got, match.ok, detail=match.detail))
+        results.append(MarkerResult(i, expected, got, match.ok, detail=match.detail, latency=latencies[i]))
     if any(r.failure for r in results):
         verdict = INCONCLUSIVE
     elif all(r.ok for r in results):
