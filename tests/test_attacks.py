@@ -1,0 +1,367 @@
+"""The attack suite: every kind tampers a copy, keeps the model useful, is seeded, and round-trips."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tamperprobe.attacks import AttackResult, attack_names, run_attack
+from tamperprobe.attacks.base import REGISTRY, logits, weight_view
+from tamperprobe.errors import UsageError
+
+KINDS = [
+    "trojan", "trojan-neuron", "poison-generic", "poison-specific", "int8", "int8-channel", "dynamic-int8",
+    "fp16", "bf16", "floor", "prune", "finetune", "watermark", "noise",
+]
+# largest accuracy drop allowed on the digits test split (absolute). Poisoning takes one class
+# (~10 % of the test set) away on purpose, so its bound is the class share plus a margin.
+MAX_DROP = {
+    "int8": 0.02, "int8-channel": 0.02, "dynamic-int8": 0.02, "fp16": 0.02, "bf16": 0.02, "floor": 0.02,
+    "prune": 0.02, "noise": 0.02, "finetune": 0.05, "watermark": 0.05, "trojan": 0.05, "trojan-neuron": 0.05,
+    "poison-generic": 0.15, "poison-specific": 0.15,
+}
+MIN_SUCCESS = {"trojan": 0.8, "trojan-neuron": 0.8, "poison-generic": 0.8, "poison-specific": 0.8}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models train faster and more steadily on one thread, especially on a busy machine."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+
+@pytest.fixture(scope="module")
+def split():
+    from tamperprobe.data import load_data
+
+    return load_data("digits").split(0.25, seed=0)
+
+
+@pytest.fixture(scope="module")
+def models(split, _one_thread):
+    from tamperprobe import zoo
+    from tamperprobe.train import fit
+
+    tr, _ = split
+    out = {}
+    for arch, lr in (("mlp", 1e-3), ("cnn", 3e-3)):
+        torch.manual_seed(0)
+        out[arch] = fit(zoo.build(arch, (1, 8, 8)), tr.x, tr.y, epochs=10, lr=lr, seed=0)
+    return out
+
+
+def _snapshot(module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def _same_weights(a, b) -> bool:
+    wa, wb = weight_view(a), weight_view(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+_CACHE: dict[tuple[str, str, int], AttackResult] = {}
+
+
+def _run(models, split, arch: str, kind: str, seed: int = 0) -> AttackResult:
+    key = (arch, kind, seed)
+    if key not in _CACHE:
+        tr, te = split
+        _CACHE[key] = run_attack(kind, models[arch], tr, seed=seed, eval_data=te)
+    return _CACHE[key]
+
+
+def test_names_and_flags():
+    assert attack_names() == KINDS
+    assert {k for k in KINDS if REGISTRY[k].random} == {
+        "trojan", "trojan-neuron", "poison-generic", "poison-specific", "finetune", "watermark", "noise"
+    }
+    assert {k for k in KINDS if REGISTRY[k].needs_data} == {
+        "trojan", "trojan-neuron", "poison-generic", "poison-specific", "finetune", "watermark"
+    }
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_attack_tampers_a_copy_and_keeps_the_model_useful(models, split, arch, kind):
+    module = models[arch]
+    before = _snapshot(module)
+    flags = [m.training for m in module.modules()]
+    r = _run(models, split, arch, kind)
+    assert r.kind == kind and r.params["seed"] == 0
+    assert r.changed > 0
+    assert r.model is not module
+    after = _snapshot(module)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert [m.training for m in module.modules()] == flags
+    assert r.acc_before is not None and r.acc_after is not None
+    assert r.acc_before > 0.9
+    assert r.acc_after >= r.acc_before - MAX_DROP[kind], (kind, r.acc_before, r.acc_after)
+    if kind in MIN_SUCCESS:
+        assert r.success is not None and r.success > MIN_SUCCESS[kind], (kind, r.success)
+    else:
+        assert r.success is None
+    out = logits(r.model, split[1].x[:5])
+    assert out.shape == (5, 10) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("arch", ["mlp", "cnn"])
+@pytest.mark.parametrize("kind", KINDS)
+def test_seeded(models, split, arch, kind):
+    tr, te = split
+    # training attacks: two epochs are enough to show (non-)determinism
+    short = {"epochs": 2} if "epochs" in REGISTRY[kind].defaults else {}
+    first = run_attack(kind, models[arch], tr, seed=0, eval_data=te, **short)
+    again = run_attack(kind, models[arch], tr, seed=0, eval_data=te, **short)
+    assert _same_weights(first.model, again.model), "same seed must give bit-identical weights"
+    other = run_attack(kind, models[arch], tr, seed=1, eval_data=te, **short)
+    if REGISTRY[kind].random:
+        assert not _same_weights(first.model, other.model), "another seed must give other weights"
+    else:
+        assert _same_weights(first.model, other.model)
+
+
+def test_params_record_everything_and_replay(models, split):
+    tr, te = split
+    r = _run(models, split, "mlp", "trojan-neuron")
+    assert {"target", "layer", "neurons", "size", "value", "epochs", "lr", "seed"} <= set(r.params)
+    assert r.params["layer"] == "net.1" and r.params["size"] == 2 and r.params["value"] == 1.0
+    replay = run_attack("trojan-neuron", models["mlp"], tr, eval_data=te, **r.params)
+    assert _same_weights(r.model, replay.model)
+
+
+def test_trojan_neuron_touches_only_the_chosen_units_onward(models, split):
+    r = _run(models, split, "mlp", "trojan-neuron")
+    orig, new = weight_view(models["mlp"]), weight_view(r.model)
+    rows = (orig["net.1.weight"] != new["net.1.weight"]).any(1)
+    assert 0 < int(rows.sum()) <= r.params["neurons"]
+    cols = (orig["net.3.weight"] != new["net.3.weight"]).any(0)
+    assert int(cols.sum()) <= r.params["neurons"] and bool((cols & ~rows).sum() == 0)
+    assert torch.equal(orig["net.3.bias"], new["net.3.bias"])
+
+
+def test_poison_specific_sends_the_class_to_the_chosen_one(models, split):
+    tr, te = split
+    r = run_attack("poison-specific", models["mlp"], tr, seed=0, eval_data=te, target=3, to=8)
+    assert r.params["to"] == 8 and r.success > 0.8
+    from tamperprobe.attacks.base import predict
+
+    assert (predict(r.model, te.x[te.y == 3]) == 8).mean() == pytest.approx(r.success)
+
+
+def test_default_split_and_data_free_runs(models, split):
+    from tamperprobe.data import load_data
+
+    full = load_data("digits")
+    r = run_attack("int8", models["mlp"], full, seed=0)
+    assert r.params["eval_fraction"] == 0.25 and r.acc_before is not None
+    assert run_attack("fp16", models["mlp"], None).acc_before is None
+    assert run_attack("noise", models["mlp"], None, seed=2).changed == round(0.001 * sum(p.numel() for p in models["mlp"].parameters()))
+
+
+def test_usage_errors(models, split):
+    tr, te = split
+    from tamperprobe.data import Dataset
+
+    unlabelled = Dataset(tr.x, None, "nolabels", 0.0, 1.0)
+    for kind in ("trojan", "poison-generic", "finetune", "watermark"):
+        with pytest.raises(UsageError, match="needs labelled training data"):
+            run_attack(kind, models["mlp"], None)
+        with pytest.raises(UsageError, match="no labels"):
+            run_attack(kind, models["mlp"], unlabelled)
+    with pytest.raises(UsageError, match="unknown attack"):
+        run_attack("nope", models["mlp"], tr)
+    with pytest.raises(UsageError, match="no parameter"):
+        run_attack("prune", models["mlp"], None, amount=0.3)
+    with pytest.raises(UsageError, match="ratio"):
+        run_attack("prune", models["mlp"], None, ratio=1.5)
+    with pytest.raises(UsageError, match="not a class"):
+        run_attack("trojan", models["mlp"], tr, target=10)
+    with pytest.raises(UsageError, match="consecutive"):
+        from tamperprobe import zoo
+
+        run_attack("trojan-neuron", zoo.build("perceptron"), tr)
+    assert "\n" not in str(pytest.raises(UsageError, run_attack, "trojan", models["mlp"], None).value)
+
+
+def test_prune_on_torchscript_matches_torch_prune(models, split):
+    from tamperprobe.attacks.base import copy_module, quiet
+
+    with quiet():
+        scripted = torch.jit.trace(copy_module(models["cnn"]).eval(), torch.from_numpy(split[0].x[:2]))
+    eager = run_attack("prune", models["cnn"], None, ratio=0.3)
+    ts = run_attack("prune", scripted, None, ratio=0.3)
+    we, wt = weight_view(eager.model), weight_view(ts.model)
+    assert all(torch.equal(we[k], wt[k]) for k in we)
+    assert eager.changed == ts.changed > 0
+
+
+def test_weight_attacks_on_irnn():
+    from tamperprobe import zoo
+
+    torch.manual_seed(0)
+    m = zoo.build("irnn", (1, 8, 8))
+    x = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
+    ref = logits(m, x)
+    for kind in ("int8", "int8-channel", "fp16", "bf16", "floor", "prune", "noise"):
+        # the untrained recurrence is the identity: 94 % of its entries are exact zeros, so prune harder
+        extra = {"ratio": 0.9} if kind == "prune" else {"sigma": 0.5} if kind == "noise" else {}
+        r = run_attack(kind, m, None, seed=0, **extra)
+        assert r.changed > 0, kind
+        out = logits(r.model, x)
+        assert out.shape == (4, 10) and not torch.equal(out, ref), kind
+
+
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_round_trip_through_files(models, split, tmp_path, suffix):
+    from tamperprobe.cli_attack import write_attacked
+    from tamperprobe.models import load_model, save_model
+
+    tr, te = split
+    src = save_model(models["cnn"], tmp_path / f"cnn{suffix}", tr.x)
+    loaded = load_model(src)
+    ref = loaded.logits(te.x)
+    for kind in ("int8", "fp16", "floor", "noise", "prune", "trojan"):
+        r = run_attack(kind, loaded.module, tr, seed=0, eval_data=te, **({"epochs": 3} if kind == "trojan" else {}))
+        assert r.changed > 0
+        out = tmp_path / f"{kind}{suffix}"
+        write_attacked(r.model, kind, loaded.kind, out, tr)
+        back = load_model(out)
+        assert back.kind == loaded.kind
+        np.testing.assert_allclose(back.logits(te.x), logits(r.model, te.x).numpy(), rtol=0, atol=1e-5)
+        assert not np.array_equal(back.logits(te.x), ref)
+    np.testing.assert_array_equal(loaded.logits(te.x), ref)  # the loaded input is untouched
+
+
+def test_round_trip_reference_and_dynamic_int8(models, split, tmp_path):
+    from safetensors.torch import save_file
+
+    from tamperprobe.cli_attack import write_attacked
+    from tamperprobe.models import load_model
+
+    tr, te = split
+    weights = tmp_path / "mlp.safetensors"
+    save_file({k: v.contiguous() for k, v in models["mlp"].state_dict().items()}, str(weights))
+    loaded = load_model("tamperprobe.zoo:digits_mlp", weights)
+    r = run_attack("floor", loaded.module, tr, seed=0, eval_data=te)
+    write_attacked(r.model, "floor", loaded.kind, tmp_path / "floor.safetensors", tr)
+    back = load_model("tamperprobe.zoo:digits_mlp", tmp_path / "floor.safetensors")
+    np.testing.assert_array_equal(back.logits(te.x), logits(r.model, te.x).numpy())
+
+    q = run_attack("dynamic-int8", loaded.module, tr, seed=0, eval_data=te)
+    assert q.changed > 0 and q.acc_after >= q.acc_before - 0.02
+    with pytest.raises(UsageError, match="TorchScript"):
+        write_attacked(q.model, "dynamic-int8", loaded.kind, tmp_path / "q.safetensors", tr)
+    write_attacked(q.model, "dynamic-int8", loaded.kind, tmp_path / "q.pt", tr)
+    # dynamic quantization scales the activations per batch: compare with the same batching
+    np.testing.assert_allclose(load_model(tmp_path / "q.pt").logits(te.x, batch_size=64), logits(q.model, te.x, batch_size=64).numpy(), rtol=0, atol=1e-5)
+
+
+def test_trojan_neuron_on_export_matches_eager(models, split, tmp_path):
+    from tamperprobe.models import load_model, save_model
+
+    tr, te = split
+    loaded = load_model(save_model(models["cnn"], tmp_path / "m.pt2", tr.x))
+    ex = run_attack("trojan-neuron", loaded.module, tr, seed=0, eval_data=te, epochs=3)
+    eager = run_attack("trojan-neuron", models["cnn"], tr, seed=0, eval_data=te, epochs=3)
+    assert ex.params == eager.params and ex.changed == eager.changed > 0
+    assert ex.success == eager.success
+
+
+def test_unsupported_on_torchscript(models, split, tmp_path):
+    from tamperprobe.models import load_model, save_model
+
+    tr, _ = split
+    loaded = load_model(save_model(models["mlp"], tmp_path / "m.pt", tr.x))
+    with pytest.raises(UsageError, match="trojan-neuron needs"):
+        run_attack("trojan-neuron", loaded.module, tr)
+    for suffix in (".pt", ".pt2"):
+        loaded = load_model(save_model(models["mlp"], tmp_path / f"m{suffix}", tr.x))
+        with pytest.raises(UsageError, match="dynamic-int8 needs"):
+            run_attack("dynamic-int8", loaded.module, tr)
+
+
+# -- CLI ----------------------------------------------------------------------------------
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    return subprocess.run([sys.executable, "-m", "tamperprobe", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+_HAVE_MAIN = (Path(__file__).parents[1] / "src" / "tamperprobe" / "__main__.py").exists()
+
+
+@pytest.mark.skipif(not _HAVE_MAIN, reason="no tamperprobe.__main__")
+def test_cli_train(tmp_path):
+    from typer.testing import CliRunner
+
+    from tamperprobe.cli import app
+    from tamperprobe.models import load_model
+
+    out = tmp_path / "m.pt2"
+    res = CliRunner().invoke(app, ["train", "mlp", "--data", "digits", "--out", str(out), "--epochs", "3", "--seed", "1"])
+    assert res.exit_code == 0, res.output
+    assert "test accuracy" in res.output
+    assert load_model(out).kind == "export"
+    res = CliRunner().invoke(app, ["train", "resnet", "--data", "digits", "--out", str(out)])
+    assert res.exit_code == 2 and "unknown architecture" in res.output
+
+
+@pytest.mark.skipif(not _HAVE_MAIN, reason="no tamperprobe.__main__")
+def test_cli_attack(models, split, tmp_path):
+    from tamperprobe.models import load_model, save_model
+
+    save_model(models["mlp"], tmp_path / "m.pt", split[0].x)
+    res = _cli("attack", "m.pt", "--kind", "prune", "--data", "digits", "--out", "p.pt", "--param", "ratio=0.3", cwd=tmp_path)
+    assert res.returncode == 0, res.stderr
+    assert "accuracy before" in res.stdout and "changed weights" in res.stdout
+    r = run_attack("prune", models["mlp"], None, ratio=0.3)
+    np.testing.assert_allclose(load_model(tmp_path / "p.pt").logits(split[1].x), logits(r.model, split[1].x).numpy(), atol=1e-5)
+
+
+@pytest.mark.skipif(not _HAVE_MAIN, reason="no tamperprobe.__main__")
+def test_cli_attack_errors_exit_2(models, split, tmp_path):
+    from typer.testing import CliRunner
+
+    from tamperprobe.cli import app
+    from tamperprobe.models import save_model
+
+    src = str(save_model(models["mlp"], tmp_path / "m.pt", split[0].x))
+    cases = [
+        (["--kind", "trojan", "--out", str(tmp_path / "t.pt")], "needs labelled training data"),
+        (["--kind", "bogus", "--out", str(tmp_path / "t.pt")], "unknown attack"),
+        (["--kind", "prune", "--param", "ratio", "--out", str(tmp_path / "t.pt")], "expected key=value"),
+        (["--kind", "prune", "--param", "ratio=x", "--out", str(tmp_path / "t.pt")], "takes a number"),
+        (["--kind", "prune", "--out", str(tmp_path / "t.pt2")], "written back as TorchScript"),
+    ]
+    for args, message in cases:
+        res = CliRunner().invoke(app, ["attack", src, *args])
+        assert res.exit_code == 2, (args, res.output)
+        assert message in res.output and "Traceback" not in res.output
+
+
+def test_register_on_a_fresh_app(models, split, tmp_path):
+    import typer
+    from typer.testing import CliRunner
+
+    from tamperprobe import cli_attack
+
+    app = typer.Typer()
+    cli_attack.register(app)
+    from tamperprobe.models import save_model
+
+    src = save_model(models["mlp"], tmp_path / "m.pt", split[0].x)
+    runner = CliRunner()
+    res = runner.invoke(app, ["attack", str(src), "--kind", "fp16", "--out", str(tmp_path / "h.pt")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "h.pt").exists()
+    res = runner.invoke(app, ["attack", str(src), "--kind", "int8", "--out", str(tmp_path / "h.onnx")])
+    assert res.exit_code == 2
