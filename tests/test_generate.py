@@ -63,3 +63,28 @@ def test_generation_is_deterministic(cnn, digits):
     a = create_fingerprint(cnn, digits[0], method="sensitive", size=4, bag=8, seed=3, params={"steps": 10})
     b = create_fingerprint(cnn, digits[0], method="sensitive", size=4, bag=8, seed=3, params={"steps": 10})
     assert a.inputs.tobytes() == b.inputs.tobytes() and a.logits.tobytes() == b.logits.tobytes()
+
+
+def test_self_check_reports_per_unit_trigger_ratio(cnn, digits):
+    from tamperprobe.budget import detection_confidence, self_check
+
+    fp = create_fingerprint(cnn, digits[0], method="boundary", size=6, bag=18, seed=0, output_spec="top1")
+    rows = self_check(cnn, fp, attacks=("int8", "noise"), seeds=(0, 1))
+    assert [r["attack"] for r in rows] == ["int8", "noise", "noise"]  # int8 is not random: one seed
+    for r in rows:
+        assert r["units"] == len(set(fp.groups.tolist())) and 0.0 <= r["p"] <= 1.0
+        assert r["detected"] == (r["p"] > 0)
+        assert r["confidence"] == detection_confidence(r["p"], r["units"])
+    assert rows[0]["detected"]
+
+
+def test_fingerprint_cli_prints_budget(tmp_path, trained_cnn, digits):
+    import subprocess
+    import sys
+
+    save_model(trained_cnn, tmp_path / "m.pt", digits[1].x)
+    r = subprocess.run([sys.executable, "-m", "tamperprobe", "fingerprint", str(tmp_path / "m.pt"), "--data", "digits",
+                        "--out", str(tmp_path / "f.tpf"), "--method", "natural", "--select", "random", "--size", "5", "--bag", "20"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "query budget: 5 prediction requests" in r.stdout and "expected detection" in r.stdout

@@ -53,6 +53,7 @@ def fingerprint(
     high: Optional[float] = typer.Option(None, "--high", help="Upper end of the input range (default: inferred from the data)."),
     noise: Optional[Path] = typer.Option(None, "--noise", help="Noise report from `tamperprobe calibrate`: sets the boundary margin and refuses one below it."),
     param: Optional[List[str]] = typer.Option(None, "--param", help="Generator hyper-parameter key=value (repeatable), e.g. epsilon=0.1."),
+    check: bool = typer.Option(True, "--check/--no-check", help="Estimate detection against simulated int8, fp16, flooring and weight noise."),
 ) -> None:
     """Generate a fingerprint from the real weights (owner side)."""
     with handled():
@@ -77,6 +78,24 @@ def fingerprint(
             err_console.print(f"[yellow]warning:[/] {chosen}", highlight=False, soft_wrap=True)
         console.print(f"wrote {out}: {len(fp)} markers ({method}, {chosen.split(' ')[0]} of {bag}), id {fp.id}, output spec {fp.output_spec}")
         console.print(f"query budget: {len(fp)} prediction requests per verification")
+        if check:
+            _print_self_check(m, fp)
+
+
+def _print_self_check(model, fp) -> None:
+    from rich.table import Table
+
+    from .budget import self_check
+
+    rows = self_check(model, fp)
+    unit = "pairs" if fp.groups is not None else "markers"
+    table = Table(title=f"expected detection under {fp.output_spec} (simulated on the owner's model)")
+    for col in ("attack", f"{unit} changed (p)", "this fingerprint", f"confidence with {rows[0]['units']} {unit}"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(f"{r['attack']} (seed {r['seed']})", f"{r['p']:.2f}", "detects" if r["detected"] else "[red]misses[/]",
+                      f"{r['confidence']:.4f}")
+    console.print(table)
 
 
 def _apply_noise(noise: Path, method: str, params: dict, tolerance: float) -> tuple[dict, float]:
