@@ -133,7 +133,7 @@ def verify(
     batch_size: int = typer.Option(1, "--batch-size", help="Markers per request (1 looks like ordinary traffic)."),
     delay: float = typer.Option(0.0, "--delay", help="Random delay up to this many seconds between requests."),
     insecure: bool = typer.Option(False, "--insecure", help="Do not verify TLS certificates."),
-    template: Optional[Path] = typer.Option(None, "--template", help="Request/response template for --protocol json."),
+    template: Optional[str] = typer.Option(None, "--template", help="Request/response template for --protocol json (a file or inline JSON)."),
     seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the request order."),
     threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads for a local model."),
     history_path: Optional[Path] = typer.Option(None, "--history", help="SQLite history file (default: user data dir or $TAMPERPROBE_HISTORY)."),
@@ -155,24 +155,11 @@ def verify(
             target = LocalTarget(load_model(model, weights), input_spec=fp.input_spec, threads=threads)
             proto = "local"
         else:
-            from .clients import make_client
+            from .cli_remote import endpoint_options_to_target
 
-            headers = {}
-            for h in header or []:
-                k, sep, v = h.partition(":")
-                if not sep or not k.strip():
-                    fail(f"bad --header {h!r}: expected Name:value")
-                headers[k.strip()] = v.strip()
-            tpl = None
-            if template is not None:
-                try:
-                    tpl = json.loads(template.read_text())
-                except (OSError, ValueError) as exc:
-                    fail(f"cannot read template {template}: {exc}")
-            target = make_client(
-                protocol, endpoint, model_name=model_name, headers=headers, token_env=token_env, timeout=timeout,
-                retries=retries, batch_size=batch_size, delay=delay, seed=seed, verify_tls=not insecure, template=tpl,
-                input_spec=fp.input_spec, classes=fp.classes,
+            target = endpoint_options_to_target(
+                endpoint, protocol, fp=fp, model_name=model_name, header=header, token_env=token_env, timeout=timeout,
+                retries=retries, batch_size=batch_size, delay=delay, insecure=insecure, template=template, seed=seed,
             )
             proto = protocol
         report = run_verify(fp, target, output_spec, tolerance=tolerance, limit=limit)
