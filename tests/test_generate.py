@@ -88,3 +88,32 @@ def test_fingerprint_cli_prints_budget(tmp_path, trained_cnn, digits):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "query budget: 5 prediction requests" in r.stdout and "expected detection" in r.stdout
+
+
+def test_fingerprint_uses_calibrated_noise_and_refuses_delta_below_it(tmp_path, trained_cnn, digits):
+    import json
+
+    from typer.testing import CliRunner
+
+    from tamperprobe.cli import app
+
+    model = save_model(trained_cnn, tmp_path / "m.pt", digits[1].x)
+    runner = CliRunner()
+    run = lambda *a: runner.invoke(app, [str(x) for x in a])  # noqa: E731
+    r = run("calibrate", model, "--data", "digits", "--runtimes", "batch1,batch64,onnx", "--samples", "64", "--out", tmp_path / "n.json")
+    assert r.exit_code == 0, r.output
+    floor = json.loads((tmp_path / "n.json").read_text())
+    r = run("fingerprint", model, "--data", "digits", "--out", tmp_path / "f.tpf", "--method", "boundary", "--select", "random",
+            "--size", "4", "--bag", "12", "--output-spec", "top1", "--noise", tmp_path / "n.json", "--no-check")
+    assert r.exit_code == 0, r.output
+    from tamperprobe.calibrate import delta_from_noise, load_noise
+    from tamperprobe.fingerprint import load
+
+    fp = load(tmp_path / "f.tpf")
+    noise_floor = delta_from_noise(load_noise(tmp_path / "n.json"), 1.0)
+    assert noise_floor > 0, floor
+    assert fp.generator["params"]["delta"] >= 10 * noise_floor and fp.tolerance >= 2 * noise_floor
+    r = run("fingerprint", model, "--data", "digits", "--out", tmp_path / "g.tpf", "--method", "boundary", "--select", "random",
+            "--size", "4", "--bag", "12", "--noise", tmp_path / "n.json", "--param", f"delta={noise_floor / 2}", "--no-check")
+    assert r.exit_code == 2 and "noise" in r.output.lower()
+    assert isinstance(r.exception, SystemExit)  # a handled one-line error, not a crash
