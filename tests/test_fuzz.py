@@ -7,16 +7,12 @@ Properties:
   NaN/inf/huge; any tolerance) against any logits never raises and returns a bool.
 * ``reveal`` then ``compare`` is always a match, for every spec; an answer that is clearly wrong is not.
 * ``fingerprint.load`` on mutated or truncated bytes of a valid file raises FingerprintFormatError
-  or returns the original tensors bit for bit; a mutation outside the metadata string gives
-  back the whole original fingerprint, metadata included.
+  or returns the whole original fingerprint, tensors and metadata (the checksum covers both).
 * ``parse_infer_request`` on arbitrary JSON-ish bodies raises BadRequest (4xx) or returns a
   finite float32 array of the declared shape holding the values sent.
 * A live server answers arbitrary bodies with 200 or a 4xx ``{"error": ...}``, never 5xx, and stays live.
 
-Known library bugs are kept as explicit ``xfail(strict=True)`` regression tests at the end of
-this file. The fuzz properties step around exactly those inputs (``_known_*`` helpers, gated by
-``SKIP_KNOWN_BUGS``); when a bug is fixed its xfail test XPASSes (fails, being strict): then
-delete that test's ``xfail`` mark and the matching ``_known_*`` bypass.
+Bugs these properties found are pinned by explicit regression tests at the end of this file.
 """
 
 from __future__ import annotations
@@ -52,7 +48,6 @@ from tamperprobe.server import BadRequest, ServerThread, parse_infer_request
 _hypothesis_configuration.set_hypothesis_home_dir(
     os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY") or Path(tempfile.gettempdir()) / "tamperprobe-hypothesis")
 
-SKIP_KNOWN_BUGS = True
 GOLDEN = Path(__file__).parent / "golden"
 SHAPE = (1, 8, 8)
 MAX_BATCH = 64
@@ -116,8 +111,6 @@ tolerances = st.one_of(st.just(DEFAULT_TOLERANCE), st.floats(0, 10), st.floats()
 def test_compare_never_raises(spec, z, answer, tol, as32):
     with np.errstate(over="ignore"):
         logits = z.astype(np.float32) if as32 else z
-    if SKIP_KNOWN_BUGS and z.size == 0 and spec.kind == "probs":
-        assume(False)  # bug 8
     m = spec.compare(logits, answer, tol)
     assert isinstance(m, Match)
     assert isinstance(m.ok, bool)
@@ -256,15 +249,13 @@ def test_load_damaged_file_raises_format_error_or_gives_original_tensors(fuzz_di
         assert str(exc)
         return
     assert _same_tensors(fp, _ORIGINAL_FPS[name]), "damaged file read back with different tensors"
-    if raw == _ORIGINALS[name]:
-        assert _same_meta(fp, _ORIGINAL_FPS[name])
+    assert _same_meta(fp, _ORIGINAL_FPS[name]), "damaged file read back with different metadata"
 
 
 @FUZZ
 @given(m=mutations(outside_meta=True))
 def test_load_damage_outside_metadata_is_detected_or_harmless(fuzz_dir, m):
-    """Damage anywhere but inside the metadata string: an error, or the whole original fingerprint.
-    (Inside the metadata string, damage goes unnoticed: see test_bug_metadata_not_covered_by_checksum.)"""
+    """Damage anywhere but inside the metadata string: an error, or the whole original fingerprint, id included."""
     name, raw = m
     p = fuzz_dir / "damaged.tpf"
     p.write_bytes(raw)
@@ -428,18 +419,6 @@ def _has_nonfinite(v) -> bool:
     return False
 
 
-def _known_unhashable_datatype(r: Req) -> bool:
-    """Bug 4: a list/object 'datatype' raises TypeError (server.py:375)."""
-    t = _first_input(_request_head(r))
-    return SKIP_KNOWN_BUGS and t is not None and isinstance(t.get("datatype"), (list, dict))
-
-
-def _known_int_wrap(datatype: str, values: list) -> bool:
-    """Bug 5: INT64/UINT64 data read as float64 pass the range check at 2**63 / 2**64 and wrap (server.py:324-327)."""
-    limit = {"INT64": 2.0**63, "UINT64": 2.0**64}.get(datatype)
-    return SKIP_KNOWN_BUGS and limit is not None and any(abs(float(v)) >= limit for v in values)
-
-
 def _check_parsed(r: Req, req: dict, x: np.ndarray) -> None:
     assert isinstance(req, dict)
     t = req["inputs"][0]
@@ -454,8 +433,6 @@ def _check_parsed(r: Req, req: dict, x: np.ndarray) -> None:
         assert np.array_equal(x.reshape(-1), want)
         return
     values = list(_flatten(t["data"]))
-    if _known_int_wrap(datatype, values):
-        return
     ref = np.array([float(v) for v in values], dtype=np.float64)
     rtol, atol = (2.0**-10, 2.0**-24) if datatype == "FP16" else (2.0**-23, 2.0**-148)
     np.testing.assert_allclose(x.reshape(-1).astype(np.float64), ref, rtol=rtol, atol=atol,
@@ -463,7 +440,6 @@ def _check_parsed(r: Req, req: dict, x: np.ndarray) -> None:
 
 
 @FUZZ_MORE
-@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # bug 5 wraps with a warning
 @given(r=infer_requests())
 def test_parse_infer_request_raises_only_bad_request(r):
     try:
@@ -472,10 +448,6 @@ def test_parse_infer_request_raises_only_bad_request(r):
         assert 400 <= exc.status < 500 and str(exc)
         event("BadRequest")
         return
-    except TypeError:
-        if _known_unhashable_datatype(r):
-            assume(False)
-        raise
     event("accepted")
     _check_parsed(r, req, x)
 
@@ -488,28 +460,11 @@ def server():
     torch.manual_seed(0)
     module = zoo.build("perceptron", SHAPE).eval()
     srv = ServerThread(LoadedModel("m", "module", module=module), input_spec=InputSpec(SHAPE), output_spec="top1-prob:4",
-                       max_batch=MAX_BATCH, log_level="critical")  # the known 500s would print tracebacks
+                       max_batch=MAX_BATCH, log_level="critical")
     with srv:
         # no keep-alive: after a 500, uvicorn drops the connection and a pooled one would fail the next request
         with httpx.Client(base_url=srv.url, timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as client:
             yield srv, client
-
-
-def _known_5xx(r: Req, error: str) -> bool:
-    if not SKIP_KNOWN_BUGS:
-        return False
-    head = _request_head(r)
-    if error == "internal error: TypeError":  # bug 4
-        return _known_unhashable_datatype(r)
-    if error == "internal error: ValueError":  # bug 6: a NaN/Infinity "id" cannot be echoed
-        return isinstance(head, dict) and _has_nonfinite(head.get("id"))
-    if error == "model produced NaN or infinite outputs":  # bug 7: huge but finite inputs overflow the model
-        try:
-            _, x = parse_infer_request(r.body, r.header_length, SHAPE, MAX_BATCH)
-        except Exception:
-            return False
-        return float(np.abs(x).max()) >= 1e30
-    return False
 
 
 _PATHS = ["/v2/models/model/infer"] * 6 + [
@@ -519,7 +474,6 @@ _PATHS = ["/v2/models/model/infer"] * 6 + [
 
 
 @FUZZ_SERVER
-@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")  # bug 5, in the server thread
 @given(r=infer_requests(), path=st.sampled_from(_PATHS),
        content_type=st.sampled_from([None, "application/json", "application/octet-stream", "text/plain", "x/y; a=b"]))
 def test_live_server_never_answers_5xx(server, r, path, content_type):
@@ -531,10 +485,6 @@ def test_live_server_never_answers_5xx(server, r, path, content_type):
         headers["Content-Type"] = content_type
     resp = client.post(path, content=r.body, headers=headers)
     event(f"HTTP {resp.status_code}")
-    if resp.status_code >= 500:
-        err = resp.json().get("error", "")
-        if _known_5xx(r, err):
-            assume(False)
     if resp.status_code == 307 and path.endswith("/"):  # Starlette's redirect to the path without the slash
         assert resp.headers["location"].endswith(path.rstrip("/"))
         return
@@ -562,7 +512,7 @@ def test_live_server_still_alive_after_fuzz(server):
     assert r.status_code == 200 and [o["name"] for o in r.json()["outputs"]] == ["label", "probability"]
 
 
-# --------------------------------------------------------------------------- known bugs (regressions)
+# --------------------------------------------------------------------------- regressions of bugs fuzzing found
 
 
 def _rewrite_meta(raw: bytes, change) -> bytes:
@@ -582,26 +532,20 @@ def _infer_body(**tensor) -> bytes:
     return json.dumps({"inputs": [t]}).encode()
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="bug 1: outputs.py:102 int(arg) raises ValueError for more than 4300 digits (Python's int limit)")
-def test_bug_parse_spec_with_huge_number():
+def test_regression_parse_spec_with_huge_number():
     with pytest.raises(UsageError):
         OutputSpec.parse("topk:" + "1" * 5000)
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError,
-                   reason="bug 2: fingerprint.py load: ver.isdigit() accepts '²' (and 5000-digit versions) but int(ver) raises ValueError")
 @pytest.mark.parametrize("version", ["\u00b2", "9" * 5000])
-def test_bug_load_odd_format_version(tmp_path, version):
+def test_regression_load_odd_format_version(tmp_path, version):
     p = tmp_path / "odd.tpf"
     p.write_bytes(_rewrite_meta(_ORIGINALS["fingerprint-v1.tpf"], lambda m: m.update(format=f"tamperprobe.fingerprint/v{version}")))
     with pytest.raises(FingerprintFormatError):
         load(p)
 
 
-@pytest.mark.xfail(strict=True, reason="bug 3: the checksum covers tensors only; a changed metadata byte (here the "
-                   "tolerance 0.0001 -> 0.0007) loads without error, against the module doc's 'any altered byte is detected'")
-def test_bug_metadata_not_covered_by_checksum(tmp_path):
+def test_regression_metadata_not_covered_by_checksum(tmp_path):
     raw = _ORIGINALS["fingerprint-v1-uint8.tpf"]
     i = raw.index(b'"tolerance\\": 0.0001') + len(b'"tolerance\\": 0.000')
     damaged = raw[:i] + bytes([raw[i] ^ 0x06]) + raw[i + 1 :]  # '1' -> '7', one byte
@@ -615,16 +559,13 @@ def test_bug_metadata_not_covered_by_checksum(tmp_path):
     pytest.fail("a damaged metadata byte went unnoticed: tolerance 0.0001 read back as 0.0007")
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason="bug 4: server.py:375 'datatype not in _INPUT_DTYPES' raises TypeError for a list/object datatype")
 @pytest.mark.parametrize("datatype", [["FP32"], {}])
-def test_bug_unhashable_datatype(datatype):
+def test_regression_unhashable_datatype(datatype):
     with pytest.raises(BadRequest):
         parse_infer_request(_infer_body(datatype=datatype), None, SHAPE, MAX_BATCH)
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
-@pytest.mark.xfail(strict=True, reason="bug 5: server.py:324-327 range check in float64: INT64 2**63 passes and wraps to -2**63")
-def test_bug_int64_out_of_range_wraps():
+def test_regression_int64_out_of_range_wraps():
     body = _infer_body(datatype="INT64", data=[0] * 63 + [2**63])
     try:
         _, x = parse_infer_request(body, None, SHAPE, MAX_BATCH)
@@ -633,38 +574,30 @@ def test_bug_int64_out_of_range_wraps():
     pytest.fail(f"INT64 9223372036854775808 (out of range) accepted as {x.reshape(-1)[-1]}")
 
 
-@pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
-@pytest.mark.xfail(strict=True, reason="bug 5: server.py:324-327 a valid UINT64 2**64-1 next to small ints becomes float64 2**64 and wraps to 0")
-def test_bug_uint64_max_wraps():
+def test_regression_uint64_max_wraps():
     _, x = parse_infer_request(_infer_body(datatype="UINT64", data=[0] * 63 + [2**64 - 1]), None, SHAPE, MAX_BATCH)
     assert x.reshape(-1)[-1] == np.float32(2.0**64)
 
 
-@pytest.mark.xfail(strict=True, reason="bug 6: server.py:580/595 echoes a NaN/Infinity 'id' and json.dumps(allow_nan=False) raises: 500")
-def test_bug_nonfinite_id_is_a_500(server):
+def test_regression_nonfinite_id_is_a_500(server):
     srv, client = server
     body = b'{"id": NaN, ' + _infer_body()[1:]
     r = client.post("/v2/models/model/infer", content=body)
     assert r.status_code < 500, r.text
 
 
-@pytest.mark.xfail(strict=True, reason="bug 4 over HTTP: a list datatype is a 500 'internal error: TypeError'")
-def test_bug_unhashable_datatype_is_a_500(server):
+def test_regression_unhashable_datatype_is_a_500(server):
     srv, client = server
     r = client.post("/v2/models/model/infer", content=_infer_body(datatype=["FP32"]))
     assert r.status_code < 500, r.text
 
 
-@pytest.mark.xfail(strict=True, reason="bug 7 (or spec gap): finite inputs far outside the input spec's range (3e38) overflow "
-                   "the model and the server answers 500 'model produced NaN or infinite outputs' for a client error")
-def test_bug_huge_finite_input_is_a_500(server):
+def test_regression_huge_finite_input_is_a_500(server):
     srv, client = server
     r = client.post("/v2/models/model/infer", content=_infer_body(data=[3.4e38] * 64))
     assert r.status_code < 500, r.text
 
 
-@pytest.mark.xfail(strict=True, raises=ValueError, reason="bug 8: outputs.py:165 softmax64 of zero classes raises ValueError "
-                   "(zero-size reduction) in compare for probs:N; load() accepts (n, 0) logits")
-def test_bug_compare_probs_with_no_classes():
+def test_regression_compare_probs_with_no_classes():
     m = OutputSpec("probs", decimals=2).compare(np.zeros(0), Answer(scores=()))
     assert isinstance(m.ok, bool)

@@ -6,7 +6,7 @@ markers started from) and optionally ``groups`` (markers that belong together). 
 metadata key ``tamperprobe`` holds JSON: the format tag ``tamperprobe.fingerprint/v1``, the
 input spec, the generator with every parameter and the seed, the selection, the digest of
 the model weights, the intended output spec, the comparison tolerance, the creation time,
-and a SHA-256 over all tensors, so that any altered byte is detected on reading.
+and a SHA-256 over all tensors and that metadata, so that any altered byte is detected on reading.
 
 Keep the file private: whoever holds the markers can special-case them.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
@@ -90,8 +91,12 @@ def make_fingerprint(
     return Fingerprint(inputs, logits, probs, input_spec, generator, model_digest, created=created, **kw)
 
 
-def _tensor_digest(tensors: dict[str, np.ndarray]) -> str:
+def _tensor_digest(tensors: dict[str, np.ndarray], meta: dict | None = None) -> str:
+    """SHA-256 over every tensor and, when given, the canonical JSON of the metadata (without its checksum)."""
     h = hashlib.sha256()
+    if meta is not None:
+        canonical = {k: v for k, v in meta.items() if k != "sha256"}
+        h.update(json.dumps(canonical, sort_keys=True, default=_json_default).encode() + b"\n")
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
         h.update(f"{name}|{arr.dtype.str}|{arr.shape}\n".encode())
@@ -113,8 +118,8 @@ def save(fp: Fingerprint, path: str | os.PathLike) -> Path:
         "tolerance": fp.tolerance,
         "created": fp.created,
         "extra": fp.extra,
-        "sha256": _tensor_digest(tensors),
     }
+    meta["sha256"] = _tensor_digest(tensors, json.loads(json.dumps(meta, default=_json_default)))
     if p.parent and not p.parent.exists():
         p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
@@ -154,12 +159,12 @@ def load(path: str | os.PathLike) -> Fingerprint:
         tag = str(meta["format"])
     except (ValueError, KeyError, TypeError):
         raise FingerprintFormatError(f"{p}: fingerprint header is damaged") from None
-    name, _, ver = tag.rpartition("/v")
-    if name != FORMAT or not ver.isdigit():
-        raise FingerprintFormatError(f"{p}: unknown format {tag!r}")
-    if int(ver) > VERSION:
-        raise FingerprintFormatError(f"{p} is fingerprint format v{ver}; this tamperprobe reads up to v{VERSION}: upgrade tamperprobe")
-    if _tensor_digest(tensors) != meta.get("sha256"):
+    m = re.fullmatch(r"([a-z.]+)/v([0-9]{1,6})", tag)
+    if not m or m.group(1) != FORMAT:
+        raise FingerprintFormatError(f"{p}: unknown format {tag[:60]!r}")
+    if int(m.group(2)) > VERSION:
+        raise FingerprintFormatError(f"{p} is fingerprint format v{m.group(2)}; this tamperprobe reads up to v{VERSION}: upgrade tamperprobe")
+    if _tensor_digest(tensors, meta) != meta.get("sha256"):
         raise FingerprintFormatError(f"{p}: contents do not match the recorded checksum (the file was altered or damaged)")
     missing = [k for k in ("inputs", "logits", "probs") if k not in tensors]
     if missing:
@@ -176,6 +181,6 @@ def load(path: str | os.PathLike) -> Fingerprint:
     except Exception as exc:
         raise FingerprintFormatError(f"{p}: fingerprint header is incomplete or invalid ({exc})") from None
     n = len(fp.inputs)
-    if fp.logits.ndim != 2 or len(fp.logits) != n or fp.probs.shape != fp.logits.shape or tuple(fp.inputs.shape[1:]) != spec.shape:
+    if fp.logits.ndim != 2 or fp.logits.shape[1] < 1 or len(fp.logits) != n or fp.probs.shape != fp.logits.shape or tuple(fp.inputs.shape[1:]) != spec.shape:
         raise FingerprintFormatError(f"{p}: tensor shapes are inconsistent")
     return fp

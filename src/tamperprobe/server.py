@@ -101,9 +101,21 @@ _NUMPY_TO_V2 = {np.dtype(v).name: k for k, v in _INPUT_DTYPES.items()}
 _OUT_DTYPES = {"INT64": "<i8", "FP32": "<f4", "FP64": "<f8"}
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
 def decode_inputs(input_spec: InputSpec, x: np.ndarray) -> np.ndarray:
-    """Request inputs as the model takes them: an 8-bit input spec maps pixels 0..255 into the model's range."""
+    """Request inputs as the model takes them: an 8-bit input spec maps pixels 0..255 into the model's range.
+
+    Float inputs must lie in the input spec's range [low, high] when it is finite (with a 1e-6
+    relative slack): values far outside it are a client error, not a reason to run the model.
+    """
     if input_spec.dtype != "uint8":
+        low, high = input_spec.low, input_spec.high
+        slack = 1e-6 * max(1.0, abs(low) if math.isfinite(low) else 0.0, abs(high) if math.isfinite(high) else 0.0)
+        if (math.isfinite(low) and x.min() < low - slack) or (math.isfinite(high) and x.max() > high + slack):
+            raise BadRequest(f"input values must lie in [{low:g}, {high:g}]")
         return x
     if not (np.all(x == np.rint(x)) and x.min() >= 0 and x.max() <= 255):
         raise BadRequest("the model takes 8-bit pixels: integers from 0 to 255")
@@ -319,12 +331,18 @@ def _tensor_from_json(data: Any, datatype: str, count: int) -> np.ndarray:
         raise BadRequest("input contains NaN or infinite values")
     np_type = np.dtype(_INPUT_DTYPES[datatype])
     if np_type.kind in "iu":
-        if arr.dtype.kind == "f" and not (arr == np.round(arr)).all():
-            raise BadRequest(f"input of datatype {datatype} must hold integers")
+        # exact integer arithmetic: float64 cannot hold every int64/uint64 (2**63 - 1 rounds up to 2**63)
         info = np.iinfo(np_type)
-        if arr.size and (arr.min() < info.min or arr.max() > info.max):
-            raise BadRequest(f"input value out of range for {datatype}")
-        return arr.astype(np_type)
+        values = []
+        for v in np.asarray(data, dtype=object).reshape(-1):
+            if isinstance(v, float):
+                if v != int(v):
+                    raise BadRequest(f"input of datatype {datatype} must hold integers")
+                v = int(v)
+            if not info.min <= int(v) <= info.max:
+                raise BadRequest(f"input value out of range for {datatype}")
+            values.append(int(v))
+        return np.array(values, dtype=np_type)
     with np.errstate(over="ignore"):
         out = arr.astype(np_type)
     if not np.isfinite(out).all():  # e.g. 1e300 as FP32
@@ -354,7 +372,7 @@ def parse_infer_request(body: bytes, header_length: str | None, input_shape: tup
             raise BadRequest("Inference-Header-Content-Length is out of range")
         body, binary = body[:n], body[n:]
     try:
-        req = json.loads(body)
+        req = json.loads(body, parse_constant=_reject_constant)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BadRequest(f"malformed JSON: {exc}") from None
     except RecursionError:
@@ -372,7 +390,7 @@ def parse_infer_request(body: bytes, header_length: str | None, input_shape: tup
     if t.get("name") != INPUT_NAME:
         raise BadRequest(f"unknown input {t.get('name')!r}: the model's input is '{INPUT_NAME}'")
     datatype = t.get("datatype")
-    if datatype not in _INPUT_DTYPES:
+    if not isinstance(datatype, str) or datatype not in _INPUT_DTYPES:
         raise BadRequest(f"unsupported input datatype {datatype!r}: use FP32, FP64, FP16 or an integer type")
     shape = t.get("shape")
     if not isinstance(shape, list) or not shape:
