@@ -7,18 +7,23 @@ import pytest
 import torch
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _one_torch_thread():
+    """One torch thread for the whole session, module and session fixtures included: tiny models run
+    many times faster on one thread than on two competing for a busy 2-core machine. Tests that
+    measure thread counts set them explicitly."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_isolate(tmp_path_factory, monkeypatch):
     torch.manual_seed(0)
     np.random.seed(0)
-    # One torch thread: tiny-batch loops oversubscribe a busy 2-core machine badly; tests that
-    # measure thread counts set them explicitly.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     monkeypatch.setenv("TAMPERPROBE_HISTORY", str(tmp_path_factory.mktemp("hist") / "history.sqlite"))
     monkeypatch.setenv("TAMPERPROBE_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="session")

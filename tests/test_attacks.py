@@ -29,15 +29,6 @@ MAX_DROP = {
 MIN_SUCCESS = {"trojan": 0.8, "trojan-neuron": 0.8, "poison-generic": 0.8, "poison-specific": 0.8}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models train faster and more steadily on one thread, especially on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def split():
     from tamperprobe.data import load_data
@@ -46,7 +37,7 @@ def split():
 
 
 @pytest.fixture(scope="module")
-def models(split, _one_thread):
+def models(split):
     from tamperprobe import zoo
     from tamperprobe.train import fit
 

@@ -13,17 +13,6 @@ from tamperprobe.errors import UsageError
 from tamperprobe.models import LoadedModel, save_model
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models run fastest, and steadiest on a busy machine, with one torch thread."""
-    import torch
-
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 @pytest.fixture(scope="module")
 def model(trained_cnn):
     return LoadedModel("tests:cnn", "module", trained_cnn)

@@ -16,15 +16,6 @@ from tamperprobe.models import LoadedModel
 from tamperprobe.selection import manc, random_selection, select
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one thread avoids oversubscription stalls on a busy machine."""
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
-
-
 def _coverage(active: np.ndarray, idx) -> int:
     idx = list(idx)
     return int(active[idx].any(axis=0).sum()) if idx else 0
