@@ -196,7 +196,7 @@ class Boundary(Method):
         self,
         *,
         delta: float = DEFAULT_DELTA,
-        k: float = 3.0,
+        k: float = 1.5,
         path: str = "blend",
         pairs: bool = True,
         uint8: bool = False,
