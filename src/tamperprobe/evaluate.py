@@ -74,6 +74,7 @@ import numpy as np
 
 from .data import Dataset
 from .errors import UsageError
+from .inspect import as_image
 from .models import LoadedModel
 from .outputs import DEFAULT_TOLERANCE, OutputSpec, softmax64
 
@@ -1067,7 +1068,7 @@ def _plot_markers(ev: Evaluation, m: str, path: Path, plt) -> bool:
     for i in range(k):
         for row, (arr, label) in enumerate(((seeds[i], "seed"), (inputs[i], "marker"))):
             ax = axes[row][i]
-            ax.imshow(_image(arr), cmap="gray", vmin=lo, vmax=hi)
+            ax.imshow(as_image(arr), cmap="gray", vmin=lo, vmax=hi)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:
@@ -1077,13 +1078,3 @@ def _plot_markers(ev: Evaluation, m: str, path: Path, plt) -> bool:
     fig.tight_layout()
     fig.savefig(path, dpi=72)
     return True
-
-
-def _image(arr: np.ndarray) -> np.ndarray:
-    a = np.asarray(arr, dtype=np.float32)
-    if a.ndim == 3:
-        a = np.moveaxis(a, 0, -1) if a.shape[0] == 3 else a[0]
-    if a.ndim == 1:
-        side = int(math.isqrt(a.size))
-        a = a[: side * side].reshape(side, side)
-    return a

@@ -61,7 +61,7 @@ def save_grid(fp: Fingerprint, path: str | Path, max_markers: int = 16) -> Path:
     for i in range(n):
         for row, (arr, name) in enumerate(((seeds[i], "seed"), (fp.inputs[i], "marker"))):
             ax = axes[row][i]
-            ax.imshow(_as_image(arr), cmap="gray", vmin=fp.input_spec.low if arr.dtype != np.uint8 else 0,
+            ax.imshow(as_image(arr), cmap="gray", vmin=fp.input_spec.low if arr.dtype != np.uint8 else 0,
                       vmax=fp.input_spec.high if arr.dtype != np.uint8 else 255)
             ax.set_xticks([])
             ax.set_yticks([])
@@ -76,7 +76,8 @@ def save_grid(fp: Fingerprint, path: str | Path, max_markers: int = 16) -> Path:
     return out
 
 
-def _as_image(arr: np.ndarray) -> np.ndarray:
+def as_image(arr: np.ndarray) -> np.ndarray:
+    """A 2-D (or H×W×3) picture of one input: (1,H,W) -> (H,W), (3,H,W) -> (H,W,3), flat -> square."""
     a = np.asarray(arr)
     if a.ndim == 3:
         a = np.moveaxis(a, 0, -1) if a.shape[0] == 3 else a[0]

@@ -30,6 +30,7 @@ from torch import nn
 
 from ..data import Dataset
 from ..errors import DataError, UsageError
+from ..models import _as_logits
 
 
 @dataclass(frozen=True)
@@ -213,16 +214,6 @@ def _set_eval(module: nn.Module) -> None:
         pass
 
 
-def _outputs(out: Any) -> torch.Tensor:
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if isinstance(out, dict):
-        out = next(iter(out.values()))
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise DataError("the model must return logits of shape (batch, classes)")
-    return out
-
-
 class Driver(nn.Module):
     """Wraps any module so that ``train.fit``/``train.predict`` can drive it.
 
@@ -235,7 +226,7 @@ class Driver(nn.Module):
         self.inner = inner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _outputs(self.inner(x))
+        return _as_logits(self.inner(x))
 
     def train(self, mode: bool = True) -> Driver:
         self.training = mode
