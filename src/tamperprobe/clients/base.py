@@ -374,6 +374,10 @@ class HTTPTarget:
 
     protocol = "http"
     max_batch: int | None = None  # None: any batch size; 1: the dialect takes one input per request
+    # A model URL of the dialect, as a regex with groups (base URL, model name, version or None):
+    # such an endpoint sets the model name and version unless --model-name is given.
+    model_url_pattern: str | None = None
+    default_model_name: str | None = None
 
     def __init__(
         self,
@@ -398,8 +402,15 @@ class HTTPTarget:
     ) -> None:
         import httpx
 
+        self.version: str | None = None
+        if self.model_url_pattern:
+            m = re.match(self.model_url_pattern, url.strip())
+            if m:
+                url, self.version = m.group(1), m.group(3)
+                model_name = model_name or m.group(2)
+            url = url.rstrip("/")
         self.url = check_url(url)
-        self.model_name = model_name
+        self.model_name = model_name or self.default_model_name
         if not timeout > 0:
             raise UsageError("--timeout must be > 0 seconds")
         if retries < 0:
@@ -441,7 +452,11 @@ class HTTPTarget:
             timeout=httpx.Timeout(self.timeout), trust_env=False,
         )
         self._unreachable = False
-        self.name = f"{self.protocol}:{redact_url(self.url)}"
+        self.name = f"{self.protocol}:{redact_url(self.endpoint_url())}"
+
+    def endpoint_url(self) -> str:
+        """The URL that names this client in reports and history (subclasses: the model's URL)."""
+        return self.url
 
     # ------------------------------------------------------------------ Target protocol
 

@@ -29,14 +29,13 @@ reduced as ``OutputSpec.reveal`` would, e.g. full logits while verifying ``top1`
 
 from __future__ import annotations
 
-import re
 from typing import Any
 from urllib.parse import quote
 
 import numpy as np
 
 from ..outputs import Answer, OutputSpec
-from .base import Failure, HTTPTarget, Parts, as_label, as_number, guess_kind, to_answer
+from .base import Failure, HTTPTarget, Parts, as_label, as_number, guess_kind, redact_url, to_answer
 
 _V2_NUMERIC = {
     "FP16": "f", "FP32": "f", "FP64": "f", "INT8": "i", "INT16": "i", "INT32": "i", "INT64": "i",
@@ -51,14 +50,10 @@ _NUMPY_TO_V2 = {
 class KServeClient(HTTPTarget):
     protocol = "kserve"
 
-    def __init__(self, url: str, *, model_name: str | None = None, **kw: Any) -> None:
-        version = None
-        m = re.match(r"^(.*?)/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/infer|/ready)?/?$", url.strip())
-        if m:
-            url, name_in_url, version = m.group(1), m.group(2), m.group(3)
-            model_name = model_name or name_in_url
-        super().__init__(url.rstrip("/"), model_name=model_name, **kw)
-        self.version = version
+    model_url_pattern = r"^(.*?)/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/infer|/ready)?/?$"
+
+    def __init__(self, url: str, **kw: Any) -> None:
+        super().__init__(url, **kw)
         self._meta: dict | None = None
         self._counter = 0
 
@@ -79,7 +74,7 @@ class KServeClient(HTTPTarget):
             if len(names) > 1:
                 raise Failure(f"the server has {len(names)} models ({', '.join(names[:5])}): give --model-name")
             self.model_name = names[0] if names else "model"
-            self.name = f"{self.protocol}:{self._model_url()}"
+            self.name = f"{self.protocol}:{redact_url(self._model_url())}"
         if self._meta is None:
             doc = self.request("GET", self._model_url()).json()
             self._meta = self._read_metadata(doc)

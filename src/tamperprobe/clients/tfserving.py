@@ -13,7 +13,6 @@ else logits), a dict of named outputs (``{"probabilities": [...], "classes": 3}`
 
 from __future__ import annotations
 
-import re
 from typing import Any
 from urllib.parse import quote
 
@@ -26,15 +25,11 @@ from .base import Failure, HTTPTarget, Parts, as_label, as_vector, guess_kind, n
 class TFServingClient(HTTPTarget):
     protocol = "tfserving"
 
-    def __init__(self, url: str, *, model_name: str | None = None, **kw: Any) -> None:
-        version = None
-        m = re.match(r"^(.*?)/v1/models/([^/:]+)(?:/versions/([^/:]+))?(?::predict)?/?$", url.strip())
-        if m:
-            url, name_in_url, version = m.group(1), m.group(2), m.group(3)
-            model_name = model_name or name_in_url
-        super().__init__(url.rstrip("/"), model_name=model_name or "model", **kw)
-        self.version = version
-        self.name = f"{self.protocol}:{self._predict_url()}"
+    model_url_pattern = r"^(.*?)/v1/models/([^/:]+)(?:/versions/([^/:]+))?(?::predict)?/?$"
+    default_model_name = "model"
+
+    def endpoint_url(self) -> str:
+        return self._predict_url()
 
     def _predict_url(self) -> str:
         url = f"{self.url}/v1/models/{quote(self.model_name, safe='')}"

@@ -23,7 +23,6 @@ Response, any of:
 
 from __future__ import annotations
 
-import re
 from typing import Any
 from urllib.parse import quote
 
@@ -40,15 +39,11 @@ class TorchServeClient(HTTPTarget):
     protocol = "torchserve"
     max_batch = 1
 
-    def __init__(self, url: str, *, model_name: str | None = None, **kw: Any) -> None:
-        version = None
-        m = re.match(r"^(.*?)/predictions/([^/]+)(?:/([^/]+))?/?$", url.strip())
-        if m:
-            url, name_in_url, version = m.group(1), m.group(2), m.group(3)
-            model_name = model_name or name_in_url
-        super().__init__(url.rstrip("/"), model_name=model_name or "model", **kw)
-        self.version = version
-        self.name = f"{self.protocol}:{self._predict_url()}"
+    model_url_pattern = r"^(.*?)/predictions/([^/]+)(?:/([^/]+))?/?$"
+    default_model_name = "model"
+
+    def endpoint_url(self) -> str:
+        return self._predict_url()
 
     def _predict_url(self) -> str:
         url = f"{self.url}/predictions/{quote(self.model_name, safe='')}"
