@@ -212,7 +212,7 @@ def test_weight_attacks_on_irnn():
 
 @pytest.mark.parametrize("suffix", [".pt", ".pt2"])
 def test_round_trip_through_files(models, split, tmp_path, suffix):
-    from tamperprobe.cli_attack import write_attacked
+    from tamperprobe.cli.attack import write_attacked
     from tamperprobe.models import load_model, save_model
 
     tr, te = split
@@ -234,7 +234,7 @@ def test_round_trip_through_files(models, split, tmp_path, suffix):
 def test_round_trip_reference_and_dynamic_int8(models, split, tmp_path):
     from safetensors.torch import save_file
 
-    from tamperprobe.cli_attack import write_attacked
+    from tamperprobe.cli.attack import write_attacked
     from tamperprobe.models import load_model
 
     tr, te = split
@@ -294,7 +294,7 @@ _HAVE_MAIN = (Path(__file__).parents[1] / "src" / "tamperprobe" / "__main__.py")
 def test_cli_train(tmp_path):
     from typer.testing import CliRunner
 
-    from tamperprobe.cli import app
+    from tamperprobe.cli.app import app
     from tamperprobe.models import load_model
 
     out = tmp_path / "m.pt2"
@@ -322,7 +322,7 @@ def test_cli_attack(models, split, tmp_path):
 def test_cli_attack_errors_exit_2(models, split, tmp_path):
     from typer.testing import CliRunner
 
-    from tamperprobe.cli import app
+    from tamperprobe.cli.app import app
     from tamperprobe.models import save_model
 
     src = str(save_model(models["mlp"], tmp_path / "m.pt", split[0].x))
@@ -343,7 +343,7 @@ def test_register_on_a_fresh_app(models, split, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from tamperprobe import cli_attack
+    from tamperprobe.cli import attack as cli_attack
 
     app = typer.Typer()
     cli_attack.register(app)

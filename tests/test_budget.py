@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tamperprobe.budget import detection_confidence, key_size
+from tamperprobe.owner.budget import detection_confidence, key_size
 
 
 @pytest.mark.parametrize(

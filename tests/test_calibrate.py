@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tamperprobe import calibrate as cal
+from tamperprobe.owner import calibrate as cal
 from tamperprobe.errors import UsageError
 from tamperprobe.models import LoadedModel, save_model
 
@@ -89,7 +89,7 @@ def test_onnx_model_without_torch_module_skips_export(model, digits, tmp_path):
 
 
 def test_calibrate_command(model, digits, tmp_path):
-    from tamperprobe.cli import app
+    from tamperprobe.cli.app import app
 
     path = save_model(model.module, tmp_path / "cnn.pt", digits[1].x[:2])
     runner = CliRunner()

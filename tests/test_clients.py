@@ -14,15 +14,15 @@ import pytest
 import torch
 
 from tamperprobe import zoo
-from tamperprobe.clients import make_client
+from tamperprobe.served.clients import make_client
 from tamperprobe.data import InputSpec
 from tamperprobe.errors import UsageError
 from tamperprobe.fingerprint import make_fingerprint
 from tamperprobe.models import LoadedModel
 from tamperprobe.outputs import OutputSpec, softmax64
-from tamperprobe.server import ServerThread
-from tamperprobe.targets import QueryFailure
-from tamperprobe.verify import INCONCLUSIVE, INTACT, verify
+from tamperprobe.server.app import ServerThread
+from tamperprobe.served.targets import QueryFailure
+from tamperprobe.served.verify import INCONCLUSIVE, INTACT, verify
 
 SHAPE = (1, 8, 8)
 SPECS = ["top1", "topk:3", "top1-prob:4", "probs:3", "logits"]

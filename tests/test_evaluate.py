@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from tamperprobe.evaluate import (
+from tamperprobe.evaluation.campaign import (
     MAX_NS,
     compare_many,
     detection_curve,
@@ -267,7 +267,7 @@ def test_manc_protocol_with_boundary_pairs(loaded_mlp, digits_all):
 def test_cli_exits_2_when_nothing_can_be_measured(trained_mlp, digits, tmp_path):
     from typer.testing import CliRunner
 
-    from tamperprobe.cli import app
+    from tamperprobe.cli.app import app
     from tamperprobe.models import save_model
 
     onnx_path = save_model(trained_mlp, tmp_path / "m.onnx", digits[0].x[:2])  # no weights in PyTorch form: no attack can run

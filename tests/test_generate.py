@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import torch
 
-from tamperprobe.generate import create_fingerprint
+from tamperprobe.owner.generate import create_fingerprint
 from tamperprobe.models import LoadedModel, load_model, save_model
-from tamperprobe.targets import LocalTarget
-from tamperprobe.verify import INTACT, TAMPERED, verify
+from tamperprobe.served.targets import LocalTarget
+from tamperprobe.served.verify import INTACT, TAMPERED, verify
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def test_generation_is_deterministic(cnn, digits):
 
 
 def test_self_check_reports_per_unit_trigger_ratio(cnn, digits):
-    from tamperprobe.budget import detection_confidence, self_check
+    from tamperprobe.owner.budget import detection_confidence, self_check
 
     fp = create_fingerprint(cnn, digits[0], method="boundary", size=6, bag=18, seed=0, output_spec="top1")
     rows = self_check(cnn, fp, attacks=("int8", "noise"), seeds=(0, 1))
@@ -95,7 +95,7 @@ def test_fingerprint_uses_calibrated_noise_and_refuses_delta_below_it(tmp_path, 
 
     from typer.testing import CliRunner
 
-    from tamperprobe.cli import app
+    from tamperprobe.cli.app import app
 
     model = save_model(trained_cnn, tmp_path / "m.pt", digits[1].x)
     runner = CliRunner()
@@ -106,7 +106,7 @@ def test_fingerprint_uses_calibrated_noise_and_refuses_delta_below_it(tmp_path, 
     r = run("fingerprint", model, "--data", "digits", "--out", tmp_path / "f.tpf", "--method", "boundary", "--select", "random",
             "--size", "4", "--bag", "12", "--output-spec", "top1", "--noise", tmp_path / "n.json", "--no-check")
     assert r.exit_code == 0, r.output
-    from tamperprobe.calibrate import delta_from_noise, load_noise
+    from tamperprobe.owner.calibrate import delta_from_noise, load_noise
     from tamperprobe.fingerprint import load
 
     fp = load(tmp_path / "f.tpf")

@@ -8,10 +8,10 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 
-from tamperprobe import history
+from tamperprobe.served import history
 from tamperprobe.errors import UsageError
 from tamperprobe.outputs import Answer
-from tamperprobe.verify import INCONCLUSIVE, INTACT, TAMPERED, MarkerResult, Report
+from tamperprobe.served.verify import INCONCLUSIVE, INTACT, TAMPERED, MarkerResult, Report
 
 
 def _report(verdict=INTACT, target="kserve:http://127.0.0.1:8080/v2/models/a", fp="abcdef0123456789", n=3):

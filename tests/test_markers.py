@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from tamperprobe.errors import UsageError
-from tamperprobe.methods import get_method, method_names
-from tamperprobe.methods.boundary import decode_uint8, encode_uint8, top_margin
+from tamperprobe.owner.methods import get_method, method_names
+from tamperprobe.owner.methods.boundary import decode_uint8, encode_uint8, top_margin
 from tamperprobe.models import LoadedModel
 from tamperprobe.outputs import OutputSpec
 
@@ -98,7 +98,7 @@ def test_shape_range_dtype_and_determinism(model, test_set, name, params):
 
 
 def test_wght_markers_flip_under_their_recorded_perturbation(model, test_set):
-    from tamperprobe.methods.wght import perturb_weights
+    from tamperprobe.owner.methods.wght import perturb_weights
 
     bag = _gen(model, test_set, "wght", {}, bag=30)
     assert len(bag) == 30
@@ -201,9 +201,9 @@ def test_boundary_pairs_catch_int8_quantization_of_the_last_layer(model, test_se
 
 def test_boundary_fingerprint_end_to_end(model, test_set):
     """Through create_fingerprint and verify: intact model INTACT under top1, tampered one TAMPERED."""
-    from tamperprobe.generate import create_fingerprint
-    from tamperprobe.targets import LocalTarget
-    from tamperprobe.verify import verify
+    from tamperprobe.owner.generate import create_fingerprint
+    from tamperprobe.served.targets import LocalTarget
+    from tamperprobe.served.verify import verify
 
     fp = create_fingerprint(model, test_set, method="boundary", select="random", size=20, bag=60, seed=0, output_spec="top1")
     assert len(fp) == 20 and fp.groups is not None

@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from tamperprobe import zoo
-from tamperprobe.clients import make_client
+from tamperprobe.served.clients import make_client
 from tamperprobe.data import load_data
 from tamperprobe.fingerprint import make_fingerprint, save
 from tamperprobe.models import LoadedModel, load_model, save_model
-from tamperprobe.server import ServerThread
+from tamperprobe.server.app import ServerThread
 from tamperprobe.train import fit
-from tamperprobe.verify import INCONCLUSIVE, INTACT, TAMPERED, verify
+from tamperprobe.served.verify import INCONCLUSIVE, INTACT, TAMPERED, verify
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +175,7 @@ def test_cli_serve_subprocess(setup, tmp_path):
             proc.kill()
     from typer.testing import CliRunner
 
-    from tamperprobe.cli import app
+    from tamperprobe.cli.app import app
 
     r = CliRunner().invoke(app, ["serve", str(setup["intact"]), "--port", "0"])  # TorchScript without a shape
     assert r.exit_code == 2 and "--input-shape" in r.output

@@ -11,9 +11,9 @@ import torch
 from torch import nn
 
 from tamperprobe.errors import UsageError
-from tamperprobe.methods.base import Bag
+from tamperprobe.owner.methods.base import Bag
 from tamperprobe.models import LoadedModel
-from tamperprobe.selection import manc, random_selection, select
+from tamperprobe.owner.selection import manc, random_selection, select
 
 
 def _coverage(active: np.ndarray, idx) -> int:

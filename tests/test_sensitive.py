@@ -9,10 +9,10 @@ from torch import nn
 
 from tamperprobe.data import Dataset
 from tamperprobe.errors import UsageError
-from tamperprobe.methods import get_method
-from tamperprobe.methods.sensitive import SensitiveSamples
+from tamperprobe.owner.methods import get_method
+from tamperprobe.owner.methods.sensitive import SensitiveSamples
 from tamperprobe.models import LoadedModel
-from tamperprobe.sensitivity import resolve_params, sensitivity
+from tamperprobe.owner.sensitivity import resolve_params, sensitivity
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

@@ -9,7 +9,7 @@ from torch import nn
 
 from tamperprobe.errors import UsageError
 from tamperprobe.models import LoadedModel
-from tamperprobe.sensitivity import activations, naive_sensitivity, resolve_params, sensitivity
+from tamperprobe.owner.sensitivity import activations, naive_sensitivity, resolve_params, sensitivity
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 

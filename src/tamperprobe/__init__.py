@@ -8,7 +8,7 @@ The flow, owner side then served side:
    few (MANC or random selection) and records the intact model's outputs;
 3. ``save_fingerprint`` / ``load_fingerprint`` store it in one versioned, checksummed file;
 4. a *target* answers prediction requests: ``LocalTarget`` for a model in-process, or a client
-   from ``tamperprobe.clients.make_client`` for a served endpoint;
+   from ``tamperprobe.served.clients.make_client`` for a served endpoint;
 5. ``verify`` compares the answers under an ``OutputSpec`` (what the API reveals) and decides
    INTACT, TAMPERED or INCONCLUSIVE.
 """
@@ -22,11 +22,11 @@ from .errors import TamperprobeError
 from .fingerprint import Fingerprint
 from .fingerprint import load as load_fingerprint
 from .fingerprint import save as save_fingerprint
-from .generate import create_fingerprint
+from .owner.generate import create_fingerprint
 from .models import LoadedModel, load_model
 from .outputs import Answer, OutputSpec
-from .targets import LocalTarget, QueryFailure, Target
-from .verify import INCONCLUSIVE, INTACT, TAMPERED, Report, verify
+from .served.targets import LocalTarget, QueryFailure, Target
+from .served.verify import INCONCLUSIVE, INTACT, TAMPERED, Report, verify
 
 __all__ = [
     "Answer", "Dataset", "Fingerprint", "INCONCLUSIVE", "INTACT", "InputSpec", "LoadedModel", "LocalTarget",

@@ -71,7 +71,7 @@ def demo_model(seed: int = 0, fresh: bool = False, progress=None):
 
 
 def _fingerprint_plan() -> list[DemoFingerprint]:
-    from .methods import method_names
+    from .owner.methods import method_names
 
     plan = [DemoFingerprint("sensitive · logits", "sensitive", "logits", {}, 10, 100)]
     if "boundary" in method_names():
@@ -87,13 +87,13 @@ def run_demo(fresh: bool = False, seed: int = 0, console=None) -> bool:
     from rich.table import Table
 
     from .attacks import run_attack
-    from .cli_common import progress_bar
-    from .clients import make_client
-    from .generate import create_fingerprint
+    from .cli._common import progress_bar
+    from .served.clients import make_client
+    from .owner.generate import create_fingerprint
     from .models import LoadedModel, save_model
-    from .server import ServerThread
+    from .server.app import ServerThread
     from .train import accuracy
-    from .verify import INTACT, TAMPERED, verify
+    from .served.verify import INTACT, TAMPERED, verify
 
     import torch
 

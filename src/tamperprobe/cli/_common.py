@@ -1,0 +1,54 @@
+"""Pieces every CLI command shares: consoles, error reporting, progress bars."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Callable, Iterator, NoReturn
+
+import typer
+from rich.console import Console
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
+    """Print one line to stderr and exit with ``code``."""
+    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    raise typer.Exit(code)
+
+
+@contextlib.contextmanager
+def handled() -> Iterator[None]:
+    """Turn tamperprobe errors (and a few expected others) into one line and exit code 2."""
+    from ..errors import TamperprobeError
+
+    try:
+        yield
+    except typer.Exit:
+        raise
+    except TamperprobeError as exc:
+        fail(str(exc), exc.exit_code)
+    except KeyboardInterrupt:
+        fail("interrupted", 2)
+    except (OSError, MemoryError) as exc:
+        fail(f"{type(exc).__name__}: {exc}", 2)
+
+
+@contextlib.contextmanager
+def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
+    """A rich progress bar driven by ``update(done, total)`` callbacks."""
+    if not enabled or not sys.stderr.isatty() and not console.is_terminal:
+        yield lambda done, total: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                  TimeElapsedColumn(), console=err_console, transient=True) as prog:
+        task = prog.add_task(description, total=None)
+
+        def update(done: int, total: int) -> None:
+            prog.update(task, completed=done, total=total)
+
+        yield update

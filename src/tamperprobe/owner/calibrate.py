@@ -1,0 +1,250 @@
+"""How much do the logits of the *same* weights move between runtimes? The noise floor, and δ from it.
+
+A boundary marker is only sound if its margin ``δ`` exceeds every difference a benign serving
+stack can introduce: another batch size (different kernels, another position in the batch),
+another thread count, TorchScript, ONNX Runtime. ``measure_noise`` runs the model on natural
+inputs under each runtime and records ``max |Δlogit|`` against the reference, torch eager at
+batch size 64 in the given order (``REFERENCE``).
+
+Runtime names:
+
+==================  ====================================================================
+``batchN``          batch size N, inputs in a rotated order (so position and batch
+                    composition differ from the reference even when N = 64)
+``threadsN``        batch size 64 with N torch threads
+``torchscript``     the module traced and saved as TorchScript (``models.save_model``), reloaded
+``export``          the module saved as a ``torch.export`` program (.pt2), reloaded
+``onnx``            the module exported to ONNX and run by onnxruntime
+==================  ====================================================================
+
+A runtime that cannot be measured (e.g. ONNX for a model without a torch module) is listed in
+``skipped`` with the reason. The report is stored as JSON (``save_noise``/``load_noise``) with
+the model digest. The noise floor is the largest difference, but at least one float32 rounding
+step of the largest logit seen (``float32 eps · max|z|``), so that a floor of exactly 0 measured
+on one machine never yields δ = 0. ``delta_from_noise(noise, safety)`` is ``safety`` times the floor;
+``check_delta`` refuses a δ at or below it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from ..errors import TamperprobeError, UsageError
+from ..models import LoadedModel, load_model, save_model
+
+FORMAT = "tamperprobe.noise/v1"
+REFERENCE = "eager batch64"
+DEFAULT_RUNTIMES = ("batch1", "batch64", "threads1", "threads2", "torchscript", "onnx")
+DEFAULT_SAFETY = 10.0
+_ROTATE = 17
+_FILE_SUFFIX = {"torchscript": ".pt", "export": ".pt2", "onnx": ".onnx"}
+
+
+@dataclass
+class RuntimeNoise:
+    max_abs: float  # max |Δlogit| against the reference
+    mean_abs: float
+    label_changes: int  # inputs whose top-1 label differs from the reference
+
+
+@dataclass
+class NoiseReport:
+    model_digest: str
+    source: str
+    samples: int
+    logit_scale: float  # max |logit| of the reference
+    runtimes: dict[str, RuntimeNoise] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    reference: str = REFERENCE
+    created: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def measured(self) -> float:
+        """The largest max |Δlogit| over the measured runtimes (0.0 when none)."""
+        return max((r.max_abs for r in self.runtimes.values()), default=0.0)
+
+    @property
+    def floor(self) -> float:
+        """The noise floor: the measured maximum, but at least float32 eps times the largest logit."""
+        return max(self.measured, float(np.finfo(np.float32).eps) * self.logit_scale)
+
+    def to_json(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["format"] = FORMAT
+        d["floor"] = self.floor
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> NoiseReport:
+        if d.get("format") != FORMAT:
+            raise UsageError(f"not a tamperprobe noise report (format {d.get('format')!r}, expected {FORMAT})")
+        runtimes = {str(k): RuntimeNoise(float(v["max_abs"]), float(v["mean_abs"]), int(v["label_changes"])) for k, v in d["runtimes"].items()}
+        return cls(
+            model_digest=str(d["model_digest"]), source=str(d["source"]), samples=int(d["samples"]), logit_scale=float(d["logit_scale"]),
+            runtimes=runtimes, skipped={str(k): str(v) for k, v in (d.get("skipped") or {}).items()},
+            reference=str(d.get("reference", REFERENCE)), created=str(d.get("created", "")),
+            versions={str(k): str(v) for k, v in (d.get("versions") or {}).items()},
+        )
+
+
+def parse_runtimes(items: Iterable[str] | str | None) -> tuple[str, ...]:
+    """Runtime names from a list and/or comma-separated strings; validated, duplicates removed."""
+    if items is None:
+        return DEFAULT_RUNTIMES
+    if isinstance(items, str):
+        items = [items]
+    out: list[str] = []
+    for item in items:
+        for name in str(item).split(","):
+            name = name.strip().lower()
+            if not name:
+                continue
+            m = re.fullmatch(r"(batch|threads)(\d+)", name)
+            if not (name in _FILE_SUFFIX or (m and int(m.group(2)) >= 1)):
+                raise UsageError(f"unknown runtime {name!r}: use batchN, threadsN, torchscript, export or onnx")
+            if name not in out:
+                out.append(name)
+    if not out:
+        raise UsageError("no runtime given")
+    return tuple(out)
+
+
+def _versions() -> dict[str, str]:
+    out = {}
+    for mod in ("torch", "onnxruntime", "numpy"):
+        try:
+            out[mod] = __import__(mod).__version__
+        except Exception:  # pragma: no cover - optional
+            pass
+    return out
+
+
+def _run(model: LoadedModel, x: np.ndarray, name: str, module, tmp: Path) -> np.ndarray:
+    m = re.fullmatch(r"(batch|threads)(\d+)", name)
+    if m and m.group(1) == "batch":
+        s = _ROTATE % len(x)
+        z = model.logits(np.roll(x, s, axis=0), batch_size=int(m.group(2)))
+        return np.roll(z, -s, axis=0)
+    if m:
+        return model.logits(x, batch_size=64, threads=int(m.group(2)))
+    if module is None:
+        raise UsageError(f"{name} needs the model as a torch module; {model.source} is {model.kind}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracing/exporting chatter (e.g. "input to trace is already a ScriptModule")
+        path = save_model(module, tmp / f"model{_FILE_SUFFIX[name]}", x)
+        return load_model(path).logits(x, batch_size=64)
+
+
+def measure_noise(
+    model: LoadedModel,
+    x: np.ndarray,
+    runtimes: Iterable[str] | str | None = DEFAULT_RUNTIMES,
+    module_for_export=None,
+) -> NoiseReport:
+    """Max |Δlogit| of each runtime against torch eager at batch size 64, on the inputs ``x``."""
+    names = parse_runtimes(runtimes)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if len(x) < 1:
+        raise UsageError("calibration needs at least one input")
+    ref = model.logits(x, batch_size=64)
+    if not np.isfinite(ref).all():
+        raise UsageError("the model returns NaN or infinite logits on the calibration inputs")
+    module = module_for_export if module_for_export is not None else model.module
+    report = NoiseReport(
+        model_digest=model.digest(), source=str(model.source), samples=int(len(x)), logit_scale=float(np.abs(ref).max()),
+        created=datetime.now(timezone.utc).replace(microsecond=0).isoformat(), versions=_versions(),
+    )
+    ref_labels = ref.argmax(axis=1)
+    with tempfile.TemporaryDirectory(prefix="tamperprobe-calibrate-") as tmp:
+        for name in names:
+            try:
+                z = _run(model, x, name, module, Path(tmp))
+            except (TamperprobeError, RuntimeError, ValueError, TypeError, OSError) as exc:
+                report.skipped[name] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                continue
+            if z.shape != ref.shape:
+                report.skipped[name] = f"output shape {z.shape} differs from the reference {ref.shape}"
+                continue
+            d = np.abs(z.astype(np.float64) - ref.astype(np.float64))
+            if not np.isfinite(d).all():
+                report.skipped[name] = "NaN or infinite logits"
+                continue
+            report.runtimes[name] = RuntimeNoise(float(d.max()), float(d.mean()), int((z.argmax(axis=1) != ref_labels).sum()))
+    return report
+
+
+def save_noise(report: NoiseReport, path: str | os.PathLike) -> Path:
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, p)
+    return p
+
+
+def load_noise(path: str | os.PathLike) -> NoiseReport:
+    p = Path(path)
+    try:
+        d = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise UsageError(f"noise report not found: {p}") from None
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read noise report {p}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    if not isinstance(d, dict):
+        raise UsageError(f"{p} is not a tamperprobe noise report")
+    try:
+        return NoiseReport.from_json(d)
+    except UsageError as exc:
+        raise UsageError(f"{p}: {exc}") from None
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
+        raise UsageError(f"{p}: noise report is incomplete or invalid ({exc})") from None
+
+
+def _floor(noise: NoiseReport | float) -> float:
+    if isinstance(noise, NoiseReport):
+        return noise.floor
+    value = float(noise)
+    if not (value >= 0 and math.isfinite(value)):
+        raise UsageError(f"noise level must be a finite number >= 0, got {noise}")
+    return value
+
+
+def delta_from_noise(noise: NoiseReport | float, safety: float = DEFAULT_SAFETY) -> float:
+    """δ = ``safety`` × the noise floor (a report or a number in logit units)."""
+    safety = float(safety)
+    if not (safety > 0 and math.isfinite(safety)):
+        raise UsageError(f"safety factor must be a positive number, got {safety}")
+    return safety * _floor(noise)
+
+
+def required_delta(noise: NoiseReport | float, safety: float = DEFAULT_SAFETY) -> float:
+    """The boundary margin δ to use for this noise: ``safety`` × the noise floor."""
+    return delta_from_noise(noise, safety)
+
+
+def check_delta(delta: float, noise: NoiseReport | float) -> None:
+    """Raise UsageError when ``delta`` is not above the measured noise floor."""
+    floor = _floor(noise)
+    try:
+        d = float(delta)
+    except (TypeError, ValueError):
+        raise UsageError(f"delta must be a number, got {delta!r}") from None
+    if not (d > 0 and math.isfinite(d)):
+        raise UsageError(f"delta must be a positive number, got {delta}")
+    if d <= floor:
+        raise UsageError(
+            f"delta={d:.3g} is not above the measured noise floor {floor:.3g} (max |Δlogit| between runtimes); "
+            f"use at least {delta_from_noise(floor, DEFAULT_SAFETY):.3g}"
+        )

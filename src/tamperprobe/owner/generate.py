@@ -1,0 +1,87 @@
+"""Owner side: generate a fingerprint from the real weights."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from ..data import Dataset, InputSpec
+from ..errors import DataError, UsageError
+from ..fingerprint import Fingerprint, make_fingerprint
+from .methods import get_method
+from .methods.base import Bag, Progress
+from ..models import LoadedModel
+from ..outputs import DEFAULT_TOLERANCE, OutputSpec
+
+
+def create_fingerprint(
+    model: LoadedModel,
+    data: Dataset,
+    *,
+    method: str = "sensitive",
+    select: str = "manc",
+    size: int = 10,
+    bag: int = 100,
+    seed: int = 0,
+    output_spec: str = "logits",
+    tolerance: float = DEFAULT_TOLERANCE,
+    layer: str | None = None,
+    params: dict[str, Any] | None = None,
+    progress: Progress | None = None,
+) -> Fingerprint:
+    """Generate a bag of ``bag`` candidates with ``method``, keep ``size`` by ``select``, record the intact outputs."""
+    model.require_torch("fingerprint generation")
+    spec = OutputSpec.parse(output_spec)
+    if size < 1 or bag < 1:
+        raise UsageError("--size and --bag must be at least 1")
+    if size > bag:
+        raise UsageError(f"--size {size} is larger than --bag {bag}")
+    if select not in ("manc", "random"):
+        raise UsageError(f"unknown selection {select!r}: choose manc or random")
+    if tolerance < 0:
+        raise UsageError("tolerance must be >= 0")
+    gen = get_method(method, **(params or {}))
+    _check_fit(model, data)
+    from .selection import select as select_markers
+
+    rng = np.random.default_rng(seed)
+    candidates = gen.generate(model, data, bag, rng, progress)
+    if len(candidates) < size:
+        raise UsageError(f"method {method} produced {len(candidates)} candidates, fewer than --size {size}")
+    input_spec = data.input_spec
+    encoding = candidates.info.get("input_encoding")
+    if encoding:  # markers in the 8-bit domain: sent as uint8, decoded by the served model's preprocessing
+        input_spec = InputSpec(input_spec.shape, str(encoding["dtype"]), float(encoding["low"]), float(encoding["high"]))
+    decoded = Bag(input_spec.decode(candidates.inputs), candidates.seeds, candidates.groups, candidates.info)
+    selection = select
+    try:
+        chosen = select_markers(select, model, decoded, size, rng, layer=layer)
+    except UsageError as exc:
+        if select != "manc" or layer is not None:
+            raise
+        # MANC needs a hookable layer (not TorchScript / torch.export): fall back, and say so in the file
+        selection = f"random (manc unavailable: {exc})"
+        chosen = select_markers("random", model, decoded, size, rng)
+    kept = candidates.take(np.asarray(chosen, dtype=np.int64))
+    logits = model.logits(input_spec.decode(kept.inputs))
+    if not np.isfinite(logits).all():
+        raise UsageError("the model returns NaN or infinite logits on the markers")
+    generator = {
+        "method": method, "params": gen.params(), "seed": int(seed), "selection": selection, "bag": int(bag),
+        "layer": layer, "data": data.name,
+    }
+    extra = {k: v for k, v in kept.info.items() if not isinstance(v, np.ndarray)}
+    return make_fingerprint(
+        kept.inputs, logits, input_spec, generator, model.digest(), output_spec=str(spec), tolerance=float(tolerance),
+        seeds=np.asarray(kept.seeds, dtype=np.float32), groups=kept.groups, extra=extra,
+    )
+
+
+def _check_fit(model: LoadedModel, data: Dataset) -> None:
+    try:
+        out = model.logits(data.x[:2])
+    except Exception as exc:
+        raise DataError(f"the model does not accept the data ({data.name}, input shape {tuple(data.x.shape[1:])}): {exc}") from None
+    if out.ndim != 2 or out.shape[0] != min(2, len(data.x)):
+        raise DataError(f"the model's output has shape {out.shape}; expected (batch, classes)")

@@ -1,0 +1,548 @@
+"""Boundary markers: pairs of nearly identical inputs on either side of a decision boundary.
+
+Why pairs. With a top-1 API a marker only reveals which side of the decision boundary it lies
+on. A single input with logit margin ``m`` (top-1 minus top-2) flips when a tampering lowers
+its margin by more than ``m``, but stays silent when the tampering *raises* it. A pair
+``(x_a, x_c)`` that straddles the boundary between classes ``a`` and ``c``, each with margin in
+``[δ, k·δ]``, is silent only if the change of ``z_a − z_c`` stays within ``(−m_c, m_a)`` at both
+points: any weight change that moves the boundary there by more than about ``k·δ`` logits
+flips one of the two labels, in either direction.
+
+Search (for each candidate, vectorised over candidates):
+
+1. **Path.** ``path="blend"``: the segment from a natural input ``x0`` (label ``a``) to a natural
+   input of another label, so markers look like a cross-fade of two natural images;
+   ``path="gradient"``: the segment from ``x0`` to an adversarial point obtained by sign-gradient
+   steps (``step``·(high − low) each, at most ``max_steps``) that raise ``z_b − z_a``, ``b`` the
+   runner-up class at ``x0``.
+2. **Crossing.** Bisection on the path parameter ``t`` for the first label change: ``t_lo``
+   (label ``a``) and ``t_hi`` (label ``c``) end up adjacent.
+3. **Margins** (float domain). On each side, a geometric ladder of ``t`` moving away from the
+   crossing brackets the point where that side's margin enters the band ``[δ·(1 + (k−1)/10), k·δ]``,
+   and bisection on the margin finds a point inside the band. The small lift above δ absorbs
+   batch-size noise; the guarantee is checked afterwards.
+4. **uint8 domain** (``uint8=True``). Markers are exact 8-bit images ``u`` in 0..255; the model sees
+   ``decode_uint8(u) = u / 255 · (high − low) + low`` computed in float32 (see ``decode_uint8``),
+   and the API must be sent ``u`` itself. The path points are rounded to integers, the crossing is
+   found by bisection over the blend coefficient, and each side is then adjusted greedily pixel by
+   pixel (±1 per step; the moves are ranked by the gradient and the best ``neighbors`` evaluated
+   exactly) to bring its margin down to just above δ (up first if it starts below). The
+   granularity of one pixel step limits how close to δ a margin gets.
+5. **Guarantee.** Every marker's margin is recomputed with ``model.logits`` in float32 at batch
+   size 1, 64 and the default batch size (the paths verification uses); a pair whose member has
+   margin < δ in any of them, or whose members share a label, is dropped.
+6. **Coverage.** Of the surviving candidates (``oversample`` per marker wanted), a MANC-like
+   greedy keeps those whose active neurons at the input of the last ``nn.Linear`` (union over the
+   pair) add the most not-yet-covered neurons, resetting the covered set when nothing new can be
+   added. Without a hookable ``nn.Linear`` (TorchScript, torch.export) the order is random.
+
+``pairs=False`` gives single markers (the ``x0`` side only, margin in the same band). Bag layout
+with pairs: ``[a_0, c_0, a_1, c_1, …]`` with ``groups = [0, 0, 1, 1, …]``; ``bag // 2`` pairs are
+made (at least one). ``info`` holds per marker ``margin`` (the smallest over the batch sizes),
+``label``, ``psnr`` and ``snr`` (dB, against the seed, in the model's domain), ``t``, ``side``
+(0: seed side, 1: far side), ``seed_index`` and ``partner_index`` (blend), and the scalars
+``delta``, ``k``, ``pairs``, ``path``, ``uint8`` and, in the 8-bit domain, ``input_encoding``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from ...data import Dataset, InputSpec
+from ...errors import UsageError
+from ...models import LoadedModel, _as_logits
+from .base import Bag, Method, Progress
+from .natural import sample_indices
+
+DEFAULT_DELTA = 1e-4
+PATHS = ("blend", "gradient")
+CHECK_BATCHES = (1, 64, 256)  # 256: LoadedModel.logits' default; 64: LocalTarget's
+UINT8_DECODE = "x = (u.astype(float32) / float32(255)) * float32(high - low) + float32(low)"
+_MAX_POOL = 20000
+
+
+def decode_uint8(u: np.ndarray, low: float, high: float) -> np.ndarray:
+    """The model-domain float32 image of an 8-bit marker (``InputSpec.decode``)."""
+    return InputSpec((), "uint8", low, high).decode(np.asarray(u, dtype=np.uint8))
+
+
+def encode_uint8(x: np.ndarray, low: float, high: float) -> np.ndarray:
+    """The nearest 8-bit image of a model-domain input (inverse of ``decode_uint8`` up to rounding)."""
+    u = np.rint((np.asarray(x, dtype=np.float64) - low) / (high - low) * 255.0)
+    return np.clip(u, 0, 255).astype(np.uint8)
+
+
+def signed_margin(logits: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """``z[cls] − max_{j≠cls} z[j]`` per row, in float64: ≥ 0 exactly when ``cls`` is top-1."""
+    z = np.asarray(logits, dtype=np.float64).copy()
+    rows = np.arange(len(z))
+    zc = z[rows, cls].copy()
+    z[rows, cls] = -np.inf
+    return zc - z.max(axis=1)
+
+
+def top_margin(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 labels and top-1 minus top-2 margins (float64)."""
+    z = np.asarray(logits)
+    labels = z.argmax(axis=1)
+    return labels, signed_margin(z, labels)
+
+
+def psnr_db(marker: np.ndarray, seed: np.ndarray, low: float, high: float) -> np.ndarray:
+    """Peak signal-to-noise ratio (dB) of each marker against its seed; ``inf`` when identical."""
+    d = (np.asarray(marker, dtype=np.float64) - np.asarray(seed, dtype=np.float64)).reshape(len(marker), -1)
+    mse = (d**2).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        return np.where(mse > 0, 10.0 * np.log10((high - low) ** 2 / np.maximum(mse, 1e-300)), np.inf)
+
+
+def snr_db(marker: np.ndarray, seed: np.ndarray) -> np.ndarray:
+    """Signal (seed power) to noise (marker − seed power) ratio in dB; ``inf`` when identical."""
+    s = np.asarray(seed, dtype=np.float64).reshape(len(seed), -1)
+    d = np.asarray(marker, dtype=np.float64).reshape(len(marker), -1) - s
+    noise = (d**2).mean(axis=1)
+    power = (s**2).mean(axis=1)
+    with np.errstate(divide="ignore"):
+        return np.where(noise > 0, 10.0 * np.log10(np.maximum(power, 1e-300) / np.maximum(noise, 1e-300)), np.inf)
+
+
+def checked_margins(model: LoadedModel, x: np.ndarray, batches: tuple[int, ...] = CHECK_BATCHES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Labels, the smallest top-1 margin over ``batches``, and whether the label agrees in all of them.
+
+    ``x`` is in the model's domain (decode 8-bit markers first).
+    """
+    labels = None
+    worst = None
+    same = np.ones(len(x), dtype=bool)
+    for b in batches:
+        lab, m = top_margin(model.logits(x, batch_size=b))
+        if labels is None:
+            labels, worst = lab, m
+        else:
+            same &= lab == labels
+            worst = np.minimum(worst, m)
+    return labels, worst, same
+
+
+def last_linear(module):
+    """The last ``nn.Linear`` of ``module`` (in ``modules()`` order), or None."""
+    import torch
+
+    last = None
+    for m in module.modules():
+        if isinstance(m, torch.nn.Linear):
+            last = m
+    return last
+
+
+def penultimate_active(module, x: np.ndarray, chunk: int = 512) -> np.ndarray | None:
+    """Boolean (N, F): which inputs of the last ``nn.Linear`` are > 0 for each row of ``x``; None if no such layer."""
+    import torch
+
+    layer = last_linear(module)
+    if layer is None:
+        return None
+    got: list[np.ndarray] = []
+
+    def hook(_mod, inputs):
+        got.append(inputs[0].detach().reshape(inputs[0].shape[0], -1).float().numpy() > 0)
+
+    handle = layer.register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for i in range(0, len(x), chunk):
+                module(torch.from_numpy(np.ascontiguousarray(x[i : i + chunk], dtype=np.float32)))
+    except Exception:
+        return None
+    finally:
+        handle.remove()
+    return np.concatenate(got) if got else None
+
+
+def coverage_order(active: np.ndarray | None, need: int, rng: np.random.Generator) -> np.ndarray:
+    """Greedy MANC-like choice of ``need`` rows of ``active`` (N, F) maximising newly covered neurons.
+
+    Ties go to the earlier row of a random permutation; when no row adds a new neuron the covered
+    set is reset. ``active=None`` gives a random choice.
+    """
+    n = 0 if active is None else len(active)
+    perm = rng.permutation(n if active is not None else need)
+    if active is None:
+        return perm[:need]
+    need = min(need, n)
+    cov = active[perm]
+    covered = np.zeros(cov.shape[1], dtype=bool)
+    left = np.ones(n, dtype=bool)
+    chosen: list[int] = []
+    while len(chosen) < need:
+        gains = (cov & ~covered).sum(axis=1)
+        gains[~left] = -1
+        j = int(np.argmax(gains))
+        if gains[j] == 0 and covered.any():
+            covered[:] = False
+            continue
+        chosen.append(j)
+        left[j] = False
+        covered |= cov[j]
+    return perm[np.asarray(chosen, dtype=np.int64)]
+
+
+class Boundary(Method):
+    name = "boundary"
+
+    def __init__(
+        self,
+        *,
+        delta: float = DEFAULT_DELTA,
+        k: float = 1.5,
+        path: str = "blend",
+        pairs: bool = True,
+        uint8: bool = False,
+        coverage: bool = True,
+        oversample: float = 3.0,
+        step: float = 0.02,
+        max_steps: int = 100,
+        greedy_steps: int = 60,
+        neighbors: int = 24,
+        rounds: int = 4,
+    ) -> None:
+        delta, k, oversample, step = float(delta), float(k), float(oversample), float(step)
+        if not (delta > 0 and math.isfinite(delta)):
+            raise UsageError(f"delta must be a positive number, got {delta}")
+        if not (k > 1 and math.isfinite(k)):
+            raise UsageError(f"k must be > 1, got {k}")
+        if path not in PATHS:
+            raise UsageError(f"unknown path {path!r}: choose one of {', '.join(PATHS)}")
+        if not oversample >= 1 or not 0 < step <= 1:
+            raise UsageError("need oversample >= 1 and 0 < step <= 1")
+        if min(int(max_steps), int(greedy_steps), int(neighbors), int(rounds)) < 1:
+            raise UsageError("max_steps, greedy_steps, neighbors and rounds must be >= 1")
+        super().__init__(
+            delta=delta, k=k, path=path, pairs=bool(pairs), uint8=bool(uint8), coverage=bool(coverage), oversample=oversample,
+            step=step, max_steps=int(max_steps), greedy_steps=int(greedy_steps), neighbors=int(neighbors), rounds=int(rounds),
+        )
+        self.delta, self.k, self.path, self.pairs, self.uint8 = delta, k, path, bool(pairs), bool(uint8)
+        self.coverage, self.oversample, self.step, self.max_steps = bool(coverage), oversample, step, int(max_steps)
+        self.greedy_steps, self.neighbors, self.rounds = int(greedy_steps), int(neighbors), int(rounds)
+        # the search band: slightly above delta so that batch-size noise cannot push a margin below it
+        self.band_lo = delta * (1.0 + (k - 1.0) / 10.0)
+        self.band_hi = delta * k
+
+    # ------------------------------------------------------------------ plumbing
+    def _setup(self, model: LoadedModel, data: Dataset) -> None:
+        self.model, self.low, self.high = model, float(data.low), float(data.high)
+        self.lo32, self.hi32 = np.float32(self.low), np.float32(self.high)
+
+    def _domain(self, x_sent: np.ndarray) -> np.ndarray:
+        """Inputs as sent -> the float32 inputs the model sees."""
+        if self.uint8:
+            return decode_uint8(x_sent, self.low, self.high)
+        return np.asarray(x_sent, dtype=np.float32)
+
+    def _logits(self, x_sent: np.ndarray) -> np.ndarray:
+        if len(x_sent) == 0:
+            return np.zeros((0, 1), dtype=np.float32)
+        return self.model.logits(self._domain(x_sent))
+
+    def _at(self, A: np.ndarray, B: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """Path points A + t (B − A), as sent (float32 clipped to the range, or rounded uint8)."""
+        tt = t.reshape((-1,) + (1,) * (A.ndim - 1))
+        p = A + tt * (B - A)
+        if self.uint8:
+            return np.clip(np.rint(p), 0, 255).astype(np.uint8)
+        return np.clip(p, self.lo32, self.hi32).astype(np.float32)
+
+    def _grad_margin(self, x: np.ndarray, cls: np.ndarray, other: np.ndarray, chunk: int = 256) -> np.ndarray:
+        """∂(z_cls − z_other)/∂x for model-domain inputs x (float64 array of x's shape)."""
+        import torch
+
+        module = self.model.module
+        out = []
+        for i in range(0, len(x), chunk):
+            xt = torch.from_numpy(np.ascontiguousarray(x[i : i + chunk], dtype=np.float32)).requires_grad_(True)
+            rows = torch.arange(xt.shape[0])
+            with torch.enable_grad():
+                z = _as_logits(module(xt)).float()
+                obj = (z[rows, torch.from_numpy(cls[i : i + chunk])] - z[rows, torch.from_numpy(other[i : i + chunk])]).sum()
+                (g,) = torch.autograd.grad(obj, xt)
+            out.append(g.double().numpy())
+        return np.concatenate(out) if out else np.zeros(x.shape)
+
+    # ------------------------------------------------------------------ endpoints
+    def _candidates(self, data: Dataset, n: int, rng: np.random.Generator, pool_x: np.ndarray, pool_lab: np.ndarray, pool_idx: np.ndarray):
+        """Seed indices (into the pool) and path endpoints A (seed) and B, as float64 arrays in the sent domain."""
+        seeds = sample_indices(len(pool_x), n, rng)
+        if self.path == "blend":
+            partner = np.full(n, -1, dtype=np.int64)
+            for i, s in enumerate(seeds):
+                other = np.flatnonzero(pool_lab != pool_lab[s])
+                if len(other):
+                    partner[i] = other[rng.integers(0, len(other))]
+            ok = partner >= 0
+            seeds, partner = seeds[ok], partner[ok]
+            A = pool_x[seeds].astype(np.float64)
+            B = pool_x[partner].astype(np.float64)
+            return seeds, pool_idx[partner], A, B
+        A = pool_x[seeds].astype(np.float64)
+        B = self._gradient_endpoints(self._domain(pool_x[seeds]), pool_lab[seeds])
+        if self.uint8:
+            B = encode_uint8(B, self.low, self.high).astype(np.float64)
+        return seeds, np.full(len(seeds), -1, dtype=np.int64), A, B
+
+    def _gradient_endpoints(self, x0: np.ndarray, a: np.ndarray) -> np.ndarray:
+        """Sign-gradient steps raising z_b − z_a (b: runner-up at x0) until the label leaves a."""
+        z0 = self.model.logits(x0)
+        zz = z0.astype(np.float64).copy()
+        zz[np.arange(len(zz)), a] = -np.inf
+        b = zz.argmax(axis=1)
+        x = x0.astype(np.float32).copy()
+        step = np.float32(self.step * (self.high - self.low))
+        for _ in range(self.max_steps):
+            open_rows = np.flatnonzero(self.model.logits(x).argmax(axis=1) == a)
+            if not len(open_rows):
+                break
+            g = self._grad_margin(x[open_rows], b[open_rows], a[open_rows])
+            x[open_rows] = np.clip(x[open_rows] + step * np.sign(g).astype(np.float32), self.lo32, self.hi32)
+        return x.astype(np.float64)
+
+    # ------------------------------------------------------------------ search
+    def _crossing(self, A: np.ndarray, B: np.ndarray, a: np.ndarray, iters: int) -> tuple[np.ndarray, np.ndarray]:
+        lo, hi = np.zeros(len(A)), np.ones(len(A))
+        for _ in range(iters):
+            mid = 0.5 * (lo + hi)
+            same = self._logits(self._at(A, B, mid)).argmax(axis=1) == a
+            lo = np.where(same, mid, lo)
+            hi = np.where(same, hi, mid)
+        return lo, hi
+
+    def _band(self, A, B, t_in, t_out, cls, iters: int = 60):
+        """A t between t_in (near the crossing) and t_out (path end) where the cls-margin lies in the band.
+
+        Returns (t, margin, ok). A geometric ladder from t_in towards t_out brackets the first entry
+        into the band; bisection keeps margin(inner) < band_lo and margin(outer) > band_hi.
+        """
+        n = len(A)
+        span = np.abs(t_out - t_in)
+        direction = np.sign(t_out - t_in)
+        h0 = 2.0**-44
+        levels = int(max(1, math.ceil(math.log(max(float(span.max()), h0) / h0, 4)))) + 1
+        steps = np.minimum(h0 * 4.0 ** np.arange(levels)[None, :], span[:, None])  # (n, L)
+        ladder = np.concatenate([t_in[:, None], t_in[:, None] + direction[:, None] * steps], axis=1)  # (n, L+1)
+        L = ladder.shape[1]
+        rows = np.repeat(np.arange(n), L)
+        s = signed_margin(self._logits(self._at(A[rows], B[rows], ladder.reshape(-1))), cls[rows]).reshape(n, L)
+        t = np.full(n, np.nan)
+        marg = np.full(n, np.nan)
+        inner = np.full(n, np.nan)
+        outer = np.full(n, np.nan)
+        for i in range(n):
+            j = np.flatnonzero(s[i] >= self.band_lo)
+            if not len(j):
+                continue
+            j = int(j[0])
+            if s[i, j] <= self.band_hi:
+                t[i], marg[i] = ladder[i, j], s[i, j]
+            elif j > 0:
+                inner[i], outer[i] = ladder[i, j - 1], ladder[i, j]
+        todo = np.flatnonzero(~np.isnan(inner))
+        for _ in range(iters):
+            if not len(todo):
+                break
+            mid = 0.5 * (inner[todo] + outer[todo])
+            sm = signed_margin(self._logits(self._at(A[todo], B[todo], mid)), cls[todo])
+            low_side = sm < self.band_lo
+            high_side = sm > self.band_hi
+            found = ~low_side & ~high_side
+            t[todo[found]], marg[todo[found]] = mid[found], sm[found]
+            inner[todo[low_side]] = mid[low_side]
+            outer[todo[high_side]] = mid[high_side]
+            todo = todo[~found]
+        ok = ~np.isnan(t)
+        return t, marg, ok
+
+    def _greedy_uint8(self, u: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Per-pixel ±1 steps bringing each image's cls-margin to just above band_lo (up first if below).
+
+        Returns the adjusted uint8 images and their margins (at the default batch size).
+        """
+        cur = u.astype(np.int16).copy()
+        n = len(cur)
+        flat = cur.reshape(n, -1)
+        P = flat.shape[1]
+        s = signed_margin(self._logits(cur.astype(np.uint8)), cls)
+        active = np.ones(n, dtype=bool)
+        target = 0.5 * (self.band_lo + self.band_hi)
+        scale = (self.high - self.low) / 255.0
+        m = min(self.neighbors, 2 * P)
+        for _ in range(self.greedy_steps):
+            active &= ~((s >= self.band_lo) & (s <= self.band_hi))
+            idx = np.flatnonzero(active)
+            if not len(idx):
+                break
+            x = decode_uint8(cur[idx].astype(np.uint8), self.low, self.high)
+            z = self.model.logits(x).astype(np.float64)
+            zo = z.copy()
+            zo[np.arange(len(idx)), cls[idx]] = -np.inf
+            other = zo.argmax(axis=1)
+            g = self._grad_margin(x, cls[idx], other).reshape(len(idx), P) * scale  # margin change per +1
+            pred = np.concatenate([s[idx, None] + g, s[idx, None] - g], axis=1)  # (k, 2P): +1 moves then -1 moves
+            pix = flat[idx]
+            valid = np.concatenate([pix < 255, pix > 0], axis=1)
+            up = s[idx] < self.band_lo
+            score = np.where(up[:, None], -pred, np.abs(pred - target))
+            score[~valid] = np.inf
+            pick = np.argsort(score, axis=1, kind="stable")[:, :m]  # (k, m)
+            pick_ok = np.take_along_axis(valid, pick, axis=1)
+            trials = np.repeat(pix[:, None, :], m, axis=1)  # (k, m, P)
+            pixel = pick % P
+            sign = np.where(pick < P, 1, -1).astype(np.int16)
+            kk, mm = np.meshgrid(np.arange(len(idx)), np.arange(m), indexing="ij")
+            trials[kk, mm, pixel] += np.where(pick_ok, sign, 0).astype(np.int16)
+            trial_u = np.clip(trials, 0, 255).astype(np.uint8).reshape((len(idx) * m,) + u.shape[1:])
+            st = signed_margin(self._logits(trial_u), np.repeat(cls[idx], m)).reshape(len(idx), m)
+            st[~pick_ok] = np.nan
+            for r, i in enumerate(idx):
+                row = st[r]
+                if up[r]:
+                    if np.all(np.isnan(row)):
+                        active[i] = False
+                        continue
+                    j = int(np.nanargmax(row))
+                    if not row[j] > s[i]:
+                        active[i] = False
+                        continue
+                else:
+                    good = (row >= self.band_lo) & (row < s[i])
+                    if not good.any():
+                        active[i] = False
+                        continue
+                    j = int(np.flatnonzero(good)[np.argmin(row[good])])
+                flat[i] = trials[r, j]
+                s[i] = row[j]
+        return np.clip(cur, 0, 255).astype(np.uint8), s
+
+    def _search(self, A: np.ndarray, B: np.ndarray):
+        """Run one batch of candidates. Returns per candidate: x_a, x_c, t_a, t_c, ok (both sides when pairs)."""
+        n = len(A)
+        la = self._logits(self._at(A, B, np.zeros(n))).argmax(axis=1)
+        lb = self._logits(self._at(A, B, np.ones(n))).argmax(axis=1)
+        ok = la != lb
+        lo, hi = self._crossing(A, B, la, 30 if self.uint8 else 52)
+        x_lo, x_hi = self._at(A, B, lo), self._at(A, B, hi)
+        lc = self._logits(x_hi).argmax(axis=1)
+        ok &= lc != la
+        if self.uint8:
+            xa, sa = self._greedy_uint8(x_lo, la)
+            ok &= sa >= self.band_lo
+            ta = lo
+            if self.pairs:
+                xc, sc = self._greedy_uint8(x_hi, lc)
+                ok &= sc >= self.band_lo
+                tc = hi
+            else:
+                xc, tc = xa, ta
+        else:
+            ta, _, oka = self._band(A, B, lo, np.zeros(n), la)
+            ok &= oka
+            ta = np.where(oka, ta, 0.0)
+            xa = self._at(A, B, ta)
+            if self.pairs:
+                tc, _, okc = self._band(A, B, hi, np.ones(n), lc)
+                ok &= okc
+                tc = np.where(okc, tc, 1.0)
+                xc = self._at(A, B, tc)
+            else:
+                xc, tc = xa, ta
+        return xa, xc, ta, tc, ok
+
+    # ------------------------------------------------------------------ generate
+    def generate(self, model: LoadedModel, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
+        if bag < 1:
+            raise UsageError("bag must be at least 1")
+        if self.path == "gradient" or self.uint8:
+            model.require_torch(f"boundary markers with path={self.path}{', uint8' if self.uint8 else ''}")
+        self._setup(model, data)
+        try:
+            return self._generate(model, data, bag, rng, progress)
+        finally:
+            del self.model  # keep no reference to the weights after generation
+
+    def _generate(self, model: LoadedModel, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None) -> Bag:
+        need = max(1, bag // 2) if self.pairs else bag
+        pool_idx = sample_indices(len(data.x), min(len(data.x), _MAX_POOL), rng)
+        pool_x = data.x[pool_idx].astype(np.float32)
+        if self.uint8:
+            pool_x = encode_uint8(pool_x, self.low, self.high)
+        pool_lab = self._logits(pool_x).argmax(axis=1)
+        if self.path == "blend" and len(np.unique(pool_lab)) < 2:
+            raise UsageError("boundary markers with path=blend need natural inputs of at least two predicted classes")
+
+        found: dict[str, list[np.ndarray]] = {k: [] for k in ("xa", "xc", "ta", "tc", "seed", "partner", "sa", "sc", "la", "lc")}
+        total = 0
+        tried = 0
+        for r in range(self.rounds):
+            want = int(math.ceil(self.oversample * need)) if r == 0 else 2 * (need - total) + 2
+            seeds, partner, A, B = self._candidates(data, want, rng, pool_x, pool_lab, pool_idx)
+            tried += len(seeds)
+            if len(seeds):
+                xa, xc, ta, tc, ok = self._search(A, B)
+                la, sa, same_a = checked_margins(model, self._domain(xa))
+                lc, sc, same_c = checked_margins(model, self._domain(xc))
+                ok &= same_a & (sa >= self.delta)
+                if self.pairs:
+                    ok &= same_c & (sc >= self.delta) & (la != lc)
+                sel = np.flatnonzero(ok)
+                for key, arr in (("xa", xa), ("xc", xc), ("ta", ta), ("tc", tc), ("seed", pool_idx[seeds]), ("partner", partner),
+                                 ("sa", sa), ("sc", sc), ("la", la), ("lc", lc)):
+                    found[key].append(arr[sel])
+                total += len(sel)
+            if progress:
+                progress(min(total, need), need)
+            if total >= need:
+                break
+        cat = {k: np.concatenate(v) for k, v in found.items()}
+        if total == 0:
+            raise UsageError(f"boundary: no marker found in {tried} tries (delta={self.delta:g}); try another path or a larger delta")
+        active = None
+        if self.coverage and model.module is not None:
+            act_a = penultimate_active(model.module, self._domain(cat["xa"]))
+            if act_a is not None and self.pairs:
+                act_c = penultimate_active(model.module, self._domain(cat["xc"]))
+                act_a = None if act_c is None else (act_a | act_c)
+            active = act_a
+        order = coverage_order(active, min(need, total), rng) if active is not None else rng.permutation(total)[: min(need, total)]
+        return self._bag(cat, order, data)
+
+    def _bag(self, cat: dict, order: np.ndarray, data: Dataset) -> Bag:
+        seeds_sent = data.x[cat["seed"][order]].astype(np.float32)
+        if self.uint8:
+            seeds_sent = encode_uint8(seeds_sent, self.low, self.high)
+        if self.pairs:
+            n = len(order)
+            inputs = np.empty((2 * n,) + cat["xa"].shape[1:], dtype=cat["xa"].dtype)
+            inputs[0::2], inputs[1::2] = cat["xa"][order], cat["xc"][order]
+            seeds = np.repeat(seeds_sent, 2, axis=0)
+            inter = lambda a, c: np.stack([a[order], c[order]], axis=1).reshape(-1)  # noqa: E731
+            margin, label = inter(cat["sa"], cat["sc"]), inter(cat["la"], cat["lc"])
+            t = inter(cat["ta"], cat["tc"])
+            side = np.tile(np.array([0, 1], dtype=np.int64), n)
+            groups = np.repeat(np.arange(n, dtype=np.int64), 2)
+            seed_index, partner_index = np.repeat(cat["seed"][order], 2), np.repeat(cat["partner"][order], 2)
+        else:
+            inputs, seeds = cat["xa"][order], seeds_sent
+            margin, label, t = cat["sa"][order], cat["la"][order], cat["ta"][order]
+            side = np.zeros(len(order), dtype=np.int64)
+            groups = None
+            seed_index, partner_index = cat["seed"][order], cat["partner"][order]
+        dom_in, dom_seed = self._domain(inputs), self._domain(seeds)
+        info = {
+            "margin": margin.astype(np.float64), "label": label.astype(np.int64), "t": t.astype(np.float64), "side": side,
+            "psnr": psnr_db(dom_in, dom_seed, self.low, self.high), "snr": snr_db(dom_in, dom_seed),
+            "seed_index": seed_index.astype(np.int64), "partner_index": partner_index.astype(np.int64),
+            "delta": self.delta, "k": self.k, "pairs": self.pairs, "path": self.path, "uint8": self.uint8,
+        }
+        if self.uint8:
+            info["input_encoding"] = {"dtype": "uint8", "low": self.low, "high": self.high, "decode": UINT8_DECODE}
+        return Bag(np.ascontiguousarray(inputs), np.ascontiguousarray(seeds), groups, info)

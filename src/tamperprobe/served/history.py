@@ -1,0 +1,241 @@
+"""A local SQLite history of verifications: one row per run, one per marker.
+
+Location: ``$TAMPERPROBE_HISTORY`` if set, else ``history.sqlite`` in the user data directory
+(``platformdirs.user_data_dir("tamperprobe")``); every function also takes an explicit ``path``.
+
+Tables (schema version 1, in ``PRAGMA user_version``)::
+
+    runs(id, time, target, protocol, fingerprint, output_spec, verdict, markers, mismatched,
+         failed, seconds, tolerance, summary)
+    markers(run_id, idx, status, expected, observed, detail, latency)
+
+``time`` is UTC ISO 8601 (``2025-01-31T12:00:00.123456+00:00``); ``status`` is ``match``,
+``MISMATCH`` or ``failed``; ``latency`` is the seconds the request carrying that marker took
+(None for a local model). The database runs in WAL mode with a busy timeout and every write is
+one short transaction, so several ``watch`` processes can record into one file.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from contextlib import closing
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import Any
+
+from ..errors import TamperprobeError, UsageError
+
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    time TEXT NOT NULL,
+    target TEXT NOT NULL,
+    protocol TEXT,
+    fingerprint TEXT NOT NULL,
+    output_spec TEXT NOT NULL,
+    verdict TEXT NOT NULL,
+    markers INTEGER NOT NULL,
+    mismatched INTEGER NOT NULL,
+    failed INTEGER NOT NULL,
+    seconds REAL NOT NULL,
+    tolerance REAL,
+    summary TEXT
+);
+CREATE TABLE IF NOT EXISTS markers (
+    run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
+    idx INTEGER NOT NULL,
+    status TEXT NOT NULL,
+    expected TEXT,
+    observed TEXT,
+    detail TEXT,
+    latency REAL,
+    PRIMARY KEY (run_id, idx)
+);
+CREATE INDEX IF NOT EXISTS runs_time ON runs(time);
+CREATE INDEX IF NOT EXISTS runs_target ON runs(target);
+CREATE INDEX IF NOT EXISTS runs_fingerprint ON runs(fingerprint);
+"""
+
+
+class HistoryError(TamperprobeError):
+    """The history database cannot be opened, read or written."""
+
+
+def default_path() -> Path:
+    env = os.environ.get("TAMPERPROBE_HISTORY")
+    if env:
+        return Path(env).expanduser()
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("tamperprobe")) / "history.sqlite"
+
+
+def _connect(path: str | os.PathLike | None, create: bool = True) -> sqlite3.Connection:
+    p = Path(path).expanduser() if path is not None else default_path()
+    if not create and not p.exists():
+        raise HistoryError(f"no history at {p} (nothing recorded yet)")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(str(p), timeout=10.0, isolation_level=None)
+        con.row_factory = sqlite3.Row
+        con.execute("PRAGMA busy_timeout = 10000")
+        con.execute("PRAGMA foreign_keys = ON")
+        version = con.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            con.close()
+            raise HistoryError(f"{p} was written by a newer tamperprobe (history schema v{version}); upgrade tamperprobe")
+        if version < SCHEMA_VERSION:
+            try:
+                con.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError:
+                pass  # e.g. a file system without shared memory: the default journal still works
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                for stmt in _SCHEMA.split(";"):
+                    if stmt.strip():
+                        con.execute(stmt)
+                con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                con.execute("COMMIT")
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+        return con
+    except HistoryError:
+        raise
+    except (sqlite3.Error, OSError) as exc:
+        raise HistoryError(f"cannot open history {p}: {exc}") from None
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def record(report, protocol: str | None = None, path: str | os.PathLike | None = None) -> int:
+    """Store a verify ``Report`` and its markers; returns the run id."""
+    rows = []
+    for m in report.markers:
+        rows.append((
+            int(m.index), m.status, str(m.expected), None if m.observed is None else str(m.observed),
+            (m.failure or m.detail or None), getattr(m, "latency", None),
+        ))
+    with closing(_connect(path)) as con:
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            cur = con.execute(
+                "INSERT INTO runs (time, target, protocol, fingerprint, output_spec, verdict, markers, mismatched, failed, seconds, tolerance, summary)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (_now(), report.target, protocol, report.fingerprint_id, report.output_spec, report.verdict, len(report.markers),
+                 report.mismatched, report.failed, float(report.seconds), float(report.tolerance), report.summary()),
+            )
+            run_id = int(cur.lastrowid)
+            con.executemany(
+                "INSERT INTO markers (run_id, idx, status, expected, observed, detail, latency) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [(run_id, *r) for r in rows],
+            )
+            con.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                con.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise HistoryError(f"cannot record the run in the history: {exc}") from None
+    return run_id
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """``30s``, ``10m``, ``1h30m``, ``1.5h``, ``2d``, ``500ms`` or plain seconds (``90``) -> seconds."""
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        try:
+            value = float(s)
+        except ValueError:
+            import re
+
+            pieces = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)", s)
+            if not s or "".join(a + b for a, b in pieces) != s:
+                raise UsageError(f"bad duration {text!r}: use e.g. 30s, 10m, 1h, 1h30m") from None
+            value = sum(float(a) * _UNITS[b] for a, b in pieces)
+    if not value >= 0 or value == float("inf"):
+        raise UsageError(f"bad duration {text!r}: must be a finite number of seconds >= 0")
+    return value
+
+
+def _since_text(since: Any) -> str:
+    """``since`` as a UTC ISO timestamp: a datetime, an ISO string, or a duration back from now (``24h``)."""
+    if isinstance(since, datetime):
+        dt = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+    elif isinstance(since, timedelta):
+        dt = datetime.now(timezone.utc) - since
+    else:
+        text = str(since).strip()
+        try:
+            return (datetime.now(timezone.utc) - timedelta(seconds=parse_duration(text))).isoformat(timespec="microseconds")
+        except TamperprobeError:
+            pass
+        try:
+            dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
+        except ValueError:
+            raise HistoryError(f"bad --since {since!r}: give an ISO time (2025-01-31T12:00) or a duration (24h)") from None
+        if dt.tzinfo is None:
+            dt = dt.replace(tzinfo=timezone.utc)
+    return dt.astimezone(timezone.utc).isoformat(timespec="microseconds")
+
+
+def runs(
+    path: str | os.PathLike | None = None,
+    *,
+    target: str | None = None,
+    verdict: str | None = None,
+    fingerprint: str | None = None,
+    since: Any = None,
+    limit: int | None = 50,
+) -> list[dict]:
+    """Recorded runs, newest first. ``target`` matches a substring of the target (endpoint),
+    ``fingerprint`` a prefix of the fingerprint id, ``verdict`` exactly (case-insensitive),
+    ``since`` is a datetime, an ISO time or a duration back from now (``24h``)."""
+    where, args = [], []
+    if target:
+        where.append("target LIKE ? ESCAPE '\\'")
+        args.append("%" + _like_escape(target) + "%")
+    if verdict:
+        where.append("verdict = ?")
+        args.append(str(verdict).upper())
+    if fingerprint:
+        where.append("fingerprint LIKE ? ESCAPE '\\'")
+        args.append(_like_escape(fingerprint) + "%")
+    if since is not None:
+        where.append("time >= ?")
+        args.append(_since_text(since))
+    sql = "SELECT * FROM runs" + (" WHERE " + " AND ".join(where) if where else "") + " ORDER BY time DESC, id DESC"
+    if limit is not None:
+        sql += " LIMIT ?"
+        args.append(int(limit))
+    try:
+        with closing(_connect(path)) as con:
+            return [dict(r) for r in con.execute(sql, args).fetchall()]
+    except sqlite3.Error as exc:
+        raise HistoryError(f"cannot read the history: {exc}") from None
+
+
+def markers(run_id: int, path: str | os.PathLike | None = None) -> list[dict]:
+    """The per-marker outcomes of one run, by marker index."""
+    try:
+        with closing(_connect(path)) as con:
+            rows = con.execute(
+                "SELECT run_id, idx AS \"index\", status, expected, observed, detail, latency FROM markers WHERE run_id = ? ORDER BY idx",
+                (int(run_id),),
+            ).fetchall()
+            return [dict(r) for r in rows]
+    except sqlite3.Error as exc:
+        raise HistoryError(f"cannot read the history: {exc}") from None
+
+
+def _like_escape(text: str) -> str:
+    return str(text).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
