@@ -223,9 +223,9 @@ def test_round_trip_through_files(models, split, tmp_path, suffix):
         r = run_attack(kind, loaded.module, tr, seed=0, eval_data=te, **({"epochs": 3} if kind == "trojan" else {}))
         assert r.changed > 0
         out = tmp_path / f"{kind}{suffix}"
-        write_attacked(r.model, kind, loaded.kind, out, tr)
+        write_attacked(r.model, kind, loaded.format, out, tr)
         back = load_model(out)
-        assert back.kind == loaded.kind
+        assert back.format == loaded.format
         np.testing.assert_allclose(back.logits(te.x), logits(r.model, te.x).numpy(), rtol=0, atol=1e-5)
         assert not np.array_equal(back.logits(te.x), ref)
     np.testing.assert_array_equal(loaded.logits(te.x), ref)  # the loaded input is untouched
@@ -242,15 +242,15 @@ def test_round_trip_reference_and_dynamic_int8(models, split, tmp_path):
     save_file({k: v.contiguous() for k, v in models["mlp"].state_dict().items()}, str(weights))
     loaded = load_model("tamperprobe.zoo:digits_mlp", weights)
     r = run_attack("floor", loaded.module, tr, seed=0, eval_data=te)
-    write_attacked(r.model, "floor", loaded.kind, tmp_path / "floor.safetensors", tr)
+    write_attacked(r.model, "floor", loaded.format, tmp_path / "floor.safetensors", tr)
     back = load_model("tamperprobe.zoo:digits_mlp", tmp_path / "floor.safetensors")
     np.testing.assert_array_equal(back.logits(te.x), logits(r.model, te.x).numpy())
 
     q = run_attack("dynamic-int8", loaded.module, tr, seed=0, eval_data=te)
     assert q.changed > 0 and q.acc_after >= q.acc_before - 0.02
     with pytest.raises(UsageError, match="TorchScript"):
-        write_attacked(q.model, "dynamic-int8", loaded.kind, tmp_path / "q.safetensors", tr)
-    write_attacked(q.model, "dynamic-int8", loaded.kind, tmp_path / "q.pt", tr)
+        write_attacked(q.model, "dynamic-int8", loaded.format, tmp_path / "q.safetensors", tr)
+    write_attacked(q.model, "dynamic-int8", loaded.format, tmp_path / "q.pt", tr)
     # dynamic quantization scales the activations per batch: compare with the same batching
     np.testing.assert_allclose(load_model(tmp_path / "q.pt").logits(te.x, batch_size=64), logits(q.model, te.x, batch_size=64).numpy(), rtol=0, atol=1e-5)
 
@@ -301,7 +301,7 @@ def test_cli_train(tmp_path):
     res = CliRunner().invoke(app, ["train", "mlp", "--data", "digits", "--out", str(out), "--epochs", "3", "--seed", "1"])
     assert res.exit_code == 0, res.output
     assert "test accuracy" in res.output
-    assert load_model(out).kind == "export"
+    assert load_model(out).format == "export"
     res = CliRunner().invoke(app, ["train", "resnet", "--data", "digits", "--out", str(out)])
     assert res.exit_code == 2 and "unknown architecture" in res.output
 

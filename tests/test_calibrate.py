@@ -10,12 +10,12 @@ from typer.testing import CliRunner
 
 from tamperprobe.owner import calibrate as cal
 from tamperprobe.errors import UsageError
-from tamperprobe.models import LoadedModel, save_model
+from tamperprobe.models import save_model, TorchModel
 
 
 @pytest.fixture(scope="module")
 def model(trained_cnn):
-    return LoadedModel("tests:cnn", "module", trained_cnn)
+    return TorchModel(trained_cnn, "tests:cnn")
 
 
 @pytest.fixture(scope="module")

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tamperprobe.fingerprint import make_fingerprint, save
-from tamperprobe.models import LoadedModel, save_model
+from tamperprobe.models import save_model, TorchModel
 
 
 def run(*args, timeout=120):
@@ -26,7 +26,7 @@ def files(tmp_path_factory, trained_cnn, digits):
     with torch.no_grad():
         tampered.head[-1].weight.mul_(1.001)
     bad = save_model(tampered, d / "tampered.pt", x)
-    m = LoadedModel("m", "module", module=trained_cnn)
+    m = TorchModel(trained_cnn, "m")
     fp = make_fingerprint(x, m.logits(x), digits[0].input_spec, {"method": "natural", "params": {}, "seed": 0}, m.digest())
     save(fp, d / "fp.tpf")
     np.savez(d / "data.npz", x=digits[0].x[:50], y=digits[0].y[:50])

@@ -18,7 +18,7 @@ from tamperprobe.served.clients import make_client
 from tamperprobe.data import InputSpec
 from tamperprobe.errors import UsageError
 from tamperprobe.fingerprint import make_fingerprint
-from tamperprobe.models import LoadedModel
+from tamperprobe.models import TorchModel
 from tamperprobe.outputs import OutputSpec, softmax64
 from tamperprobe.server.app import ServerThread
 from tamperprobe.served.targets import QueryFailure
@@ -34,7 +34,7 @@ def model():
     module = zoo.build("mlp", SHAPE)
     with torch.no_grad():
         module.net[-1].weight.mul_(20.0)
-    return LoadedModel("test-mlp", "module", module=module.eval())
+    return TorchModel(module.eval(), "test-mlp")
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ import pytest
 
 from tamperprobe.evaluation.campaign import (
     MAX_NS,
-    compare_many,
     detection_curve,
     exact_random_detection,
     key_size,
@@ -18,8 +17,8 @@ from tamperprobe.evaluation.campaign import (
     selection_orders,
     write_report,
 )
-from tamperprobe.models import LoadedModel
-from tamperprobe.outputs import OutputSpec
+from tamperprobe.models import TorchModel
+from tamperprobe.outputs import OutputSpec, compare_many
 
 TOL = 3e-5
 SPECS = ["top1", "topk:2", "topk:3", "topk:5", "top1-prob:0", "top1-prob:1", "top1-prob:2", "top1-prob:3",
@@ -157,7 +156,7 @@ def test_detection_curve_with_pairs_takes_whole_groups():
 
 @pytest.fixture(scope="module")
 def loaded_mlp(trained_mlp):
-    return LoadedModel(source="digits-mlp", kind="module", module=trained_mlp)
+    return TorchModel(trained_mlp, "digits-mlp")
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from tamperprobe import zoo
 from tamperprobe.data import InputSpec
 from tamperprobe.errors import FingerprintFormatError, UsageError
 from tamperprobe.fingerprint import load
-from tamperprobe.models import LoadedModel
+from tamperprobe.models import TorchModel
 from tamperprobe.outputs import DEFAULT_TOLERANCE, Answer, Match, OutputSpec, softmax64
 from tamperprobe.server.app import BadRequest, ServerThread, parse_infer_request
 
@@ -459,7 +459,7 @@ def test_parse_infer_request_raises_only_bad_request(r):
 def server():
     torch.manual_seed(0)
     module = zoo.build("perceptron", SHAPE).eval()
-    srv = ServerThread(LoadedModel("m", "module", module=module), input_spec=InputSpec(SHAPE), output_spec="top1-prob:4",
+    srv = ServerThread(TorchModel(module, "m"), input_spec=InputSpec(SHAPE), output_spec="top1-prob:4",
                        max_batch=MAX_BATCH, log_level="critical")
     with srv:
         # no keep-alive: after a 500, uvicorn drops the connection and a pooled one would fail the next request

@@ -5,14 +5,14 @@ import pytest
 import torch
 
 from tamperprobe.owner.generate import create_fingerprint
-from tamperprobe.models import LoadedModel, load_model, save_model
+from tamperprobe.models import load_model, save_model, TorchModel
 from tamperprobe.served.targets import LocalTarget
 from tamperprobe.served.verify import INTACT, TAMPERED, verify
 
 
 @pytest.fixture(scope="module")
 def cnn(trained_cnn):
-    return LoadedModel("cnn", "module", module=trained_cnn)
+    return TorchModel(trained_cnn, "cnn")
 
 
 @pytest.mark.parametrize("method", ["sensitive", "natural", "grid", "badv", "boundary"])
@@ -49,7 +49,7 @@ def test_boundary_pairs_catch_int8_with_top1(cnn, digits, trained_cnn):
         for p in q.parameters():
             scale = p.abs().max() / 127
             p.copy_(torch.round(p / scale) * scale)
-    assert verify(fp, LocalTarget(LoadedModel("q", "module", module=q))).verdict == TAMPERED
+    assert verify(fp, LocalTarget(TorchModel(q, "q"))).verdict == TAMPERED
 
 
 def test_manc_falls_back_to_random_for_torchscript(trained_cnn, digits, tmp_path):

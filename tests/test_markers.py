@@ -12,7 +12,7 @@ import torch
 from tamperprobe.errors import UsageError
 from tamperprobe.owner.methods import get_method, method_names
 from tamperprobe.owner.methods.boundary import decode_uint8, encode_uint8, top_margin
-from tamperprobe.models import LoadedModel
+from tamperprobe.models import TorchModel
 from tamperprobe.outputs import OutputSpec
 
 CONFIGS = [
@@ -31,7 +31,7 @@ DELTA = 1e-4
 
 @pytest.fixture(scope="module")
 def model(trained_cnn):
-    return LoadedModel("tests:cnn", "module", trained_cnn)
+    return TorchModel(trained_cnn, "tests:cnn")
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +53,7 @@ def _last_linear_int8(module):
     with torch.no_grad():
         scale = last.weight.abs().max() / 127
         last.weight.copy_(torch.round(last.weight / scale) * scale)
-    return LoadedModel("tests:int8-last", "module", mod)
+    return TorchModel(mod, "tests:int8-last")
 
 
 def test_registry_has_the_tampernn_methods():

@@ -20,7 +20,7 @@ from tamperprobe import zoo
 from tamperprobe.served.clients import make_client
 from tamperprobe.data import load_data
 from tamperprobe.fingerprint import make_fingerprint, save
-from tamperprobe.models import LoadedModel, load_model, save_model
+from tamperprobe.models import load_model, save_model, TorchModel
 from tamperprobe.server.app import ServerThread
 from tamperprobe.train import fit
 from tamperprobe.served.verify import INCONCLUSIVE, INTACT, TAMPERED, verify
@@ -38,7 +38,7 @@ def setup(tmp_path_factory):
         module = fit(zoo.build("mlp", (1, 8, 8)), train.x, train.y, epochs=2, lr=3e-3, seed=0)
     finally:
         torch.set_num_threads(threads)
-    intact = LoadedModel("intact", "module", module=module)
+    intact = TorchModel(module, "intact")
     x = test.x[:16]
     fp = make_fingerprint(x, intact.logits(x), train.input_spec, {"method": "natural", "params": {}, "seed": 0}, intact.digest(),
                           output_spec="logits")

@@ -12,7 +12,7 @@ from torch import nn
 
 from tamperprobe.errors import UsageError
 from tamperprobe.owner.methods.base import Bag
-from tamperprobe.models import LoadedModel
+from tamperprobe.models import Model, TorchModel
 from tamperprobe.owner.selection import manc, random_selection, select
 
 
@@ -102,11 +102,11 @@ def test_random_selection_and_k_checks() -> None:
         manc(np.ones((3, 2)), 0, np.random.default_rng(0))
 
 
-def _model_and_bag(n: int = 12, groups: np.ndarray | None = None) -> tuple[LoadedModel, Bag]:
+def _model_and_bag(n: int = 12, groups: np.ndarray | None = None) -> tuple[Model, Bag]:
     torch.manual_seed(0)
     module = nn.Sequential(nn.Flatten(), nn.Linear(64, 20), nn.ReLU(), nn.Linear(20, 10)).eval()
     x = np.random.default_rng(0).random((n, 1, 8, 8), dtype=np.float32)
-    return LoadedModel("mlp", "module", module), Bag(x, x.copy(), groups)
+    return TorchModel(module, "mlp"), Bag(x, x.copy(), groups)
 
 
 def test_select_manc_uses_the_penultimate_activations() -> None:
@@ -160,7 +160,7 @@ def test_groups_of_mixed_sizes_fill_k_exactly_when_possible() -> None:
 def test_group_coverage_is_the_union_of_members() -> None:
     acts = np.array([[1, 0, 0, 0], [0, 1, 0, 0], [1, 1, 1, 0], [0, 0, 0, 1]], dtype=np.float32)
     groups = np.array([0, 0, 1, 2])  # group 0 covers {0, 1} with two markers; group 1 covers {0, 1, 2}
-    model = LoadedModel("id", "module", nn.Sequential(nn.Identity(), nn.Linear(4, 2)).eval())
+    model = TorchModel(nn.Sequential(nn.Identity(), nn.Linear(4, 2)).eval(), "id")
     bag = Bag(acts, acts.copy(), groups)
     idx = select("manc", model, bag, 2, np.random.default_rng(0))
     assert idx.tolist() == [2, 3]  # group 1 first (3 new neurons), then group 2 (1 new); pair 0 adds none

@@ -11,7 +11,7 @@ from tamperprobe.data import Dataset
 from tamperprobe.errors import UsageError
 from tamperprobe.owner.methods import get_method
 from tamperprobe.owner.methods.sensitive import SensitiveSamples
-from tamperprobe.models import LoadedModel
+from tamperprobe.models import Model, OnnxModel, ScriptedModel, TorchModel
 from tamperprobe.owner.sensitivity import resolve_params, sensitivity
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -26,13 +26,13 @@ def data() -> Dataset:
     return Dataset(x, d.target[:300].astype(np.int64), "digits300", 0.0, 1.0)
 
 
-def _model(kind: str = "cnn") -> LoadedModel:
+def _model(kind: str = "cnn") -> Model:
     torch.manual_seed(0)
     if kind == "mlp":
         module = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     else:
         module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 10))
-    return LoadedModel(kind, "module", module.eval())
+    return TorchModel(module.eval(), kind)
 
 
 def _check_constraints(bag, data: Dataset, epsilon: float) -> None:
@@ -102,7 +102,7 @@ def test_early_stopping_with_patience(data: Dataset) -> None:
 def test_torchscript_and_inner_params(data: Dataset) -> None:
     model = _model("mlp")
     traced = torch.jit.trace(model.module, torch.from_numpy(data.x[:2]), check_trace=False)
-    ts = LoadedModel("ts", "torchscript", traced)
+    ts = ScriptedModel(traced, "ts")
     gen = SensitiveSamples(steps=5, lr=0.05)
     a = gen.generate(ts, data, 4, np.random.default_rng(2))
     b = gen.generate(model, data, 4, np.random.default_rng(2))
@@ -121,7 +121,7 @@ def test_misuse_is_a_usage_error(data: Dataset) -> None:
     with pytest.raises(UsageError):
         get_method("sensitive", bogus=1)
     with pytest.raises(UsageError, match="PyTorch"):
-        SensitiveSamples().generate(LoadedModel("m.onnx", "onnx", session=object()), data, 4, np.random.default_rng(0))
+        SensitiveSamples().generate(OnnxModel(object(), "m.onnx"), data, 4, np.random.default_rng(0))
     with pytest.raises(UsageError, match="valid names"):
         SensitiveSamples(params=["nope"]).generate(_model("mlp"), data, 4, np.random.default_rng(0))
     assert get_method("sensitive").params() == {

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from tamperprobe.errors import UsageError
-from tamperprobe.models import LoadedModel
+from tamperprobe.models import ExportedModel, Model, OnnxModel, ScriptedModel, TorchModel
 from tamperprobe.owner.sensitivity import activations, naive_sensitivity, resolve_params, sensitivity
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -50,7 +50,7 @@ def _x(n: int = 5, seed: int = 0) -> torch.Tensor:
     return torch.from_numpy(np.random.default_rng(seed).random((n, 1, 8, 8), dtype=np.float32))
 
 
-def _compare(model: LoadedModel, ref_model: LoadedModel, params: list[str], ref_params: list[str], output: str, path: str = "auto") -> None:
+def _compare(model: Model, ref_model: Model, params: list[str], ref_params: list[str], output: str, path: str = "auto") -> None:
     x1 = _x().requires_grad_(True)
     s = sensitivity(model, x1, params, output, path=path)
     (g, ) = torch.autograd.grad(s.sum(), x1)
@@ -70,7 +70,7 @@ def _compare(model: LoadedModel, ref_model: LoadedModel, params: list[str], ref_
 @pytest.mark.parametrize("output", ["softmax", "logits"])
 @pytest.mark.parametrize("path", ["closed", "func", "loop"])
 def test_last_layer_matches_naive(arch: str, output: str, path: str) -> None:
-    m = LoadedModel(arch, "module", BUILDERS[arch]())
+    m = TorchModel(BUILDERS[arch](), arch)
     params = resolve_params(m.module, None)
     assert params == LAST[arch]
     _compare(m, m, params, params, output, path)
@@ -79,14 +79,14 @@ def test_last_layer_matches_naive(arch: str, output: str, path: str) -> None:
 @pytest.mark.parametrize("leaf", ["weight", "bias"])
 @pytest.mark.parametrize("output", ["softmax", "logits"])
 def test_closed_form_weight_only_or_bias_only(leaf: str, output: str) -> None:
-    m = LoadedModel("mlp", "module", _mlp())
+    m = TorchModel(_mlp(), "mlp")
     _compare(m, m, [f"5.{leaf}"], [f"5.{leaf}"], output, "closed")
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 @pytest.mark.parametrize("output", ["softmax", "logits"])
 def test_inner_layers_use_torch_func(arch: str, output: str) -> None:
-    m = LoadedModel(arch, "module", BUILDERS[arch]())
+    m = TorchModel(BUILDERS[arch](), arch)
     params = ["1.weight", "5.bias"] if arch == "mlp" else ["0.weight", "0.bias", "4.weight"]
     with pytest.raises(UsageError):
         sensitivity(m, _x(), params, output, path="closed")
@@ -95,7 +95,7 @@ def test_inner_layers_use_torch_func(arch: str, output: str) -> None:
 
 
 def test_closed_form_refused_when_output_is_transformed() -> None:
-    m = LoadedModel("scaled", "module", _Scaled().eval())
+    m = TorchModel(_Scaled().eval(), "scaled")
     params = resolve_params(m.module, None)
     assert params == ["head.weight", "head.bias"]
     with pytest.raises(UsageError):
@@ -109,11 +109,11 @@ def test_closed_form_refused_when_output_is_transformed() -> None:
 def test_torchscript_copy_uses_the_loop(arch: str, output: str) -> None:
     module = BUILDERS[arch]()
     traced = torch.jit.trace(module, _x(2), check_trace=False)
-    ts = LoadedModel("ts", "torchscript", traced)
+    ts = ScriptedModel(traced, "ts")
     params = resolve_params(traced, None)
     assert params == LAST[arch]
     assert not ts.functional
-    _compare(ts, LoadedModel(arch, "module", module), params, params, output)
+    _compare(ts, TorchModel(module, arch), params, params, output)
     with pytest.raises(UsageError):
         sensitivity(ts, _x(), params, output, path="func")
 
@@ -124,10 +124,10 @@ def test_export_copy_uses_torch_func(arch: str, output: str) -> None:
     module = BUILDERS[arch]()
     batch = torch.export.Dim("batch", min=1, max=1024)
     exported = torch.export.export(module, (_x(2),), dynamic_shapes=({0: batch},)).module()
-    ex = LoadedModel("ep", "export", exported)
+    ex = ExportedModel(exported, "ep")
     params = resolve_params(exported, None)
     assert params == LAST[arch]
-    _compare(ex, LoadedModel(arch, "module", module), params, params, output)
+    _compare(ex, TorchModel(module, arch), params, params, output)
 
 
 def test_frozen_torchscript_parameters_are_restored() -> None:
@@ -135,7 +135,7 @@ def test_frozen_torchscript_parameters_are_restored() -> None:
     for p in module.parameters():
         p.requires_grad_(False)
     traced = torch.jit.trace(module, _x(2), check_trace=False)
-    ts = LoadedModel("ts", "torchscript", traced)
+    ts = ScriptedModel(traced, "ts")
     s = sensitivity(ts, _x(), ["5.weight"], "softmax")
     assert torch.all(s > 0)
     assert not any(p.requires_grad for p in traced.parameters())
@@ -155,15 +155,15 @@ def test_resolve_params_errors_and_fallback() -> None:
 
 
 def test_bad_output_and_onnx_are_usage_errors() -> None:
-    m = LoadedModel("mlp", "module", _mlp())
+    m = TorchModel(_mlp(), "mlp")
     with pytest.raises(UsageError):
         sensitivity(m, _x(), ["5.weight"], "probabilities")  # type: ignore[arg-type]
     with pytest.raises(UsageError):
-        sensitivity(LoadedModel("m.onnx", "onnx", session=object()), _x(), ["5.weight"])
+        sensitivity(OnnxModel(object(), "m.onnx"), _x(), ["5.weight"])
 
 
 def test_activations_default_layer_and_named_layer() -> None:
-    m = LoadedModel("cnn", "module", _cnn())
+    m = TorchModel(_cnn(), "cnn")
     x = _x(7).numpy()
     acts = activations(m, x)
     assert acts.shape == (7, 10)  # input of the last Linear: the Softplus output
@@ -180,7 +180,7 @@ def test_activations_without_hookable_layers_is_a_usage_error() -> None:
     module = _mlp()
     traced = torch.jit.trace(module, _x(2), check_trace=False)
     with pytest.raises(UsageError, match="--select random"):
-        activations(LoadedModel("ts", "torchscript", traced), _x().numpy())
+        activations(ScriptedModel(traced, "ts"), _x().numpy())
     exported = torch.export.export(module, (_x(2),), dynamic_shapes=({0: torch.export.Dim("b", min=1, max=64)},)).module()
     with pytest.raises(UsageError, match="--select random"):
-        activations(LoadedModel("ep", "export", exported), _x().numpy())
+        activations(ExportedModel(exported, "ep"), _x().numpy())

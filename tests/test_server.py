@@ -12,7 +12,7 @@ import torch
 
 from tamperprobe import zoo
 from tamperprobe.errors import UsageError
-from tamperprobe.models import LoadedModel, load_model, save_model
+from tamperprobe.models import load_model, save_model, TorchModel
 from tamperprobe.outputs import OutputSpec
 from tamperprobe.server.app import ServerThread, infer_input_spec
 
@@ -259,7 +259,7 @@ def test_swap_changes_answers_and_checks_classes(model_files, x):
     m1 = load_model(model_files["pt"])
     torch.manual_seed(5)
     other = zoo.build("mlp", SHAPE)
-    m2 = LoadedModel("other", "module", module=other.eval())
+    m2 = TorchModel(other.eval(), "other")
     with ServerThread(m1, input_shape=SHAPE) as srv:
         body = {"inputs": [{"name": "input", "shape": [len(x), 1, 8, 8], "datatype": "FP32", "data": x.ravel().tolist()}]}
         a = HTTP.post(f"{srv.url}/v2/models/model/infer", json=body).json()["outputs"][0]["data"]
@@ -267,7 +267,7 @@ def test_swap_changes_answers_and_checks_classes(model_files, x):
         assert old is m1 and srv.holder.generation == 1
         b = HTTP.post(f"{srv.url}/v2/models/model/infer", json=body).json()["outputs"][0]["data"]
         assert not np.allclose(a, b)
-        five = LoadedModel("five", "module", module=zoo.build("mlp", SHAPE, classes=5).eval())
+        five = TorchModel(zoo.build("mlp", SHAPE, classes=5).eval(), "five")
         with pytest.raises(UsageError):
             srv.swap(five)
 
@@ -278,7 +278,7 @@ class _NaNModel(torch.nn.Module):
 
 
 def test_model_producing_nan_is_a_500_not_a_crash():
-    m = LoadedModel("nan", "module", module=_NaNModel())
+    m = TorchModel(_NaNModel(), "nan")
     with ServerThread(m, input_shape=SHAPE) as srv:
         r = HTTP.post(f"{srv.url}/v2/models/model/infer", json=_body())
         assert r.status_code == 500 and "NaN" in r.json()["error"]

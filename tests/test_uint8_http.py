@@ -8,14 +8,14 @@ import torch
 
 from tamperprobe.served.clients import make_client
 from tamperprobe.owner.generate import create_fingerprint
-from tamperprobe.models import LoadedModel
+from tamperprobe.models import TorchModel
 from tamperprobe.server.app import ServerThread
 from tamperprobe.served.verify import INTACT, TAMPERED, verify
 
 
 @pytest.fixture(scope="module")
 def u8(trained_cnn, digits):
-    model = LoadedModel("cnn", "module", module=trained_cnn)
+    model = TorchModel(trained_cnn, "cnn")
     fp = create_fingerprint(model, digits[0], method="boundary", size=6, bag=18, seed=2, output_spec="top1", params={"uint8": True})
     return model, fp
 
@@ -30,7 +30,7 @@ def test_uint8_markers_verify_over_kserve(u8, trained_cnn):
         with torch.no_grad():
             for p in tampered.parameters():
                 p.copy_(p.half().float())
-        srv.swap(LoadedModel("fp16", "module", module=tampered))
+        srv.swap(TorchModel(tampered, "fp16"))
         assert verify(fp, client).verdict == TAMPERED
 
 

@@ -23,13 +23,13 @@ from .fingerprint import Fingerprint
 from .fingerprint import load as load_fingerprint
 from .fingerprint import save as save_fingerprint
 from .owner.generate import create_fingerprint
-from .models import LoadedModel, load_model
+from .models import Model, load_model
 from .outputs import Answer, OutputSpec
 from .served.targets import LocalTarget, QueryFailure, Target
 from .served.verify import INCONCLUSIVE, INTACT, TAMPERED, Report, verify
 
 __all__ = [
-    "Answer", "Dataset", "Fingerprint", "INCONCLUSIVE", "INTACT", "InputSpec", "LoadedModel", "LocalTarget",
+    "Answer", "Dataset", "Fingerprint", "INCONCLUSIVE", "INTACT", "InputSpec", "Model", "LocalTarget",
     "OutputSpec", "QueryFailure", "Report", "TAMPERED", "Target", "TamperprobeError", "create_fingerprint",
     "load_data", "load_fingerprint", "load_model", "save_fingerprint", "verify",
 ]

@@ -90,7 +90,7 @@ def run_demo(fresh: bool = False, seed: int = 0, console=None) -> bool:
     from .cli._common import progress_bar
     from .served.clients import make_client
     from .owner.generate import create_fingerprint
-    from .models import LoadedModel, save_model
+    from .models import TorchModel, save_model
     from .server.app import ServerThread
     from .train import accuracy
     from .served.verify import INTACT, TAMPERED, verify
@@ -107,7 +107,7 @@ def run_demo(fresh: bool = False, seed: int = 0, console=None) -> bool:
     base_acc = accuracy(module, test.x, test.y)
     console.print(f"model: {sum(p.numel() for p in module.parameters())} weights, test accuracy {base_acc:.3f}")
 
-    intact = LoadedModel(source="demo-cnn", kind="module", module=module)
+    intact = TorchModel(module, "demo-cnn")
     prints = []
     for plan in _fingerprint_plan():
         with progress_bar(f"generating {plan.method} markers") as update:

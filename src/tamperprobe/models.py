@@ -2,9 +2,15 @@
 
 A model is named by a TorchScript file (``.pt``, ``.ts``, ``.jit``, from ``torch.jit.save``),
 a ``torch.export`` program (``.pt2``), an ONNX file (``.onnx``, run by onnxruntime, for
-serving and verification only), or ``package.module:attribute`` naming an ``nn.Module``, a
-class or a factory. Optional weights come from ``.safetensors`` or a state_dict file read
-with ``weights_only=True``; nothing is ever unpickled with arbitrary code.
+serving and verification only), ``package.module:attribute`` naming an ``nn.Module``, a
+class or a factory, or an ``nn.Module`` object passed directly. Optional weights come from
+``.safetensors`` or a state_dict file read with ``weights_only=True``; nothing is ever
+unpickled with arbitrary code.
+
+Every stage sees a model through the small ``Model`` protocol: ``TorchModel`` (an eager
+module), ``ScriptedModel`` (TorchScript), ``ExportedModel`` (``torch.export``) and
+``OnnxModel`` implement it; what a stage may do with one is a property of the class
+(``module`` is None for ONNX, ``functional``, ``hookable``), never a string to compare.
 """
 
 from __future__ import annotations
@@ -13,28 +19,16 @@ import hashlib
 import importlib
 import os
 import sys
-import warnings
 import zipfile
-from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import numpy as np
 
+from ._util import one_line
 from .errors import ModelLoadError, UsageError
 
 TORCHSCRIPT_SUFFIXES = (".pt", ".pth", ".ts", ".jit", ".torchscript")
-
-
-@contextmanager
-def _quiet():
-    """Silence the TorchScript deprecation warnings of torch >= 2.9 for our own calls."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*deprecated.*", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", message=".*deprecated.*", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*deprecated.*", category=UserWarning)
-        yield
 
 
 def _digest_arrays(items: list[tuple[str, np.ndarray]]) -> str:
@@ -46,69 +40,78 @@ def _digest_arrays(items: list[tuple[str, np.ndarray]]) -> str:
     return "sha256:" + h.hexdigest()
 
 
-@dataclass
-class LoadedModel:
-    """A model ready to run. ``module`` is set for torch models (white-box), ``session`` for ONNX."""
+@runtime_checkable
+class Model(Protocol):
+    """What every stage needs of a model: run it, name it, digest its weights.
+
+    ``module`` is the ``torch.nn.Module`` for white-box work (generation, attacks, MANC) and
+    ``None`` for a model only a runtime can run (ONNX). ``format`` names the form for messages.
+    """
 
     source: str
-    kind: str  # "module" | "torchscript" | "export" | "onnx"
-    module: Any = None
-    session: Any = None
-    _fixed_batch: bool = False
+    format: ClassVar[str]
+    functional: ClassVar[bool]
+    hookable: ClassVar[bool]
 
     @property
-    def is_torch(self) -> bool:
-        return self.module is not None
+    def module(self) -> Any: ...
+
+    def require_torch(self, what: str) -> Any: ...
+
+    def logits(self, x: np.ndarray, batch_size: int = 256, threads: int | None = None) -> np.ndarray: ...
+
+    def digest(self) -> str: ...
+
+
+class TorchModel:
+    """An eager ``nn.Module``: white-box, hookable, and ``torch.func`` can call it functionally."""
+
+    format: ClassVar[str] = "module"
+    functional: ClassVar[bool] = True  # torch.func.functional_call works on it
+    hookable: ClassVar[bool] = True  # forward hooks on submodules see the computation
+
+    def __init__(self, module: Any, source: str | None = None) -> None:
+        self._module = module
+        self.source = source if source is not None else f"<{type(module).__name__}>"
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.source!r})"
 
     @property
-    def functional(self) -> bool:
-        """True when ``torch.func.functional_call`` works on the module (not TorchScript)."""
-        return self.kind in ("module", "export")
+    def module(self) -> Any:
+        return self._module
 
     def require_torch(self, what: str) -> Any:
-        if self.module is None:
-            raise UsageError(f"{what} needs the model's weights in PyTorch form; {self.source} is {self.kind}")
-        return self.module
+        """The module, for white-box work (every torch model has one)."""
+        return self._module
 
     def digest(self) -> str:
-        """A digest of the weights (parameters and buffers, or ONNX initializers)."""
-        if self.session is not None:
-            import onnx
-            from onnx import numpy_helper
-
-            graph = onnx.load(self.source).graph
-            return _digest_arrays([(t.name, numpy_helper.to_array(t)) for t in graph.initializer])
-        state = self.module.state_dict()
+        """A digest of the weights (parameters and buffers)."""
+        state = self._module.state_dict()
         return _digest_arrays([(k, v.detach().cpu().contiguous().numpy()) for k, v in state.items()])
 
+    def _forward(self, chunk: Any) -> Any:
+        return self._module(chunk)
+
     def logits(self, x: np.ndarray, batch_size: int = 256, threads: int | None = None) -> np.ndarray:
-        """Run the model on ``x`` (N, ...) and return float32 logits (N, C)."""
-        x = np.asarray(x)
-        if x.dtype != np.float32:
-            x = x.astype(np.float32)
-        if self.session is not None:
-            return self._onnx_logits(x, batch_size)
+        """Run the model on ``x`` (N, ...) and return float32 logits (N, C); batches are contiguous float32 tensors."""
         import torch
+
+        from ._torch import as_logits, quiet, to_tensor
 
         old_threads = torch.get_num_threads()
         if threads:
             torch.set_num_threads(threads)
         try:
             outs = []
-            step = 1 if self._fixed_batch else max(1, batch_size)
-            with torch.no_grad(), _quiet():
-                i = 0
-                while i < len(x):
-                    chunk = torch.from_numpy(np.ascontiguousarray(x[i : i + step]))
+            with torch.no_grad(), quiet():
+                for i in range(0, len(x), max(1, batch_size)):
+                    chunk = to_tensor(np.asarray(x[i : i + batch_size]))
                     try:
-                        out = self.module(chunk)
-                    except Exception as exc:  # a program exported with a static batch of 1
-                        if step > 1 and self.kind == "export" and "Guard failed" in str(exc):
-                            self._fixed_batch, step = True, 1
-                            continue
-                        raise ModelLoadError(f"model {self.source} failed on input of shape {tuple(chunk.shape)}: {_one_line(exc)}") from None
-                    outs.append(_as_logits(out).float().cpu().numpy())
-                    i += step
+                        out = self._forward(chunk)
+                    except Exception as exc:
+                        raise ModelLoadError(f"model {self.source} failed on input of shape {tuple(chunk.shape)}: {one_line(exc)}") from None
+                    outs.append(as_logits(out).float().cpu().numpy())
             if not outs:
                 return np.zeros((0, 0), dtype=np.float32)
             return np.concatenate(outs).astype(np.float32, copy=False)
@@ -116,38 +119,106 @@ class LoadedModel:
             if threads:
                 torch.set_num_threads(old_threads)
 
-    def _onnx_logits(self, x: np.ndarray, batch_size: int) -> np.ndarray:
+
+class ScriptedModel(TorchModel):
+    """A TorchScript program: white-box weights, but no functional calls and no submodule hooks."""
+
+    format: ClassVar[str] = "torchscript"
+    functional: ClassVar[bool] = False
+    hookable: ClassVar[bool] = False
+
+
+class ExportedModel(TorchModel):
+    """A ``torch.export`` program: functional, not hookable; one exported with a static batch of 1 runs row by row."""
+
+    format: ClassVar[str] = "export"
+    hookable: ClassVar[bool] = False
+
+    def __init__(self, module: Any, source: str | None = None) -> None:
+        super().__init__(module, source)
+        self._fixed_batch = False
+
+    def _forward(self, chunk: Any) -> Any:
+        import torch
+
+        if not self._fixed_batch:
+            try:
+                return self._module(chunk)
+            except Exception as exc:
+                if chunk.shape[0] == 1 or "Guard failed" not in str(exc):
+                    raise
+                self._fixed_batch = True
+        return torch.cat([self._module(chunk[i : i + 1]) for i in range(chunk.shape[0])])
+
+
+class OnnxModel:
+    """An ONNX file run by onnxruntime: black-box only (serving, calibration, verification)."""
+
+    format: ClassVar[str] = "onnx"
+    functional: ClassVar[bool] = False
+    hookable: ClassVar[bool] = False
+
+    def __init__(self, session: Any, source: str) -> None:
+        self.session = session
+        self.source = source
+
+    def __repr__(self) -> str:
+        return f"OnnxModel({self.source!r})"
+
+    @property
+    def module(self) -> None:
+        return None
+
+    def require_torch(self, what: str) -> Any:
+        raise UsageError(f"{what} needs the model's weights in PyTorch form; {self.source} is onnx")
+
+    def digest(self) -> str:
+        """A digest of the ONNX initializers."""
+        import onnx
+        from onnx import numpy_helper
+
+        graph = onnx.load(self.source).graph
+        return _digest_arrays([(t.name, numpy_helper.to_array(t)) for t in graph.initializer])
+
+    def logits(self, x: np.ndarray, batch_size: int = 256, threads: int | None = None) -> np.ndarray:
+        """float32 logits (N, C); a model with a fixed batch size runs in steps of that size."""
+        x = np.asarray(x)
         inp = self.session.get_inputs()[0]
         fixed = isinstance(inp.shape[0], int) and inp.shape[0] > 0
         step = inp.shape[0] if fixed else max(1, batch_size)
         outs = []
         for i in range(0, len(x), step):
             try:
-                outs.append(self.session.run(None, {inp.name: np.ascontiguousarray(x[i : i + step])})[0])
+                outs.append(self.session.run(None, {inp.name: np.ascontiguousarray(x[i : i + step], dtype=np.float32)})[0])
             except Exception as exc:
-                raise ModelLoadError(f"onnx model {self.source} failed: {_one_line(exc)}") from None
+                raise ModelLoadError(f"onnx model {self.source} failed: {one_line(exc)}") from None
+        if not outs:
+            return np.zeros((0, 0), dtype=np.float32)
         return np.concatenate(outs).astype(np.float32, copy=False)
 
 
-def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0][:300] if text else type(exc).__name__
 
 
-def _as_logits(out: Any):
-    import torch
 
-    if isinstance(out, (tuple, list)):
-        out = out[0]
-    if isinstance(out, dict):
-        out = next(iter(out.values()))
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise ModelLoadError("the model must return logits of shape (batch, classes)")
-    return out
+def load_model(spec: Any, weights: str | os.PathLike | None = None) -> Model:
+    """Load a model from a file, a ``package.module:attribute`` reference or an ``nn.Module`` (see module doc).
 
+    A ``Model`` passes through unchanged (``weights`` then must be None).
+    """
+    if isinstance(spec, (TorchModel, OnnxModel)):
+        if weights is not None:
+            raise UsageError("weights apply to a model named by file or reference, not to a loaded model")
+        return spec
+    if not isinstance(spec, (str, os.PathLike)):
+        import torch
 
-def load_model(spec: str | os.PathLike, weights: str | os.PathLike | None = None, *, threads: int | None = None) -> LoadedModel:
-    """Load a model from a file or a ``package.module:attribute`` reference (see module doc)."""
+        if not isinstance(spec, torch.nn.Module):
+            raise UsageError(f"cannot load a model from {type(spec).__name__}: give a file, package.module:attribute or an nn.Module")
+        model: Model = TorchModel(spec)
+        if weights is not None:
+            load_weights(spec, weights)
+        spec.eval()
+        return model
     text = str(spec)
     path = Path(text)
     if path.exists() and path.is_dir():
@@ -172,7 +243,7 @@ def load_model(spec: str | os.PathLike, weights: str | os.PathLike | None = None
         if model.module is None:
             raise UsageError("--weights applies to PyTorch models only")
         load_weights(model.module, weights)
-    if model.module is not None and model.kind != "export":  # exported programs are already in eval form
+    if model.module is not None and not isinstance(model, ExportedModel):  # exported programs are already in eval form
         model.module.eval()
     return model
 
@@ -182,7 +253,7 @@ def _looks_like_reference(text: str) -> bool:
     return bool(sep) and bool(attr) and all(p.isidentifier() for p in mod.split(".")) and all(p.isidentifier() for p in attr.split("."))
 
 
-def _load_reference(text: str) -> LoadedModel:
+def _load_reference(text: str) -> Model:
     import torch
 
     mod_name, _, attr = text.partition(":")
@@ -191,7 +262,7 @@ def _load_reference(text: str) -> LoadedModel:
     try:
         obj: Any = importlib.import_module(mod_name)
     except Exception as exc:
-        raise ModelLoadError(f"cannot import {mod_name}: {_one_line(exc)}") from None
+        raise ModelLoadError(f"cannot import {mod_name}: {one_line(exc)}") from None
     for part in attr.split("."):
         if not hasattr(obj, part):
             raise ModelLoadError(f"{mod_name} has no attribute {attr}")
@@ -202,14 +273,16 @@ def _load_reference(text: str) -> LoadedModel:
         try:
             obj = obj()
         except Exception as exc:
-            raise ModelLoadError(f"{text}() failed: {_one_line(exc)}") from None
+            raise ModelLoadError(f"{text}() failed: {one_line(exc)}") from None
         if not isinstance(obj, torch.nn.Module):
             raise ModelLoadError(f"{text}() returned {type(obj).__name__}, not an nn.Module")
-    return LoadedModel(source=text, kind="module", module=obj)
+    return TorchModel(obj, text)
 
 
-def _load_torchscript(path: Path) -> LoadedModel:
+def _load_torchscript(path: Path) -> Model:
     import torch
+
+    from ._torch import quiet
 
     if not zipfile.is_zipfile(path):
         raise ModelLoadError(f"{path} is not a TorchScript archive (not a zip file; damaged or another format)")
@@ -220,27 +293,29 @@ def _load_torchscript(path: Path) -> LoadedModel:
             f"{path} is not a TorchScript program; if it is a state_dict, name the architecture as package.module:attribute and pass this file with --weights"
         )
     try:
-        with _quiet():
+        with quiet():
             module = torch.jit.load(str(path), map_location="cpu")
     except Exception as exc:
-        raise ModelLoadError(f"cannot load TorchScript {path}: {_one_line(exc)}") from None
-    return LoadedModel(source=str(path), kind="torchscript", module=module)
+        raise ModelLoadError(f"cannot load TorchScript {path}: {one_line(exc)}") from None
+    return ScriptedModel(module, str(path))
 
 
-def _load_export(path: Path) -> LoadedModel:
+def _load_export(path: Path) -> Model:
     import torch
+
+    from ._torch import quiet
 
     if not zipfile.is_zipfile(path):
         raise ModelLoadError(f"{path} is not a torch.export program (not a zip file; damaged or another format)")
     try:
-        with _quiet():
+        with quiet():
             module = torch.export.load(str(path)).module()
     except Exception as exc:
-        raise ModelLoadError(f"cannot load torch.export program {path}: {_one_line(exc)}") from None
-    return LoadedModel(source=str(path), kind="export", module=module)
+        raise ModelLoadError(f"cannot load torch.export program {path}: {one_line(exc)}") from None
+    return ExportedModel(module, str(path))
 
 
-def _load_onnx(path: Path) -> LoadedModel:
+def _load_onnx(path: Path) -> Model:
     try:
         import onnxruntime as ort
     except ImportError:  # pragma: no cover - a core dependency
@@ -250,8 +325,8 @@ def _load_onnx(path: Path) -> LoadedModel:
     try:
         session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
     except Exception as exc:
-        raise ModelLoadError(f"cannot load ONNX model {path}: {_one_line(exc)}") from None
-    return LoadedModel(source=str(path), kind="onnx", session=session)
+        raise ModelLoadError(f"cannot load ONNX model {path}: {one_line(exc)}") from None
+    return OnnxModel(session, str(path))
 
 
 def read_state_dict(path: str | os.PathLike) -> dict:
@@ -267,11 +342,11 @@ def read_state_dict(path: str | os.PathLike) -> dict:
         try:
             return load_file(str(p))
         except Exception as exc:
-            raise ModelLoadError(f"cannot read safetensors {p}: {_one_line(exc)}") from None
+            raise ModelLoadError(f"cannot read safetensors {p}: {one_line(exc)}") from None
     try:
         state = torch.load(str(p), map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise ModelLoadError(f"cannot read weights {p} (only plain state_dicts are accepted): {_one_line(exc)}") from None
+        raise ModelLoadError(f"cannot read weights {p} (only plain state_dicts are accepted): {one_line(exc)}") from None
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
@@ -284,23 +359,33 @@ def load_weights(module, path: str | os.PathLike) -> None:
     try:
         module.load_state_dict(state, strict=True)
     except Exception as exc:
-        raise ModelLoadError(f"weights {path} do not fit the model: {_one_line(exc)}") from None
+        raise ModelLoadError(f"weights {path} do not fit the model: {one_line(exc)}") from None
 
 
-def save_model(module, path: str | os.PathLike, example: np.ndarray) -> Path:
+def save_state_dict(module: Any, path: str | os.PathLike) -> Path:
+    """Write a module's weights as ``.safetensors`` (atomically)."""
+    from safetensors.torch import save_file
+
+    from ._util import atomic_write
+
+    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    return atomic_write(path, lambda tmp: save_file(state, str(tmp)))
+
+
+def save_model(module: Any, path: str | os.PathLike, example: np.ndarray) -> Path:
     """Write ``module`` in the format its suffix names (.pt TorchScript, .pt2 export, .onnx, .safetensors)."""
     import torch
+
+    from ._torch import quiet
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     module = module.eval()
     ex = torch.from_numpy(np.ascontiguousarray(example[:2]).astype(np.float32))
     suffix = p.suffix.lower()
-    with _quiet():
+    with quiet():
         if suffix == ".safetensors":
-            from safetensors.torch import save_file
-
-            save_file({k: v.detach().contiguous() for k, v in module.state_dict().items()}, str(p))
+            save_state_dict(module, p)
         elif suffix in TORCHSCRIPT_SUFFIXES:
             torch.jit.save(torch.jit.trace(module, ex, check_trace=False), str(p))
         elif suffix == ".pt2":

@@ -167,6 +167,14 @@ class OutputSpec:
             return _close(scores, softmax64(z), 0.5 * 10.0 ** -self.decimals + tol, 0.0)
         return _close(scores, z, tol, 1e-6)
 
+    def matches(self, expected_logits: np.ndarray, observed_logits: np.ndarray, tol: float = DEFAULT_TOLERANCE) -> np.ndarray:
+        """Vectorised ``compare`` for a model behind this API: ``ok[i]`` for rows of (n, C) logits (``compare_many``)."""
+        return compare_many(self, expected_logits, observed_logits, tol)
+
+    def changed(self, expected_logits: np.ndarray, observed_logits: np.ndarray, tol: float = DEFAULT_TOLERANCE) -> np.ndarray:
+        """Which rows a model with ``observed_logits`` answers differently from ``expected_logits`` (``~matches``)."""
+        return ~compare_many(self, expected_logits, observed_logits, tol)
+
 
 def _close(observed, expected, atol: float, rtol: float) -> Match:
     # The 1e-12 absorbs the decimal representation error of a rounded float (0.15 is not exactly 0.15).
@@ -177,3 +185,92 @@ def _close(observed, expected, atol: float, rtol: float) -> Match:
         if abs(r - e) > atol + rtol * abs(e) + 1e-12:
             return Match(False, f"score {i} is {r:.6g}, expected {e:.6g}")
     return Match(True)
+
+
+# ----------------------------------------------------------------------------- many rows at once
+
+
+def _round_like_python(a: np.ndarray, decimals: int) -> np.ndarray:
+    """``round(float(v), decimals)`` for every element, as ``OutputSpec.reveal`` rounds.
+
+    ``np.round`` scales, rounds half to even and divides; Python's ``round`` rounds the exact
+    binary value correctly. They agree except when ``v * 10**decimals`` lies within its own
+    rounding error of a half-integer: those few elements are redone with ``round``.
+    """
+    a = np.asarray(a, dtype=np.float64)
+    out = np.round(a, decimals)
+    with np.errstate(invalid="ignore", over="ignore"):
+        t = a * 10.0**decimals
+        frac = t - np.floor(t)
+        near = np.abs(frac - 0.5) < 1e-3
+    for idx in zip(*np.nonzero(near)):
+        out[idx] = round(float(a[idx]), decimals)
+    return out
+
+
+def _close_many(observed: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> np.ndarray:
+    """Row-wise ``outputs._close``: every score finite and within ``atol + rtol·|e| + 1e-12``."""
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(observed) | (np.abs(observed - expected) > atol + rtol * np.abs(expected) + 1e-12)
+    return ~bad.any(axis=1)
+
+
+def compare_many(spec: str | OutputSpec, expected_logits: np.ndarray, observed_logits: np.ndarray, tol: float = DEFAULT_TOLERANCE) -> np.ndarray:
+    """Vectorised ``OutputSpec.compare`` over rows: ``ok[i]`` is
+
+    ``spec.compare(expected_logits[i], spec.reveal(observed_logits[i]), tol).ok``
+
+    for an API that follows ``spec`` and is backed by a model returning ``observed_logits``.
+    Both arrays have shape (n, C).
+    """
+    spec = OutputSpec.parse(spec)
+    z = np.asarray(expected_logits, dtype=np.float64)
+    o = np.asarray(observed_logits, dtype=np.float64)
+    if z.ndim != 2 or z.shape != o.shape:
+        raise UsageError(f"expected and observed logits must both have shape (n, C); got {z.shape} and {o.shape}")
+    n, classes = z.shape
+    if spec.kind == "logits":
+        return _close_many(o, z, tol, 1e-6)
+    k = spec.label_count
+    if k > classes:
+        raise UsageError(f"output spec {spec} asks for {k} labels but the model has {classes} classes")
+    ok = np.ones(n, dtype=bool)
+    if k:
+        labels = np.argsort(-o, axis=1, kind="stable")[:, :k]
+        ranked = np.sort(z, axis=1)[:, ::-1][:, :k]
+        got = np.take_along_axis(z, labels, axis=1)
+        with np.errstate(invalid="ignore"):
+            ok &= ~(np.abs(got - ranked) > tol).any(axis=1)
+    if spec.kind in ("top1", "topk"):
+        return ok
+    atol = 0.5 * 10.0 ** -spec.decimals + tol
+    with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf logits: a mismatch, not a warning
+        po, pz = softmax64(o), softmax64(z)
+    if spec.kind == "top1-prob":
+        top = labels[:, :1]
+        r = _round_like_python(np.take_along_axis(po, top, axis=1), spec.decimals)
+        want = np.take_along_axis(pz, top, axis=1)
+        return ok & _close_many(r, want, atol, 0.0)
+    r = _round_like_python(po, spec.decimals)
+    return _close_many(r, pz, atol, 0.0)
+
+
+def changed_markers(spec: str | OutputSpec, expected_logits: np.ndarray, observed_logits: np.ndarray, tol: float = DEFAULT_TOLERANCE) -> np.ndarray:
+    """Which markers answer differently from the intact model (``~compare_many``)."""
+    return ~compare_many(spec, expected_logits, observed_logits, tol)
+
+
+def signed_margin(logits: np.ndarray, cls: np.ndarray) -> np.ndarray:
+    """``z[cls] − max_{j≠cls} z[j]`` per row, in float64: ≥ 0 exactly when ``cls`` is top-1."""
+    z = np.asarray(logits, dtype=np.float64).copy()
+    rows = np.arange(len(z))
+    zc = z[rows, cls].copy()
+    z[rows, cls] = -np.inf
+    return zc - z.max(axis=1)
+
+
+def top_margin(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Top-1 labels and top-1 minus top-2 margins (float64); a single class has margin +inf."""
+    z = np.asarray(logits)
+    labels = z.argmax(axis=1)
+    return labels, signed_margin(z, labels)

@@ -30,7 +30,7 @@ from torch import nn
 
 from ..data import Dataset
 from ..errors import DataError, UsageError
-from ..models import _as_logits
+from .._torch import as_logits
 
 
 @dataclass(frozen=True)
@@ -226,7 +226,7 @@ class Driver(nn.Module):
         self.inner = inner
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return _as_logits(self.inner(x))
+        return as_logits(self.inner(x))
 
     def train(self, mode: bool = True) -> Driver:
         self.training = mode

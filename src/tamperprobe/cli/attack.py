@@ -178,12 +178,12 @@ def register(app: typer.Typer) -> None:
                 raise UsageError("--out would overwrite the input model; choose another file")
             loaded = load_model(model, weights)
             if loaded.module is None:
-                raise UsageError(f"attacks need the model's weights in PyTorch form; {loaded.source} is {loaded.kind}")
-            check_output(kind, loaded.kind, out)
+                raise UsageError(f"attacks need the model's weights in PyTorch form; {loaded.source} is {loaded.format}")
+            check_output(kind, loaded.format, out)
             ds = load_data(data) if data is not None else None
             ev = load_data(eval_data) if eval_data is not None else None
             result = run_attack(kind, loaded.module, ds, seed=seed, eval_data=ev, **params)
-            write_attacked(result.model, kind, loaded.kind, out, ds if ds is not None else ev)
+            write_attacked(result.model, kind, loaded.format, out, ds if ds is not None else ev)
             shown = ", ".join(f"{k}={v}" for k, v in result.params.items())
             console.print(f"attack {kind} on {loaded.source}: {shown}", highlight=False)
             console.print(f"  accuracy before {_fmt(result.acc_before)}  after {_fmt(result.acc_after)}", highlight=False)

@@ -75,8 +75,8 @@ import numpy as np
 from ..data import Dataset
 from ..errors import UsageError
 from ..describe import as_image
-from ..models import LoadedModel
-from ..outputs import DEFAULT_TOLERANCE, OutputSpec, softmax64
+from ..models import Model, OnnxModel, ScriptedModel, TorchModel
+from ..outputs import DEFAULT_TOLERANCE, OutputSpec, changed_markers
 
 DEFAULT_SPECS = ("top1", "topk:3", "topk:5", "top1-prob:2", "probs:1", "probs:2", "logits")
 BASELINES = ("natural", "noise", "rotation", "distortion")
@@ -91,76 +91,6 @@ Progress = Callable[..., None]  # progress(done, total) or progress(done, total,
 
 
 # ----------------------------------------------------------------------------- vectorised compare
-
-
-def _round_like_python(a: np.ndarray, decimals: int) -> np.ndarray:
-    """``round(float(v), decimals)`` for every element, as ``OutputSpec.reveal`` rounds.
-
-    ``np.round`` scales, rounds half to even and divides; Python's ``round`` rounds the exact
-    binary value correctly. They agree except when ``v * 10**decimals`` lies within its own
-    rounding error of a half-integer: those few elements are redone with ``round``.
-    """
-    a = np.asarray(a, dtype=np.float64)
-    out = np.round(a, decimals)
-    with np.errstate(invalid="ignore", over="ignore"):
-        t = a * 10.0**decimals
-        frac = t - np.floor(t)
-        near = np.abs(frac - 0.5) < 1e-3
-    for idx in zip(*np.nonzero(near)):
-        out[idx] = round(float(a[idx]), decimals)
-    return out
-
-
-def _close_many(observed: np.ndarray, expected: np.ndarray, atol: float, rtol: float) -> np.ndarray:
-    """Row-wise ``outputs._close``: every score finite and within ``atol + rtol·|e| + 1e-12``."""
-    with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(observed) | (np.abs(observed - expected) > atol + rtol * np.abs(expected) + 1e-12)
-    return ~bad.any(axis=1)
-
-
-def compare_many(spec: str | OutputSpec, expected_logits: np.ndarray, observed_logits: np.ndarray, tol: float = DEFAULT_TOLERANCE) -> np.ndarray:
-    """Vectorised ``OutputSpec.compare`` over rows: ``ok[i]`` is
-
-    ``spec.compare(expected_logits[i], spec.reveal(observed_logits[i]), tol).ok``
-
-    for an API that follows ``spec`` and is backed by a model returning ``observed_logits``.
-    Both arrays have shape (n, C).
-    """
-    spec = OutputSpec.parse(spec)
-    z = np.asarray(expected_logits, dtype=np.float64)
-    o = np.asarray(observed_logits, dtype=np.float64)
-    if z.ndim != 2 or z.shape != o.shape:
-        raise UsageError(f"expected and observed logits must both have shape (n, C); got {z.shape} and {o.shape}")
-    n, classes = z.shape
-    if spec.kind == "logits":
-        return _close_many(o, z, tol, 1e-6)
-    k = spec.label_count
-    if k > classes:
-        raise UsageError(f"output spec {spec} asks for {k} labels but the model has {classes} classes")
-    ok = np.ones(n, dtype=bool)
-    if k:
-        labels = np.argsort(-o, axis=1, kind="stable")[:, :k]
-        ranked = np.sort(z, axis=1)[:, ::-1][:, :k]
-        got = np.take_along_axis(z, labels, axis=1)
-        with np.errstate(invalid="ignore"):
-            ok &= ~(np.abs(got - ranked) > tol).any(axis=1)
-    if spec.kind in ("top1", "topk"):
-        return ok
-    atol = 0.5 * 10.0 ** -spec.decimals + tol
-    with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf logits: a mismatch, not a warning
-        po, pz = softmax64(o), softmax64(z)
-    if spec.kind == "top1-prob":
-        top = labels[:, :1]
-        r = _round_like_python(np.take_along_axis(po, top, axis=1), spec.decimals)
-        want = np.take_along_axis(pz, top, axis=1)
-        return ok & _close_many(r, want, atol, 0.0)
-    r = _round_like_python(po, spec.decimals)
-    return _close_many(r, pz, atol, 0.0)
-
-
-def changed_markers(spec: str | OutputSpec, expected_logits: np.ndarray, observed_logits: np.ndarray, tol: float = DEFAULT_TOLERANCE) -> np.ndarray:
-    """Which markers answer differently from the intact model (``~compare_many``)."""
-    return ~compare_many(spec, expected_logits, observed_logits, tol)
 
 
 # ----------------------------------------------------------------------------- key size
@@ -346,9 +276,9 @@ def _progress_caller(progress: Progress | None) -> Callable[[int, int, str], Non
 
 
 def _module_logits(module: Any, x: np.ndarray, source: str) -> np.ndarray:
-    if isinstance(module, LoadedModel):
+    if isinstance(module, (TorchModel, OnnxModel)):
         return module.logits(x)
-    return LoadedModel(source=source, kind="module", module=module).logits(x)
+    return TorchModel(module, source).logits(x)
 
 
 @dataclass
@@ -376,7 +306,7 @@ def _units(groups: np.ndarray | None, n: int) -> tuple[np.ndarray, int, int]:
 
 
 def run_evaluation(
-    model: LoadedModel,
+    model: Model,
     data: Dataset,
     *,
     methods: Sequence[str] | None = None,
@@ -470,7 +400,7 @@ def run_evaluation(
     report(0, total, "starting")
     # -- the intact model
     module = model.module
-    ev.model = {"source": model.source, "kind": model.kind}
+    ev.model = {"source": model.source, "kind": model.format}
     try:
         ev.model["digest"] = model.digest()
     except Exception as exc:  # pragma: no cover - a damaged model
@@ -611,7 +541,7 @@ def run_evaluation(
             if run_attack is None:
                 raise UsageError("the attack suite tamperprobe.attacks is not available")
             if module is None:
-                raise UsageError(f"attacks need the model in PyTorch form; {model.source} is {model.kind}")
+                raise UsageError(f"attacks need the model in PyTorch form; {model.source} is {model.format}")
             if not names:
                 raise UsageError("no method produced markers")
             torch.manual_seed(aseed)
@@ -685,7 +615,7 @@ def _is_random(kind: str) -> bool:
     return bool(getattr(attack, "random", False)) if attack is not None else False  # unknown: fails once
 
 
-def _runtime_logits(model: LoadedModel, runtime: str, x: np.ndarray, tmp: Path) -> np.ndarray:
+def _runtime_logits(model: Model, runtime: str, x: np.ndarray, tmp: Path) -> np.ndarray:
     if runtime == "batch1":
         return model.logits(x, batch_size=1)
     if runtime == "batch64":
@@ -704,10 +634,10 @@ def _runtime_logits(model: LoadedModel, runtime: str, x: np.ndarray, tmp: Path) 
         return _exported_logits(model, module, runtime, x, tmp, load_model, save_model)
 
 
-def _exported_logits(model: LoadedModel, module: Any, runtime: str, x: np.ndarray, tmp: Path, load_model, save_model) -> np.ndarray:
+def _exported_logits(model: Model, module: Any, runtime: str, x: np.ndarray, tmp: Path, load_model, save_model) -> np.ndarray:
     if runtime == "torchscript":
         path = tmp / "model.pt"
-        if model.kind == "torchscript":
+        if isinstance(model, ScriptedModel):
             import torch
 
             torch.jit.save(module, str(path))

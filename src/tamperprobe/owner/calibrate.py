@@ -41,7 +41,7 @@ from typing import Any, Iterable
 import numpy as np
 
 from ..errors import TamperprobeError, UsageError
-from ..models import LoadedModel, load_model, save_model
+from ..models import Model, load_model, save_model
 
 FORMAT = "tamperprobe.noise/v1"
 REFERENCE = "eager batch64"
@@ -131,7 +131,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _run(model: LoadedModel, x: np.ndarray, name: str, module, tmp: Path) -> np.ndarray:
+def _run(model: Model, x: np.ndarray, name: str, module, tmp: Path) -> np.ndarray:
     m = re.fullmatch(r"(batch|threads)(\d+)", name)
     if m and m.group(1) == "batch":
         s = _ROTATE % len(x)
@@ -140,7 +140,7 @@ def _run(model: LoadedModel, x: np.ndarray, name: str, module, tmp: Path) -> np.
     if m:
         return model.logits(x, batch_size=64, threads=int(m.group(2)))
     if module is None:
-        raise UsageError(f"{name} needs the model as a torch module; {model.source} is {model.kind}")
+        raise UsageError(f"{name} needs the model as a torch module; {model.source} is {model.format}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracing/exporting chatter (e.g. "input to trace is already a ScriptModule")
         path = save_model(module, tmp / f"model{_FILE_SUFFIX[name]}", x)
@@ -148,7 +148,7 @@ def _run(model: LoadedModel, x: np.ndarray, name: str, module, tmp: Path) -> np.
 
 
 def measure_noise(
-    model: LoadedModel,
+    model: Model,
     x: np.ndarray,
     runtimes: Iterable[str] | str | None = DEFAULT_RUNTIMES,
     module_for_export=None,

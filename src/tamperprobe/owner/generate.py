@@ -11,12 +11,12 @@ from ..errors import DataError, UsageError
 from ..fingerprint import Fingerprint, make_fingerprint
 from .methods import get_method
 from .methods.base import Bag, Progress
-from ..models import LoadedModel
+from ..models import Model
 from ..outputs import DEFAULT_TOLERANCE, OutputSpec
 
 
 def create_fingerprint(
-    model: LoadedModel,
+    model: Model,
     data: Dataset,
     *,
     method: str = "sensitive",
@@ -78,7 +78,7 @@ def create_fingerprint(
     )
 
 
-def _check_fit(model: LoadedModel, data: Dataset) -> None:
+def _check_fit(model: Model, data: Dataset) -> None:
     try:
         out = model.logits(data.x[:2])
     except Exception as exc:

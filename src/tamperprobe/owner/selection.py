@@ -31,7 +31,7 @@ import numpy as np
 
 from ..errors import UsageError
 from .methods.base import Bag
-from ..models import LoadedModel
+from ..models import Model
 
 Selection = Literal["manc", "random"]
 
@@ -121,7 +121,7 @@ def _grouped(groups: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
     return members, np.array([len(m) for m in members], dtype=np.int64)
 
 
-def select(kind: Selection, model: LoadedModel | None, bag: Bag, k: int, rng: np.random.Generator, layer: str | None = None) -> np.ndarray:
+def select(kind: Selection, model: Model | None, bag: Bag, k: int, rng: np.random.Generator, layer: str | None = None) -> np.ndarray:
     """Indices into ``bag`` of the markers to keep, by ``manc`` or ``random``, respecting ``bag.groups``.
 
     ``layer`` names the module whose activations MANC covers (default: the input of the last

@@ -40,7 +40,8 @@ import torch
 from torch import nn
 
 from ..errors import UsageError
-from ..models import LoadedModel, _as_logits, _quiet
+from .._torch import as_logits, last_linear, layer_activations, quiet
+from ..models import Model
 
 Output = Literal["softmax", "logits"]
 Route = Literal["auto", "closed", "func", "loop"]
@@ -48,15 +49,6 @@ OUTPUTS = ("softmax", "logits")
 
 
 # ---------------------------------------------------------------------------- parameters
-
-
-def _last_linear(module: nn.Module) -> tuple[str, nn.Linear] | None:
-    """The last ``nn.Linear`` in module (registration) order, with its qualified name."""
-    found = None
-    for name, sub in module.named_modules():
-        if isinstance(sub, nn.Linear):
-            found = (name, sub)
-    return found
 
 
 def _prefixed(prefix: str, leaf: str) -> str:
@@ -80,7 +72,7 @@ def resolve_params(module: nn.Module, names: list[str] | None) -> list[str]:
             what = f"unknown parameter(s) {', '.join(unknown)}" if unknown else "no parameters given"
             raise UsageError(f"{what}: valid names are {', '.join(named) or '(none)'}")
         return chosen
-    last = _last_linear(module)
+    last = last_linear(module)
     if last is not None:
         prefix, lin = last
         out = [_prefixed(prefix, "weight")]
@@ -103,7 +95,7 @@ def _squash(logits: torch.Tensor, output: str) -> torch.Tensor:
     return torch.softmax(logits, dim=-1) if output == "softmax" else logits
 
 
-def _check(model: LoadedModel, params: list[str], output: str) -> nn.Module:
+def _check(model: Model, params: list[str], output: str) -> nn.Module:
     if output not in OUTPUTS:
         raise UsageError(f"unknown output {output!r}: choose softmax or logits")
     module = model.require_torch("sensitivity")
@@ -114,7 +106,7 @@ def _check(model: LoadedModel, params: list[str], output: str) -> nn.Module:
     return module
 
 
-def sensitivity(model: LoadedModel, x: torch.Tensor, params: list[str], output: Output = "softmax", *, path: Route = "auto") -> torch.Tensor:
+def sensitivity(model: Model, x: torch.Tensor, params: list[str], output: Output = "softmax", *, path: Route = "auto") -> torch.Tensor:
     """Per-sample ``S(x)`` of shape (B,), differentiable with respect to ``x``.
 
     ``path`` forces one computation (``closed``, ``func``, ``loop``); ``auto`` takes the
@@ -123,7 +115,7 @@ def sensitivity(model: LoadedModel, x: torch.Tensor, params: list[str], output: 
     module = _check(model, params, output)
     if path not in ("auto", "closed", "func", "loop"):
         raise UsageError(f"unknown sensitivity path {path!r}: choose auto, closed, func or loop")
-    with torch.enable_grad(), _quiet():
+    with torch.enable_grad(), quiet():
         if path in ("auto", "closed"):
             s = _closed_form(model, module, x, params, output)
             if s is not None:
@@ -132,14 +124,14 @@ def sensitivity(model: LoadedModel, x: torch.Tensor, params: list[str], output: 
                 raise UsageError("the closed form needs the weight/bias of an nn.Linear whose output is the model output")
         if path == "func" or (path == "auto" and model.functional):
             if not model.functional:
-                raise UsageError(f"torch.func cannot run a {model.kind} model: use path='loop'")
+                raise UsageError(f"torch.func cannot run a {model.format} model: use path='loop'")
             return _func_sensitivity(module, x, params, output)
         return _loop_sensitivity(module, x, params, output)
 
 
-def _closed_form(model: LoadedModel, module: nn.Module, x: torch.Tensor, params: list[str], output: str) -> torch.Tensor | None:
+def _closed_form(model: Model, module: nn.Module, x: torch.Tensor, params: list[str], output: str) -> torch.Tensor | None:
     """The closed form, or ``None`` when the chosen parameters are not those of the output layer."""
-    if model.kind != "module":
+    if not model.hookable:
         return None
     owner = None
     for name, sub in module.named_modules():
@@ -159,7 +151,7 @@ def _closed_form(model: LoadedModel, module: nn.Module, x: torch.Tensor, params:
 
     handle = lin.register_forward_hook(hook)
     try:
-        logits = _as_logits(module(x))
+        logits = as_logits(module(x))
     finally:
         handle.remove()
     if len(seen) != 1:
@@ -191,7 +183,7 @@ def _func_sensitivity(module: nn.Module, x: torch.Tensor, params: list[str], out
 
     def outputs(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
         out = functional_call(module, {**fixed, **p}, (xi.unsqueeze(0),))
-        return _squash(_as_logits(out)[0], output)
+        return _squash(as_logits(out)[0], output)
 
     def one(xi: torch.Tensor) -> torch.Tensor:
         jac = jacrev(outputs)(chosen, xi)
@@ -231,7 +223,7 @@ def _loop_sensitivity(module: nn.Module, x: torch.Tensor, params: list[str], out
     out = []
     with _grad_on(plist), torch.jit.optimized_execution(False):
         for b in range(x.shape[0]):
-            f = _squash(_as_logits(module(x[b : b + 1]))[0], output)
+            f = _squash(as_logits(module(x[b : b + 1]))[0], output)
             eye = torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
             try:
                 grads = torch.autograd.grad(f, plist, grad_outputs=eye, is_grads_batched=True, create_graph=True, allow_unused=True)
@@ -243,15 +235,15 @@ def _loop_sensitivity(module: nn.Module, x: torch.Tensor, params: list[str], out
     return torch.stack(out) if out else x.new_zeros((0,))
 
 
-def naive_sensitivity(model: LoadedModel, x: torch.Tensor, params: list[str], output: Output = "softmax") -> torch.Tensor:
+def naive_sensitivity(model: Model, x: torch.Tensor, params: list[str], output: Output = "softmax") -> torch.Tensor:
     """Reference S(x): plain autograd, one backward per sample and per class."""
     module = _check(model, params, output)
     named = dict(module.named_parameters())
     plist = [named[k] for k in params]
     out = []
-    with torch.enable_grad(), _quiet(), _grad_on(plist):
+    with torch.enable_grad(), quiet(), _grad_on(plist):
         for b in range(x.shape[0]):
-            f = _squash(_as_logits(module(x[b : b + 1]))[0], output)
+            f = _squash(as_logits(module(x[b : b + 1]))[0], output)
             total = 0.0 * f.sum()
             for i in range(f.shape[0]):
                 total = total + sum((g * g).sum() for g in _grads(f[i], plist))
@@ -262,52 +254,14 @@ def naive_sensitivity(model: LoadedModel, x: torch.Tensor, params: list[str], ou
 # ---------------------------------------------------------------------------- activations
 
 
-def activations(model: LoadedModel, x: np.ndarray | torch.Tensor, layer: str | None = None, *, batch_size: int = 256) -> np.ndarray:
-    """Activations (B, units) of a layer, for MANC.
+def activations(model: Model, x: np.ndarray | torch.Tensor, layer: str | None = None, *, batch_size: int = 256) -> np.ndarray:
+    """Activations (B, units) of a layer, for MANC (``_torch.layer_activations``).
 
     By default the *input* of the last ``nn.Linear`` (the penultimate features); ``layer``
-    names a submodule whose *output* is taken (flattened per sample).
+    names a submodule whose *output* is taken (flattened per sample). Models whose submodules
+    cannot be hooked (TorchScript, ``torch.export``) raise ``UsageError``.
     """
     module = model.require_torch("activation-based selection")
-    if layer is None:
-        last = _last_linear(module) if isinstance(module, nn.Module) and model.kind == "module" else None
-        if last is None:
-            raise UsageError(f"cannot find a layer for MANC in this {model.kind} model: pass a layer or use --select random")
-        target, pre = last[1], True
-    else:
-        subs = dict(module.named_modules())
-        if layer not in subs or layer == "":
-            names = [n for n in subs if n]
-            raise UsageError(f"unknown layer {layer!r}: valid names are {', '.join(names) or '(none)'}; or use --select random")
-        target, pre = subs[layer], False
-    grabbed: list[torch.Tensor] = []
-
-    def take(value: object) -> None:
-        while isinstance(value, (tuple, list)) and value:
-            value = value[0]
-        if isinstance(value, torch.Tensor):
-            grabbed.append(value.detach().reshape(value.shape[0], -1).float())
-
-    try:
-        if pre:
-            handle = target.register_forward_pre_hook(lambda _m, args: take(args))
-        else:
-            handle = target.register_forward_hook(lambda _m, _a, out: take(out))
-    except Exception:
-        raise UsageError(f"cannot hook layer {layer!r} of a {model.kind} model: use --select random") from None
-    xt = torch.as_tensor(np.asarray(x, dtype=np.float32)) if not isinstance(x, torch.Tensor) else x.detach()
-    rows = []
-    try:
-        with torch.no_grad(), _quiet():
-            for i in range(0, xt.shape[0], max(1, batch_size)):
-                grabbed.clear()
-                chunk = xt[i : i + batch_size]
-                module(chunk)
-                if not grabbed or grabbed[-1].shape[0] != chunk.shape[0]:
-                    raise UsageError(f"layer {layer!r} yields no per-sample activations in this {model.kind} model: pick another layer or use --select random")
-                rows.append(grabbed[-1].cpu().numpy())
-    finally:
-        handle.remove()
-    if not rows:
-        return np.zeros((0, 0), dtype=np.float32)
-    return np.concatenate(rows).astype(np.float32, copy=False)
+    if not model.hookable:
+        raise UsageError(f"cannot read layer activations of this {model.format} model: use --select random")
+    return layer_activations(module, x, layer, batch_size=batch_size)

@@ -14,7 +14,7 @@ import numpy as np
 
 from ..data import InputSpec
 from ..errors import UsageError
-from ..models import LoadedModel
+from ..models import Model
 from ..outputs import Answer, OutputSpec
 
 
@@ -38,7 +38,7 @@ class Target(Protocol):
 class LocalTarget:
     """A model run in-process: computes logits and reveals what ``spec`` allows."""
 
-    def __init__(self, model: LoadedModel, *, input_spec: InputSpec | None = None, batch_size: int = 64, threads: int | None = None) -> None:
+    def __init__(self, model: Model, *, input_spec: InputSpec | None = None, batch_size: int = 64, threads: int | None = None) -> None:
         self.model = model
         self.input_spec = input_spec
         self.batch_size = batch_size

@@ -83,7 +83,7 @@ from fastapi import Request  # resolved at module level: the route annotations b
 
 from ..data import InputSpec
 from ..errors import ModelLoadError, UsageError
-from ..models import LoadedModel, load_model
+from ..models import ExportedModel, Model, OnnxModel, TorchModel, load_model
 from ..outputs import OutputSpec
 
 DEFAULT_MAX_BATCH = 64
@@ -148,7 +148,7 @@ def parse_shape(text: str | tuple[int, ...] | list[int]) -> tuple[int, ...]:
     return tuple(dims)
 
 
-def infer_input_spec(model: LoadedModel, input_shape=None, fingerprint=None) -> InputSpec:
+def infer_input_spec(model: Model, input_shape=None, fingerprint=None) -> InputSpec:
     """The input spec to serve ``model`` with (see the module doc for the precedence)."""
     if input_shape is not None:
         return InputSpec(parse_shape(input_shape), "float32", -math.inf, math.inf)
@@ -158,11 +158,11 @@ def infer_input_spec(model: LoadedModel, input_shape=None, fingerprint=None) -> 
 
             fingerprint = load(fingerprint)
         return fingerprint.input_spec
-    if model.session is not None:
+    if isinstance(model, OnnxModel):
         shape = model.session.get_inputs()[0].shape[1:]
         if shape and all(isinstance(d, int) and d > 0 for d in shape):
             return InputSpec(tuple(shape), "float32", -math.inf, math.inf)
-    elif model.kind == "export":
+    elif isinstance(model, ExportedModel):
         try:
             for node in model.module.graph.nodes:
                 if node.op == "placeholder" and "val" in node.meta:
@@ -177,14 +177,14 @@ def infer_input_spec(model: LoadedModel, input_shape=None, fingerprint=None) -> 
     )
 
 
-def _platform(model: LoadedModel) -> str:
-    return {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch", "export": "pytorch_export"}.get(model.kind, "pytorch_module")
+def _platform(model: Model) -> str:
+    return {"onnx": "onnxruntime_onnx", "torchscript": "pytorch_libtorch", "export": "pytorch_export"}.get(model.format, "pytorch_module")
 
 
 class ModelHolder:
     """The served model, swappable at run time. Readers take a consistent snapshot; ``swap`` is atomic."""
 
-    def __init__(self, model: LoadedModel, input_spec: InputSpec) -> None:
+    def __init__(self, model: Model, input_spec: InputSpec) -> None:
         self._lock = threading.Lock()
         self.input_spec = input_spec
         self.input_shape = tuple(int(d) for d in input_spec.shape)
@@ -192,7 +192,7 @@ class ModelHolder:
         self._model = model
         self.generation = 0
 
-    def _probe(self, model: LoadedModel) -> int:
+    def _probe(self, model: Model) -> int:
         try:
             out = model.logits(np.zeros((1, *self.input_shape), dtype=np.float32))
         except ModelLoadError as exc:
@@ -204,11 +204,11 @@ class ModelHolder:
         return int(out.shape[1])
 
     @property
-    def model(self) -> LoadedModel:
+    def model(self) -> Model:
         with self._lock:
             return self._model
 
-    def swap(self, model: LoadedModel) -> LoadedModel:
+    def swap(self, model: Model) -> Model:
         """Serve ``model`` from now on; returns the previous one. It must take the same input and classes."""
         classes = self._probe(model)
         if classes != self.classes:
@@ -627,14 +627,14 @@ def create_app(
 def _holder_for(model, input_spec=None, input_shape=None, fingerprint=None) -> ModelHolder:
     if isinstance(model, ModelHolder):
         return model
-    loaded = model if isinstance(model, LoadedModel) else load_model(model)
+    loaded = model if isinstance(model, (TorchModel, OnnxModel)) else load_model(model)
     if input_spec is None:
         input_spec = infer_input_spec(loaded, input_shape, fingerprint)
     return ModelHolder(loaded, input_spec)
 
 
 def serve(
-    model_path: str | LoadedModel,
+    model_path: str | Model,
     host: str = "127.0.0.1",
     port: int = 8080,
     name: str = "model",
@@ -661,7 +661,7 @@ class ServerThread:
     """Run the model server on 127.0.0.1 in a background thread (tests, the demo).
 
     ``with ServerThread(model, input_shape=(1, 8, 8)) as srv: ... srv.url ... srv.holder.swap(m2)``.
-    ``model`` is a path, a ``LoadedModel`` or a ``ModelHolder``; ``port=0`` picks a free port.
+    ``model`` is a path, a ``Model`` or a ``ModelHolder``; ``port=0`` picks a free port.
     """
 
     def __init__(
@@ -703,7 +703,7 @@ class ServerThread:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    def swap(self, model: LoadedModel) -> LoadedModel:
+    def swap(self, model: Model) -> Model:
         return self.holder.swap(model)
 
     def start(self) -> ServerThread:

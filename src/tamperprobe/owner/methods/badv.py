@@ -20,7 +20,8 @@ import numpy as np
 
 from ...data import Dataset
 from ...errors import UsageError
-from ...models import LoadedModel, _as_logits
+from ..._torch import as_logits
+from ...models import Model
 from .base import Bag, Method, Progress
 from .natural import sample_indices
 
@@ -34,7 +35,7 @@ def fgsm_direction(module, x: np.ndarray, y: np.ndarray, chunk: int = 256) -> np
         xt = torch.from_numpy(np.ascontiguousarray(x[i : i + chunk], dtype=np.float32)).requires_grad_(True)
         yt = torch.from_numpy(np.asarray(y[i : i + chunk], dtype=np.int64))
         with torch.enable_grad():
-            loss = torch.nn.functional.cross_entropy(_as_logits(module(xt)).float(), yt, reduction="sum")
+            loss = torch.nn.functional.cross_entropy(as_logits(module(xt)).float(), yt, reduction="sum")
             (g,) = torch.autograd.grad(loss, xt)
         out.append(torch.sign(g).numpy().astype(np.float32))
     return np.concatenate(out) if out else np.zeros_like(x, dtype=np.float32)
@@ -61,7 +62,7 @@ class Badv(Method):
         super().__init__(eps_start=eps_start, steps=int(steps), min_margin=min_margin, oversample=oversample)
         self.eps_start, self.steps, self.min_margin, self.oversample = eps_start, int(steps), min_margin, oversample
 
-    def generate(self, model: LoadedModel, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
+    def generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
         module = model.require_torch("badv markers")
         if bag < 1:
             raise UsageError("bag must be at least 1")

@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar
 import numpy as np
 
 from ...data import Dataset
-from ...models import LoadedModel
+from ...models import Model
 
 Progress = Callable[[int, int], None]  # (done, total)
 
@@ -58,5 +58,5 @@ class Method(ABC):
         return f"{type(self).__name__}({args})"
 
     @abstractmethod
-    def generate(self, model: LoadedModel, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
+    def generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
         """Return a bag of ``bag`` candidate markers within the data's input range."""

@@ -52,13 +52,14 @@ import numpy as np
 
 from ...data import Dataset, InputSpec
 from ...errors import UsageError
-from ...models import LoadedModel, _as_logits
+from ..._torch import as_logits
+from ...models import Model
 from .base import Bag, Method, Progress
 from .natural import sample_indices
 
 DEFAULT_DELTA = 1e-4
 PATHS = ("blend", "gradient")
-CHECK_BATCHES = (1, 64, 256)  # 256: LoadedModel.logits' default; 64: LocalTarget's
+CHECK_BATCHES = (1, 64, 256)  # 256: Model.logits' default; 64: LocalTarget's
 UINT8_DECODE = "x = (u.astype(float32) / float32(255)) * float32(high - low) + float32(low)"
 _MAX_POOL = 20000
 
@@ -108,7 +109,7 @@ def snr_db(marker: np.ndarray, seed: np.ndarray) -> np.ndarray:
         return np.where(noise > 0, 10.0 * np.log10(np.maximum(power, 1e-300) / np.maximum(noise, 1e-300)), np.inf)
 
 
-def checked_margins(model: LoadedModel, x: np.ndarray, batches: tuple[int, ...] = CHECK_BATCHES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def checked_margins(model: Model, x: np.ndarray, batches: tuple[int, ...] = CHECK_BATCHES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Labels, the smallest top-1 margin over ``batches``, and whether the label agrees in all of them.
 
     ``x`` is in the model's domain (decode 8-bit markers first).
@@ -231,7 +232,7 @@ class Boundary(Method):
         self.band_hi = delta * k
 
     # ------------------------------------------------------------------ plumbing
-    def _setup(self, model: LoadedModel, data: Dataset) -> None:
+    def _setup(self, model: Model, data: Dataset) -> None:
         self.model, self.low, self.high = model, float(data.low), float(data.high)
         self.lo32, self.hi32 = np.float32(self.low), np.float32(self.high)
 
@@ -264,7 +265,7 @@ class Boundary(Method):
             xt = torch.from_numpy(np.ascontiguousarray(x[i : i + chunk], dtype=np.float32)).requires_grad_(True)
             rows = torch.arange(xt.shape[0])
             with torch.enable_grad():
-                z = _as_logits(module(xt)).float()
+                z = as_logits(module(xt)).float()
                 obj = (z[rows, torch.from_numpy(cls[i : i + chunk])] - z[rows, torch.from_numpy(other[i : i + chunk])]).sum()
                 (g,) = torch.autograd.grad(obj, xt)
             out.append(g.double().numpy())
@@ -458,7 +459,7 @@ class Boundary(Method):
         return xa, xc, ta, tc, ok
 
     # ------------------------------------------------------------------ generate
-    def generate(self, model: LoadedModel, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
+    def generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
         if bag < 1:
             raise UsageError("bag must be at least 1")
         if self.path == "gradient" or self.uint8:
@@ -469,7 +470,7 @@ class Boundary(Method):
         finally:
             del self.model  # keep no reference to the weights after generation
 
-    def _generate(self, model: LoadedModel, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None) -> Bag:
+    def _generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None) -> Bag:
         need = max(1, bag // 2) if self.pairs else bag
         pool_idx = sample_indices(len(data.x), min(len(data.x), _MAX_POOL), rng)
         pool_x = data.x[pool_idx].astype(np.float32)

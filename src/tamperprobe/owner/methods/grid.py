@@ -11,7 +11,7 @@ import numpy as np
 
 from ...data import Dataset
 from ...errors import UsageError
-from ...models import LoadedModel
+from ...models import Model
 from .base import Bag, Method, Progress
 
 
@@ -25,7 +25,7 @@ class Grid(Method):
         super().__init__(p_high=p_high)
         self.p_high = p_high
 
-    def generate(self, model: LoadedModel, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
+    def generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
         if bag < 1:
             raise UsageError("bag must be at least 1")
         shape = (bag, *data.x.shape[1:])

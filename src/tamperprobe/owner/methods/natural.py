@@ -11,7 +11,7 @@ import numpy as np
 
 from ...data import Dataset
 from ...errors import UsageError
-from ...models import LoadedModel
+from ...models import Model
 from .base import Bag, Method, Progress
 
 
@@ -34,7 +34,7 @@ class Natural(Method):
         super().__init__(replace=bool(replace))
         self.replace = bool(replace)
 
-    def generate(self, model: LoadedModel, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
+    def generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
         if bag < 1:
             raise UsageError("bag must be at least 1")
         if self.replace:

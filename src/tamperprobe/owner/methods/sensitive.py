@@ -19,7 +19,7 @@ import torch
 
 from ...data import Dataset
 from ...errors import UsageError
-from ...models import LoadedModel
+from ...models import Model
 from ..sensitivity import OUTPUTS, resolve_params, sensitivity
 from .base import Bag, Method, Progress
 
@@ -59,7 +59,7 @@ class SensitiveSamples(Method):
             output=output, params=None if params is None else [str(p) for p in params],
         )
 
-    def generate(self, model: LoadedModel, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
+    def generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
         """Return ``bag`` sensitive samples grown from natural seeds of ``data``."""
         p: dict[str, Any] = self._params
         module = model.require_torch("the sensitive method")

@@ -34,7 +34,7 @@ import numpy as np
 
 from ...data import Dataset
 from ...errors import UsageError
-from ...models import LoadedModel
+from ...models import Model
 from .base import Bag, Method, Progress
 
 
@@ -76,7 +76,7 @@ def _affine_grid(theta: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 class _Transform(Method):
     name: ClassVar[str] = ""
 
-    def generate(self, model: LoadedModel, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
+    def generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
         idx, seeds = _draw_seeds(data, bag, rng)
         inputs, info = self._apply(seeds, data.low, data.high, rng)
         info = {"seed_index": idx, **info}

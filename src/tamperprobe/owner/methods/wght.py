@@ -26,7 +26,7 @@ import numpy as np
 
 from ...data import Dataset
 from ...errors import UsageError
-from ...models import LoadedModel
+from ...models import Model
 from .base import Bag, Method, Progress
 from .natural import sample_indices
 
@@ -105,7 +105,7 @@ class Wght(Method):
             index.append(np.full(n_rand, -1, dtype=np.int64))
         return np.concatenate(parts), np.concatenate(index)
 
-    def generate(self, model: LoadedModel, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
+    def generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
         module = model.require_torch("wght markers")
         if bag < 1:
             raise UsageError("bag must be at least 1")

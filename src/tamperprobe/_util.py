@@ -1,0 +1,55 @@
+"""Small helpers with no heavy imports: one-line error text, atomic file writes, stable seeds."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+
+def one_line(exc: BaseException | str, limit: int = 300, *, with_type: bool = False) -> str:
+    """The first line of an exception's text (or a string), cut to ``limit`` characters.
+
+    An exception with no text gives its type name; ``with_type`` prefixes ``TypeName: ``.
+    """
+    text = exc if isinstance(exc, str) else str(exc)
+    lines = text.strip().splitlines()
+    first = lines[0].strip()[:limit] if lines else ""
+    if isinstance(exc, BaseException):
+        if not first:
+            return type(exc).__name__
+        if with_type:
+            return f"{type(exc).__name__}: {first}"
+    return first
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
+    """Write a file so that readers see the old or the new content, never a part.
+
+    ``write(tmp)`` writes the whole content to ``tmp``, a file in the same folder, which then
+    replaces ``path``. Missing parent folders are created; on failure the temporary file is removed.
+    """
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=p.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.replace(tmp, p)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return p
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def derive_seed(seed: int, *parts: object) -> int:
+    """A 31-bit seed derived from ``seed`` and names (stable across runs and processes, unlike ``hash``)."""
+    return zlib.crc32("|".join([str(int(seed)), *map(str, parts)]).encode()) & 0x7FFFFFFF
