@@ -14,10 +14,10 @@ import time
 from pathlib import Path
 
 import torch
+from tamperprobe.evaluate import run_evaluation
 
 from tamperprobe import zoo
 from tamperprobe.data import load_data
-from tamperprobe.evaluate import run_evaluation
 from tamperprobe.models import LoadedModel
 from tamperprobe.train import fit
 
@@ -36,9 +36,18 @@ def main() -> None:
         model = LoadedModel(arch, "module", module=module)
         for k in (3.0, 1.5):
             t = time.time()
-            ev = run_evaluation(model, data, methods=["boundary"], attacks=["fp16", "bf16", "int8", "noise", "floor"],
-                                specs=["top1"], trials=2, baselines=False, method_params={"boundary": {"k": k}},
-                                resamples=2000, runtimes=("batch1", "onnxruntime"))
+            ev = run_evaluation(
+                model,
+                data,
+                methods=["boundary"],
+                attacks=["fp16", "bf16", "int8", "noise", "floor"],
+                specs=["top1"],
+                trials=2,
+                baselines=False,
+                method_params={"boundary": {"k": k}},
+                resamples=2000,
+                runtimes=("batch1", "onnxruntime"),
+            )
             rates = {a: v for (_, a), v in ev.detection_table("top1").items()}
             cells = " | ".join(f"{rates[a][1]:.4f} / {rates[a][3]:.4f}" for a in ("fp16", "bf16", "int8", "noise", "floor"))
             print(f"| {arch} | {k} | {cells} | {ev.benign_flagged}/{ev.benign_checks} | {time.time() - t:.0f} |", flush=True)

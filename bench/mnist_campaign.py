@@ -24,7 +24,7 @@ import json
 import sys
 import time
 import traceback
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,10 +41,10 @@ def _log(msg: str) -> None:
 
 def run_model(name: str, args: argparse.Namespace) -> Path:
     import torch
+    from tamperprobe.evaluate import run_evaluation, write_report
 
     from tamperprobe import zoo
     from tamperprobe.data import load_data
-    from tamperprobe.evaluate import run_evaluation, write_report
     from tamperprobe.models import LoadedModel
     from tamperprobe.train import accuracy, fit
 
@@ -69,16 +69,36 @@ def run_model(name: str, args: argparse.Namespace) -> Path:
         last[0] = now
 
     ev = run_evaluation(
-        model, data, methods=None, attacks=None, trials=args.trials, bag=args.bag, select=args.select,
-        resamples=args.resamples, seed=args.seed, progress=progress, test_fraction=args.test_fraction,
+        model,
+        data,
+        methods=None,
+        attacks=None,
+        trials=args.trials,
+        bag=args.bag,
+        select=args.select,
+        resamples=args.resamples,
+        seed=args.seed,
+        progress=progress,
+        test_fraction=args.test_fraction,
     )
-    ev.model.update({"architecture": name, "train_epochs": epochs, "train_lr": lr, "train_seconds": round(train_seconds, 1),
-                     "campaign_seconds": round(ev.seconds, 1), "budget_seconds": BUDGET_SECONDS,
-                     "within_budget": ev.seconds < BUDGET_SECONDS, "torch_threads": torch.get_num_threads()})
-    out = RESULTS / f"{datetime.now(timezone.utc).strftime('%Y-%m-%d')}-{name}"
+    ev.model.update(
+        {
+            "architecture": name,
+            "train_epochs": epochs,
+            "train_lr": lr,
+            "train_seconds": round(train_seconds, 1),
+            "campaign_seconds": round(ev.seconds, 1),
+            "budget_seconds": BUDGET_SECONDS,
+            "within_budget": ev.seconds < BUDGET_SECONDS,
+            "torch_threads": torch.get_num_threads(),
+        }
+    )
+    out = RESULTS / f"{datetime.now(UTC).strftime('%Y-%m-%d')}-{name}"
     write_report(ev, out)
-    _log(f"{name}: campaign {ev.seconds:.0f} s ({'within' if ev.seconds < BUDGET_SECONDS else 'OVER'} the 15 min budget); "
-         f"false alarms {ev.benign_flagged}/{ev.benign_checks}; {len(ev.errors)} errors; wrote {out}")
+    _log(
+        f"{name}: campaign {ev.seconds:.0f} s ({'within' if ev.seconds < BUDGET_SECONDS else 'OVER'} the 15 min budget); "
+        f"false alarms {ev.benign_flagged}/{ev.benign_checks}; {len(ev.errors)} errors; wrote {out}"
+    )
     return out
 
 
@@ -164,8 +184,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--select", default="manc", choices=["manc", "random"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test-fraction", type=float, default=0.3)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch threads (default 1: on a 2-core machine shared with other jobs, 2 OpenMP threads thrash)")
+    ap.add_argument(
+        "--threads", type=int, default=1, help="torch threads (default 1: on a 2-core machine shared with other jobs, 2 OpenMP threads thrash)"
+    )
     ap.add_argument("--readme-only", action="store_true")
     args = ap.parse_args(argv)
     import torch

@@ -16,15 +16,38 @@ from tamperprobe.attacks.base import REGISTRY, logits, weight_view
 from tamperprobe.errors import UsageError
 
 KINDS = [
-    "trojan", "trojan-neuron", "poison-generic", "poison-specific", "int8", "int8-channel", "dynamic-int8",
-    "fp16", "bf16", "floor", "prune", "finetune", "watermark", "noise",
+    "trojan",
+    "trojan-neuron",
+    "poison-generic",
+    "poison-specific",
+    "int8",
+    "int8-channel",
+    "dynamic-int8",
+    "fp16",
+    "bf16",
+    "floor",
+    "prune",
+    "finetune",
+    "watermark",
+    "noise",
 ]
 # largest accuracy drop allowed on the digits test split (absolute). Poisoning takes one class
 # (~10 % of the test set) away on purpose, so its bound is the class share plus a margin.
 MAX_DROP = {
-    "int8": 0.02, "int8-channel": 0.02, "dynamic-int8": 0.02, "fp16": 0.02, "bf16": 0.02, "floor": 0.02,
-    "prune": 0.02, "noise": 0.02, "finetune": 0.05, "watermark": 0.05, "trojan": 0.05, "trojan-neuron": 0.05,
-    "poison-generic": 0.15, "poison-specific": 0.15,
+    "int8": 0.02,
+    "int8-channel": 0.02,
+    "dynamic-int8": 0.02,
+    "fp16": 0.02,
+    "bf16": 0.02,
+    "floor": 0.02,
+    "prune": 0.02,
+    "noise": 0.02,
+    "finetune": 0.05,
+    "watermark": 0.05,
+    "trojan": 0.05,
+    "trojan-neuron": 0.05,
+    "poison-generic": 0.15,
+    "poison-specific": 0.15,
 }
 MIN_SUCCESS = {"trojan": 0.8, "trojan-neuron": 0.8, "poison-generic": 0.8, "poison-specific": 0.8}
 
@@ -72,11 +95,15 @@ def _run(models, split, arch: str, kind: str, seed: int = 0) -> AttackResult:
 def test_names_and_flags():
     assert attack_names() == KINDS
     assert {k for k in KINDS if REGISTRY[k].random} == {
-        "trojan", "trojan-neuron", "poison-generic", "poison-specific", "finetune", "watermark", "noise"
+        "trojan",
+        "trojan-neuron",
+        "poison-generic",
+        "poison-specific",
+        "finetune",
+        "watermark",
+        "noise",
     }
-    assert {k for k in KINDS if REGISTRY[k].needs_data} == {
-        "trojan", "trojan-neuron", "poison-generic", "poison-specific", "finetune", "watermark"
-    }
+    assert {k for k in KINDS if REGISTRY[k].needs_data} == {"trojan", "trojan-neuron", "poison-generic", "poison-specific", "finetune", "watermark"}
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
@@ -212,7 +239,7 @@ def test_weight_attacks_on_irnn():
 
 @pytest.mark.parametrize("suffix", [".pt", ".pt2"])
 def test_round_trip_through_files(models, split, tmp_path, suffix):
-    from tamperprobe.cli.attack import write_attacked
+    from tamperprobe.cli.lab import write_attacked
     from tamperprobe.models import load_model, save_model
 
     tr, te = split
@@ -234,7 +261,7 @@ def test_round_trip_through_files(models, split, tmp_path, suffix):
 def test_round_trip_reference_and_dynamic_int8(models, split, tmp_path):
     from safetensors.torch import save_file
 
-    from tamperprobe.cli.attack import write_attacked
+    from tamperprobe.cli.lab import write_attacked
     from tamperprobe.models import load_model
 
     tr, te = split
@@ -252,7 +279,9 @@ def test_round_trip_reference_and_dynamic_int8(models, split, tmp_path):
         write_attacked(q.model, "dynamic-int8", loaded.format, tmp_path / "q.safetensors", tr)
     write_attacked(q.model, "dynamic-int8", loaded.format, tmp_path / "q.pt", tr)
     # dynamic quantization scales the activations per batch: compare with the same batching
-    np.testing.assert_allclose(load_model(tmp_path / "q.pt").logits(te.x, batch_size=64), logits(q.model, te.x, batch_size=64).numpy(), rtol=0, atol=1e-5)
+    np.testing.assert_allclose(
+        load_model(tmp_path / "q.pt").logits(te.x, batch_size=64), logits(q.model, te.x, batch_size=64).numpy(), rtol=0, atol=1e-5
+    )
 
 
 def test_trojan_neuron_on_export_matches_eager(models, split, tmp_path):
@@ -343,10 +372,10 @@ def test_register_on_a_fresh_app(models, split, tmp_path):
     import typer
     from typer.testing import CliRunner
 
-    from tamperprobe.cli import attack as cli_attack
+    from tamperprobe.cli import lab as cli_lab
 
     app = typer.Typer()
-    cli_attack.register(app)
+    cli_lab.register(app)
     from tamperprobe.models import save_model
 
     src = save_model(models["mlp"], tmp_path / "m.pt", split[0].x)

@@ -35,7 +35,9 @@ def test_detection_confidence():
     assert detection_confidence(0.5, np.int64(3)) == pytest.approx(0.875)
 
 
-@pytest.mark.parametrize("p,c", [(0.0, 0.9), (-0.1, 0.9), (1.5, 0.9), (0.5, 1.0), (0.5, 0.0), (float("nan"), 0.9), (0.5, float("inf")), ("0.5", 0.9), (True, 0.9)])
+@pytest.mark.parametrize(
+    "p,c", [(0.0, 0.9), (-0.1, 0.9), (1.5, 0.9), (0.5, 1.0), (0.5, 0.0), (float("nan"), 0.9), (0.5, float("inf")), ("0.5", 0.9), (True, 0.9)]
+)
 def test_key_size_rejects_bad_input(p, c):
     with pytest.raises(ValueError):
         key_size(p, c)

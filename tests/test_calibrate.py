@@ -8,9 +8,9 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tamperprobe.owner import calibrate as cal
 from tamperprobe.errors import UsageError
-from tamperprobe.models import save_model, TorchModel
+from tamperprobe.models import TorchModel, save_model
+from tamperprobe.owner import calibrate as cal
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +102,26 @@ def test_calibrate_command(model, digits, tmp_path):
     res = runner.invoke(app, ["calibrate", str(path), "--data", "digits", "--runtimes", "gpu"])
     assert res.exit_code == 2
     # the fingerprint command refuses a boundary delta below the measured floor
-    res = runner.invoke(app, ["fingerprint", str(path), "--data", "digits", "--out", str(tmp_path / "fp"), "--method", "boundary",
-                              "--noise", str(out), "--param", "delta=1e-9", "--size", "4", "--bag", "8"])
+    res = runner.invoke(
+        app,
+        [
+            "fingerprint",
+            str(path),
+            "--data",
+            "digits",
+            "--out",
+            str(tmp_path / "fp"),
+            "--method",
+            "boundary",
+            "--noise",
+            str(out),
+            "--param",
+            "delta=1e-9",
+            "--size",
+            "4",
+            "--bag",
+            "8",
+        ],
+    )
     assert res.exit_code == 2
     assert "noise floor" in res.output

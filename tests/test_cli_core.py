@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tamperprobe.fingerprint import make_fingerprint, save
-from tamperprobe.models import save_model, TorchModel
+from tamperprobe.models import TorchModel, save_model
 
 
 def run(*args, timeout=120):

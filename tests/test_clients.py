@@ -14,15 +14,15 @@ import pytest
 import torch
 
 from tamperprobe import zoo
-from tamperprobe.served.clients import make_client
 from tamperprobe.data import InputSpec
 from tamperprobe.errors import UsageError
 from tamperprobe.fingerprint import make_fingerprint
 from tamperprobe.models import TorchModel
 from tamperprobe.outputs import OutputSpec, softmax64
-from tamperprobe.server.app import ServerThread
+from tamperprobe.served.clients import make_client
 from tamperprobe.served.targets import QueryFailure
 from tamperprobe.served.verify import INCONCLUSIVE, INTACT, verify
+from tamperprobe.server.app import ServerThread
 
 SHAPE = (1, 8, 8)
 SPECS = ["top1", "topk:3", "top1-prob:4", "probs:3", "logits"]
@@ -132,8 +132,13 @@ class FakeServer:
 
 
 def _v2_meta(classes=10, out="logits"):
-    return {"name": "m", "versions": ["1"], "platform": "fake", "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}],
-            "outputs": [{"name": out, "datatype": "FP32", "shape": [-1, classes]}]}
+    return {
+        "name": "m",
+        "versions": ["1"],
+        "platform": "fake",
+        "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, 1, 8, 8]}],
+        "outputs": [{"name": out, "datatype": "FP32", "shape": [-1, classes]}],
+    }
 
 
 def kserve_fake(infer):
@@ -169,9 +174,13 @@ def test_kserve_client_against_server(model, x, served):
         for spec in SPECS:
             s = OutputSpec.parse(spec)
             answers = make_client("kserve", srv.url, seed=1).query(x, s)  # no model name: found via the repository index
-            derivable = s == s_served or s_served.kind == "logits" or (
-                s_served.kind == "topk" and s.kind == "top1") or (s_served.kind in ("probs", "top1-prob") and s.kind == "top1") or (
-                s_served.kind == "probs" and s.kind == "topk")
+            derivable = (
+                s == s_served
+                or s_served.kind == "logits"
+                or (s_served.kind == "topk" and s.kind == "top1")
+                or (s_served.kind in ("probs", "top1-prob") and s.kind == "top1")
+                or (s_served.kind == "probs" and s.kind == "topk")
+            )
             if (served, spec) == ("probs:3", "top1-prob:4"):
                 # derivable, but rounded more coarsely than the spec asks: answers, possibly mismatching (documented)
                 assert all(a.labels is not None and len(a.scores) == 1 for a in answers)
@@ -260,8 +269,12 @@ def test_torchserve_client(model, x, style):
         return 200, {}, {"label": int(np.argmax(z)), "probability": float(softmax64(z).max())}
 
     supports = {
-        "top5-dict": ["top1", "topk:3", "top1-prob:4"], "wrapped": ["top1", "topk:3"], "probs-list": ["top1", "topk:3", "top1-prob:4", "probs:3"],
-        "logits-list": SPECS, "label": ["top1"], "named": ["top1", "top1-prob:4"],
+        "top5-dict": ["top1", "topk:3", "top1-prob:4"],
+        "wrapped": ["top1", "topk:3"],
+        "probs-list": ["top1", "topk:3", "top1-prob:4", "probs:3"],
+        "logits-list": SPECS,
+        "label": ["top1"],
+        "named": ["top1", "top1-prob:4"],
     }[style]
     with FakeServer(handler) as srv:
         for spec in supports:
@@ -291,7 +304,7 @@ def test_tfserving_client(model, x, style):
         return 200, {}, {"predictions": [{"probabilities": softmax64(r).tolist(), "classes": str(int(np.argmax(r)))} for r in z]}
 
     with FakeServer(handler) as srv:
-        for spec in (SPECS if style == "logits" else SPECS[:-1]):
+        for spec in SPECS if style == "logits" else SPECS[:-1]:
             c = _client(f"{srv.url}/v1/models/digits:predict", protocol="tfserving", model_name=None, batch_size=4)
             _check(c.query(x, OutputSpec.parse(spec)), logits, spec)
         assert max(len(b[2]["instances"]) for b in srv.requests) == 4
@@ -312,7 +325,8 @@ def test_json_template_client(model, x, tmp_path):
         return 404, {}, {"error": "no route"}
 
     template = {
-        "path": "/api/predict", "headers": {"X-Model": "digits"},
+        "path": "/api/predict",
+        "headers": {"X-Model": "digits"},
         "request": {"model": "digits", "image": "{{input}}", "shape": "{{shape}}"},
         "response": {"labels": "result.label", "probability": "result.confidence", "scores": "result.scores", "scores_kind": "logits"},
     }
@@ -330,15 +344,18 @@ def test_json_template_client(model, x, tmp_path):
         assert a[0].reason == "malformed response: missing 'result.klass'"
 
 
-@pytest.mark.parametrize("template, match", [
-    ({"request": {"x": 1}, "response": {"labels": "a"}}, "placeholder|input"),
-    ({"request": {"x": "img={{input}}"}, "response": {"labels": "a"}}, "not a placeholder"),
-    ({"request": {"x": "{{input}}"}, "response": {}}, "at least one"),
-    ({"request": {"x": "{{input}}"}, "response": {"labels": "a..b"}}, "bad response path"),
-    ({"request": {"x": "{{inputs}}"}, "response": {"labels": "a"}}, "batch"),
-    ({"request": {"x": "{{input}}"}, "response": {"labels": "a"}, "extra": 1}, "unknown key"),
-    ("{not json", "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "template, match",
+    [
+        ({"request": {"x": 1}, "response": {"labels": "a"}}, "placeholder|input"),
+        ({"request": {"x": "img={{input}}"}, "response": {"labels": "a"}}, "not a placeholder"),
+        ({"request": {"x": "{{input}}"}, "response": {}}, "at least one"),
+        ({"request": {"x": "{{input}}"}, "response": {"labels": "a..b"}}, "bad response path"),
+        ({"request": {"x": "{{inputs}}"}, "response": {"labels": "a"}}, "batch"),
+        ({"request": {"x": "{{input}}"}, "response": {"labels": "a"}, "extra": 1}, "unknown key"),
+        ("{not json", "not valid JSON"),
+    ],
+)
 def test_bad_templates_are_usage_errors(template, match):
     with pytest.raises(UsageError, match=match):
         make_client("json", "http://127.0.0.1:9", template=template)
@@ -449,27 +466,49 @@ def _logits_out(data, shape):
     return 200, {}, {"outputs": [{"name": "logits", "datatype": "FP32", "shape": shape, "data": data}]}
 
 
-@pytest.mark.parametrize("name, infer, reason", [
-    ("non-JSON", lambda b: (200, {"Content-Type": "text/html"}, b"<html>oops</html>"), "malformed response: not JSON (text/html)"),
-    ("no outputs", lambda b: (200, {}, {"model_name": "m"}), "malformed response: no outputs"),
-    ("missing data", lambda b: (200, {}, {"outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 10]}]}),
-     "malformed response: output 'logits' has no data"),
-    ("value count", lambda b: _logits_out([0.1] * 9, [1, 10]), "malformed response: output 'logits' has 9 values for shape [1, 10]"),
-    ("batch shape", lambda b: _logits_out([0.1] * 20, [2, 10]), "malformed response: output 'logits' has shape [2, 10], expected a batch of 1"),
-    ("wrong classes", lambda b: _logits_out([0.1, 0.2, 0.3, 0.4, 0.5], [1, 5]), "wrong number of classes: got 5 logits, expected 10"),
-    ("NaN", lambda b: (200, {}, b'{"outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 10], "data": [NaN, 1, 1, 1, 1, 1, 1, 1, 1, 1]}]}'),
-     "NaN in response"),
-    ("Infinity", lambda b: (200, {}, b'{"outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 10], "data": [Infinity, 1, 1, 1, 1, 1, 1, 1, 1, 1]}]}'),
-     "infinite value in response"),
-    ("string score", lambda b: _logits_out(["a"] + [0.1] * 9, [1, 10]), "malformed response: value of output 'logits'"),
-    ("label out of range", lambda b: (200, {}, {"outputs": [{"name": "label", "datatype": "INT64", "shape": [1, 1], "data": [12]}]}),
-     "malformed response: label 12 out of range for 10 classes"),
-    ("oversized", lambda b: _logits_out([0.1] * 300_000, [1, 10]), "response larger than 1 MiB"),
-    ("oversized, no length", lambda b: ("raw", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + b" " * (1 << 20) + b"{}"),
-     "response larger than 1 MiB"),
-    ("redirect", lambda b: (307, {"Location": "http://127.0.0.1:1/elsewhere"}, b""), "HTTP 307: redirect to"),
-    ("hang-up", lambda b: ("raw", b""), "connection closed by the server"),
-])
+@pytest.mark.parametrize(
+    "name, infer, reason",
+    [
+        ("non-JSON", lambda b: (200, {"Content-Type": "text/html"}, b"<html>oops</html>"), "malformed response: not JSON (text/html)"),
+        ("no outputs", lambda b: (200, {}, {"model_name": "m"}), "malformed response: no outputs"),
+        (
+            "missing data",
+            lambda b: (200, {}, {"outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 10]}]}),
+            "malformed response: output 'logits' has no data",
+        ),
+        ("value count", lambda b: _logits_out([0.1] * 9, [1, 10]), "malformed response: output 'logits' has 9 values for shape [1, 10]"),
+        ("batch shape", lambda b: _logits_out([0.1] * 20, [2, 10]), "malformed response: output 'logits' has shape [2, 10], expected a batch of 1"),
+        ("wrong classes", lambda b: _logits_out([0.1, 0.2, 0.3, 0.4, 0.5], [1, 5]), "wrong number of classes: got 5 logits, expected 10"),
+        (
+            "NaN",
+            lambda b: (200, {}, b'{"outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 10], "data": [NaN, 1, 1, 1, 1, 1, 1, 1, 1, 1]}]}'),
+            "NaN in response",
+        ),
+        (
+            "Infinity",
+            lambda b: (
+                200,
+                {},
+                b'{"outputs": [{"name": "logits", "datatype": "FP32", "shape": [1, 10], "data": [Infinity, 1, 1, 1, 1, 1, 1, 1, 1, 1]}]}',
+            ),
+            "infinite value in response",
+        ),
+        ("string score", lambda b: _logits_out(["a"] + [0.1] * 9, [1, 10]), "malformed response: value of output 'logits'"),
+        (
+            "label out of range",
+            lambda b: (200, {}, {"outputs": [{"name": "label", "datatype": "INT64", "shape": [1, 1], "data": [12]}]}),
+            "malformed response: label 12 out of range for 10 classes",
+        ),
+        ("oversized", lambda b: _logits_out([0.1] * 300_000, [1, 10]), "response larger than 1 MiB"),
+        (
+            "oversized, no length",
+            lambda b: ("raw", b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n" + b" " * (1 << 20) + b"{}"),
+            "response larger than 1 MiB",
+        ),
+        ("redirect", lambda b: (307, {"Location": "http://127.0.0.1:1/elsewhere"}, b""), "HTTP 307: redirect to"),
+        ("hang-up", lambda b: ("raw", b""), "connection closed by the server"),
+    ],
+)
 def test_bad_answers_are_failures_and_inconclusive(model, x, name, infer, reason):
     with kserve_fake(infer) as srv:
         spec = "top1" if name == "label out of range" else "logits"

@@ -36,8 +36,12 @@ def test_npz_and_range_override(tmp_path):
 
 @pytest.mark.parametrize(
     "arrays, msg",
-    [({"z": np.zeros((2, 2))}, "no array 'x'"), ({"x": np.zeros(3)}, "shape"), ({"x": np.array([[np.nan]])}, "NaN"),
-     ({"x": np.zeros((2, 2)), "y": np.zeros(3, dtype=np.int64)}, "one per row")],
+    [
+        ({"z": np.zeros((2, 2))}, "no array 'x'"),
+        ({"x": np.zeros(3)}, "shape"),
+        ({"x": np.array([[np.nan]])}, "NaN"),
+        ({"x": np.zeros((2, 2)), "y": np.zeros(3, dtype=np.int64)}, "one per row"),
+    ],
 )
 def test_npz_errors(tmp_path, arrays, msg):
     np.savez(tmp_path / "d.npz", **arrays)

@@ -21,8 +21,21 @@ from tamperprobe.models import TorchModel
 from tamperprobe.outputs import OutputSpec, compare_many
 
 TOL = 3e-5
-SPECS = ["top1", "topk:2", "topk:3", "topk:5", "top1-prob:0", "top1-prob:1", "top1-prob:2", "top1-prob:3",
-         "probs:0", "probs:1", "probs:2", "probs:3", "logits"]
+SPECS = [
+    "top1",
+    "topk:2",
+    "topk:3",
+    "topk:5",
+    "top1-prob:0",
+    "top1-prob:1",
+    "top1-prob:2",
+    "top1-prob:3",
+    "probs:0",
+    "probs:1",
+    "probs:2",
+    "probs:3",
+    "logits",
+]
 
 
 # ----------------------------------------------------------------------------- vectorised compare
@@ -105,8 +118,17 @@ def test_compare_many_rejects_shape_mismatch():
 
 @pytest.mark.parametrize(
     "p, c, s",
-    [(0.5, 0.9, 4), (0.5, 0.99, 7), (0.5, 0.999, 10), (0.1, 0.9, 22), (0.1, 0.99, 44), (0.01, 0.9, 230),
-     (0.5, 0.75, 3), (1.0, 0.999, 1), (0.9, 0.9, 2)],
+    [
+        (0.5, 0.9, 4),
+        (0.5, 0.99, 7),
+        (0.5, 0.999, 10),
+        (0.1, 0.9, 22),
+        (0.1, 0.99, 44),
+        (0.01, 0.9, 230),
+        (0.5, 0.75, 3),
+        (1.0, 0.999, 1),
+        (0.9, 0.9, 2),
+    ],
 )
 def test_key_size_known_values(p, c, s):
     assert key_size(p, c) == s
@@ -166,9 +188,17 @@ def digits_all():
     return load_data("digits")
 
 
-CAMPAIGN = dict(methods=["natural", "noise", "rotation", "nope"], attacks=["noise", "prune", "nope"], trials=2, bag=40,
-                select="random", resamples=2000, seed=3, baselines=False,
-                attack_params={"noise": {"fraction": 0.2, "sigma": 0.05}, "prune": {"ratio": 0.3}})
+CAMPAIGN = dict(
+    methods=["natural", "noise", "rotation", "nope"],
+    attacks=["noise", "prune", "nope"],
+    trials=2,
+    bag=40,
+    select="random",
+    resamples=2000,
+    seed=3,
+    baselines=False,
+    attack_params={"noise": {"fraction": 0.2, "sigma": 0.05}, "prune": {"ratio": 0.3}},
+)
 
 
 @pytest.fixture(scope="module")
@@ -248,9 +278,20 @@ def test_write_report_writes_the_promised_files(campaign, tmp_path):
 
 
 def test_manc_protocol_with_boundary_pairs(loaded_mlp, digits_all):
-    ev = run_evaluation(loaded_mlp, digits_all, methods=["boundary", "natural"], attacks=["prune"], specs=["top1"], bag=20,
-                        select="manc", resamples=500, seed=0, baselines=False, runtimes=["batch1"],
-                        attack_params={"prune": {"ratio": 0.3}})
+    ev = run_evaluation(
+        loaded_mlp,
+        digits_all,
+        methods=["boundary", "natural"],
+        attacks=["prune"],
+        specs=["top1"],
+        bag=20,
+        select="manc",
+        resamples=500,
+        seed=0,
+        baselines=False,
+        runtimes=["batch1"],
+        attack_params={"prune": {"ratio": 0.3}},
+    )
     assert not [e for e in ev.errors if e["stage"] != "method"], ev.errors
     rows = {m["method"]: m for m in ev.methods}
     curves = ev.detection_table("top1")
@@ -271,8 +312,27 @@ def test_cli_exits_2_when_nothing_can_be_measured(trained_mlp, digits, tmp_path)
 
     onnx_path = save_model(trained_mlp, tmp_path / "m.onnx", digits[0].x[:2])  # no weights in PyTorch form: no attack can run
     out = tmp_path / "report"
-    result = CliRunner().invoke(app, ["evaluate", str(onnx_path), "--data", "digits", "--out", str(out), "--methods", "natural",
-                                      "--no-baselines", "--attacks", "prune", "--bag", "10", "--resamples", "100", "--quiet"])
+    result = CliRunner().invoke(
+        app,
+        [
+            "evaluate",
+            str(onnx_path),
+            "--data",
+            "digits",
+            "--out",
+            str(out),
+            "--methods",
+            "natural",
+            "--no-baselines",
+            "--attacks",
+            "prune",
+            "--bag",
+            "10",
+            "--resamples",
+            "100",
+            "--quiet",
+        ],
+    )
     assert result.exit_code == 2, result.output
     assert (out / "report.md").exists()
     assert "Nothing could be measured" in (out / "report.md").read_text()

@@ -20,9 +20,16 @@ def _fp(n=5, dtype="float32", groups=True):
         x = rng.random((n, 1, 8, 8), dtype=np.float32)
     logits = rng.normal(size=(n, 10)).astype(np.float32)
     return make_fingerprint(
-        x, logits, spec, {"method": "sensitive", "params": {"epsilon": 0.1, "steps": 50}, "seed": 7, "selection": "manc", "bag": 20},
-        "sha256:abc", output_spec="probs:2", tolerance=1e-5, seeds=x.astype(np.float32),
-        groups=np.repeat(np.arange((n + 1) // 2), 2)[:n] if groups else None, extra={"note": "x"},
+        x,
+        logits,
+        spec,
+        {"method": "sensitive", "params": {"epsilon": 0.1, "steps": 50}, "seed": 7, "selection": "manc", "bag": 20},
+        "sha256:abc",
+        output_spec="probs:2",
+        tolerance=1e-5,
+        seeds=x.astype(np.float32),
+        groups=np.repeat(np.arange((n + 1) // 2), 2)[:n] if groups else None,
+        extra={"note": "x"},
     )
 
 
@@ -38,7 +45,12 @@ def test_round_trip_bit_exact(tmp_path, dtype):
     assert back.input_spec == fp.input_spec
     assert back.generator == fp.generator
     assert (back.model_digest, back.output_spec, back.tolerance, back.created, back.extra) == (
-        fp.model_digest, fp.output_spec, fp.tolerance, fp.created, fp.extra)
+        fp.model_digest,
+        fp.output_spec,
+        fp.tolerance,
+        fp.created,
+        fp.extra,
+    )
     assert back.id == fp.id
 
 

@@ -46,7 +46,8 @@ from tamperprobe.server.app import BadRequest, ServerThread, parse_infer_request
 
 # Hypothesis keeps caches in ./.hypothesis even with database=None: keep them out of the tree.
 _hypothesis_configuration.set_hypothesis_home_dir(
-    os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY") or Path(tempfile.gettempdir()) / "tamperprobe-hypothesis")
+    os.environ.get("HYPOTHESIS_STORAGE_DIRECTORY") or Path(tempfile.gettempdir()) / "tamperprobe-hypothesis"
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 SHAPE = (1, 8, 8)
@@ -55,8 +56,12 @@ MAX_BATCH = 64
 # database=None: no example database; deadline=None: timing noise on a busy machine.
 # TAMPERPROBE_FUZZ_SCALE=20 multiplies every example budget, for a longer hunt by hand (not in CI).
 SCALE = max(float(os.environ.get("TAMPERPROBE_FUZZ_SCALE", "1")), 0.01)
-FUZZ = settings(max_examples=int(150 * SCALE), deadline=None, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large])
+FUZZ = settings(
+    max_examples=int(150 * SCALE),
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
+)
 FUZZ_MORE = settings(FUZZ, max_examples=int(400 * SCALE))
 FUZZ_SERVER = settings(FUZZ, max_examples=int(200 * SCALE))
 
@@ -123,11 +128,13 @@ def spec_and_logits(draw, width=64):
     spec = draw(specs)
     classes = draw(st.integers(max(1, spec.k), 12))
     finite = st.floats(allow_nan=False, allow_infinity=False, width=width)
-    values = draw(st.one_of(
-        st.lists(finite, min_size=classes, max_size=classes),
-        st.lists(st.floats(-10, 10, width=width), min_size=classes, max_size=classes),
-        st.lists(st.sampled_from([0.0, 1.0, -1.0, 1e-7]), min_size=classes, max_size=classes),  # ties, near-ties
-    ))
+    values = draw(
+        st.one_of(
+            st.lists(finite, min_size=classes, max_size=classes),
+            st.lists(st.floats(-10, 10, width=width), min_size=classes, max_size=classes),
+            st.lists(st.sampled_from([0.0, 1.0, -1.0, 1e-7]), min_size=classes, max_size=classes),  # ties, near-ties
+        )
+    )
     return spec, np.array(values, dtype=np.float32 if width == 32 else np.float64)
 
 
@@ -156,7 +163,7 @@ def test_clearly_wrong_answers_do_not_match(sz, wrong, delta):
     assert not OutputSpec("logits").compare(z, Answer(scores=tuple(bad)), tol).ok
     if spec.kind == "probs":
         off = list(spec.reveal(z).scores)
-        off[c] = float(softmax64(z)[c]) + 0.5 * 10.0 ** -spec.decimals + tol + 1e-3  # beyond the rounding slack
+        off[c] = float(softmax64(z)[c]) + 0.5 * 10.0**-spec.decimals + tol + 1e-3  # beyond the rounding slack
         assert not spec.compare(z, Answer(scores=tuple(off)), tol).ok
 
 
@@ -201,7 +208,7 @@ def mutations(draw, outside_meta=False):
         elif op == "set":
             raw[i] = draw(st.integers(0, 255))
         elif op == "truncate":
-            del raw[draw(st.integers(0, len(raw) - 1)):]
+            del raw[draw(st.integers(0, len(raw) - 1)) :]
         elif op == "insert":
             raw[i:i] = draw(st.binary(min_size=1, max_size=8))
         elif op == "delete":
@@ -231,7 +238,14 @@ def _same_tensors(a, b) -> bool:
 
 def _same_meta(a, b) -> bool:
     return (a.input_spec, a.generator, a.model_digest, a.output_spec, a.tolerance, a.created, a.extra) == (
-        b.input_spec, b.generator, b.model_digest, b.output_spec, b.tolerance, b.created, b.extra)
+        b.input_spec,
+        b.generator,
+        b.model_digest,
+        b.output_spec,
+        b.tolerance,
+        b.created,
+        b.extra,
+    )
 
 
 _ORIGINAL_FPS = {name: load(GOLDEN / name) for name in _ORIGINALS}
@@ -269,18 +283,73 @@ def test_load_damage_outside_metadata_is_detected_or_harmless(fuzz_dir, m):
 
 # --------------------------------------------------------------------------- inference requests
 
-DTYPES = {"FP16": np.float16, "FP32": np.float32, "FP64": np.float64, "INT8": np.int8, "INT16": np.int16,
-          "INT32": np.int32, "INT64": np.int64, "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32,
-          "UINT64": np.uint64}
-_EDGE_INTS = [0, 1, -1, 127, 128, -128, -129, 255, 256, 2**15, 2**16, 2**31 - 1, 2**31, 2**32, 2**53 + 1,
-              2**63 - 1, 2**63, -(2**63), -(2**63) - 1, 2**64 - 1, 2**64, 10**30]
-_EDGE_FLOATS = [0.0, -0.0, 0.5, 1.0, 255.0, 255.5, 65504.0, 65520.0, 3.4028234663852886e38, 3.5e38, 1e30, 1e300,
-                -1e300, 5e-324, 1e-40, 2.0**63, 2.0**64, -(2.0**63), math.nan, math.inf, -math.inf]
-numbers = st.one_of(st.integers(-3, 300), st.sampled_from(_EDGE_INTS), st.integers(), st.floats(-2, 2),
-                    st.floats(), st.sampled_from(_EDGE_FLOATS), st.booleans())
+DTYPES = {
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
+}
+_EDGE_INTS = [
+    0,
+    1,
+    -1,
+    127,
+    128,
+    -128,
+    -129,
+    255,
+    256,
+    2**15,
+    2**16,
+    2**31 - 1,
+    2**31,
+    2**32,
+    2**53 + 1,
+    2**63 - 1,
+    2**63,
+    -(2**63),
+    -(2**63) - 1,
+    2**64 - 1,
+    2**64,
+    10**30,
+]
+_EDGE_FLOATS = [
+    0.0,
+    -0.0,
+    0.5,
+    1.0,
+    255.0,
+    255.5,
+    65504.0,
+    65520.0,
+    3.4028234663852886e38,
+    3.5e38,
+    1e30,
+    1e300,
+    -1e300,
+    5e-324,
+    1e-40,
+    2.0**63,
+    2.0**64,
+    -(2.0**63),
+    math.nan,
+    math.inf,
+    -math.inf,
+]
+numbers = st.one_of(
+    st.integers(-3, 300), st.sampled_from(_EDGE_INTS), st.integers(), st.floats(-2, 2), st.floats(), st.sampled_from(_EDGE_FLOATS), st.booleans()
+)
 json_scalars = st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8))
 json_values = st.recursive(
-    json_scalars, lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.text(max_size=8), c, max_size=4)),
+    json_scalars,
+    lambda c: st.one_of(st.lists(c, max_size=4), st.dictionaries(st.text(max_size=8), c, max_size=4)),
     max_leaves=10,
 )
 _header_text = st.text(alphabet="0123456789-+ abcxyz", max_size=8).map(str.strip)  # h11 refuses padded values
@@ -304,11 +373,14 @@ def _values_for(datatype: str):
         info = np.iinfo(DTYPES[datatype])
         lo, hi = int(info.min), int(info.max)
         edges = st.sampled_from([lo, hi, lo - 1, hi + 1, float(lo), float(hi), 2.0**63, 2.0**64, 2**63, 2**64 - 1])
-        return st.one_of(st.integers(max(lo, -300), min(hi, 300)), st.integers(lo, hi), edges, edges,
-                         st.integers(-3, 3).map(float))
+        return st.one_of(st.integers(max(lo, -300), min(hi, 300)), st.integers(lo, hi), edges, edges, st.integers(-3, 3).map(float))
     limit = {"FP16": 65504.0, "FP32": 3.4028234663852886e38}.get(datatype, 1e308)
-    return st.one_of(st.floats(0, 1), st.floats(-limit, limit), st.integers(-(2**70), 2**70),
-                     st.sampled_from([0.0, -0.0, limit, -limit, 5e-324, 1e-40, 6e-8, 65520.0, 3.5e38]))
+    return st.one_of(
+        st.floats(0, 1),
+        st.floats(-limit, limit),
+        st.integers(-(2**70), 2**70),
+        st.sampled_from([0.0, -0.0, limit, -limit, 5e-324, 1e-40, 6e-8, 65520.0, 3.5e38]),
+    )
 
 
 @st.composite
@@ -329,10 +401,12 @@ def infer_requests(draw):
 
     batch = draw(st.integers(1, 3))
     batch = junk(batch, st.sampled_from([0, -1, MAX_BATCH, MAX_BATCH + 1, 10**20]))
-    shape = junk([batch, *SHAPE], st.sampled_from([[batch, 64], [batch, 1, 8], [batch, 1, 8, 9], [batch, 1, 8, 8, 1],
-                                                   [True, 1, 8, 8], [1.0, 1, 8, 8], [], [-1, -1, 8, 8]]), json_values)
-    datatype = junk(draw(st.sampled_from(sorted(DTYPES))),
-                    st.sampled_from(["BOOL", "BYTES", "BF16", "fp32", "", "FP8"]), json_values)
+    shape = junk(
+        [batch, *SHAPE],
+        st.sampled_from([[batch, 64], [batch, 1, 8], [batch, 1, 8, 9], [batch, 1, 8, 8, 1], [True, 1, 8, 8], [1.0, 1, 8, 8], [], [-1, -1, 8, 8]]),
+        json_values,
+    )
+    datatype = junk(draw(st.sampled_from(sorted(DTYPES))), st.sampled_from(["BOOL", "BYTES", "BF16", "fp32", "", "FP8"]), json_values)
     name = junk("input", st.sampled_from(["x", "", "INPUT"]), json_values, p=8)
     plain = isinstance(shape, list) and shape and all(type(d) is int and 0 <= d <= 256 for d in shape)
     count = math.prod(shape) if plain else draw(st.integers(0, 70))
@@ -371,13 +445,14 @@ def infer_requests(draw):
         if draw(st.booleans()):
             out["parameters"] = junk(
                 draw(st.fixed_dictionaries({}, optional={"classification": st.integers(0, 2), "binary_data": st.booleans()})),
-                st.fixed_dictionaries({}, optional={"classification": st.one_of(st.integers(-1, 12), json_values),
-                                                    "binary_data": st.one_of(st.booleans(), json_values)}),
-                json_values)
+                st.fixed_dictionaries(
+                    {}, optional={"classification": st.one_of(st.integers(-1, 12), json_values), "binary_data": st.one_of(st.booleans(), json_values)}
+                ),
+                json_values,
+            )
         req["outputs"] = junk([out], st.sampled_from([[out, out], out]), json_values)
     if draw(st.integers(0, 3)) == 0:
-        req["parameters"] = junk({"binary_data_output": draw(st.booleans())},
-                                 st.fixed_dictionaries({"binary_data_output": json_values}), json_values)
+        req["parameters"] = junk({"binary_data_output": draw(st.booleans())}, st.fixed_dictionaries({"binary_data_output": json_values}), json_values)
     head = json.dumps(req).encode()  # allow_nan: NaN/Infinity tokens, which Python's JSON reader accepts
     if kind == "binary":
         header_length = junk(str(len(head)), st.sampled_from([None, "0", "-5", str(len(head) + len(blob) + 1), "x"]))
@@ -428,15 +503,14 @@ def _check_parsed(r: Req, req: dict, x: np.ndarray) -> None:
     datatype = t["datatype"]
     params = t.get("parameters") if isinstance(t.get("parameters"), dict) else {}
     if "binary_data_size" in params:  # the values are exactly the bytes sent
-        blob = r.body[int(r.header_length):]
+        blob = r.body[int(r.header_length) :]
         want = np.frombuffer(blob, dtype=np.dtype(DTYPES[datatype]).newbyteorder("<")).astype(np.float32)
         assert np.array_equal(x.reshape(-1), want)
         return
     values = list(_flatten(t["data"]))
     ref = np.array([float(v) for v in values], dtype=np.float64)
     rtol, atol = (2.0**-10, 2.0**-24) if datatype == "FP16" else (2.0**-23, 2.0**-148)
-    np.testing.assert_allclose(x.reshape(-1).astype(np.float64), ref, rtol=rtol, atol=atol,
-                               err_msg=f"values changed on the way in ({datatype})")
+    np.testing.assert_allclose(x.reshape(-1).astype(np.float64), ref, rtol=rtol, atol=atol, err_msg=f"values changed on the way in ({datatype})")
 
 
 @FUZZ_MORE
@@ -459,8 +533,7 @@ def test_parse_infer_request_raises_only_bad_request(r):
 def server():
     torch.manual_seed(0)
     module = zoo.build("perceptron", SHAPE).eval()
-    srv = ServerThread(TorchModel(module, "m"), input_spec=InputSpec(SHAPE), output_spec="top1-prob:4",
-                       max_batch=MAX_BATCH, log_level="critical")
+    srv = ServerThread(TorchModel(module, "m"), input_spec=InputSpec(SHAPE), output_spec="top1-prob:4", max_batch=MAX_BATCH, log_level="critical")
     with srv:
         # no keep-alive: after a 500, uvicorn drops the connection and a pooled one would fail the next request
         with httpx.Client(base_url=srv.url, timeout=10, limits=httpx.Limits(max_keepalive_connections=0)) as client:
@@ -468,14 +541,21 @@ def server():
 
 
 _PATHS = ["/v2/models/model/infer"] * 6 + [
-    "/v2/models/model/versions/1/infer", "/v2/models/model/versions/2/infer", "/v2/models/other/infer",
-    "/v2/models/model", "/v2/models/model/infer/", "/v2/repository/index",
+    "/v2/models/model/versions/1/infer",
+    "/v2/models/model/versions/2/infer",
+    "/v2/models/other/infer",
+    "/v2/models/model",
+    "/v2/models/model/infer/",
+    "/v2/repository/index",
 ]
 
 
 @FUZZ_SERVER
-@given(r=infer_requests(), path=st.sampled_from(_PATHS),
-       content_type=st.sampled_from([None, "application/json", "application/octet-stream", "text/plain", "x/y; a=b"]))
+@given(
+    r=infer_requests(),
+    path=st.sampled_from(_PATHS),
+    content_type=st.sampled_from([None, "application/json", "application/octet-stream", "text/plain", "x/y; a=b"]),
+)
 def test_live_server_never_answers_5xx(server, r, path, content_type):
     srv, client = server
     headers = {}

@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
+from tamperprobe.models import TorchModel, load_model, save_model
 from tamperprobe.owner.generate import create_fingerprint
-from tamperprobe.models import load_model, save_model, TorchModel
 from tamperprobe.served.targets import LocalTarget
 from tamperprobe.served.verify import INTACT, TAMPERED, verify
 
@@ -83,9 +83,30 @@ def test_fingerprint_cli_prints_budget(tmp_path, trained_cnn, digits):
     import sys
 
     save_model(trained_cnn, tmp_path / "m.pt", digits[1].x)
-    r = subprocess.run([sys.executable, "-m", "tamperprobe", "fingerprint", str(tmp_path / "m.pt"), "--data", "digits",
-                        "--out", str(tmp_path / "f.tpf"), "--method", "natural", "--select", "random", "--size", "5", "--bag", "20"],
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tamperprobe",
+            "fingerprint",
+            str(tmp_path / "m.pt"),
+            "--data",
+            "digits",
+            "--out",
+            str(tmp_path / "f.tpf"),
+            "--method",
+            "natural",
+            "--select",
+            "random",
+            "--size",
+            "5",
+            "--bag",
+            "20",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == 0, r.stderr
     assert "query budget: 5 prediction requests" in r.stdout and "expected detection" in r.stdout
 
@@ -103,17 +124,55 @@ def test_fingerprint_uses_calibrated_noise_and_refuses_delta_below_it(tmp_path, 
     r = run("calibrate", model, "--data", "digits", "--runtimes", "batch1,batch64,onnx", "--samples", "64", "--out", tmp_path / "n.json")
     assert r.exit_code == 0, r.output
     floor = json.loads((tmp_path / "n.json").read_text())
-    r = run("fingerprint", model, "--data", "digits", "--out", tmp_path / "f.tpf", "--method", "boundary", "--select", "random",
-            "--size", "4", "--bag", "12", "--output-spec", "top1", "--noise", tmp_path / "n.json", "--no-check")
+    r = run(
+        "fingerprint",
+        model,
+        "--data",
+        "digits",
+        "--out",
+        tmp_path / "f.tpf",
+        "--method",
+        "boundary",
+        "--select",
+        "random",
+        "--size",
+        "4",
+        "--bag",
+        "12",
+        "--output-spec",
+        "top1",
+        "--noise",
+        tmp_path / "n.json",
+        "--no-check",
+    )
     assert r.exit_code == 0, r.output
-    from tamperprobe.owner.calibrate import delta_from_noise, load_noise
     from tamperprobe.fingerprint import load
+    from tamperprobe.owner.calibrate import delta_from_noise, load_noise
 
     fp = load(tmp_path / "f.tpf")
     noise_floor = delta_from_noise(load_noise(tmp_path / "n.json"), 1.0)
     assert noise_floor > 0, floor
     assert fp.generator["params"]["delta"] >= 10 * noise_floor and fp.tolerance >= 2 * noise_floor
-    r = run("fingerprint", model, "--data", "digits", "--out", tmp_path / "g.tpf", "--method", "boundary", "--select", "random",
-            "--size", "4", "--bag", "12", "--noise", tmp_path / "n.json", "--param", f"delta={noise_floor / 2}", "--no-check")
+    r = run(
+        "fingerprint",
+        model,
+        "--data",
+        "digits",
+        "--out",
+        tmp_path / "g.tpf",
+        "--method",
+        "boundary",
+        "--select",
+        "random",
+        "--size",
+        "4",
+        "--bag",
+        "12",
+        "--noise",
+        tmp_path / "n.json",
+        "--param",
+        f"delta={noise_floor / 2}",
+        "--no-check",
+    )
     assert r.exit_code == 2 and "noise" in r.output.lower()
     assert isinstance(r.exception, SystemExit)  # a handled one-line error, not a crash

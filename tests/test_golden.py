@@ -41,9 +41,18 @@ def _expected_fingerprint(exp: dict) -> Fingerprint:
     t = {k: _array(v) for k, v in exp["tensors"].items()}
     f = exp["fields"]
     return Fingerprint(
-        inputs=t["inputs"], logits=t["logits"], probs=t["probs"], input_spec=InputSpec.from_json(f["input_spec"]),
-        generator=f["generator"], model_digest=f["model_digest"], output_spec=f["output_spec"],
-        tolerance=f["tolerance"], created=f["created"], seeds=t.get("seeds"), groups=t.get("groups"), extra=f["extra"],
+        inputs=t["inputs"],
+        logits=t["logits"],
+        probs=t["probs"],
+        input_spec=InputSpec.from_json(f["input_spec"]),
+        generator=f["generator"],
+        model_digest=f["model_digest"],
+        output_spec=f["output_spec"],
+        tolerance=f["tolerance"],
+        created=f["created"],
+        seeds=t.get("seeds"),
+        groups=t.get("groups"),
+        extra=f["extra"],
     )
 
 
@@ -105,8 +114,7 @@ def test_reading_golden_gives_exact_metadata(key):
     meta = json.loads(header["__metadata__"]["tamperprobe"])
     assert meta == exp["meta"]
     assert meta["format"] == f"{FORMAT}/v1" == "tamperprobe.fingerprint/v1"
-    assert sorted(meta) == ["created", "extra", "format", "generator", "input_spec", "model_digest", "output_spec",
-                            "sha256", "tolerance"]
+    assert sorted(meta) == ["created", "extra", "format", "generator", "input_spec", "model_digest", "output_spec", "sha256", "tolerance"]
     assert {k: v for k, v in header.items() if k != "__metadata__"} == exp["header_tensors"]
 
 
@@ -186,8 +194,14 @@ def test_make_fingerprint_reproduces_golden(key):
             assert np.ascontiguousarray(got).tobytes().hex() == exp["tensors"][name]["hex"], name
     golden = load(GOLDEN / exp["file"])
     assert (fp.input_spec, fp.generator, fp.model_digest, fp.output_spec, fp.tolerance, fp.created, fp.extra) == (
-        golden.input_spec, golden.generator, golden.model_digest, golden.output_spec, golden.tolerance,
-        golden.created, golden.extra)
+        golden.input_spec,
+        golden.generator,
+        golden.model_digest,
+        golden.output_spec,
+        golden.tolerance,
+        golden.created,
+        golden.extra,
+    )
 
 
 def test_version_constant():

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tamperprobe.served import history
 from tamperprobe.errors import UsageError
 from tamperprobe.outputs import Answer
+from tamperprobe.served import history
 from tamperprobe.served.verify import INCONCLUSIVE, INTACT, TAMPERED, MarkerResult, Report
 
 
@@ -37,7 +37,7 @@ def test_record_and_read_back(tmp_path):
     assert run["fingerprint"] == "abcdef0123456789" and run["output_spec"] == "top1" and run["seconds"] == 0.25
     assert run["target"].startswith("kserve:http://127.0.0.1:8080")
     t = datetime.fromisoformat(run["time"])
-    assert t.tzinfo is not None and abs(datetime.now(timezone.utc) - t) < timedelta(minutes=1)
+    assert t.tzinfo is not None and abs(datetime.now(UTC) - t) < timedelta(minutes=1)
     rows = history.markers(rid, path)
     assert [r["index"] for r in rows] == [0, 1, 2]
     assert [r["status"] for r in rows] == ["match", "MISMATCH", "match"]
@@ -64,7 +64,7 @@ def test_filters_order_and_limit(tmp_path):
     assert inconclusive["failed"] == 1
     assert history.markers(inconclusive["id"], path)[0]["detail"] == "connection refused"
     assert len(history.runs(path, since="1h")) == 4
-    assert history.runs(path, since=datetime.now(timezone.utc) + timedelta(minutes=1)) == []
+    assert history.runs(path, since=datetime.now(UTC) + timedelta(minutes=1)) == []
     assert len(history.runs(path, since="2000-01-01T00:00")) == 4
     with pytest.raises(history.HistoryError):
         history.runs(path, since="yesterday-ish")

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 from tamperprobe.errors import UsageError
-from tamperprobe.owner.methods import get_method, method_names
-from tamperprobe.owner.methods.boundary import decode_uint8, encode_uint8, top_margin
 from tamperprobe.models import TorchModel
 from tamperprobe.outputs import OutputSpec
+from tamperprobe.owner.methods import get_method, method_names
+from tamperprobe.owner.methods.boundary import decode_uint8, encode_uint8, top_margin
 
 CONFIGS = [
     ("natural", {}),

@@ -35,8 +35,12 @@ def test_state_dict_as_model_is_explained(tmp_path, trained_cnn):
 
 @pytest.mark.parametrize(
     "name, content, msg",
-    [("m.pt", b"garbage", "not a TorchScript"), ("m.pt2", b"garbage", "not a torch.export"), ("m.onnx", b"garbage", "cannot load ONNX"),
-     ("m.xyz", b"", "unknown model format")],
+    [
+        ("m.pt", b"garbage", "not a TorchScript"),
+        ("m.pt2", b"garbage", "not a torch.export"),
+        ("m.onnx", b"garbage", "cannot load ONNX"),
+        ("m.xyz", b"", "unknown model format"),
+    ],
 )
 def test_bad_model_files(tmp_path, name, content, msg):
     (tmp_path / name).write_bytes(content)

@@ -13,8 +13,16 @@ TOL = 3e-5
 
 @pytest.mark.parametrize(
     "text, canonical",
-    [("top1", "top1"), ("TOP1", "top1"), ("topk:3", "topk:3"), ("topk:1", "top1"), ("top1-prob:2", "top1-prob:2"),
-     ("probs:1", "probs:1"), ("logits", "logits"), (" probs:4 ", "probs:4")],
+    [
+        ("top1", "top1"),
+        ("TOP1", "top1"),
+        ("topk:3", "topk:3"),
+        ("topk:1", "top1"),
+        ("top1-prob:2", "top1-prob:2"),
+        ("probs:1", "probs:1"),
+        ("logits", "logits"),
+        (" probs:4 ", "probs:4"),
+    ],
 )
 def test_parse_canonical(text, canonical):
     assert str(OutputSpec.parse(text)) == canonical

@@ -17,13 +17,13 @@ import pytest
 import torch
 
 from tamperprobe import zoo
-from tamperprobe.served.clients import make_client
 from tamperprobe.data import load_data
 from tamperprobe.fingerprint import make_fingerprint, save
-from tamperprobe.models import load_model, save_model, TorchModel
+from tamperprobe.models import TorchModel, load_model, save_model
+from tamperprobe.served.clients import make_client
+from tamperprobe.served.verify import INCONCLUSIVE, INTACT, TAMPERED, verify
 from tamperprobe.server.app import ServerThread
 from tamperprobe.train import fit
-from tamperprobe.served.verify import INCONCLUSIVE, INTACT, TAMPERED, verify
 
 
 @pytest.fixture(scope="module")
@@ -40,8 +40,9 @@ def setup(tmp_path_factory):
         torch.set_num_threads(threads)
     intact = TorchModel(module, "intact")
     x = test.x[:16]
-    fp = make_fingerprint(x, intact.logits(x), train.input_spec, {"method": "natural", "params": {}, "seed": 0}, intact.digest(),
-                          output_spec="logits")
+    fp = make_fingerprint(
+        x, intact.logits(x), train.input_spec, {"method": "natural", "params": {}, "seed": 0}, intact.digest(), output_spec="logits"
+    )
     fp_path = save(fp, d / "fp.tpf")
     tampered = copy.deepcopy(module)
     with torch.no_grad():
@@ -94,8 +95,22 @@ def served(setup):
 def test_cli_verify_endpoint_exit_codes_and_history(setup, served, tmp_path):
     hist = tmp_path / "h.sqlite"
     env = {"TP_TOKEN": "tok"}
-    common = ["--endpoint", served.url, "--protocol", "kserve", "--model-name", "digits", "--token-env", "TP_TOKEN",
-              "--timeout", "3", "--retries", "0", "--history", hist]
+    common = [
+        "--endpoint",
+        served.url,
+        "--protocol",
+        "kserve",
+        "--model-name",
+        "digits",
+        "--token-env",
+        "TP_TOKEN",
+        "--timeout",
+        "3",
+        "--retries",
+        "0",
+        "--history",
+        hist,
+    ]
     r = run("verify", setup["fp_path"], *common, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "INTACT" in r.stdout
@@ -120,8 +135,24 @@ def test_cli_watch(setup, served, tmp_path):
     hist = tmp_path / "w.sqlite"
     hook_out = tmp_path / "hook.txt"
     hook = f"{sys.executable} -c \"import os; open(r'{hook_out}', 'a').write(os.environ['TAMPERPROBE_VERDICT'] + ' ' + os.environ['TAMPERPROBE_MISMATCHED'] + '\\n')\""
-    common = ["--endpoint", served.url, "--model-name", "digits", "--token-env", "TP_TOKEN", "--every", "0s", "--history", hist,
-              "--timeout", "3", "--retries", "0", "--hook", hook]
+    common = [
+        "--endpoint",
+        served.url,
+        "--model-name",
+        "digits",
+        "--token-env",
+        "TP_TOKEN",
+        "--every",
+        "0s",
+        "--history",
+        hist,
+        "--timeout",
+        "3",
+        "--retries",
+        "0",
+        "--hook",
+        hook,
+    ]
     r = run("watch", setup["fp_path"], *common, "--count", "2", env={"TP_TOKEN": "tok"})
     assert r.returncode == 0, r.stdout + r.stderr
     assert r.stdout.count("INTACT") == 2 and not hook_out.exists()
@@ -133,8 +164,23 @@ def test_cli_watch(setup, served, tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{s.getsockname()[1]}"
-    r = run("watch", setup["fp_path"], "--endpoint", dead, "--every", "0s", "--count", "3", "--max-inconclusive", "2",
-            "--retries", "0", "--no-history", "--hook", hook)
+    r = run(
+        "watch",
+        setup["fp_path"],
+        "--endpoint",
+        dead,
+        "--every",
+        "0s",
+        "--count",
+        "3",
+        "--max-inconclusive",
+        "2",
+        "--retries",
+        "0",
+        "--no-history",
+        "--hook",
+        hook,
+    )
     assert r.returncode == 2 and r.stdout.count("INCONCLUSIVE") == 2
     assert hook_out.read_text().splitlines()[-1].startswith("INCONCLUSIVE")  # once, at the start of the streak
     assert hook_out.read_text().count("INCONCLUSIVE") == 1
@@ -147,9 +193,24 @@ def test_cli_serve_subprocess(setup, tmp_path):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "tamperprobe", "serve", str(setup["intact"]), "--port", str(port), "--name", "digits",
-         "--fingerprint", str(setup["fp_path"]), "--output-spec", "top1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tamperprobe",
+            "serve",
+            str(setup["intact"]),
+            "--port",
+            str(port),
+            "--name",
+            "digits",
+            "--fingerprint",
+            str(setup["fp_path"]),
+            "--output-spec",
+            "top1",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         import httpx

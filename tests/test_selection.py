@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from tamperprobe.errors import UsageError
-from tamperprobe.owner.methods.base import Bag
 from tamperprobe.models import Model, TorchModel
+from tamperprobe.owner.methods.base import Bag
 from tamperprobe.owner.selection import manc, random_selection, select
 
 

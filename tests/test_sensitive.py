@@ -9,9 +9,9 @@ from torch import nn
 
 from tamperprobe.data import Dataset
 from tamperprobe.errors import UsageError
+from tamperprobe.models import Model, OnnxModel, ScriptedModel, TorchModel
 from tamperprobe.owner.methods import get_method
 from tamperprobe.owner.methods.sensitive import SensitiveSamples
-from tamperprobe.models import Model, OnnxModel, ScriptedModel, TorchModel
 from tamperprobe.owner.sensitivity import resolve_params, sensitivity
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -31,7 +31,9 @@ def _model(kind: str = "cnn") -> Model:
     if kind == "mlp":
         module = nn.Sequential(nn.Flatten(), nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
     else:
-        module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 10))
+        module = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), nn.Linear(64, 24), nn.ReLU(), nn.Linear(24, 10)
+        )
     return TorchModel(module.eval(), kind)
 
 
@@ -125,5 +127,11 @@ def test_misuse_is_a_usage_error(data: Dataset) -> None:
     with pytest.raises(UsageError, match="valid names"):
         SensitiveSamples(params=["nope"]).generate(_model("mlp"), data, 4, np.random.default_rng(0))
     assert get_method("sensitive").params() == {
-        "epsilon": 0.1, "lr": 0.01, "steps": 200, "patience": 20, "min_delta": 1e-4, "output": "softmax", "params": None,
+        "epsilon": 0.1,
+        "lr": 0.01,
+        "steps": 200,
+        "patience": 20,
+        "min_delta": 1e-4,
+        "output": "softmax",
+        "params": None,
     }

@@ -53,10 +53,10 @@ def _x(n: int = 5, seed: int = 0) -> torch.Tensor:
 def _compare(model: Model, ref_model: Model, params: list[str], ref_params: list[str], output: str, path: str = "auto") -> None:
     x1 = _x().requires_grad_(True)
     s = sensitivity(model, x1, params, output, path=path)
-    (g, ) = torch.autograd.grad(s.sum(), x1)
+    (g,) = torch.autograd.grad(s.sum(), x1)
     x2 = _x().requires_grad_(True)
     ref = naive_sensitivity(ref_model, x2, ref_params, output)
-    (g_ref, ) = torch.autograd.grad(ref.sum(), x2)
+    (g_ref,) = torch.autograd.grad(ref.sum(), x2)
     assert s.shape == (5,)
     assert torch.all(ref > 0)
     torch.testing.assert_close(s, ref, rtol=RTOL, atol=0.0)

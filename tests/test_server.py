@@ -12,7 +12,7 @@ import torch
 
 from tamperprobe import zoo
 from tamperprobe.errors import UsageError
-from tamperprobe.models import load_model, save_model, TorchModel
+from tamperprobe.models import TorchModel, load_model, save_model
 from tamperprobe.outputs import OutputSpec
 from tamperprobe.server.app import ServerThread, infer_input_spec
 
@@ -182,7 +182,12 @@ BAD = [
     ("UINT8 out of range", json.dumps(_body(datatype="UINT8", data=[300] * 64)).encode(), None),
     ("unknown output", json.dumps({**_body(), "outputs": [{"name": "probs"}]}).encode(), None),
     ("classification too large", json.dumps({**_body(), "outputs": [{"name": "logits", "parameters": {"classification": 11}}]}).encode(), None),
-    ("binary size mismatch", json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": 256}}]}).encode() + b"\0" * 100, "hdr"),
+    (
+        "binary size mismatch",
+        json.dumps({"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "parameters": {"binary_data_size": 256}}]}).encode()
+        + b"\0" * 100,
+        "hdr",
+    ),
 ]
 
 
@@ -208,8 +213,13 @@ def test_body_cap_by_content_length_and_by_actual_size(model_files):
         assert status == 400 and "exceeds" in doc["error"]
         # chunked: no Content-Length, so the server must count what arrives
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
-        conn.request("POST", "/v2/models/model/infer", body=iter([big[i : i + 1000] for i in range(0, len(big), 1000)]),
-                     headers={"Content-Type": "application/json"}, encode_chunked=True)
+        conn.request(
+            "POST",
+            "/v2/models/model/infer",
+            body=iter([big[i : i + 1000] for i in range(0, len(big), 1000)]),
+            headers={"Content-Type": "application/json"},
+            encode_chunked=True,
+        )
         resp = conn.getresponse()
         assert resp.status == 400 and "exceeds" in json.loads(resp.read())["error"]
         conn.close()
@@ -229,8 +239,13 @@ def test_integer_and_nested_inputs_are_converted(model_files):
 
 def test_unknown_model_version_and_path_give_404(model_files):
     with ServerThread(model_files["pt"], name="a", input_shape=SHAPE) as srv:
-        for method, path in [("GET", "/v2/models/b"), ("GET", "/v2/models/a/versions/2"), ("POST", "/v2/models/b/infer"),
-                             ("GET", "/v2/models/b/ready"), ("GET", "/nope")]:
+        for method, path in [
+            ("GET", "/v2/models/b"),
+            ("GET", "/v2/models/a/versions/2"),
+            ("POST", "/v2/models/b/infer"),
+            ("GET", "/v2/models/b/ready"),
+            ("GET", "/nope"),
+        ]:
             r = HTTP.request(method, srv.url + path, json=_body() if method == "POST" else None)
             assert r.status_code == 404 and r.json()["error"], path
 
@@ -241,8 +256,13 @@ def test_token_required_except_health(model_files, x):
     with ServerThread(model_files["pt"], input_shape=SHAPE, token="s3cret") as srv:
         assert HTTP.get(f"{srv.url}/v2/health/live").status_code == 200
         assert HTTP.get(f"{srv.url}/v2/health/ready").status_code == 200
-        for method, path in [("GET", "/v2"), ("GET", "/v2/models/model"), ("GET", "/v2/models/model/ready"),
-                             ("POST", "/v2/models/model/infer"), ("POST", "/v2/repository/index")]:
+        for method, path in [
+            ("GET", "/v2"),
+            ("GET", "/v2/models/model"),
+            ("GET", "/v2/models/model/ready"),
+            ("POST", "/v2/models/model/infer"),
+            ("POST", "/v2/repository/index"),
+        ]:
             for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "s3cret"}):
                 r = HTTP.request(method, srv.url + path, json=_body(), headers=headers)
                 assert r.status_code == 401 and r.json()["error"], (path, headers)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 import torch
 
-from tamperprobe.served.clients import make_client
-from tamperprobe.owner.generate import create_fingerprint
 from tamperprobe.models import TorchModel
-from tamperprobe.server.app import ServerThread
+from tamperprobe.owner.generate import create_fingerprint
+from tamperprobe.served.clients import make_client
 from tamperprobe.served.verify import INTACT, TAMPERED, verify
+from tamperprobe.server.app import ServerThread
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,31 @@ from .errors import TamperprobeError
 from .fingerprint import Fingerprint
 from .fingerprint import load as load_fingerprint
 from .fingerprint import save as save_fingerprint
-from .owner.generate import create_fingerprint
 from .models import Model, load_model
 from .outputs import Answer, OutputSpec
+from .owner.generate import create_fingerprint
 from .served.targets import LocalTarget, QueryFailure, Target
 from .served.verify import INCONCLUSIVE, INTACT, TAMPERED, Report, verify
 
 __all__ = [
-    "Answer", "Dataset", "Fingerprint", "INCONCLUSIVE", "INTACT", "InputSpec", "Model", "LocalTarget",
-    "OutputSpec", "QueryFailure", "Report", "TAMPERED", "Target", "TamperprobeError", "create_fingerprint",
-    "load_data", "load_fingerprint", "load_model", "save_fingerprint", "verify",
+    "Answer",
+    "Dataset",
+    "Fingerprint",
+    "INCONCLUSIVE",
+    "INTACT",
+    "InputSpec",
+    "Model",
+    "LocalTarget",
+    "OutputSpec",
+    "QueryFailure",
+    "Report",
+    "TAMPERED",
+    "Target",
+    "TamperprobeError",
+    "create_fingerprint",
+    "load_data",
+    "load_fingerprint",
+    "load_model",
+    "save_fingerprint",
+    "verify",
 ]

@@ -7,7 +7,7 @@ import tempfile
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 
 def one_line(exc: BaseException | str, limit: int = 300, *, with_type: bool = False) -> str:
@@ -53,3 +53,9 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
 def derive_seed(seed: int, *parts: object) -> int:
     """A 31-bit seed derived from ``seed`` and names (stable across runs and processes, unlike ``hash``)."""
     return zlib.crc32("|".join([str(int(seed)), *map(str, parts)]).encode()) & 0x7FFFFFFF
+
+
+class Progress(Protocol):
+    """A progress callback: ``progress(done, total)`` or ``progress(done, total, what)``, ``what`` naming the current step."""
+
+    def __call__(self, done: int, total: int, what: str = "", /) -> None: ...

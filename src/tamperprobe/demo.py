@@ -83,19 +83,18 @@ def run_demo(fresh: bool = False, seed: int = 0, console=None) -> bool:
     """Run the demo; True when every verdict came out as expected (intact INTACT, every attack TAMPERED)."""
     import tempfile
 
+    import torch
     from rich.console import Console
     from rich.table import Table
 
     from .attacks import run_attack
     from .cli._common import progress_bar
-    from .served.clients import make_client
-    from .owner.generate import create_fingerprint
     from .models import TorchModel, save_model
+    from .owner.generate import create_fingerprint
+    from .served.clients import make_client
+    from .served.verify import INTACT, TAMPERED, verify
     from .server.app import ServerThread
     from .train import accuracy
-    from .served.verify import INTACT, TAMPERED, verify
-
-    import torch
 
     console = console or Console()
     # The demo CNN is tiny: one intra-op thread is many times faster than two (no OpenMP hand-offs,
@@ -111,8 +110,9 @@ def run_demo(fresh: bool = False, seed: int = 0, console=None) -> bool:
     prints = []
     for plan in _fingerprint_plan():
         with progress_bar(f"generating {plan.method} markers") as update:
-            fp = create_fingerprint(intact, train, method=plan.method, size=plan.size, bag=plan.bag, seed=seed,
-                                    output_spec=plan.spec, params=plan.params, progress=update)
+            fp = create_fingerprint(
+                intact, train, method=plan.method, size=plan.size, bag=plan.bag, seed=seed, output_spec=plan.spec, params=plan.params, progress=update
+            )
         prints.append((plan, fp))
         console.print(f"fingerprint: {plan.title}: {len(fp)} markers, id {fp.id}")
 
@@ -122,8 +122,7 @@ def run_demo(fresh: bool = False, seed: int = 0, console=None) -> bool:
     for plan, _ in prints:
         table.add_column(f"{plan.title}\nchanged · verdict")
     all_ok = True
-    with tempfile.TemporaryDirectory() as tmp, ServerThread(intact, name="digits-cnn", output_spec="logits",
-                                                            input_spec=train.input_spec) as server:
+    with tempfile.TemporaryDirectory() as tmp, ServerThread(intact, name="digits-cnn", output_spec="logits", input_spec=train.input_spec) as server:
         console.print(f"serving on {server.url} (KServe v2 / Open Inference Protocol)")
         cases = [("intact model", None, None)] + [(title, kind, params) for kind, params, title in DEMO_ATTACKS]
         for title, kind, params in cases:
@@ -139,8 +138,9 @@ def run_demo(fresh: bool = False, seed: int = 0, console=None) -> bool:
             server.swap(served)
             cells = []
             for plan, fp in prints:
-                client = make_client("kserve", server.url, model_name="digits-cnn", seed=seed, timeout=10.0,
-                                     input_spec=fp.input_spec, classes=fp.classes)
+                client = make_client(
+                    "kserve", server.url, model_name="digits-cnn", seed=seed, timeout=10.0, input_spec=fp.input_spec, classes=fp.classes
+                )
                 report = verify(fp, client, plan.spec)
                 want = INTACT if kind is None else TAMPERED
                 all_ok &= report.verdict == want

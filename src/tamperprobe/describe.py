@@ -61,8 +61,12 @@ def save_grid(fp: Fingerprint, path: str | Path, max_markers: int = 16) -> Path:
     for i in range(n):
         for row, (arr, name) in enumerate(((seeds[i], "seed"), (fp.inputs[i], "marker"))):
             ax = axes[row][i]
-            ax.imshow(as_image(arr), cmap="gray", vmin=fp.input_spec.low if arr.dtype != np.uint8 else 0,
-                      vmax=fp.input_spec.high if arr.dtype != np.uint8 else 255)
+            ax.imshow(
+                as_image(arr),
+                cmap="gray",
+                vmin=fp.input_spec.low if arr.dtype != np.uint8 else 0,
+                vmax=fp.input_spec.high if arr.dtype != np.uint8 else 255,
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

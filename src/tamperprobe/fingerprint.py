@@ -18,7 +18,7 @@ import json
 import os
 import re
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -75,18 +75,20 @@ class Fingerprint:
     def subset(self, idx) -> Fingerprint:
         idx = np.asarray(idx, dtype=np.int64)
         return replace(
-            self, inputs=self.inputs[idx], logits=self.logits[idx], probs=self.probs[idx],
-            seeds=None if self.seeds is None else self.seeds[idx], groups=None if self.groups is None else self.groups[idx],
+            self,
+            inputs=self.inputs[idx],
+            logits=self.logits[idx],
+            probs=self.probs[idx],
+            seeds=None if self.seeds is None else self.seeds[idx],
+            groups=None if self.groups is None else self.groups[idx],
         )
 
 
-def make_fingerprint(
-    inputs: np.ndarray, logits: np.ndarray, input_spec: InputSpec, generator: dict, model_digest: str, **kw: Any
-) -> Fingerprint:
+def make_fingerprint(inputs: np.ndarray, logits: np.ndarray, input_spec: InputSpec, generator: dict, model_digest: str, **kw: Any) -> Fingerprint:
     """Build a fingerprint from the intact model's logits, filling probs and the creation time."""
     logits = np.ascontiguousarray(logits, dtype=np.float32)
     probs = softmax64(logits).astype(np.float32)
-    created = kw.pop("created", None) or datetime.now(timezone.utc).replace(microsecond=0).isoformat()
+    created = kw.pop("created", None) or datetime.now(UTC).replace(microsecond=0).isoformat()
     inputs = np.ascontiguousarray(inputs, dtype=np.dtype(input_spec.dtype))
     return Fingerprint(inputs, logits, probs, input_spec, generator, model_digest, created=created, **kw)
 
@@ -173,14 +175,28 @@ def load(path: str | os.PathLike) -> Fingerprint:
         spec = InputSpec.from_json(meta["input_spec"])
         OutputSpec.parse(meta["output_spec"])
         fp = Fingerprint(
-            inputs=tensors["inputs"], logits=tensors["logits"], probs=tensors["probs"], input_spec=spec,
-            generator=dict(meta["generator"]), model_digest=str(meta["model_digest"]),
-            output_spec=str(meta["output_spec"]), tolerance=float(meta["tolerance"]), created=str(meta["created"]),
-            seeds=tensors.get("seeds"), groups=tensors.get("groups"), extra=dict(meta.get("extra") or {}),
+            inputs=tensors["inputs"],
+            logits=tensors["logits"],
+            probs=tensors["probs"],
+            input_spec=spec,
+            generator=dict(meta["generator"]),
+            model_digest=str(meta["model_digest"]),
+            output_spec=str(meta["output_spec"]),
+            tolerance=float(meta["tolerance"]),
+            created=str(meta["created"]),
+            seeds=tensors.get("seeds"),
+            groups=tensors.get("groups"),
+            extra=dict(meta.get("extra") or {}),
         )
     except Exception as exc:
         raise FingerprintFormatError(f"{p}: fingerprint header is incomplete or invalid ({exc})") from None
     n = len(fp.inputs)
-    if fp.logits.ndim != 2 or fp.logits.shape[1] < 1 or len(fp.logits) != n or fp.probs.shape != fp.logits.shape or tuple(fp.inputs.shape[1:]) != spec.shape:
+    if (
+        fp.logits.ndim != 2
+        or fp.logits.shape[1] < 1
+        or len(fp.logits) != n
+        or fp.probs.shape != fp.logits.shape
+        or tuple(fp.inputs.shape[1:]) != spec.shape
+    ):
         raise FingerprintFormatError(f"{p}: tensor shapes are inconsistent")
     return fp

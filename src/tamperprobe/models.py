@@ -197,9 +197,6 @@ class OnnxModel:
         return np.concatenate(outs).astype(np.float32, copy=False)
 
 
-
-
-
 def load_model(spec: Any, weights: str | os.PathLike | None = None) -> Model:
     """Load a model from a file, a ``package.module:attribute`` reference or an ``nn.Module`` (see module doc).
 
@@ -394,8 +391,13 @@ def save_model(module: Any, path: str | os.PathLike, example: np.ndarray) -> Pat
             torch.export.save(ep, str(p))
         elif suffix == ".onnx":
             torch.onnx.export(
-                module, (ex,), str(p), input_names=["input"], output_names=["logits"],
-                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}}, dynamo=False,
+                module,
+                (ex,),
+                str(p),
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": {0: "batch"}, "logits": {0: "batch"}},
+                dynamo=False,
             )
         else:
             raise UsageError(f"cannot write a model as {suffix or '(no suffix)'}: use .pt, .pt2, .onnx or .safetensors")

@@ -89,9 +89,7 @@ class OutputSpec:
         raw = str(text).strip().lower()
         m = re.fullmatch(r"(top1|topk|top1-prob|probs|logits)(?::([0-9]{1,4}))?", raw)
         if not m:
-            raise UsageError(
-                f"bad output spec {text!r}: expected one of top1, topk:K, top1-prob:N, probs:N, logits"
-            )
+            raise UsageError(f"bad output spec {text!r}: expected one of top1, topk:K, top1-prob:N, probs:N, logits")
         kind, arg = m.group(1), m.group(2)
         if kind in ("top1", "logits"):
             if arg is not None:
@@ -160,11 +158,11 @@ class OutputSpec:
             if scores is None or len(scores) != 1:
                 return Match(False, "expected one probability")
             want = softmax64(z)[observed.labels[0]]
-            return _close(scores, [want], 0.5 * 10.0 ** -self.decimals + tol, 0.0)
+            return _close(scores, [want], 0.5 * 10.0**-self.decimals + tol, 0.0)
         if scores is None or len(scores) != z.size:
             return Match(False, f"expected {z.size} scores, got {0 if scores is None else len(scores)}")
         if self.kind == "probs":
-            return _close(scores, softmax64(z), 0.5 * 10.0 ** -self.decimals + tol, 0.0)
+            return _close(scores, softmax64(z), 0.5 * 10.0**-self.decimals + tol, 0.0)
         return _close(scores, z, tol, 1e-6)
 
     def matches(self, expected_logits: np.ndarray, observed_logits: np.ndarray, tol: float = DEFAULT_TOLERANCE) -> np.ndarray:
@@ -243,7 +241,7 @@ def compare_many(spec: str | OutputSpec, expected_logits: np.ndarray, observed_l
             ok &= ~(np.abs(got - ranked) > tol).any(axis=1)
     if spec.kind in ("top1", "topk"):
         return ok
-    atol = 0.5 * 10.0 ** -spec.decimals + tol
+    atol = 0.5 * 10.0**-spec.decimals + tol
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf logits: a mismatch, not a warning
         po, pz = softmax64(o), softmax64(z)
     if spec.kind == "top1-prob":

@@ -31,8 +31,12 @@ class CNN(nn.Module):
         c1, c2 = channels
         pool = 2 if side >= 16 else 1
         self.features = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1), nn.ReLU(), nn.Conv2d(c1, c2, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            *( [nn.MaxPool2d(pool)] if pool > 1 else [] ),
+            nn.Conv2d(1, c1, 3, padding=1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            *([nn.MaxPool2d(pool)] if pool > 1 else []),
         )
         out_side = side // 2 // pool
         self.head = nn.Sequential(nn.Flatten(), nn.Linear(c2 * out_side * out_side, hidden), nn.ReLU(), nn.Linear(hidden, classes))

@@ -62,11 +62,24 @@ def build_float32():
     x = (np.arange(n * 16, dtype=np.float64).reshape(n, 1, 4, 4) * 7 % 17) / 16.0
     x[0, 0, 0, 0] = 0.1
     x[1, 0, 3, 3] = 1.0
-    generator = {"method": "sensitive", "params": {"epsilon": 0.1, "steps": 50, "lr": 0.01}, "seed": 7,
-                 "selection": "manc", "bag": 20, "layer": None, "data": "digits"}
+    generator = {
+        "method": "sensitive",
+        "params": {"epsilon": 0.1, "steps": 50, "lr": 0.01},
+        "seed": 7,
+        "selection": "manc",
+        "bag": 20,
+        "layer": None,
+        "data": "digits",
+    }
     return make_fingerprint(
-        x.astype(np.float32), _logits(n, classes), spec, generator, "sha256:" + "ab" * 32,
-        output_spec="logits", tolerance=3e-5, created=CREATED,
+        x.astype(np.float32),
+        _logits(n, classes),
+        spec,
+        generator,
+        "sha256:" + "ab" * 32,
+        output_spec="logits",
+        tolerance=3e-5,
+        created=CREATED,
     )
 
 
@@ -81,13 +94,28 @@ def build_uint8():
     seeds = (u.astype(np.float32) / np.float32(255.0)) * np.float32(16.0)
     seeds[1, 0, 2, 2] = np.float32(1.0) / np.float32(3.0)
     groups = np.repeat(np.arange(n // 2, dtype=np.int64), 2)
-    generator = {"method": "boundary", "params": {"delta": 0.5, "k": 4, "pairs": True, "uint8": True}, "seed": 11,
-                 "selection": "random", "bag": 8, "layer": None, "data": "digits"}
-    extra = {"input_encoding": {"dtype": "uint8", "low": 0.0, "high": 16.0, "decode": "u/255*(high-low)+low"},
-             "pairs": 2, "note": "golden ünïcode ✓"}
+    generator = {
+        "method": "boundary",
+        "params": {"delta": 0.5, "k": 4, "pairs": True, "uint8": True},
+        "seed": 11,
+        "selection": "random",
+        "bag": 8,
+        "layer": None,
+        "data": "digits",
+    }
+    extra = {"input_encoding": {"dtype": "uint8", "low": 0.0, "high": 16.0, "decode": "u/255*(high-low)+low"}, "pairs": 2, "note": "golden ünïcode ✓"}
     return make_fingerprint(
-        u.astype(np.uint8), _logits(n, classes) * 3, spec, generator, "sha256:" + "cd" * 32,
-        output_spec="probs:3", tolerance=1e-4, created=CREATED, seeds=seeds, groups=groups, extra=extra,
+        u.astype(np.uint8),
+        _logits(n, classes) * 3,
+        spec,
+        generator,
+        "sha256:" + "cd" * 32,
+        output_spec="probs:3",
+        tolerance=1e-4,
+        created=CREATED,
+        seeds=seeds,
+        groups=groups,
+        extra=extra,
     )
 
 
@@ -118,8 +146,13 @@ def describe(fp, raw: bytes) -> dict:
         "classes": fp.classes,
         "tensors": tensors,
         "fields": {
-            "input_spec": fp.input_spec.to_json(), "generator": fp.generator, "model_digest": fp.model_digest,
-            "output_spec": fp.output_spec, "tolerance": fp.tolerance, "created": fp.created, "extra": fp.extra,
+            "input_spec": fp.input_spec.to_json(),
+            "generator": fp.generator,
+            "model_digest": fp.model_digest,
+            "output_spec": fp.output_spec,
+            "tolerance": fp.tolerance,
+            "created": fp.created,
+            "extra": fp.extra,
         },
         "header_tensors": {k: v for k, v in header.items() if k != "__metadata__"},
         "meta": json.loads(header["__metadata__"]["tamperprobe"]),

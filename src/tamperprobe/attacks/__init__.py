@@ -12,12 +12,12 @@ the meaning of each result field.
 
 from __future__ import annotations
 
-from . import trojan as _trojan  # noqa: F401  (registration order = the documented order)
+from . import finetune as _finetune  # noqa: F401
+from . import noise as _noise  # noqa: F401
 from . import poison as _poison  # noqa: F401
 from . import quantize as _quantize  # noqa: F401
 from . import sparsify as _sparsify  # noqa: F401
-from . import finetune as _finetune  # noqa: F401
-from . import noise as _noise  # noqa: F401
+from . import trojan as _trojan  # noqa: F401  (registration order = the documented order)
 from .base import REGISTRY, Attack, AttackResult, attack_names, count_changed, run_attack
 
 __all__ = ["AttackResult", "Attack", "REGISTRY", "attack_names", "count_changed", "run_attack"]

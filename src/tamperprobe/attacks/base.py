@@ -20,17 +20,18 @@ from __future__ import annotations
 import copy
 import io
 import warnings
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import nn
 
+from .._torch import as_logits
 from ..data import Dataset
 from ..errors import DataError, UsageError
-from .._torch import as_logits
 
 
 @dataclass(frozen=True)
@@ -273,7 +274,9 @@ def _num_classes(module: nn.Module, ds: Dataset) -> int:
         raise
     except Exception as exc:
         text = str(exc).strip().splitlines()
-        raise DataError(f"the model does not run on {ds.name} (inputs {tuple(ds.x.shape[1:])}): {text[0][:200] if text else type(exc).__name__}") from None
+        raise DataError(
+            f"the model does not run on {ds.name} (inputs {tuple(ds.x.shape[1:])}): {text[0][:200] if text else type(exc).__name__}"
+        ) from None
     return int(out.shape[1])
 
 
@@ -354,4 +357,3 @@ def check_class(key: str, value: Any, classes: int | None) -> int:
 
 def rng_for(seed: int, salt: int = 0) -> np.random.Generator:
     return np.random.default_rng([int(seed), salt])
-

@@ -173,8 +173,16 @@ class TrojanNeuron(Attack):
     name = "trojan-neuron"
     summary = "TrojanNN-style: retrain only the weights from the trigger's most excited hidden units to the output"
     defaults = {
-        "target": 0, "layer": None, "neurons": None, "strengthen": True, "fraction": 0.1, "size": None, "value": None,
-        "epochs": 20, "lr": 3e-3, "batch_size": 64,
+        "target": 0,
+        "layer": None,
+        "neurons": None,
+        "strengthen": True,
+        "fraction": 0.1,
+        "size": None,
+        "value": None,
+        "epochs": 20,
+        "lr": 3e-3,
+        "batch_size": 64,
     }
     needs_data = True
     random = True
@@ -192,7 +200,9 @@ class TrojanNeuron(Attack):
         else:
             match = [pr for pr in pairs if pr[0].name == str(p["layer"])]
             if not match:
-                raise UsageError(f"layer {p['layer']!r} is not a Linear layer feeding another one; choose one of {', '.join(a.name for a, _ in pairs)}")
+                raise UsageError(
+                    f"layer {p['layer']!r} is not a Linear layer feeding another one; choose one of {', '.join(a.name for a, _ in pairs)}"
+                )
             layer, nxt = match[0]
         p["layer"] = layer.name
         width = int(layer.weight.shape[0])

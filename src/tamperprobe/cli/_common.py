@@ -7,6 +7,8 @@ import sys
 from typing import Callable, Iterator, NoReturn
 
 import typer
+
+from .._util import Progress
 from rich.console import Console
 
 console = Console()
@@ -37,18 +39,24 @@ def handled() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def progress_bar(description: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar driven by ``update(done, total)`` callbacks."""
+def progress_bar(description: str, enabled: bool = True) -> Iterator[Progress]:
+    """A rich progress bar driven by ``update(done, total[, what])`` callbacks (``_util.Progress``)."""
     if not enabled or not sys.stderr.isatty() and not console.is_terminal:
-        yield lambda done, total: None
+        yield lambda done, total, what="": None
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    with Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                  TimeElapsedColumn(), console=err_console, transient=True) as prog:
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=True,
+    ) as prog:
         task = prog.add_task(description, total=None)
 
-        def update(done: int, total: int) -> None:
-            prog.update(task, completed=done, total=total)
+        def update(done: int, total: int, what: str = "") -> None:
+            prog.update(task, completed=done, total=total, description=f"{description}: {what}" if what else description)
 
         yield update

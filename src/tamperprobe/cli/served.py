@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import re
+from datetime import UTC
 from pathlib import Path
 from typing import List, Optional
 
@@ -88,11 +89,131 @@ def endpoint_options_to_target(
     from ..served.clients import make_client
 
     return make_client(
-        protocol, endpoint, model_name=model_name, headers=parse_headers(header), token_env=token_env, timeout=timeout,
-        retries=retries, batch_size=batch_size, delay=delay, seed=seed, verify_tls=not insecure,
+        protocol,
+        endpoint,
+        model_name=model_name,
+        headers=parse_headers(header),
+        token_env=token_env,
+        timeout=timeout,
+        retries=retries,
+        batch_size=batch_size,
+        delay=delay,
+        seed=seed,
+        verify_tls=not insecure,
         template=None if template is None else str(template),
-        input_spec=None if fp is None else fp.input_spec, classes=None if fp is None else fp.classes,
+        input_spec=None if fp is None else fp.input_spec,
+        classes=None if fp is None else fp.classes,
     )
+
+
+# --------------------------------------------------------------------------- verify
+
+
+def verify(
+    fp_path: Path = typer.Argument(..., metavar="FP", help="Fingerprint file."),
+    model: Optional[str] = typer.Option(None, "--model", help="Verify a local model file (or package.module:attribute)."),
+    weights: Optional[str] = typer.Option(None, "--weights", help="Weights for --model."),
+    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Verify a served model at this URL."),
+    protocol: str = typer.Option("kserve", "--protocol", help="API dialect of --endpoint: kserve|torchserve|tfserving|json."),
+    model_name: Optional[str] = typer.Option(None, "--model-name", help="Model name on the server (default: the server's only model / 'model')."),
+    output_spec: Optional[str] = typer.Option(None, "--output-spec", help="What the API reveals (default: the fingerprint's)."),
+    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Override the fingerprint's tolerance (logit units)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N markers."),
+    header: Optional[List[str]] = typer.Option(None, "--header", help="Extra HTTP header K:V (repeatable)."),
+    token_env: Optional[str] = typer.Option(None, "--token-env", help="Environment variable holding a bearer token."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Connect/read timeout per request, seconds."),
+    retries: int = typer.Option(3, "--retries", help="Retries on connection errors, 5xx and 429."),
+    batch_size: int = typer.Option(1, "--batch-size", help="Markers per request (1 looks like ordinary traffic)."),
+    delay: float = typer.Option(0.0, "--delay", help="Random delay up to this many seconds between requests."),
+    insecure: bool = typer.Option(False, "--insecure", help="Do not verify TLS certificates."),
+    template: Optional[str] = typer.Option(None, "--template", help="Request/response template for --protocol json (a file or inline JSON)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the request order."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads for a local model."),
+    history_path: Optional[Path] = typer.Option(None, "--history", help="SQLite history file (default: user data dir or $TAMPERPROBE_HISTORY)."),
+    no_history: bool = typer.Option(False, "--no-history", help="Do not record this run."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Verify a model (local file or served endpoint) against a fingerprint. Exit 0 INTACT, 1 TAMPERED, 2 error/INCONCLUSIVE."""
+    with handled():
+        from ..fingerprint import load
+        from ..served.verify import verify as run_verify
+
+        if (model is None) == (endpoint is None):
+            fail("give exactly one of --model or --endpoint")
+        fp = load(fp_path)
+        if model is not None:
+            from ..models import load_model
+            from ..served.targets import LocalTarget
+
+            target = LocalTarget(load_model(model, weights), input_spec=fp.input_spec, threads=threads)
+            proto = "local"
+        else:
+            target = endpoint_options_to_target(
+                endpoint,
+                protocol,
+                fp=fp,
+                model_name=model_name,
+                header=header,
+                token_env=token_env,
+                timeout=timeout,
+                retries=retries,
+                batch_size=batch_size,
+                delay=delay,
+                insecure=insecure,
+                template=template,
+                seed=seed,
+            )
+            proto = protocol
+        report = run_verify(fp, target, output_spec, tolerance=tolerance, limit=limit)
+        if not no_history:
+            from ..served import history
+
+            history.record(report, protocol=proto, path=history_path)
+        if as_json:
+            console.print_json(json.dumps(report_to_json(report)))
+        else:
+            print_report(report)
+        raise typer.Exit(report.exit_code)
+
+
+def report_to_json(report) -> dict:
+    return {
+        "verdict": report.verdict,
+        "summary": report.summary(),
+        "target": report.target,
+        "output_spec": report.output_spec,
+        "fingerprint": report.fingerprint_id,
+        "seconds": round(report.seconds, 4),
+        "tolerance": report.tolerance,
+        "markers": [
+            {
+                "index": m.index,
+                "status": m.status,
+                "expected": str(m.expected),
+                "observed": None if m.observed is None else str(m.observed),
+                "detail": m.failure or m.detail,
+                "latency": m.latency,
+            }
+            for m in report.markers
+        ],
+    }
+
+
+def print_report(report, max_rows: int = 40) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"{report.target} · {report.output_spec} · fingerprint {report.fingerprint_id}")
+    for col in ("#", "expected", "observed", "status", "detail"):
+        table.add_column(col)
+    shown = sorted(report.markers, key=lambda m: (m.ok, m.index))[:max_rows]
+    for m in sorted(shown, key=lambda m: m.index):
+        style = "green" if m.ok else ("yellow" if m.failure else "red")
+        table.add_row(str(m.index), str(m.expected), "-" if m.observed is None else str(m.observed), f"[{style}]{m.status}[/]", m.failure or m.detail)
+    console.print(table)
+    if len(report.markers) > max_rows:
+        console.print(f"({len(report.markers) - max_rows} more markers not shown)")
+    colour = {"INTACT": "bold green", "TAMPERED": "bold red"}.get(report.verdict, "bold yellow")
+    console.print(f"[{colour}]{report.summary()}[/]  ({report.seconds:.2f} s)", highlight=False)
 
 
 # --------------------------------------------------------------------------- serve
@@ -194,16 +315,29 @@ def history_cmd(
             console.print("no runs recorded" + (" match these filters" if any((endpoint, verdict, fingerprint, since)) else ""))
             return
         table = Table(title="verification history (newest first, times UTC)", box=None, pad_edge=False, padding=(0, 1), header_style="bold")
-        for col, kw in (("run", {"justify": "right"}), ("time", {}), ("verdict", {"min_width": 12}), ("changed", {"justify": "right"}),
-                        ("failed", {"justify": "right"}), ("spec", {}), ("fp", {})):
+        for col, kw in (
+            ("run", {"justify": "right"}),
+            ("time", {}),
+            ("verdict", {"min_width": 12}),
+            ("changed", {"justify": "right"}),
+            ("failed", {"justify": "right"}),
+            ("spec", {}),
+            ("fp", {}),
+        ):
             table.add_column(col, no_wrap=True, **kw)
         table.add_column("target", overflow="fold", min_width=12)
         for r in rows:
             colour = {"INTACT": "green", "TAMPERED": "red"}.get(r["verdict"], "yellow")
             target = re.sub(r"^(\w+):https?://", r"\1:", r["target"])
             table.add_row(
-                str(r["id"]), r["time"][5:19].replace("T", " "), f"[{colour}]{r['verdict']}[/]", f"{r['mismatched']}/{r['markers']}",
-                str(r["failed"]), r["output_spec"], r["fingerprint"][:8], target,
+                str(r["id"]),
+                r["time"][5:19].replace("T", " "),
+                f"[{colour}]{r['verdict']}[/]",
+                f"{r['mismatched']}/{r['markers']}",
+                str(r["failed"]),
+                r["output_spec"],
+                r["fingerprint"][:8],
+                target,
             )
         console.print(table)
 
@@ -252,7 +386,7 @@ def watch_cmd(
     """Re-verify an endpoint on a schedule. Exit 1 on the first TAMPERED; INCONCLUSIVE keeps watching (see --max-inconclusive)."""
     with handled():
         import time
-        from datetime import datetime, timezone
+        from datetime import datetime
 
         from ..fingerprint import load
         from ..served.verify import INCONCLUSIVE, INTACT, TAMPERED, verify
@@ -262,8 +396,19 @@ def watch_cmd(
             fail("--count and --max-inconclusive must be >= 0")
         fp = load(fp_path)
         target = endpoint_options_to_target(
-            endpoint, protocol, fp=fp, model_name=model_name, header=header, token_env=token_env, timeout=timeout,
-            retries=retries, batch_size=batch_size, delay=delay, insecure=insecure, template=template, seed=seed,
+            endpoint,
+            protocol,
+            fp=fp,
+            model_name=model_name,
+            header=header,
+            token_env=token_env,
+            timeout=timeout,
+            retries=retries,
+            batch_size=batch_size,
+            delay=delay,
+            insecure=insecure,
+            template=template,
+            seed=seed,
         )
         from ..served.clients import protocol_name
 
@@ -282,19 +427,30 @@ def watch_cmd(
                 from ..served import history
 
                 run_id = history.record(report, protocol=proto, path=history_path)
-            now = datetime.now(timezone.utc).isoformat(timespec="seconds")
+            now = datetime.now(UTC).isoformat(timespec="seconds")
             colour = {INTACT: "green", TAMPERED: "bold red"}.get(report.verdict, "yellow")
-            console.print(f"{now}  [{colour}]{report.summary()}[/]  ({report.seconds:.2f} s){'' if run_id is None else f'  run {run_id}'}", highlight=False)
+            console.print(
+                f"{now}  [{colour}]{report.summary()}[/]  ({report.seconds:.2f} s){'' if run_id is None else f'  run {run_id}'}", highlight=False
+            )
             streak = streak + 1 if report.verdict == INCONCLUSIVE else 0
             if hook and (report.verdict == TAMPERED or (report.verdict == INCONCLUSIVE and streak == 1)):
-                problem = run_hook(hook, {
-                    "TAMPERPROBE_VERDICT": report.verdict, "TAMPERPROBE_SUMMARY": report.summary(),
-                    "TAMPERPROBE_ENDPOINT": endpoint, "TAMPERPROBE_PROTOCOL": proto, "TAMPERPROBE_FINGERPRINT": report.fingerprint_id,
-                    "TAMPERPROBE_FINGERPRINT_FILE": str(fp_path), "TAMPERPROBE_MARKERS": str(len(report.markers)),
-                    "TAMPERPROBE_MISMATCHED": str(report.mismatched), "TAMPERPROBE_FAILED": str(report.failed),
-                    "TAMPERPROBE_RUN_ID": "" if run_id is None else str(run_id), "TAMPERPROBE_RUN": str(runs_done),
-                    "TAMPERPROBE_TIME": now,
-                })
+                problem = run_hook(
+                    hook,
+                    {
+                        "TAMPERPROBE_VERDICT": report.verdict,
+                        "TAMPERPROBE_SUMMARY": report.summary(),
+                        "TAMPERPROBE_ENDPOINT": endpoint,
+                        "TAMPERPROBE_PROTOCOL": proto,
+                        "TAMPERPROBE_FINGERPRINT": report.fingerprint_id,
+                        "TAMPERPROBE_FINGERPRINT_FILE": str(fp_path),
+                        "TAMPERPROBE_MARKERS": str(len(report.markers)),
+                        "TAMPERPROBE_MISMATCHED": str(report.mismatched),
+                        "TAMPERPROBE_FAILED": str(report.failed),
+                        "TAMPERPROBE_RUN_ID": "" if run_id is None else str(run_id),
+                        "TAMPERPROBE_RUN": str(runs_done),
+                        "TAMPERPROBE_TIME": now,
+                    },
+                )
                 if problem:
                     err_console.print(f"[yellow]warning:[/] {problem}", highlight=False)
             last = report.verdict
@@ -309,6 +465,7 @@ def watch_cmd(
 
 
 def register(app: typer.Typer) -> None:
+    app.command()(verify)
     app.command("serve")(serve_cmd)
     app.command("history")(history_cmd)
     app.command("watch")(watch_cmd)

@@ -65,16 +65,17 @@ import platform
 import tempfile
 import time
 import zlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..data import Dataset
-from ..errors import UsageError
 from ..describe import as_image
+from ..errors import UsageError
 from ..models import Model, OnnxModel, ScriptedModel, TorchModel
 from ..outputs import DEFAULT_TOLERANCE, OutputSpec, changed_markers
 
@@ -213,15 +214,30 @@ class Evaluation:
         return out
 
     def to_json(self) -> dict[str, Any]:
-        return _clean({
-            "format": "tamperprobe.evaluation/v1", "params": self.params, "machine": self.machine, "started": self.started,
-            "seconds": round(self.seconds, 3), "model": self.model, "methods": self.methods, "attacks": self.attacks,
-            "trigger": self.trigger, "detection": self.detection, "key_size": self.key_sizes,
-            "false_alarms": self.false_alarms,
-            "false_alarm_summary": {"flagged": self.benign_flagged, "checks": self.benign_checks,
-                                    "max_abs_dlogit": max((r["max_abs_dlogit"] for r in self.false_alarms if r.get("max_abs_dlogit") is not None), default=None)},
-            "errors": self.errors, "warnings": self.warnings, "timings": {k: round(v, 3) for k, v in self.timings.items()},
-        })
+        return _clean(
+            {
+                "format": "tamperprobe.evaluation/v1",
+                "params": self.params,
+                "machine": self.machine,
+                "started": self.started,
+                "seconds": round(self.seconds, 3),
+                "model": self.model,
+                "methods": self.methods,
+                "attacks": self.attacks,
+                "trigger": self.trigger,
+                "detection": self.detection,
+                "key_size": self.key_sizes,
+                "false_alarms": self.false_alarms,
+                "false_alarm_summary": {
+                    "flagged": self.benign_flagged,
+                    "checks": self.benign_checks,
+                    "max_abs_dlogit": max((r["max_abs_dlogit"] for r in self.false_alarms if r.get("max_abs_dlogit") is not None), default=None),
+                },
+                "errors": self.errors,
+                "warnings": self.warnings,
+                "timings": {k: round(v, 3) for k, v in self.timings.items()},
+            }
+        )
 
 
 def machine_info() -> dict[str, Any]:
@@ -241,8 +257,14 @@ def machine_info() -> dict[str, Any]:
     except AttributeError:  # pragma: no cover - not Linux
         usable = os.cpu_count()
     return {
-        "hostname": platform.node(), "platform": platform.platform(), "python": platform.python_version(),
-        "torch": torch.__version__, "numpy": np.__version__, "cpu": cpu, "nproc": usable, "cpu_count": os.cpu_count(),
+        "hostname": platform.node(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "cpu": cpu,
+        "nproc": usable,
+        "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
     }
 
@@ -375,16 +397,36 @@ def run_evaluation(
     train, test = data.split(test_fraction, seed=seed)
     ev = Evaluation(
         params={
-            "seed": int(seed), "methods": method_list, "attacks": attack_list, "specs": spec_names, "trials": int(trials),
-            "bag": int(bag), "select": select, "resamples": int(resamples), "test_fraction": float(test_fraction),
-            "tolerance": float(tolerance), "max_ns": MAX_NS, "confidences": list(CONFIDENCES), "runtimes": list(runtimes),
-            "manc_fraction": float(manc_fraction), "layer": layer, "baselines": bool(baselines),
-            "method_params": method_params, "attack_params": attack_params,
-            "data": {"name": data.name, "size": len(data), "train": len(train), "test": len(test), "shape": list(data.x.shape[1:]),
-                     "low": float(data.low), "high": float(data.high)},
+            "seed": int(seed),
+            "methods": method_list,
+            "attacks": attack_list,
+            "specs": spec_names,
+            "trials": int(trials),
+            "bag": int(bag),
+            "select": select,
+            "resamples": int(resamples),
+            "test_fraction": float(test_fraction),
+            "tolerance": float(tolerance),
+            "max_ns": MAX_NS,
+            "confidences": list(CONFIDENCES),
+            "runtimes": list(runtimes),
+            "manc_fraction": float(manc_fraction),
+            "layer": layer,
+            "baselines": bool(baselines),
+            "method_params": method_params,
+            "attack_params": attack_params,
+            "data": {
+                "name": data.name,
+                "size": len(data),
+                "train": len(train),
+                "test": len(test),
+                "shape": list(data.x.shape[1:]),
+                "low": float(data.low),
+                "high": float(data.high),
+            },
         },
         machine=machine_info(),
-        started=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        started=datetime.now(UTC).isoformat(timespec="seconds"),
         errors=errors,
     )
     report = _progress_caller(progress)
@@ -459,8 +501,11 @@ def run_evaluation(
         states[n] = _MethodState(n, pos, pos + len(b), b.groups, unit_of, units, gsize)
         pos += len(b)
         k = min(8, len(b))
-        ev.samples[n] = {"seeds": np.asarray(b.seeds[:k]), "inputs": np.asarray(b.inputs[:k]),
-                         "labels": ref[states[n].start : states[n].start + k].argmax(1)}
+        ev.samples[n] = {
+            "seeds": np.asarray(b.seeds[:k]),
+            "inputs": np.asarray(b.inputs[:k]),
+            "labels": ref[states[n].start : states[n].start + k].argmax(1),
+        }
     if not np.isfinite(ref).all():
         errors.append({"stage": "model", "name": model.source, "error": "the intact model returns non-finite logits on some markers"})
 
@@ -513,8 +558,17 @@ def run_evaluation(
             except Exception as exc:
                 errors.append({"stage": "runtime", "name": rt, "error": _one_line(exc)})
                 for n in names:
-                    ev.false_alarms.append({"method": n, "runtime": rt, "spec": None, "flagged": None, "markers": states[n].stop - states[n].start,
-                                            "max_abs_dlogit": None, "error": _one_line(exc)})
+                    ev.false_alarms.append(
+                        {
+                            "method": n,
+                            "runtime": rt,
+                            "spec": None,
+                            "flagged": None,
+                            "markers": states[n].stop - states[n].start,
+                            "max_abs_dlogit": None,
+                            "error": _one_line(exc),
+                        }
+                    )
                 step(f"benign runtime: {rt}")
                 continue
             for n in names:
@@ -523,8 +577,9 @@ def run_evaluation(
                 dmax = float(np.max(np.abs(o.astype(np.float64) - e))) if len(e) else 0.0
                 for s in spec_objs:
                     flagged = int(changed_markers(s, e, o, tolerance).sum())
-                    ev.false_alarms.append({"method": n, "runtime": rt, "spec": str(s), "flagged": flagged, "markers": len(e),
-                                            "max_abs_dlogit": dmax, "error": None})
+                    ev.false_alarms.append(
+                        {"method": n, "runtime": rt, "spec": str(s), "flagged": flagged, "markers": len(e), "max_abs_dlogit": dmax, "error": None}
+                    )
             ev.timings[f"runtime:{rt}"] = time.monotonic() - t1
             step(f"benign runtime: {rt}")
     ev.timings["runtimes"] = time.monotonic() - t0
@@ -535,8 +590,17 @@ def run_evaluation(
     for kind, trial in attack_runs:
         t1 = time.monotonic()
         aseed = _derive(seed, "attack", kind, trial)
-        row = {"attack": kind, "trial": trial, "seed": aseed, "params": attack_params.get(kind, {}), "acc_before": None,
-               "acc_after": None, "success": None, "changed": None, "error": None}
+        row = {
+            "attack": kind,
+            "trial": trial,
+            "seed": aseed,
+            "params": attack_params.get(kind, {}),
+            "acc_before": None,
+            "acc_after": None,
+            "success": None,
+            "changed": None,
+            "error": None,
+        }
         try:
             if run_attack is None:
                 raise UsageError("the attack suite tamperprobe.attacks is not available")
@@ -546,9 +610,13 @@ def run_evaluation(
                 raise UsageError("no method produced markers")
             torch.manual_seed(aseed)
             result = run_attack(kind, module, train, seed=aseed, eval_data=test, **attack_params.get(kind, {}))
-            row.update(params=_jsonable(getattr(result, "params", {})), acc_before=_num(getattr(result, "acc_before", None)),
-                       acc_after=_num(getattr(result, "acc_after", None)), success=_jsonable(getattr(result, "success", None)),
-                       changed=_jsonable(getattr(result, "changed", None)))
+            row.update(
+                params=_jsonable(getattr(result, "params", {})),
+                acc_before=_num(getattr(result, "acc_before", None)),
+                acc_after=_num(getattr(result, "acc_after", None)),
+                success=_jsonable(getattr(result, "success", None)),
+                changed=_jsonable(getattr(result, "changed", None)),
+            )
             tampered = _module_logits(result.model, all_x, f"attack:{kind}")
             if tampered.shape != ref.shape:
                 raise UsageError(f"the attacked model returns logits of shape {tampered.shape}, expected {ref.shape}")
@@ -561,17 +629,31 @@ def run_evaluation(
             continue
         row["max_abs_dlogit"] = float(np.max(np.abs(tampered.astype(np.float64) - ref))) if ref.size else 0.0
         if row["changed"] == 0 or row["max_abs_dlogit"] == 0.0:
-            ev.warnings.append({"stage": "attack", "name": f"{kind}#{trial}",
-                                "warning": f"the attack changed {row['changed']} weights and moved no logit by more than "
-                                           f"{row['max_abs_dlogit']:.3g}: nothing to detect"})
+            ev.warnings.append(
+                {
+                    "stage": "attack",
+                    "name": f"{kind}#{trial}",
+                    "warning": f"the attack changed {row['changed']} weights and moved no logit by more than "
+                    f"{row['max_abs_dlogit']:.3g}: nothing to detect",
+                }
+            )
         ev.attacks.append(row)
         for n in names:
             st = states[n]
             e, o = ref[st.start : st.stop], tampered[st.start : st.stop]
             for s in spec_objs:
                 ch = changed_markers(s, e, o, tolerance)
-                ev.trigger.append({"method": n, "attack": kind, "trial": trial, "spec": str(s), "changed": int(ch.sum()),
-                                   "markers": int(len(ch)), "ratio": float(ch.mean()) if len(ch) else 0.0})
+                ev.trigger.append(
+                    {
+                        "method": n,
+                        "attack": kind,
+                        "trial": trial,
+                        "spec": str(s),
+                        "changed": int(ch.sum()),
+                        "markers": int(len(ch)),
+                        "ratio": float(ch.mean()) if len(ch) else 0.0,
+                    }
+                )
                 unit_changed = np.zeros(st.units, dtype=bool)
                 np.logical_or.at(unit_changed, st.unit_of, ch)
                 curves.setdefault((n, kind, str(s)), []).append(detection_curve(unit_changed, st.orders, st.group_size))
@@ -581,7 +663,13 @@ def run_evaluation(
     if attack_runs and names:
         try:  # attacks must work on a copy: the intact model must still give the reference logits
             if not np.array_equal(model.logits(all_x), ref, equal_nan=True):
-                errors.append({"stage": "model", "name": model.source, "error": "the intact model's logits changed during the campaign (an attack modified it in place)"})
+                errors.append(
+                    {
+                        "stage": "model",
+                        "name": model.source,
+                        "error": "the intact model's logits changed during the campaign (an attack modified it in place)",
+                    }
+                )
         except Exception as exc:  # pragma: no cover
             errors.append({"stage": "model", "name": model.source, "error": _one_line(exc)})
 
@@ -590,15 +678,26 @@ def run_evaluation(
         mean = np.mean(cs, axis=0)
         lo = np.min(cs, axis=0)
         for ns in range(1, MAX_NS + 1):
-            ev.detection.append({"method": n, "attack": kind, "spec": s, "ns": ns, "rate": float(mean[ns - 1]),
-                                 "min_trial": float(lo[ns - 1]), "trials": len(cs), "resamples": int(resamples),
-                                 "selection": states[n].selection})
+            ev.detection.append(
+                {
+                    "method": n,
+                    "attack": kind,
+                    "spec": s,
+                    "ns": ns,
+                    "rate": float(mean[ns - 1]),
+                    "min_trial": float(lo[ns - 1]),
+                    "trials": len(cs),
+                    "resamples": int(resamples),
+                    "selection": states[n].selection,
+                }
+            )
         ratios = [r["ratio"] for r in ev.trigger if r["method"] == n and r["attack"] == kind and r["spec"] == s]
         p = float(np.mean(ratios))
         for c in CONFIDENCES:
             reach = [ns for ns in range(1, MAX_NS + 1) if mean[ns - 1] >= c]
-            ev.key_sizes.append({"method": n, "attack": kind, "spec": s, "p": p, "c": c, "s": key_size(p, c),
-                                 "empirical_ns": reach[0] if reach else None})
+            ev.key_sizes.append(
+                {"method": n, "attack": kind, "spec": s, "p": p, "c": c, "s": key_size(p, c), "empirical_ns": reach[0] if reach else None}
+            )
     ev.seconds = time.monotonic() - t_start
     ev.timings["total"] = ev.seconds
     step("done")
@@ -755,7 +854,10 @@ def write_report(evaluation: Evaluation, out_dir: str | os.PathLike) -> list[Pat
 
     tables = {
         "methods.csv": (ev.methods, ["method", "markers", "groups", "units", "group_size", "selection", "params", "error"]),
-        "attacks.csv": (ev.attacks, ["attack", "trial", "seed", "acc_before", "acc_after", "success", "max_abs_dlogit", "changed", "params", "error"]),
+        "attacks.csv": (
+            ev.attacks,
+            ["attack", "trial", "seed", "acc_before", "acc_after", "success", "max_abs_dlogit", "changed", "params", "error"],
+        ),
         "trigger.csv": (ev.trigger, ["method", "attack", "trial", "spec", "changed", "markers", "ratio"]),
         "detection.csv": (ev.detection, ["method", "attack", "spec", "ns", "rate", "min_trial", "trials", "resamples", "selection"]),
         "key_size.csv": (ev.key_sizes, ["method", "attack", "spec", "p", "c", "s", "empirical_ns"]),
@@ -804,11 +906,32 @@ def _markdown(ev: Evaluation, plots: list[str], plot_errors: Sequence[str] = ())
         lines += ["**Nothing could be measured** (see errors below).", ""]
 
     lines += ["## Methods", ""]
-    lines.append(_md_table(["method", "markers", "groups", "selection", "parameters", "error"],
-                           [[r["method"], r["markers"], r.get("groups"), r.get("selection"), json.dumps(_clean(r.get("params", {})), sort_keys=True), r.get("error")] for r in ev.methods]))
+    lines.append(
+        _md_table(
+            ["method", "markers", "groups", "selection", "parameters", "error"],
+            [
+                [
+                    r["method"],
+                    r["markers"],
+                    r.get("groups"),
+                    r.get("selection"),
+                    json.dumps(_clean(r.get("params", {})), sort_keys=True),
+                    r.get("error"),
+                ]
+                for r in ev.methods
+            ],
+        )
+    )
     lines += ["", "## Attacks", ""]
-    lines.append(_md_table(["attack", "trial", "acc before", "acc after", "success", "max abs Δlogit", "error"],
-                           [[r["attack"], r["trial"], r.get("acc_before"), r.get("acc_after"), r.get("success"), r.get("max_abs_dlogit"), r.get("error")] for r in ev.attacks]))
+    lines.append(
+        _md_table(
+            ["attack", "trial", "acc before", "acc after", "success", "max abs Δlogit", "error"],
+            [
+                [r["attack"], r["trial"], r.get("acc_before"), r.get("acc_after"), r.get("success"), r.get("max_abs_dlogit"), r.get("error")]
+                for r in ev.attacks
+            ],
+        )
+    )
 
     det = {}
     for r in ev.detection:
@@ -823,7 +946,13 @@ def _markdown(ev: Evaluation, plots: list[str], plot_errors: Sequence[str] = ())
                     rows.append([a, mth] + [det[(mth, a, key_spec, ns)] for ns in range(1, MAX_NS + 1)])
         lines.append(_md_table(["attack", "method"] + [str(ns) for ns in range(1, MAX_NS + 1)], rows))
         for ns_show in (1, MAX_NS):
-            lines += ["", f"## Detection rate at N_S = {ns_show}, every output spec", "", "Rows: attack; one table per spec, one column per method.", ""]
+            lines += [
+                "",
+                f"## Detection rate at N_S = {ns_show}, every output spec",
+                "",
+                "Rows: attack; one table per spec, one column per method.",
+                "",
+            ]
             for s in specs:
                 lines += [f"**{s}**", ""]
                 lines.append(_md_table(["attack"] + methods, [[a] + [det.get((mth, a, s, ns_show)) for mth in methods] for a in attacks]))
@@ -840,9 +969,13 @@ def _markdown(ev: Evaluation, plots: list[str], plot_errors: Sequence[str] = ())
     if ev.key_sizes:
         ks = {(r["method"], r["attack"], r["spec"], r["c"]): r for r in ev.key_sizes}
         key_spec = "top1" if "top1" in specs else specs[0]
-        lines += [f"## Key size for confidence c ({key_spec})", "",
-                  "TamperNN: s > log(1−c)/log(1−p), p = mean trigger ratio; – means p = 0 (never). "
-                  "In brackets: the smallest N_S ≤ 10 whose measured detection rate reaches c.", ""]
+        lines += [
+            f"## Key size for confidence c ({key_spec})",
+            "",
+            "TamperNN: s > log(1−c)/log(1−p), p = mean trigger ratio; – means p = 0 (never). "
+            "In brackets: the smallest N_S ≤ 10 whose measured detection rate reaches c.",
+            "",
+        ]
         rows = []
         for a in attacks:
             for mth in methods:
@@ -861,8 +994,9 @@ def _markdown(ev: Evaluation, plots: list[str], plot_errors: Sequence[str] = ())
         lines.append("")
 
     lines += ["## False alarms under benign runtime changes", ""]
-    lines.append(f"Flagged markers over all benign re-verifications: **{ev.benign_flagged}** of {ev.benign_checks} "
-                 f"(markers × runtimes × specs; must be 0).")
+    lines.append(
+        f"Flagged markers over all benign re-verifications: **{ev.benign_flagged}** of {ev.benign_checks} (markers × runtimes × specs; must be 0)."
+    )
     lines.append("")
     rt_rows = []
     for rt in p["runtimes"]:

@@ -81,6 +81,14 @@ def self_check(model, fp, attacks=DEFAULT_SELF_CHECK, seeds=(0, 1, 2)) -> list[d
             unit_changed = np.zeros(n_units, dtype=bool)
             np.logical_or.at(unit_changed, units, changed)
             p = float(unit_changed.mean())
-            rows.append({"attack": kind, "seed": int(seed), "p": p, "detected": bool(unit_changed.any()),
-                         "units": n_units, "confidence": detection_confidence(p, n_units)})
+            rows.append(
+                {
+                    "attack": kind,
+                    "seed": int(seed),
+                    "p": p,
+                    "detected": bool(unit_changed.any()),
+                    "units": n_units,
+                    "confidence": detection_confidence(p, n_units),
+                }
+            )
     return rows

@@ -33,10 +33,11 @@ import os
 import re
 import tempfile
 import warnings
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -92,9 +93,14 @@ class NoiseReport:
             raise UsageError(f"not a tamperprobe noise report (format {d.get('format')!r}, expected {FORMAT})")
         runtimes = {str(k): RuntimeNoise(float(v["max_abs"]), float(v["mean_abs"]), int(v["label_changes"])) for k, v in d["runtimes"].items()}
         return cls(
-            model_digest=str(d["model_digest"]), source=str(d["source"]), samples=int(d["samples"]), logit_scale=float(d["logit_scale"]),
-            runtimes=runtimes, skipped={str(k): str(v) for k, v in (d.get("skipped") or {}).items()},
-            reference=str(d.get("reference", REFERENCE)), created=str(d.get("created", "")),
+            model_digest=str(d["model_digest"]),
+            source=str(d["source"]),
+            samples=int(d["samples"]),
+            logit_scale=float(d["logit_scale"]),
+            runtimes=runtimes,
+            skipped={str(k): str(v) for k, v in (d.get("skipped") or {}).items()},
+            reference=str(d.get("reference", REFERENCE)),
+            created=str(d.get("created", "")),
             versions={str(k): str(v) for k, v in (d.get("versions") or {}).items()},
         )
 
@@ -163,8 +169,12 @@ def measure_noise(
         raise UsageError("the model returns NaN or infinite logits on the calibration inputs")
     module = module_for_export if module_for_export is not None else model.module
     report = NoiseReport(
-        model_digest=model.digest(), source=str(model.source), samples=int(len(x)), logit_scale=float(np.abs(ref).max()),
-        created=datetime.now(timezone.utc).replace(microsecond=0).isoformat(), versions=_versions(),
+        model_digest=model.digest(),
+        source=str(model.source),
+        samples=int(len(x)),
+        logit_scale=float(np.abs(ref).max()),
+        created=datetime.now(UTC).replace(microsecond=0).isoformat(),
+        versions=_versions(),
     )
     ref_labels = ref.argmax(axis=1)
     with tempfile.TemporaryDirectory(prefix="tamperprobe-calibrate-") as tmp:

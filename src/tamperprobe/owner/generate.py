@@ -9,10 +9,10 @@ import numpy as np
 from ..data import Dataset, InputSpec
 from ..errors import DataError, UsageError
 from ..fingerprint import Fingerprint, make_fingerprint
-from .methods import get_method
-from .methods.base import Bag, Progress
 from ..models import Model
 from ..outputs import DEFAULT_TOLERANCE, OutputSpec
+from .methods import get_method
+from .methods.base import Bag, Progress
 
 
 def create_fingerprint(
@@ -68,13 +68,26 @@ def create_fingerprint(
     if not np.isfinite(logits).all():
         raise UsageError("the model returns NaN or infinite logits on the markers")
     generator = {
-        "method": method, "params": gen.params(), "seed": int(seed), "selection": selection, "bag": int(bag),
-        "layer": layer, "data": data.name,
+        "method": method,
+        "params": gen.params(),
+        "seed": int(seed),
+        "selection": selection,
+        "bag": int(bag),
+        "layer": layer,
+        "data": data.name,
     }
     extra = {k: v for k, v in kept.info.items() if not isinstance(v, np.ndarray)}
     return make_fingerprint(
-        kept.inputs, logits, input_spec, generator, model.digest(), output_spec=str(spec), tolerance=float(tolerance),
-        seeds=np.asarray(kept.seeds, dtype=np.float32), groups=kept.groups, extra=extra,
+        kept.inputs,
+        logits,
+        input_spec,
+        generator,
+        model.digest(),
+        output_spec=str(spec),
+        tolerance=float(tolerance),
+        seeds=np.asarray(kept.seeds, dtype=np.float32),
+        groups=kept.groups,
+        extra=extra,
     )
 
 

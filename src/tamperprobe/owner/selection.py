@@ -30,8 +30,8 @@ from typing import Literal
 import numpy as np
 
 from ..errors import UsageError
-from .methods.base import Bag
 from ..models import Model
+from .methods.base import Bag
 
 Selection = Literal["manc", "random"]
 

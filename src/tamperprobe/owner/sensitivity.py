@@ -32,15 +32,16 @@ reference the tests compare against.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator, Literal
+from typing import Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from ..errors import UsageError
 from .._torch import as_logits, last_linear, layer_activations, quiet
+from ..errors import UsageError
 from ..models import Model
 
 Output = Literal["softmax", "logits"]

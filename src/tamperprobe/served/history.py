@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import sqlite3
 from contextlib import closing
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -109,25 +109,43 @@ def _connect(path: str | os.PathLike | None, create: bool = True) -> sqlite3.Con
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+    return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
 def record(report, protocol: str | None = None, path: str | os.PathLike | None = None) -> int:
     """Store a verify ``Report`` and its markers; returns the run id."""
     rows = []
     for m in report.markers:
-        rows.append((
-            int(m.index), m.status, str(m.expected), None if m.observed is None else str(m.observed),
-            (m.failure or m.detail or None), getattr(m, "latency", None),
-        ))
+        rows.append(
+            (
+                int(m.index),
+                m.status,
+                str(m.expected),
+                None if m.observed is None else str(m.observed),
+                (m.failure or m.detail or None),
+                getattr(m, "latency", None),
+            )
+        )
     with closing(_connect(path)) as con:
         try:
             con.execute("BEGIN IMMEDIATE")
             cur = con.execute(
                 "INSERT INTO runs (time, target, protocol, fingerprint, output_spec, verdict, markers, mismatched, failed, seconds, tolerance, summary)"
                 " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (_now(), report.target, protocol, report.fingerprint_id, report.output_spec, report.verdict, len(report.markers),
-                 report.mismatched, report.failed, float(report.seconds), float(report.tolerance), report.summary()),
+                (
+                    _now(),
+                    report.target,
+                    protocol,
+                    report.fingerprint_id,
+                    report.output_spec,
+                    report.verdict,
+                    len(report.markers),
+                    report.mismatched,
+                    report.failed,
+                    float(report.seconds),
+                    float(report.tolerance),
+                    report.summary(),
+                ),
             )
             run_id = int(cur.lastrowid)
             con.executemany(
@@ -170,13 +188,13 @@ def parse_duration(text: str | float | int) -> float:
 def _since_text(since: Any) -> str:
     """``since`` as a UTC ISO timestamp: a datetime, an ISO string, or a duration back from now (``24h``)."""
     if isinstance(since, datetime):
-        dt = since if since.tzinfo else since.replace(tzinfo=timezone.utc)
+        dt = since if since.tzinfo else since.replace(tzinfo=UTC)
     elif isinstance(since, timedelta):
-        dt = datetime.now(timezone.utc) - since
+        dt = datetime.now(UTC) - since
     else:
         text = str(since).strip()
         try:
-            return (datetime.now(timezone.utc) - timedelta(seconds=parse_duration(text))).isoformat(timespec="microseconds")
+            return (datetime.now(UTC) - timedelta(seconds=parse_duration(text))).isoformat(timespec="microseconds")
         except TamperprobeError:
             pass
         try:
@@ -184,8 +202,8 @@ def _since_text(since: Any) -> str:
         except ValueError:
             raise HistoryError(f"bad --since {since!r}: give an ISO time (2025-01-31T12:00) or a duration (24h)") from None
         if dt.tzinfo is None:
-            dt = dt.replace(tzinfo=timezone.utc)
-    return dt.astimezone(timezone.utc).isoformat(timespec="microseconds")
+            dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC).isoformat(timespec="microseconds")
 
 
 def runs(
@@ -229,7 +247,7 @@ def markers(run_id: int, path: str | os.PathLike | None = None) -> list[dict]:
     try:
         with closing(_connect(path)) as con:
             rows = con.execute(
-                "SELECT run_id, idx AS \"index\", status, expected, observed, detail, latency FROM markers WHERE run_id = ? ORDER BY idx",
+                'SELECT run_id, idx AS "index", status, expected, observed, detail, latency FROM markers WHERE run_id = ? ORDER BY idx',
                 (int(run_id),),
             ).fetchall()
             return [dict(r) for r in rows]

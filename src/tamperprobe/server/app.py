@@ -93,9 +93,17 @@ VERSION = "1"
 
 # KServe v2 datatypes accepted as input, and the numpy dtype each is read as.
 _INPUT_DTYPES = {
-    "FP16": np.float16, "FP32": np.float32, "FP64": np.float64,
-    "INT8": np.int8, "INT16": np.int16, "INT32": np.int32, "INT64": np.int64,
-    "UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64,
+    "FP16": np.float16,
+    "FP32": np.float32,
+    "FP64": np.float64,
+    "INT8": np.int8,
+    "INT16": np.int16,
+    "INT32": np.int32,
+    "INT64": np.int64,
+    "UINT8": np.uint8,
+    "UINT16": np.uint16,
+    "UINT32": np.uint32,
+    "UINT64": np.uint64,
 }
 _NUMPY_TO_V2 = {np.dtype(v).name: k for k, v in _INPUT_DTYPES.items()}
 _OUT_DTYPES = {"INT64": "<i8", "FP32": "<f4", "FP64": "<f8"}
@@ -172,9 +180,7 @@ def infer_input_spec(model: Model, input_shape=None, fingerprint=None) -> InputS
                     break
         except (AttributeError, TypeError, ValueError):
             pass
-    raise UsageError(
-        f"cannot infer the input shape of {model.source}: pass --input-shape (e.g. 1,28,28) or --fingerprint FP"
-    )
+    raise UsageError(f"cannot infer the input shape of {model.source}: pass --input-shape (e.g. 1,28,28) or --fingerprint FP")
 
 
 def _platform(model: Model) -> str:
@@ -536,7 +542,9 @@ def create_app(
     def metadata() -> dict:
         dtype = _NUMPY_TO_V2.get(np.dtype(holder.input_spec.dtype).name, "FP32")
         return {
-            "name": name, "versions": [VERSION], "platform": _platform(holder.model),
+            "name": name,
+            "versions": [VERSION],
+            "platform": _platform(holder.model),
             "inputs": [{"name": INPUT_NAME, "datatype": dtype, "shape": [-1, *holder.input_shape]}],
             "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in output_layout(spec, holder.classes)],
         }
@@ -614,7 +622,8 @@ def create_app(
         if not blobs:
             return Response(head, media_type="application/json")
         return Response(
-            head + b"".join(blobs), media_type="application/octet-stream",
+            head + b"".join(blobs),
+            media_type="application/octet-stream",
             headers={"Inference-Header-Content-Length": str(len(head))},
         )
 

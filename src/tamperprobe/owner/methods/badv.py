@@ -18,9 +18,9 @@ import math
 
 import numpy as np
 
+from ..._torch import as_logits
 from ...data import Dataset
 from ...errors import UsageError
-from ..._torch import as_logits
 from ...models import Model
 from .base import Bag, Method, Progress
 from .natural import sample_indices
@@ -115,7 +115,12 @@ class Badv(Method):
         rows, hi, markers, beat, labels = rows[good], hi[good], markers[good], beat[good], z_def[good].argmax(axis=1)
         keep = slice(0, min(bag, len(rows)))
         info = {
-            "epsilon": hi[keep], "seed_label": y0[rows][keep].astype(np.int64), "label": labels[keep].astype(np.int64),
-            "beaten_by": beat[keep], "index": idx[rows][keep], "found": int(len(rows)), "tried": int(n),
+            "epsilon": hi[keep],
+            "seed_label": y0[rows][keep].astype(np.int64),
+            "label": labels[keep].astype(np.int64),
+            "beaten_by": beat[keep],
+            "index": idx[rows][keep],
+            "found": int(len(rows)),
+            "tried": int(n),
         }
         return Bag(np.ascontiguousarray(markers[keep]), x0[rows][keep].copy(), None, info)

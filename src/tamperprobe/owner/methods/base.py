@@ -8,8 +8,9 @@ arguments are keyword-only hyper-parameters and are all recorded in the fingerpr
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 

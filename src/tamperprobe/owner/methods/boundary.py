@@ -50,9 +50,9 @@ import math
 
 import numpy as np
 
+from ..._torch import as_logits
 from ...data import Dataset, InputSpec
 from ...errors import UsageError
-from ..._torch import as_logits
 from ...models import Model
 from .base import Bag, Method, Progress
 from .natural import sample_indices
@@ -221,8 +221,18 @@ class Boundary(Method):
         if min(int(max_steps), int(greedy_steps), int(neighbors), int(rounds)) < 1:
             raise UsageError("max_steps, greedy_steps, neighbors and rounds must be >= 1")
         super().__init__(
-            delta=delta, k=k, path=path, pairs=bool(pairs), uint8=bool(uint8), coverage=bool(coverage), oversample=oversample,
-            step=step, max_steps=int(max_steps), greedy_steps=int(greedy_steps), neighbors=int(neighbors), rounds=int(rounds),
+            delta=delta,
+            k=k,
+            path=path,
+            pairs=bool(pairs),
+            uint8=bool(uint8),
+            coverage=bool(coverage),
+            oversample=oversample,
+            step=step,
+            max_steps=int(max_steps),
+            greedy_steps=int(greedy_steps),
+            neighbors=int(neighbors),
+            rounds=int(rounds),
         )
         self.delta, self.k, self.path, self.pairs, self.uint8 = delta, k, path, bool(pairs), bool(uint8)
         self.coverage, self.oversample, self.step, self.max_steps = bool(coverage), oversample, step, int(max_steps)
@@ -495,8 +505,18 @@ class Boundary(Method):
                 if self.pairs:
                     ok &= same_c & (sc >= self.delta) & (la != lc)
                 sel = np.flatnonzero(ok)
-                for key, arr in (("xa", xa), ("xc", xc), ("ta", ta), ("tc", tc), ("seed", pool_idx[seeds]), ("partner", partner),
-                                 ("sa", sa), ("sc", sc), ("la", la), ("lc", lc)):
+                for key, arr in (
+                    ("xa", xa),
+                    ("xc", xc),
+                    ("ta", ta),
+                    ("tc", tc),
+                    ("seed", pool_idx[seeds]),
+                    ("partner", partner),
+                    ("sa", sa),
+                    ("sc", sc),
+                    ("la", la),
+                    ("lc", lc),
+                ):
                     found[key].append(arr[sel])
                 total += len(sel)
             if progress:
@@ -539,10 +559,19 @@ class Boundary(Method):
             seed_index, partner_index = cat["seed"][order], cat["partner"][order]
         dom_in, dom_seed = self._domain(inputs), self._domain(seeds)
         info = {
-            "margin": margin.astype(np.float64), "label": label.astype(np.int64), "t": t.astype(np.float64), "side": side,
-            "psnr": psnr_db(dom_in, dom_seed, self.low, self.high), "snr": snr_db(dom_in, dom_seed),
-            "seed_index": seed_index.astype(np.int64), "partner_index": partner_index.astype(np.int64),
-            "delta": self.delta, "k": self.k, "pairs": self.pairs, "path": self.path, "uint8": self.uint8,
+            "margin": margin.astype(np.float64),
+            "label": label.astype(np.int64),
+            "t": t.astype(np.float64),
+            "side": side,
+            "psnr": psnr_db(dom_in, dom_seed, self.low, self.high),
+            "snr": snr_db(dom_in, dom_seed),
+            "seed_index": seed_index.astype(np.int64),
+            "partner_index": partner_index.astype(np.int64),
+            "delta": self.delta,
+            "k": self.k,
+            "pairs": self.pairs,
+            "path": self.path,
+            "uint8": self.uint8,
         }
         if self.uint8:
             info["input_encoding"] = {"dtype": "uint8", "low": self.low, "high": self.high, "decode": UINT8_DECODE}

@@ -55,8 +55,13 @@ class SensitiveSamples(Method):
         if isinstance(params, str):
             params = [p for p in params.split(",") if p]
         super().__init__(
-            epsilon=float(epsilon), lr=float(lr), steps=int(steps), patience=int(patience), min_delta=float(min_delta),
-            output=output, params=None if params is None else [str(p) for p in params],
+            epsilon=float(epsilon),
+            lr=float(lr),
+            steps=int(steps),
+            patience=int(patience),
+            min_delta=float(min_delta),
+            output=output,
+            params=None if params is None else [str(p) for p in params],
         )
 
     def generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:

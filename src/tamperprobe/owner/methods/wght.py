@@ -19,8 +19,8 @@ at its default batch size, the path verification uses.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Iterator
 
 import numpy as np
 
@@ -85,8 +85,13 @@ class Wght(Method):
         if int(draws) < 1 or int(candidates) < 0:
             raise UsageError("draws must be >= 1 and candidates >= 0")
         super().__init__(
-            source=source, candidates=int(candidates), eps_start=eps_start, eps_factor=eps_factor, eps_max=eps_max,
-            draws=int(draws), relative=bool(relative),
+            source=source,
+            candidates=int(candidates),
+            eps_start=eps_start,
+            eps_factor=eps_factor,
+            eps_max=eps_max,
+            draws=int(draws),
+            relative=bool(relative),
         )
         self.source, self.candidates, self.draws, self.relative = source, int(candidates), int(draws), bool(relative)
         self.eps_start, self.eps_factor, self.eps_max = eps_start, eps_factor, eps_max
@@ -144,8 +149,13 @@ class Wght(Method):
         if progress:
             progress(levels, levels)
         info = {
-            "epsilon": eps_of[sel], "perturbation_seed": seed_of[sel], "label": base[sel].astype(np.int64),
-            "flipped_to": to_of[sel], "index": index[sel], "found": int(len(sel)), "relative": self.relative,
+            "epsilon": eps_of[sel],
+            "perturbation_seed": seed_of[sel],
+            "label": base[sel].astype(np.int64),
+            "flipped_to": to_of[sel],
+            "index": index[sel],
+            "found": int(len(sel)),
+            "relative": self.relative,
         }
         inputs = np.ascontiguousarray(x[sel])
         return Bag(inputs, inputs.copy(), None, info)

@@ -22,10 +22,19 @@ from .base import DEFAULT_MAX_RESPONSE, Failure, HTTPTarget
 
 PROTOCOLS = ("kserve", "torchserve", "tfserving", "json")
 _ALIASES = {
-    "kserve": "kserve", "v2": "kserve", "oip": "kserve", "triton": "kserve", "mlserver": "kserve", "kserve-v2": "kserve",
+    "kserve": "kserve",
+    "v2": "kserve",
+    "oip": "kserve",
+    "triton": "kserve",
+    "mlserver": "kserve",
+    "kserve-v2": "kserve",
     "torchserve": "torchserve",
-    "tfserving": "tfserving", "tf-serving": "tfserving", "v1": "tfserving", "kserve-v1": "tfserving",
-    "json": "json", "template": "json",
+    "tfserving": "tfserving",
+    "tf-serving": "tfserving",
+    "v1": "tfserving",
+    "kserve-v1": "tfserving",
+    "json": "json",
+    "template": "json",
 }
 
 
@@ -68,9 +77,21 @@ def make_client(
     if template is not None and name != "json":
         raise UsageError("--template applies to --protocol json only")
     kw = dict(
-        model_name=model_name, headers=headers, token_env=token_env, timeout=timeout, retries=retries, backoff=backoff,
-        batch_size=batch_size, delay=delay, shuffle=shuffle, seed=seed, verify_tls=verify_tls,
-        max_response_bytes=max_response_bytes, input_spec=input_spec, classes=classes, max_retry_after=max_retry_after,
+        model_name=model_name,
+        headers=headers,
+        token_env=token_env,
+        timeout=timeout,
+        retries=retries,
+        backoff=backoff,
+        batch_size=batch_size,
+        delay=delay,
+        shuffle=shuffle,
+        seed=seed,
+        verify_tls=verify_tls,
+        max_response_bytes=max_response_bytes,
+        input_spec=input_spec,
+        classes=classes,
+        max_retry_after=max_retry_after,
     )
     if name == "kserve":
         from .kserve import KServeClient

@@ -54,7 +54,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -120,8 +120,8 @@ def retry_after_seconds(value: str | None) -> float | None:
     except (TypeError, ValueError):
         return None
     if when.tzinfo is None:
-        when = when.replace(tzinfo=timezone.utc)
-    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
 
 
 # --------------------------------------------------------------------------- answers
@@ -448,8 +448,12 @@ class HTTPTarget:
         # Redirects are never followed, so a plain-http endpoint never needs TLS: skip loading the CA bundle.
         tls = verify_tls if urlsplit(self.url).scheme == "https" else False
         self._client = httpx.Client(
-            headers=hdrs, verify=tls, follow_redirects=False, transport=transport,
-            timeout=httpx.Timeout(self.timeout), trust_env=False,
+            headers=hdrs,
+            verify=tls,
+            follow_redirects=False,
+            transport=transport,
+            timeout=httpx.Timeout(self.timeout),
+            trust_env=False,
         )
         self._unreachable = False
         self.name = f"{self.protocol}:{redact_url(self.endpoint_url())}"
@@ -524,8 +528,16 @@ class HTTPTarget:
 
     # ------------------------------------------------------------------ HTTP with retries
 
-    def request(self, method: str, url: str, *, json_body: Any = None, content: bytes | None = None,
-                headers: dict | None = None, ok_statuses: tuple[int, ...] = ()) -> HTTPResponse:
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        json_body: Any = None,
+        content: bytes | None = None,
+        headers: dict | None = None,
+        ok_statuses: tuple[int, ...] = (),
+    ) -> HTTPResponse:
         """Send with retries; return a 2xx response (or one in ``ok_statuses``); raise Failure otherwise."""
         import httpx
 

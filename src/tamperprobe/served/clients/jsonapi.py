@@ -75,7 +75,7 @@ def parse_path(text: str) -> list[str | int]:
     while pos < len(s):
         m = _TOKEN.match(s, pos)
         if not m or m.end() == pos or (pos == 0 and s.startswith(".") and not rooted):
-            raise UsageError(f"bad response path {text!r} at {s[pos:pos + 10]!r}: use keys separated by dots and [index]")
+            raise UsageError(f"bad response path {text!r} at {s[pos : pos + 10]!r}: use keys separated by dots and [index]")
         if m.group(1) is not None:
             steps.append(m.group(1))
         elif m.group(2) is not None:
@@ -157,15 +157,15 @@ def load_template(template: Any) -> dict:
     batch = template.get("batch")
     if batch is not None:
         if "{{inputs}}" not in found:
-            raise UsageError("template: batch mode needs \"{{inputs}}\" in the request")
+            raise UsageError('template: batch mode needs "{{inputs}}" in the request')
         if found & {"{{input}}", "{{input_flat}}"}:
             raise UsageError("template: batch mode sends {{inputs}}, not {{input}}/{{input_flat}}")
         batch_steps = parse_path(batch)
     else:
         if "{{inputs}}" in found:
-            raise UsageError("template: \"{{inputs}}\" needs \"batch\" (the path of the list of results)")
+            raise UsageError('template: "{{inputs}}" needs "batch" (the path of the list of results)')
         if not found & {"{{input}}", "{{input_flat}}"}:
-            raise UsageError("template: the request must contain \"{{input}}\" or \"{{input_flat}}\"")
+            raise UsageError('template: the request must contain "{{input}}" or "{{input_flat}}"')
         batch_steps = None
     resp = template["response"]
     if not isinstance(resp, dict):
@@ -180,8 +180,13 @@ def load_template(template: Any) -> dict:
         raise UsageError("template: scores_kind must be probs or logits")
     paths = {k: (str(resp[k]), parse_path(resp[k])) for k in ("labels", "scores", "probability") if k in resp}
     return {
-        "method": method, "path": path, "headers": dict(headers), "request": template["request"],
-        "paths": paths, "scores_kind": kind, "batch": (str(batch), batch_steps) if batch is not None else None,
+        "method": method,
+        "path": path,
+        "headers": dict(headers),
+        "request": template["request"],
+        "paths": paths,
+        "scores_kind": kind,
+        "batch": (str(batch), batch_steps) if batch is not None else None,
     }
 
 

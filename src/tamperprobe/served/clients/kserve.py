@@ -38,12 +38,30 @@ from ...outputs import Answer, OutputSpec
 from .base import Failure, HTTPTarget, Parts, as_label, as_number, guess_kind, redact_url, to_answer
 
 _V2_NUMERIC = {
-    "FP16": "f", "FP32": "f", "FP64": "f", "INT8": "i", "INT16": "i", "INT32": "i", "INT64": "i",
-    "UINT8": "u", "UINT16": "u", "UINT32": "u", "UINT64": "u",
+    "FP16": "f",
+    "FP32": "f",
+    "FP64": "f",
+    "INT8": "i",
+    "INT16": "i",
+    "INT32": "i",
+    "INT64": "i",
+    "UINT8": "u",
+    "UINT16": "u",
+    "UINT32": "u",
+    "UINT64": "u",
 }
 _NUMPY_TO_V2 = {
-    "float16": "FP16", "float32": "FP32", "float64": "FP64", "int8": "INT8", "int16": "INT16", "int32": "INT32",
-    "int64": "INT64", "uint8": "UINT8", "uint16": "UINT16", "uint32": "UINT32", "uint64": "UINT64",
+    "float16": "FP16",
+    "float32": "FP32",
+    "float64": "FP64",
+    "int8": "INT8",
+    "int16": "INT16",
+    "int32": "INT32",
+    "int64": "INT64",
+    "uint8": "UINT8",
+    "uint16": "UINT16",
+    "uint32": "UINT32",
+    "uint64": "UINT64",
 }
 
 
@@ -105,8 +123,13 @@ class KServeClient(HTTPTarget):
                 continue
             oshape, odt, oname = out.get("shape"), out.get("datatype"), str(out.get("name", "")).lower()
             if (
-                classes is None and odt in ("FP16", "FP32", "FP64") and isinstance(oshape, list) and len(oshape) == 2
-                and isinstance(oshape[-1], int) and oshape[-1] > 1 and oname != "probability"
+                classes is None
+                and odt in ("FP16", "FP32", "FP64")
+                and isinstance(oshape, list)
+                and len(oshape) == 2
+                and isinstance(oshape[-1], int)
+                and oshape[-1] > 1
+                and oname != "probability"
             ):
                 classes = int(oshape[-1])
         self.classes = classes

@@ -29,8 +29,21 @@ from urllib.parse import quote
 import numpy as np
 
 from ...outputs import Answer, OutputSpec
-from .base import Failure, HTTPTarget, Parts, as_label, as_vector, guess_kind, nested, parts_from_label_map, parts_from_named, to_answer
-from .base import _LABEL_KEYS, _LOGIT_KEYS, _PROB_VECTOR_KEYS
+from .base import (
+    _LABEL_KEYS,
+    _LOGIT_KEYS,
+    _PROB_VECTOR_KEYS,
+    Failure,
+    HTTPTarget,
+    Parts,
+    as_label,
+    as_vector,
+    guess_kind,
+    nested,
+    parts_from_label_map,
+    parts_from_named,
+    to_answer,
+)
 
 _NAMED = set(_LABEL_KEYS) | set(_LOGIT_KEYS) | set(_PROB_VECTOR_KEYS)
 
