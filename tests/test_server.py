@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tamperprobe import zoo
-from tamperprobe.errors import UsageError
+from tamperprobe.errors import ModelLoadError, UsageError
 from tamperprobe.models import TorchModel, load_model, save_model
 from tamperprobe.outputs import OutputSpec
 from tamperprobe.server.app import ServerThread, infer_input_spec
@@ -320,7 +320,7 @@ def test_input_spec_inference(model_files, tmp_path):
     fp = make_fingerprint(np.zeros((2, *SHAPE), np.float32), np.zeros((2, 10), np.float32), InputSpec(SHAPE), {"method": "natural"}, "d")
     save(fp, tmp_path / "fp.tpfp")
     assert infer_input_spec(ts, fingerprint=tmp_path / "fp.tpfp").shape == SHAPE
-    with pytest.raises(Exception):
+    with pytest.raises(ModelLoadError):
         ServerThread(ts, input_shape=(1, 9, 9))  # the model does not run on that shape
 
 

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import contextlib
 import sys
-from typing import Callable, Iterator, NoReturn
+from typing import Iterator, NoReturn
 
 import typer
+from rich.console import Console
 
 from .._util import Progress
-from rich.console import Console
 
 console = Console()
 err_console = Console(stderr=True)

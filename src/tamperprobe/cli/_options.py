@@ -15,7 +15,9 @@ ModelArgument = Annotated[
     str, typer.Argument(help="Model: .pt (TorchScript), .pt2 (torch.export), .onnx, or package.module:attribute (an nn.Module, class or factory).")
 ]
 FingerprintArgument = Annotated[Path, typer.Argument(metavar="FP", help="Fingerprint file.")]
-WeightsOption = Annotated[Optional[str], typer.Option("--weights", help=".safetensors or state_dict file for the model (read without unpickling code).")]
+WeightsOption = Annotated[
+    Optional[str], typer.Option("--weights", help=".safetensors or state_dict file for the model (read without unpickling code).")
+]
 DataOption = Annotated[str, typer.Option("--data", help="Natural inputs: .npz with x (and y), an IDX folder, or digits / mnist5k.")]
 LowOption = Annotated[Optional[float], typer.Option("--low", help="Lower end of the input range (default: inferred from the data).")]
 HighOption = Annotated[Optional[float], typer.Option("--high", help="Upper end of the input range (default: inferred from the data).")]
