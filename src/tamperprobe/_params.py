@@ -154,8 +154,8 @@ def coerce(name: str, value: Any, tp: Any) -> Any:
             raise UsageError(f"{name} must be a whole number, got {value!r}")
         if isinstance(value, str):
             value = _number(name, value)
-        if isinstance(value, numbers.Real) and math.isfinite(float(value)) and float(value) == int(value):
-            return int(value)
+        if isinstance(value, numbers.Real) and math.isfinite(float(value)) and float(value) == round(float(value)):
+            return round(float(value))
         raise UsageError(f"{name} must be a whole number, got {value!r}")
     if tp is float:
         if isinstance(value, bool):

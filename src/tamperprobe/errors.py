@@ -1,8 +1,9 @@
 """Error types and the exit codes the CLI maps them to.
 
-A security failure is not a usage error: TAMPERED has its own exit code (1), and every
-other failure (bad input, unreachable endpoint, damaged file) exits 2 and is never
-reported as INTACT.
+A security failure is not a usage error: TAMPERED has its own exit code (1), a fingerprint
+that is not authentic (unsigned, untrusted signer, altered after signing) has its own (3),
+and every other failure (bad input, unreachable endpoint, damaged file) exits 2. None of
+them is ever reported as INTACT.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 EXIT_INTACT = 0
 EXIT_TAMPERED = 1
 EXIT_ERROR = 2
+EXIT_UNTRUSTED = 3
 
 
 class TamperprobeError(Exception):
@@ -36,3 +38,13 @@ class FingerprintFormatError(TamperprobeError):
 
 class QueryError(TamperprobeError):
     """A prediction request failed or its answer was malformed."""
+
+
+class AuthenticityError(TamperprobeError):
+    """A fingerprint file is not authentic: unsigned, signed by an untrusted key, or altered after signing.
+
+    A security failure, not a usage error: it has its own exit code so that an alarm can tell a
+    forged or swapped fingerprint from a flaky endpoint.
+    """
+
+    exit_code = EXIT_UNTRUSTED

@@ -114,6 +114,16 @@ class OutputSpec:
         return self.kind
 
     @property
+    def places(self) -> int:
+        """Decimals of the rounded probabilities (0 for the forms that carry none)."""
+        return 0 if self.decimals is None else self.decimals
+
+    @property
+    def rounding(self) -> float:
+        """Half a unit in the last rounded place: the largest rounding error of a probability."""
+        return 0.5 * 10.0**-self.places
+
+    @property
     def label_count(self) -> int:
         """How many labels an answer carries (0 for the score-only forms)."""
         return {"top1": 1, "topk": self.k, "top1-prob": 1}.get(self.kind, 0)
@@ -131,8 +141,8 @@ class OutputSpec:
         p = softmax64(z)
         if self.kind == "top1-prob":
             top = int(order[0])
-            return Answer(labels=(top,), scores=(round(float(p[top]), self.decimals),))
-        return Answer(scores=tuple(round(float(v), self.decimals) for v in p))
+            return Answer(labels=(top,), scores=(round(float(p[top]), self.places),))
+        return Answer(scores=tuple(round(float(v), self.places) for v in p))
 
     def compare(self, expected_logits: np.ndarray, observed: Answer, tol: float = DEFAULT_TOLERANCE) -> Match:
         """Does ``observed`` match what the intact model answers for ``expected_logits``?"""
@@ -157,12 +167,13 @@ class OutputSpec:
         if self.kind == "top1-prob":
             if scores is None or len(scores) != 1:
                 return Match(False, "expected one probability")
+            assert observed.labels is not None  # checked with the labels above
             want = softmax64(z)[observed.labels[0]]
-            return _close(scores, [want], 0.5 * 10.0**-self.decimals + tol, 0.0)
+            return _close(scores, [want], self.rounding + tol, 0.0)
         if scores is None or len(scores) != z.size:
             return Match(False, f"expected {z.size} scores, got {0 if scores is None else len(scores)}")
         if self.kind == "probs":
-            return _close(scores, softmax64(z), 0.5 * 10.0**-self.decimals + tol, 0.0)
+            return _close(scores, softmax64(z), self.rounding + tol, 0.0)
         return _close(scores, z, tol, 1e-6)
 
     def matches(self, expected_logits: np.ndarray, observed_logits: np.ndarray, tol: float = DEFAULT_TOLERANCE) -> np.ndarray:
@@ -241,15 +252,16 @@ def compare_many(spec: str | OutputSpec, expected_logits: np.ndarray, observed_l
             ok &= ~(np.abs(got - ranked) > tol).any(axis=1)
     if spec.kind in ("top1", "topk"):
         return ok
-    atol = 0.5 * 10.0**-spec.decimals + tol
+    atol = spec.rounding + tol
+    places = spec.places
     with np.errstate(invalid="ignore", over="ignore"):  # NaN/inf logits: a mismatch, not a warning
         po, pz = softmax64(o), softmax64(z)
     if spec.kind == "top1-prob":
         top = labels[:, :1]
-        r = _round_like_python(np.take_along_axis(po, top, axis=1), spec.decimals)
+        r = _round_like_python(np.take_along_axis(po, top, axis=1), places)
         want = np.take_along_axis(pz, top, axis=1)
         return ok & _close_many(r, want, atol, 0.0)
-    r = _round_like_python(po, spec.decimals)
+    r = _round_like_python(po, places)
     return _close_many(r, pz, atol, 0.0)
 
 
