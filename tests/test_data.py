@@ -90,3 +90,45 @@ def test_idx_errors(tmp_path):
 def test_unknown_data():
     with pytest.raises(DataError, match="data not found"):
         load_data("nope")
+
+
+class _ViewNet:
+    """Built lazily (torch import): a LeNet-style model that flattens with ``.view``, like advertorch's LeNet5."""
+
+    @staticmethod
+    def build():
+        import torch
+        from torch import nn
+
+        class ViewNet(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.conv = nn.Conv2d(1, 4, 3, padding=1)
+                self.fc = nn.Linear(4 * 6 * 6, 10)
+
+            def forward(self, x):
+                out = torch.relu(self.conv(x))
+                return self.fc(out.view(out.size(0), -1))
+
+        return ViewNet().eval()
+
+
+def test_idx_batches_reach_the_model_in_standard_layout(tmp_path):
+    """Issue 12: IDX images (N, H, W) gained their channel axis as a stride-0 view; a shuffled split then gave the
+    (N, 1, H, W) batch a channel stride of 1, torch took it for channels-last and a model's ``.view`` failed."""
+    from tamperprobe.models import TorchModel
+
+    arr = (np.arange(30 * 36) % 256).astype(np.uint8).reshape(30, 6, 6)
+    _idx(tmp_path / "train-images-idx3-ubyte", arr, gz=False)
+    ds = load_data(tmp_path)
+    train, test = ds.split(0.3, seed=1)
+    model = TorchModel(_ViewNet.build())
+    for part in (train, test):
+        for batch in (1, 7, 64):
+            z = model.logits(part.x, batch_size=batch)
+            assert z.shape == (len(part), 10)
+    # the layout torch sees is the standard one, even for an array whose channel axis has stride 1
+    from tamperprobe._torch import to_tensor
+
+    odd = np.lib.stride_tricks.as_strided(np.zeros(2 * 36, np.float32), (2, 1, 6, 6), (144, 4, 24, 4))
+    assert to_tensor(odd).stride() == (36, 36, 6, 1)

@@ -50,8 +50,21 @@ def as_logits(out: Any) -> torch.Tensor:
 
 
 def to_tensor(x: np.ndarray) -> torch.Tensor:
-    """A standard contiguous float32 tensor for a batch (whatever the array's strides)."""
-    return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    """A standard contiguous float32 tensor for a batch, whatever the array's strides.
+
+    NumPy calls an array with a size-1 axis contiguous whatever that axis' stride, and fancy
+    indexing of a (N, 1, H, W) array can give it stride 1, so the batch *also* looks channels-last
+    to torch: convolutions then answer channels-last and a model's ``.view`` fails. Such a batch is
+    copied into the standard layout.
+    """
+    t = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))
+    expected, step = [], 1
+    for size in reversed(t.shape):
+        expected.append(step)
+        step *= size
+    if tuple(reversed(expected)) != t.stride():
+        t = torch.empty(t.shape, dtype=t.dtype).copy_(t)
+    return t
 
 
 def module_logits(module: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
@@ -137,3 +150,23 @@ def layer_activations(module: nn.Module, x: np.ndarray | torch.Tensor, layer: st
     if not rows:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(rows).astype(np.float32, copy=False)
+
+
+def set_training(module: nn.Module, mode: bool) -> None:
+    """``module.train(mode)``, skipped for modules that cannot switch (torch.export's GraphModule raises)."""
+    try:
+        module.train(mode)
+    except NotImplementedError:  # torch.export's GraphModule: no mode-dependent layers to switch
+        pass
+
+
+@contextmanager
+def eval_mode(module: nn.Module) -> Iterator[None]:
+    """Run ``module`` in eval mode; every submodule's training flag is restored afterwards."""
+    flags = [(m, m.training) for m in module.modules()]
+    set_training(module, False)
+    try:
+        yield
+    finally:
+        for m, flag in flags:
+            m.training = flag

@@ -183,7 +183,7 @@ def _idx_folder(folder: Path) -> Dataset:
     if x.ndim != 3:
         raise DataError(f"{images[0]}: expected images of shape (N, H, W), got {x.shape}")
     scale = 255.0 if x.dtype == np.uint8 else 1.0
-    x = (x.astype(np.float32) / scale)[:, None]
+    x = (x.astype(np.float32) / scale).reshape(len(x), 1, *x.shape[1:])  # standard strides (not [:, None])
     y = None
     if len(labels) == 1:
         y = _read_idx(labels[0]).astype(np.int64)
