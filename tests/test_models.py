@@ -76,3 +76,116 @@ def test_onnx_needs_torch_for_generation(tmp_path, trained_cnn, digits):
     m = load_model(save_model(trained_cnn, tmp_path / "m.onnx", digits[1].x))
     with pytest.raises(UsageError, match="PyTorch form"):
         m.require_torch("fingerprint generation")
+
+
+# ----------------------------------------------------------------------------- models that just work (issue 12)
+
+
+def test_a_class_without_weights_is_refused(tmp_path):
+    with pytest.raises(UsageError, match="random weights.*--weights"):
+        load_model("tamperprobe.zoo:CNN")
+    from tamperprobe import zoo
+    from tamperprobe.models import save_state_dict
+
+    save_state_dict(zoo.CNN(), tmp_path / "w.safetensors")
+    assert load_model("tamperprobe.zoo:CNN", tmp_path / "w.safetensors").format == "module"
+    assert load_model("tamperprobe.zoo:digits_cnn").format == "module"  # a factory may load its own weights
+
+
+def test_factory_arguments(tmp_path):
+    from tamperprobe.models import parse_model_args
+
+    args = parse_model_args(["side=8", "classes=3", "hidden=16"])
+    assert args == {"side": 8, "classes": 3, "hidden": 16}
+    from tamperprobe import zoo
+    from tamperprobe.models import save_state_dict
+
+    save_state_dict(zoo.CNN(side=8, classes=3, hidden=16), tmp_path / "w.safetensors")
+    m = load_model("tamperprobe.zoo:CNN", tmp_path / "w.safetensors", model_args=args)
+    assert m.logits(np.zeros((2, 1, 8, 8), np.float32)).shape == (2, 3)
+    with pytest.raises(UsageError, match="--model-arg"):
+        load_model("tamperprobe.zoo:digits_cnn", model_args={"nope": 1})
+    with pytest.raises(UsageError, match="key=value"):
+        parse_model_args(["novalue"])
+
+
+def test_state_dict_mismatch_names_every_kind_of_key(tmp_path):
+    from tamperprobe import zoo
+    from tamperprobe.models import save_state_dict
+
+    state_of = zoo.CNN(side=8, classes=3)  # another head: shapes differ
+    save_state_dict(state_of, tmp_path / "w.safetensors")
+    with pytest.raises(ModelLoadError) as err:
+        load_model("tamperprobe.zoo:digits_cnn", tmp_path / "w.safetensors")
+    msg = str(err.value)
+    assert "of another shape" in msg and "head.3.weight (file (3, 64), model (10, 64))" in msg and "\n" not in msg
+    import torch
+    from safetensors.torch import save_file
+
+    state = {k: v for k, v in zoo.digits_cnn().state_dict().items() if not k.startswith("head.3")}
+    state["extra.weight"] = torch.zeros(2)
+    save_file(state, str(tmp_path / "w2.safetensors"))
+    with pytest.raises(ModelLoadError, match=r"2 missing: head\.3\.weight, head\.3\.bias; 1 unexpected: extra\.weight"):
+        load_model("tamperprobe.zoo:digits_cnn", tmp_path / "w2.safetensors")
+
+
+def test_weights_file_given_as_a_model_gets_a_hint(tmp_path):
+    from tamperprobe import zoo
+    from tamperprobe.models import save_state_dict
+
+    save_state_dict(zoo.digits_cnn(), tmp_path / "w.safetensors")
+    with pytest.raises(ModelLoadError, match="looks like a weights file.*--weights"):
+        load_model(tmp_path / "w.safetensors")
+
+
+def test_timm_and_hugging_face_style_factories(tmp_path, monkeypatch):
+    """Models from timm (``timm.create_model(name, num_classes=...)``) and Hugging Face image classifiers
+    (``from_pretrained(folder)``, outputs with ``.logits``) load with --model-arg, no wrapper module."""
+    import sys
+    import types
+
+    import torch
+    from torch import nn
+
+    hub = types.ModuleType("fakehub")
+
+    class TinyNet(nn.Module):
+        def __init__(self, num_classes):
+            super().__init__()
+            self.fc = nn.Linear(64, num_classes)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    def create_model(model_name, pretrained=False, num_classes=1000):  # timm's signature
+        assert model_name == "tiny" and pretrained is False
+        torch.manual_seed(0)
+        return TinyNet(num_classes).eval()
+
+    class Output(dict):
+        """Like transformers' ImageClassifierOutput: a mapping whose first entry is the logits."""
+
+    class TinyForImageClassification(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.net = TinyNet(4)
+
+        @classmethod
+        def from_pretrained(cls, pretrained_model_name_or_path):
+            m = cls()
+            m.net.load_state_dict(torch.load(f"{pretrained_model_name_or_path}/weights.pt", weights_only=True))
+            return m.eval()
+
+        def forward(self, pixel_values):
+            return Output(logits=self.net(pixel_values))
+
+    hub.create_model = create_model
+    hub.TinyForImageClassification = TinyForImageClassification
+    monkeypatch.setitem(sys.modules, "fakehub", hub)
+    x = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    timm_like = load_model("fakehub:create_model", model_args={"model_name": "tiny", "num_classes": 5})
+    assert timm_like.logits(x).shape == (3, 5)
+    (tmp_path / "hf").mkdir()
+    torch.save(TinyNet(4).state_dict(), tmp_path / "hf" / "weights.pt")
+    hf_like = load_model("fakehub:TinyForImageClassification.from_pretrained", model_args={"pretrained_model_name_or_path": str(tmp_path / "hf")})
+    assert hf_like.logits(x).shape == (3, 4)

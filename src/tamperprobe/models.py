@@ -197,7 +197,7 @@ class OnnxModel:
         return np.concatenate(outs).astype(np.float32, copy=False)
 
 
-def load_model(spec: Any, weights: str | os.PathLike | None = None) -> Model:
+def load_model(spec: Any, weights: str | os.PathLike | None = None, *, model_args: dict[str, Any] | None = None) -> Model:
     """Load a model from a file, a ``package.module:attribute`` reference or an ``nn.Module`` (see module doc).
 
     A ``Model`` passes through unchanged (``weights`` then must be None).
@@ -220,8 +220,10 @@ def load_model(spec: Any, weights: str | os.PathLike | None = None) -> Model:
     path = Path(text)
     if path.exists() and path.is_dir():
         raise ModelLoadError(f"{text} is a folder, not a model file")
+    if model_args and not (not path.exists() and _looks_like_reference(text)):
+        raise UsageError("--model-arg applies to a package.module:attribute model")
     if not path.exists() and _looks_like_reference(text):
-        model = _load_reference(text)
+        model = _load_reference(text, weights, model_args)
     elif not path.exists():
         raise ModelLoadError(f"model file not found: {text}")
     else:
@@ -232,6 +234,10 @@ def load_model(spec: Any, weights: str | os.PathLike | None = None) -> Model:
             model = _load_export(path)
         elif suffix in TORCHSCRIPT_SUFFIXES:
             model = _load_torchscript(path)
+        elif suffix in (".safetensors", ".bin", ".ckpt"):
+            raise ModelLoadError(
+                f"{text} looks like a weights file, not a model: name the architecture as package.module:attribute and pass this file with --weights"
+            )
         else:
             raise ModelLoadError(
                 f"unknown model format {suffix or '(no suffix)'} for {text}: use .pt (TorchScript), .pt2 (torch.export), .onnx, or package.module:attribute"
@@ -250,7 +256,14 @@ def _looks_like_reference(text: str) -> bool:
     return bool(sep) and bool(attr) and all(p.isidentifier() for p in mod.split(".")) and all(p.isidentifier() for p in attr.split("."))
 
 
-def _load_reference(text: str) -> Model:
+def _load_reference(text: str, weights: Any = None, model_args: dict[str, Any] | None = None) -> Model:
+    """Import ``package.module:attribute``: an ``nn.Module`` instance, or a class or factory called with ``model_args``.
+
+    A class builds a randomly initialised network, so it is refused without ``weights``: a verdict
+    about random weights would be a false alarm. Factories and instances may load their own weights.
+    """
+    import inspect
+
     import torch
 
     mod_name, _, attr = text.partition(":")
@@ -264,16 +277,44 @@ def _load_reference(text: str) -> Model:
         if not hasattr(obj, part):
             raise ModelLoadError(f"{mod_name} has no attribute {attr}")
         obj = getattr(obj, part)
-    if not isinstance(obj, torch.nn.Module):
-        if not callable(obj):
-            raise ModelLoadError(f"{text} is neither an nn.Module nor a callable that builds one")
+    args = dict(model_args or {})
+    if isinstance(obj, torch.nn.Module):
+        if args:
+            raise UsageError(f"{text} is a model instance: --model-arg applies to a class or factory")
+        return TorchModel(obj, text)
+    if not callable(obj):
+        raise ModelLoadError(f"{text} is neither an nn.Module nor a callable that builds one")
+    if inspect.isclass(obj) and issubclass(obj, torch.nn.Module) and weights is None:
+        raise UsageError(
+            f"{text} is a class: built without --weights it has random weights and every verdict would be wrong; "
+            "pass --weights FILE (or name a factory or instance that loads its own weights)"
+        )
+    try:
+        built = obj(**args)
+    except TypeError as exc:
+        raise UsageError(
+            f"{text}({', '.join(f'{k}={v!r}' for k, v in args.items())}) failed: {one_line(exc)} (set arguments with --model-arg key=value)"
+        ) from None
+    except Exception as exc:
+        raise ModelLoadError(f"{text}() failed: {one_line(exc)}") from None
+    if not isinstance(built, torch.nn.Module):
+        raise ModelLoadError(f"{text}() returned {type(built).__name__}, not an nn.Module")
+    return TorchModel(built, text)
+
+
+def parse_model_args(items: list[str] | None) -> dict[str, Any]:
+    """``--model-arg key=value`` texts as keyword arguments: JSON values (numbers, true/false, null, lists) or plain text."""
+    import json
+
+    from ._params import parse_kv
+
+    out: dict[str, Any] = {}
+    for key, value in parse_kv(items, "--model-arg").items():
         try:
-            obj = obj()
-        except Exception as exc:
-            raise ModelLoadError(f"{text}() failed: {one_line(exc)}") from None
-        if not isinstance(obj, torch.nn.Module):
-            raise ModelLoadError(f"{text}() returned {type(obj).__name__}, not an nn.Module")
-    return TorchModel(obj, text)
+            out[key] = json.loads(value)
+        except ValueError:
+            out[key] = value
+    return out
 
 
 def _load_torchscript(path: Path) -> Model:
@@ -351,12 +392,31 @@ def read_state_dict(path: str | os.PathLike) -> dict:
     return state
 
 
-def load_weights(module, path: str | os.PathLike) -> None:
+def _names(items: list[str], cap: int = 6) -> str:
+    shown = ", ".join(items[:cap])
+    return shown + (f", … ({len(items) - cap} more)" if len(items) > cap else "")
+
+
+def load_weights(module: Any, path: str | os.PathLike) -> None:
+    """Load a state_dict file into ``module``; a mismatch lists missing, unexpected and mis-shaped keys in one line."""
     state = read_state_dict(path)
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} (file {tuple(state[k].shape)}, model {tuple(own[k].shape)})" for k in own if k in state and state[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing: {_names(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected: {_names(unexpected)}")
+        if shapes:
+            parts.append(f"{len(shapes)} of another shape: {_names(shapes, 3)}")
+        raise ModelLoadError(f"weights {path} do not fit {type(module).__name__}: " + "; ".join(parts))
     try:
         module.load_state_dict(state, strict=True)
     except Exception as exc:
-        raise ModelLoadError(f"weights {path} do not fit the model: {one_line(exc)}") from None
+        raise ModelLoadError(f"weights {path} do not fit {type(module).__name__}: {one_line(exc)}") from None
 
 
 def save_state_dict(module: Any, path: str | os.PathLike) -> Path:
