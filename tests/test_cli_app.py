@@ -1,0 +1,30 @@
+"""The command line as a whole: one-line usage errors, --version."""
+
+from __future__ import annotations
+
+
+def test_usage_errors_are_one_line_on_stderr():
+    """Issue 12: a usage error (missing argument, unknown option or command) is one line, not a boxed panel."""
+    import subprocess
+    import sys
+
+    for args, want in (
+        (["fingerprint"], "Missing argument"),
+        (["verify", "x.tpf", "--bogus"], "No such option: --bogus"),
+        (["nosuch"], "No such command"),
+    ):
+        proc = subprocess.run([sys.executable, "-m", "tamperprobe", *args], capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 2, (args, proc.stderr)
+        lines = proc.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], proc.stderr
+        assert "╭" not in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_version():
+    from typer.testing import CliRunner
+
+    from tamperprobe import __version__
+    from tamperprobe.cli.app import app
+
+    res = CliRunner().invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"tamperprobe {__version__}"
