@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from tamperprobe.owner.budget import detection_confidence, key_size
+from tamperprobe.owner.budget import detection_confidence, key_size, key_size_or_none
 
 
 @pytest.mark.parametrize(
@@ -16,7 +16,19 @@ from tamperprobe.owner.budget import detection_confidence, key_size
 )
 def test_key_size_known_values(p, c, s):
     assert key_size(p, c) == s
-    assert s > math.log(1 - c) / math.log(1 - p) - 1e-12 if p < 1 else True
+    if p < 1:  # the defining inequality
+        assert s > math.log(1 - c) / math.log(1 - p) - 1e-12
+    else:  # a marker that always flips: one is enough, and it detects surely
+        assert s == 1 and detection_confidence(p, s) == 1.0 > c
+    assert key_size_or_none(p, c) == s
+
+
+def test_key_size_or_none_for_p_zero():
+    assert key_size_or_none(0.0, 0.9) is None
+    assert key_size_or_none(0.5, 0.99) == 7
+    for p, c in ((0.0, 1.0), (-0.1, 0.9), (0.0, float("nan"))):
+        with pytest.raises(ValueError):
+            key_size_or_none(p, c)
 
 
 @pytest.mark.parametrize("p", [0.003, 0.05, 0.2, 0.5, 0.77])

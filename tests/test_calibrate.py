@@ -38,10 +38,10 @@ def test_measures_a_nonzero_noise_floor(report, model):
 
 def test_delta_from_noise_and_check_delta(report):
     floor = report.floor
-    assert cal.required_delta(report) == pytest.approx(10.0 * floor)
+    assert cal.delta_from_noise(report) == pytest.approx(10.0 * floor)
     assert cal.delta_from_noise(report, 1.0) == pytest.approx(floor)
-    assert cal.required_delta(2e-6, safety=5) == pytest.approx(1e-5)
-    cal.check_delta(cal.required_delta(report), report)
+    assert cal.delta_from_noise(2e-6, safety=5) == pytest.approx(1e-5)
+    cal.check_delta(cal.delta_from_noise(report), report)
     cal.check_delta(1e-4, report)
     for bad in (floor / 2, floor, 0.0, -1.0, float("nan")):
         with pytest.raises(UsageError) as exc:
@@ -78,6 +78,42 @@ def test_runtime_names():
     for bad in (["gpu"], ["batch0"], [""]):
         with pytest.raises(UsageError):
             cal.parse_runtimes(bad)
+
+
+def test_runtime_logits_runs_every_runtime(model, digits, tmp_path):
+    x = digits[1].x[:40]
+    ref = model.logits(x, batch_size=64)
+    for name in ("batch1", "batch7", "threads1", "threads2", "torchscript", "export", "onnx"):
+        z = cal.runtime_logits(model, name, x, tmp_path)
+        assert z.shape == ref.shape and z.dtype == np.float32, name
+        np.testing.assert_allclose(z, ref, atol=1e-4, err_msg=name)
+        assert (z.argmax(1) == ref.argmax(1)).all(), name
+    with pytest.raises(UsageError):
+        cal.runtime_logits(model, "onnxruntime", x, tmp_path)  # one name per runtime: onnx
+
+
+def test_noise_settings_set_delta_and_tolerance(report):
+    floor = report.floor
+    params, tol = cal.noise_settings(report, "boundary", {}, 3e-5)
+    assert tol == max(3e-5, 2 * floor)
+    assert params == {"delta": max(10 * floor, 2 * tol)}
+    given = {"delta": "1e-3"}
+    params, _ = cal.noise_settings(report, "boundary", given, 3e-5)
+    assert params == given == {"delta": "1e-3"}  # a given delta above the floor is kept; the input is not modified
+    with pytest.raises(UsageError, match="noise floor"):
+        cal.noise_settings(report, "boundary", {"delta": floor / 2}, 3e-5)
+    with pytest.raises(UsageError, match="tolerance"):
+        cal.noise_settings(report, "boundary", {"delta": 1e-3}, 1.0)
+    params, tol = cal.noise_settings(report, "natural", {"replace": "true"}, 0.0)
+    assert params == {"replace": "true"} and tol == 2 * floor
+
+
+def test_measure_noise_draws_samples(model, digits):
+    r = cal.measure_noise(model, digits[1].x, ["batch1"], samples=10, seed=3)
+    assert r.samples == 10 and set(r.runtimes) == {"batch1"}
+    assert cal.measure_noise(model, digits[1].x[:5], ["batch1"], samples=10).samples == 5
+    with pytest.raises(UsageError):
+        cal.measure_noise(model, digits[1].x, ["batch1"], samples=0)
 
 
 def test_onnx_model_without_torch_module_skips_export(model, digits, tmp_path):
@@ -124,4 +160,4 @@ def test_calibrate_command(model, digits, tmp_path):
         ],
     )
     assert res.exit_code == 2
-    assert "noise floor" in res.output
+    assert "noise floor" in res.output and "noise floor" in res.stderr and len(res.stderr.strip().splitlines()) == 1

@@ -4,8 +4,11 @@ import numpy as np
 import pytest
 import torch
 
+from tamperprobe._params import Interval
+from tamperprobe.errors import UsageError
 from tamperprobe.models import TorchModel, load_model, save_model
 from tamperprobe.owner.generate import create_fingerprint
+from tamperprobe.owner.methods import Bag, Method, get_method, method_names
 from tamperprobe.served.targets import LocalTarget
 from tamperprobe.served.verify import INTACT, TAMPERED, verify
 
@@ -79,36 +82,29 @@ def test_self_check_reports_per_unit_trigger_ratio(cnn, digits):
 
 
 def test_fingerprint_cli_prints_budget(tmp_path, trained_cnn, digits):
-    import subprocess
-    import sys
+    from typer.testing import CliRunner
+
+    from tamperprobe.cli.app import app
 
     save_model(trained_cnn, tmp_path / "m.pt", digits[1].x)
-    r = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "tamperprobe",
-            "fingerprint",
-            str(tmp_path / "m.pt"),
-            "--data",
-            "digits",
-            "--out",
-            str(tmp_path / "f.tpf"),
-            "--method",
-            "natural",
-            "--select",
-            "random",
-            "--size",
-            "5",
-            "--bag",
-            "20",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert r.returncode == 0, r.stderr
+    args = ["fingerprint", str(tmp_path / "m.pt"), "--data", "digits", "--out", str(tmp_path / "f.tpf")]
+    r = CliRunner().invoke(app, [*args, "--method", "natural", "--select", "random", "--size", "5", "--bag", "20"])
+    assert r.exit_code == 0, r.output
     assert "query budget: 5 prediction requests" in r.stdout and "expected detection" in r.stdout
+    # --param values are coerced by the constructor's annotations; unknown keys and bad values are one-line usage errors
+    r = CliRunner().invoke(app, [*args, "--method", "natural", "--param", "replace=yes", "--size", "2", "--bag", "4", "--no-check"])
+    assert r.exit_code == 0, r.output
+    from tamperprobe.fingerprint import load
+
+    assert load(tmp_path / "f.tpf").generator["params"] == {"replace": True}
+    for bad, message in (("bogus=1", "unknown parameter"), ("replace=maybe", "true or false"), ("replace", "key=value")):
+        r = CliRunner().invoke(app, [*args, "--method", "natural", "--param", bad, "--no-check"])
+        assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.output
+    r = CliRunner().invoke(app, ["fingerprint", "--help"])
+    assert r.exit_code == 0
+    from tamperprobe.owner.methods import method_names
+
+    assert all(name in r.stdout for name in method_names())
 
 
 def test_fingerprint_uses_calibrated_noise_and_refuses_delta_below_it(tmp_path, trained_cnn, digits):
@@ -175,4 +171,73 @@ def test_fingerprint_uses_calibrated_noise_and_refuses_delta_below_it(tmp_path, 
         "--no-check",
     )
     assert r.exit_code == 2 and "noise" in r.output.lower()
+    assert "noise floor" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert isinstance(r.exception, SystemExit)  # a handled one-line error, not a crash
+
+
+# ----------------------------------------------------------------------------- the plug-in convention
+
+CHEAP = {"sensitive": {"steps": "2"}, "boundary": {"rounds": 1}, "wght": {"candidates": 64}}  # text is coerced by annotation
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_fingerprint_records_exactly_the_constructor_parameters(cnn, digits, tmp_path, name):
+    from tamperprobe.fingerprint import load, save
+
+    params = CHEAP.get(name, {})
+    gen = get_method(name, **params)
+    cls = type(gen)
+    fp = create_fingerprint(cnn, digits[1], method=name, select="random", size=2, bag=4, seed=0, params=params)
+    recorded = fp.generator["params"]
+    assert fp.generator["method"] == name == cls.name
+    assert list(recorded) == cls.param_names()  # every constructor parameter, in signature order, nothing else
+    assert recorded == gen.validated()
+    for key, default in cls.defaults().items():
+        if key not in params:
+            assert recorded[key] == default
+        if default is not None:
+            assert type(recorded[key]) is type(default), key  # floats stay floats, ints ints
+    if name == "sensitive":
+        assert recorded["steps"] == 2 and recorded["params"] is None
+    # the same parameters from an instance; and they survive the file
+    again = create_fingerprint(cnn, digits[1], method=gen, select="random", size=2, bag=4, seed=0)
+    assert again.generator == fp.generator and again.inputs.tobytes() == fp.inputs.tobytes()
+    save(fp, tmp_path / "f.tpf")
+    assert load(tmp_path / "f.tpf").generator["params"] == recorded
+
+
+class Constant(Method):
+    """Test method: the first natural input, shifted by ``shift`` and clipped to the range."""
+
+    name = "constant"
+    constraints = {"shift": Interval(-1.0, 1.0)}
+
+    def __init__(self, *, shift: float = 0.0) -> None:
+        self.shift = shift
+
+    def _generate(self, model, data, bag, rng, progress):
+        seeds = np.repeat(data.x[:1], bag, axis=0)
+        return Bag(np.clip(seeds + self.shift, data.low, data.high).astype(np.float32), seeds)
+
+
+def test_a_new_method_is_one_class_and_one_registry_line(monkeypatch, cnn, digits):
+    from tamperprobe.owner.methods import REGISTRY, method_descriptions
+
+    monkeypatch.setitem(REGISTRY, "constant", f"{__name__}:Constant")
+    assert "constant" in method_names() and method_descriptions()["constant"].startswith("Test method")
+    kwargs = dict(select="random", size=3, bag=5, seed=0)
+    by_name = create_fingerprint(cnn, digits[1], method="constant", params={"shift": "0.25"}, **kwargs)
+    by_instance = create_fingerprint(cnn, digits[1], method=Constant(shift=0.25), **kwargs)
+    for fp in (by_name, by_instance):
+        assert fp.generator["method"] == "constant" and fp.generator["params"] == {"shift": 0.25}
+        assert verify(fp, LocalTarget(cnn)).verdict == INTACT
+    assert by_name.inputs.tobytes() == by_instance.inputs.tobytes()
+    # the base class checks what every method shares: parameters, bag size, data
+    with pytest.raises(UsageError, match="unknown parameter"):
+        get_method("constant", bogus=1)
+    with pytest.raises(UsageError, match="shift"):
+        create_fingerprint(cnn, digits[1], method=Constant(shift=2.0), **kwargs)
+    with pytest.raises(UsageError):
+        get_method(Constant(), shift=0.5)  # an instance already holds its parameters
+    with pytest.raises(UsageError, match="bag"):
+        Constant().generate(cnn, digits[1], 0, np.random.default_rng(0))

@@ -11,9 +11,9 @@ import torch
 
 from tamperprobe.errors import UsageError
 from tamperprobe.models import TorchModel
-from tamperprobe.outputs import OutputSpec
+from tamperprobe.outputs import OutputSpec, top_margin
+from tamperprobe.owner.markers import decode_uint8, encode_uint8
 from tamperprobe.owner.methods import get_method, method_names
-from tamperprobe.owner.methods.boundary import decode_uint8, encode_uint8, top_margin
 
 CONFIGS = [
     ("natural", {}),
@@ -68,6 +68,31 @@ def test_registry_has_the_tampernn_methods():
         get_method("wght", source="nowhere")
     with pytest.raises(UsageError):
         get_method("grid", bogus=1)
+
+
+@pytest.mark.parametrize("name", method_names())
+def test_shared_preconditions_are_checked_for_every_method(model, test_set, name):
+    from tamperprobe.data import Dataset
+
+    gen = get_method(name)
+    empty = Dataset(test_set.x[:0], test_set.y[:0], "empty", test_set.low, test_set.high)
+    with pytest.raises(UsageError, match="bag"):
+        gen.generate(model, test_set, 0, np.random.default_rng(0))
+    with pytest.raises(UsageError, match="empty"):
+        gen.generate(model, empty, 4, np.random.default_rng(0))
+    # parameters are validated at generation too, however the object was built
+    bad = type(gen)(**{gen.param_names()[0]: "not a value"})
+    with pytest.raises(UsageError):
+        bad.generate(model, test_set, 4, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("params", [{}, {"uint8": True, "path": "gradient"}])
+def test_generation_leaves_no_state_on_the_method(model, test_set, params):
+    gen = get_method("boundary", **params)
+    before = dict(vars(gen))
+    _ = gen.generate(model, test_set, 6, np.random.default_rng(0))
+    assert vars(gen) == before
+    assert "Boundary(delta=0.0001, k=1.5" in repr(gen)
 
 
 @pytest.mark.parametrize("name,params", CONFIGS, ids=[f"{n}{'-' + '-'.join(f'{k}={v}' for k, v in p.items()) if p else ''}" for n, p in CONFIGS])

@@ -116,17 +116,25 @@ def test_torchscript_and_inner_params(data: Dataset) -> None:
 
 
 def test_misuse_is_a_usage_error(data: Dataset) -> None:
+    # the constructor only stores; bad values are refused by validation, by get_method and by generate
+    for bad in (SensitiveSamples(output="probs"), SensitiveSamples(epsilon=-1)):
+        with pytest.raises(UsageError):
+            bad.validated()
+        with pytest.raises(UsageError):
+            get_method(bad)
+        with pytest.raises(UsageError):
+            bad.generate(_model("mlp"), data, 4, np.random.default_rng(0))
     with pytest.raises(UsageError):
-        SensitiveSamples(output="probs")
+        get_method("sensitive", output="probs")
     with pytest.raises(UsageError):
-        SensitiveSamples(epsilon=-1)
+        get_method("sensitive", epsilon=-1)
     with pytest.raises(UsageError):
         get_method("sensitive", bogus=1)
     with pytest.raises(UsageError, match="PyTorch"):
         SensitiveSamples().generate(OnnxModel(object(), "m.onnx"), data, 4, np.random.default_rng(0))
     with pytest.raises(UsageError, match="valid names"):
         SensitiveSamples(params=["nope"]).generate(_model("mlp"), data, 4, np.random.default_rng(0))
-    assert get_method("sensitive").params() == {
+    defaults = {
         "epsilon": 0.1,
         "lr": 0.01,
         "steps": 200,
@@ -135,3 +143,5 @@ def test_misuse_is_a_usage_error(data: Dataset) -> None:
         "output": "softmax",
         "params": None,
     }
+    assert get_method("sensitive").get_params() == defaults
+    assert get_method("sensitive").validated() == defaults

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from .fingerprint import Fingerprint
+from .outputs import top_margin
 
 
 def describe(fp: Fingerprint):
@@ -20,7 +21,7 @@ def describe(fp: Fingerprint):
     gen = fp.generator
     labels = np.bincount(fp.labels, minlength=fp.classes)
     params = ", ".join(f"{k}={v}" for k, v in (gen.get("params") or {}).items()) or "-"
-    margins = _margins(fp.logits)
+    _, margins = top_margin(fp.logits)
     rows = [
         ("markers", str(len(fp))),
         ("input", f"shape {tuple(spec.shape)}, {spec.dtype}, range [{spec.low:g}, {spec.high:g}]"),
@@ -41,11 +42,6 @@ def describe(fp: Fingerprint):
     for k, v in rows:
         t.add_row(k, v)
     return t
-
-
-def _margins(logits: np.ndarray) -> np.ndarray:
-    s = np.sort(logits.astype(np.float64), axis=1)
-    return s[:, -1] - s[:, -2] if logits.shape[1] > 1 else s[:, -1]
 
 
 def save_grid(fp: Fingerprint, path: str | Path, max_markers: int = 16) -> Path:

@@ -11,6 +11,10 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Sequence
+
+from ..fingerprint import Fingerprint
+from ..models import Model
 
 
 def _probability(name: str, value: float, *, allow_zero: bool, allow_one: bool) -> float:
@@ -40,6 +44,14 @@ def key_size(p: float, c: float) -> int:
     return max(1, int(math.floor(ratio)) + 1)
 
 
+def key_size_or_none(p: float, c: float) -> int | None:
+    """``key_size(p, c)``, or ``None`` when ``p = 0``: no key is large enough to detect what never flips a marker."""
+    if _probability("p", p, allow_zero=True, allow_one=True) == 0.0:
+        _probability("c", c, allow_zero=False, allow_one=False)
+        return None
+    return key_size(p, c)
+
+
 def detection_confidence(p: float, s: int) -> float:
     """``1 − (1 − p)^s``: probability that at least one of ``s`` markers flips, each with probability ``p``."""
     p = _probability("p", p, allow_zero=True, allow_one=True)
@@ -52,7 +64,7 @@ def detection_confidence(p: float, s: int) -> float:
 DEFAULT_SELF_CHECK = ("int8", "fp16", "floor", "noise")
 
 
-def self_check(model, fp, attacks=DEFAULT_SELF_CHECK, seeds=(0, 1, 2)) -> list[dict]:
+def self_check(model: Model, fp: Fingerprint, attacks: Sequence[str] = DEFAULT_SELF_CHECK, seeds: Sequence[int] = (0, 1, 2)) -> list[dict]:
     """Simulate data-free tamperings on the owner's model and measure this fingerprint against them.
 
     For each attack (and each seed, for random ones): ``p`` is the share of query units (markers, or
@@ -62,24 +74,23 @@ def self_check(model, fp, attacks=DEFAULT_SELF_CHECK, seeds=(0, 1, 2)) -> list[d
     independently. A quick estimate from the owner's side; ``tamperprobe evaluate`` measures properly.
     """
     import numpy as np
-    import torch
 
+    from .._torch import module_logits
     from ..attacks import REGISTRY, run_attack
-    from ..served.verify import changed_mask
+    from ..outputs import OutputSpec
+    from .selection import units_of
 
     module = model.require_torch("the query-budget self-check")
+    spec = OutputSpec.parse(fp.output_spec)
     x = fp.input_spec.decode(fp.inputs)
-    units = np.arange(len(fp)) if fp.groups is None else np.unique(fp.groups, return_inverse=True)[1]
-    n_units = int(units.max()) + 1
+    unit_of, n_units, _ = units_of(fp.groups, len(fp))
     rows = []
     for kind in attacks:
         for seed in seeds if REGISTRY[kind].random else seeds[:1]:
             attacked = run_attack(kind, module, None, seed=seed).model
-            with torch.no_grad():
-                logits = attacked(torch.from_numpy(np.ascontiguousarray(x))).float().numpy()
-            changed = changed_mask(fp, logits, fp.output_spec)
+            changed = spec.changed(fp.logits, module_logits(attacked, x), fp.tolerance)
             unit_changed = np.zeros(n_units, dtype=bool)
-            np.logical_or.at(unit_changed, units, changed)
+            np.logical_or.at(unit_changed, unit_of, changed)
             p = float(unit_changed.mean())
             rows.append(
                 {

@@ -22,7 +22,11 @@ A runtime that cannot be measured (e.g. ONNX for a model without a torch module)
 the model digest. The noise floor is the largest difference, but at least one float32 rounding
 step of the largest logit seen (``float32 eps · max|z|``), so that a floor of exactly 0 measured
 on one machine never yields δ = 0. ``delta_from_noise(noise, safety)`` is ``safety`` times the floor;
-``check_delta`` refuses a δ at or below it.
+``check_delta`` refuses a δ at or below it, and ``noise_settings`` turns a report into the boundary
+margin and the comparison tolerance of a fingerprint.
+
+``runtime_logits`` is the one place that runs a model "under another runtime"; the evaluation's
+benign false-alarm measurement uses it too.
 """
 
 from __future__ import annotations
@@ -32,7 +36,6 @@ import math
 import os
 import re
 import tempfile
-import warnings
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -41,13 +44,16 @@ from typing import Any
 
 import numpy as np
 
+from .._util import atomic_write_text, one_line
 from ..errors import TamperprobeError, UsageError
 from ..models import Model, load_model, save_model
+from .markers import sample_indices
 
 FORMAT = "tamperprobe.noise/v1"
 REFERENCE = "eager batch64"
 DEFAULT_RUNTIMES = ("batch1", "batch64", "threads1", "threads2", "torchscript", "onnx")
 DEFAULT_SAFETY = 10.0
+TOLERANCE_SAFETY = 2.0  # the comparison tolerance is at least this many noise floors
 _ROTATE = 17
 _FILE_SUFFIX = {"torchscript": ".pt", "export": ".pt2", "onnx": ".onnx"}
 
@@ -137,19 +143,27 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _run(model: Model, x: np.ndarray, name: str, module, tmp: Path) -> np.ndarray:
+def runtime_logits(model: Model, runtime: str, x: np.ndarray, workdir: Path) -> np.ndarray:
+    """float32 logits of ``model`` on ``x`` under one benign runtime (see the module doc for the names).
+
+    ``batchN`` runs the inputs in a rotated order (and rotates the logits back); ``threadsN`` runs at
+    batch size 64 with N torch threads; ``torchscript``, ``export`` and ``onnx`` write the model in that
+    form into ``workdir``, reload it and run it at batch size 64. Raises UsageError for an unknown name
+    or a model that cannot be written in the form (no torch module).
+    """
+    name = parse_runtimes([runtime])[0]
     m = re.fullmatch(r"(batch|threads)(\d+)", name)
     if m and m.group(1) == "batch":
-        s = _ROTATE % len(x)
+        s = _ROTATE % max(1, len(x))
         z = model.logits(np.roll(x, s, axis=0), batch_size=int(m.group(2)))
         return np.roll(z, -s, axis=0)
     if m:
         return model.logits(x, batch_size=64, threads=int(m.group(2)))
-    if module is None:
-        raise UsageError(f"{name} needs the model as a torch module; {model.source} is {model.format}")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracing/exporting chatter (e.g. "input to trace is already a ScriptModule")
-        path = save_model(module, tmp / f"model{_FILE_SUFFIX[name]}", x)
+    from .._torch import quiet_all
+
+    module = model.require_torch(f"the {name} runtime")
+    with quiet_all():  # tracing/exporting chatter (e.g. "input to trace is already a ScriptModule")
+        path = save_model(module, Path(workdir) / f"model{_FILE_SUFFIX[name]}", x)
         return load_model(path).logits(x, batch_size=64)
 
 
@@ -157,17 +171,26 @@ def measure_noise(
     model: Model,
     x: np.ndarray,
     runtimes: Iterable[str] | str | None = DEFAULT_RUNTIMES,
-    module_for_export=None,
+    *,
+    samples: int | None = None,
+    seed: int = 0,
 ) -> NoiseReport:
-    """Max |Δlogit| of each runtime against torch eager at batch size 64, on the inputs ``x``."""
+    """Max |Δlogit| of each runtime against torch eager at batch size 64, on the inputs ``x``.
+
+    ``samples`` runs only that many of the inputs, drawn with ``seed`` (all when there are fewer).
+    """
     names = parse_runtimes(runtimes)
+    if samples is not None:
+        if samples < 1:
+            raise UsageError("--samples must be at least 1")
+        if len(x):
+            x = x[sample_indices(len(x), min(samples, len(x)), np.random.default_rng(seed))]
     x = np.ascontiguousarray(x, dtype=np.float32)
     if len(x) < 1:
         raise UsageError("calibration needs at least one input")
     ref = model.logits(x, batch_size=64)
     if not np.isfinite(ref).all():
         raise UsageError("the model returns NaN or infinite logits on the calibration inputs")
-    module = module_for_export if module_for_export is not None else model.module
     report = NoiseReport(
         model_digest=model.digest(),
         source=str(model.source),
@@ -180,9 +203,9 @@ def measure_noise(
     with tempfile.TemporaryDirectory(prefix="tamperprobe-calibrate-") as tmp:
         for name in names:
             try:
-                z = _run(model, x, name, module, Path(tmp))
+                z = runtime_logits(model, name, x, Path(tmp))
             except (TamperprobeError, RuntimeError, ValueError, TypeError, OSError) as exc:
-                report.skipped[name] = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+                report.skipped[name] = one_line(exc, 200)
                 continue
             if z.shape != ref.shape:
                 report.skipped[name] = f"output shape {z.shape} differs from the reference {ref.shape}"
@@ -195,13 +218,16 @@ def measure_noise(
     return report
 
 
+def default_noise_path(model: str) -> Path:
+    """``MODEL.noise.json`` next to a model file; for ``package.module:attr`` a file in the working folder."""
+    p = Path(model)
+    if p.exists() and p.is_file():
+        return p.with_name(p.name + ".noise.json")
+    return Path(re.sub(r"[^A-Za-z0-9_.-]+", "_", model) + ".noise.json")
+
+
 def save_noise(report: NoiseReport, path: str | os.PathLike) -> Path:
-    p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, p)
-    return p
+    return atomic_write_text(path, json.dumps(report.to_json(), indent=2, sort_keys=True) + "\n")
 
 
 def load_noise(path: str | os.PathLike) -> NoiseReport:
@@ -211,7 +237,7 @@ def load_noise(path: str | os.PathLike) -> NoiseReport:
     except FileNotFoundError:
         raise UsageError(f"noise report not found: {p}") from None
     except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read noise report {p}: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise UsageError(f"cannot read noise report {p}: {one_line(exc)}") from None
     if not isinstance(d, dict):
         raise UsageError(f"{p} is not a tamperprobe noise report")
     try:
@@ -219,7 +245,7 @@ def load_noise(path: str | os.PathLike) -> NoiseReport:
     except UsageError as exc:
         raise UsageError(f"{p}: {exc}") from None
     except (KeyError, TypeError, ValueError, AttributeError) as exc:
-        raise UsageError(f"{p}: noise report is incomplete or invalid ({exc})") from None
+        raise UsageError(f"{p}: noise report is incomplete or invalid ({one_line(exc)})") from None
 
 
 def _floor(noise: NoiseReport | float) -> float:
@@ -239,11 +265,6 @@ def delta_from_noise(noise: NoiseReport | float, safety: float = DEFAULT_SAFETY)
     return safety * _floor(noise)
 
 
-def required_delta(noise: NoiseReport | float, safety: float = DEFAULT_SAFETY) -> float:
-    """The boundary margin δ to use for this noise: ``safety`` × the noise floor."""
-    return delta_from_noise(noise, safety)
-
-
 def check_delta(delta: float, noise: NoiseReport | float) -> None:
     """Raise UsageError when ``delta`` is not above the measured noise floor."""
     floor = _floor(noise)
@@ -258,3 +279,23 @@ def check_delta(delta: float, noise: NoiseReport | float) -> None:
             f"delta={d:.3g} is not above the measured noise floor {floor:.3g} (max |Δlogit| between runtimes); "
             f"use at least {delta_from_noise(floor, DEFAULT_SAFETY):.3g}"
         )
+
+
+def noise_settings(report: NoiseReport, method: str, params: dict[str, Any], tolerance: float) -> tuple[dict[str, Any], float]:
+    """The generator parameters and comparison tolerance a fingerprint needs under this measured noise.
+
+    The tolerance becomes at least ``TOLERANCE_SAFETY`` noise floors. For boundary markers the margin
+    ``delta`` defaults to ``DEFAULT_SAFETY`` floors (and at least twice the tolerance); a ``delta``
+    given in ``params`` (a number or its text) must lie above the floor and above the tolerance, else
+    UsageError. Returns new ``(params, tolerance)``; ``params`` is not modified.
+    """
+    tolerance = max(float(tolerance), TOLERANCE_SAFETY * report.floor)
+    params = dict(params)
+    if method == "boundary":
+        if "delta" in params:
+            check_delta(params["delta"], report)
+        else:
+            params["delta"] = max(delta_from_noise(report, DEFAULT_SAFETY), 2.0 * tolerance)
+        if float(params["delta"]) <= tolerance:
+            raise UsageError(f"boundary margin delta={params['delta']} must exceed the comparison tolerance {tolerance:.3g}")
+    return params, tolerance

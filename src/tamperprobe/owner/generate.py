@@ -6,20 +6,23 @@ from typing import Any
 
 import numpy as np
 
+from .._util import Progress, one_line
 from ..data import Dataset, InputSpec
 from ..errors import DataError, UsageError
 from ..fingerprint import Fingerprint, make_fingerprint
 from ..models import Model
 from ..outputs import DEFAULT_TOLERANCE, OutputSpec
-from .methods import get_method
-from .methods.base import Bag, Progress
+from .methods import Method, get_method
+from .methods.base import Bag
+from .selection import SELECTIONS
+from .selection import select as select_markers
 
 
 def create_fingerprint(
     model: Model,
     data: Dataset,
     *,
-    method: str = "sensitive",
+    method: str | Method = "sensitive",
     select: str = "manc",
     size: int = 10,
     bag: int = 100,
@@ -30,25 +33,27 @@ def create_fingerprint(
     params: dict[str, Any] | None = None,
     progress: Progress | None = None,
 ) -> Fingerprint:
-    """Generate a bag of ``bag`` candidates with ``method``, keep ``size`` by ``select``, record the intact outputs."""
+    """Generate a bag of ``bag`` candidates with ``method``, keep ``size`` by ``select``, record the intact outputs.
+
+    ``method`` is a registered name (built with ``params``) or a ``Method`` instance; the
+    fingerprint records its name and every validated hyper-parameter.
+    """
     model.require_torch("fingerprint generation")
     spec = OutputSpec.parse(output_spec)
-    if size < 1 or bag < 1:
-        raise UsageError("--size and --bag must be at least 1")
+    if size < 1:
+        raise UsageError("--size must be at least 1")
     if size > bag:
         raise UsageError(f"--size {size} is larger than --bag {bag}")
-    if select not in ("manc", "random"):
-        raise UsageError(f"unknown selection {select!r}: choose manc or random")
+    if select not in SELECTIONS:
+        raise UsageError(f"unknown selection {select!r}: choose {' or '.join(SELECTIONS)}")
     if tolerance < 0:
         raise UsageError("tolerance must be >= 0")
     gen = get_method(method, **(params or {}))
     _check_fit(model, data)
-    from .selection import select as select_markers
-
     rng = np.random.default_rng(seed)
     candidates = gen.generate(model, data, bag, rng, progress)
     if len(candidates) < size:
-        raise UsageError(f"method {method} produced {len(candidates)} candidates, fewer than --size {size}")
+        raise UsageError(f"method {gen.name} produced {len(candidates)} candidates, fewer than --size {size}")
     input_spec = data.input_spec
     encoding = candidates.info.get("input_encoding")
     if encoding:  # markers in the 8-bit domain: sent as uint8, decoded by the served model's preprocessing
@@ -68,8 +73,8 @@ def create_fingerprint(
     if not np.isfinite(logits).all():
         raise UsageError("the model returns NaN or infinite logits on the markers")
     generator = {
-        "method": method,
-        "params": gen.params(),
+        "method": gen.name,
+        "params": gen.validated(),
         "seed": int(seed),
         "selection": selection,
         "bag": int(bag),
@@ -95,6 +100,6 @@ def _check_fit(model: Model, data: Dataset) -> None:
     try:
         out = model.logits(data.x[:2])
     except Exception as exc:
-        raise DataError(f"the model does not accept the data ({data.name}, input shape {tuple(data.x.shape[1:])}): {exc}") from None
+        raise DataError(f"the model does not accept the data ({data.name}, input shape {tuple(data.x.shape[1:])}): {one_line(exc)}") from None
     if out.ndim != 2 or out.shape[0] != min(2, len(data.x)):
         raise DataError(f"the model's output has shape {out.shape}; expected (batch, classes)")

@@ -25,6 +25,7 @@ Members of a group are returned in bag order, groups in the order they were pick
 
 from __future__ import annotations
 
+import typing
 from typing import Literal
 
 import numpy as np
@@ -34,6 +35,7 @@ from ..models import Model
 from .methods.base import Bag
 
 Selection = Literal["manc", "random"]
+SELECTIONS: tuple[str, ...] = typing.get_args(Selection)
 
 
 def _check_k(n: int, k: int) -> None:
@@ -112,28 +114,36 @@ def random_selection(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
     return np.asarray(rng.choice(n, size=k, replace=False), dtype=np.int64)
 
 
-def _grouped(groups: np.ndarray) -> tuple[list[np.ndarray], np.ndarray]:
-    """Members of each group (in order of first appearance) and the group sizes."""
-    groups = np.asarray(groups)
+def units_of(groups: np.ndarray | None, n: int) -> tuple[np.ndarray, int, np.ndarray]:
+    """The query units of ``n`` markers: the unit of each marker, the number of units, the size of each.
+
+    Markers sharing a group id form one unit (kept, sent and counted together); units are numbered
+    in order of first appearance. ``groups=None`` makes every marker a unit of its own.
+    """
+    if groups is None:
+        return np.arange(n, dtype=np.int64), n, np.ones(n, dtype=np.int64)
+    groups = np.asarray(groups).reshape(-1)
+    if len(groups) != n:
+        raise UsageError(f"{len(groups)} group ids for {n} markers")
     _, first, inverse = np.unique(groups, return_index=True, return_inverse=True)
-    order = np.argsort(first, kind="stable")
-    members = [np.flatnonzero(inverse == g) for g in order]
-    return members, np.array([len(m) for m in members], dtype=np.int64)
+    rank = np.empty(len(first), dtype=np.int64)
+    rank[np.argsort(first, kind="stable")] = np.arange(len(first))
+    unit = rank[inverse.reshape(-1)]
+    return unit, len(first), np.bincount(unit, minlength=len(first)).astype(np.int64)
 
 
-def select(kind: Selection, model: Model | None, bag: Bag, k: int, rng: np.random.Generator, layer: str | None = None) -> np.ndarray:
+def select(kind: Selection | str, model: Model | None, bag: Bag, k: int, rng: np.random.Generator, layer: str | None = None) -> np.ndarray:
     """Indices into ``bag`` of the markers to keep, by ``manc`` or ``random``, respecting ``bag.groups``.
 
     ``layer`` names the module whose activations MANC covers (default: the input of the last
     ``nn.Linear``, see ``sensitivity.activations``). Without groups, ``random`` is
     ``random_selection``; with groups, it picks uniformly among the groups that fit.
     """
-    if kind not in ("manc", "random"):
-        raise UsageError(f"unknown selection {kind!r}: choose manc or random")
+    if kind not in SELECTIONS:
+        raise UsageError(f"unknown selection {kind!r}: choose {' or '.join(SELECTIONS)}")
     n = len(bag)
     _check_k(n, k)
-    if bag.groups is not None and len(bag.groups) != n:
-        raise UsageError(f"the bag has {len(bag.groups)} group ids for {n} markers")
+    unit, n_units, sizes = units_of(bag.groups, n)
     if kind == "random" and bag.groups is None:
         return random_selection(n, k, rng)
     if kind == "manc":
@@ -144,9 +154,7 @@ def select(kind: Selection, model: Model | None, bag: Bag, k: int, rng: np.rando
         active = activations(model, bag.inputs, layer) > 0
     else:  # random over groups: no coverage, so every pick is a uniform tie among the groups that fit
         active = np.zeros((n, 0), dtype=bool)
-    if bag.groups is None:
-        return np.asarray(_greedy(active, np.ones(n, dtype=np.int64), k, rng), dtype=np.int64)
-    members, sizes = _grouped(bag.groups)
-    unit_active = np.stack([active[m].any(axis=0) for m in members])
+    unit_active = np.zeros((n_units, active.shape[1]), dtype=bool)
+    np.logical_or.at(unit_active, unit, active)  # a unit covers the union of its members' neurons
     picked = _greedy(unit_active, sizes, k, rng)
-    return np.concatenate([members[g] for g in picked]).astype(np.int64)
+    return np.concatenate([np.flatnonzero(unit == u) for u in picked]).astype(np.int64)

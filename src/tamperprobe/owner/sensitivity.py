@@ -32,7 +32,7 @@ reference the tests compare against.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Literal
 
@@ -194,7 +194,7 @@ def _func_sensitivity(module: nn.Module, x: torch.Tensor, params: list[str], out
 
 
 @contextmanager
-def _grad_on(tensors: list[torch.Tensor]) -> Iterator[None]:
+def _grad_on(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
     """Temporarily make ``tensors`` require grad (frozen models)."""
     old = [t.requires_grad for t in tensors]
     try:
@@ -206,7 +206,7 @@ def _grad_on(tensors: list[torch.Tensor]) -> Iterator[None]:
             t.requires_grad_(r)
 
 
-def _grads(y: torch.Tensor, plist: list[torch.Tensor]) -> list[torch.Tensor]:
+def _grads(y: torch.Tensor, plist: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """``dy/dp`` for each p (zeros where unused), with a graph for a later backward."""
     grads = torch.autograd.grad(y, plist, create_graph=True, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, plist)]
@@ -227,7 +227,9 @@ def _loop_sensitivity(module: nn.Module, x: torch.Tensor, params: list[str], out
             f = _squash(as_logits(module(x[b : b + 1]))[0], output)
             eye = torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
             try:
-                grads = torch.autograd.grad(f, plist, grad_outputs=eye, is_grads_batched=True, create_graph=True, allow_unused=True)
+                grads: Sequence[torch.Tensor] = torch.autograd.grad(
+                    f, plist, grad_outputs=eye, is_grads_batched=True, create_graph=True, allow_unused=True
+                )
             except RuntimeError as exc:  # an op without a batching rule: per-class backward for this model
                 if "atching rule" not in str(exc):
                     raise
@@ -247,7 +249,7 @@ def naive_sensitivity(model: Model, x: torch.Tensor, params: list[str], output: 
             f = _squash(as_logits(module(x[b : b + 1]))[0], output)
             total = 0.0 * f.sum()
             for i in range(f.shape[0]):
-                total = total + sum((g * g).sum() for g in _grads(f[i], plist))
+                total = total + sum(((g * g).sum() for g in _grads(f[i], plist)), torch.zeros(()))
             out.append(total)
     return torch.stack(out) if out else x.new_zeros((0,))
 

@@ -15,24 +15,28 @@ marker are tried in a random order and the first ``bag`` successes are kept.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
-from ..._torch import as_logits
+from ..._params import Interval
+from ..._util import Progress
 from ...data import Dataset
-from ...errors import UsageError
 from ...models import Model
-from .base import Bag, Method, Progress
-from .natural import sample_indices
+from ...outputs import signed_margin
+from ..markers import sample_indices
+from .base import Bag, Method
 
 
-def fgsm_direction(module, x: np.ndarray, y: np.ndarray, chunk: int = 256) -> np.ndarray:
+def fgsm_direction(module: Any, x: np.ndarray, y: np.ndarray, chunk: int = 256) -> np.ndarray:
     """``sign(∇x cross_entropy(module(x), y))`` for each row of ``x``, as float32."""
     import torch
 
+    from ..._torch import as_logits, to_tensor
+
     out = []
     for i in range(0, len(x), chunk):
-        xt = torch.from_numpy(np.ascontiguousarray(x[i : i + chunk], dtype=np.float32)).requires_grad_(True)
+        xt = to_tensor(x[i : i + chunk]).requires_grad_(True)
         yt = torch.from_numpy(np.asarray(y[i : i + chunk], dtype=np.int64))
         with torch.enable_grad():
             loss = torch.nn.functional.cross_entropy(as_logits(module(xt)).float(), yt, reduction="sum")
@@ -43,34 +47,33 @@ def fgsm_direction(module, x: np.ndarray, y: np.ndarray, chunk: int = 256) -> np
 
 def _beaten_by(logits: np.ndarray, y: np.ndarray) -> np.ndarray:
     """max over other classes minus the logit of y (float64): > 0 when y is no longer top-1."""
-    z = logits.astype(np.float64)
-    rows = np.arange(len(z))
-    zy = z[rows, y]
-    z[rows, y] = -np.inf
-    return z.max(axis=1) - zy
+    return -signed_margin(logits, y)
 
 
 class Badv(Method):
+    """TamperNN BADV: FGSM inputs at the smallest step that flips the label."""
+
     name = "badv"
+    needs_weights = True
+    constraints = {
+        "eps_start": Interval(0.0, None, closed="neither"),
+        "steps": Interval(1, None, integer=True),
+        "min_margin": Interval(0.0, None),
+        "oversample": Interval(1.0, None),
+    }
 
     def __init__(self, *, eps_start: float = 1e-3, steps: int = 30, min_margin: float = 1e-4, oversample: float = 2.0) -> None:
-        eps_start, min_margin, oversample = float(eps_start), float(min_margin), float(oversample)
-        if not (eps_start > 0 and math.isfinite(eps_start)):
-            raise UsageError("eps_start must be > 0")
-        if int(steps) < 1 or not min_margin >= 0 or not oversample >= 1.0:
-            raise UsageError("need steps >= 1, min_margin >= 0 and oversample >= 1")
-        super().__init__(eps_start=eps_start, steps=int(steps), min_margin=min_margin, oversample=oversample)
-        self.eps_start, self.steps, self.min_margin, self.oversample = eps_start, int(steps), min_margin, oversample
+        self.eps_start = eps_start
+        self.steps = steps
+        self.min_margin = min_margin
+        self.oversample = oversample
 
-    def generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
-        module = model.require_torch("badv markers")
-        if bag < 1:
-            raise UsageError("bag must be at least 1")
+    def _generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress) -> Bag:
         n = min(len(data.x), max(bag, int(math.ceil(self.oversample * bag))))
         idx = sample_indices(len(data.x), n, rng)
         x0 = data.x[idx].astype(np.float32)
         y0 = model.logits(x0).argmax(axis=1)
-        g = fgsm_direction(module, x0, y0)
+        g = fgsm_direction(model.module, x0, y0)
         lo32, hi32 = np.float32(data.low), np.float32(data.high)
         shape = (-1,) + (1,) * (x0.ndim - 1)
 
@@ -93,8 +96,7 @@ class Badv(Method):
             f = flipped(open_rows, np.full(len(open_rows), e))
             hi[open_rows[f]] = e
             lo[open_rows[~f]] = e
-            if progress:
-                progress(k + 1, len(ladder) + self.steps)
+            progress(k + 1, len(ladder) + self.steps)
         ok = ~np.isnan(hi)
         rows = rows_all[ok]
         lo, hi = lo[ok], hi[ok]
@@ -104,8 +106,7 @@ class Badv(Method):
             f = flipped(rows, mid)
             hi = np.where(f, mid, hi)
             lo = np.where(f, lo, mid)
-            if progress:
-                progress(len(ladder) + s + 1, len(ladder) + self.steps)
+            progress(len(ladder) + s + 1, len(ladder) + self.steps)
         markers = at(rows, hi)
         # 3. keep only markers flipped at batch size 1 and at the default batch size too
         z_def = model.logits(markers)

@@ -1,8 +1,22 @@
 """The shape every marker generator shares.
 
 A generator takes the white-box model and natural data and returns a *bag* of candidate
-markers; a selector (``tamperprobe.owner.selection``) then keeps ``size`` of them. Constructor
-arguments are keyword-only hyper-parameters and are all recorded in the fingerprint.
+markers; a selector (``tamperprobe.owner.selection``) then keeps ``size`` of them.
+
+A method is a small class on the plug-in convention of ``tamperprobe._params``:
+
+* keyword-only constructor arguments are its hyper-parameters; ``__init__`` only stores each
+  under its own name, so ``get_params()``, ``repr()`` and the fingerprint record read them back;
+* ``constraints`` declares what each accepts, and ``_check_together`` (optional) the rules that
+  tie several together; ``validated()`` applies both;
+* ``_generate(model, data, bag, rng, progress)`` is the method itself.
+
+``Method.generate`` is the template every caller uses (like foolbox's ``run``): it validates
+the parameters once, checks the shared preconditions once (a bag of at least one, natural
+data to start from, the model's torch weights when ``needs_weights``), and then calls
+``_generate`` on a copy of the object holding the validated, coerced values, so that the
+method reads ``self.epsilon`` as the float it was declared to be. Nothing is stored on the
+object during a call; a method with per-call state keeps it in a local object of its own.
 """
 
 from __future__ import annotations
@@ -10,14 +24,15 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, final
 
 import numpy as np
 
+from ..._params import Configurable
+from ..._util import Progress
 from ...data import Dataset
+from ...errors import UsageError
 from ...models import Model
-
-Progress = Callable[[int, int], None]  # (done, total)
 
 
 @dataclass
@@ -44,20 +59,44 @@ class Bag:
         return Bag(self.inputs[idx], self.seeds[idx], groups, info)
 
 
-class Method(ABC):
-    name: ClassVar[str]
+def _no_progress(done: int, total: int, what: str = "", /) -> None:
+    return None
 
-    def __init__(self, **params: Any) -> None:
-        self._params = dict(params)
 
-    def params(self) -> dict[str, Any]:
-        """Every hyper-parameter, as recorded in the fingerprint."""
-        return dict(self._params)
+class Method(Configurable, ABC):
+    """Base of every marker generator (see the module doc); the first docstring line is its one-line description."""
 
-    def __repr__(self) -> str:
-        args = ", ".join(f"{k}={v!r}" for k, v in self.params().items())
-        return f"{type(self).__name__}({args})"
+    #: Generation reads or differentiates the model's torch weights (not possible for ONNX).
+    needs_weights: ClassVar[bool] = False
+
+    def validated(self) -> dict[str, Any]:
+        """Every hyper-parameter checked and coerced (``constraints``, then ``_check_together``); raises UsageError."""
+        params = super().validated()
+        self._check_together(params)
+        return params
+
+    def _check_together(self, params: dict[str, Any]) -> None:
+        """Rules that tie several (validated) parameters together; raise UsageError. None by default."""
+
+    @final
+    def generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
+        """Return a bag of (up to) ``bag`` candidate markers within the data's input range."""
+        params = self.validated()
+        if isinstance(bag, bool) or int(bag) != bag or bag < 1:
+            raise UsageError(f"the bag size must be at least 1, got {bag}")
+        if len(data) == 0:
+            raise UsageError(f"data set {data.name} is empty: {self.name} markers start from natural inputs")
+        if self.needs_weights:
+            model.require_torch(f"{self.name} markers")
+        checked: Callable[..., Method] = type(self)
+        return checked(**params)._generate(model, data, int(bag), rng, progress or _no_progress)
 
     @abstractmethod
-    def generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
-        """Return a bag of ``bag`` candidate markers within the data's input range."""
+    def _generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress) -> Bag:
+        """The method: called by ``generate`` with validated parameters and checked preconditions."""
+
+
+def first_line(doc: str | None) -> str:
+    """The first line of a docstring, without its final full stop ("" for none): a method's one-line description."""
+    lines = (doc or "").strip().splitlines()
+    return lines[0].strip().rstrip(".") if lines else ""

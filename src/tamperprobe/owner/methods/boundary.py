@@ -22,19 +22,21 @@ Search (for each candidate, vectorised over candidates):
    and bisection on the margin finds a point inside the band. The small lift above δ absorbs
    batch-size noise; the guarantee is checked afterwards.
 4. **uint8 domain** (``uint8=True``). Markers are exact 8-bit images ``u`` in 0..255; the model sees
-   ``decode_uint8(u) = u / 255 · (high − low) + low`` computed in float32 (see ``decode_uint8``),
+   ``decode_uint8(u) = u / 255 · (high − low) + low`` computed in float32 (``markers.decode_uint8``),
    and the API must be sent ``u`` itself. The path points are rounded to integers, the crossing is
    found by bisection over the blend coefficient, and each side is then adjusted greedily pixel by
    pixel (±1 per step; the moves are ranked by the gradient and the best ``neighbors`` evaluated
    exactly) to bring its margin down to just above δ (up first if it starts below). The
    granularity of one pixel step limits how close to δ a margin gets.
 5. **Guarantee.** Every marker's margin is recomputed with ``model.logits`` in float32 at batch
-   size 1, 64 and the default batch size (the paths verification uses); a pair whose member has
+   size 1, 64 and the default batch size (``markers.checked_margins``, the paths verification
+   uses); a pair whose member has
    margin < δ in any of them, or whose members share a label, is dropped.
-6. **Coverage.** Of the surviving candidates (``oversample`` per marker wanted), a MANC-like
-   greedy keeps those whose active neurons at the input of the last ``nn.Linear`` (union over the
-   pair) add the most not-yet-covered neurons, resetting the covered set when nothing new can be
-   added. Without a hookable ``nn.Linear`` (TorchScript, torch.export) the order is random.
+6. **Coverage.** Of the surviving candidates (``oversample`` per marker wanted), MANC
+   (``selection.manc``, the greedy of the selection step) keeps those whose active neurons at the
+   input of the last ``nn.Linear`` (union over the pair) add the most not-yet-covered neurons,
+   resetting the covered set when nothing new can be added. Without a hookable ``nn.Linear``
+   (TorchScript, torch.export) the order is random.
 
 ``pairs=False`` gives single markers (the ``x0`` side only, margin in the same band). Bag layout
 with pairs: ``[a_0, c_0, a_1, c_1, …]`` with ``groups = [0, 0, 1, 1, …]``; ``bag // 2`` pairs are
@@ -47,151 +49,43 @@ made (at least one). ``info`` holds per marker ``margin`` (the smallest over the
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
-from ..._torch import as_logits
-from ...data import Dataset, InputSpec
+from ..._params import Interval, Options
+from ..._util import Progress
+from ...data import Dataset
 from ...errors import UsageError
 from ...models import Model
-from .base import Bag, Method, Progress
-from .natural import sample_indices
+from ...outputs import signed_margin
+from ..markers import UINT8_DECODE, checked_margins, decode_uint8, encode_uint8, psnr_db, sample_indices, snr_db
+from ..selection import manc
+from .base import Bag, Method
 
 DEFAULT_DELTA = 1e-4
 PATHS = ("blend", "gradient")
-CHECK_BATCHES = (1, 64, 256)  # 256: Model.logits' default; 64: LocalTarget's
-UINT8_DECODE = "x = (u.astype(float32) / float32(255)) * float32(high - low) + float32(low)"
 _MAX_POOL = 20000
 
 
-def decode_uint8(u: np.ndarray, low: float, high: float) -> np.ndarray:
-    """The model-domain float32 image of an 8-bit marker (``InputSpec.decode``)."""
-    return InputSpec((), "uint8", low, high).decode(np.asarray(u, dtype=np.uint8))
-
-
-def encode_uint8(x: np.ndarray, low: float, high: float) -> np.ndarray:
-    """The nearest 8-bit image of a model-domain input (inverse of ``decode_uint8`` up to rounding)."""
-    u = np.rint((np.asarray(x, dtype=np.float64) - low) / (high - low) * 255.0)
-    return np.clip(u, 0, 255).astype(np.uint8)
-
-
-def signed_margin(logits: np.ndarray, cls: np.ndarray) -> np.ndarray:
-    """``z[cls] − max_{j≠cls} z[j]`` per row, in float64: ≥ 0 exactly when ``cls`` is top-1."""
-    z = np.asarray(logits, dtype=np.float64).copy()
-    rows = np.arange(len(z))
-    zc = z[rows, cls].copy()
-    z[rows, cls] = -np.inf
-    return zc - z.max(axis=1)
-
-
-def top_margin(logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Top-1 labels and top-1 minus top-2 margins (float64)."""
-    z = np.asarray(logits)
-    labels = z.argmax(axis=1)
-    return labels, signed_margin(z, labels)
-
-
-def psnr_db(marker: np.ndarray, seed: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Peak signal-to-noise ratio (dB) of each marker against its seed; ``inf`` when identical."""
-    d = (np.asarray(marker, dtype=np.float64) - np.asarray(seed, dtype=np.float64)).reshape(len(marker), -1)
-    mse = (d**2).mean(axis=1)
-    with np.errstate(divide="ignore"):
-        return np.where(mse > 0, 10.0 * np.log10((high - low) ** 2 / np.maximum(mse, 1e-300)), np.inf)
-
-
-def snr_db(marker: np.ndarray, seed: np.ndarray) -> np.ndarray:
-    """Signal (seed power) to noise (marker − seed power) ratio in dB; ``inf`` when identical."""
-    s = np.asarray(seed, dtype=np.float64).reshape(len(seed), -1)
-    d = np.asarray(marker, dtype=np.float64).reshape(len(marker), -1) - s
-    noise = (d**2).mean(axis=1)
-    power = (s**2).mean(axis=1)
-    with np.errstate(divide="ignore"):
-        return np.where(noise > 0, 10.0 * np.log10(np.maximum(power, 1e-300) / np.maximum(noise, 1e-300)), np.inf)
-
-
-def checked_margins(model: Model, x: np.ndarray, batches: tuple[int, ...] = CHECK_BATCHES) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Labels, the smallest top-1 margin over ``batches``, and whether the label agrees in all of them.
-
-    ``x`` is in the model's domain (decode 8-bit markers first).
-    """
-    labels = None
-    worst = None
-    same = np.ones(len(x), dtype=bool)
-    for b in batches:
-        lab, m = top_margin(model.logits(x, batch_size=b))
-        if labels is None:
-            labels, worst = lab, m
-        else:
-            same &= lab == labels
-            worst = np.minimum(worst, m)
-    return labels, worst, same
-
-
-def last_linear(module):
-    """The last ``nn.Linear`` of ``module`` (in ``modules()`` order), or None."""
-    import torch
-
-    last = None
-    for m in module.modules():
-        if isinstance(m, torch.nn.Linear):
-            last = m
-    return last
-
-
-def penultimate_active(module, x: np.ndarray, chunk: int = 512) -> np.ndarray | None:
-    """Boolean (N, F): which inputs of the last ``nn.Linear`` are > 0 for each row of ``x``; None if no such layer."""
-    import torch
-
-    layer = last_linear(module)
-    if layer is None:
-        return None
-    got: list[np.ndarray] = []
-
-    def hook(_mod, inputs):
-        got.append(inputs[0].detach().reshape(inputs[0].shape[0], -1).float().numpy() > 0)
-
-    handle = layer.register_forward_pre_hook(hook)
-    try:
-        with torch.no_grad():
-            for i in range(0, len(x), chunk):
-                module(torch.from_numpy(np.ascontiguousarray(x[i : i + chunk], dtype=np.float32)))
-    except Exception:
-        return None
-    finally:
-        handle.remove()
-    return np.concatenate(got) if got else None
-
-
-def coverage_order(active: np.ndarray | None, need: int, rng: np.random.Generator) -> np.ndarray:
-    """Greedy MANC-like choice of ``need`` rows of ``active`` (N, F) maximising newly covered neurons.
-
-    Ties go to the earlier row of a random permutation; when no row adds a new neuron the covered
-    set is reset. ``active=None`` gives a random choice.
-    """
-    n = 0 if active is None else len(active)
-    perm = rng.permutation(n if active is not None else need)
-    if active is None:
-        return perm[:need]
-    need = min(need, n)
-    cov = active[perm]
-    covered = np.zeros(cov.shape[1], dtype=bool)
-    left = np.ones(n, dtype=bool)
-    chosen: list[int] = []
-    while len(chosen) < need:
-        gains = (cov & ~covered).sum(axis=1)
-        gains[~left] = -1
-        j = int(np.argmax(gains))
-        if gains[j] == 0 and covered.any():
-            covered[:] = False
-            continue
-        chosen.append(j)
-        left[j] = False
-        covered |= cov[j]
-    return perm[np.asarray(chosen, dtype=np.int64)]
-
-
 class Boundary(Method):
+    """Pairs straddling a decision boundary, each member's top-1 margin just above δ (works with a top-1 API).
+
+    See the module doc for the search and every hyper-parameter.
+    """
+
     name = "boundary"
+    constraints = {
+        "delta": Interval(0.0, None, closed="neither"),
+        "k": Interval(1.0, None, closed="neither"),
+        "path": Options(*PATHS),
+        "oversample": Interval(1.0, None),
+        "step": Interval(0.0, 1.0, closed="right"),
+        "max_steps": Interval(1, None, integer=True),
+        "greedy_steps": Interval(1, None, integer=True),
+        "neighbors": Interval(1, None, integer=True),
+        "rounds": Interval(1, None, integer=True),
+    }
 
     def __init__(
         self,
@@ -209,46 +103,47 @@ class Boundary(Method):
         neighbors: int = 24,
         rounds: int = 4,
     ) -> None:
-        delta, k, oversample, step = float(delta), float(k), float(oversample), float(step)
-        if not (delta > 0 and math.isfinite(delta)):
-            raise UsageError(f"delta must be a positive number, got {delta}")
-        if not (k > 1 and math.isfinite(k)):
-            raise UsageError(f"k must be > 1, got {k}")
-        if path not in PATHS:
-            raise UsageError(f"unknown path {path!r}: choose one of {', '.join(PATHS)}")
-        if not oversample >= 1 or not 0 < step <= 1:
-            raise UsageError("need oversample >= 1 and 0 < step <= 1")
-        if min(int(max_steps), int(greedy_steps), int(neighbors), int(rounds)) < 1:
-            raise UsageError("max_steps, greedy_steps, neighbors and rounds must be >= 1")
-        super().__init__(
-            delta=delta,
-            k=k,
-            path=path,
-            pairs=bool(pairs),
-            uint8=bool(uint8),
-            coverage=bool(coverage),
-            oversample=oversample,
-            step=step,
-            max_steps=int(max_steps),
-            greedy_steps=int(greedy_steps),
-            neighbors=int(neighbors),
-            rounds=int(rounds),
-        )
-        self.delta, self.k, self.path, self.pairs, self.uint8 = delta, k, path, bool(pairs), bool(uint8)
-        self.coverage, self.oversample, self.step, self.max_steps = bool(coverage), oversample, step, int(max_steps)
-        self.greedy_steps, self.neighbors, self.rounds = int(greedy_steps), int(neighbors), int(rounds)
+        self.delta = delta
+        self.k = k
+        self.path = path
+        self.pairs = pairs
+        self.uint8 = uint8
+        self.coverage = coverage
+        self.oversample = oversample
+        self.step = step
+        self.max_steps = max_steps
+        self.greedy_steps = greedy_steps
+        self.neighbors = neighbors
+        self.rounds = rounds
+
+    def _generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress) -> Bag:
+        return _Search(self, model, data).run(bag, rng, progress)
+
+
+class _Search:
+    """One generation run: the validated parameters, the model and the input range, and the search steps.
+
+    Lives for one ``Boundary.generate`` call, so the plug-in object keeps no reference to the model.
+    """
+
+    def __init__(self, params: Boundary, model: Model, data: Dataset) -> None:
+        self.p = params
+        self.model = model
+        self.data = data
+        # white-box only where gradients are taken (gradient path, 8-bit pixel search)
+        needs_gradients = params.path == "gradient" or params.uint8
+        what = f"boundary markers with path={params.path}{', uint8' if params.uint8 else ''}"
+        self.module: Any = model.require_torch(what) if needs_gradients else None
+        self.low, self.high = float(data.low), float(data.high)
+        self.lo32, self.hi32 = np.float32(self.low), np.float32(self.high)
         # the search band: slightly above delta so that batch-size noise cannot push a margin below it
-        self.band_lo = delta * (1.0 + (k - 1.0) / 10.0)
-        self.band_hi = delta * k
+        self.band_lo = params.delta * (1.0 + (params.k - 1.0) / 10.0)
+        self.band_hi = params.delta * params.k
 
     # ------------------------------------------------------------------ plumbing
-    def _setup(self, model: Model, data: Dataset) -> None:
-        self.model, self.low, self.high = model, float(data.low), float(data.high)
-        self.lo32, self.hi32 = np.float32(self.low), np.float32(self.high)
-
     def _domain(self, x_sent: np.ndarray) -> np.ndarray:
         """Inputs as sent -> the float32 inputs the model sees."""
-        if self.uint8:
+        if self.p.uint8:
             return decode_uint8(x_sent, self.low, self.high)
         return np.asarray(x_sent, dtype=np.float32)
 
@@ -261,7 +156,7 @@ class Boundary(Method):
         """Path points A + t (B − A), as sent (float32 clipped to the range, or rounded uint8)."""
         tt = t.reshape((-1,) + (1,) * (A.ndim - 1))
         p = A + tt * (B - A)
-        if self.uint8:
+        if self.p.uint8:
             return np.clip(np.rint(p), 0, 255).astype(np.uint8)
         return np.clip(p, self.lo32, self.hi32).astype(np.float32)
 
@@ -269,10 +164,12 @@ class Boundary(Method):
         """∂(z_cls − z_other)/∂x for model-domain inputs x (float64 array of x's shape)."""
         import torch
 
-        module = self.model.module
+        from ..._torch import as_logits, to_tensor
+
+        module = self.module
         out = []
         for i in range(0, len(x), chunk):
-            xt = torch.from_numpy(np.ascontiguousarray(x[i : i + chunk], dtype=np.float32)).requires_grad_(True)
+            xt = to_tensor(x[i : i + chunk]).requires_grad_(True)
             rows = torch.arange(xt.shape[0])
             with torch.enable_grad():
                 z = as_logits(module(xt)).float()
@@ -282,10 +179,10 @@ class Boundary(Method):
         return np.concatenate(out) if out else np.zeros(x.shape)
 
     # ------------------------------------------------------------------ endpoints
-    def _candidates(self, data: Dataset, n: int, rng: np.random.Generator, pool_x: np.ndarray, pool_lab: np.ndarray, pool_idx: np.ndarray):
+    def _candidates(self, n: int, rng: np.random.Generator, pool_x: np.ndarray, pool_lab: np.ndarray, pool_idx: np.ndarray):
         """Seed indices (into the pool) and path endpoints A (seed) and B, as float64 arrays in the sent domain."""
         seeds = sample_indices(len(pool_x), n, rng)
-        if self.path == "blend":
+        if self.p.path == "blend":
             partner = np.full(n, -1, dtype=np.int64)
             for i, s in enumerate(seeds):
                 other = np.flatnonzero(pool_lab != pool_lab[s])
@@ -298,7 +195,7 @@ class Boundary(Method):
             return seeds, pool_idx[partner], A, B
         A = pool_x[seeds].astype(np.float64)
         B = self._gradient_endpoints(self._domain(pool_x[seeds]), pool_lab[seeds])
-        if self.uint8:
+        if self.p.uint8:
             B = encode_uint8(B, self.low, self.high).astype(np.float64)
         return seeds, np.full(len(seeds), -1, dtype=np.int64), A, B
 
@@ -309,8 +206,8 @@ class Boundary(Method):
         zz[np.arange(len(zz)), a] = -np.inf
         b = zz.argmax(axis=1)
         x = x0.astype(np.float32).copy()
-        step = np.float32(self.step * (self.high - self.low))
-        for _ in range(self.max_steps):
+        step = np.float32(self.p.step * (self.high - self.low))
+        for _ in range(self.p.max_steps):
             open_rows = np.flatnonzero(self.model.logits(x).argmax(axis=1) == a)
             if not len(open_rows):
                 break
@@ -349,10 +246,10 @@ class Boundary(Method):
         inner = np.full(n, np.nan)
         outer = np.full(n, np.nan)
         for i in range(n):
-            j = np.flatnonzero(s[i] >= self.band_lo)
-            if not len(j):
+            entered = np.flatnonzero(s[i] >= self.band_lo)
+            if not len(entered):
                 continue
-            j = int(j[0])
+            j = int(entered[0])
             if s[i, j] <= self.band_hi:
                 t[i], marg[i] = ladder[i, j], s[i, j]
             elif j > 0:
@@ -386,8 +283,8 @@ class Boundary(Method):
         active = np.ones(n, dtype=bool)
         target = 0.5 * (self.band_lo + self.band_hi)
         scale = (self.high - self.low) / 255.0
-        m = min(self.neighbors, 2 * P)
-        for _ in range(self.greedy_steps):
+        m = min(self.p.neighbors, 2 * P)
+        for _ in range(self.p.greedy_steps):
             active &= ~((s >= self.band_lo) & (s <= self.band_hi))
             idx = np.flatnonzero(active)
             if not len(idx):
@@ -440,15 +337,15 @@ class Boundary(Method):
         la = self._logits(self._at(A, B, np.zeros(n))).argmax(axis=1)
         lb = self._logits(self._at(A, B, np.ones(n))).argmax(axis=1)
         ok = la != lb
-        lo, hi = self._crossing(A, B, la, 30 if self.uint8 else 52)
+        lo, hi = self._crossing(A, B, la, 30 if self.p.uint8 else 52)
         x_lo, x_hi = self._at(A, B, lo), self._at(A, B, hi)
         lc = self._logits(x_hi).argmax(axis=1)
         ok &= lc != la
-        if self.uint8:
+        if self.p.uint8:
             xa, sa = self._greedy_uint8(x_lo, la)
             ok &= sa >= self.band_lo
             ta = lo
-            if self.pairs:
+            if self.p.pairs:
                 xc, sc = self._greedy_uint8(x_hi, lc)
                 ok &= sc >= self.band_lo
                 tc = hi
@@ -459,7 +356,7 @@ class Boundary(Method):
             ok &= oka
             ta = np.where(oka, ta, 0.0)
             xa = self._at(A, B, ta)
-            if self.pairs:
+            if self.p.pairs:
                 tc, _, okc = self._band(A, B, hi, np.ones(n), lc)
                 ok &= okc
                 tc = np.where(okc, tc, 1.0)
@@ -468,42 +365,32 @@ class Boundary(Method):
                 xc, tc = xa, ta
         return xa, xc, ta, tc, ok
 
-    # ------------------------------------------------------------------ generate
-    def generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
-        if bag < 1:
-            raise UsageError("bag must be at least 1")
-        if self.path == "gradient" or self.uint8:
-            model.require_torch(f"boundary markers with path={self.path}{', uint8' if self.uint8 else ''}")
-        self._setup(model, data)
-        try:
-            return self._generate(model, data, bag, rng, progress)
-        finally:
-            del self.model  # keep no reference to the weights after generation
-
-    def _generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None) -> Bag:
-        need = max(1, bag // 2) if self.pairs else bag
+    # ------------------------------------------------------------------ run
+    def run(self, bag: int, rng: np.random.Generator, progress: Progress) -> Bag:
+        data = self.data
+        need = max(1, bag // 2) if self.p.pairs else bag
         pool_idx = sample_indices(len(data.x), min(len(data.x), _MAX_POOL), rng)
         pool_x = data.x[pool_idx].astype(np.float32)
-        if self.uint8:
+        if self.p.uint8:
             pool_x = encode_uint8(pool_x, self.low, self.high)
         pool_lab = self._logits(pool_x).argmax(axis=1)
-        if self.path == "blend" and len(np.unique(pool_lab)) < 2:
+        if self.p.path == "blend" and len(np.unique(pool_lab)) < 2:
             raise UsageError("boundary markers with path=blend need natural inputs of at least two predicted classes")
 
         found: dict[str, list[np.ndarray]] = {k: [] for k in ("xa", "xc", "ta", "tc", "seed", "partner", "sa", "sc", "la", "lc")}
         total = 0
         tried = 0
-        for r in range(self.rounds):
-            want = int(math.ceil(self.oversample * need)) if r == 0 else 2 * (need - total) + 2
-            seeds, partner, A, B = self._candidates(data, want, rng, pool_x, pool_lab, pool_idx)
+        for r in range(self.p.rounds):
+            want = int(math.ceil(self.p.oversample * need)) if r == 0 else 2 * (need - total) + 2
+            seeds, partner, A, B = self._candidates(want, rng, pool_x, pool_lab, pool_idx)
             tried += len(seeds)
             if len(seeds):
                 xa, xc, ta, tc, ok = self._search(A, B)
-                la, sa, same_a = checked_margins(model, self._domain(xa))
-                lc, sc, same_c = checked_margins(model, self._domain(xc))
-                ok &= same_a & (sa >= self.delta)
-                if self.pairs:
-                    ok &= same_c & (sc >= self.delta) & (la != lc)
+                la, sa, same_a = checked_margins(self.model, self._domain(xa))
+                lc, sc, same_c = checked_margins(self.model, self._domain(xc))
+                ok &= same_a & (sa >= self.p.delta)
+                if self.p.pairs:
+                    ok &= same_c & (sc >= self.p.delta) & (la != lc)
                 sel = np.flatnonzero(ok)
                 for key, arr in (
                     ("xa", xa),
@@ -519,28 +406,36 @@ class Boundary(Method):
                 ):
                     found[key].append(arr[sel])
                 total += len(sel)
-            if progress:
-                progress(min(total, need), need)
+            progress(min(total, need), need)
             if total >= need:
                 break
         cat = {k: np.concatenate(v) for k, v in found.items()}
         if total == 0:
-            raise UsageError(f"boundary: no marker found in {tried} tries (delta={self.delta:g}); try another path or a larger delta")
-        active = None
-        if self.coverage and model.module is not None:
-            act_a = penultimate_active(model.module, self._domain(cat["xa"]))
-            if act_a is not None and self.pairs:
-                act_c = penultimate_active(model.module, self._domain(cat["xc"]))
-                act_a = None if act_c is None else (act_a | act_c)
-            active = act_a
-        order = coverage_order(active, min(need, total), rng) if active is not None else rng.permutation(total)[: min(need, total)]
-        return self._bag(cat, order, data)
+            raise UsageError(f"boundary: no marker found in {tried} tries (delta={self.p.delta:g}); try another path or a larger delta")
+        order = self._coverage_order(cat, min(need, total), rng)
+        return self._bag(cat, order)
 
-    def _bag(self, cat: dict, order: np.ndarray, data: Dataset) -> Bag:
-        seeds_sent = data.x[cat["seed"][order]].astype(np.float32)
-        if self.uint8:
+    def _coverage_order(self, cat: dict[str, np.ndarray], need: int, rng: np.random.Generator) -> np.ndarray:
+        """``need`` of the candidates in ``cat``, chosen by MANC over the pair's active neurons (random without a hookable layer)."""
+        total = len(cat["xa"])
+        if self.p.coverage:
+            from ..sensitivity import activations
+
+            try:
+                active = activations(self.model, self._domain(cat["xa"])) > 0
+                if self.p.pairs:
+                    active |= activations(self.model, self._domain(cat["xc"])) > 0
+            except UsageError:  # no hookable nn.Linear (TorchScript, torch.export): a random order
+                pass
+            else:
+                return manc(active, need, rng)
+        return rng.permutation(total)[:need]
+
+    def _bag(self, cat: dict[str, np.ndarray], order: np.ndarray) -> Bag:
+        seeds_sent = self.data.x[cat["seed"][order]].astype(np.float32)
+        if self.p.uint8:
             seeds_sent = encode_uint8(seeds_sent, self.low, self.high)
-        if self.pairs:
+        if self.p.pairs:
             n = len(order)
             inputs = np.empty((2 * n,) + cat["xa"].shape[1:], dtype=cat["xa"].dtype)
             inputs[0::2], inputs[1::2] = cat["xa"][order], cat["xc"][order]
@@ -567,12 +462,12 @@ class Boundary(Method):
             "snr": snr_db(dom_in, dom_seed),
             "seed_index": seed_index.astype(np.int64),
             "partner_index": partner_index.astype(np.int64),
-            "delta": self.delta,
-            "k": self.k,
-            "pairs": self.pairs,
-            "path": self.path,
-            "uint8": self.uint8,
+            "delta": self.p.delta,
+            "k": self.p.k,
+            "pairs": self.p.pairs,
+            "path": self.p.path,
+            "uint8": self.p.uint8,
         }
-        if self.uint8:
+        if self.p.uint8:
             info["input_encoding"] = {"dtype": "uint8", "low": self.low, "high": self.high, "decode": UINT8_DECODE}
         return Bag(np.ascontiguousarray(inputs), np.ascontiguousarray(seeds), groups, info)

@@ -9,29 +9,29 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..._params import Interval
+from ..._util import Progress
 from ...data import Dataset
-from ...errors import UsageError
 from ...models import Model
-from .base import Bag, Method, Progress
+from .base import Bag, Method
 
 
 class Grid(Method):
+    """TamperNN GRID: random-bit inputs, each pixel at the low or the high end of the range.
+
+    ``p_high`` is the probability of the high end.
+    """
+
     name = "grid"
+    constraints = {"p_high": Interval(0.0, 1.0)}
 
     def __init__(self, *, p_high: float = 0.5) -> None:
-        p_high = float(p_high)
-        if not 0.0 <= p_high <= 1.0:
-            raise UsageError(f"p_high must lie in [0, 1], got {p_high}")
-        super().__init__(p_high=p_high)
         self.p_high = p_high
 
-    def generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
-        if bag < 1:
-            raise UsageError("bag must be at least 1")
+    def _generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress) -> Bag:
         shape = (bag, *data.x.shape[1:])
         bits = rng.random(shape) < self.p_high
         x = np.where(bits, np.float32(data.high), np.float32(data.low)).astype(np.float32)
         labels = model.logits(x).argmax(axis=1)
-        if progress:
-            progress(bag, bag)
+        progress(bag, bag)
         return Bag(x, x.copy(), None, {"label": labels.astype(np.int64)})

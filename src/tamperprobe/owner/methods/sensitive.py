@@ -12,22 +12,36 @@ sensitivity never falls below the seed's.
 
 from __future__ import annotations
 
-from typing import Any
-
 import numpy as np
 import torch
 
+from ..._params import Interval, Options
+from ..._util import Progress
 from ...data import Dataset
-from ...errors import UsageError
 from ...models import Model
-from ..sensitivity import OUTPUTS, resolve_params, sensitivity
-from .base import Bag, Method, Progress
+from ..markers import sample_indices
+from ..sensitivity import OUTPUTS, Output, resolve_params, sensitivity
+from .base import Bag, Method
 
 
 class SensitiveSamples(Method):
-    """Projected gradient ascent on the weight sensitivity (VerIDeep, owner side)."""
+    """VerIDeep Sensitive-Samples: natural inputs moved by projected ascent on the weight sensitivity ‖∂f/∂W‖².
+
+    Hyper-parameters: ``epsilon`` (relative L2 radius around the seed), ``lr``, ``steps``,
+    ``patience`` and ``min_delta`` (early stopping on the mean best sensitivity), ``output``
+    (``softmax`` or ``logits``) and ``params`` (the weights W; default the last layer's).
+    """
 
     name = "sensitive"
+    needs_weights = True
+    constraints = {
+        "epsilon": Interval(0.0, None),
+        "lr": Interval(0.0, None, closed="neither"),
+        "steps": Interval(0, None, integer=True),
+        "patience": Interval(1, None, integer=True),
+        "min_delta": Interval(0.0, None),
+        "output": Options(*OUTPUTS),
+    }
 
     def __init__(
         self,
@@ -37,47 +51,25 @@ class SensitiveSamples(Method):
         steps: int = 200,
         patience: int = 20,
         min_delta: float = 1e-4,
-        output: str = "softmax",
+        output: Output = "softmax",
         params: list[str] | None = None,
     ) -> None:
-        if not epsilon >= 0:
-            raise UsageError(f"epsilon must be >= 0, got {epsilon}")
-        if not lr > 0:
-            raise UsageError(f"lr must be > 0, got {lr}")
-        if int(steps) != steps or steps < 0:
-            raise UsageError(f"steps must be a whole number >= 0, got {steps}")
-        if int(patience) != patience or patience < 1:
-            raise UsageError(f"patience must be a whole number >= 1, got {patience}")
-        if not min_delta >= 0:
-            raise UsageError(f"min_delta must be >= 0, got {min_delta}")
-        if output not in OUTPUTS:
-            raise UsageError(f"unknown output {output!r}: choose softmax or logits")
-        if isinstance(params, str):
-            params = [p for p in params.split(",") if p]
-        super().__init__(
-            epsilon=float(epsilon),
-            lr=float(lr),
-            steps=int(steps),
-            patience=int(patience),
-            min_delta=float(min_delta),
-            output=output,
-            params=None if params is None else [str(p) for p in params],
-        )
+        self.epsilon = epsilon
+        self.lr = lr
+        self.steps = steps
+        self.patience = patience
+        self.min_delta = min_delta
+        self.output = output
+        self.params = params
 
-    def generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
-        """Return ``bag`` sensitive samples grown from natural seeds of ``data``."""
-        p: dict[str, Any] = self._params
-        module = model.require_torch("the sensitive method")
-        if bag < 1:
-            raise UsageError(f"the bag size must be at least 1, got {bag}")
-        if len(data) == 0:
-            raise UsageError(f"data set {data.name} is empty")
-        names = resolve_params(module, p["params"])
-        idx = rng.choice(len(data), size=bag, replace=bag > len(data))
+    def _generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress) -> Bag:
+        """``bag`` sensitive samples grown from natural seeds of ``data``."""
+        names = resolve_params(model.module, self.params)
+        idx = sample_indices(len(data), bag, rng)
         seeds = np.ascontiguousarray(data.x[idx], dtype=np.float32)
         x0 = torch.from_numpy(seeds.copy())
         x0_64 = x0.double()
-        radius = p["epsilon"] * x0_64.reshape(bag, -1).norm(dim=1)
+        radius = self.epsilon * x0_64.reshape(bag, -1).norm(dim=1)
         low, high = float(data.low), float(data.high)
 
         def project(v: torch.Tensor) -> torch.Tensor:
@@ -96,7 +88,7 @@ class SensitiveSamples(Method):
 
         def evaluate(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
             v = v.detach().requires_grad_(True)
-            s = sensitivity(model, v, names, p["output"])
+            s = sensitivity(model, v, names, self.output)
             (grad,) = torch.autograd.grad(s.sum(), v)
             return s.detach(), grad
 
@@ -104,10 +96,10 @@ class SensitiveSamples(Method):
         s_seed, grad = evaluate(x)
         best_s, best_x = s_seed.clone(), x.clone()
         var = x.clone().requires_grad_(True)
-        opt = torch.optim.Adam([var], lr=p["lr"], maximize=True)
+        opt = torch.optim.Adam([var], lr=self.lr, maximize=True)
         best_mean = float(best_s.mean())
         stall, done = 0, 0
-        for step in range(1, p["steps"] + 1):
+        for step in range(1, self.steps + 1):
             var.grad = grad
             opt.step()
             with torch.no_grad():
@@ -117,17 +109,16 @@ class SensitiveSamples(Method):
             best_s = torch.where(better, s, best_s)
             best_x[better] = var.detach()[better]
             done = step
-            if progress is not None:
-                progress(step, p["steps"])
+            progress(step, self.steps)
             mean = float(best_s.mean())
-            if mean > best_mean * (1 + p["min_delta"]) + 1e-30:
+            if mean > best_mean * (1 + self.min_delta) + 1e-30:
                 best_mean, stall = mean, 0
             else:
                 stall += 1
-                if stall >= p["patience"]:
+                if stall >= self.patience:
                     break
-        if progress is not None and done < p["steps"]:
-            progress(p["steps"], p["steps"])
+        if done < self.steps:
+            progress(self.steps, self.steps)
         return Bag(
             inputs=best_x.numpy().astype(np.float32),
             seeds=seeds,

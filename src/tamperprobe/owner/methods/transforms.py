@@ -20,31 +20,26 @@ the data manifold. Three generators:
                 applied with ``grid_sample``.
 
 All randomness comes from the ``rng`` passed to ``generate``, so a seed fixes the bag. The
-seeds are natural inputs drawn from ``data`` without replacement (with replacement only if
-the bag is larger than the data). ``rotation`` and ``distortion`` need image inputs
+seeds are natural inputs drawn from ``data`` by ``markers.sample_indices`` (without
+replacement while the data lasts). ``rotation`` and ``distortion`` need image inputs
 (C, H, W); ``noise`` takes inputs of any shape.
 """
 
 from __future__ import annotations
 
 import math
-from typing import ClassVar
+from abc import abstractmethod
+from typing import Any
 
 import numpy as np
 
+from ..._params import Interval
+from ..._util import Progress
 from ...data import Dataset
 from ...errors import UsageError
 from ...models import Model
-from .base import Bag, Method, Progress
-
-
-def _draw_seeds(data: Dataset, bag: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    if bag < 1:
-        raise UsageError("the bag must hold at least one candidate")
-    if len(data) == 0:
-        raise UsageError("no natural inputs to start from")
-    idx = rng.choice(len(data), size=bag, replace=bag > len(data))
-    return idx.astype(np.int64), np.ascontiguousarray(data.x[idx], dtype=np.float32)
+from ..markers import sample_indices
+from .base import Bag, Method
 
 
 def _need_images(name: str, x: np.ndarray) -> None:
@@ -74,36 +69,35 @@ def _affine_grid(theta: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
 
 
 class _Transform(Method):
-    name: ClassVar[str] = ""
+    """A natural input altered by a random transform (the shared part of VerIDeep's baselines)."""
 
-    def generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
-        idx, seeds = _draw_seeds(data, bag, rng)
+    def _generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress) -> Bag:
+        idx = sample_indices(len(data), bag, rng)
+        seeds = np.ascontiguousarray(data.x[idx], dtype=np.float32)
         inputs, info = self._apply(seeds, data.low, data.high, rng)
-        info = {"seed_index": idx, **info}
-        if progress:
-            progress(bag, bag)
-        return Bag(inputs.astype(np.float32), seeds, None, info)
+        progress(bag, bag)
+        return Bag(inputs.astype(np.float32), seeds, None, {"seed_index": idx, **info})
 
-    def _apply(self, seeds: np.ndarray, low: float, high: float, rng: np.random.Generator) -> tuple[np.ndarray, dict]:
-        raise NotImplementedError
+    @abstractmethod
+    def _apply(self, seeds: np.ndarray, low: float, high: float, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
+        """The transformed seeds and per-marker statistics."""
 
 
 class NoiseMarkers(_Transform):
-    """Natural input plus random noise on the sphere ``||δ||₂ = ε·||seed||₂``, clipped to the box."""
+    """VerIDeep baseline: natural inputs plus random noise of L2 norm ε·‖seed‖, clipped to the box."""
 
     name = "noise"
+    constraints = {"epsilon": Interval(0.0, None, closed="neither")}
 
     def __init__(self, *, epsilon: float = 0.1) -> None:
-        if not float(epsilon) > 0:
-            raise UsageError(f"epsilon must be > 0, got {epsilon}")
-        super().__init__(epsilon=float(epsilon))
+        self.epsilon = epsilon
 
-    def _apply(self, seeds, low, high, rng):
+    def _apply(self, seeds: np.ndarray, low: float, high: float, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
         n = len(seeds)
         x0 = seeds.astype(np.float64).reshape(n, -1)
         direction = rng.standard_normal(size=x0.shape)
         direction /= np.maximum(np.linalg.norm(direction, axis=1, keepdims=True), 1e-12)
-        radius = self._params["epsilon"] * np.linalg.norm(x0, axis=1, keepdims=True)
+        radius = self.epsilon * np.linalg.norm(x0, axis=1, keepdims=True)
         out = np.clip(x0 + radius * direction, low, high)
         dist = np.linalg.norm(out - x0, axis=1)
         scale = np.minimum(1.0, radius[:, 0] / np.maximum(dist, 1e-300))  # guard against rounding
@@ -113,20 +107,23 @@ class NoiseMarkers(_Transform):
 
 
 class RotationMarkers(_Transform):
-    """Natural image rotated by a random small angle about its centre."""
+    """VerIDeep baseline: natural images rotated by a small random angle about their centre."""
 
     name = "rotation"
+    constraints = {"max_degrees": Interval(0.0, 180.0), "min_degrees": Interval(0.0, 180.0)}
 
     def __init__(self, *, max_degrees: float = 15.0, min_degrees: float = 2.0) -> None:
-        lo, hi = float(min_degrees), float(max_degrees)
-        if not 0 <= lo <= hi <= 180:
-            raise UsageError(f"need 0 <= min_degrees <= max_degrees <= 180, got {lo}, {hi}")
-        super().__init__(max_degrees=hi, min_degrees=lo)
+        self.max_degrees = max_degrees
+        self.min_degrees = min_degrees
 
-    def _apply(self, seeds, low, high, rng):
+    def _check_together(self, params: dict[str, Any]) -> None:
+        if params["min_degrees"] > params["max_degrees"]:
+            raise UsageError(f"need min_degrees <= max_degrees, got {params['min_degrees']} and {params['max_degrees']}")
+
+    def _apply(self, seeds: np.ndarray, low: float, high: float, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
         _need_images(self.name, seeds)
         n = len(seeds)
-        mag = rng.uniform(self._params["min_degrees"], self._params["max_degrees"], size=n)
+        mag = rng.uniform(self.min_degrees, self.max_degrees, size=n)
         angle = mag * rng.choice([-1.0, 1.0], size=n)
         a = np.deg2rad(angle)
         h, w = seeds.shape[-2:]
@@ -141,31 +138,36 @@ class RotationMarkers(_Transform):
 
 
 class DistortionMarkers(_Transform):
-    """Natural image under a random elastic displacement field composed with a random affine map."""
+    """VerIDeep baseline: natural images under a random elastic displacement and affine map."""
 
     name = "distortion"
+    constraints = {
+        "alpha": Interval(0.0, None),
+        "sigma": Interval(0.0, None, closed="neither"),
+        "scale": Interval(0.0, 1.0, closed="left"),
+        "shear": Interval(0.0, None),
+        "shift": Interval(0.0, None),
+    }
 
     def __init__(self, *, alpha: float = 0.05, sigma: float = 0.12, scale: float = 0.08, shear: float = 0.08, shift: float = 0.04) -> None:
-        vals = dict(alpha=float(alpha), sigma=float(sigma), scale=float(scale), shear=float(shear), shift=float(shift))
-        if vals["sigma"] <= 0 or any(v < 0 for v in vals.values()):
-            raise UsageError(f"distortion parameters must be non-negative and sigma > 0, got {vals}")
-        if vals["scale"] >= 1:
-            raise UsageError("scale must be below 1")
-        super().__init__(**vals)
+        self.alpha = alpha
+        self.sigma = sigma
+        self.scale = scale
+        self.shear = shear
+        self.shift = shift
 
-    def _apply(self, seeds, low, high, rng):
+    def _apply(self, seeds: np.ndarray, low: float, high: float, rng: np.random.Generator) -> tuple[np.ndarray, dict[str, Any]]:
         import torch
         import torch.nn.functional as F
 
         _need_images(self.name, seeds)
-        p = self._params
         n = len(seeds)
         h, w = seeds.shape[-2:]
-        sx = 1.0 + rng.uniform(-p["scale"], p["scale"], size=n)
-        sy = 1.0 + rng.uniform(-p["scale"], p["scale"], size=n)
-        sh = rng.uniform(-p["shear"], p["shear"], size=n)
-        tx = rng.uniform(-p["shift"], p["shift"], size=n) * 2.0
-        ty = rng.uniform(-p["shift"], p["shift"], size=n) * 2.0
+        sx = 1.0 + rng.uniform(-self.scale, self.scale, size=n)
+        sy = 1.0 + rng.uniform(-self.scale, self.scale, size=n)
+        sh = rng.uniform(-self.shear, self.shear, size=n)
+        tx = rng.uniform(-self.shift, self.shift, size=n) * 2.0
+        ty = rng.uniform(-self.shift, self.shift, size=n) * 2.0
         theta = np.zeros((n, 2, 3))
         theta[:, 0, 0], theta[:, 0, 1], theta[:, 0, 2] = sx, sh, tx
         theta[:, 1, 0], theta[:, 1, 1], theta[:, 1, 2] = 0.0, sy, ty
@@ -173,7 +175,7 @@ class DistortionMarkers(_Transform):
         # Elastic part: a smoothed random field, displacement in pixels converted to [-1, 1] units.
         field = rng.uniform(-1.0, 1.0, size=(n, 2, h, w)).astype(np.float32)
         side = float(min(h, w))
-        sigma_px, alpha_px = max(p["sigma"] * side, 0.3), p["alpha"] * side
+        sigma_px, alpha_px = max(self.sigma * side, 0.3), self.alpha * side
         radius = max(1, int(math.ceil(3 * sigma_px)))
         t = np.arange(-radius, radius + 1, dtype=np.float64)
         k = np.exp(-0.5 * (t / sigma_px) ** 2)
@@ -184,11 +186,11 @@ class DistortionMarkers(_Transform):
             ky = torch.from_numpy(k).reshape(1, 1, -1, 1)
             f = F.conv2d(F.pad(f, (radius, radius, 0, 0), mode="replicate"), kx)
             f = F.conv2d(F.pad(f, (0, 0, radius, radius), mode="replicate"), ky)
-            f = f.reshape(n, 2, h, w).numpy().astype(np.float64)
-        peak = np.abs(f).reshape(n, -1).max(axis=1).reshape(n, 1, 1, 1)
-        f = f / np.maximum(peak, 1e-12) * alpha_px  # the largest displacement is alpha of the side
+            disp = f.reshape(n, 2, h, w).numpy().astype(np.float64)
+        peak = np.abs(disp).reshape(n, -1).max(axis=1).reshape(n, 1, 1, 1)
+        disp = disp / np.maximum(peak, 1e-12) * alpha_px  # the largest displacement is alpha of the side
         grid = grid.astype(np.float64)
-        grid[..., 0] += f[:, 0] * 2.0 / w
-        grid[..., 1] += f[:, 1] * 2.0 / h
+        grid[..., 0] += disp[:, 0] * 2.0 / w
+        grid[..., 1] += disp[:, 1] * 2.0 / h
         out = _resample(seeds, grid, low, high)
         return out, {"max_displacement_px": np.full(n, alpha_px)}

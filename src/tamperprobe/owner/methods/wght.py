@@ -21,20 +21,23 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import numpy as np
 
+from ..._params import Interval, Options
+from ..._util import Progress
 from ...data import Dataset
 from ...errors import UsageError
 from ...models import Model
-from .base import Bag, Method, Progress
-from .natural import sample_indices
+from ..markers import sample_indices
+from .base import Bag, Method
 
 SOURCES = ("natural", "random", "mixed")
 
 
 @contextmanager
-def perturb_weights(module, epsilon: float, seed: int, *, relative: bool = False) -> Iterator[None]:
+def perturb_weights(module: Any, epsilon: float, seed: int, *, relative: bool = False) -> Iterator[None]:
     """Add ``epsilon * sign`` (random ±1 from ``seed``) to every parameter of ``module``; restore on exit.
 
     Parameters are visited in sorted name order and the signs drawn from
@@ -62,7 +65,18 @@ def perturb_weights(module, epsilon: float, seed: int, *, relative: bool = False
 
 
 class Wght(Method):
+    """TamperNN WGHT: inputs whose label flips under a random ±ε change of every weight."""
+
     name = "wght"
+    needs_weights = True
+    constraints = {
+        "source": Options(*SOURCES),
+        "candidates": Interval(0, None, integer=True),
+        "eps_start": Interval(0.0, None, closed="neither"),
+        "eps_factor": Interval(1.0, None, closed="neither"),
+        "eps_max": Interval(0.0, None, closed="neither"),
+        "draws": Interval(1, None, integer=True),
+    }
 
     def __init__(
         self,
@@ -75,26 +89,17 @@ class Wght(Method):
         draws: int = 1,
         relative: bool = False,
     ) -> None:
-        if source not in SOURCES:
-            raise UsageError(f"unknown source {source!r}: choose one of {', '.join(SOURCES)}")
-        eps_start, eps_factor, eps_max = float(eps_start), float(eps_factor), float(eps_max)
-        if not (eps_start > 0 and math.isfinite(eps_start)) or not eps_max >= eps_start or not math.isfinite(eps_max):
-            raise UsageError("need 0 < eps_start <= eps_max (finite)")
-        if not eps_factor > 1.0:
-            raise UsageError("eps_factor must be > 1")
-        if int(draws) < 1 or int(candidates) < 0:
-            raise UsageError("draws must be >= 1 and candidates >= 0")
-        super().__init__(
-            source=source,
-            candidates=int(candidates),
-            eps_start=eps_start,
-            eps_factor=eps_factor,
-            eps_max=eps_max,
-            draws=int(draws),
-            relative=bool(relative),
-        )
-        self.source, self.candidates, self.draws, self.relative = source, int(candidates), int(draws), bool(relative)
-        self.eps_start, self.eps_factor, self.eps_max = eps_start, eps_factor, eps_max
+        self.source = source
+        self.candidates = candidates
+        self.eps_start = eps_start
+        self.eps_factor = eps_factor
+        self.eps_max = eps_max
+        self.draws = draws
+        self.relative = relative
+
+    def _check_together(self, params: dict[str, Any]) -> None:
+        if params["eps_max"] < params["eps_start"]:
+            raise UsageError(f"need eps_start <= eps_max, got {params['eps_start']} and {params['eps_max']}")
 
     def _pool(self, data: Dataset, n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
         n_rand = {"natural": 0, "random": n, "mixed": n // 2}[self.source]
@@ -110,10 +115,7 @@ class Wght(Method):
             index.append(np.full(n_rand, -1, dtype=np.int64))
         return np.concatenate(parts), np.concatenate(index)
 
-    def generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress | None = None) -> Bag:
-        module = model.require_torch("wght markers")
-        if bag < 1:
-            raise UsageError("bag must be at least 1")
+    def _generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress) -> Bag:
         n = self.candidates or max(8 * bag, 512)
         x, index = self._pool(data, n, rng)
         base = model.logits(x).argmax(axis=1)
@@ -130,7 +132,7 @@ class Wght(Method):
             new_level = []
             for _ in range(self.draws):
                 seed = int(rng.integers(0, 2**62))
-                with perturb_weights(module, eps, seed, relative=self.relative):
+                with perturb_weights(model.module, eps, seed, relative=self.relative):
                     labels = model.logits(x).argmax(axis=1)
                 flip = (labels != base) & np.isnan(eps_of)
                 eps_of[flip], seed_of[flip], to_of[flip] = eps, seed, labels[flip]
@@ -140,14 +142,12 @@ class Wght(Method):
                 new = new[np.argsort(rank[new], kind="stable")][: bag - found]
             chosen.append(new)
             found += len(new)
-            if progress:
-                progress(level + 1, levels)
+            progress(level + 1, levels)
             if found >= bag:
                 break
             eps *= self.eps_factor
         sel = np.concatenate(chosen).astype(np.int64) if chosen else np.zeros(0, dtype=np.int64)
-        if progress:
-            progress(levels, levels)
+        progress(levels, levels)
         info = {
             "epsilon": eps_of[sel],
             "perturbation_seed": seed_of[sel],
