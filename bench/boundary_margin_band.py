@@ -14,11 +14,11 @@ import time
 from pathlib import Path
 
 import torch
-from tamperprobe.evaluate import run_evaluation
 
 from tamperprobe import zoo
 from tamperprobe.data import load_data
-from tamperprobe.models import LoadedModel
+from tamperprobe.evaluation import run_evaluation
+from tamperprobe.models import TorchModel
 from tamperprobe.train import fit
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mnist"
@@ -33,7 +33,7 @@ def main() -> None:
     for arch, epochs in (("mlp", 10), ("cnn", 4), ("irnn", 12)):
         torch.manual_seed(0)
         module = fit(zoo.build(arch, (1, 28, 28)), train.x, train.y, epochs=epochs, lr=1e-3, seed=0)
-        model = LoadedModel(arch, "module", module=module)
+        model = TorchModel(module, arch)
         for k in (3.0, 1.5):
             t = time.time()
             ev = run_evaluation(
@@ -46,7 +46,7 @@ def main() -> None:
                 baselines=False,
                 method_params={"boundary": {"k": k}},
                 resamples=2000,
-                runtimes=("batch1", "onnxruntime"),
+                runtimes=("batch1", "onnx"),
             )
             rates = {a: v for (_, a), v in ev.detection_table("top1").items()}
             cells = " | ".join(f"{rates[a][1]:.4f} / {rates[a][3]:.4f}" for a in ("fp16", "bf16", "int8", "noise", "floor"))

@@ -3,7 +3,7 @@
 Loads the 10 000-image MNIST test set (IDX, gz) from ``../shared/data/mnist`` relative to the
 repository, splits it (seeded) into 7 000 training and 3 000 test images, trains the zoo MLP,
 CNN and IRNN for 28x28 inputs with ``tamperprobe.train.fit``, and runs
-``tamperprobe.evaluate.run_evaluation`` on each (all methods, all attacks, all specs). Results go
+``tamperprobe.evaluation.run_evaluation`` on each (all methods, all attacks, all specs). Results go
 to ``bench/results/<date>-<model>/`` (report.md, CSV, PNG, results.json) and a summary to
 ``bench/results/README.md`` (regenerated from every results.json found there).
 
@@ -41,11 +41,11 @@ def _log(msg: str) -> None:
 
 def run_model(name: str, args: argparse.Namespace) -> Path:
     import torch
-    from tamperprobe.evaluate import run_evaluation, write_report
 
     from tamperprobe import zoo
     from tamperprobe.data import load_data
-    from tamperprobe.models import LoadedModel
+    from tamperprobe.evaluation import run_evaluation, write_report
+    from tamperprobe.models import TorchModel
     from tamperprobe.train import accuracy, fit
 
     data = load_data(DATA)
@@ -60,7 +60,7 @@ def run_model(name: str, args: argparse.Namespace) -> Path:
     acc = accuracy(module, test.x, test.y)
     _log(f"{name}: trained {epochs} epochs in {train_seconds:.0f} s, test accuracy {acc:.3f}")
 
-    model = LoadedModel(source=f"tamperprobe.zoo:mnist_{name}", kind="module", module=module)
+    model = TorchModel(module, f"tamperprobe.zoo:mnist_{name}")
     last = [time.monotonic()]
 
     def progress(done: int, total: int, what: str) -> None:
@@ -117,7 +117,7 @@ def write_readme() -> Path:
         "CSV tables, PNG plots (detection rate vs N_S per attack, trigger ratio per attack and method, seed/marker grids)",
         "and `results.json` (everything, with run parameters and machine).",
         "",
-        "Protocol (details in `tamperprobe/evaluate.py`): 10 000 MNIST test images split 7 000 train / 3 000 test (seeded);",
+        "Protocol (details in `tamperprobe/evaluation/campaign.py`): 10 000 MNIST test images split 7 000 train / 3 000 test (seeded);",
         "each method generates a bag of candidates from the train part; random attacks run several seeded instances,",
         "deterministic ones once; the trigger ratio is the share of bag markers whose answer changes under the comparison",
         "rule with tolerance 3e-5; the detection rate at N_S is the share of 10 000 resampled selections of N_S queries",

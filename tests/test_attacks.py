@@ -2,17 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from tamperprobe.attacks import AttackResult, attack_names, run_attack
-from tamperprobe.attacks.base import REGISTRY, logits, weight_view
+from tamperprobe._params import Interval
+from tamperprobe._torch import module_logits, predict
+from tamperprobe.attacks import REGISTRY, Attack, AttackResult, attack_names, run_attack
+from tamperprobe.attacks.base import weight_view
 from tamperprobe.errors import UsageError
 
 KINDS = [
@@ -126,8 +124,8 @@ def test_attack_tampers_a_copy_and_keeps_the_model_useful(models, split, arch, k
         assert r.success is not None and r.success > MIN_SUCCESS[kind], (kind, r.success)
     else:
         assert r.success is None
-    out = logits(r.model, split[1].x[:5])
-    assert out.shape == (5, 10) and torch.isfinite(out).all()
+    out = module_logits(r.model, split[1].x[:5])
+    assert out.shape == (5, 10) and np.isfinite(out).all()
 
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
@@ -135,7 +133,7 @@ def test_attack_tampers_a_copy_and_keeps_the_model_useful(models, split, arch, k
 def test_seeded(models, split, arch, kind):
     tr, te = split
     # training attacks: two epochs are enough to show (non-)determinism
-    short = {"epochs": 2} if "epochs" in REGISTRY[kind].defaults else {}
+    short = {"epochs": 2} if "epochs" in REGISTRY[kind].param_names() else {}
     first = run_attack(kind, models[arch], tr, seed=0, eval_data=te, **short)
     again = run_attack(kind, models[arch], tr, seed=0, eval_data=te, **short)
     assert _same_weights(first.model, again.model), "same seed must give bit-identical weights"
@@ -169,8 +167,6 @@ def test_poison_specific_sends_the_class_to_the_chosen_one(models, split):
     tr, te = split
     r = run_attack("poison-specific", models["mlp"], tr, seed=0, eval_data=te, target=3, to=8)
     assert r.params["to"] == 8 and r.success > 0.8
-    from tamperprobe.attacks.base import predict
-
     assert (predict(r.model, te.x[te.y == 3]) == 8).mean() == pytest.approx(r.success)
 
 
@@ -196,7 +192,7 @@ def test_usage_errors(models, split):
             run_attack(kind, models["mlp"], unlabelled)
     with pytest.raises(UsageError, match="unknown attack"):
         run_attack("nope", models["mlp"], tr)
-    with pytest.raises(UsageError, match="no parameter"):
+    with pytest.raises(UsageError, match="unknown parameter"):
         run_attack("prune", models["mlp"], None, amount=0.3)
     with pytest.raises(UsageError, match="ratio"):
         run_attack("prune", models["mlp"], None, ratio=1.5)
@@ -210,7 +206,8 @@ def test_usage_errors(models, split):
 
 
 def test_prune_on_torchscript_matches_torch_prune(models, split):
-    from tamperprobe.attacks.base import copy_module, quiet
+    from tamperprobe._torch import quiet
+    from tamperprobe.attacks.base import copy_module
 
     with quiet():
         scripted = torch.jit.trace(copy_module(models["cnn"]).eval(), torch.from_numpy(split[0].x[:2]))
@@ -227,19 +224,19 @@ def test_weight_attacks_on_irnn():
     torch.manual_seed(0)
     m = zoo.build("irnn", (1, 8, 8))
     x = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
-    ref = logits(m, x)
+    ref = module_logits(m, x)
     for kind in ("int8", "int8-channel", "fp16", "bf16", "floor", "prune", "noise"):
         # the untrained recurrence is the identity: 94 % of its entries are exact zeros, so prune harder
         extra = {"ratio": 0.9} if kind == "prune" else {"sigma": 0.5} if kind == "noise" else {}
         r = run_attack(kind, m, None, seed=0, **extra)
         assert r.changed > 0, kind
-        out = logits(r.model, x)
-        assert out.shape == (4, 10) and not torch.equal(out, ref), kind
+        out = module_logits(r.model, x)
+        assert out.shape == (4, 10) and not np.array_equal(out, ref), kind
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pt2"])
 def test_round_trip_through_files(models, split, tmp_path, suffix):
-    from tamperprobe.cli.lab import write_attacked
+    from tamperprobe.attacks.io import write_attacked
     from tamperprobe.models import load_model, save_model
 
     tr, te = split
@@ -253,7 +250,7 @@ def test_round_trip_through_files(models, split, tmp_path, suffix):
         write_attacked(r.model, kind, loaded.format, out, tr)
         back = load_model(out)
         assert back.format == loaded.format
-        np.testing.assert_allclose(back.logits(te.x), logits(r.model, te.x).numpy(), rtol=0, atol=1e-5)
+        np.testing.assert_allclose(back.logits(te.x), module_logits(r.model, te.x), rtol=0, atol=1e-5)
         assert not np.array_equal(back.logits(te.x), ref)
     np.testing.assert_array_equal(loaded.logits(te.x), ref)  # the loaded input is untouched
 
@@ -261,7 +258,7 @@ def test_round_trip_through_files(models, split, tmp_path, suffix):
 def test_round_trip_reference_and_dynamic_int8(models, split, tmp_path):
     from safetensors.torch import save_file
 
-    from tamperprobe.cli.lab import write_attacked
+    from tamperprobe.attacks.io import write_attacked
     from tamperprobe.models import load_model
 
     tr, te = split
@@ -271,7 +268,7 @@ def test_round_trip_reference_and_dynamic_int8(models, split, tmp_path):
     r = run_attack("floor", loaded.module, tr, seed=0, eval_data=te)
     write_attacked(r.model, "floor", loaded.format, tmp_path / "floor.safetensors", tr)
     back = load_model("tamperprobe.zoo:digits_mlp", tmp_path / "floor.safetensors")
-    np.testing.assert_array_equal(back.logits(te.x), logits(r.model, te.x).numpy())
+    np.testing.assert_array_equal(back.logits(te.x), module_logits(r.model, te.x))
 
     q = run_attack("dynamic-int8", loaded.module, tr, seed=0, eval_data=te)
     assert q.changed > 0 and q.acc_after >= q.acc_before - 0.02
@@ -280,7 +277,7 @@ def test_round_trip_reference_and_dynamic_int8(models, split, tmp_path):
     write_attacked(q.model, "dynamic-int8", loaded.format, tmp_path / "q.pt", tr)
     # dynamic quantization scales the activations per batch: compare with the same batching
     np.testing.assert_allclose(
-        load_model(tmp_path / "q.pt").logits(te.x, batch_size=64), logits(q.model, te.x, batch_size=64).numpy(), rtol=0, atol=1e-5
+        load_model(tmp_path / "q.pt").logits(te.x, batch_size=64), module_logits(q.model, te.x, batch_size=64), rtol=0, atol=1e-5
     )
 
 
@@ -308,50 +305,94 @@ def test_unsupported_on_torchscript(models, split, tmp_path):
             run_attack("dynamic-int8", loaded.module, tr)
 
 
+# -- adding an attack ---------------------------------------------------------------------
+
+
+class ShiftBias(Attack):
+    """Add a constant to every bias (a test attack: one class and one registry line)."""
+
+    name = "shift-bias"
+    constraints = {"by": Interval(0, None, closed="neither")}
+
+    def __init__(self, *, by: float = 0.5) -> None:
+        self.by = by
+
+    def apply(self, model, ctx):
+        with torch.no_grad():
+            for name, t in model.named_parameters():
+                if name.endswith("bias"):
+                    t.add_(self.by)
+        return model
+
+
+def test_a_registered_attack_runs_by_name_and_as_an_instance(models, split, monkeypatch):
+    from tamperprobe.evaluation import run_evaluation
+    from tamperprobe.models import TorchModel
+    from tamperprobe.owner.methods import method_class
+
+    monkeypatch.setitem(REGISTRY, "shift-bias", ShiftBias)
+    assert attack_names()[-1] == "shift-bias" and REGISTRY["shift-bias"] is ShiftBias
+    tr, te = split
+    by_name = run_attack("shift-bias", models["mlp"], tr, seed=3, eval_data=te, by="0.25")  # text, coerced by annotation
+    as_instance = run_attack(ShiftBias(by=0.25), models["mlp"], tr, seed=3, eval_data=te)
+    assert by_name.kind == as_instance.kind == "shift-bias"
+    assert by_name.params == as_instance.params == {"by": 0.25, "seed": 3}
+    assert by_name.changed == as_instance.changed == sum(p.numel() for n, p in models["mlp"].named_parameters() if n.endswith("bias"))
+    assert _same_weights(by_name.model, as_instance.model) and by_name.acc_before == as_instance.acc_before
+    assert repr(ShiftBias(by=0.25)) == "ShiftBias(by=0.25)"
+    with pytest.raises(UsageError, match="unknown parameter"):
+        run_attack("shift-bias", models["mlp"], None, amount=1)
+    with pytest.raises(UsageError, match="by must be > 0"):
+        run_attack(ShiftBias(by=-1.0), models["mlp"], None)
+    with pytest.raises(UsageError, match="constructor"):
+        run_attack(ShiftBias(), models["mlp"], None, by=1.0)
+
+    # through the evaluation: by name with text parameters, and as instances (attack and method)
+    common = dict(specs=["top1", "logits"], bag=12, resamples=50, select="random", seed=1, baselines=False, runtimes=[], trials=2)
+    model = TorchModel(models["mlp"], "mlp")
+    named = run_evaluation(model, tr, methods=["natural"], attacks=["shift-bias"], attack_params={"shift-bias": {"by": "0.5"}}, **common)
+    built = run_evaluation(model, tr, methods=[method_class("natural")()], attacks=[ShiftBias(by=0.5)], **common)
+    assert not named.errors and not built.errors, (named.errors, built.errors)
+    assert [(a["attack"], a["trial"]) for a in named.attacks] == [("shift-bias", 0)]  # not random: one instance
+    for table in ("methods", "attacks", "trigger", "detection", "key_sizes"):
+        assert getattr(named, table) == getattr(built, table), table
+    assert named.attacks[0]["params"]["by"] == 0.5
+    assert any(t["changed"] > 0 for t in named.trigger if t["spec"] == "logits")
+
+
 # -- CLI ----------------------------------------------------------------------------------
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    return subprocess.run([sys.executable, "-m", "tamperprobe", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
-
-
-_HAVE_MAIN = (Path(__file__).parents[1] / "src" / "tamperprobe" / "__main__.py").exists()
-
-
-@pytest.mark.skipif(not _HAVE_MAIN, reason="no tamperprobe.__main__")
-def test_cli_train(tmp_path):
-    from typer.testing import CliRunner
-
+def _cli(*args: str):
     from tamperprobe.cli.app import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def test_cli_train(tmp_path):
     from tamperprobe.models import load_model
 
     out = tmp_path / "m.pt2"
-    res = CliRunner().invoke(app, ["train", "mlp", "--data", "digits", "--out", str(out), "--epochs", "3", "--seed", "1"])
+    res = _cli("train", "mlp", "--data", "digits", "--out", out, "--epochs", "3", "--seed", "1")
     assert res.exit_code == 0, res.output
     assert "test accuracy" in res.output
     assert load_model(out).format == "export"
-    res = CliRunner().invoke(app, ["train", "resnet", "--data", "digits", "--out", str(out)])
+    res = _cli("train", "resnet", "--data", "digits", "--out", out)
     assert res.exit_code == 2 and "unknown architecture" in res.output
 
 
-@pytest.mark.skipif(not _HAVE_MAIN, reason="no tamperprobe.__main__")
 def test_cli_attack(models, split, tmp_path):
     from tamperprobe.models import load_model, save_model
 
     save_model(models["mlp"], tmp_path / "m.pt", split[0].x)
-    res = _cli("attack", "m.pt", "--kind", "prune", "--data", "digits", "--out", "p.pt", "--param", "ratio=0.3", cwd=tmp_path)
-    assert res.returncode == 0, res.stderr
+    res = _cli("attack", tmp_path / "m.pt", "--kind", "prune", "--data", "digits", "--out", tmp_path / "p.pt", "--param", "ratio=0.3")
+    assert res.exit_code == 0, res.stderr
     assert "accuracy before" in res.stdout and "changed weights" in res.stdout
     r = run_attack("prune", models["mlp"], None, ratio=0.3)
-    np.testing.assert_allclose(load_model(tmp_path / "p.pt").logits(split[1].x), logits(r.model, split[1].x).numpy(), atol=1e-5)
+    np.testing.assert_allclose(load_model(tmp_path / "p.pt").logits(split[1].x), module_logits(r.model, split[1].x), atol=1e-5)
 
 
-@pytest.mark.skipif(not _HAVE_MAIN, reason="no tamperprobe.__main__")
 def test_cli_attack_errors_exit_2(models, split, tmp_path):
-    from typer.testing import CliRunner
-
-    from tamperprobe.cli.app import app
     from tamperprobe.models import save_model
 
     src = str(save_model(models["mlp"], tmp_path / "m.pt", split[0].x))
@@ -359,13 +400,24 @@ def test_cli_attack_errors_exit_2(models, split, tmp_path):
         (["--kind", "trojan", "--out", str(tmp_path / "t.pt")], "needs labelled training data"),
         (["--kind", "bogus", "--out", str(tmp_path / "t.pt")], "unknown attack"),
         (["--kind", "prune", "--param", "ratio", "--out", str(tmp_path / "t.pt")], "expected key=value"),
-        (["--kind", "prune", "--param", "ratio=x", "--out", str(tmp_path / "t.pt")], "takes a number"),
+        (["--kind", "prune", "--param", "ratio=x", "--out", str(tmp_path / "t.pt")], "must be a number"),
+        (["--kind", "prune", "--param", "amount=0.3", "--out", str(tmp_path / "t.pt")], "unknown parameter"),
         (["--kind", "prune", "--out", str(tmp_path / "t.pt2")], "written back as TorchScript"),
     ]
     for args, message in cases:
-        res = CliRunner().invoke(app, ["attack", src, *args])
+        res = _cli("attack", src, *args)
         assert res.exit_code == 2, (args, res.output)
-        assert message in res.output and "Traceback" not in res.output
+        assert message in res.stderr and "Traceback" not in res.output
+        assert len(res.stderr.strip().splitlines()) == 1, res.stderr
+
+
+def test_cli_attack_help_lists_every_attack_with_its_description():
+    res = _cli("attack", "--help")
+    assert res.exit_code == 0, res.output
+    text = " ".join(res.output.split())
+    for name in attack_names():
+        assert name in text
+    assert "Global L1 unstructured pruning" in text
 
 
 def test_register_on_a_fresh_app(models, split, tmp_path):

@@ -10,15 +10,15 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-DEMO_ATTACKS = (
-    ("int8", {}, "int8 weight quantization"),
-    ("fp16", {}, "fp16 round-trip"),
-    ("floor", {}, "flooring of small weights"),
-    ("finetune", {"n": 300}, "fine-tuning on 300 samples"),
-    ("noise", {}, "noise on 0.1 % of weights"),
-    ("trojan", {}, "BadNets trojan"),
-)
+from ._util import Progress
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from torch import nn
+
+    from .data import Dataset
 
 
 @dataclass(frozen=True)
@@ -31,6 +31,21 @@ class DemoFingerprint:
     bag: int
 
 
+DEMO_FINGERPRINTS = (
+    DemoFingerprint("sensitive · logits", "sensitive", "logits", {}, 10, 100),
+    DemoFingerprint("boundary pairs · top1", "boundary", "top1", {}, 4, 40),
+)
+# (attack, parameters, title)
+DEMO_ATTACKS: tuple[tuple[str, dict[str, Any], str], ...] = (
+    ("int8", {}, "int8 weight quantization"),
+    ("fp16", {}, "fp16 round-trip"),
+    ("floor", {}, "flooring of small weights"),
+    ("finetune", {"n": 300}, "fine-tuning on 300 samples"),
+    ("noise", {}, "noise on 0.1 % of weights"),
+    ("trojan", {}, "BadNets trojan"),
+)
+
+
 def cache_dir() -> Path:
     env = os.environ.get("TAMPERPROBE_CACHE")
     if env:
@@ -40,13 +55,14 @@ def cache_dir() -> Path:
     return Path(user_cache_dir("tamperprobe"))
 
 
-def demo_model(seed: int = 0, fresh: bool = False, progress=None):
+def demo_model(seed: int = 0, fresh: bool = False, progress: Progress | None = None) -> tuple[nn.Module, Dataset, Dataset]:
     """The demo CNN trained on digits (cached). Returns (module, train, test)."""
     import torch
 
     from . import zoo
     from .data import load_data
-    from .models import load_weights
+    from .errors import ModelLoadError
+    from .models import load_weights, save_state_dict
     from .train import fit
 
     data = load_data("digits")
@@ -58,28 +74,15 @@ def demo_model(seed: int = 0, fresh: bool = False, progress=None):
         try:
             load_weights(module, path)
             return module.eval(), train, test
-        except Exception:
+        except ModelLoadError:
             pass  # a damaged cache entry: train again
+    assert train.y is not None
     fit(module, train.x, train.y, epochs=20, lr=3e-3, seed=seed, progress=progress)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    from safetensors.torch import save_file
-
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
-    os.replace(tmp, path)
+    save_state_dict(module, path)
     return module.eval(), train, test
 
 
-def _fingerprint_plan() -> list[DemoFingerprint]:
-    from .owner.methods import method_names
-
-    plan = [DemoFingerprint("sensitive · logits", "sensitive", "logits", {}, 10, 100)]
-    if "boundary" in method_names():
-        plan.append(DemoFingerprint("boundary pairs · top1", "boundary", "top1", {}, 4, 40))
-    return plan
-
-
-def run_demo(fresh: bool = False, seed: int = 0, console=None) -> bool:
+def run_demo(fresh: bool = False, seed: int = 0, console: Console | None = None) -> bool:
     """Run the demo; True when every verdict came out as expected (intact INTACT, every attack TAMPERED)."""
     import tempfile
 
@@ -89,7 +92,8 @@ def run_demo(fresh: bool = False, seed: int = 0, console=None) -> bool:
 
     from .attacks import run_attack
     from .cli._common import progress_bar
-    from .models import TorchModel, save_model
+    from .fingerprint import save
+    from .models import Model, TorchModel, load_model, save_model
     from .owner.generate import create_fingerprint
     from .served.clients import make_client
     from .served.verify import INTACT, TAMPERED, verify
@@ -103,12 +107,13 @@ def run_demo(fresh: bool = False, seed: int = 0, console=None) -> bool:
     console.print("[bold]tamperprobe demo[/]: a CNN on scikit-learn's 8x8 digits, served on 127.0.0.1")
     with progress_bar("training the demo CNN") as update:
         module, train, test = demo_model(seed, fresh, progress=update)
+    assert test.y is not None  # digits are labelled
     base_acc = accuracy(module, test.x, test.y)
     console.print(f"model: {sum(p.numel() for p in module.parameters())} weights, test accuracy {base_acc:.3f}")
 
     intact = TorchModel(module, "demo-cnn")
     prints = []
-    for plan in _fingerprint_plan():
+    for plan in DEMO_FINGERPRINTS:
         with progress_bar(f"generating {plan.method} markers") as update:
             fp = create_fingerprint(
                 intact, train, method=plan.method, size=plan.size, bag=plan.bag, seed=seed, output_spec=plan.spec, params=plan.params, progress=update
@@ -124,17 +129,17 @@ def run_demo(fresh: bool = False, seed: int = 0, console=None) -> bool:
     all_ok = True
     with tempfile.TemporaryDirectory() as tmp, ServerThread(intact, name="digits-cnn", output_spec="logits", input_spec=train.input_spec) as server:
         console.print(f"serving on {server.url} (KServe v2 / Open Inference Protocol)")
-        cases = [("intact model", None, None)] + [(title, kind, params) for kind, params, title in DEMO_ATTACKS]
+        cases: list[tuple[str, str | None, dict[str, Any]]] = [("intact model", None, {})]
+        cases += [(title, kind, params) for kind, params, title in DEMO_ATTACKS]
         for title, kind, params in cases:
-            if kind is None:
-                served, acc = intact, base_acc
-            else:
+            served: Model = intact
+            acc = base_acc
+            if kind is not None:
                 result = run_attack(kind, module, train, seed=seed, eval_data=test, **params)
                 # served exactly as a provider would run it: a TorchScript file through the server
                 path = save_model(result.model, Path(tmp) / f"{kind}.pt", test.x[:2])
-                from .models import load_model
-
-                served, acc = load_model(path), result.acc_after
+                served = load_model(path)
+                acc = float("nan") if result.acc_after is None else result.acc_after
             server.swap(served)
             cells = []
             for plan, fp in prints:
@@ -155,8 +160,6 @@ def run_demo(fresh: bool = False, seed: int = 0, console=None) -> bool:
         console.print("[bold yellow]some verdicts differ from the expected ones (see the table)[/]")
     keep = cache_dir() / "demo"
     model_file = save_model(module, keep / "digits_cnn.pt", test.x[:2])
-    from .fingerprint import save
-
     fp_file = save(prints[-1][1], keep / f"digits_cnn.{prints[-1][0].method}.tpf")
     console.print("try it yourself with the demo's files:", highlight=False)
     console.print(f"  tamperprobe serve {model_file} --fingerprint {fp_file} --output-spec {prints[-1][0].spec}", highlight=False, soft_wrap=True)

@@ -1,9 +1,17 @@
-"""The interface every attack shares, and the helpers the attack families use.
+"""The template every attack shares (``Attack.run``) and the helpers the attack families use.
 
-An attack takes a white-box ``nn.Module`` and returns a tampered *copy* (the input is never
-modified) together with what it did: every parameter (defaults filled in, seed included),
-the accuracy before and after on an evaluation split, a success rate where the attack has
-a goal (trojan trigger, poisoned class), and how many scalar weights changed.
+An attack is a small class in the plug-in convention of ``tamperprobe._params``: keyword-only
+hyper-parameters that the constructor only stores, declared ``constraints``, and ClassVars
+for its ``name``, whether its outcome depends on the seed (``random``) and whether it needs
+labelled training data (``needs_data``). A subclass implements ``apply`` (tamper with a copy)
+and, where it has data-dependent defaults or a goal, ``resolve`` and ``success``.
+
+``Attack.run`` owns the rest, once for every attack: it validates the parameters, checks that
+labelled data is there when needed, splits off an evaluation part, seeds torch, runs ``apply``
+on a copy (the input module is never modified), and reports every parameter (data-dependent
+defaults filled in, seed included), the accuracy before and after on the evaluation part, the
+success rate where the attack has a goal (trojan trigger, poisoned class) and how many scalar
+weights changed.
 
 Evaluation split: when ``eval_data`` is not given and ``data`` has labels, ``data`` is split
 (``eval_fraction``, default 0.25, with a fixed split seed 0 so that every attack and every
@@ -19,177 +27,135 @@ from __future__ import annotations
 
 import copy
 import io
-import warnings
-from collections.abc import Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, final
 
 import numpy as np
 import torch
 from torch import nn
 
-from .._torch import as_logits
+from .._params import Configurable, Interval, coerce
+from .._torch import eval_mode, module_logits, quiet, set_training
+from .._util import one_line
 from ..data import Dataset
 from ..errors import DataError, UsageError
+from ..train import accuracy, fit
+
+DEFAULT_EVAL_FRACTION = 0.25
+EVAL_SPLIT_SEED = 0
 
 
 @dataclass(frozen=True)
 class AttackResult:
     model: nn.Module  # the tampered copy (the input module is never modified)
     kind: str
-    params: dict  # every parameter, defaults filled in, seed included
+    params: dict  # every parameter, data-dependent defaults filled in, seed included
     acc_before: float | None  # on the evaluation split, when labels are given
     acc_after: float | None
     success: float | None  # trojan: trigger success; poisoning: see the poison module; else None
     changed: int  # number of scalar weights that differ from the original
 
 
-@dataclass
+@dataclass(frozen=True)
 class Context:
-    """What an attack gets besides the module copy and its parameters."""
+    """What an attack gets besides the module copy and its own (validated) parameters."""
 
     train: Dataset | None  # data the attack may learn from (None for weight-only runs without data)
     eval: Dataset | None  # evaluation split (may be unlabelled)
     seed: int
     classes: int | None  # number of model outputs, when data was available to probe
-    extra: dict = field(default_factory=dict)
 
 
-class Attack:
-    """One attack kind. Subclasses set ``name``, ``defaults`` and implement ``apply``."""
+# hyper-parameters of every training attack
+TRAINING_CONSTRAINTS: dict[str, Any] = {
+    "epochs": Interval(1, None, integer=True),
+    "lr": Interval(0, None, closed="neither"),
+    "batch_size": Interval(1, None, integer=True),
+}
 
-    name: ClassVar[str]
-    defaults: ClassVar[dict[str, Any]] = {}
+
+class Attack(Configurable, ABC):
+    """One attack kind. Subclasses set the ClassVars, store their hyper-parameters and implement ``apply``."""
+
+    name: ClassVar[str] = ""
     needs_data: ClassVar[bool] = False  # labelled training data required
-    random: ClassVar[bool] = False  # result depends on the seed
-    summary: ClassVar[str] = ""
+    random: ClassVar[bool] = False  # the result depends on the seed
+    torchscript_only: ClassVar[bool] = False  # the tampered module can only be written as TorchScript
 
-    def apply(self, model: nn.Module, ctx: Context, p: dict[str, Any]) -> nn.Module:
-        """Tamper with ``model`` (already a private copy) and return the tampered module."""
-        raise NotImplementedError
+    @classmethod
+    def summary(cls) -> str:
+        """The one-line description: the first line of the class docstring."""
+        return one_line((cls.__doc__ or "").strip())
 
-    def success(self, model: nn.Module, ctx: Context, p: dict[str, Any]) -> float | None:
+    def resolve(self, model: nn.Module, ctx: Context) -> dict[str, Any]:
+        """Values for parameters whose default depends on the model or the data (recorded with the result)."""
+        return {}
+
+    @abstractmethod
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
+        """Tamper with ``model`` (a private copy, in eval mode) and return the tampered module."""
+
+    def success(self, model: nn.Module, ctx: Context) -> float | None:
+        """How well the attack reached its goal on ``ctx.eval``; None when it has no goal."""
         return None
 
+    @final
+    def run(
+        self,
+        module: nn.Module,
+        data: Dataset | None = None,
+        *,
+        seed: int = 0,
+        eval_data: Dataset | None = None,
+        eval_fraction: float | None = None,
+    ) -> AttackResult:
+        """Run the attack on a copy of ``module``; see the module docstring for the data split (``eval_fraction`` None: 0.25)."""
+        if not isinstance(module, nn.Module):
+            raise UsageError(f"attacks need a PyTorch nn.Module, got {type(module).__name__}")
+        params = self.validated()
+        seed = coerce("seed", seed, int)
+        train, evaluation, fraction = self._split(data, eval_data, eval_fraction)
+        probe = train if train is not None and len(train) else evaluation
+        ctx = Context(train, evaluation, seed, _num_classes(module, probe) if probe is not None and len(probe) else None)
 
-REGISTRY: dict[str, Attack] = {}
+        acc_before = _accuracy(module, evaluation)
+        work = copy_module(module)
+        set_training(work, False)
+        attack = type(self)(**params)
+        attack = type(self)(**{**params, **attack.resolve(work, ctx)})
+        torch.manual_seed(seed)
+        with quiet():
+            tampered = attack.apply(work, ctx)
+        set_training(tampered, False)
+        acc_after = _accuracy(tampered, evaluation)
+        success = attack.success(tampered, ctx) if evaluation is not None and len(evaluation) else None
+        recorded = {**attack.get_params(), "seed": seed}
+        if fraction is not None:
+            recorded["eval_fraction"] = fraction
+        return AttackResult(tampered, self.name, recorded, acc_before, acc_after, success, count_changed(module, tampered))
 
-
-def register(cls: type[Attack]) -> type[Attack]:
-    REGISTRY[cls.name] = cls()
-    return cls
-
-
-def attack_names() -> list[str]:
-    """Every attack kind, in registration order."""
-    return list(REGISTRY)
-
-
-# --------------------------------------------------------------------------------------------
-# running
-
-
-def run_attack(
-    kind: str,
-    module: nn.Module,
-    data: Dataset | None,
-    *,
-    seed: int = 0,
-    eval_data: Dataset | None = None,
-    **params: Any,
-) -> AttackResult:
-    """Run attack ``kind`` on a copy of ``module``; see the module docstring for the data split."""
-    if kind not in REGISTRY:
-        raise UsageError(f"unknown attack {kind!r}: choose one of {', '.join(REGISTRY)}")
-    if not isinstance(module, nn.Module):
-        raise UsageError(f"attacks need a PyTorch nn.Module, got {type(module).__name__}")
-    attack = REGISTRY[kind]
-    eval_fraction = params.pop("eval_fraction", 0.25)
-    p = resolve_params(attack, params)
-    p["seed"] = int(seed)
-    labelled = data is not None and data.y is not None
-    if attack.needs_data and not labelled:
-        what = "no data" if data is None else f"{data.name} has no labels"
-        raise UsageError(f"attack {kind} needs labelled training data ({what}); pass --data")
-    train_ds, eval_ds = data, eval_data
-    if eval_data is None and labelled:
-        eval_fraction = coerce("eval_fraction", eval_fraction, 0.25)
-        if not isinstance(eval_fraction, (int, float)) or not 0.0 < eval_fraction < 1.0:
-            raise UsageError(f"eval_fraction must lie in (0, 1), got {eval_fraction}")
-        train_ds, eval_ds = data.split(eval_fraction, seed=0)
-        p["eval_fraction"] = eval_fraction
-    if attack.needs_data and (train_ds is None or len(train_ds) == 0):
-        raise UsageError(f"attack {kind} got an empty training set")
-    probe = train_ds if train_ds is not None and len(train_ds) else eval_ds
-    classes = _num_classes(module, probe) if probe is not None and len(probe) else None
-    ctx = Context(train_ds, eval_ds, int(seed), classes)
-
-    labels = eval_ds is not None and eval_ds.y is not None and len(eval_ds) > 0
-    acc_before = evaluate(module, eval_ds) if labels else None
-    with quiet():
-        tampered = attack.apply(copy_module(module), ctx, p)
-    _set_eval(tampered)
-    acc_after = evaluate(tampered, eval_ds) if labels else None
-    success = attack.success(tampered, ctx, p) if eval_ds is not None and len(eval_ds) else None
-    return AttackResult(tampered, kind, p, acc_before, acc_after, success, count_changed(module, tampered))
-
-
-def resolve_params(attack: Attack, given: dict[str, Any]) -> dict[str, Any]:
-    """Defaults overridden by ``given``; strings (from the CLI) are coerced to the default's type."""
-    unknown = sorted(set(given) - set(attack.defaults))
-    if unknown:
-        accepted = ", ".join(attack.defaults) or "none"
-        raise UsageError(f"attack {attack.name} has no parameter {', '.join(unknown)} (accepted: {accepted}; plus seed, eval_fraction)")
-    out = dict(attack.defaults)
-    for key, value in given.items():
-        out[key] = coerce(key, value, attack.defaults[key])
-    return out
-
-
-def coerce(key: str, value: Any, default: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(value, str):
-        text = value.strip()
-        if isinstance(default, bool) or text.lower() in ("true", "false", "yes", "no"):
-            low = text.lower()
-            if low in ("1", "true", "yes", "on"):
-                return True
-            if low in ("0", "false", "no", "off"):
-                return False
-            raise UsageError(f"parameter {key} takes true or false, got {value!r}")
-        if text.lower() in ("none", "auto", ""):
-            return None
-        if isinstance(default, int) or default is None:
-            try:
-                return int(text)
-            except ValueError:
-                pass
-        if isinstance(default, (int, float)) or default is None:
-            try:
-                return float(text)
-            except ValueError:
-                if default is not None:
-                    raise UsageError(f"parameter {key} takes a number, got {value!r}") from None
-        return text
-    if isinstance(default, bool) and not isinstance(value, bool):
-        raise UsageError(f"parameter {key} takes true or false, got {value!r}")
-    return value
+    def _split(
+        self, data: Dataset | None, eval_data: Dataset | None, eval_fraction: float | None
+    ) -> tuple[Dataset | None, Dataset | None, float | None]:
+        """(training part, evaluation part, the fraction split off or None); refuses missing labelled data."""
+        labelled = data is not None and data.y is not None
+        if self.needs_data and not labelled:
+            what = "no data" if data is None else f"{data.name} has no labels"
+            raise UsageError(f"attack {self.name} needs labelled training data ({what}); pass --data")
+        train, evaluation, fraction = data, eval_data, None
+        if eval_data is None and labelled and data is not None:
+            given = DEFAULT_EVAL_FRACTION if eval_fraction is None else coerce("eval_fraction", eval_fraction, float)
+            fraction = Interval(0, 1, closed="neither").check("eval_fraction", given)
+            train, evaluation = data.split(fraction, seed=EVAL_SPLIT_SEED)
+        if self.needs_data and (train is None or len(train) == 0):
+            raise UsageError(f"attack {self.name} got an empty training set")
+        return train, evaluation, fraction
 
 
 # --------------------------------------------------------------------------------------------
 # module helpers
-
-
-@contextmanager
-def quiet() -> Iterator[None]:
-    """Silence torch's deprecation chatter (TorchScript, torch.ao.quantization) for our own calls."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", category=DeprecationWarning)
-        warnings.filterwarnings("ignore", category=FutureWarning)
-        warnings.filterwarnings("ignore", message=".*deprecated.*")
-        yield
 
 
 def is_script(module: nn.Module) -> bool:
@@ -208,93 +174,45 @@ def copy_module(module: nn.Module) -> nn.Module:
     return copy.deepcopy(module)
 
 
-def _set_eval(module: nn.Module) -> None:
-    try:
-        module.eval()
-    except NotImplementedError:  # torch.export's GraphModule
-        pass
-
-
-class Driver(nn.Module):
-    """Wraps any module so that ``train.fit``/``train.predict`` can drive it.
-
-    ``train()``/``eval()`` reach the inner module when it supports them (torch.export's
-    GraphModule does not; its graph has no mode-dependent layers to switch anyway).
-    """
-
-    def __init__(self, inner: nn.Module):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return as_logits(self.inner(x))
-
-    def train(self, mode: bool = True) -> Driver:
-        self.training = mode
-        try:
-            self.inner.train(mode)
-        except NotImplementedError:
-            pass
-        return self
-
-
-@contextmanager
-def keep_modes(module: nn.Module) -> Iterator[None]:
-    """Restore every submodule's training flag afterwards (evaluating must not alter the input)."""
-    flags = [(m, m.training) for m in module.modules()]
-    try:
-        yield
-    finally:
-        for m, flag in flags:
-            m.training = flag
-
-
-def logits(module: nn.Module, x: np.ndarray, batch_size: int = 512) -> torch.Tensor:
-    out = []
-    drv = Driver(module)
-    with keep_modes(module), torch.no_grad(), quiet():
-        drv.eval()
-        for i in range(0, len(x), batch_size):
-            out.append(drv(torch.from_numpy(np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32))).float())
-    return torch.cat(out) if out else torch.zeros(0, 0)
-
-
-def predict(module: nn.Module, x: np.ndarray) -> np.ndarray:
-    return logits(module, x).argmax(1).numpy() if len(x) else np.zeros(0, dtype=np.int64)
-
-
-def evaluate(module: nn.Module, ds: Dataset) -> float:
-    return float((predict(module, ds.x) == np.asarray(ds.y)).mean())
+def _accuracy(module: nn.Module, ds: Dataset | None) -> float | None:
+    """Accuracy on a labelled, non-empty data set; None otherwise."""
+    if ds is None or ds.y is None or len(ds) == 0:
+        return None
+    return accuracy(module, ds.x, ds.y)
 
 
 def _num_classes(module: nn.Module, ds: Dataset) -> int:
     try:
-        out = logits(module, ds.x[:1])
+        with eval_mode(module):
+            out = module_logits(module, ds.x[:1])
     except DataError:
         raise
     except Exception as exc:
-        text = str(exc).strip().splitlines()
-        raise DataError(
-            f"the model does not run on {ds.name} (inputs {tuple(ds.x.shape[1:])}): {text[0][:200] if text else type(exc).__name__}"
-        ) from None
+        raise DataError(f"the model does not run on {ds.name} (inputs {tuple(ds.x.shape[1:])}): {one_line(exc, 200)}") from None
     return int(out.shape[1])
 
 
-def fit(module: nn.Module, x: np.ndarray, y: np.ndarray, p: dict[str, Any], seed: int, params: list[nn.Parameter] | None = None) -> None:
-    """Fine-tune ``module`` in place with the shared training loop (Adam, seeded)."""
-    from ..train import fit as _fit
-
+def fine_tune(
+    module: nn.Module,
+    x: np.ndarray,
+    y: np.ndarray,
+    *,
+    epochs: int,
+    lr: float,
+    batch_size: int,
+    seed: int,
+    params: Sequence[torch.Tensor] | None = None,
+) -> None:
+    """Fine-tune ``module`` in place with the shared training loop (``train.fit``); ``params`` default to every float parameter."""
     trainable = list(params) if params is not None else [t for t in module.parameters() if t.is_floating_point()]
     for t in trainable:
         t.requires_grad_(True)
-    drv = Driver(module)
-    _fit(drv, x, y, epochs=int(p["epochs"]), lr=float(p["lr"]), batch_size=int(p.get("batch_size", 64)), seed=seed, params=trainable)
-    _set_eval(module)
+    fit(module, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, params=trainable)
 
 
 def float_parameters(module: nn.Module, *, matrices_only: bool = False) -> list[tuple[str, torch.Tensor]]:
     """(name, parameter) for floating-point parameters; ``matrices_only`` keeps dim >= 2 (weights, kernels)."""
-    out = []
+    out: list[tuple[str, torch.Tensor]] = []
     for name, t in module.named_parameters():
         if not t.is_floating_point():
             continue
@@ -341,18 +259,17 @@ def count_changed(original: nn.Module, tampered: nn.Module) -> int:
 
 
 def labelled(ds: Dataset | None) -> tuple[np.ndarray, np.ndarray]:
-    assert ds is not None and ds.y is not None
+    """(x, y) of a labelled data set (``Attack.run`` has checked the labels of attacks that need them)."""
+    if ds is None or ds.y is None:
+        raise UsageError("this attack needs labelled data")
     return np.asarray(ds.x, dtype=np.float32), np.asarray(ds.y, dtype=np.int64)
 
 
-def check_class(key: str, value: Any, classes: int | None) -> int:
-    try:
-        c = int(value)
-    except (TypeError, ValueError):
-        raise UsageError(f"parameter {key} must be a class index, got {value!r}") from None
-    if c < 0 or (classes is not None and c >= classes):
-        raise UsageError(f"parameter {key}={c} is not a class of this model (0..{(classes or 1) - 1})")
-    return c
+def check_class(key: str, value: int, classes: int | None) -> int:
+    """``value`` as a class index of a model with ``classes`` outputs."""
+    if value < 0 or (classes is not None and value >= classes):
+        raise UsageError(f"parameter {key}={value} is not a class of this model (0..{(classes or 1) - 1})")
+    return int(value)
 
 
 def rng_for(seed: int, salt: int = 0) -> np.random.Generator:

@@ -1,29 +1,26 @@
 """Quantization and precision attacks (weight-only; work on TorchScript and torch.export modules too).
 
-``int8``: per-tensor symmetric fake-quantization of every weight matrix / kernel (dim >= 2;
-``bias=true`` adds the 1-D parameters): scale = max|w| / 127, w <- round(w / scale) * scale.
-``int8-channel``: the same with one scale per output channel (dim 0).
-``dynamic-int8``: ``torch.ao.quantization.quantize_dynamic`` on every ``nn.Linear`` (int8
-weights, dynamically quantized activations). The result holds DynamicQuantizedLinear
-modules: it runs and evaluates like any module and can be written as TorchScript (trace),
-not as torch.export or safetensors. Needs a plain nn.Module (not TorchScript / torch.export).
-Its activation scales are computed per call from the whole batch, so its logits depend on
-how inputs are batched (compare runs with the same batching).
-``fp16`` / ``bf16``: every floating-point parameter rounded through half / bfloat16 precision.
+``dynamic-int8`` holds DynamicQuantizedLinear modules: it runs and evaluates like any module and
+can be written as TorchScript (trace), not as torch.export or safetensors. It needs a plain
+nn.Module (not TorchScript / torch.export). Its activation scales are computed per call from
+the whole batch, so its logits depend on how inputs are batched (compare runs with the same
+batching).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import ClassVar
 
 import torch
 from torch import nn
 
+from .._torch import quiet
 from ..errors import UsageError
-from .base import Attack, Context, float_parameters, is_script, quiet, register
+from .base import Attack, Context, float_parameters, is_script
 
 
 def fake_int8(t: torch.Tensor, per_channel: bool) -> torch.Tensor:
+    """Symmetric int8 fake-quantization: scale = max|w| / 127 (per tensor or per output channel), w <- round(w / scale) * scale."""
     w = t.detach()
     if per_channel and w.dim() >= 2:
         amax = w.abs().amax(dim=tuple(range(1, w.dim())), keepdim=True)
@@ -33,37 +30,36 @@ def fake_int8(t: torch.Tensor, per_channel: bool) -> torch.Tensor:
     return (torch.round(w / scale).clamp(-127, 127) * scale).to(w.dtype)
 
 
-class _Int8(Attack):
-    per_channel = False
-    defaults = {"bias": False}
+class Int8(Attack):
+    """Per-tensor symmetric int8 fake-quantization of every weight matrix / kernel (dim >= 2; bias=true adds the 1-D parameters)."""
 
-    def apply(self, model: nn.Module, ctx: Context, p: dict[str, Any]) -> nn.Module:
+    name = "int8"
+    per_channel: ClassVar[bool] = False
+
+    def __init__(self, *, bias: bool = False) -> None:
+        self.bias = bias
+
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         with torch.no_grad():
-            for _, t in float_parameters(model, matrices_only=not p["bias"]):
+            for _, t in float_parameters(model, matrices_only=not self.bias):
                 t.copy_(fake_int8(t, self.per_channel))
         return model
 
 
-@register
-class Int8(_Int8):
-    name = "int8"
-    summary = "per-tensor symmetric int8 fake-quantization of every weight"
+class Int8Channel(Int8):
+    """Per-output-channel symmetric int8 fake-quantization of every weight (one scale per row of dim 0)."""
 
-
-@register
-class Int8Channel(_Int8):
     name = "int8-channel"
-    summary = "per-output-channel symmetric int8 fake-quantization of every weight"
     per_channel = True
 
 
-@register
 class DynamicInt8(Attack):
-    name = "dynamic-int8"
-    summary = "torch.ao.quantization.quantize_dynamic on nn.Linear (int8 weights and activations)"
-    defaults: dict[str, Any] = {}
+    """torch.ao.quantization.quantize_dynamic on every nn.Linear (int8 weights, dynamically quantized activations)."""
 
-    def apply(self, model: nn.Module, ctx: Context, p: dict[str, Any]) -> nn.Module:
+    name = "dynamic-int8"
+    torchscript_only = True
+
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         if is_script(model) or not any(isinstance(m, nn.Linear) for m in model.modules()):
             raise UsageError("dynamic-int8 needs an nn.Module with nn.Linear layers (not TorchScript or torch.export); try --kind int8")
         engines = torch.backends.quantized.supported_engines
@@ -75,26 +71,21 @@ class DynamicInt8(Attack):
             return quantize_dynamic(model, {nn.Linear}, dtype=torch.qint8, inplace=False)
 
 
-class _Cast(Attack):
-    dtype: torch.dtype = torch.float16
-    defaults: dict[str, Any] = {}
+class FP16(Attack):
+    """Round every floating-point parameter through float16."""
 
-    def apply(self, model: nn.Module, ctx: Context, p: dict[str, Any]) -> nn.Module:
+    name = "fp16"
+    dtype: ClassVar[torch.dtype] = torch.float16
+
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         with torch.no_grad():
             for _, t in float_parameters(model):
                 t.copy_(t.to(self.dtype).to(t.dtype))
         return model
 
 
-@register
-class FP16(_Cast):
-    name = "fp16"
-    summary = "round every parameter through float16"
-    dtype = torch.float16
+class BF16(FP16):
+    """Round every floating-point parameter through bfloat16."""
 
-
-@register
-class BF16(_Cast):
     name = "bf16"
-    summary = "round every parameter through bfloat16"
     dtype = torch.bfloat16

@@ -1,42 +1,39 @@
-"""Sparsifying attacks (weight-only; work on TorchScript and torch.export modules too).
-
-``floor`` (TamperNN's flooring): every parameter entry with |w| below a threshold is set to
-0. Default threshold (``threshold=none``): ``relative`` (0.05) times each tensor's standard
-deviation, which zeroes about 4 % of the entries of a roughly Gaussian tensor; an absolute
-``threshold`` applies to all tensors instead.
-``prune``: global L1 unstructured pruning of the weight matrices / kernels (dim >= 2) at
-``ratio`` (default 0.1) with ``torch.nn.utils.prune.global_unstructured`` followed by
-``prune.remove``. TorchScript modules cannot be re-parametrised; for them the same global
-smallest-|w| mask is computed and applied directly (identical result).
-"""
+"""Sparsifying attacks (weight-only; work on TorchScript and torch.export modules too)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
+from .._params import Interval
 from ..errors import UsageError
-from .base import Attack, Context, float_parameters, is_script, register
+from .base import Attack, Context, float_parameters, is_script
 
 
-@register
 class Floor(Attack):
-    name = "floor"
-    summary = "set small weights (|w| < threshold) to zero"
-    defaults = {"threshold": None, "relative": 0.05}
+    """TamperNN's flooring: set small weights (|w| < threshold) to zero.
 
-    def apply(self, model: nn.Module, ctx: Context, p: dict[str, Any]) -> nn.Module:
-        thr = p["threshold"]
-        if thr is not None and float(thr) < 0 or float(p["relative"]) < 0:
-            raise UsageError("floor thresholds must be >= 0")
+    Default threshold (``threshold=none``): ``relative`` (0.05) times each tensor's standard
+    deviation, which zeroes about 4 % of the entries of a roughly Gaussian tensor; an absolute
+    ``threshold`` applies to all tensors instead.
+    """
+
+    name = "floor"
+    constraints: ClassVar[dict[str, Any]] = {"threshold": Interval(0, None), "relative": Interval(0, None)}
+
+    def __init__(self, *, threshold: float | None = None, relative: float = 0.05) -> None:
+        self.threshold = threshold
+        self.relative = relative
+
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         with torch.no_grad():
             for _, t in float_parameters(model):
-                if thr is not None:
-                    level = float(thr)
+                if self.threshold is not None:
+                    level = self.threshold
                 elif t.numel() > 1:
-                    level = float(p["relative"]) * float(t.float().std())
+                    level = self.relative * float(t.float().std())
                 else:
                     continue
                 t.masked_fill_(t.abs() < level, 0.0)
@@ -57,22 +54,27 @@ def global_l1_mask(tensors: list[torch.Tensor], ratio: float) -> list[torch.Tens
     return out
 
 
-@register
 class Prune(Attack):
-    name = "prune"
-    summary = "global L1 unstructured pruning of the weights at a ratio (made permanent)"
-    defaults = {"ratio": 0.1}
+    """Global L1 unstructured pruning of the weight matrices / kernels (dim >= 2) at a ratio, made permanent.
 
-    def apply(self, model: nn.Module, ctx: Context, p: dict[str, Any]) -> nn.Module:
-        ratio = float(p["ratio"])
-        if not 0.0 <= ratio <= 1.0:
-            raise UsageError(f"prune ratio must lie in [0, 1], got {ratio}")
+    ``torch.nn.utils.prune.global_unstructured`` followed by ``prune.remove``. TorchScript modules
+    cannot be re-parametrised; for them the same global smallest-|w| mask is computed and applied
+    directly (identical result).
+    """
+
+    name = "prune"
+    constraints: ClassVar[dict[str, Any]] = {"ratio": Interval(0, 1)}
+
+    def __init__(self, *, ratio: float = 0.1) -> None:
+        self.ratio = ratio
+
+    def apply(self, model: nn.Module, ctx: Context) -> nn.Module:
         named = float_parameters(model, matrices_only=True)
         if not named:
             raise UsageError("the model has no weight matrices to prune")
         if is_script(model):
             with torch.no_grad():
-                for (_, t), m in zip(named, global_l1_mask([t for _, t in named], ratio)):
+                for (_, t), m in zip(named, global_l1_mask([t for _, t in named], self.ratio)):
                     t.mul_(m)
             return model
         from torch.nn.utils import prune
@@ -81,7 +83,7 @@ class Prune(Attack):
         for name, _ in named:
             owner, _, attr = name.rpartition(".")
             pairs.append((model.get_submodule(owner) if owner else model, attr))
-        prune.global_unstructured(pairs, pruning_method=prune.L1Unstructured, amount=ratio)
+        prune.global_unstructured(pairs, pruning_method=prune.L1Unstructured, amount=self.ratio)
         for mod, attr in pairs:
             prune.remove(mod, attr)
         return model

@@ -1,0 +1,72 @@
+"""The measuring protocol: resampled selections, detection curves, and the exact random-selection rate.
+
+A selection protocol turns a bag of query *units* (markers, or whole groups such as boundary
+pairs) into ``resamples`` orderings; the first N_S / g units of an ordering are the selection
+of N_S queries. Because every selection of size N_S is a prefix of the same ordering, each
+resample's detection is monotone in N_S, and the same orderings serve every attack instance
+and output spec (common random numbers). See ``tamperprobe.evaluation.campaign`` for the
+whole campaign.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+MAX_NS = 10  # detection rates are reported for N_S = 1..MAX_NS queries
+CONFIDENCES = (0.9, 0.99, 0.999)  # key sizes are reported for these detection confidences
+SELECTIONS = ("manc", "random")
+
+
+def selection_orders(units: int, depth: int, resamples: int, rng: np.random.Generator) -> np.ndarray:
+    """``random`` protocol: (resamples, depth) unit indices, each row the start of a uniform random ordering."""
+    depth = min(depth, units)
+    keys = rng.random((resamples, units))
+    return np.argsort(keys, axis=1)[:, :depth].astype(np.int64)
+
+
+def manc_orders(unit_acts: np.ndarray, depth: int, resamples: int, rng: np.random.Generator, fraction: float = 0.5) -> np.ndarray:
+    """``manc`` protocol: per resample, MANC's first ``depth`` picks on a random sub-bag of ``fraction`` of the units."""
+    from ..owner.selection import manc
+
+    units = len(unit_acts)
+    depth = min(depth, units)
+    sub = min(units, max(depth, int(round(fraction * units))))
+    out = np.empty((resamples, depth), dtype=np.int64)
+    for r in range(resamples):
+        pool = np.sort(rng.choice(units, size=sub, replace=False))
+        out[r] = pool[manc(unit_acts[pool], depth, rng)]
+    return out
+
+
+def unit_any(values: np.ndarray, unit_of: np.ndarray, units: int) -> np.ndarray:
+    """Per unit, the OR over its members' rows of ``values`` (a (markers,) or (markers, k) boolean array)."""
+    values = np.asarray(values, dtype=bool)
+    out = np.zeros((units, *values.shape[1:]), dtype=bool)
+    np.logical_or.at(out, unit_of, values)
+    return out
+
+
+def detection_curve(unit_changed: np.ndarray, orders: np.ndarray, group_size: int = 1, max_ns: int = MAX_NS) -> np.ndarray:
+    """Detection rate at N_S = 1..max_ns: share of resampled selections holding a changed unit."""
+    hit = np.asarray(unit_changed, dtype=bool)[orders]
+    seen = np.logical_or.accumulate(hit, axis=1).mean(axis=0) if hit.size else np.zeros(orders.shape[1])
+    curve = np.zeros(max_ns)
+    for ns in range(1, max_ns + 1):
+        u = min(ns // group_size, orders.shape[1])
+        curve[ns - 1] = seen[u - 1] if u >= 1 else 0.0
+    return curve
+
+
+def exact_random_detection(n: int, m: int, k: int) -> float:
+    """Detection probability of a uniform k-subset of n markers, m of them changed."""
+    if k > n:
+        k = n
+    return 1.0 - math.comb(n - m, k) / math.comb(n, k)
+
+
+def empirical_ns(curve: np.ndarray, confidence: float) -> int | None:
+    """The smallest N_S whose measured detection rate reaches ``confidence`` (None when none does)."""
+    reach = [ns for ns in range(1, len(curve) + 1) if curve[ns - 1] >= confidence]
+    return reach[0] if reach else None

@@ -1,0 +1,319 @@
+"""Writing a campaign out: ``report.md``, one CSV file per table, ``results.json`` and the plots.
+
+``write_report(evaluation, out_dir)`` is the entry point; ``results_json`` is the JSON document
+(``tamperprobe.evaluation/v1``) and ``jsonable`` the one conversion of measured values (numpy
+scalars, arrays, tensors, NaN) into JSON-safe ones that every table goes through.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .._util import atomic_write, atomic_write_text
+from .protocol import CONFIDENCES, MAX_NS
+
+if TYPE_CHECKING:
+    from .campaign import Evaluation
+
+FORMAT = "tamperprobe.evaluation/v1"
+
+# file name -> (Evaluation attribute, columns)
+TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "methods.csv": ("methods", ("method", "markers", "groups", "units", "group_size", "selection", "params", "error")),
+    "attacks.csv": ("attacks", ("attack", "trial", "seed", "acc_before", "acc_after", "success", "max_abs_dlogit", "changed", "params", "error")),
+    "trigger.csv": ("trigger", ("method", "attack", "trial", "spec", "changed", "markers", "ratio")),
+    "detection.csv": ("detection", ("method", "attack", "spec", "ns", "rate", "min_trial", "trials", "resamples", "selection")),
+    "key_size.csv": ("key_sizes", ("method", "attack", "spec", "p", "c", "s", "empirical_ns")),
+    "false_alarms.csv": ("false_alarms", ("method", "runtime", "spec", "flagged", "markers", "max_abs_dlogit", "error")),
+    "errors.csv": ("errors", ("stage", "name", "error")),
+}
+
+
+# ----------------------------------------------------------------------------- JSON
+
+
+def jsonable(v: Any) -> Any:
+    """A JSON-safe copy of a measured value: NaN/inf become None, numpy and torch values plain numbers or lists."""
+    if v is None or isinstance(v, (bool, str)):
+        return v
+    if isinstance(v, (int, np.integer)):
+        return int(v)
+    if isinstance(v, (float, np.floating)):
+        f = float(v)
+        return f if math.isfinite(f) else None
+    if isinstance(v, np.ndarray):
+        return jsonable(v.tolist()) if v.size <= 64 else f"array{tuple(v.shape)}"
+    if isinstance(v, dict):
+        return {str(k): jsonable(x) for k, x in v.items()}
+    if isinstance(v, (list, tuple)):
+        return [jsonable(x) for x in v]
+    import torch
+
+    if isinstance(v, torch.Tensor):
+        return jsonable(v.detach().cpu().numpy())
+    return str(v)
+
+
+def results_json(ev: Evaluation) -> dict[str, Any]:
+    """The ``results.json`` document of a campaign (timings rounded to milliseconds)."""
+    return jsonable(
+        {
+            "format": FORMAT,
+            "params": ev.params,
+            "machine": ev.machine,
+            "started": ev.started,
+            "seconds": round(ev.seconds, 3),
+            "model": ev.model,
+            "methods": ev.methods,
+            "attacks": ev.attacks,
+            "trigger": ev.trigger,
+            "detection": ev.detection,
+            "key_size": ev.key_sizes,
+            "false_alarms": ev.false_alarms,
+            "false_alarm_summary": {"flagged": ev.benign_flagged, "checks": ev.benign_checks, "max_abs_dlogit": ev.max_benign_dlogit},
+            "errors": ev.errors,
+            "warnings": ev.warnings,
+            "timings": {k: round(v, 3) for k, v in ev.timings.items()},
+        }
+    )
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def write_report(evaluation: Evaluation, out_dir: str | os.PathLike) -> list[Path]:
+    """Write ``report.md``, CSV tables, PNG plots and ``results.json`` into ``out_dir``; return the paths."""
+    from .plots import draw_plots
+
+    ev = evaluation
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    written: list[Path] = []
+    for fname, (attr, columns) in TABLES.items():
+        written.append(_write_csv(out / fname, getattr(ev, attr), columns))
+    written.append(atomic_write_text(out / "results.json", json.dumps(ev.to_json(), separators=(",", ":"), allow_nan=False)))
+    plot_errors: list[str] = []
+    plots = draw_plots(ev, out, plot_errors)
+    written += plots
+    written.append(atomic_write_text(out / "report.md", markdown(ev, [p.name for p in plots], plot_errors)))
+    return written
+
+
+def _write_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> Path:
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(columns)
+            for r in rows:
+                w.writerow([_csv_value(r.get(c)) for c in columns])
+
+    return atomic_write(path, write)
+
+
+def _csv_value(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.6g}"
+    if isinstance(v, (dict, list)):
+        return json.dumps(jsonable(v), sort_keys=True)
+    return v
+
+
+# ----------------------------------------------------------------------------- markdown
+
+
+def _fmt(v: Any, digits: int = 3) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        return f"{v:.{digits}f}"
+    return str(v).replace("|", "\\|")
+
+
+def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    return "\n".join(out)
+
+
+def markdown(ev: Evaluation, plots: Sequence[str] = (), plot_errors: Sequence[str] = ()) -> str:
+    """``report.md``: the setup, then one section per table; ``plots`` are image files beside it."""
+    sections = [
+        _md_header(ev),
+        _md_methods_and_attacks(ev),
+        _md_detection(ev),
+        _md_trigger(ev),
+        _md_key_sizes(ev),
+        _md_false_alarms(ev),
+        _md_errors_and_timings(ev),
+        _md_plots(plots, plot_errors),
+    ]
+    lines = [line for section in sections for line in section]
+    lines.append("Files: methods.csv, attacks.csv, trigger.csv, detection.csv, key_size.csv, false_alarms.csv, errors.csv, results.json.")
+    return "\n".join(lines) + "\n"
+
+
+def _md_header(ev: Evaluation) -> list[str]:
+    p, m = ev.params, ev.machine
+    lines = [f"# Tamper-detection evaluation: {ev.model.get('source')}", ""]
+    lines += [
+        f"- started {ev.started}, took {ev.seconds:.1f} s on {m.get('hostname')} ({m.get('nproc')} usable cores, {m.get('cpu')}; "
+        f"torch {m.get('torch')}, python {m.get('python')})",
+        f"- model {ev.model.get('source')} ({ev.model.get('kind')}, {ev.model.get('classes')} classes), "
+        f"accuracy train {_fmt(ev.model.get('acc_train'))}, test {_fmt(ev.model.get('acc_test'))}",
+        f"- data {p['data']['name']}: {p['data']['train']} train / {p['data']['test']} test (test fraction {p['test_fraction']}, seed {p['seed']})",
+        f"- bag {p['bag']} candidates per method; selection {p['select']} over {p['resamples']} resamples"
+        + (f" (MANC on random sub-bags of {p['manc_fraction']:.0%})" if p["select"] == "manc" else " (uniform random subsets)")
+        + f"; {p['trials']} trials per random attack; tolerance {p['tolerance']:g}",
+        f"- output specs: {', '.join(p['specs'])}",
+        "",
+        "Protocol: see the docstring of `tamperprobe.evaluation.campaign`. Detection rate at N_S = share of resampled selections of "
+        "N_S queries that hold at least one marker whose answer changed (boundary pairs are picked whole: floor(N_S/2) pairs), "
+        "averaged over attack instances. Trigger ratio = share of the bag's markers whose answer changed.",
+        "",
+    ]
+    if not ev.measured:
+        lines += ["**Nothing could be measured** (see errors below).", ""]
+    return lines
+
+
+def _md_methods_and_attacks(ev: Evaluation) -> list[str]:
+    methods = [
+        [r["method"], r["markers"], r.get("groups"), r.get("selection"), json.dumps(jsonable(r.get("params", {})), sort_keys=True), r.get("error")]
+        for r in ev.methods
+    ]
+    attacks = [
+        [r["attack"], r["trial"], r.get("acc_before"), r.get("acc_after"), r.get("success"), r.get("max_abs_dlogit"), r.get("error")]
+        for r in ev.attacks
+    ]
+    return [
+        "## Methods",
+        "",
+        _md_table(["method", "markers", "groups", "selection", "parameters", "error"], methods),
+        "",
+        "## Attacks",
+        "",
+        _md_table(["attack", "trial", "acc before", "acc after", "success", "max abs Δlogit", "error"], attacks),
+    ]
+
+
+def _md_detection(ev: Evaluation) -> list[str]:
+    if not ev.detection:
+        return []
+    methods, attacks = ev.measured_names()
+    specs = ev.params["specs"]
+    det = {(r["method"], r["attack"], r["spec"], r["ns"]): r["rate"] for r in ev.detection}
+    key_spec = ev.key_spec
+    lines = ["", f"## Detection rate vs N_S ({key_spec})", "", "Rows: attack / method; columns: number of queries N_S.", ""]
+    rows = [
+        [a, mth] + [det[(mth, a, key_spec, ns)] for ns in range(1, MAX_NS + 1)] for a in attacks for mth in methods if (mth, a, key_spec, 1) in det
+    ]
+    lines.append(_md_table(["attack", "method"] + [str(ns) for ns in range(1, MAX_NS + 1)], rows))
+    for ns_show in (1, MAX_NS):
+        lines += ["", f"## Detection rate at N_S = {ns_show}, every output spec", "", "Rows: attack; one table per spec, one column per method.", ""]
+        for s in specs:
+            lines += [f"**{s}**", ""]
+            lines.append(_md_table(["attack"] + methods, [[a] + [det.get((mth, a, s, ns_show)) for mth in methods] for a in attacks]))
+            lines.append("")
+    return lines
+
+
+def _md_trigger(ev: Evaluation) -> list[str]:
+    trig = ev.mean_trigger()
+    if not trig:
+        return []
+    methods, attacks = ev.measured_names()
+    lines = ["## Trigger ratio (mean over trials)", ""]
+    for s in ev.params["specs"]:
+        lines += [f"**{s}**", ""]
+        lines.append(_md_table(["attack"] + methods, [[a] + [trig.get((mth, a, s), (None,))[0] for mth in methods] for a in attacks]))
+        lines.append("")
+    return lines
+
+
+def _md_key_sizes(ev: Evaluation) -> list[str]:
+    if not ev.key_sizes:
+        return []
+    methods, attacks = ev.measured_names()
+    ks = {(r["method"], r["attack"], r["spec"], r["c"]): r for r in ev.key_sizes}
+    key_spec = ev.key_spec
+    lines = [
+        f"## Key size for confidence c ({key_spec})",
+        "",
+        "TamperNN: s > log(1−c)/log(1−p), p = mean trigger ratio; – means p = 0 (never). "
+        "In brackets: the smallest N_S ≤ 10 whose measured detection rate reaches c.",
+        "",
+    ]
+    rows = []
+    for a in attacks:
+        for mth in methods:
+            cells: list[str | None] = []
+            for c in CONFIDENCES:
+                r = ks.get((mth, a, key_spec, c))
+                if r is None:
+                    cells.append(None)
+                else:
+                    emp = r["empirical_ns"]
+                    cells.append(f"{'–' if r['s'] is None else r['s']} [{'>10' if emp is None else emp}]")
+            if any(cell is not None for cell in cells):
+                p_ = ks.get((mth, a, key_spec, CONFIDENCES[0]), {}).get("p")
+                rows.append([a, mth, p_, *cells])
+    lines.append(_md_table(["attack", "method", "p"] + [f"c={c}" for c in CONFIDENCES], rows))
+    lines.append("")
+    return lines
+
+
+def _md_false_alarms(ev: Evaluation) -> list[str]:
+    lines = [
+        "## False alarms under benign runtime changes",
+        "",
+        f"Flagged markers over all benign re-verifications: **{ev.benign_flagged}** of {ev.benign_checks} (markers × runtimes × specs; must be 0).",
+        "",
+    ]
+    rt_rows = []
+    for rt in ev.params["runtimes"]:
+        rows = [r for r in ev.false_alarms if r["runtime"] == rt]
+        err = next((r["error"] for r in rows if r.get("error")), None)
+        flagged = None if err else sum(r["flagged"] for r in rows)
+        checks = None if err else sum(r["markers"] for r in rows)
+        dmax = max((r["max_abs_dlogit"] for r in rows if r.get("max_abs_dlogit") is not None), default=None)
+        rt_rows.append([rt, flagged, checks, None if dmax is None else f"{dmax:.3g}", err])
+    lines.append(_md_table(["runtime", "flagged", "checks", "max abs Δlogit", "error"], rt_rows))
+    lines.append("")
+    return lines
+
+
+def _md_errors_and_timings(ev: Evaluation) -> list[str]:
+    lines = []
+    if ev.errors:
+        lines += ["## Errors (the campaign continued)", ""]
+        lines.append(_md_table(["stage", "name", "error"], [[e["stage"], e["name"], e["error"]] for e in ev.errors]))
+        lines.append("")
+    if ev.warnings:
+        lines += ["## Warnings", ""]
+        lines.append(_md_table(["stage", "name", "warning"], [[w["stage"], w["name"], w["warning"]] for w in ev.warnings]))
+        lines.append("")
+    lines += ["## Timings (seconds)", ""]
+    lines.append(_md_table(["phase", "seconds"], [[k, v] for k, v in ev.timings.items() if ":" not in k]))
+    lines.append("")
+    return lines
+
+
+def _md_plots(plots: Sequence[str], plot_errors: Sequence[str]) -> list[str]:
+    lines = []
+    if plots:
+        lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
+    if plot_errors:
+        lines += ["Plots that could not be drawn: " + "; ".join(plot_errors), ""]
+    return lines
