@@ -12,15 +12,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import numpy as np
 import pytest
 import torch
+from typer.testing import CliRunner
 
-from tamperprobe import zoo
+from tamperprobe import oip, zoo
+from tamperprobe.cli.app import app
 from tamperprobe.data import InputSpec
 from tamperprobe.errors import UsageError
-from tamperprobe.fingerprint import make_fingerprint
+from tamperprobe.fingerprint import make_fingerprint, save
 from tamperprobe.models import TorchModel
 from tamperprobe.outputs import OutputSpec, softmax64
-from tamperprobe.served.clients import make_client
-from tamperprobe.served.targets import QueryFailure
+from tamperprobe.served.clients import PROTOCOLS, HTTPTarget, make_client, protocol_help
+from tamperprobe.served.clients.answers import Parts, to_answer
+from tamperprobe.served.targets import LocalTarget, QueryFailure, QueryResult
 from tamperprobe.served.verify import INCONCLUSIVE, INTACT, verify
 from tamperprobe.server.app import ServerThread
 
@@ -173,7 +176,7 @@ def test_kserve_client_against_server(model, x, served):
     with ServerThread(model, name="m", input_shape=SHAPE, output_spec=served) as srv:
         for spec in SPECS:
             s = OutputSpec.parse(spec)
-            answers = make_client("kserve", srv.url, seed=1).query(x, s)  # no model name: found via the repository index
+            answers = make_client("kserve", srv.url, seed=1).query(x, s).answers  # no model name: found via the repository index
             derivable = (
                 s == s_served
                 or s_served.kind == "logits"
@@ -195,20 +198,20 @@ def test_kserve_model_url_batching_and_latency(model, x):
     logits = _rows(model, x)
     with ServerThread(model, name="digits", input_shape=SHAPE) as srv:
         c = make_client("kserve", f"{srv.url}/v2/models/digits/infer", batch_size=4, seed=2, classes=10)
-        answers = c.query(x, OutputSpec.parse("top1"))
-        _check(answers, logits, "top1")
-        assert len(c.last_latencies) == len(x) and all(t is not None and t > 0 for t in c.last_latencies)
+        result = c.query(x, OutputSpec.parse("top1"))
+        _check(result.answers, logits, "top1")
+        assert len(result.latencies) == len(x) and all(t is not None and t > 0 for t in result.latencies)
         report = verify(_fp(model, x, "top1"), c)
         assert report.verdict == INTACT and all(m.latency is not None for m in report.markers)
-        bad = make_client("kserve", srv.url, model_name="nope").query(x, OutputSpec.parse("top1"))
+        bad = make_client("kserve", srv.url, model_name="nope").query(x, OutputSpec.parse("top1")).answers
         assert bad[0].reason == "HTTP 404: unknown model 'nope'"
 
 
 def test_kserve_token(model, x, monkeypatch):
     with ServerThread(model, name="m", input_shape=SHAPE, token="tok") as srv:
         monkeypatch.setenv("TP_TOKEN", "tok")
-        _check(_client(srv.url, token_env="TP_TOKEN").query(x, OutputSpec.parse("logits")), _rows(model, x), "logits")
-        denied = _client(srv.url).query(x, OutputSpec.parse("logits"))
+        _check(_client(srv.url, token_env="TP_TOKEN").query(x, OutputSpec.parse("logits")).answers, _rows(model, x), "logits")
+        denied = _client(srv.url).query(x, OutputSpec.parse("logits")).answers
         assert denied[0].reason == "HTTP 401: missing or invalid bearer token"
         monkeypatch.delenv("TP_TOKEN")
         with pytest.raises(UsageError, match="TP_TOKEN"):
@@ -233,11 +236,11 @@ def test_kserve_triton_style_outputs(model, x):
 
     with kserve_fake(plain) as srv:
         for spec in SPECS:
-            _check(_client(srv.url).query(x, OutputSpec.parse(spec)), logits, spec)
+            _check(_client(srv.url).query(x, OutputSpec.parse(spec)).answers, logits, spec)
     with kserve_fake(classification) as srv:
         for spec in ("top1", "topk:3", "top1-prob:4"):
-            _check(_client(srv.url).query(x, OutputSpec.parse(spec)), logits, spec)
-        assert _client(srv.url).query(x, OutputSpec.parse("logits"))[0].reason.startswith("the endpoint reveals")
+            _check(_client(srv.url).query(x, OutputSpec.parse(spec)).answers, logits, spec)
+        assert _client(srv.url).query(x, OutputSpec.parse("logits")).answers[0].reason.startswith("the endpoint reveals")
 
 
 # --------------------------------------------------------------------------- other dialects
@@ -278,16 +281,16 @@ def test_torchserve_client(model, x, style):
     }[style]
     with FakeServer(handler) as srv:
         for spec in supports:
-            _check(_client(srv.url, protocol="torchserve", model_name="digits", batch_size=4).query(x, OutputSpec.parse(spec)), logits, spec)
+            _check(_client(srv.url, protocol="torchserve", model_name="digits", batch_size=4).query(x, OutputSpec.parse(spec)).answers, logits, spec)
         assert all(b[1] == "/predictions/digits" for b in srv.requests)
         assert all(np.asarray(b[2]).shape == SHAPE for b in srv.requests)  # one input per request, no batch axis
-        missing = _client(srv.url, protocol="torchserve", model_name="other").query(x[:1], OutputSpec.parse("top1"))
+        missing = _client(srv.url, protocol="torchserve", model_name="other").query(x[:1], OutputSpec.parse("top1")).answers
         assert missing[0].reason == "HTTP 404: Model not found"
 
 
 def test_torchserve_class_names_are_refused(x):
     with FakeServer(lambda m, p, b: (200, {}, {"tabby": 0.9, "tiger": 0.1})) as srv:
-        a = _client(srv.url, protocol="torchserve").query(x[:1], OutputSpec.parse("top1"))
+        a = _client(srv.url, protocol="torchserve").query(x[:1], OutputSpec.parse("top1")).answers
         assert a[0].reason.startswith("malformed response: label 'tabby' is not a class index")
 
 
@@ -306,7 +309,7 @@ def test_tfserving_client(model, x, style):
     with FakeServer(handler) as srv:
         for spec in SPECS if style == "logits" else SPECS[:-1]:
             c = _client(f"{srv.url}/v1/models/digits:predict", protocol="tfserving", model_name=None, batch_size=4)
-            _check(c.query(x, OutputSpec.parse(spec)), logits, spec)
+            _check(c.query(x, OutputSpec.parse(spec)).answers, logits, spec)
         assert max(len(b[2]["instances"]) for b in srv.requests) == 4
 
 
@@ -335,12 +338,12 @@ def test_json_template_client(model, x, tmp_path):
     batch_tpl = json.dumps({"path": "/api/batch", "request": {"images": "{{inputs}}"}, "response": {"scores": "probs"}, "batch": "outputs"})
     with FakeServer(handler) as srv:
         for spec in SPECS:
-            _check(_client(srv.url, protocol="json", template=str(path)).query(x, OutputSpec.parse(spec)), logits, spec)
+            _check(_client(srv.url, protocol="json", template=str(path)).query(x, OutputSpec.parse(spec)).answers, logits, spec)
         assert srv.requests[0][3].get("X-Model") == "digits"
         for spec in SPECS[:-1]:
-            _check(_client(srv.url, protocol="json", template=batch_tpl, batch_size=4).query(x, OutputSpec.parse(spec)), logits, spec)
+            _check(_client(srv.url, protocol="json", template=batch_tpl, batch_size=4).query(x, OutputSpec.parse(spec)).answers, logits, spec)
         bad = {**template, "response": {"labels": "result.klass"}}
-        a = _client(srv.url, protocol="json", template=bad).query(x[:1], OutputSpec.parse("top1"))
+        a = _client(srv.url, protocol="json", template=bad).query(x[:1], OutputSpec.parse("top1")).answers
         assert a[0].reason == "malformed response: missing 'result.klass'"
 
 
@@ -383,7 +386,7 @@ def test_shuffled_order_is_seeded_and_answers_stay_in_place(model, x):
     with FakeServer(handler) as srv:
         for seed in (7, 7, 8):
             srv.requests.clear()
-            _check(_client(srv.url, protocol="tfserving", seed=seed).query(x, OutputSpec.parse("logits")), logits, "logits")
+            _check(_client(srv.url, protocol="tfserving", seed=seed).query(x, OutputSpec.parse("logits")).answers, logits, "logits")
             orders.append([int(np.argmin([np.abs(np.asarray(r[2]["instances"][0]) - xi).sum() for xi in x])) for r in srv.requests])
     assert sorted(orders[0]) == list(range(len(x)))
     assert orders[0] == orders[1] and orders[0] != list(range(len(x)))
@@ -422,7 +425,7 @@ def test_timeout(model, x):
         timeout, retries = 0.5, 1
         c = _client(srv.url, timeout=timeout, retries=retries)
         t = time.monotonic()
-        a = c.query(x[:1], OutputSpec.parse("logits"))
+        a = c.query(x[:1], OutputSpec.parse("logits")).answers
         elapsed = time.monotonic() - t
         assert a[0].reason == "timed out after 0.5 s (after 2 attempts)"
         assert elapsed < timeout * (retries + 1) + 1.0
@@ -431,7 +434,7 @@ def test_timeout(model, x):
 
 def test_http_500_is_retried_then_fails(model, x):
     with kserve_fake(lambda body: (500, {}, {"error": "boom"})) as srv:
-        a = _client(srv.url, retries=2).query(x[:1], OutputSpec.parse("logits"))
+        a = _client(srv.url, retries=2).query(x[:1], OutputSpec.parse("logits")).answers
         assert a[0].reason == "HTTP 500: boom (after 3 attempts)"
         assert sum(1 for r in srv.requests if r[1].endswith("/infer")) == 3
         _assert_inconclusive(model, x, _client(srv.url), "HTTP 500: boom")
@@ -439,7 +442,7 @@ def test_http_500_is_retried_then_fails(model, x):
 
 def test_http_400_is_not_retried(model, x):
     with kserve_fake(lambda body: (400, {}, {"error": "bad input"})) as srv:
-        a = _client(srv.url, retries=3).query(x[:1], OutputSpec.parse("logits"))
+        a = _client(srv.url, retries=3).query(x[:1], OutputSpec.parse("logits")).answers
         assert a[0].reason == "HTTP 400: bad input"
         assert sum(1 for r in srv.requests if r[1].endswith("/infer")) == 1
 
@@ -512,7 +515,7 @@ def _logits_out(data, shape):
 def test_bad_answers_are_failures_and_inconclusive(model, x, name, infer, reason):
     with kserve_fake(infer) as srv:
         spec = "top1" if name == "label out of range" else "logits"
-        a = _client(srv.url, retries=0).query(x[:1], OutputSpec.parse(spec))
+        a = _client(srv.url, retries=0).query(x[:1], OutputSpec.parse(spec)).answers
         assert isinstance(a[0], QueryFailure) and a[0].reason.startswith(reason), a[0].reason
         report = verify(_fp(model, x[:2], spec), _client(srv.url, retries=0))
         assert report.verdict == INCONCLUSIVE and report.failed == 2
@@ -521,7 +524,7 @@ def test_bad_answers_are_failures_and_inconclusive(model, x, name, infer, reason
 def test_unreachable_endpoint_fails_fast_after_first_marker(model, x):
     c = _client(f"http://127.0.0.1:{_free_port()}", retries=3, backoff=0.2)
     t = time.monotonic()
-    answers = c.query(x, OutputSpec.parse("logits"))  # metadata first: one retried request, not one per marker
+    answers = c.query(x, OutputSpec.parse("logits")).answers  # metadata first: one retried request, not one per marker
     assert time.monotonic() - t < 3.0
     assert all(a.reason == "connection refused (after 4 attempts)" for a in answers)
 
@@ -529,10 +532,10 @@ def test_unreachable_endpoint_fails_fast_after_first_marker(model, x):
 def test_no_exception_escapes_query_for_odd_inputs(model):
     with ServerThread(model, name="m", input_shape=SHAPE) as srv:
         wrong = np.zeros((2, 1, 4, 4), np.float32)
-        a = _client(srv.url).query(wrong, OutputSpec.parse("top1"))
+        a = _client(srv.url).query(wrong, OutputSpec.parse("top1")).answers
         assert a[0].reason.startswith("the served model takes inputs of shape [1, 8, 8]")
         nan = np.full((1, *SHAPE), np.nan, np.float32)
-        a = _client(srv.url, protocol="tfserving").query(nan, OutputSpec.parse("top1"))
+        a = _client(srv.url, protocol="tfserving").query(nan, OutputSpec.parse("top1")).answers
         assert a[0].reason == "cannot send NaN or infinite inputs as JSON"
 
 
@@ -544,3 +547,50 @@ def test_model_urls_set_name_and_version_and_never_show_credentials():
     assert (tf.model_name, tf.version) == ("digits", "3")
     assert tf.name == "tfserving:http://127.0.0.1:9/v1/models/digits/versions/3:predict"
     assert make_client("torchserve", "http://127.0.0.1:9", model_name="m").name == "torchserve:http://127.0.0.1:9/predictions/m"
+
+
+# --------------------------------------------------------------------------- the registry: a new dialect is one class and one line
+
+
+class TinyV2Client(HTTPTarget):
+    """A minimal dialect: KServe v2 JSON in, the ``logits`` output back (what a new client file holds)."""
+
+    protocol = "tiny"
+    summary = "a test dialect: Open Inference Protocol logits, nothing else"
+    default_model_name = "model"
+
+    def _query_batch(self, x, spec):
+        body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": oip.json_data(x, "FP32")}]}
+        doc = self.request("POST", f"{self.url}/v2/models/{self.model_name}/infer", json_body=body).json()
+        out = next(o for o in doc["outputs"] if o["name"] == oip.LOGITS)
+        rows = oip.decode_json(out["data"], out["datatype"], out["shape"], "output 'logits'").reshape(len(x), -1)
+        return [to_answer(Parts(logits=row.tolist()), spec, self.classes) for row in rows]
+
+
+def test_a_registered_client_verifies_against_the_reference_server(model, x, tmp_path, monkeypatch):
+    monkeypatch.setitem(PROTOCOLS, "tiny", TinyV2Client)  # the one registry line
+    assert "tiny: a test dialect" in protocol_help()
+    fp = _fp(model, x, "logits")
+    with ServerThread(model, name="m", input_shape=SHAPE) as srv:
+        client = make_client("tiny", srv.url, model_name="m", seed=0, classes=fp.classes)
+        assert client.name == f"tiny:{srv.url}"
+        for spec in ("logits", "probs:4", "top1"):
+            report = verify(fp, client, spec)
+            assert report.verdict == INTACT, report.summary()
+            assert all(m.latency is not None for m in report.markers)
+        # the CLI finds it through the same registry
+        save(fp, tmp_path / "fp.tpf")
+        r = CliRunner().invoke(
+            app, ["verify", str(tmp_path / "fp.tpf"), "--endpoint", srv.url, "--protocol", "tiny", "--model-name", "m", "--no-history"]
+        )
+        assert r.exit_code == 0, r.output
+        assert "INTACT" in r.stdout
+
+
+def test_local_target_takes_a_module_and_answers_a_query_result(model, x):
+    direct = LocalTarget(model.module)  # an nn.Module, loaded through load_model
+    result = direct.query(x, OutputSpec.parse("top1"))
+    assert isinstance(result, QueryResult)
+    assert len(result.answers) == len(x) and result.latencies == (None,) * len(x)
+    _check(result.answers, _rows(model, x), "top1")
+    assert verify(_fp(model, x, "logits"), direct).verdict == INTACT

@@ -42,7 +42,8 @@ from tamperprobe.errors import FingerprintFormatError, UsageError
 from tamperprobe.fingerprint import load
 from tamperprobe.models import TorchModel
 from tamperprobe.outputs import DEFAULT_TOLERANCE, Answer, Match, OutputSpec, softmax64
-from tamperprobe.server.app import BadRequest, ServerThread, parse_infer_request
+from tamperprobe.server.app import ServerThread
+from tamperprobe.server.infer import BadRequest, parse_infer_request
 
 # Hypothesis keeps caches in ./.hypothesis even with database=None: keep them out of the tree.
 _hypothesis_configuration.set_hypothesis_home_dir(

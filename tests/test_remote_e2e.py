@@ -1,13 +1,13 @@
 """End to end over HTTP: fingerprint a trained model, serve it, verify INTACT, tamper, TAMPERED, stop, INCONCLUSIVE.
 
-Also the CLI: ``verify --endpoint`` exit codes, ``watch``, ``history`` and ``serve`` as a subprocess.
+Also the CLI: ``verify --endpoint`` exit codes, ``watch`` and ``history`` in-process, and ``serve``
+as a subprocess.
 """
 
 from __future__ import annotations
 
 import copy
 import json
-import os
 import socket
 import subprocess
 import sys
@@ -15,13 +15,17 @@ import time
 
 import pytest
 import torch
+from typer.testing import CliRunner
 
 from tamperprobe import zoo
+from tamperprobe.cli.app import app
 from tamperprobe.data import load_data
 from tamperprobe.fingerprint import make_fingerprint, save
 from tamperprobe.models import TorchModel, load_model, save_model
 from tamperprobe.served.clients import make_client
+from tamperprobe.served.targets import LocalTarget
 from tamperprobe.served.verify import INCONCLUSIVE, INTACT, TAMPERED, verify
+from tamperprobe.served.watch import watch
 from tamperprobe.server.app import ServerThread
 from tamperprobe.train import fit
 
@@ -81,9 +85,8 @@ def test_intact_tampered_stopped(setup):
 # --------------------------------------------------------------------------- CLI
 
 
-def run(*args, env=None, timeout=60):
-    full_env = {**os.environ, **(env or {})}
-    return subprocess.run([sys.executable, "-m", "tamperprobe", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=full_env)
+def run(*args, env=None):
+    return CliRunner().invoke(app, [str(a) for a in args], env=env)
 
 
 @pytest.fixture()
@@ -112,23 +115,23 @@ def test_cli_verify_endpoint_exit_codes_and_history(setup, served, tmp_path):
         hist,
     ]
     r = run("verify", setup["fp_path"], *common, env=env)
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.exit_code == 0, r.stdout + r.stderr
     assert "INTACT" in r.stdout
     served.swap(load_model(setup["tampered"]))
     r = run("verify", setup["fp_path"], *common, env=env)
-    assert r.returncode == 1 and "TAMPERED" in r.stdout
+    assert r.exit_code == 1 and "TAMPERED" in r.stdout
     r = run("verify", setup["fp_path"], *common)  # no token in the environment
-    assert r.returncode == 2 and "TP_TOKEN" in r.stderr and "Traceback" not in r.stderr
+    assert r.exit_code == 2 and "TP_TOKEN" in r.stderr and "Traceback" not in r.stderr
     r = run("verify", setup["fp_path"], *[a if a != "TP_TOKEN" else "TP_WRONG" for a in common], env={"TP_WRONG": "nope"})
-    assert r.returncode == 2 and "INCONCLUSIVE" in r.stdout and "401" in r.stdout
+    assert r.exit_code == 2 and "INCONCLUSIVE" in r.stdout and "401" in r.stdout
     r = run("history", "--history", hist, "--json")
-    assert r.returncode == 0, r.stderr
+    assert r.exit_code == 0, r.stderr
     rows = json.loads(r.stdout)
     assert [row["verdict"] for row in rows] == [INCONCLUSIVE, TAMPERED, INTACT]
     r = run("history", "--history", hist, "--verdict", "tampered")
-    assert r.returncode == 0 and "TAMPERED" in r.stdout
+    assert r.exit_code == 0 and "TAMPERED" in r.stdout
     r = run("history", "--history", hist, "--run", str(rows[1]["id"]), "--json")
-    assert r.returncode == 0 and any(m["status"] == "MISMATCH" for m in json.loads(r.stdout))
+    assert r.exit_code == 0 and any(m["status"] == "MISMATCH" for m in json.loads(r.stdout))
 
 
 def test_cli_watch(setup, served, tmp_path):
@@ -154,11 +157,11 @@ def test_cli_watch(setup, served, tmp_path):
         hook,
     ]
     r = run("watch", setup["fp_path"], *common, "--count", "2", env={"TP_TOKEN": "tok"})
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert r.exit_code == 0, r.stdout + r.stderr
     assert r.stdout.count("INTACT") == 2 and not hook_out.exists()
     served.swap(load_model(setup["tampered"]))
     r = run("watch", setup["fp_path"], *common, "--count", "5", env={"TP_TOKEN": "tok"})
-    assert r.returncode == 1 and "TAMPERED" in r.stdout
+    assert r.exit_code == 1 and "TAMPERED" in r.stdout
     assert hook_out.read_text().startswith("TAMPERED ")
     assert len(json.loads(run("history", "--history", hist, "--json").stdout)) == 3  # stopped at the first TAMPERED
     with socket.socket() as s:
@@ -181,11 +184,11 @@ def test_cli_watch(setup, served, tmp_path):
         "--hook",
         hook,
     )
-    assert r.returncode == 2 and r.stdout.count("INCONCLUSIVE") == 2
+    assert r.exit_code == 2 and r.stdout.count("INCONCLUSIVE") == 2
     assert hook_out.read_text().splitlines()[-1].startswith("INCONCLUSIVE")  # once, at the start of the streak
     assert hook_out.read_text().count("INCONCLUSIVE") == 1
     r = run("watch", setup["fp_path"], "--endpoint", dead, "--every", "soon")
-    assert r.returncode == 2 and "bad duration" in r.stderr
+    assert r.exit_code == 2 and "bad duration" in r.stderr
 
 
 def test_cli_serve_subprocess(setup, tmp_path):
@@ -227,16 +230,22 @@ def test_cli_serve_subprocess(setup, tmp_path):
             assert time.monotonic() < deadline, "serve did not start"
             time.sleep(0.1)
         r = run("verify", setup["fp_path"], "--endpoint", url, "--model-name", "digits", "--output-spec", "top1", "--no-history")
-        assert r.returncode == 0, r.stdout + r.stderr
+        assert r.exit_code == 0, r.stdout + r.stderr
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:  # pragma: no cover
             proc.kill()
-    from typer.testing import CliRunner
-
-    from tamperprobe.cli.app import app
-
     r = CliRunner().invoke(app, ["serve", str(setup["intact"]), "--port", "0"])  # TorchScript without a shape
     assert r.exit_code == 2 and "--input-shape" in r.output
+
+
+def test_watch_library_stop_rules(setup, tmp_path):
+    """The watch loop without the CLI: --count stops INTACT runs with 0, the first TAMPERED stops with 1."""
+    fp, runs = setup["fp"], []
+    result = watch(fp, LocalTarget(setup["intact"]), every=0, count=2, history_path=tmp_path / "h.sqlite", protocol="local", on_run=runs.append)
+    assert (result.exit_code, result.runs, result.last.verdict, result.gave_up) == (0, 2, INTACT, False)
+    assert [r.number for r in runs] == [1, 2] and all(r.run_id is not None for r in runs)
+    result = watch(fp, LocalTarget(setup["tampered"]), every="0s", count=5, record=False, on_run=runs.append)
+    assert (result.exit_code, result.runs, result.last.verdict) == (1, 1, TAMPERED) and runs[-1].run_id is None

@@ -14,7 +14,8 @@ from tamperprobe import zoo
 from tamperprobe.errors import ModelLoadError, UsageError
 from tamperprobe.models import TorchModel, load_model, save_model
 from tamperprobe.outputs import OutputSpec
-from tamperprobe.server.app import ServerThread, infer_input_spec
+from tamperprobe.server.app import ServerThread
+from tamperprobe.server.holder import infer_input_spec
 
 SHAPE = (1, 8, 8)
 HTTP = httpx.Client(timeout=10)  # one client: no TLS context set up per request

@@ -59,3 +59,13 @@ class Progress(Protocol):
     """A progress callback: ``progress(done, total)`` or ``progress(done, total, what)``, ``what`` naming the current step."""
 
     def __call__(self, done: int, total: int, what: str = "", /) -> None: ...
+
+
+def env_secret(variable: str, option: str = "--token-env") -> str:
+    """The value of environment variable ``variable`` (a token named by ``option``); UsageError if unset or empty."""
+    from .errors import UsageError
+
+    value = os.environ.get(variable)
+    if not value:
+        raise UsageError(f"environment variable {variable} is not set or empty ({option})")
+    return value

@@ -8,16 +8,17 @@ from typing import Iterator, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
-from .._util import Progress
+from .._util import Progress, one_line
 
 console = Console()
 err_console = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """Print one line to stderr and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    """Print ``message`` as one line to stderr (its first line, as plain text) and exit with ``code``."""
+    err_console.print(f"[bold red]error:[/] {escape(one_line(message, 2000))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -31,11 +32,11 @@ def handled() -> Iterator[None]:
     except typer.Exit:
         raise
     except TamperprobeError as exc:
-        fail(str(exc), exc.exit_code)
+        fail(one_line(exc, 2000), exc.exit_code)
     except KeyboardInterrupt:
         fail("interrupted", 2)
     except (OSError, MemoryError) as exc:
-        fail(f"{type(exc).__name__}: {exc}", 2)
+        fail(one_line(exc, 2000, with_type=True), 2)
 
 
 @contextlib.contextmanager

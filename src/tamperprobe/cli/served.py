@@ -1,237 +1,175 @@
-"""CLI commands for served models: ``serve``, ``history`` and ``watch``; helpers shared with ``verify``.
+"""CLI commands of the served side: ``verify``, ``serve``, ``history`` and ``watch``.
 
-``watch`` re-verifies an endpoint on a schedule and records every run in the history:
-
-* TAMPERED: runs ``--hook`` (if any) and exits 1 at once;
-* INCONCLUSIVE (the endpoint did not answer usably): prints a warning, runs ``--hook`` on the
-  first INCONCLUSIVE run of a streak, and keeps watching; with ``--max-inconclusive M`` it exits
-  2 after M INCONCLUSIVE runs in a row;
-* after ``--count N`` runs it exits 0 if the last run was INTACT and 2 if it was INCONCLUSIVE.
-
-The hook is a shell command run with these environment variables: ``TAMPERPROBE_VERDICT``,
-``TAMPERPROBE_SUMMARY``, ``TAMPERPROBE_ENDPOINT``, ``TAMPERPROBE_PROTOCOL``,
-``TAMPERPROBE_FINGERPRINT`` (id), ``TAMPERPROBE_FINGERPRINT_FILE``, ``TAMPERPROBE_MARKERS``,
-``TAMPERPROBE_MISMATCHED``, ``TAMPERPROBE_FAILED``, ``TAMPERPROBE_RUN_ID`` (history run id, empty
-with ``--no-history``), ``TAMPERPROBE_RUN`` (1, 2, ... within this watch) and ``TAMPERPROBE_TIME``
-(UTC ISO). A failing hook is reported and does not stop the watch.
+Each body wires options to a library call: ``served.verify.verify``, ``server.app.serve``,
+``served.history`` and ``served.watch.watch``. The endpoint options of ``verify`` and ``watch``
+are declared once below and reach the client through ``_endpoint_target``.
 """
 
 from __future__ import annotations
 
 import json
 import re
-from datetime import UTC
+from collections.abc import Mapping
 from pathlib import Path
-from typing import List, Optional
+from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
 import typer
+from rich.markup import escape
 
+from ..served.clients import protocol_help
 from ._common import console, err_console, fail, handled
+from ._options import FingerprintArgument, HistoryOption, JsonOption, ModelArgument, ThreadsOption, WeightsOption
 
-# --------------------------------------------------------------------------- helpers
+if TYPE_CHECKING:
+    from ..fingerprint import Fingerprint
+    from ..served.clients import HTTPTarget
+    from ..served.targets import Target
+    from ..served.verify import Report
+    from ..served.watch import WatchRun
 
+# --------------------------------------------------------------------------- options, each declared once
 
-def parse_headers(items: list[str] | None) -> dict[str, str]:
-    """``["X-Key: v", ...]`` -> {"X-Key": "v"}; raises UsageError on an item without a colon."""
-    from ..errors import UsageError
-
-    out: dict[str, str] = {}
-    for item in items or []:
-        k, sep, v = str(item).partition(":")
-        if not sep or not k.strip():
-            raise UsageError(f"bad --header {item!r}: expected Name:value")
-        out[k.strip()] = v.strip()
-    return out
-
-
-def parse_size(text: str | int) -> int:
-    """``8MiB``, ``512KiB``, ``1MB``, ``1000000`` -> bytes."""
-    from ..errors import UsageError
-
-    if isinstance(text, int):
-        return text
-    m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmg]i?b?|b)?\s*", str(text).lower())
-    if not m:
-        raise UsageError(f"bad size {text!r}: use e.g. 8MiB, 512KiB or a number of bytes")
-    unit = (m.group(2) or "b").rstrip("b") or ""
-    mult = {"": 1, "k": 1000, "ki": 1024, "m": 1000**2, "mi": 1024**2, "g": 1000**3, "gi": 1024**3}[unit]
-    return int(float(m.group(1)) * mult)
-
-
-def parse_duration(text: str) -> float:
-    """``30s``, ``10m``, ``1h``, ``1h30m``, ``90`` (seconds) -> seconds."""
-    from ..served.history import parse_duration as _parse
-
-    return _parse(text)
+EndpointOption = Annotated[Optional[str], typer.Option("--endpoint", help="URL of the served model's prediction API.")]
+ProtocolOption = Annotated[str, typer.Option("--protocol", help=f"API dialect of --endpoint. {protocol_help()}.")]
+ModelNameOption = Annotated[
+    Optional[str], typer.Option("--model-name", help="Model name on the server (default: the model URL's, the server's only model, or 'model').")
+]
+HeaderOption = Annotated[Optional[List[str]], typer.Option("--header", help="Extra HTTP header Name:value (repeatable).")]
+TokenEnvOption = Annotated[Optional[str], typer.Option("--token-env", help="Environment variable holding the bearer token.")]
+TimeoutOption = Annotated[float, typer.Option("--timeout", help="Connect/read timeout per request, seconds.")]
+RetriesOption = Annotated[int, typer.Option("--retries", help="Retries on connection errors, 5xx and 429.")]
+BatchSizeOption = Annotated[int, typer.Option("--batch-size", help="Markers per request (1 looks like ordinary traffic).")]
+DelayOption = Annotated[float, typer.Option("--delay", help="Random delay up to this many seconds between requests.")]
+InsecureOption = Annotated[bool, typer.Option("--insecure", help="Do not verify TLS certificates.")]
+TemplateOption = Annotated[Optional[str], typer.Option("--template", help="Request/response template for --protocol json (a file or inline JSON).")]
+RequestSeedOption = Annotated[Optional[int], typer.Option("--seed", help="Seed of the request order (default: a fresh order each run).")]
+VerifySpecOption = Annotated[Optional[str], typer.Option("--output-spec", help="What the API reveals (default: the fingerprint's).")]
+ToleranceOption = Annotated[Optional[float], typer.Option("--tolerance", help="Override the fingerprint's tolerance (logit units).")]
+LimitOption = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N markers.")]
+NoHistoryOption = Annotated[bool, typer.Option("--no-history", help="Do not record in the history.")]
 
 
-def endpoint_options_to_target(
-    endpoint: str,
-    protocol: str = "kserve",
-    *,
-    fp=None,
-    model_name: str | None = None,
-    header: list[str] | None = None,
-    token_env: str | None = None,
-    timeout: float = 10.0,
-    retries: int = 3,
-    batch_size: int = 1,
-    delay: float = 0.0,
-    insecure: bool = False,
-    template: str | Path | None = None,
-    seed: int | None = None,
-):
-    """Build the client for ``verify``/``watch`` from CLI option values (``template`` is a file or inline JSON).
+def _endpoint_target(fp: Fingerprint, o: Mapping[str, Any]) -> HTTPTarget:
+    """The client for ``--endpoint`` from the endpoint options' values (``ctx.params`` of verify or watch).
 
-    With ``fp`` the fingerprint's input spec and class count are passed on, so answers with
-    another number of classes are failures.
+    The fingerprint's input spec and class count go with it, so answers with another number of
+    classes are failures.
     """
     from ..served.clients import make_client
 
     return make_client(
-        protocol,
-        endpoint,
-        model_name=model_name,
-        headers=parse_headers(header),
-        token_env=token_env,
-        timeout=timeout,
-        retries=retries,
-        batch_size=batch_size,
-        delay=delay,
-        seed=seed,
-        verify_tls=not insecure,
-        template=None if template is None else str(template),
-        input_spec=None if fp is None else fp.input_spec,
-        classes=None if fp is None else fp.classes,
+        o["protocol"],
+        o["endpoint"],
+        model_name=o["model_name"],
+        headers=o["header"],
+        token_env=o["token_env"],
+        timeout=o["timeout"],
+        retries=o["retries"],
+        batch_size=o["batch_size"],
+        delay=o["delay"],
+        verify_tls=not o["insecure"],
+        template=o["template"],
+        seed=o["seed"],
+        input_spec=fp.input_spec,
+        classes=fp.classes,
     )
+
+
+def _warn(text: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
+
+
+_COLOURS = {"INTACT": "green", "TAMPERED": "red"}
 
 
 # --------------------------------------------------------------------------- verify
 
 
 def verify(
-    fp_path: Path = typer.Argument(..., metavar="FP", help="Fingerprint file."),
-    model: Optional[str] = typer.Option(None, "--model", help="Verify a local model file (or package.module:attribute)."),
-    weights: Optional[str] = typer.Option(None, "--weights", help="Weights for --model."),
-    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Verify a served model at this URL."),
-    protocol: str = typer.Option("kserve", "--protocol", help="API dialect of --endpoint: kserve|torchserve|tfserving|json."),
-    model_name: Optional[str] = typer.Option(None, "--model-name", help="Model name on the server (default: the server's only model / 'model')."),
-    output_spec: Optional[str] = typer.Option(None, "--output-spec", help="What the API reveals (default: the fingerprint's)."),
-    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Override the fingerprint's tolerance (logit units)."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N markers."),
-    header: Optional[List[str]] = typer.Option(None, "--header", help="Extra HTTP header K:V (repeatable)."),
-    token_env: Optional[str] = typer.Option(None, "--token-env", help="Environment variable holding a bearer token."),
-    timeout: float = typer.Option(10.0, "--timeout", help="Connect/read timeout per request, seconds."),
-    retries: int = typer.Option(3, "--retries", help="Retries on connection errors, 5xx and 429."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Markers per request (1 looks like ordinary traffic)."),
-    delay: float = typer.Option(0.0, "--delay", help="Random delay up to this many seconds between requests."),
-    insecure: bool = typer.Option(False, "--insecure", help="Do not verify TLS certificates."),
-    template: Optional[str] = typer.Option(None, "--template", help="Request/response template for --protocol json (a file or inline JSON)."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the request order."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="Torch threads for a local model."),
-    history_path: Optional[Path] = typer.Option(None, "--history", help="SQLite history file (default: user data dir or $TAMPERPROBE_HISTORY)."),
-    no_history: bool = typer.Option(False, "--no-history", help="Do not record this run."),
-    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+    ctx: typer.Context,
+    fp_path: FingerprintArgument,
+    model: Annotated[Optional[str], typer.Option("--model", help="Verify a local model file (or package.module:attribute).")] = None,
+    weights: WeightsOption = None,
+    endpoint: EndpointOption = None,
+    protocol: ProtocolOption = "kserve",
+    model_name: ModelNameOption = None,
+    output_spec: VerifySpecOption = None,
+    tolerance: ToleranceOption = None,
+    limit: LimitOption = None,
+    header: HeaderOption = None,
+    token_env: TokenEnvOption = None,
+    timeout: TimeoutOption = 10.0,
+    retries: RetriesOption = 3,
+    batch_size: BatchSizeOption = 1,
+    delay: DelayOption = 0.0,
+    insecure: InsecureOption = False,
+    template: TemplateOption = None,
+    seed: RequestSeedOption = None,
+    threads: ThreadsOption = None,
+    history_path: HistoryOption = None,
+    no_history: NoHistoryOption = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Verify a model (local file or served endpoint) against a fingerprint. Exit 0 INTACT, 1 TAMPERED, 2 error/INCONCLUSIVE."""
     with handled():
         from ..fingerprint import load
+        from ..models import load_model
+        from ..served import history
+        from ..served.clients import protocol_name
+        from ..served.targets import LocalTarget
         from ..served.verify import verify as run_verify
 
         if (model is None) == (endpoint is None):
             fail("give exactly one of --model or --endpoint")
         fp = load(fp_path)
         if model is not None:
-            from ..models import load_model
-            from ..served.targets import LocalTarget
-
-            target = LocalTarget(load_model(model, weights), input_spec=fp.input_spec, threads=threads)
-            proto = "local"
+            target: Target = LocalTarget(load_model(model, weights), input_spec=fp.input_spec, threads=threads)
         else:
-            target = endpoint_options_to_target(
-                endpoint,
-                protocol,
-                fp=fp,
-                model_name=model_name,
-                header=header,
-                token_env=token_env,
-                timeout=timeout,
-                retries=retries,
-                batch_size=batch_size,
-                delay=delay,
-                insecure=insecure,
-                template=template,
-                seed=seed,
-            )
-            proto = protocol
+            target = _endpoint_target(fp, ctx.params)
         report = run_verify(fp, target, output_spec, tolerance=tolerance, limit=limit)
         if not no_history:
-            from ..served import history
-
-            history.record(report, protocol=proto, path=history_path)
+            history.record(report, protocol="local" if model is not None else protocol_name(protocol), path=history_path)
         if as_json:
-            console.print_json(json.dumps(report_to_json(report)))
+            console.print_json(json.dumps(report.to_json()))
         else:
             print_report(report)
         raise typer.Exit(report.exit_code)
 
 
-def report_to_json(report) -> dict:
-    return {
-        "verdict": report.verdict,
-        "summary": report.summary(),
-        "target": report.target,
-        "output_spec": report.output_spec,
-        "fingerprint": report.fingerprint_id,
-        "seconds": round(report.seconds, 4),
-        "tolerance": report.tolerance,
-        "markers": [
-            {
-                "index": m.index,
-                "status": m.status,
-                "expected": str(m.expected),
-                "observed": None if m.observed is None else str(m.observed),
-                "detail": m.failure or m.detail,
-                "latency": m.latency,
-            }
-            for m in report.markers
-        ],
-    }
-
-
-def print_report(report, max_rows: int = 40) -> None:
+def print_report(report: Report, max_rows: int = 40) -> None:
     from rich.table import Table
 
-    table = Table(title=f"{report.target} · {report.output_spec} · fingerprint {report.fingerprint_id}")
+    table = Table(title=escape(f"{report.target} · {report.output_spec} · fingerprint {report.fingerprint_id}"))
     for col in ("#", "expected", "observed", "status", "detail"):
         table.add_column(col)
     shown = sorted(report.markers, key=lambda m: (m.ok, m.index))[:max_rows]
     for m in sorted(shown, key=lambda m: m.index):
         style = "green" if m.ok else ("yellow" if m.failure else "red")
-        table.add_row(str(m.index), str(m.expected), "-" if m.observed is None else str(m.observed), f"[{style}]{m.status}[/]", m.failure or m.detail)
+        observed = "-" if m.observed is None else str(m.observed)
+        table.add_row(str(m.index), escape(str(m.expected)), escape(observed), f"[{style}]{m.status}[/]", escape(m.failure or m.detail))
     console.print(table)
     if len(report.markers) > max_rows:
         console.print(f"({len(report.markers) - max_rows} more markers not shown)")
-    colour = {"INTACT": "bold green", "TAMPERED": "bold red"}.get(report.verdict, "bold yellow")
-    console.print(f"[{colour}]{report.summary()}[/]  ({report.seconds:.2f} s)", highlight=False)
+    colour = _COLOURS.get(report.verdict, "yellow")
+    console.print(f"[bold {colour}]{escape(report.summary())}[/]  ({report.seconds:.2f} s)", highlight=False)
 
 
 # --------------------------------------------------------------------------- serve
 
 
 def serve_cmd(
-    model: str = typer.Argument(..., help="Model: .pt (TorchScript), .pt2 (torch.export), .onnx or package.module:attribute."),
-    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0 exposes it to the network)."),
-    port: int = typer.Option(8080, "--port", help="Port to listen on."),
-    name: str = typer.Option("model", "--name", help="Model name in the URLs (/v2/models/NAME/infer)."),
-    output_spec: str = typer.Option("logits", "--output-spec", help="What responses reveal: top1, topk:K, top1-prob:N, probs:N, logits."),
-    token: Optional[str] = typer.Option(None, "--token", help="Require Authorization: Bearer TOKEN (health endpoints stay open)."),
-    token_env: Optional[str] = typer.Option(None, "--token-env", help="Read the bearer token from this environment variable instead."),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Input shape without the batch axis, e.g. 1,28,28."),
-    fingerprint: Optional[Path] = typer.Option(None, "--fingerprint", help="Take the input shape from this fingerprint."),
-    weights: Optional[str] = typer.Option(None, "--weights", help=".safetensors or state_dict file for a package.module:attribute model."),
-    max_batch: int = typer.Option(64, "--max-batch", help="Largest batch accepted in one request."),
-    max_body: str = typer.Option("8MiB", "--max-body", help="Largest request body accepted (e.g. 8MiB, 512KiB)."),
+    model: ModelArgument,
+    host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0 exposes it to the network).")] = "127.0.0.1",
+    port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8080,
+    name: Annotated[str, typer.Option("--name", help="Model name in the URLs (/v2/models/NAME/infer).")] = "model",
+    output_spec: Annotated[str, typer.Option("--output-spec", help="What responses reveal: top1, topk:K, top1-prob:N, probs:N, logits.")] = "logits",
+    token: Annotated[Optional[str], typer.Option("--token", help="Require Authorization: Bearer TOKEN (health endpoints stay open).")] = None,
+    token_env: TokenEnvOption = None,
+    input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Input shape without the batch axis, e.g. 1,28,28.")] = None,
+    fingerprint: Annotated[Optional[Path], typer.Option("--fingerprint", help="Take the input spec from this fingerprint.")] = None,
+    weights: WeightsOption = None,
+    max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch accepted in one request.")] = 64,
+    max_body: Annotated[str, typer.Option("--max-body", help="Largest request body accepted (e.g. 8MiB, 512KiB).")] = "8MiB",
 ) -> None:
     """Serve a model over the Open Inference Protocol (KServe v2 REST, as Triton and MLServer do).
 
@@ -239,54 +177,43 @@ def serve_cmd(
     file or module:attr needs one of the first two.
     """
     with handled():
-        import os
-
-        from ..errors import UsageError
-        from ..models import load_model
-        from ..server.app import ModelHolder, create_app, infer_input_spec
+        from .._util import env_secret
+        from ..server.app import serve
 
         if token and token_env:
             fail("give --token or --token-env, not both")
-        if token_env:
-            token = os.environ.get(token_env)
-            if not token:
-                fail(f"environment variable {token_env} is not set or empty")
-        if not 0 <= port <= 65535:
-            raise UsageError("--port must be between 0 and 65535")
-        loaded = load_model(model, weights)
-        spec = infer_input_spec(loaded, input_shape, fingerprint)
-        holder = ModelHolder(loaded, spec)
-        app = create_app(holder, name=name, output_spec=output_spec, token=token, max_batch=max_batch, max_body=parse_size(max_body))
-        if host not in ("127.0.0.1", "localhost", "::1") and not token:
-            err_console.print("[yellow]warning:[/] listening beyond localhost without --token: anyone who can reach it can query the model")
-        shown = f"[{host}]" if ":" in host else host
-        console.print(
-            f"serving {model} as '{name}' ({holder.classes} classes, input {list(holder.input_shape)}, output spec {output_spec}) "
-            f"at http://{shown}:{port}/v2/models/{name}/infer{' (token required)' if token else ''}",
-            highlight=False,
+        serve(
+            model,
+            host=host,
+            port=port,
+            name=name,
+            output_spec=output_spec,
+            token=env_secret(token_env) if token_env else token,
+            weights=weights,
+            input_shape=input_shape,
+            fingerprint=fingerprint,
+            max_batch=max_batch,
+            max_body=max_body,
+            on_ready=lambda text: console.print(text, highlight=False),
+            on_warning=_warn,
         )
-        import uvicorn
-
-        uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="info", lifespan="off")).run()
 
 
 # --------------------------------------------------------------------------- history
 
 
 def history_cmd(
-    endpoint: Optional[str] = typer.Option(None, "--endpoint", help="Only runs whose target contains this text."),
-    verdict: Optional[str] = typer.Option(None, "--verdict", help="Only INTACT, TAMPERED or INCONCLUSIVE runs."),
-    fingerprint: Optional[str] = typer.Option(None, "--fingerprint", help="Only runs of fingerprints whose id starts with this."),
-    since: Optional[str] = typer.Option(None, "--since", help="Only runs since an ISO time or a duration ago (24h, 7d)."),
-    limit: int = typer.Option(50, "--limit", help="At most this many runs, newest first."),
-    run: Optional[int] = typer.Option(None, "--run", help="Show the markers of this run instead."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
-    history_path: Optional[Path] = typer.Option(None, "--history", help="SQLite history file (default: user data dir or $TAMPERPROBE_HISTORY)."),
+    endpoint: Annotated[Optional[str], typer.Option("--endpoint", help="Only runs whose target contains this text.")] = None,
+    verdict: Annotated[Optional[str], typer.Option("--verdict", help="Only INTACT, TAMPERED or INCONCLUSIVE runs.")] = None,
+    fingerprint: Annotated[Optional[str], typer.Option("--fingerprint", help="Only runs of fingerprints whose id starts with this.")] = None,
+    since: Annotated[Optional[str], typer.Option("--since", help="Only runs since an ISO time or a duration ago (24h, 7d).")] = None,
+    limit: Annotated[int, typer.Option("--limit", help="At most this many runs, newest first.")] = 50,
+    run: Annotated[Optional[int], typer.Option("--run", help="Show the markers of this run instead.")] = None,
+    as_json: JsonOption = False,
+    history_path: HistoryOption = None,
 ) -> None:
     """List past verifications recorded by verify and watch."""
     with handled():
-        from rich.table import Table
-
         from ..served import history
 
         if verdict and verdict.upper() not in ("INTACT", "TAMPERED", "INCONCLUSIVE"):
@@ -295,173 +222,132 @@ def history_cmd(
             rows = history.markers(run, path=history_path)
             if not rows:
                 fail(f"no run {run} in the history")
-            if as_json:
-                console.print_json(json.dumps(rows))
-                return
-            table = Table(title=f"run {run}")
-            for col in ("#", "status", "expected", "observed", "latency", "detail"):
-                table.add_column(col)
-            for r in rows:
-                style = {"match": "green", "MISMATCH": "red"}.get(r["status"], "yellow")
-                lat = "-" if r["latency"] is None else f"{r['latency'] * 1000:.0f} ms"
-                table.add_row(str(r["index"]), f"[{style}]{r['status']}[/]", r["expected"] or "", r["observed"] or "-", lat, r["detail"] or "")
-            console.print(table)
-            return
-        rows = history.runs(history_path, target=endpoint, verdict=verdict, fingerprint=fingerprint, since=since, limit=limit)
+        else:
+            rows = history.runs(history_path, target=endpoint, verdict=verdict, fingerprint=fingerprint, since=since, limit=limit)
         if as_json:
             console.print_json(json.dumps(rows))
-            return
-        if not rows:
+        elif run is not None:
+            _print_markers(run, rows)
+        elif rows:
+            _print_runs(rows)
+        else:
             console.print("no runs recorded" + (" match these filters" if any((endpoint, verdict, fingerprint, since)) else ""))
-            return
-        table = Table(title="verification history (newest first, times UTC)", box=None, pad_edge=False, padding=(0, 1), header_style="bold")
-        for col, kw in (
-            ("run", {"justify": "right"}),
-            ("time", {}),
-            ("verdict", {"min_width": 12}),
-            ("changed", {"justify": "right"}),
-            ("failed", {"justify": "right"}),
-            ("spec", {}),
-            ("fp", {}),
-        ):
-            table.add_column(col, no_wrap=True, **kw)
-        table.add_column("target", overflow="fold", min_width=12)
-        for r in rows:
-            colour = {"INTACT": "green", "TAMPERED": "red"}.get(r["verdict"], "yellow")
-            target = re.sub(r"^(\w+):https?://", r"\1:", r["target"])
-            table.add_row(
-                str(r["id"]),
-                r["time"][5:19].replace("T", " "),
-                f"[{colour}]{r['verdict']}[/]",
-                f"{r['mismatched']}/{r['markers']}",
-                str(r["failed"]),
-                r["output_spec"],
-                r["fingerprint"][:8],
-                target,
-            )
-        console.print(table)
+
+
+def _print_markers(run: int, rows: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"run {run}")
+    for col in ("#", "status", "expected", "observed", "latency", "detail"):
+        table.add_column(col)
+    for r in rows:
+        style = {"match": "green", "MISMATCH": "red"}.get(r["status"], "yellow")
+        lat = "-" if r["latency"] is None else f"{r['latency'] * 1000:.0f} ms"
+        table.add_row(
+            str(r["index"]), f"[{style}]{r['status']}[/]", escape(r["expected"] or ""), escape(r["observed"] or "-"), lat, escape(r["detail"] or "")
+        )
+    console.print(table)
+
+
+def _print_runs(rows: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table(title="verification history (newest first, times UTC)", box=None, pad_edge=False, padding=(0, 1), header_style="bold")
+    for col, kw in (
+        ("run", {"justify": "right"}),
+        ("time", {}),
+        ("verdict", {"min_width": 12}),
+        ("changed", {"justify": "right"}),
+        ("failed", {"justify": "right"}),
+        ("spec", {}),
+        ("fp", {}),
+    ):
+        table.add_column(col, no_wrap=True, **kw)
+    table.add_column("target", overflow="fold", min_width=12)
+    for r in rows:
+        table.add_row(
+            str(r["id"]),
+            r["time"][5:19].replace("T", " "),
+            f"[{_COLOURS.get(r['verdict'], 'yellow')}]{r['verdict']}[/]",
+            f"{r['mismatched']}/{r['markers']}",
+            str(r["failed"]),
+            r["output_spec"],
+            r["fingerprint"][:8],
+            escape(re.sub(r"^(\w+):https?://", r"\1:", r["target"])),
+        )
+    console.print(table)
 
 
 # --------------------------------------------------------------------------- watch
 
 
-def run_hook(command: str, env_vars: dict[str, str], timeout: float = 60.0) -> str | None:
-    """Run the hook through the shell with ``env_vars`` added; None on success, else a one-line problem."""
-    import os
-    import subprocess
-
-    try:
-        proc = subprocess.run(command, shell=True, env={**os.environ, **env_vars}, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return f"hook timed out after {timeout:g} s"
-    except OSError as exc:
-        return f"hook could not start: {exc}"
-    return None if proc.returncode == 0 else f"hook exited with status {proc.returncode}"
+def _print_run(run: WatchRun) -> None:
+    r = run.report
+    colour = {"INTACT": "green", "TAMPERED": "bold red"}.get(r.verdict, "yellow")
+    recorded = "" if run.run_id is None else f"  run {run.run_id}"
+    console.print(f"{run.time}  [{colour}]{escape(r.summary())}[/]  ({r.seconds:.2f} s){recorded}", highlight=False)
 
 
 def watch_cmd(
-    fp_path: Path = typer.Argument(..., metavar="FP", help="Fingerprint file."),
-    endpoint: str = typer.Option(..., "--endpoint", help="URL of the served model."),
-    protocol: str = typer.Option("kserve", "--protocol", help="API dialect: kserve|torchserve|tfserving|json."),
-    every: str = typer.Option("10m", "--every", help="Interval between runs: 30s, 10m, 1h, 1h30m."),
-    count: int = typer.Option(0, "--count", help="Stop after this many runs (0: forever)."),
-    output_spec: Optional[str] = typer.Option(None, "--output-spec", help="What the API reveals (default: the fingerprint's)."),
-    hook: Optional[str] = typer.Option(None, "--hook", help="Shell command run on TAMPERED and when INCONCLUSIVE starts (env TAMPERPROBE_*)."),
-    max_inconclusive: int = typer.Option(0, "--max-inconclusive", help="Exit 2 after this many INCONCLUSIVE runs in a row (0: never)."),
-    model_name: Optional[str] = typer.Option(None, "--model-name", help="Model name on the server."),
-    tolerance: Optional[float] = typer.Option(None, "--tolerance", help="Override the fingerprint's tolerance."),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use only the first N markers."),
-    header: Optional[List[str]] = typer.Option(None, "--header", help="Extra HTTP header K:V (repeatable)."),
-    token_env: Optional[str] = typer.Option(None, "--token-env", help="Environment variable holding a bearer token."),
-    timeout: float = typer.Option(10.0, "--timeout", help="Connect/read timeout per request, seconds."),
-    retries: int = typer.Option(3, "--retries", help="Retries on connection errors, 5xx and 429."),
-    batch_size: int = typer.Option(1, "--batch-size", help="Markers per request."),
-    delay: float = typer.Option(0.0, "--delay", help="Random delay up to this many seconds between requests."),
-    insecure: bool = typer.Option(False, "--insecure", help="Do not verify TLS certificates."),
-    template: Optional[Path] = typer.Option(None, "--template", help="Request/response template for --protocol json."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Seed of the request order (default: a fresh order each run)."),
-    history_path: Optional[Path] = typer.Option(None, "--history", help="SQLite history file."),
-    no_history: bool = typer.Option(False, "--no-history", help="Do not record the runs."),
+    ctx: typer.Context,
+    fp_path: FingerprintArgument,
+    endpoint: EndpointOption,
+    protocol: ProtocolOption = "kserve",
+    every: Annotated[str, typer.Option("--every", help="Interval between runs: 30s, 10m, 1h, 1h30m.")] = "10m",
+    count: Annotated[int, typer.Option("--count", help="Stop after this many runs (0: forever).")] = 0,
+    output_spec: VerifySpecOption = None,
+    hook: Annotated[
+        Optional[str], typer.Option("--hook", help="Shell command run on TAMPERED and when INCONCLUSIVE starts (env TAMPERPROBE_*).")
+    ] = None,
+    max_inconclusive: Annotated[int, typer.Option("--max-inconclusive", help="Exit 2 after this many INCONCLUSIVE runs in a row (0: never).")] = 0,
+    model_name: ModelNameOption = None,
+    tolerance: ToleranceOption = None,
+    limit: LimitOption = None,
+    header: HeaderOption = None,
+    token_env: TokenEnvOption = None,
+    timeout: TimeoutOption = 10.0,
+    retries: RetriesOption = 3,
+    batch_size: BatchSizeOption = 1,
+    delay: DelayOption = 0.0,
+    insecure: InsecureOption = False,
+    template: TemplateOption = None,
+    seed: RequestSeedOption = None,
+    history_path: HistoryOption = None,
+    no_history: NoHistoryOption = False,
 ) -> None:
-    """Re-verify an endpoint on a schedule. Exit 1 on the first TAMPERED; INCONCLUSIVE keeps watching (see --max-inconclusive)."""
+    """Re-verify an endpoint on a schedule. Exit 1 on the first TAMPERED; INCONCLUSIVE keeps watching (see --max-inconclusive).
+
+    --hook runs a shell command on TAMPERED and on the first INCONCLUSIVE run of a streak, with
+    TAMPERPROBE_VERDICT, _SUMMARY, _ENDPOINT, _PROTOCOL, _FINGERPRINT, _FINGERPRINT_FILE,
+    _MARKERS, _MISMATCHED, _FAILED, _RUN_ID, _RUN and _TIME in its environment.
+    """
     with handled():
-        import time
-        from datetime import datetime
-
         from ..fingerprint import load
-        from ..served.verify import INCONCLUSIVE, INTACT, TAMPERED, verify
-
-        interval = parse_duration(every)
-        if count < 0 or max_inconclusive < 0:
-            fail("--count and --max-inconclusive must be >= 0")
-        fp = load(fp_path)
-        target = endpoint_options_to_target(
-            endpoint,
-            protocol,
-            fp=fp,
-            model_name=model_name,
-            header=header,
-            token_env=token_env,
-            timeout=timeout,
-            retries=retries,
-            batch_size=batch_size,
-            delay=delay,
-            insecure=insecure,
-            template=template,
-            seed=seed,
-        )
         from ..served.clients import protocol_name
+        from ..served.watch import watch
 
-        proto = protocol_name(protocol)
-        runs_done, streak, last = 0, 0, None
-        next_start = time.monotonic()
-        while True:
-            pause = next_start - time.monotonic()
-            if pause > 0:
-                time.sleep(pause)
-            next_start = max(next_start + interval, time.monotonic())
-            report = verify(fp, target, output_spec, tolerance=tolerance, limit=limit)
-            runs_done += 1
-            run_id = None
-            if not no_history:
-                from ..served import history
-
-                run_id = history.record(report, protocol=proto, path=history_path)
-            now = datetime.now(UTC).isoformat(timespec="seconds")
-            colour = {INTACT: "green", TAMPERED: "bold red"}.get(report.verdict, "yellow")
-            console.print(
-                f"{now}  [{colour}]{report.summary()}[/]  ({report.seconds:.2f} s){'' if run_id is None else f'  run {run_id}'}", highlight=False
-            )
-            streak = streak + 1 if report.verdict == INCONCLUSIVE else 0
-            if hook and (report.verdict == TAMPERED or (report.verdict == INCONCLUSIVE and streak == 1)):
-                problem = run_hook(
-                    hook,
-                    {
-                        "TAMPERPROBE_VERDICT": report.verdict,
-                        "TAMPERPROBE_SUMMARY": report.summary(),
-                        "TAMPERPROBE_ENDPOINT": endpoint,
-                        "TAMPERPROBE_PROTOCOL": proto,
-                        "TAMPERPROBE_FINGERPRINT": report.fingerprint_id,
-                        "TAMPERPROBE_FINGERPRINT_FILE": str(fp_path),
-                        "TAMPERPROBE_MARKERS": str(len(report.markers)),
-                        "TAMPERPROBE_MISMATCHED": str(report.mismatched),
-                        "TAMPERPROBE_FAILED": str(report.failed),
-                        "TAMPERPROBE_RUN_ID": "" if run_id is None else str(run_id),
-                        "TAMPERPROBE_RUN": str(runs_done),
-                        "TAMPERPROBE_TIME": now,
-                    },
-                )
-                if problem:
-                    err_console.print(f"[yellow]warning:[/] {problem}", highlight=False)
-            last = report.verdict
-            if report.verdict == TAMPERED:
-                raise typer.Exit(1)
-            if report.verdict == INCONCLUSIVE:
-                err_console.print("[yellow]warning:[/] no usable answer from the endpoint; still watching", highlight=False)
-                if max_inconclusive and streak >= max_inconclusive:
-                    fail(f"{streak} INCONCLUSIVE runs in a row", 2)
-            if count and runs_done >= count:
-                raise typer.Exit(0 if last == INTACT else 2)
+        fp = load(fp_path)
+        result = watch(
+            fp,
+            _endpoint_target(fp, ctx.params),
+            every=every,
+            count=count,
+            max_inconclusive=max_inconclusive,
+            output_spec=output_spec,
+            tolerance=tolerance,
+            limit=limit,
+            hook=hook,
+            record=not no_history,
+            history_path=history_path,
+            protocol=protocol_name(protocol),
+            endpoint=endpoint,
+            fingerprint_file=fp_path,
+            on_run=_print_run,
+            on_warning=_warn,
+        )
+        if result.gave_up:
+            fail(result.reason, result.exit_code)
+        raise typer.Exit(result.exit_code)
 
 
 def register(app: typer.Typer) -> None:

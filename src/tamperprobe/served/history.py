@@ -22,9 +22,13 @@ import sqlite3
 from contextlib import closing
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from .._util import one_line
 from ..errors import TamperprobeError, UsageError
+
+if TYPE_CHECKING:
+    from .verify import Report
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -105,27 +109,19 @@ def _connect(path: str | os.PathLike | None, create: bool = True) -> sqlite3.Con
     except HistoryError:
         raise
     except (sqlite3.Error, OSError) as exc:
-        raise HistoryError(f"cannot open history {p}: {exc}") from None
+        raise HistoryError(f"cannot open history {p}: {one_line(exc)}") from None
 
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-def record(report, protocol: str | None = None, path: str | os.PathLike | None = None) -> int:
+def record(report: Report, protocol: str | None = None, path: str | os.PathLike | None = None) -> int:
     """Store a verify ``Report`` and its markers; returns the run id."""
-    rows = []
-    for m in report.markers:
-        rows.append(
-            (
-                int(m.index),
-                m.status,
-                str(m.expected),
-                None if m.observed is None else str(m.observed),
-                (m.failure or m.detail or None),
-                getattr(m, "latency", None),
-            )
-        )
+    rows = [
+        (int(m.index), m.status, str(m.expected), None if m.observed is None else str(m.observed), m.failure or m.detail or None, m.latency)
+        for m in report.markers
+    ]
     with closing(_connect(path)) as con:
         try:
             con.execute("BEGIN IMMEDIATE")
@@ -147,7 +143,8 @@ def record(report, protocol: str | None = None, path: str | os.PathLike | None =
                     report.summary(),
                 ),
             )
-            run_id = int(cur.lastrowid)
+            assert cur.lastrowid is not None  # set by every INSERT
+            run_id = cur.lastrowid
             con.executemany(
                 "INSERT INTO markers (run_id, idx, status, expected, observed, detail, latency) VALUES (?, ?, ?, ?, ?, ?, ?)",
                 [(run_id, *r) for r in rows],
@@ -158,7 +155,7 @@ def record(report, protocol: str | None = None, path: str | os.PathLike | None =
                 con.execute("ROLLBACK")
             except sqlite3.Error:
                 pass
-            raise HistoryError(f"cannot record the run in the history: {exc}") from None
+            raise HistoryError(f"cannot record the run in the history: {one_line(exc)}") from None
     return run_id
 
 
@@ -218,7 +215,8 @@ def runs(
     """Recorded runs, newest first. ``target`` matches a substring of the target (endpoint),
     ``fingerprint`` a prefix of the fingerprint id, ``verdict`` exactly (case-insensitive),
     ``since`` is a datetime, an ISO time or a duration back from now (``24h``)."""
-    where, args = [], []
+    where: list[str] = []
+    args: list[Any] = []
     if target:
         where.append("target LIKE ? ESCAPE '\\'")
         args.append("%" + _like_escape(target) + "%")
@@ -239,7 +237,7 @@ def runs(
         with closing(_connect(path)) as con:
             return [dict(r) for r in con.execute(sql, args).fetchall()]
     except sqlite3.Error as exc:
-        raise HistoryError(f"cannot read the history: {exc}") from None
+        raise HistoryError(f"cannot read the history: {one_line(exc)}") from None
 
 
 def markers(run_id: int, path: str | os.PathLike | None = None) -> list[dict]:
@@ -252,7 +250,7 @@ def markers(run_id: int, path: str | os.PathLike | None = None) -> list[dict]:
             ).fetchall()
             return [dict(r) for r in rows]
     except sqlite3.Error as exc:
-        raise HistoryError(f"cannot read the history: {exc}") from None
+        raise HistoryError(f"cannot read the history: {one_line(exc)}") from None
 
 
 def _like_escape(text: str) -> str:

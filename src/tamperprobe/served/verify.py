@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import Any
 
 from ..errors import EXIT_ERROR, EXIT_INTACT, EXIT_TAMPERED, UsageError
 from ..fingerprint import Fingerprint
@@ -69,6 +68,29 @@ class Report:
             return f"TAMPERED: {self.mismatched} of {n} markers changed under {self.output_spec}"
         return f"INTACT: all {n} markers match under {self.output_spec}"
 
+    def to_json(self) -> dict[str, Any]:
+        """The report as JSON-ready data (``verify --json``)."""
+        return {
+            "verdict": self.verdict,
+            "summary": self.summary(),
+            "target": self.target,
+            "output_spec": self.output_spec,
+            "fingerprint": self.fingerprint_id,
+            "seconds": round(self.seconds, 4),
+            "tolerance": self.tolerance,
+            "markers": [
+                {
+                    "index": m.index,
+                    "status": m.status,
+                    "expected": str(m.expected),
+                    "observed": None if m.observed is None else str(m.observed),
+                    "detail": m.failure or m.detail,
+                    "latency": m.latency,
+                }
+                for m in self.markers
+            ],
+        }
+
 
 def verify(
     fp: Fingerprint,
@@ -92,12 +114,11 @@ def verify(
     if n < 1:
         raise UsageError("nothing to verify: the fingerprint (or --limit) has no markers")
     started = time.monotonic()
-    answers = target.query(fp.inputs[:n], spec)
-    latencies = list(getattr(target, "last_latencies", None) or [])
-    latencies += [None] * (n - len(latencies))
+    result = target.query(fp.inputs[:n], spec)
     seconds = time.monotonic() - started
-    if len(answers) != n:
-        answers = list(answers) + [QueryFailure("no answer returned")] * (n - len(answers))
+    # fail closed: a marker the target left without an answer is a failure, never a match
+    answers = list(result.answers[:n]) + [QueryFailure("no answer returned")] * (n - len(result.answers))
+    latencies = list(result.latencies[:n]) + [None] * (n - len(result.latencies))
     results = []
     for i in range(n):
         expected = spec.reveal(fp.logits[i])
@@ -114,10 +135,3 @@ def verify(
     else:
         verdict = TAMPERED
     return Report(verdict, target.name, str(spec), fp.id, results, seconds, tol)
-
-
-def changed_mask(fp: Fingerprint, logits: np.ndarray, spec: str | OutputSpec, tol: float | None = None) -> np.ndarray:
-    """Which markers a model with these ``logits`` answers differently from the fingerprint (offline)."""
-    spec = OutputSpec.parse(spec)
-    tol = fp.tolerance if tol is None else tol
-    return np.array([not spec.compare(fp.logits[i], spec.reveal(logits[i]), tol).ok for i in range(len(logits))], dtype=bool)

@@ -47,14 +47,18 @@ from __future__ import annotations
 
 import json
 import re
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
+from ..._util import one_line
 from ...errors import UsageError
 from ...outputs import Answer, OutputSpec
-from .base import Failure, HTTPTarget, Parts, as_labels, as_number, as_vector, guess_kind, nested, to_answer
+from ..targets import QueryFailure
+from .answers import Failure, Parts, as_labels, as_number, as_vector, parts_from_scores, to_answer
+from .http import HTTPTarget, nested, parse_headers
 
 PLACEHOLDERS = ("{{input}}", "{{input_flat}}", "{{inputs}}", "{{shape}}")
 _TOKEN = re.compile(r'\.?([A-Za-z_$][\w$-]*)|\[(-?\d+)\]|\["((?:[^"\\]|\\.)*)"\]')
@@ -100,27 +104,38 @@ def get_path(doc: Any, steps: list[str | int], text: str) -> Any:
     return cur
 
 
-def _placeholders(value: Any, found: set[str]) -> None:
+def _map_strings(value: Any, fn: Callable[[str], Any]) -> Any:
+    """``value`` (JSON) with every string ``s`` replaced by ``fn(s)``."""
     if isinstance(value, dict):
-        for v in value.values():
-            _placeholders(v, found)
-    elif isinstance(value, list):
-        for v in value:
-            _placeholders(v, found)
-    elif isinstance(value, str) and "{{" in value:
-        if value.strip() not in PLACEHOLDERS:
-            raise UsageError(f"template: {value!r} is not a placeholder; a string must be exactly one of {', '.join(PLACEHOLDERS)}")
-        found.add(value.strip())
-
-
-def _fill(value: Any, subs: dict[str, Any]) -> Any:
-    if isinstance(value, dict):
-        return {k: _fill(v, subs) for k, v in value.items()}
+        return {k: _map_strings(v, fn) for k, v in value.items()}
     if isinstance(value, list):
-        return [_fill(v, subs) for v in value]
-    if isinstance(value, str) and value.strip() in subs:
-        return subs[value.strip()]
-    return value
+        return [_map_strings(v, fn) for v in value]
+    return fn(value) if isinstance(value, str) else value
+
+
+def _placeholders(request: Any) -> set[str]:
+    """The placeholders in a request template; UsageError for a string that mentions one without being exactly one."""
+    found: set[str] = set()
+
+    def check(text: str) -> str:
+        if "{{" in text:
+            if text.strip() not in PLACEHOLDERS:
+                raise UsageError(f"template: {text!r} is not a placeholder; a string must be exactly one of {', '.join(PLACEHOLDERS)}")
+            found.add(text.strip())
+        return text
+
+    _map_strings(request, check)
+    return found
+
+
+def _fill(request: Any, subs: dict[str, Any]) -> Any:
+    return _map_strings(request, lambda text: subs.get(text.strip(), text))
+
+
+def _refuse_unknown(d: dict, known: set[str], what: str) -> None:
+    unknown = set(d) - known
+    if unknown:
+        raise UsageError(f"template: unknown {what}(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(known))})")
 
 
 def load_template(template: Any) -> dict:
@@ -130,17 +145,15 @@ def load_template(template: Any) -> dict:
         try:
             template = p.read_text()
         except OSError as exc:
-            raise UsageError(f"cannot read template {p}: {exc.strerror or exc}") from None
+            raise UsageError(f"cannot read template {p}: {one_line(exc.strerror or exc)}") from None
     if isinstance(template, str):
         try:
             template = json.loads(template)
         except ValueError as exc:
-            raise UsageError(f"template is not valid JSON: {exc}") from None
+            raise UsageError(f"template is not valid JSON: {one_line(exc)}") from None
     if not isinstance(template, dict):
         raise UsageError("a template must be a JSON object with 'request' and 'response'")
-    unknown = set(template) - _KEYS
-    if unknown:
-        raise UsageError(f"template: unknown key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(_KEYS))})")
+    _refuse_unknown(template, _KEYS, "key")
     if "request" not in template or "response" not in template:
         raise UsageError("template needs 'request' (the body, with a placeholder) and 'response' (paths)")
     method = str(template.get("method", "POST")).upper()
@@ -152,8 +165,7 @@ def load_template(template: Any) -> dict:
     headers = template.get("headers", {})
     if not isinstance(headers, dict) or not all(isinstance(v, str) for v in headers.values()):
         raise UsageError("template: 'headers' must map names to strings")
-    found: set[str] = set()
-    _placeholders(template["request"], found)
+    found = _placeholders(template["request"])
     batch = template.get("batch")
     if batch is not None:
         if "{{inputs}}" not in found:
@@ -170,9 +182,7 @@ def load_template(template: Any) -> dict:
     resp = template["response"]
     if not isinstance(resp, dict):
         raise UsageError("template: 'response' must be an object of paths")
-    unknown = set(resp) - _RESPONSE_KEYS
-    if unknown:
-        raise UsageError(f"template: unknown response key(s) {', '.join(sorted(unknown))} (known: {', '.join(sorted(_RESPONSE_KEYS))})")
+    _refuse_unknown(resp, _RESPONSE_KEYS, "response key")
     if not set(resp) & {"labels", "scores", "probability"}:
         raise UsageError("template: 'response' needs at least one of labels, scores, probability")
     kind = resp.get("scores_kind")
@@ -191,7 +201,10 @@ def load_template(template: Any) -> dict:
 
 
 class JSONAPIClient(HTTPTarget):
-    protocol = "json"
+    protocol: ClassVar[str] = "json"
+    summary: ClassVar[str] = "any JSON API, described by --template"
+    aliases: ClassVar[tuple[str, ...]] = ("template",)
+    takes_template: ClassVar[bool] = True
 
     def __init__(self, url: str, *, template: Any = None, model_name: str | None = None, **kw: Any) -> None:
         if template is None:
@@ -199,24 +212,22 @@ class JSONAPIClient(HTTPTarget):
         self.template = load_template(template)
         if self.template["batch"] is None:
             kw["batch_size"] = 1
-        extra = self.template["headers"]
-        if extra:
-            kw["headers"] = {**extra, **(kw.get("headers") or {})}
+        kw["headers"] = {**parse_headers(self.template["headers"]), **parse_headers(kw.get("headers"))}
         super().__init__(url.rstrip("/") if self.template["path"] else url, model_name=model_name, **kw)
-        self.endpoint = self.url.rstrip("/") + self.template["path"] if self.template["path"] else self.url
-        self.name = f"{self.protocol}:{self.endpoint}"
 
-    def _query_batch(self, x: np.ndarray, spec: OutputSpec) -> list[Answer]:
+    def endpoint_url(self) -> str:
+        return self.url.rstrip("/") + self.template["path"] if self.template["path"] else self.url
+
+    def _query_batch(self, x: np.ndarray, spec: OutputSpec) -> list[Answer | QueryFailure]:
         t = self.template
-        kind = "i" if x.dtype.kind in "iu" else "f"
         subs: dict[str, Any] = {"{{shape}}": [int(s) for s in x.shape[1:]]}
         if t["batch"] is None:
-            subs["{{input}}"] = nested(x[0], kind)
-            subs["{{input_flat}}"] = nested(x[0].reshape(-1), kind)
+            subs["{{input}}"] = nested(x[0])
+            subs["{{input_flat}}"] = nested(x[0].reshape(-1))
         else:
-            subs["{{inputs}}"] = nested(x, kind)
+            subs["{{inputs}}"] = nested(x)
         body = _fill(t["request"], subs)
-        doc = self.request(t["method"], self.endpoint, json_body=body).json()
+        doc = self.request(t["method"], self.endpoint_url(), json_body=body).json()
         if t["batch"] is None:
             results = [doc]
         else:
@@ -228,19 +239,15 @@ class JSONAPIClient(HTTPTarget):
         return [to_answer(self._parts(r), spec, self.classes) for r in results]
 
     def _parts(self, doc: Any) -> Parts:
-        p = Parts()
         paths = self.template["paths"]
+        p = Parts()
         if "labels" in paths:
             text, steps = paths["labels"]
             p.labels = as_labels(get_path(doc, steps, text), "labels")
         if "scores" in paths:
             text, steps = paths["scores"]
-            values = as_vector(get_path(doc, steps, text), "scores")
-            kind = self.template["scores_kind"] or guess_kind("", values)
-            if kind == "probs":
-                p.probs = values
-            else:
-                p.logits = values
+            scores = parts_from_scores(as_vector(get_path(doc, steps, text), "scores"), self.template["scores_kind"])
+            p.probs, p.logits = scores.probs, scores.logits
         if "probability" in paths:
             text, steps = paths["probability"]
             v = get_path(doc, steps, text)

@@ -12,7 +12,7 @@ output (``[-1, C]``), used to reject answers with another number of classes.
 
 Each request sends ``{"id", "inputs": [{"name", "shape": [B, ...], "datatype", "data"}]}``
 without ``outputs``, so the server returns every output (as JSON, not binary), and each
-output is read by its datatype and name:
+output is read by its datatype and name (tensors as ``tamperprobe.oip`` reads them):
 
 * INT/UINT outputs are labels, most likely first (``label``, ``labels``, a Triton ``argmax``);
 * BYTES outputs are the classification extension: ``"score:index[:label]"`` per class, most
@@ -23,56 +23,41 @@ output is read by its datatype and name:
   logits if it says ``logit``, else probabilities when every row lies in [0, 1] and sums to 1,
   else logits.
 
-The spec's answer is then taken from these as ``base.to_answer`` describes (richer outputs are
-reduced as ``OutputSpec.reveal`` would, e.g. full logits while verifying ``top1``).
+The spec's answer is then taken from these as ``answers.to_answer`` describes (richer outputs
+are reduced as ``OutputSpec.reveal`` would, e.g. full logits while verifying ``top1``).
 """
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 import numpy as np
 
+from ... import oip
 from ...outputs import Answer, OutputSpec
-from .base import Failure, HTTPTarget, Parts, as_label, as_number, guess_kind, redact_url, to_answer
+from ..targets import QueryFailure
+from .answers import Failure, Parts, as_label, as_number, guess_kind, to_answer
+from .http import HTTPTarget, redact_url
 
-_V2_NUMERIC = {
-    "FP16": "f",
-    "FP32": "f",
-    "FP64": "f",
-    "INT8": "i",
-    "INT16": "i",
-    "INT32": "i",
-    "INT64": "i",
-    "UINT8": "u",
-    "UINT16": "u",
-    "UINT32": "u",
-    "UINT64": "u",
-}
-_NUMPY_TO_V2 = {
-    "float16": "FP16",
-    "float32": "FP32",
-    "float64": "FP64",
-    "int8": "INT8",
-    "int16": "INT16",
-    "int32": "INT32",
-    "int64": "INT64",
-    "uint8": "UINT8",
-    "uint16": "UINT16",
-    "uint32": "UINT32",
-    "uint64": "UINT64",
-}
+
+@dataclass(frozen=True)
+class _Metadata:
+    input_name: str
+    datatype: str
+    input_shape: list[int] | None  # without the batch axis; -1 for a free size
 
 
 class KServeClient(HTTPTarget):
-    protocol = "kserve"
-
-    model_url_pattern = r"^(.*?)/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/infer|/ready)?/?$"
+    protocol: ClassVar[str] = "kserve"
+    summary: ClassVar[str] = "Open Inference Protocol / KServe v2 (Triton, MLServer, tamperprobe serve)"
+    aliases: ClassVar[tuple[str, ...]] = ("v2", "oip", "triton", "mlserver", "kserve-v2")
+    model_url_pattern: ClassVar[str | None] = r"^(.*?)/v2/models/([^/]+)(?:/versions/([^/]+))?(?:/infer|/ready)?/?$"
 
     def __init__(self, url: str, **kw: Any) -> None:
         super().__init__(url, **kw)
-        self._meta: dict | None = None
+        self._meta: _Metadata | None = None
         self._counter = 0
 
     def _model_url(self) -> str:
@@ -84,25 +69,23 @@ class KServeClient(HTTPTarget):
     def _prepare(self, spec: OutputSpec, x: np.ndarray) -> None:
         if self.model_name is None:
             resp = self.request("POST", f"{self.url}/v2/repository/index", json_body={}, ok_statuses=(400, 404, 405, 501))
-            names = []
+            names: list[str] = []
             if resp.status == 200:
                 doc = resp.json()
                 if isinstance(doc, list):
-                    names = [d.get("name") for d in doc if isinstance(d, dict) and isinstance(d.get("name"), str)]
+                    names = [d["name"] for d in doc if isinstance(d, dict) and isinstance(d.get("name"), str)]
             if len(names) > 1:
                 raise Failure(f"the server has {len(names)} models ({', '.join(names[:5])}): give --model-name")
             self.model_name = names[0] if names else "model"
             self.name = f"{self.protocol}:{redact_url(self._model_url())}"
         if self._meta is None:
-            doc = self.request("GET", self._model_url()).json()
-            self._meta = self._read_metadata(doc)
-        meta = self._meta
-        want = meta["input_shape"]
+            self._meta = self._read_metadata(self.request("GET", self._model_url()).json())
+        want = self._meta.input_shape
         got = list(x.shape[1:])
         if want is not None and (len(want) != len(got) or any(w >= 0 and w != g for w, g in zip(want, got))):
             raise Failure(f"the served model takes inputs of shape {want}; the fingerprint's markers have shape {got}")
 
-    def _read_metadata(self, doc: Any) -> dict:
+    def _read_metadata(self, doc: Any) -> _Metadata:
         if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
             raise Failure("malformed response: model metadata has no inputs")
         if len(doc["inputs"]) != 1:
@@ -111,44 +94,26 @@ class KServeClient(HTTPTarget):
         if not isinstance(inp, dict) or not isinstance(inp.get("name"), str):
             raise Failure("malformed response: model metadata input has no name")
         datatype = inp.get("datatype")
-        if datatype not in _V2_NUMERIC:
+        if not oip.is_numeric(datatype):
             raise Failure(f"the served model's input datatype is {datatype!r}; tamperprobe sends numeric tensors")
         shape = inp.get("shape")
         input_shape = None
         if isinstance(shape, list) and len(shape) >= 1 and all(isinstance(d, int) for d in shape):
             input_shape = [int(d) for d in shape[1:]]
-        classes = self.classes
         for out in doc.get("outputs") or []:
-            if not isinstance(out, dict):
-                continue
-            oshape, odt, oname = out.get("shape"), out.get("datatype"), str(out.get("name", "")).lower()
-            if (
-                classes is None
-                and odt in ("FP16", "FP32", "FP64")
-                and isinstance(oshape, list)
-                and len(oshape) == 2
-                and isinstance(oshape[-1], int)
-                and oshape[-1] > 1
-                and oname != "probability"
-            ):
-                classes = int(oshape[-1])
-        self.classes = classes
-        return {"input_name": inp["name"], "datatype": datatype, "input_shape": input_shape}
+            if self.classes is None and isinstance(out, dict):
+                self.classes = _class_count(out)
+        return _Metadata(inp["name"], datatype, input_shape)
 
-    def _query_batch(self, x: np.ndarray, spec: OutputSpec) -> list[Answer]:
-        meta = self._meta or {"input_name": "input", "datatype": _NUMPY_TO_V2.get(x.dtype.name, "FP32"), "input_shape": None}
-        datatype = meta["datatype"]
-        kind = _V2_NUMERIC[datatype]
-        flat = x.reshape(-1)
-        if kind in "iu":
-            if not np.all(np.asarray(flat) == np.round(flat)):
-                raise Failure(f"the served model takes {datatype} inputs; the markers are not integers")
-            data = flat.astype(np.int64).tolist()
-        else:
-            data = flat.astype(np.float64).tolist()
+    def _query_batch(self, x: np.ndarray, spec: OutputSpec) -> list[Answer | QueryFailure]:
+        meta = self._meta or _Metadata("input", oip.datatype_of(x.dtype), None)
+        try:
+            data = oip.json_data(x, meta.datatype, "the markers")
+        except oip.ProtocolError as exc:
+            raise Failure(f"cannot send the markers as the served model's input: {exc}") from None
         self._counter += 1
         req_id = f"tp-{self._counter}"
-        body = {"id": req_id, "inputs": [{"name": meta["input_name"], "shape": [int(s) for s in x.shape], "datatype": datatype, "data": data}]}
+        body = {"id": req_id, "inputs": [{"name": meta.input_name, "shape": [int(s) for s in x.shape], "datatype": meta.datatype, "data": data}]}
         doc = self.request("POST", f"{self._model_url()}/infer", json_body=body).json()
         if not isinstance(doc, dict):
             raise Failure("malformed response: expected a JSON object")
@@ -159,47 +124,47 @@ class KServeClient(HTTPTarget):
             raise Failure("malformed response: no outputs")
         parts = [Parts() for _ in range(len(x))]
         for out in outputs:
-            self._read_output(out, parts, len(x))
-        answers = []
+            try:
+                self._read_output(out, parts)
+            except oip.ProtocolError as exc:
+                raise Failure(f"malformed response: {exc}") from None
+        answers: list[Answer | QueryFailure] = []
         for p in parts:
             if p.empty():
                 raise Failure("malformed response: no labels or scores among the outputs")
             answers.append(to_answer(p, spec, self.classes))
         return answers
 
-    def _read_output(self, out: Any, parts: list[Parts], batch: int) -> None:
+    def _read_output(self, out: Any, parts: list[Parts]) -> None:
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
-            raise Failure("malformed response: output without a name")
-        name, datatype, shape = out["name"], out.get("datatype"), out.get("shape")
-        if not isinstance(shape, list) or not shape or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-            raise Failure(f"malformed response: output '{name}' has no valid shape")
+            raise oip.ProtocolError("output without a name")
+        name, datatype = out["name"], out.get("datatype")
+        what = f"output '{name}'"
+        shape = oip.read_shape(out.get("shape"), what)
         if "data" not in out:
-            raise Failure(f"malformed response: output '{name}' has no data (binary data was not requested)")
+            raise oip.ProtocolError(f"{what} has no data (binary data was not requested)")
+        batch = len(parts)
         if shape[0] != batch:
-            raise Failure(f"malformed response: output '{name}' has shape {shape}, expected a batch of {batch}")
-        data = out["data"]
-        flat = _flatten(data)
-        count = int(np.prod(shape))
-        if len(flat) != count:
-            raise Failure(f"malformed response: output '{name}' has {len(flat)} values for shape {shape}")
-        per_row = count // batch if batch else 0
-        rows = [flat[i * per_row : (i + 1) * per_row] for i in range(batch)]
+            raise oip.ProtocolError(f"{what} has shape {shape}, expected a batch of {batch}")
+        flat = oip.decode_json(out["data"], datatype, shape, what, finite=False)
+        rows = flat.reshape(batch, -1).tolist() if batch else []
         lname = name.lower()
-        if datatype == "BYTES":
+        if datatype == oip.BYTES:
+            kind = "probs" if ("prob" in lname or "softmax" in lname) else None
             for p, row in zip(parts, rows):
                 if p.ranked is None:
-                    p.ranked = [_classification_entry(v, name) for v in row]
-                    p.ranked_kind = "probs" if ("prob" in lname or "softmax" in lname) else None
+                    p.ranked = [_ranked_entry(v, what) for v in row]
+                    p.ranked_kind = kind
             return
-        if datatype not in _V2_NUMERIC:
+        if not oip.is_numeric(datatype):
             return  # BOOL or an unknown type: not something tamperprobe reads
-        if _V2_NUMERIC[datatype] in "iu":
+        if oip.is_integer(datatype):
             for p, row in zip(parts, rows):
                 if p.labels is None or "label" in lname or "class" in lname:
                     p.labels = [as_label(v) for v in row]
             return
-        values = [[as_number(v, f"value of output '{name}'") for v in row] for row in rows]
-        if per_row == 1 and ("prob" in lname or "conf" in lname):
+        values = [[as_number(v, f"value of {what}") for v in row] for row in rows]
+        if flat.size == batch and ("prob" in lname or "conf" in lname):  # one value per row: the top-1 probability
             for p, row in zip(parts, values):
                 p.probability = row[0]
             return
@@ -212,32 +177,16 @@ class KServeClient(HTTPTarget):
                 p.logits = row
 
 
-def _flatten(data: Any) -> list:
-    if not isinstance(data, list):
-        raise Failure("malformed response: output data must be a list")
-    out: list = []
-    stack = [iter(data)]
-    while stack:
-        for v in stack[-1]:
-            if isinstance(v, list):
-                stack.append(iter(v))
-                break
-            out.append(v)
-        else:
-            stack.pop()
-    return out
+def _ranked_entry(value: Any, what: str) -> tuple[int, float]:
+    index, score = oip.read_classification(value, what)
+    return index, as_number(score)
 
 
-def _classification_entry(value: Any, name: str) -> tuple[int, float]:
-    if isinstance(value, bytes):
-        value = value.decode(errors="replace")
-    if not isinstance(value, str):
-        raise Failure(f"malformed response: output '{name}' holds {type(value).__name__}, expected 'score:index' strings")
-    parts = value.split(":")
-    if len(parts) < 2:
-        raise Failure(f"malformed response: classification entry {value[:40]!r} is not 'score:index'")
-    try:
-        score = float(parts[0])
-    except ValueError:
-        raise Failure(f"malformed response: classification entry {value[:40]!r} is not 'score:index'") from None
-    return as_label(parts[1], "class index"), as_number(score)
+def _class_count(out: dict) -> int | None:
+    """The class count a per-class score output declares (shape ``[-1, C]``, C > 1), else None."""
+    shape, datatype = out.get("shape"), out.get("datatype")
+    if not (oip.is_numeric(datatype) and not oip.is_integer(datatype) and str(out.get("name", "")).lower() != oip.PROBABILITY):
+        return None
+    if isinstance(shape, list) and len(shape) == 2 and isinstance(shape[-1], int) and shape[-1] > 1:
+        return int(shape[-1])
+    return None

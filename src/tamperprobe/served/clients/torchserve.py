@@ -23,48 +23,44 @@ Response, any of:
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 from urllib.parse import quote
 
 import numpy as np
 
 from ...outputs import Answer, OutputSpec
-from .base import (
-    _LABEL_KEYS,
-    _LOGIT_KEYS,
-    _PROB_VECTOR_KEYS,
+from ..targets import QueryFailure
+from .answers import (
+    LABEL_KEYS,
+    LOGIT_KEYS,
+    PROB_VECTOR_KEYS,
     Failure,
-    HTTPTarget,
     Parts,
     as_label,
-    as_vector,
-    guess_kind,
-    nested,
     parts_from_label_map,
-    parts_from_named,
+    parts_from_value,
     to_answer,
 )
+from .http import HTTPTarget, nested
 
-_NAMED = set(_LABEL_KEYS) | set(_LOGIT_KEYS) | set(_PROB_VECTOR_KEYS)
+_NAMED = set(LABEL_KEYS) | set(LOGIT_KEYS) | set(PROB_VECTOR_KEYS)
 
 
 class TorchServeClient(HTTPTarget):
-    protocol = "torchserve"
-    max_batch = 1
+    protocol: ClassVar[str] = "torchserve"
+    summary: ClassVar[str] = "TorchServe inference API (POST /predictions/NAME)"
+    max_batch: ClassVar[int | None] = 1
 
-    model_url_pattern = r"^(.*?)/predictions/([^/]+)(?:/([^/]+))?/?$"
-    default_model_name = "model"
+    model_url_pattern: ClassVar[str | None] = r"^(.*?)/predictions/([^/]+)(?:/([^/]+))?/?$"
+    default_model_name: ClassVar[str | None] = "model"
 
     def endpoint_url(self) -> str:
-        return self._predict_url()
-
-    def _predict_url(self) -> str:
-        url = f"{self.url}/predictions/{quote(self.model_name, safe='')}"
+        """``/predictions/NAME[/VERSION]``: where the markers go."""
+        url = f"{self.url}/predictions/{quote(self.model_name or '', safe='')}"
         return url + (f"/{quote(self.version, safe='')}" if self.version else "")
 
-    def _query_batch(self, x: np.ndarray, spec: OutputSpec) -> list[Answer]:
-        kind = "iu" if x.dtype.kind in "iu" else "f"
-        doc = self.request("POST", self._predict_url(), json_body=nested(x[0], kind[0])).json()
+    def _query_batch(self, x: np.ndarray, spec: OutputSpec) -> list[Answer | QueryFailure]:
+        doc = self.request("POST", self.endpoint_url(), json_body=nested(x[0])).json()
         return [to_answer(parse_prediction(doc), spec, self.classes)]
 
 
@@ -72,19 +68,10 @@ def parse_prediction(doc: Any) -> Parts:
     """One TorchServe-style prediction (see the module doc) as Parts."""
     while isinstance(doc, list) and len(doc) == 1 and isinstance(doc[0], (list, dict)):
         doc = doc[0]
-    if isinstance(doc, dict):
-        if not doc:
-            raise Failure("malformed response: empty prediction")
-        if any(str(k).lower() in _NAMED for k in doc):
-            return parts_from_named(doc)
+    if isinstance(doc, (dict, list)) and not doc:
+        raise Failure("malformed response: empty prediction")
+    if isinstance(doc, dict) and not any(str(k).lower() in _NAMED for k in doc):
         return parts_from_label_map(doc)
-    if isinstance(doc, list):
-        if not doc:
-            raise Failure("malformed response: empty prediction")
-        if all(isinstance(v, int) and not isinstance(v, bool) for v in doc):
-            return Parts(labels=[as_label(v) for v in doc])
-        values = as_vector(doc, "scores")
-        return Parts(probs=values) if guess_kind("", values) == "probs" else Parts(logits=values)
-    if isinstance(doc, (int, str)) and not isinstance(doc, bool):
-        return Parts(labels=[as_label(doc)])
-    raise Failure(f"malformed response: unexpected prediction {str(doc)[:40]!r}")
+    if isinstance(doc, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in doc):
+        return Parts(labels=[as_label(v) for v in doc])
+    return parts_from_value(doc)

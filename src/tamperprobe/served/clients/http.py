@@ -1,0 +1,428 @@
+"""The HTTP transport every endpoint client shares: ``HTTPTarget``.
+
+An ``HTTPTarget`` implements the ``Target`` protocol, so ``verify`` treats a served model like a
+local one. What it does on each ``query``:
+
+* one marker per request by default (``batch_size``), in a shuffled order (``shuffle``, ``seed``;
+  seed ``None`` draws a fresh order each run), with an optional random pause of up to ``delay``
+  seconds between requests, so verification traffic looks like ordinary traffic;
+* headers: ``headers`` as given (a mapping, or ``Name:value`` texts), plus
+  ``Authorization: Bearer <value of $token_env>``;
+* TLS certificates are verified unless ``verify_tls=False``; redirects are not followed (a
+  redirect would carry the token elsewhere): a 3xx is a failure;
+* ``timeout`` seconds to connect and to receive the whole answer;
+* up to ``retries`` retries with exponential backoff (``backoff * 2**attempt`` seconds) on
+  connection errors, timeouts, 5xx and 429; a 429/503 ``Retry-After`` is honoured up to
+  ``max_retry_after`` seconds. Once an endpoint stayed unreachable through all retries, later
+  requests of the same query are tried once (no retries) until one gets through, so a dead
+  endpoint costs ``timeout * (retries + 1)`` once, not for every marker;
+* the response body is streamed and abandoned beyond ``max_response_bytes``; a gzip or deflate
+  body is decompressed within the same cap;
+* names, reports and history show the URL without ``user:password@``.
+
+Nothing raises out of ``query``: each marker gets an ``Answer`` or a ``QueryFailure`` whose reason
+starts with one of:
+
+=====================================  =========================================================
+``connection refused``                 nothing listens at the endpoint
+``cannot connect: ...``                DNS, TLS or another connection error
+``timed out after T s``                no (complete) answer within the timeout
+``connection closed by the server``    the server hung up without an answer
+``HTTP 500: <error>``                  any non-2xx status (after retries for 5xx/429)
+``response larger than 1 MiB``         the body exceeded ``max_response_bytes``
+``malformed response: ...``            not JSON, a missing output, a wrong shape, an unknown label
+``NaN in response``                    a NaN score (``infinite value in response`` likewise)
+``wrong number of classes: ...``       a score vector whose length is not the model's class count
+``the endpoint reveals ...``           the API's answers cannot answer the requested output spec
+=====================================  =========================================================
+
+with `` (after N attempts)`` appended when retries were spent. ``verify`` turns any of them into
+INCONCLUSIVE: a bad answer is never silently accepted. How a response becomes an answer is
+``answers.py``'s.
+"""
+
+from __future__ import annotations
+
+import email.utils
+import json
+import re
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, ClassVar
+from urllib.parse import urlsplit, urlunsplit
+
+import numpy as np
+
+from ..._util import env_secret, one_line
+from ...data import InputSpec
+from ...errors import UsageError
+from ...outputs import Answer, OutputSpec
+from ..targets import QueryFailure, QueryResult
+from .answers import Failure, check_answer
+
+DEFAULT_MAX_RESPONSE = 1 << 20
+_TOKEN_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+
+def human_size(n: int) -> str:
+    if n >= 1 << 20 and n % (1 << 20) == 0:
+        return f"{n >> 20} MiB"
+    if n >= 1024 and n % 1024 == 0:
+        return f"{n >> 10} KiB"
+    return f"{n} bytes"
+
+
+def redact_url(url: str) -> str:
+    """The URL without user:password@ (for names, logs and history)."""
+    parts = urlsplit(url)
+    if parts.username or parts.password:
+        host = parts.hostname or ""
+        if parts.port:
+            host = f"{host}:{parts.port}"
+        parts = parts._replace(netloc=host)
+    return urlunsplit(parts)
+
+
+def check_url(url: str) -> str:
+    parts = urlsplit(str(url).strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"bad endpoint URL {url!r}: expected http://host:port/... or https://...")
+    return str(url).strip()
+
+
+def parse_headers(headers: Mapping[str, str] | Iterable[str] | None) -> dict[str, str]:
+    """Extra request headers from a mapping or ``Name:value`` texts (``--header``); UsageError on a bad one."""
+    items: list[tuple[str, str]] = []
+    if isinstance(headers, Mapping):
+        items = [(str(k), str(v)) for k, v in headers.items()]
+    else:
+        for h in headers or []:
+            name, sep, value = str(h).partition(":")
+            if not sep:
+                raise UsageError(f"bad header {h!r}: expected Name:value")
+            items.append((name, value))
+    out: dict[str, str] = {}
+    for k, v in items:
+        k, v = str(k).strip(), str(v).strip()
+        if not _TOKEN_NAME.fullmatch(k) or any(ch in v for ch in "\r\n\0"):
+            raise UsageError(f"bad header {k!r}: use Name:value with a token name and a one-line value")
+        out[k] = v
+    return out
+
+
+def retry_after_seconds(value: str | None) -> float | None:
+    """A Retry-After header (seconds or an HTTP date) in seconds from now; None if absent or unreadable."""
+    if not value:
+        return None
+    value = value.strip()
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+
+
+def nested(x: np.ndarray) -> list:
+    """Inputs as nested JSON lists of exact values: integers for an integer array, else float64 of the (float32) values."""
+    arr = np.asarray(x)
+    return arr.astype(np.int64 if arr.dtype.kind in "iu" else np.float64).tolist()
+
+
+def _decompress(body: bytes, encoding: str, cap: int) -> bytes:
+    import zlib
+
+    d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
+    try:
+        out = d.decompress(body, cap + 1)
+    except zlib.error:
+        raise Failure(f"malformed response: bad {encoding} body") from None
+    if len(out) > cap:
+        raise Failure(f"response larger than {human_size(cap)}")
+    return out
+
+
+@dataclass
+class HTTPResponse:
+    status: int
+    headers: Any
+    body: bytes
+
+    def json(self) -> Any:
+        try:
+            return json.loads(self.body)
+        except RecursionError:
+            raise Failure("malformed response: JSON nested too deeply") from None
+        except (ValueError, UnicodeDecodeError):
+            ctype = self.headers.get("content-type", "?") if self.headers is not None else "?"
+            raise Failure(f"malformed response: not JSON ({ctype}): {one_line(self.body.decode(errors='replace'), 80)!r}") from None
+
+
+class HTTPTarget:
+    """Base of the endpoint clients: HTTP with retries and limits, marker scheduling, failure capture.
+
+    A dialect sets ``protocol``, ``summary`` (for ``--protocol``'s help) and maybe ``aliases``,
+    implements ``_query_batch(x, spec) -> list[Answer | QueryFailure]`` (raising ``Failure`` for
+    the whole batch), and may override ``_prepare(spec, x)`` (run once per query before the
+    markers, e.g. to read metadata) and ``endpoint_url()``.
+    """
+
+    protocol: ClassVar[str] = "http"
+    summary: ClassVar[str] = ""
+    aliases: ClassVar[tuple[str, ...]] = ()
+    takes_template: ClassVar[bool] = False  # True: the dialect is described by a --template
+    max_batch: ClassVar[int | None] = None  # None: any batch size; 1: the dialect takes one input per request
+    # A model URL of the dialect, as a regex with groups (base URL, model name, version or None):
+    # such an endpoint sets the model name and version unless --model-name is given.
+    model_url_pattern: ClassVar[str | None] = None
+    default_model_name: ClassVar[str | None] = None
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        model_name: str | None = None,
+        headers: Mapping[str, str] | Iterable[str] | None = None,
+        token_env: str | None = None,
+        timeout: float = 10.0,
+        retries: int = 3,
+        backoff: float = 0.2,
+        batch_size: int = 1,
+        delay: float = 0.0,
+        shuffle: bool = True,
+        seed: int | None = None,
+        verify_tls: bool = True,
+        max_response_bytes: int = DEFAULT_MAX_RESPONSE,
+        input_spec: InputSpec | None = None,
+        classes: int | None = None,
+        max_retry_after: float = 10.0,
+        transport: Any = None,
+    ) -> None:
+        import httpx
+
+        self.version: str | None = None
+        if self.model_url_pattern:
+            m = re.match(self.model_url_pattern, url.strip())
+            if m:
+                url, self.version = m.group(1), m.group(3)
+                model_name = model_name or m.group(2)
+            url = url.rstrip("/")
+        self.url = check_url(url)
+        self.model_name = model_name or self.default_model_name
+        if not timeout > 0:
+            raise UsageError("--timeout must be > 0 seconds")
+        if retries < 0:
+            raise UsageError("--retries must be >= 0")
+        if batch_size < 1:
+            raise UsageError("--batch-size must be >= 1")
+        if delay < 0 or backoff < 0:
+            raise UsageError("--delay and backoff must be >= 0")
+        if max_response_bytes < 1:
+            raise UsageError("the response size cap must be >= 1 byte")
+        self.timeout = float(timeout)
+        self.retries = int(retries)
+        self.backoff = float(backoff)
+        self.batch_size = int(batch_size) if self.max_batch is None else min(int(batch_size), self.max_batch)
+        self.delay = float(delay)
+        self.shuffle = shuffle
+        self.seed = seed
+        self.verify_tls = verify_tls
+        self.max_response_bytes = int(max_response_bytes)
+        self.max_retry_after = float(max_retry_after)
+        self.input_spec = input_spec  # the fingerprint's: markers are sent as they are stored (8-bit ones as integers)
+        self.classes = classes
+        hdrs = {"User-Agent": "tamperprobe", "Accept": "application/json", "Accept-Encoding": "gzip, deflate"}
+        hdrs.update(parse_headers(headers))
+        if token_env:
+            hdrs["Authorization"] = f"Bearer {env_secret(token_env, '--token-env').strip()}"
+        # Redirects are never followed, so a plain-http endpoint never needs TLS: skip loading the CA bundle.
+        tls = verify_tls if urlsplit(self.url).scheme == "https" else False
+        self._client = httpx.Client(
+            headers=hdrs,
+            verify=tls,
+            follow_redirects=False,
+            transport=transport,
+            timeout=httpx.Timeout(self.timeout),
+            trust_env=False,
+        )
+        self._unreachable = False
+        self.name = f"{self.protocol}:{redact_url(self.endpoint_url())}"
+
+    def endpoint_url(self) -> str:
+        """The URL that names this client in reports and history (subclasses: the model's URL)."""
+        return self.url
+
+    # ------------------------------------------------------------------ Target protocol
+
+    def query(self, inputs: np.ndarray, spec: OutputSpec) -> QueryResult:
+        try:
+            spec = OutputSpec.parse(spec)
+            x = np.asarray(inputs)
+        except Exception as exc:  # noqa: BLE001 - query never raises
+            return QueryResult.failed(len(inputs), f"bad query: {one_line(exc)}")
+        n = len(x)
+        self._unreachable = False
+        rng = np.random.default_rng(self.seed)
+        try:
+            self._prepare(spec, x)
+        except Exception as exc:  # noqa: BLE001 - query never raises
+            return QueryResult.failed(n, _reason(exc))
+        results: list[Answer | QueryFailure] = [QueryFailure("no answer returned")] * n
+        latencies: list[float | None] = [None] * n
+        order = rng.permutation(n) if self.shuffle else np.arange(n)
+        for b, start in enumerate(range(0, n, self.batch_size)):
+            idx = order[start : start + self.batch_size]
+            if b and self.delay > 0:
+                time.sleep(float(rng.uniform(0.0, self.delay)))
+            t0 = time.monotonic()
+            answers: list[Answer | QueryFailure]
+            try:
+                answers = list(self._query_batch(x[idx], spec))
+                if len(answers) != len(idx):
+                    raise Failure(f"malformed response: {len(answers)} answers for {len(idx)} inputs")
+            except Exception as exc:  # noqa: BLE001 - query never raises
+                answers = [QueryFailure(_reason(exc))] * len(idx)
+            dt = time.monotonic() - t0
+            for i, a in zip(idx, answers):
+                if isinstance(a, Answer):
+                    try:
+                        a = check_answer(a, spec, self.classes)
+                    except Failure as f:
+                        a = QueryFailure(f.reason)
+                results[int(i)] = a
+                latencies[int(i)] = dt
+        return QueryResult.of(results, latencies)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> HTTPTarget:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ hooks
+
+    def _prepare(self, spec: OutputSpec, x: np.ndarray) -> None:
+        """Run once per query before any marker (metadata look-ups); raise Failure to fail all markers."""
+
+    def _query_batch(self, x: np.ndarray, spec: OutputSpec) -> list[Answer | QueryFailure]:
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ HTTP with retries
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        *,
+        json_body: Any = None,
+        content: bytes | None = None,
+        headers: dict[str, str] | None = None,
+        ok_statuses: tuple[int, ...] = (),
+    ) -> HTTPResponse:
+        """Send with retries; return a 2xx response (or one in ``ok_statuses``); raise Failure otherwise."""
+        import httpx
+
+        if json_body is not None:
+            try:
+                content = json.dumps(json_body, allow_nan=False).encode()
+            except ValueError:
+                raise Failure("cannot send NaN or infinite inputs as JSON") from None
+            headers = {"Content-Type": "application/json", **(headers or {})}
+        attempts = 1 if self._unreachable else self.retries + 1
+        reason = "no attempt made"
+        unreachable = False
+        for attempt in range(attempts):
+            wait = self.backoff * (2**attempt)
+            try:
+                resp = self._send_once(method, url, content, headers)
+            except Failure as f:
+                if not f.retryable:
+                    raise
+                reason, unreachable = f.reason, f.unreachable
+            except httpx.HTTPError as exc:  # anything _send_once did not classify
+                reason, unreachable = f"HTTP error: {one_line(exc, 120)}", False
+            else:
+                self._unreachable = unreachable = False
+                if 200 <= resp.status < 300 or resp.status in ok_statuses:
+                    return resp
+                reason = f"HTTP {resp.status}: {self._error_text(resp)}"
+                if 300 <= resp.status < 400:
+                    loc = resp.headers.get("location", "")
+                    raise Failure(f"HTTP {resp.status}: redirect to {one_line(loc, 100)!r} not followed (give the final URL)")
+                if not (resp.status == 429 or resp.status >= 500):
+                    raise Failure(reason)
+                ra = retry_after_seconds(resp.headers.get("retry-after"))
+                if ra is not None:
+                    wait = min(ra, self.max_retry_after)
+            if attempt < attempts - 1:
+                time.sleep(wait)
+        if unreachable:
+            self._unreachable = True  # later requests of this query: one attempt each until one gets through
+        if attempts > 1:
+            reason = f"{reason} (after {attempts} attempts)"
+        raise Failure(reason)
+
+    def _error_text(self, resp: HTTPResponse) -> str:
+        text = resp.body.decode(errors="replace")
+        try:
+            doc = json.loads(text)
+        except ValueError:
+            doc = None
+        if isinstance(doc, dict):
+            text = next((doc[k] for k in ("error", "message") if isinstance(doc.get(k), str)), text)
+        return one_line(text, 200) or "(empty body)"
+
+    def _send_once(self, method: str, url: str, content: bytes | None, headers: dict[str, str] | None) -> HTTPResponse:
+        import httpx
+
+        start = time.monotonic()
+        cap = self.max_response_bytes
+        try:
+            with self._client.stream(method, url, content=content, headers=headers) as resp:
+                declared = resp.headers.get("content-length")
+                if declared is not None and declared.isdigit() and int(declared) > cap:
+                    raise Failure(f"response larger than {human_size(cap)}")
+                chunks, size = [], 0
+                for chunk in resp.iter_raw():
+                    size += len(chunk)
+                    if size > cap:
+                        raise Failure(f"response larger than {human_size(cap)}")
+                    if time.monotonic() - start > self.timeout:
+                        raise Failure(f"timed out after {self.timeout:.1f} s", retryable=True)
+                    chunks.append(chunk)
+                body = b"".join(chunks)
+                encoding = resp.headers.get("content-encoding", "").lower()
+                if encoding in ("gzip", "deflate"):
+                    body = _decompress(body, encoding, cap)
+                elif encoding not in ("", "identity"):
+                    raise Failure(f"malformed response: unsupported Content-Encoding {encoding!r}")
+                return HTTPResponse(resp.status_code, resp.headers, body)
+        except httpx.ConnectTimeout:
+            raise Failure(f"timed out after {self.timeout:.1f} s (connecting)", retryable=True, unreachable=True) from None
+        except httpx.TimeoutException:
+            raise Failure(f"timed out after {self.timeout:.1f} s", retryable=True, unreachable=True) from None
+        except httpx.ConnectError as exc:
+            if "refused" in str(exc).lower():
+                raise Failure("connection refused", retryable=True, unreachable=True) from None
+            raise Failure(f"cannot connect: {one_line(exc, 120)}", retryable=True, unreachable=True) from None
+        except httpx.RemoteProtocolError as exc:
+            raise Failure(f"connection closed by the server ({one_line(exc, 80)})", retryable=True) from None
+        except httpx.TransportError as exc:
+            raise Failure(f"transport error: {one_line(exc, 120)}", retryable=True) from None
+
+
+def _reason(exc: BaseException) -> str:
+    """The failure reason for an exception raised while querying (a client bug reads as a client error)."""
+    if isinstance(exc, Failure):
+        return exc.reason
+    return f"client error: {one_line(exc, 120, with_type=True)}"
