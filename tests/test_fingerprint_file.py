@@ -6,7 +6,6 @@ import struct
 
 import numpy as np
 import pytest
-
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from tamperprobe.data import InputSpec
