@@ -42,13 +42,42 @@ ENCRYPTION_MAGIC = b"TPFENC1\n"  # an encrypted fingerprint starts with these by
 _NONCE = 12
 TRUST_ENV = "TAMPERPROBE_TRUST_KEYS"
 SECRET_ENV = "TAMPERPROBE_FINGERPRINT_KEY"
+SIGNING_KEY_ENV = "TAMPERPROBE_SIGNING_KEY"
+
+
+def config_dir() -> Path:
+    """tamperprobe's folder in the user's config folder (``$XDG_CONFIG_HOME/tamperprobe`` on Linux)."""
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("tamperprobe"))
 
 
 def trusted_keys_dir() -> Path:
     """The folder whose ``*.pub`` files are trusted by default."""
-    import platformdirs
+    return config_dir() / "trusted-keys"
 
-    return Path(platformdirs.user_config_dir("tamperprobe")) / "trusted-keys"
+
+def default_signing_key_path() -> Path:
+    """The owner's signing key: ``$TAMPERPROBE_SIGNING_KEY``, else ``signing-key.pem`` in the config folder."""
+    env = os.environ.get(SIGNING_KEY_ENV, "").strip()
+    return Path(env) if env else config_dir() / "signing-key.pem"
+
+
+def ensure_signing_key(passphrase: bytes | None = None) -> tuple[Path, bool]:
+    """The default signing key's path, creating the key pair on first use; ``True`` when it was just created.
+
+    A new key's public half is also copied into the trusted-keys folder, so fingerprints made on this
+    machine verify on this machine; other machines need the public key copied to them.
+    """
+    path = default_signing_key_path()
+    if path.exists():
+        return path, False
+    _, pub = generate_keypair(path, path.with_suffix(".pub"), passphrase=passphrase)
+    folder = trusted_keys_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    kid = key_id(load_public_key(pub))
+    (folder / f"{kid}.pub").write_bytes(pub.read_bytes())
+    return path, True
 
 
 # ------------------------------------------------------------------------ key files
