@@ -222,7 +222,7 @@ def test_attacker_without_the_private_key_cannot_make_an_acceptable_file(tmp_pat
 
 def test_unsigned_files_need_an_explicit_opt_out(tmp_path):
     p = tmp_path / "a.tpf"
-    _save_file(_fp(), p)
+    _save_file(_fp(), p, sign_key=None)
     with pytest.raises(AuthenticityError, match="not signed"):
         _load_file(p, trust=TRUST)
     back = _load_file(p, trust=Trust(TRUST.keys, allow_unsigned=True))

@@ -59,7 +59,7 @@ def test_passphrase_protected_key(tmp_path, monkeypatch):
 
 def test_sign_upgrades_an_unsigned_file(tmp_path):
     RUN.invoke(app, ["keygen"])
-    save(_fp(), tmp_path / "a.tpf")
+    save(_fp(), tmp_path / "a.tpf", sign_key=None)
     with pytest.raises(AuthenticityError, match="not signed"):
         load(tmp_path / "a.tpf")
     res = RUN.invoke(app, ["sign", str(tmp_path / "a.tpf")])
@@ -75,6 +75,13 @@ def test_trust_from_environment_variable(tmp_path, monkeypatch):
         load(tmp_path / "a.tpf")
     monkeypatch.setenv(signing.TRUST_ENV, str(tmp_path / "k.pub"))
     assert load(tmp_path / "a.tpf").signer == signing.key_id(signing.load_public_key(tmp_path / "k.pub"))
+
+
+def test_library_save_signs_with_the_default_key(tmp_path):
+    """The Python API round trip works out of the box: save signs with the default key, which this machine trusts."""
+    save(_fp(), tmp_path / "a.tpf")
+    back = load(tmp_path / "a.tpf")
+    assert back.signer == signing.key_id(signing.load_public_key(signing.default_signing_key_path().with_suffix(".pub")))
 
 
 def test_default_signing_key_is_created_once(tmp_path):

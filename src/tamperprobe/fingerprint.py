@@ -173,10 +173,22 @@ def to_bytes(fp: Fingerprint, *, sign_key: Any = None) -> bytes:
     return save(tensors, metadata={"tamperprobe": json.dumps(meta, sort_keys=True, default=_json_default)})
 
 
-def save(fp: Fingerprint, path: str | os.PathLike, *, sign_key: Any = None, encrypt_key: bytes | None = None) -> Path:
-    """Write ``fp`` atomically (mode 0600: the markers are secret), signed and/or encrypted when keys are given."""
+DEFAULT_KEY = "default"  # sign with the user's default signing key (created on first use)
+
+
+def save(
+    fp: Fingerprint, path: str | os.PathLike, *, sign_key: Any = DEFAULT_KEY, encrypt_key: bytes | None = None, passphrase: bytes | None = None
+) -> Path:
+    """Write ``fp`` atomically (mode 0600: the markers are secret), signed, and encrypted when ``encrypt_key`` is given.
+
+    ``sign_key`` is an Ed25519 private key, ``"default"`` (the default: the user's signing key,
+    ``signing.ensure_signing_key()``, created and trusted on this machine on first use; ``passphrase``
+    unlocks it) or ``None`` for an unsigned file, which ``load`` refuses unless told to accept it.
+    """
     from . import signing
 
+    if isinstance(sign_key, str) and sign_key == DEFAULT_KEY:
+        sign_key = signing.load_private_key(signing.ensure_signing_key()[0], passphrase)
     data = to_bytes(fp, sign_key=sign_key)
     if encrypt_key is not None:
         data = signing.encrypt(data, encrypt_key)
