@@ -2,31 +2,13 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from ._common import console, err_console, handled
-from ._options import FingerprintArgument
-
-
-def passphrase_from_env(var: str | None) -> bytes | None:
-    """The passphrase held by environment variable ``var`` (never taken from the command line)."""
-    from ..errors import UsageError
-
-    if var is None:
-        return None
-    value = os.environ.get(var)
-    if not value:
-        raise UsageError(f"environment variable {var} is not set or empty")
-    return value.encode()
-
-
-PassphraseEnvOption = Annotated[
-    Optional[str], typer.Option("--passphrase-env", help="Environment variable holding the private key's passphrase (never on the command line).")
-]
+from ._options import FingerprintArgument, PassphraseEnvOption, passphrase_from_env
 
 
 def keygen(
