@@ -18,6 +18,25 @@ def _one_torch_thread():
     torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_config(tmp_path_factory):
+    """A config folder of the session's own: the default signing key (created on first use by ``fingerprint.save``)
+    and the trusted keys live there, never in the user's real config; subprocesses inherit it."""
+    import os
+
+    saved = {k: os.environ.get(k) for k in ("XDG_CONFIG_HOME", "TAMPERPROBE_TRUST_KEYS", "TAMPERPROBE_SIGNING_KEY", "TAMPERPROBE_FINGERPRINT_KEY")}
+    os.environ["XDG_CONFIG_HOME"] = str(tmp_path_factory.mktemp("config"))
+    for k in saved:
+        if k != "XDG_CONFIG_HOME":
+            os.environ.pop(k, None)
+    yield
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
 @pytest.fixture(autouse=True)
 def _seed_and_isolate(tmp_path_factory, monkeypatch):
     torch.manual_seed(0)

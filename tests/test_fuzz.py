@@ -38,12 +38,13 @@ from hypothesis import strategies as st
 
 from tamperprobe import zoo
 from tamperprobe.data import InputSpec
-from tamperprobe.errors import FingerprintFormatError, UsageError
-from tamperprobe.fingerprint import load
+from tamperprobe.errors import AuthenticityError, FingerprintFormatError, UsageError
+from tamperprobe.fingerprint import load as _load_file
 from tamperprobe.models import TorchModel
 from tamperprobe.outputs import DEFAULT_TOLERANCE, Answer, Match, OutputSpec, softmax64
 from tamperprobe.server.app import ServerThread
 from tamperprobe.server.infer import BadRequest, parse_infer_request
+from tamperprobe.signing import Trust, load_public_key
 
 # Hypothesis keeps caches in ./.hypothesis even with database=None: keep them out of the tree.
 _hypothesis_configuration.set_hypothesis_home_dir(
@@ -170,7 +171,16 @@ def test_clearly_wrong_answers_do_not_match(sz, wrong, delta):
 
 # --------------------------------------------------------------------------- fingerprint.load on damaged bytes
 
-_ORIGINALS = {name: (GOLDEN / name).read_bytes() for name in ("fingerprint-v1.tpf", "fingerprint-v1-uint8.tpf")}
+_ORIGINALS = {
+    name: (GOLDEN / name).read_bytes()
+    for name in ("fingerprint-v1.tpf", "fingerprint-v1-uint8.tpf", "fingerprint-v2.tpf", "fingerprint-v2-uint8.tpf")
+}
+# v1 files carry no signature (accepted here on purpose); v2 files must verify with the golden test key
+_GOLDEN_TRUST = Trust((load_public_key(GOLDEN / "golden-signing-key.pub"),), allow_unsigned=True)
+
+
+def load(path):
+    return _load_file(path, trust=_GOLDEN_TRUST)
 
 
 def _meta_span(raw: bytes) -> tuple[int, int]:
@@ -260,7 +270,7 @@ def test_load_damaged_file_raises_format_error_or_gives_original_tensors(fuzz_di
     p.write_bytes(raw)
     try:
         fp = load(p)
-    except FingerprintFormatError as exc:
+    except (FingerprintFormatError, AuthenticityError) as exc:
         assert str(exc)
         return
     assert _same_tensors(fp, _ORIGINAL_FPS[name]), "damaged file read back with different tensors"
@@ -276,7 +286,7 @@ def test_load_damage_outside_metadata_is_detected_or_harmless(fuzz_dir, m):
     p.write_bytes(raw)
     try:
         fp = load(p)
-    except FingerprintFormatError:
+    except (FingerprintFormatError, AuthenticityError):
         return
     orig = _ORIGINAL_FPS[name]
     assert _same_tensors(fp, orig) and _same_meta(fp, orig) and fp.id == orig.id

@@ -1,9 +1,10 @@
-"""Golden files pin the v1 fingerprint format on disk.
+"""Golden files pin the fingerprint format on disk: the current v2 (signed) and the frozen v1.
 
-tests/golden/*.tpf were written once by tests/golden/make_golden.py; tests/golden/expected.json
-records what reading them must give. A change that stops reading old files, or reads them
-differently, fails here. A change of what the writer produces (bytes) fails
-``test_rewrite_is_byte_identical``: decide then whether that is a format change.
+tests/golden/fingerprint-v2*.tpf are written by tests/golden/make_golden.py (expected-v2.json records
+what reading them must give); fingerprint-v1*.tpf and expected.json were written by version 0.1 and
+are frozen. A change that stops reading old files, or reads them differently, fails here. A change
+of what the writer produces (bytes) fails ``test_rewrite_is_byte_identical``: decide then whether
+that is a format change. Upgrading a v1 file (read it, write it signed) must give exactly the v2 file.
 """
 
 from __future__ import annotations
@@ -18,13 +19,30 @@ import numpy as np
 import pytest
 
 from tamperprobe.data import InputSpec
+from tamperprobe.errors import AuthenticityError
 from tamperprobe.fingerprint import FORMAT, VERSION, Fingerprint, load, save
 from tamperprobe.outputs import OutputSpec, softmax64
+from tamperprobe.signing import Trust, load_private_key, load_public_key
 
 GOLDEN = Path(__file__).parent / "golden"
-EXPECTED = json.loads((GOLDEN / "expected.json").read_text(encoding="utf-8"))
+EXPECTED_BY_VERSION = {
+    1: json.loads((GOLDEN / "expected.json").read_text(encoding="utf-8")),
+    2: json.loads((GOLDEN / "expected-v2.json").read_text(encoding="utf-8")),
+}
+EXPECTED = EXPECTED_BY_VERSION[1]
 KEYS = sorted(EXPECTED)
+CASES = [(v, k) for v in (1, 2) for k in sorted(EXPECTED_BY_VERSION[v])]
 TENSORS = ("inputs", "logits", "probs", "seeds", "groups")
+SIGNING_KEY = load_private_key(GOLDEN / "golden-signing-key.pem")
+TRUST = {1: Trust(allow_unsigned=True), 2: Trust((load_public_key(GOLDEN / "golden-signing-key.pub"),))}
+META_KEYS = {
+    1: ["created", "extra", "format", "generator", "input_spec", "model_digest", "output_spec", "sha256", "tolerance"],
+    2: ["created", "extra", "format", "generator", "input_spec", "model_digest", "output_spec", "sha256", "signature", "tolerance"],
+}
+
+
+def _load(version: int, path: Path) -> Fingerprint:
+    return load(path, trust=TRUST[version])
 
 
 def _array(t: dict) -> np.ndarray:
@@ -57,26 +75,26 @@ def _expected_fingerprint(exp: dict) -> Fingerprint:
 
 
 def test_golden_set_is_complete():
-    assert KEYS == ["float32", "uint8"]
+    assert KEYS == ["float32", "uint8"] == sorted(EXPECTED_BY_VERSION[2])
     assert EXPECTED["float32"]["fields"]["input_spec"]["dtype"] == "float32"
     assert EXPECTED["uint8"]["fields"]["input_spec"]["dtype"] == "uint8"
     assert "groups" in EXPECTED["uint8"]["tensors"] and "seeds" in EXPECTED["uint8"]["tensors"]
     assert "groups" not in EXPECTED["float32"]["tensors"] and "seeds" not in EXPECTED["float32"]["tensors"]
 
 
-@pytest.mark.parametrize("key", KEYS)
-def test_golden_file_is_untouched(key):
+@pytest.mark.parametrize("version,key", CASES)
+def test_golden_file_is_untouched(version, key):
     """The committed bytes are the ones expected.json describes (no line-ending or LFS rewrite)."""
-    exp = EXPECTED[key]
+    exp = EXPECTED_BY_VERSION[version][key]
     raw = (GOLDEN / exp["file"]).read_bytes()
     assert len(raw) == exp["size"]
     assert hashlib.sha256(raw).hexdigest() == exp["sha256_file"]
 
 
-@pytest.mark.parametrize("key", KEYS)
-def test_reading_golden_gives_exact_arrays(key):
-    exp = EXPECTED[key]
-    fp = load(GOLDEN / exp["file"])
+@pytest.mark.parametrize("version,key", CASES)
+def test_reading_golden_gives_exact_arrays(version, key):
+    exp = EXPECTED_BY_VERSION[version][key]
+    fp = _load(version, GOLDEN / exp["file"])
     for name in TENSORS:
         got = getattr(fp, name)
         if name not in exp["tensors"]:
@@ -95,10 +113,10 @@ def test_reading_golden_gives_exact_arrays(key):
     assert fp.id == exp["id"]
 
 
-@pytest.mark.parametrize("key", KEYS)
-def test_reading_golden_gives_exact_metadata(key):
-    exp = EXPECTED[key]
-    fp = load(GOLDEN / exp["file"])
+@pytest.mark.parametrize("version,key", CASES)
+def test_reading_golden_gives_exact_metadata(version, key):
+    exp = EXPECTED_BY_VERSION[version][key]
+    fp = _load(version, GOLDEN / exp["file"])
     f = exp["fields"]
     assert fp.input_spec == InputSpec.from_json(f["input_spec"])
     assert fp.input_spec.to_json() == f["input_spec"]
@@ -113,15 +131,17 @@ def test_reading_golden_gives_exact_metadata(key):
     header, _ = _header((GOLDEN / exp["file"]).read_bytes())
     meta = json.loads(header["__metadata__"]["tamperprobe"])
     assert meta == exp["meta"]
-    assert meta["format"] == f"{FORMAT}/v1" == "tamperprobe.fingerprint/v1"
-    assert sorted(meta) == ["created", "extra", "format", "generator", "input_spec", "model_digest", "output_spec", "sha256", "tolerance"]
+    assert meta["format"] == f"{FORMAT}/v{version}" == f"tamperprobe.fingerprint/v{version}"
+    assert sorted(meta) == META_KEYS[version]
+    assert fp.version == version
+    assert fp.signer == (None if version == 1 else meta["signature"]["key_id"])
     assert {k: v for k, v in header.items() if k != "__metadata__"} == exp["header_tensors"]
 
 
-@pytest.mark.parametrize("key", KEYS)
-def test_golden_values_are_consistent(key):
-    """What v1 means, checked on the golden file: probs is the softmax of logits, uint8 decodes as documented."""
-    fp = load(GOLDEN / EXPECTED[key]["file"])
+@pytest.mark.parametrize("version,key", CASES)
+def test_golden_values_are_consistent(version, key):
+    """What the format means, checked on the golden file: probs is the softmax of logits, uint8 decodes as documented."""
+    fp = _load(version, GOLDEN / EXPECTED_BY_VERSION[version][key]["file"])
     np.testing.assert_array_max_ulp(fp.probs, softmax64(fp.logits).astype(np.float32), maxulp=1)
     if fp.input_spec.dtype == "uint8":
         lo, hi = fp.input_spec.low, fp.input_spec.high
@@ -152,21 +172,43 @@ def _diff(a: bytes, b: bytes) -> str:
     return "; ".join(lines)
 
 
-@pytest.mark.parametrize("key", KEYS)
-def test_rewrite_is_byte_identical(tmp_path, key):
-    """Saving the same fingerprint with the current code gives the committed bytes."""
-    exp = EXPECTED[key]
-    golden = (GOLDEN / exp["file"]).read_bytes()
-    out = save(_expected_fingerprint(exp), tmp_path / "again.tpf").read_bytes()
+@pytest.mark.parametrize("version,key", CASES)
+def test_rewrite_is_byte_identical(tmp_path, version, key):
+    """Saving the same fingerprint with the current code, signed with the golden key, gives the committed v2 bytes
+    (for the v1 cases: the v2 file with the same contents)."""
+    exp = EXPECTED_BY_VERSION[version][key]
+    golden = (GOLDEN / EXPECTED_BY_VERSION[2][key]["file"]).read_bytes()
+    out = save(_expected_fingerprint(exp), tmp_path / "again.tpf", sign_key=SIGNING_KEY).read_bytes()
     assert out == golden, _diff(golden, out)
 
 
+@pytest.mark.parametrize("version,key", CASES)
+def test_load_then_save_is_byte_identical(tmp_path, version, key):
+    """Reading a golden file and writing it back signed gives the v2 golden file: metadata survives the JSON round
+    trip, and upgrading a v1 file changes nothing but the format tag and the signature."""
+    golden = GOLDEN / EXPECTED_BY_VERSION[version][key]["file"]
+    want = (GOLDEN / EXPECTED_BY_VERSION[2][key]["file"]).read_bytes()
+    out = save(_load(version, golden), tmp_path / "again.tpf", sign_key=SIGNING_KEY).read_bytes()
+    assert out == want, _diff(want, out)
+
+
 @pytest.mark.parametrize("key", KEYS)
-def test_load_then_save_is_byte_identical(tmp_path, key):
-    """Reading a golden file and writing it back changes nothing (metadata survives the JSON round trip)."""
-    golden = GOLDEN / EXPECTED[key]["file"]
-    out = save(load(golden), tmp_path / "again.tpf").read_bytes()
-    assert out == golden.read_bytes(), _diff(golden.read_bytes(), out)
+def test_unsigned_v1_is_refused_by_default(key):
+    """A v1 file carries no signature: reading it needs an explicit opt-out."""
+    with pytest.raises(AuthenticityError, match="version 1 file"):
+        load(GOLDEN / EXPECTED[key]["file"], trust=Trust(TRUST[2].keys))
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_v2_needs_a_trusted_key(key):
+    path = GOLDEN / EXPECTED_BY_VERSION[2][key]["file"]
+    with pytest.raises(AuthenticityError, match="no public key is trusted"):
+        load(path, trust=Trust())
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    other = Ed25519PrivateKey.generate().public_key()
+    with pytest.raises(AuthenticityError, match="not among the trusted keys"):
+        load(path, trust=Trust((other,)))
 
 
 def _make_golden():
@@ -192,7 +234,7 @@ def test_make_fingerprint_reproduces_golden(key):
         else:
             assert got.dtype.str == exp["tensors"][name]["dtype"]
             assert np.ascontiguousarray(got).tobytes().hex() == exp["tensors"][name]["hex"], name
-    golden = load(GOLDEN / exp["file"])
+    golden = _load(1, GOLDEN / exp["file"])
     assert (fp.input_spec, fp.generator, fp.model_digest, fp.output_spec, fp.tolerance, fp.created, fp.extra) == (
         golden.input_spec,
         golden.generator,
@@ -206,4 +248,4 @@ def test_make_fingerprint_reproduces_golden(key):
 
 def test_version_constant():
     """Bumping VERSION means a new format: add new golden files, keep these (old files must still load)."""
-    assert VERSION == 1
+    assert VERSION == 2

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from tamperprobe.errors import ModelLoadError, UsageError
-from tamperprobe.models import load_model, save_model
+from tamperprobe.models import TorchModel, load_model, save_model
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pt2", ".onnx"])
@@ -189,3 +189,101 @@ def test_timm_and_hugging_face_style_factories(tmp_path, monkeypatch):
     torch.save(TinyNet(4).state_dict(), tmp_path / "hf" / "weights.pt")
     hf_like = load_model("fakehub:TinyForImageClassification.from_pretrained", model_args={"pretrained_model_name_or_path": str(tmp_path / "hf")})
     assert hf_like.logits(x).shape == (3, 4)
+
+
+# ----------------------------------------------------------------------------- no code from suspect files
+
+
+class _MakeDir:
+    """Unpickling this creates a folder: a harmless stand-in for attacker code."""
+
+    def __init__(self, path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.path,))
+
+
+def _rewrite_zip(src, dst, change):
+    import zipfile
+
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            data = change(item.filename, zin.read(item.filename))
+            if data is not None:
+                zout.writestr(item, data)
+        extra = change(None, None)
+        if extra:
+            for name, data in extra.items():
+                zout.writestr(name, data)
+
+
+def _evil_pt2(tmp_path, how):
+    """A .pt2 that makes torch.export.load unpickle attacker data (three different ways)."""
+    import io
+    import json
+    import pickle
+
+    import torch
+
+    from tamperprobe import zoo
+
+    good = save_model(zoo.build("mlp", (1, 8, 8)), tmp_path / "good.pt2", np.zeros((2, 1, 8, 8), np.float32))
+    marker = tmp_path / f"pwned-{how}"
+    payload = pickle.dumps(_MakeDir(marker), protocol=2)
+
+    def change(name, data):
+        if name is None:
+            return {f"{root}extra/notes.txt": b"hello"} if how == "extra" else None
+        if how == "weights" and name.endswith("model_weights_config.json"):
+            cfg = json.loads(data)
+            first = next(iter(cfg["config"]))
+            cfg["config"][first]["use_pickle"] = True
+            return json.dumps(cfg).encode()
+        if how == "weights" and name.endswith("/weight_0"):
+            return payload
+        if how == "sample_inputs" and "/data/sample_inputs/" in name:
+            buf = io.BytesIO()
+            torch.save(_MakeDir(marker), buf)
+            return buf.getvalue()
+        return data
+
+    import zipfile
+
+    with zipfile.ZipFile(good) as zf:
+        root = zf.namelist()[0].split("/", 1)[0] + "/"
+    evil = tmp_path / f"evil-{how}.pt2"
+    _rewrite_zip(good, evil, change)
+    return evil, marker
+
+
+@pytest.mark.parametrize("how", ["weights", "sample_inputs"])
+def test_crafted_pt2_would_run_code_in_torch(tmp_path, how):
+    """The danger is real: torch.export.load itself runs the payload (so the refusal below means something)."""
+    import torch
+
+    evil, marker = _evil_pt2(tmp_path, how)
+    try:
+        torch.export.load(str(evil))
+    except Exception:
+        pass
+    assert marker.exists()
+
+
+@pytest.mark.parametrize("how", ["weights", "sample_inputs", "extra"])
+def test_crafted_pt2_is_refused_before_anything_is_unpickled(tmp_path, how):
+    evil, marker = _evil_pt2(tmp_path, how)
+    with pytest.raises(ModelLoadError, match="could run code"):
+        load_model(evil)
+    assert not marker.exists()
+
+
+def test_plain_pt2_still_loads(tmp_path):
+    from tamperprobe import zoo
+
+    m = zoo.build("mlp", (1, 8, 8)).eval()
+    x = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
+    p = save_model(m, tmp_path / "ok.pt2", x)
+    np.testing.assert_allclose(load_model(p).logits(x), TorchModel(m).logits(x), rtol=1e-5, atol=1e-6)

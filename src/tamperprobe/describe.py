@@ -31,6 +31,7 @@ def describe(fp: Fingerprint):
         ("output spec", f"{fp.output_spec}, tolerance {fp.tolerance:g}"),
         ("top-1 margin", f"min {margins.min():.3g}, median {np.median(margins):.3g}"),
         ("model digest", fp.model_digest),
+        ("signature", f"verified, key {fp.signer}" if fp.signer else f"NONE (format v{fp.version}, unsigned)"),
         ("created", fp.created),
     ]
     if fp.groups is not None:

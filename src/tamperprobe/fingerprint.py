@@ -1,12 +1,21 @@
-"""The fingerprint: secret marker inputs and the intact model's outputs, in one file.
+"""The fingerprint: secret marker inputs and the intact model's outputs, in one signed file.
 
 The file is a safetensors archive (no pickle). Tensors: ``inputs`` (exactly as sent),
 ``logits`` and ``probs`` of the intact model (float32), ``seeds`` (the natural inputs the
 markers started from) and optionally ``groups`` (markers that belong together). The header
-metadata key ``tamperprobe`` holds JSON: the format tag ``tamperprobe.fingerprint/v1``, the
-input spec, the generator with every parameter and the seed, the selection, the digest of
-the model weights, the intended output spec, the comparison tolerance, the creation time,
-and a SHA-256 over all tensors and that metadata, so that any altered byte is detected on reading.
+metadata key ``tamperprobe`` holds JSON: the format tag ``tamperprobe.fingerprint/v2``, the
+input spec, the generator with every parameter and the seed, the digest of the model weights,
+the intended output spec, the comparison tolerance, the creation time, ``sha256`` (the *content
+digest*: SHA-256 over the canonical JSON of every other metadata field and over every tensor's
+name, dtype, shape and bytes) and ``signature``: an Ed25519 signature of the content digest
+(``tamperprobe.signing``). Anyone can recompute a checksum; only the holder of the private key
+can sign, so ``load`` accepts a file only when a trusted public key verifies its signature
+(or, on explicit request, an unsigned file). The fingerprint id is the first 16 hex digits of
+the content digest, so it changes with any tensor or any metadata field.
+
+Version 1 files (no signature; the id covered the tensors only) are still read, as unsigned
+files. A file may also be encrypted at rest (``signing.encrypt``): then the whole archive is an
+AEAD ciphertext and reading it needs the secret key.
 
 Keep the file private: whoever holds the markers can special-case them.
 """
@@ -15,8 +24,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import re
+import struct
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -24,13 +35,27 @@ from typing import Any
 
 import numpy as np
 
+from ._util import atomic_write, one_line
 from .data import InputSpec
-from .errors import FingerprintFormatError
+from .errors import AuthenticityError, FingerprintFormatError, UsageError
 from .outputs import DEFAULT_TOLERANCE, OutputSpec, softmax64
 
 FORMAT = "tamperprobe.fingerprint"
-VERSION = 1
-_TENSORS = ("inputs", "logits", "probs", "seeds", "groups")
+VERSION = 2
+MAX_TOLERANCE = 0.01  # logit units: far above any benign runtime noise, far below a boundary margin's use
+_SIGNED_PREFIX = b"tamperprobe.fingerprint/v2\0"
+_NOT_CONTENT = ("sha256", "signature")
+
+
+def check_tolerance(value: Any, what: str = "tolerance") -> float:
+    """A finite tolerance in ``[0, MAX_TOLERANCE]`` (logit units); anything else is a UsageError."""
+    try:
+        tol = float(value)
+    except (TypeError, ValueError):
+        raise UsageError(f"{what} must be a number, got {value!r}") from None
+    if not math.isfinite(tol) or not 0.0 <= tol <= MAX_TOLERANCE:
+        raise UsageError(f"{what} must be a finite number in [0, {MAX_TOLERANCE:g}] (logit units), got {value!r}")
+    return tol
 
 
 @dataclass(frozen=True)
@@ -47,6 +72,8 @@ class Fingerprint:
     seeds: np.ndarray | None = None
     groups: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    version: int = field(default=VERSION, compare=False)  # the format version it was read from (or will be written as)
+    signer: str | None = field(default=None, compare=False)  # key id whose signature was verified on reading
 
     def __len__(self) -> int:
         return len(self.inputs)
@@ -57,8 +84,13 @@ class Fingerprint:
 
     @property
     def id(self) -> str:
-        """A short content id: equal for bit-identical fingerprints."""
-        return _tensor_digest(self._tensors())[:16]
+        """A short content id: equal for identical fingerprints, different when any tensor or metadata field differs.
+
+        (Version 1 files keep the id they were created with, which covered the tensors only.)
+        """
+        if self.version == 1:
+            return _content_digest(self._tensors())[:16]
+        return _content_digest(self._tensors(), self._meta())[:16]
 
     @property
     def labels(self) -> np.ndarray:
@@ -72,7 +104,21 @@ class Fingerprint:
             out["groups"] = self.groups
         return out
 
-    def subset(self, idx) -> Fingerprint:
+    def _meta(self) -> dict[str, Any]:
+        """The metadata as stored (without checksum and signature), JSON-normalised."""
+        meta = {
+            "format": f"{FORMAT}/v{VERSION}",
+            "input_spec": self.input_spec.to_json(),
+            "generator": self.generator,
+            "model_digest": self.model_digest,
+            "output_spec": self.output_spec,
+            "tolerance": self.tolerance,
+            "created": self.created,
+            "extra": self.extra,
+        }
+        return json.loads(json.dumps(meta, default=_json_default))
+
+    def subset(self, idx: Any) -> Fingerprint:
         idx = np.asarray(idx, dtype=np.int64)
         return replace(
             self,
@@ -90,14 +136,16 @@ def make_fingerprint(inputs: np.ndarray, logits: np.ndarray, input_spec: InputSp
     probs = softmax64(logits).astype(np.float32)
     created = kw.pop("created", None) or datetime.now(UTC).replace(microsecond=0).isoformat()
     inputs = np.ascontiguousarray(inputs, dtype=np.dtype(input_spec.dtype))
+    if "tolerance" in kw:
+        kw["tolerance"] = check_tolerance(kw["tolerance"])
     return Fingerprint(inputs, logits, probs, input_spec, generator, model_digest, created=created, **kw)
 
 
-def _tensor_digest(tensors: dict[str, np.ndarray], meta: dict | None = None) -> str:
-    """SHA-256 over every tensor and, when given, the canonical JSON of the metadata (without its checksum)."""
+def _content_digest(tensors: dict[str, np.ndarray], meta: dict | None = None) -> str:
+    """SHA-256 over every tensor and, when given, the canonical JSON of the metadata (without checksum and signature)."""
     h = hashlib.sha256()
     if meta is not None:
-        canonical = {k: v for k, v in meta.items() if k != "sha256"}
+        canonical = {k: v for k, v in meta.items() if k not in _NOT_CONTENT}
         h.update(json.dumps(canonical, sort_keys=True, default=_json_default).encode() + b"\n")
     for name in sorted(tensors):
         arr = np.ascontiguousarray(tensors[name])
@@ -106,28 +154,45 @@ def _tensor_digest(tensors: dict[str, np.ndarray], meta: dict | None = None) -> 
     return h.hexdigest()
 
 
-def save(fp: Fingerprint, path: str | os.PathLike) -> Path:
-    from safetensors.numpy import save_file
+def _signed_message(digest_hex: str) -> bytes:
+    return _SIGNED_PREFIX + bytes.fromhex(digest_hex)
 
-    p = Path(path)
+
+def to_bytes(fp: Fingerprint, *, sign_key: Any = None) -> bytes:
+    """The v2 file contents: a safetensors archive, signed with ``sign_key`` (an Ed25519 private key) when given."""
+    from safetensors.numpy import save
+
+    from . import signing
+
     tensors = {k: np.ascontiguousarray(v) for k, v in fp._tensors().items()}
-    meta = {
-        "format": f"{FORMAT}/v{VERSION}",
-        "input_spec": fp.input_spec.to_json(),
-        "generator": fp.generator,
-        "model_digest": fp.model_digest,
-        "output_spec": fp.output_spec,
-        "tolerance": fp.tolerance,
-        "created": fp.created,
-        "extra": fp.extra,
-    }
-    meta["sha256"] = _tensor_digest(tensors, json.loads(json.dumps(meta, default=_json_default)))
-    if p.parent and not p.parent.exists():
-        p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    save_file(tensors, str(tmp), metadata={"tamperprobe": json.dumps(meta, sort_keys=True, default=_json_default)})
-    os.replace(tmp, p)
-    return p
+    meta: dict[str, Any] = fp._meta()
+    meta["tolerance"] = check_tolerance(meta["tolerance"])
+    meta["sha256"] = _content_digest(tensors, meta)
+    if sign_key is not None:
+        meta["signature"] = signing.sign(_signed_message(meta["sha256"]), sign_key)
+    return save(tensors, metadata={"tamperprobe": json.dumps(meta, sort_keys=True, default=_json_default)})
+
+
+DEFAULT_KEY = "default"  # sign with the user's default signing key (created on first use)
+
+
+def save(
+    fp: Fingerprint, path: str | os.PathLike, *, sign_key: Any = DEFAULT_KEY, encrypt_key: bytes | None = None, passphrase: bytes | None = None
+) -> Path:
+    """Write ``fp`` atomically (mode 0600: the markers are secret), signed, and encrypted when ``encrypt_key`` is given.
+
+    ``sign_key`` is an Ed25519 private key, ``"default"`` (the default: the user's signing key,
+    ``signing.ensure_signing_key()``, created and trusted on this machine on first use; ``passphrase``
+    unlocks it) or ``None`` for an unsigned file, which ``load`` refuses unless told to accept it.
+    """
+    from . import signing
+
+    if isinstance(sign_key, str) and sign_key == DEFAULT_KEY:
+        sign_key = signing.load_private_key(signing.ensure_signing_key()[0], passphrase)
+    data = to_bytes(fp, sign_key=sign_key)
+    if encrypt_key is not None:
+        data = signing.encrypt(data, encrypt_key)
+    return atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def _json_default(obj: Any) -> Any:
@@ -140,20 +205,41 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"cannot record {type(obj).__name__} in a fingerprint")
 
 
-def load(path: str | os.PathLike) -> Fingerprint:
-    """Read a fingerprint back bit-exactly; any damage gives a FingerprintFormatError."""
-    from safetensors import safe_open
+def _read_archive(p: Path, raw: bytes) -> tuple[str | None, dict[str, np.ndarray]]:
+    """The ``tamperprobe`` metadata text and the tensors of a safetensors archive held in memory."""
+    from safetensors.numpy import load as st_load
+
+    try:
+        tensors = st_load(raw)
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + n])
+        raw_meta = (header.get("__metadata__") or {}).get("tamperprobe")
+    except Exception as exc:
+        raise FingerprintFormatError(f"{p} is not a readable fingerprint (truncated or not a tamperprobe file): {one_line(exc)}") from None
+    return raw_meta, tensors
+
+
+def load(path: str | os.PathLike, *, trust: Any = None, secret_key: bytes | None = None) -> Fingerprint:
+    """Read a fingerprint back bit-exactly and check that it is authentic.
+
+    ``trust`` (a ``signing.Trust``) says which signers to accept and whether an unsigned file
+    (or a version 1 file) may be read; ``None`` means the default trusted keys
+    (``signing.Trust.from_sources()``) and no unsigned files. Damage gives a
+    ``FingerprintFormatError``; a missing, untrusted or wrong signature an ``AuthenticityError``.
+    ``secret_key`` decrypts a file encrypted at rest.
+    """
+    from . import signing
 
     p = Path(path)
     if not p.is_file():
         raise FingerprintFormatError(f"fingerprint not found: {p}")
     try:
-        with safe_open(str(p), framework="numpy") as f:
-            raw_meta = (f.metadata() or {}).get("tamperprobe")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except Exception as exc:
-        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise FingerprintFormatError(f"{p} is not a readable fingerprint (truncated or not a tamperprobe file): {first}") from None
+        raw = p.read_bytes()
+    except OSError as exc:
+        raise FingerprintFormatError(f"cannot read fingerprint {p}: {exc.strerror or exc}") from None
+    if signing.is_encrypted(raw):
+        raw = signing.decrypt(raw, secret_key, str(p))
+    raw_meta, tensors = _read_archive(p, raw)
     if raw_meta is None:
         raise FingerprintFormatError(f"{p} is a safetensors file but not a tamperprobe fingerprint")
     try:
@@ -164,16 +250,27 @@ def load(path: str | os.PathLike) -> Fingerprint:
     m = re.fullmatch(r"([a-z.]+)/v([0-9]{1,6})", tag)
     if not m or m.group(1) != FORMAT:
         raise FingerprintFormatError(f"{p}: unknown format {tag[:60]!r}")
-    if int(m.group(2)) > VERSION:
-        raise FingerprintFormatError(f"{p} is fingerprint format v{m.group(2)}; this tamperprobe reads up to v{VERSION}: upgrade tamperprobe")
-    if _tensor_digest(tensors, meta) != meta.get("sha256"):
+    version = int(m.group(2))
+    if version > VERSION:
+        raise FingerprintFormatError(f"{p} is fingerprint format v{version}; this tamperprobe reads up to v{VERSION}: upgrade tamperprobe")
+    digest = _content_digest(tensors, meta)
+    if digest != meta.get("sha256"):
         raise FingerprintFormatError(f"{p}: contents do not match the recorded checksum (the file was altered or damaged)")
+    trust = signing.Trust.from_sources() if trust is None else trust
+    signer = None
+    record = meta.get("signature") if version >= 2 else None
+    if record is not None:
+        signer = signing.check_signature(_signed_message(digest), record, trust, str(p))
+    elif not trust.allow_unsigned:
+        what = "a version 1 file, which carries no signature" if version == 1 else "not signed"
+        raise AuthenticityError(f"{p} is {what}: refusing it (sign it with `tamperprobe sign`, or pass --allow-unsigned to accept the risk)")
     missing = [k for k in ("inputs", "logits", "probs") if k not in tensors]
     if missing:
         raise FingerprintFormatError(f"{p}: missing tensors {', '.join(missing)}")
     try:
         spec = InputSpec.from_json(meta["input_spec"])
         OutputSpec.parse(meta["output_spec"])
+        tolerance = float(meta["tolerance"])
         fp = Fingerprint(
             inputs=tensors["inputs"],
             logits=tensors["logits"],
@@ -182,14 +279,20 @@ def load(path: str | os.PathLike) -> Fingerprint:
             generator=dict(meta["generator"]),
             model_digest=str(meta["model_digest"]),
             output_spec=str(meta["output_spec"]),
-            tolerance=float(meta["tolerance"]),
+            tolerance=tolerance,
             created=str(meta["created"]),
             seeds=tensors.get("seeds"),
             groups=tensors.get("groups"),
             extra=dict(meta.get("extra") or {}),
+            version=version,
+            signer=signer,
         )
     except Exception as exc:
-        raise FingerprintFormatError(f"{p}: fingerprint header is incomplete or invalid ({exc})") from None
+        raise FingerprintFormatError(f"{p}: fingerprint header is incomplete or invalid ({one_line(exc)})") from None
+    try:
+        check_tolerance(tolerance, "the recorded tolerance")
+    except UsageError as exc:
+        raise FingerprintFormatError(f"{p}: {exc}") from None
     n = len(fp.inputs)
     if (
         fp.logits.ndim != 2

@@ -1,13 +1,20 @@
-"""Write the golden v1 fingerprint files that tests/test_golden.py pins the on-disk format with.
+"""Write the golden fingerprint files that tests/test_golden.py pins the on-disk format with.
 
-Files (next to this script):
+Files (next to this script), for the current format (v2, signed):
 
-* ``fingerprint-v1.tpf``        float32 inputs (1, 4, 4), no seeds, no groups, output spec ``logits``
-* ``fingerprint-v1-uint8.tpf``  uint8 inputs (1, 4, 4) in the 8-bit domain, float32 seeds and
+* ``fingerprint-v2.tpf``        float32 inputs (1, 4, 4), no seeds, no groups, output spec ``logits``
+* ``fingerprint-v2-uint8.tpf``  uint8 inputs (1, 4, 4) in the 8-bit domain, float32 seeds and
                                 int64 groups (boundary-style pairs), output spec ``probs:3``
-* ``expected.json``             what reading each file must give: every tensor (dtype, shape,
+* ``expected-v2.json``          what reading each file must give: every tensor (dtype, shape,
                                 raw bytes in hex and the values), the decoded header metadata,
                                 the Fingerprint fields, the content id, and the SHA-256 of the file
+* ``golden-signing-key.pem`` / ``.pub``: the Ed25519 key pair that signs them. A TEST key,
+  public on purpose: never trust it outside these tests. Ed25519 signatures are deterministic,
+  so the signed files are reproducible byte for byte.
+
+The v1 files (``fingerprint-v1*.tpf`` and ``expected.json``, same contents, unsigned) were
+written by version 0.1 with this script's builders; they are frozen: the current code no longer
+writes v1 and must keep reading them.
 
 Everything is fixed: arrays come from closed-form expressions (no RNG) and the creation time is
 a constant. ``make_fingerprint`` computes ``probs`` (a float64 softmax rounded to float32) at
@@ -38,8 +45,12 @@ import numpy as np
 
 HERE = Path(__file__).resolve().parent
 CREATED = "2024-05-01T12:00:00+00:00"
-FILES = {"float32": "fingerprint-v1.tpf", "uint8": "fingerprint-v1-uint8.tpf"}
-EXPECTED = "expected.json"
+FILES = {"float32": "fingerprint-v2.tpf", "uint8": "fingerprint-v2-uint8.tpf"}
+EXPECTED = "expected-v2.json"
+V1_FILES = {"float32": "fingerprint-v1.tpf", "uint8": "fingerprint-v1-uint8.tpf"}
+V1_EXPECTED = "expected.json"
+SIGNING_KEY = "golden-signing-key.pem"
+PUBLIC_KEY = "golden-signing-key.pub"
 _TENSOR_NAMES = ("inputs", "logits", "probs", "seeds", "groups")
 
 
@@ -159,15 +170,22 @@ def describe(fp, raw: bytes) -> dict:
     }
 
 
+def signing_key():
+    from tamperprobe.signing import load_private_key
+
+    return load_private_key(HERE / SIGNING_KEY)
+
+
 def render() -> dict[str, bytes]:
-    """Every golden file's bytes, freshly built with the current code."""
+    """Every current-format golden file's bytes, freshly built with the current code."""
     from tamperprobe.fingerprint import save
 
     out, expected = {}, {}
+    key_pem = signing_key()
     with tempfile.TemporaryDirectory() as tmp:
         for key, build in BUILDERS.items():
             fp = build()
-            p = save(fp, Path(tmp) / FILES[key])
+            p = save(fp, Path(tmp) / FILES[key], sign_key=key_pem)
             raw = p.read_bytes()
             out[FILES[key]] = raw
             expected[key] = dict(file=FILES[key], **describe(fp, raw))

@@ -7,7 +7,7 @@ shared option has one name, one help text and one default everywhere.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import Annotated, Any, List, Optional
 
 import typer
 
@@ -28,3 +28,82 @@ HistoryOption = Annotated[
     Optional[Path], typer.Option("--history", help="SQLite history file (default: $TAMPERPROBE_HISTORY or the user data folder).")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON.")]
+
+# ------------------------------------------------------------------ keys, signatures, encryption at rest
+
+SignKeyOption = Annotated[
+    Optional[Path], typer.Option("--sign-key", help="Ed25519 private key to sign with (default: your signing key, created on first use).")
+]
+UnsignedOption = Annotated[bool, typer.Option("--unsigned", help="Write an unsigned fingerprint (verification then needs --allow-unsigned).")]
+PassphraseEnvOption = Annotated[
+    Optional[str], typer.Option("--passphrase-env", help="Environment variable holding the private key's passphrase (never on the command line).")
+]
+EncryptKeyOption = Annotated[
+    Optional[Path], typer.Option("--encrypt-key", help="Encrypt the file at rest with this secret key (tamperprobe keygen --secret FILE).")
+]
+TrustKeyOption = Annotated[
+    Optional[List[Path]],
+    typer.Option("--trust-key", help="Trusted public key (repeatable); also $TAMPERPROBE_TRUST_KEYS and the trusted-keys config folder."),
+]
+AllowUnsignedOption = Annotated[
+    bool, typer.Option("--allow-unsigned", help="Accept an unsigned (or version 1) fingerprint: anyone could have written it. Warned on every run.")
+]
+DecryptKeyOption = Annotated[
+    Optional[Path], typer.Option("--decrypt-key", help="Secret key of an encrypted fingerprint (default: $TAMPERPROBE_FINGERPRINT_KEY).")
+]
+
+
+def passphrase_from_env(var: str | None) -> bytes | None:
+    """The passphrase held by environment variable ``var`` (never taken from the command line)."""
+    import os
+
+    from ..errors import UsageError
+
+    if var is None:
+        return None
+    value = os.environ.get(var)
+    if not value:
+        raise UsageError(f"environment variable {var} is not set or empty")
+    return value.encode()
+
+
+def load_fingerprint_from_options(path: Path, trust_key: list[Path] | None, allow_unsigned: bool, decrypt_key: Path | None) -> Any:
+    """Read and authenticate a fingerprint as the trust options say; an accepted unsigned file is warned about."""
+    from .. import signing
+    from ..fingerprint import load
+    from ._common import err_console
+
+    trust = signing.Trust.from_sources(trust_key, allow_unsigned=allow_unsigned)
+    fp = load(path, trust=trust, secret_key=signing.load_secret_key(decrypt_key))
+    if fp.signer is None:
+        err_console.print(
+            f"[bold yellow]warning:[/] {path} is not signed (--allow-unsigned): anyone who could write it could have chosen its expected answers",
+            highlight=False,
+            soft_wrap=True,
+        )
+    return fp
+
+
+def save_fingerprint_from_options(
+    fp: Any, out: Path, sign_key: Path | None, unsigned: bool, passphrase_env: str | None, encrypt_key: Path | None
+) -> str:
+    """Write ``fp`` signed as the options say; returns a note on how it was signed (and whether a key was just created)."""
+    from .. import signing
+    from ..errors import UsageError
+    from ..fingerprint import save
+
+    if unsigned and sign_key is not None:
+        raise UsageError("give --sign-key or --unsigned, not both")
+    passphrase = passphrase_from_env(passphrase_env)
+    secret = signing.load_secret_key(encrypt_key, env=None)
+    if unsigned:
+        save(fp, out, sign_key=None, encrypt_key=secret)
+        return "unsigned: verification needs --allow-unsigned"
+    note = ""
+    if sign_key is None:
+        sign_key, created = signing.ensure_signing_key(passphrase)
+        if created:
+            note = f"; created your signing key {sign_key} (its public key {sign_key.with_suffix('.pub')} is trusted here: copy it to the machines that verify)"
+    private = signing.load_private_key(sign_key, passphrase)
+    save(fp, out, sign_key=private, encrypt_key=secret)
+    return f"signed with key {signing.key_id(private.public_key())}{note}" + (", encrypted" if secret is not None else "")

@@ -79,9 +79,9 @@ def _root(
     """Prove, through its prediction API alone, that a served classifier is still the one you shipped."""
 
 
-from . import lab, owner, served  # noqa: E402
+from . import keys, lab, owner, served  # noqa: E402
 
-for _module in (owner, served, lab):
+for _module in (owner, served, lab, keys):
     _module.register(app)
 
 

@@ -9,7 +9,25 @@ import typer
 
 from ..owner.methods import method_descriptions
 from ._common import console, err_console, handled, progress_bar
-from ._options import DataOption, FingerprintArgument, HighOption, LowOption, ModelArgument, ParamOption, SeedOption, WeightsOption
+from ._options import (
+    AllowUnsignedOption,
+    DataOption,
+    DecryptKeyOption,
+    EncryptKeyOption,
+    FingerprintArgument,
+    HighOption,
+    LowOption,
+    ModelArgument,
+    ParamOption,
+    PassphraseEnvOption,
+    SeedOption,
+    SignKeyOption,
+    TrustKeyOption,
+    UnsignedOption,
+    WeightsOption,
+    load_fingerprint_from_options,
+    save_fingerprint_from_options,
+)
 
 
 def _method_help() -> str:
@@ -47,12 +65,15 @@ def fingerprint(
     check: Annotated[
         bool, typer.Option("--check/--no-check", help="Estimate detection against simulated int8, fp16, flooring and weight noise.")
     ] = True,
+    sign_key: SignKeyOption = None,
+    unsigned: UnsignedOption = False,
+    passphrase_env: PassphraseEnvOption = None,
+    encrypt_key: EncryptKeyOption = None,
 ) -> None:
-    """Generate a fingerprint from the real weights (owner side)."""
+    """Generate a fingerprint from the real weights (owner side), signed with your key."""
     with handled():
         from .._params import parse_kv
         from ..data import load_data
-        from ..fingerprint import save
         from ..models import load_model
         from ..owner.calibrate import load_noise, noise_settings
         from ..owner.generate import create_fingerprint
@@ -78,11 +99,14 @@ def fingerprint(
                 layer=layer,
                 progress=update,
             )
-        save(fp, out)
+        how = save_fingerprint_from_options(fp, out, sign_key, unsigned, passphrase_env, encrypt_key)
         chosen = fp.generator["selection"]
         if chosen != select:
             err_console.print(f"[yellow]warning:[/] {chosen}", highlight=False, soft_wrap=True)
-        console.print(f"wrote {out}: {len(fp)} markers ({method}, {chosen.split(' ')[0]} of {bag}), id {fp.id}, output spec {fp.output_spec}")
+        console.print(
+            f"wrote {out}: {len(fp)} markers ({method}, {chosen.split(' ')[0]} of {bag}), id {fp.id}, output spec {fp.output_spec}, {how}",
+            highlight=False,
+        )
         console.print(f"query budget: {len(fp)} prediction requests per verification")
         if check:
             _print_self_check(m, fp)
@@ -108,13 +132,15 @@ def _print_self_check(model, fp) -> None:
 def inspect(
     fp_path: FingerprintArgument,
     png: Annotated[Optional[Path], typer.Option("--png", help="Save a grid of seed inputs beside the generated markers.")] = None,
+    trust_key: TrustKeyOption = None,
+    allow_unsigned: AllowUnsignedOption = False,
+    decrypt_key: DecryptKeyOption = None,
 ) -> None:
-    """Summarise a fingerprint file."""
+    """Summarise a fingerprint file (after checking its signature)."""
     with handled():
         from ..describe import describe, save_grid
-        from ..fingerprint import load
 
-        fp = load(fp_path)
+        fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key)
         console.print(describe(fp))
         if png is not None:
             save_grid(fp, png)
