@@ -1,16 +1,29 @@
 """tamperprobe: prove, through its prediction API alone, that a served classifier is unchanged.
 
-The flow, owner side then served side:
+The package is laid out as the pipeline, owner side then served side:
 
-1. ``load_model`` the real weights and ``load_data`` some natural inputs;
-2. ``create_fingerprint`` generates marker inputs whose outputs react to any change of the
-   weights (VerIDeep Sensitive-Samples, TamperNN markers, boundary-calibrated pairs), keeps a
-   few (MANC or random selection) and records the intact model's outputs;
-3. ``save_fingerprint`` / ``load_fingerprint`` store it in one versioned, checksummed file;
-4. a *target* answers prediction requests: ``LocalTarget`` for a model in-process, or a client
-   from ``tamperprobe.served.clients.make_client`` for a served endpoint;
-5. ``verify`` compares the answers under an ``OutputSpec`` (what the API reveals) and decides
-   INTACT, TAMPERED or INCONCLUSIVE.
+1. **Load** (``models``, ``data``): ``load_model`` takes the real weights (TorchScript, torch.export,
+   ONNX, ``package.module:attribute`` or an ``nn.Module``) behind one small ``Model`` protocol;
+   ``load_data`` some natural inputs.
+2. **Generate** (``owner``): ``create_fingerprint`` grows marker inputs whose outputs react to
+   any change of the weights (``owner.methods``: VerIDeep Sensitive-Samples, TamperNN markers,
+   boundary-calibrated pairs; one plug-in per file), keeps a few (``owner.selection``: MANC or
+   random) and records the intact model's outputs; ``owner.calibrate`` measures benign runtime
+   noise, ``owner.budget`` the query budget.
+3. **Store** (``fingerprint``, ``signing``): one versioned file, signed with the owner's Ed25519
+   key and optionally encrypted; the one contract between the two halves.
+4. **Query** (``served``): a *target* answers prediction requests, ``served.targets.LocalTarget``
+   in-process or a protocol client from ``served.clients`` for a served endpoint (KServe v2 /
+   Open Inference Protocol, TorchServe, TF-Serving, any JSON API).
+5. **Compare and decide** (``outputs``, ``served.verify``): an ``OutputSpec`` says what the API
+   reveals and holds the one comparison rule; ``verify`` decides INTACT, TAMPERED or
+   INCONCLUSIVE; ``served.history`` and ``served.watch`` keep and repeat the verdicts.
+
+Around them: ``server`` (a reference Open Inference Protocol server, ``oip`` the protocol's
+shared tables), ``attacks`` (every kind of tampering, one plug-in per file), ``evaluation``
+(detection against the number of queries, the papers' tables), ``cli`` (the command line, which
+only wires options to these calls) and ``demo``. Private helpers: ``_torch``, ``_util``,
+``_params`` (the plug-in convention).
 """
 
 from __future__ import annotations
