@@ -44,7 +44,7 @@ from typing import Any
 
 import numpy as np
 
-from .._extras import missing_extra
+from .._extras import missing_extra, require
 from .._util import Progress, atomic_write_text, one_line
 from ..errors import TamperprobeError, UsageError
 from ..models import Model, load_model, save_model
@@ -163,6 +163,9 @@ def runtime_logits(model: Model, runtime: str, x: np.ndarray, workdir: Path) -> 
     from .._torch import quiet_all
 
     module = model.require_torch(f"the {name} runtime")
+    if name == "onnx":  # torch's exporter needs onnx, and the runtime onnxruntime: name the extra when missing
+        require("onnx", "the onnx runtime")
+        require("onnxruntime", "the onnx runtime")
     with quiet_all():  # tracing/exporting chatter (e.g. "input to trace is already a ScriptModule")
         path = save_model(module, Path(workdir) / f"model{_FILE_SUFFIX[name]}", x)
         return load_model(path).logits(x, batch_size=64)
