@@ -15,7 +15,9 @@ queries (written by ``bench/method_advice.py``). From it:
   than ``WEAK`` (50 %) of 10-query fingerprints while another method detected the same attack
   under the same spec in at least ``STRONG`` (90 %): the miss is the method's, not the API's;
 * ``choose_method(spec)`` takes the first method of the spec's preference list that is not weak
-  (label-only specs: boundary, badv, sensitive; score specs: sensitive, boundary, badv) and says why;
+  (label-only specs: boundary, badv, sensitive; score specs: sensitive, boundary, badv; the first
+  when all are) and says why. So ``top1-prob:2``, which shows a label and one rounded probability,
+  gets boundary pairs: sensitive missed fp16 there where boundary pairs caught it;
 * ``pairing_warning(method, spec)`` is the one-line warning for a weak pair, with the measured rates.
 
 A spec that was not measured is judged by the measured one of its kind closest to it
@@ -153,17 +155,14 @@ def choose_method(spec: str | OutputSpec) -> Choice:
     """The marker method for an API that reveals ``spec``, and why (one line).
 
     The first method of the spec's preference list that the benchmark does not show weak; when all
-    are, the one whose worst detection rate is highest.
+    are, the first one (and the reason says that no method was strong under this spec).
     """
     s, name = _spec_of(spec)
     family = "labels" if s.kind in LABEL_ONLY else "scores"
     reveals = "labels only" if family == "labels" else ("a label and its rounded probability" if s.kind == "top1-prob" else "scores")
     order = PREFERENCE[family]
     strong = [m for m in order if not misses(m, s)]
-    if strong:
-        chosen = strong[0]
-    else:
-        chosen = max(order, key=lambda m: ((worst_rate(m, s) or (0.0, 0))[0], -order.index(m)))
+    chosen = strong[0] if strong else order[0]
     evidence = []
     worst = worst_rate(chosen, s)
     if worst is not None:
