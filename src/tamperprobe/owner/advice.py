@@ -172,7 +172,7 @@ def choose_method(spec: str | OutputSpec) -> Choice:
         miss = misses(order[0], s)[0]
         evidence.append(f"{order[0]}, the usual choice, detected {miss.attack} in only {_pct(miss.rate)} on {_model_name(miss)}")
     if not strong:
-        evidence.append("no method was strong in every case under this spec")
+        evidence.append(f"none of {', '.join(order)} was strong in every case under this spec")
     reason = f"{chosen} for {s}: the API reveals {reveals}, and {_WHY[chosen]}"
     if evidence and name is not None:
         reason += f" (benchmark{_measured_on(s, name)}, 10 queries: {'; '.join(evidence)})"
