@@ -207,15 +207,18 @@ def test_evaluate_summary_keeps_every_number_at_80_columns(evaluation):
     assert "evaluate: " in r.stderr and "done" in r.stderr
 
 
-def test_evaluate_json(evaluation):
-    out, args, _ = evaluation
-    r = run(*args, "--json")
+def test_evaluate_json(factory, tmp_path):
+    r = run(
+        "evaluate", factory, "--model-arg", "seed=4", "--data", "digits", "--out", tmp_path, "--methods", "natural,grid", "--no-baselines",
+        "--attacks", "prune", "--bag", "10", "--resamples", "100", "--specs", "top1", "--select", "random", "--json",
+    )  # fmt: skip
     assert r.exit_code == 0, r.output
     d = json.loads(r.stdout)
-    assert d["output"] == str(out) and d["spec"] == "top1" and d["ns"] == [1, 5, 10] and d["measured"] is True
-    assert set(d["detection"]) == {"natural", "grid", "noise", "rotation", "distortion"}
-    assert set(d["detection"]["grid"]) == {"prune", "noise"} and len(d["detection"]["grid"]["prune"]) == 3
+    assert d["output"] == str(tmp_path) and d["spec"] == "top1" and d["ns"] == [1, 5, 10] and d["measured"] is True
+    assert set(d["detection"]) == {"natural", "grid"} and set(d["detection"]["grid"]) == {"prune"}
+    assert len(d["detection"]["grid"]["prune"]) == 3 and all(0 <= x <= 1 for x in d["detection"]["grid"]["prune"])
     assert d["false_alarms"]["flagged"] == 0 and d["false_alarms"]["checks"] > 0 and d["errors"] == []
+    assert "evaluate: " in r.stderr and "{" not in r.stderr
 
 
 # ----------------------------------------------------------------------------- progress lines
