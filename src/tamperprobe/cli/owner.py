@@ -103,7 +103,10 @@ def fingerprint(
         generator = get_method(name, **params)
         m = load_model(model, weights, model_args=parse_model_args(model_arg))
         ds = load_data(data, low=low, high=high)
-        notes = [w for w in [pairing_warning(name, spec) if choice is None else None] if w]
+        notes: list[str] = []
+        weak = pairing_warning(name, spec) if choice is None else None  # the user's own pairing, measured weak
+        if weak is not None:
+            notes.append(weak)
         if choice is not None and not as_json:
             console.print(f"method {escape(choice.reason)}", highlight=False, soft_wrap=True)
         for w in notes:
@@ -128,6 +131,13 @@ def fingerprint(
         if chosen != select:
             notes.append(chosen)
             _warn(chosen)
+        if not as_json:
+            console.print(
+                f"wrote {out}: {len(fp)} markers ({name}, {chosen.split(' ')[0]} of {bag}), id {fp.id}, output spec {fp.output_spec}, {how}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            console.print(f"query budget: {len(fp)} prediction requests per verification")
         rows = None
         if check:
             from ..owner.budget import self_check
@@ -155,12 +165,6 @@ def fingerprint(
                 }
             )
             return
-        console.print(
-            f"wrote {out}: {len(fp)} markers ({name}, {chosen.split(' ')[0]} of {bag}), id {fp.id}, output spec {fp.output_spec}, {how}",
-            highlight=False,
-            soft_wrap=True,
-        )
-        console.print(f"query budget: {len(fp)} prediction requests per verification")
         if rows is not None:
             _print_self_check(fp, rows)
 
