@@ -15,6 +15,15 @@ def test_digits_builtin():
     assert (d.low, d.high) == (0.0, 1.0) and d.x.min() >= 0 and d.x.max() <= 1
 
 
+def test_bundled_digits_are_scikit_learns():
+    """The digits ship with tamperprobe (no scikit-learn needed); they are exactly scikit-learn's load_digits."""
+    sklearn_datasets = pytest.importorskip("sklearn.datasets")
+    ref = sklearn_datasets.load_digits()
+    d = load_data("digits")
+    assert np.array_equal(d.x, (ref.images.astype(np.float32) / 16.0)[:, None, :, :])
+    assert np.array_equal(d.y, ref.target) and d.x.flags["C_CONTIGUOUS"]
+
+
 def test_split_is_seeded_and_disjoint():
     d = load_data("digits")
     a1, b1 = d.split(0.3, seed=1)

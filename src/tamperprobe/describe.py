@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -10,45 +11,69 @@ from .fingerprint import Fingerprint
 from .outputs import top_margin
 
 
-def describe(fp: Fingerprint):
-    """A rich renderable summarising ``fp``."""
-    from rich.table import Table
-
-    t = Table(show_header=False, title=f"fingerprint {fp.id}")
-    t.add_column(style="bold")
-    t.add_column()
+def summary(fp: Fingerprint) -> dict[str, Any]:
+    """The description of ``fp`` as data (``tamperprobe inspect --json``)."""
     spec = fp.input_spec
     gen = fp.generator
-    labels = np.bincount(fp.labels, minlength=fp.classes)
-    params = ", ".join(f"{k}={v}" for k, v in (gen.get("params") or {}).items()) or "-"
     _, margins = top_margin(fp.logits)
-    rows = [
-        ("markers", str(len(fp))),
-        ("input", f"shape {tuple(spec.shape)}, {spec.dtype}, range [{spec.low:g}, {spec.high:g}]"),
-        ("classes", f"{fp.classes}; markers per intact label: {' '.join(str(int(c)) for c in labels)}"),
-        ("generator", f"{gen.get('method')} ({params})"),
-        ("selection", f"{gen.get('selection')} of a bag of {gen.get('bag')}, seed {gen.get('seed')}, data {gen.get('data')}"),
-        ("output spec", f"{fp.output_spec}, tolerance {fp.tolerance:g}"),
-        ("top-1 margin", f"min {margins.min():.3g}, median {np.median(margins):.3g}"),
-        ("model digest", fp.model_digest),
-        ("signature", f"verified, key {fp.signer}" if fp.signer else f"NONE (format v{fp.version}, unsigned)"),
-        ("created", fp.created),
-    ]
-    if fp.groups is not None:
-        rows.append(("groups", f"{len(np.unique(fp.groups))} (markers kept together)"))
+    out: dict[str, Any] = {
+        "id": fp.id,
+        "markers": len(fp),
+        "input": spec.to_json(),
+        "classes": int(fp.classes),
+        "markers_per_label": [int(c) for c in np.bincount(fp.labels, minlength=fp.classes)],
+        "generator": {"method": gen.get("method"), "params": dict(gen.get("params") or {})},
+        "selection": gen.get("selection"),
+        "bag": gen.get("bag"),
+        "seed": gen.get("seed"),
+        "data": gen.get("data"),
+        "output_spec": fp.output_spec,
+        "tolerance": float(fp.tolerance),
+        "top1_margin": {"min": float(margins.min()), "median": float(np.median(margins))},
+        "model_digest": fp.model_digest,
+        "signature": {"verified": fp.signer is not None, "key": fp.signer, "format_version": fp.version},
+        "created": fp.created,
+        "groups": None if fp.groups is None else int(len(np.unique(fp.groups))),
+        "distance_to_seed": None,
+    }
     if fp.seeds is not None:
         d = np.linalg.norm((fp.inputs.astype(np.float64) - fp.seeds).reshape(len(fp), -1), axis=1)
         s = np.linalg.norm(fp.seeds.astype(np.float64).reshape(len(fp), -1), axis=1)
-        rows.append(("distance to seed", f"median relative L2 {np.median(d / np.maximum(s, 1e-12)):.3g}"))
-    for k, v in rows:
-        t.add_row(k, v)
-    return t
+        out["distance_to_seed"] = {"median_relative_l2": float(np.median(d / np.maximum(s, 1e-12)))}
+    return out
+
+
+def describe(fp: Fingerprint) -> list[tuple[str, str]]:
+    """``fp`` summarised as (field, text) rows, the first one naming the fingerprint; nothing is shortened."""
+    d = summary(fp)
+    spec = d["input"]
+    params = ", ".join(f"{k}={v}" for k, v in d["generator"]["params"].items()) or "-"
+    sig = d["signature"]
+    rows = [
+        ("fingerprint", d["id"]),
+        ("markers", str(d["markers"])),
+        ("input", f"shape {tuple(spec['shape'])}, {spec['dtype']}, range [{spec['low']:g}, {spec['high']:g}]"),
+        ("classes", f"{d['classes']}; markers per intact label: {' '.join(str(c) for c in d['markers_per_label'])}"),
+        ("generator", f"{d['generator']['method']} ({params})"),
+        ("selection", f"{d['selection']} of a bag of {d['bag']}, seed {d['seed']}, data {d['data']}"),
+        ("output spec", f"{d['output_spec']}, tolerance {d['tolerance']:g}"),
+        ("top-1 margin", f"min {d['top1_margin']['min']:.3g}, median {d['top1_margin']['median']:.3g}"),
+        ("model digest", d["model_digest"]),
+        ("signature", f"verified, key {sig['key']}" if sig["verified"] else f"NONE (format v{sig['format_version']}, unsigned)"),
+        ("created", d["created"]),
+    ]
+    if d["groups"] is not None:
+        rows.append(("groups", f"{d['groups']} (markers kept together)"))
+    if d["distance_to_seed"] is not None:
+        rows.append(("distance to seed", f"median relative L2 {d['distance_to_seed']['median_relative_l2']:.3g}"))
+    return rows
 
 
 def save_grid(fp: Fingerprint, path: str | Path, max_markers: int = 16) -> Path:
     """Save a PNG: one column per marker, seed input above the generated marker."""
-    import matplotlib
+    from ._extras import require
 
+    matplotlib = require("matplotlib", "a picture of the markers")
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 

@@ -48,3 +48,7 @@ class AuthenticityError(TamperprobeError):
     """
 
     exit_code = EXIT_UNTRUSTED
+
+
+class MissingDependencyError(TamperprobeError):
+    """An optional dependency is not installed; the message names the extra that installs it (``_extras``)."""

@@ -174,9 +174,10 @@ class OnnxModel:
 
     def digest(self) -> str:
         """A digest of the ONNX initializers."""
-        import onnx
-        from onnx import numpy_helper
+        from ._extras import require
 
+        onnx = require("onnx", "an ONNX model's digest")
+        numpy_helper = require("onnx.numpy_helper")
         graph = onnx.load(self.source).graph
         return _digest_arrays([(t.name, numpy_helper.to_array(t)) for t in graph.initializer])
 
@@ -414,10 +415,9 @@ def _load_export(path: Path) -> Model:
 
 
 def _load_onnx(path: Path) -> Model:
-    try:
-        import onnxruntime as ort
-    except ImportError:  # pragma: no cover - a core dependency
-        raise ModelLoadError("onnxruntime is not installed") from None
+    from ._extras import require
+
+    ort = require("onnxruntime", f"the ONNX model {path}")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     try:

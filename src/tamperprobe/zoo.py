@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ._util import Progress
 from .data import Dataset
 from .errors import DataError, UsageError
 
@@ -113,8 +114,20 @@ class Trained:
     example: np.ndarray  # a batch of training inputs, for writing the model in a traced format
 
 
-def train_model(name: str, data: Dataset, *, epochs: int = 20, lr: float = 1e-3, seed: int = 0, test_fraction: float = 0.25) -> Trained:
-    """Build zoo model ``name`` for ``data``'s shape and classes and train it (``train.fit``) on a seeded split."""
+def train_model(
+    name: str,
+    data: Dataset,
+    *,
+    epochs: int = 20,
+    lr: float = 1e-3,
+    seed: int = 0,
+    test_fraction: float = 0.25,
+    progress: Progress | None = None,
+) -> Trained:
+    """Build zoo model ``name`` for ``data``'s shape and classes and train it (``train.fit``) on a seeded split.
+
+    ``progress(step, steps, "epoch e/E")`` hears about every training step.
+    """
     from .train import accuracy, fit
 
     check_architecture(name)
@@ -130,7 +143,7 @@ def train_model(name: str, data: Dataset, *, epochs: int = 20, lr: float = 1e-3,
     assert train.y is not None and test.y is not None
     torch.manual_seed(seed)
     module = build(name, tuple(data.x.shape[1:]), int(np.max(data.y)) + 1)
-    fit(module, train.x, train.y, epochs=epochs, lr=lr, seed=seed)
+    fit(module, train.x, train.y, epochs=epochs, lr=lr, seed=seed, progress=progress)
     return Trained(module, data.name, accuracy(module, train.x, train.y), accuracy(module, test.x, test.y), len(test), train.x[:2])
 
 

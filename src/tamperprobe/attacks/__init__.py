@@ -22,6 +22,7 @@ from ..errors import UsageError
 if TYPE_CHECKING:
     from torch import nn
 
+    from .._util import Progress
     from ..data import Dataset
     from .base import Attack, AttackResult
 
@@ -115,14 +116,15 @@ def run_attack(
     seed: int = 0,
     eval_data: Dataset | None = None,
     eval_fraction: float | None = None,
+    progress: Progress | None = None,
     **params: Any,
 ) -> AttackResult:
     """Run ``attack`` (a name with keyword ``params``, or an ``Attack`` instance) on a copy of ``module``.
 
     ``Attack.run`` is the template; see ``base`` for the data split (``eval_fraction`` None: 0.25)
-    and the result fields.
+    and the result fields; ``progress`` hears about the phases and the training steps.
     """
-    return get_attack(attack, params).run(module, data, seed=seed, eval_data=eval_data, eval_fraction=eval_fraction)
+    return get_attack(attack, params).run(module, data, seed=seed, eval_data=eval_data, eval_fraction=eval_fraction, progress=progress)
 
 
 def __getattr__(name: str) -> Any:

@@ -29,6 +29,7 @@ import copy
 import io
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any, ClassVar, final
 
@@ -38,13 +39,15 @@ from torch import nn
 
 from .._params import Configurable, Interval, coerce
 from .._torch import eval_mode, module_logits, quiet, set_training
-from .._util import one_line
+from .._util import Progress, one_line
 from ..data import Dataset
 from ..errors import DataError, UsageError
 from ..train import accuracy, fit
 
 DEFAULT_EVAL_FRACTION = 0.25
 EVAL_SPLIT_SEED = 0
+# the progress callback of the attack being run: ``fine_tune`` reports its training steps to it
+_PROGRESS: ContextVar[Progress | None] = ContextVar("tamperprobe_attack_progress", default=None)
 
 
 @dataclass(frozen=True)
@@ -110,8 +113,13 @@ class Attack(Configurable, ABC):
         seed: int = 0,
         eval_data: Dataset | None = None,
         eval_fraction: float | None = None,
+        progress: Progress | None = None,
     ) -> AttackResult:
-        """Run the attack on a copy of ``module``; see the module docstring for the data split (``eval_fraction`` None: 0.25)."""
+        """Run the attack on a copy of ``module``; see the module docstring for the data split (``eval_fraction`` None: 0.25).
+
+        ``progress(done, total, what)`` hears about the phases (accuracy, tampering) and every training step.
+        """
+        report = progress if progress is not None else _no_progress
         if not isinstance(module, nn.Module):
             raise UsageError(f"attacks need a PyTorch nn.Module, got {type(module).__name__}")
         params = self.validated()
@@ -120,17 +128,25 @@ class Attack(Configurable, ABC):
         probe = train if train is not None and len(train) else evaluation
         ctx = Context(train, evaluation, seed, _num_classes(module, probe) if probe is not None and len(probe) else None)
 
+        report(0, 1, "measuring accuracy")
         acc_before = _accuracy(module, evaluation)
+        report(0, 1, "tampering")
         work = copy_module(module)
         set_training(work, False)
         attack = type(self)(**params)
         attack = type(self)(**{**params, **attack.resolve(work, ctx)})
         torch.manual_seed(seed)
-        with quiet():
-            tampered = attack.apply(work, ctx)
+        token = _PROGRESS.set(progress)
+        try:
+            with quiet():
+                tampered = attack.apply(work, ctx)
+        finally:
+            _PROGRESS.reset(token)
         set_training(tampered, False)
+        report(0, 1, "measuring accuracy")
         acc_after = _accuracy(tampered, evaluation)
         success = attack.success(tampered, ctx) if evaluation is not None and len(evaluation) else None
+        report(1, 1, "")
         recorded = {**attack.get_params(), "seed": seed}
         if fraction is not None:
             recorded["eval_fraction"] = fraction
@@ -203,11 +219,27 @@ def fine_tune(
     seed: int,
     params: Sequence[torch.Tensor] | None = None,
 ) -> None:
-    """Fine-tune ``module`` in place with the shared training loop (``train.fit``); ``params`` default to every float parameter."""
+    """Fine-tune ``module`` in place with the shared training loop (``train.fit``); ``params`` default to every float parameter.
+
+    The training steps are reported to the progress callback of the running ``Attack.run``.
+    """
     trainable = list(params) if params is not None else [t for t in module.parameters() if t.is_floating_point()]
     for t in trainable:
         t.requires_grad_(True)
-    fit(module, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, params=trainable)
+    progress = _PROGRESS.get()
+    report = None if progress is None else _prefixed(progress, "training, ")
+    fit(module, x, y, epochs=epochs, lr=lr, batch_size=batch_size, seed=seed, params=trainable, progress=report)
+
+
+def _no_progress(done: int, total: int, what: str = "") -> None:
+    return None
+
+
+def _prefixed(progress: Progress, prefix: str) -> Progress:
+    def report(done: int, total: int, what: str = "") -> None:
+        progress(done, total, prefix + what)
+
+    return report
 
 
 def float_parameters(module: nn.Module, *, matrices_only: bool = False) -> list[tuple[str, torch.Tensor]]:

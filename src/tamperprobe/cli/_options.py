@@ -18,6 +18,14 @@ FingerprintArgument = Annotated[Path, typer.Argument(metavar="FP", help="Fingerp
 WeightsOption = Annotated[
     Optional[str], typer.Option("--weights", help=".safetensors or state_dict file for the model (read without unpickling code).")
 ]
+ModelArgOption = Annotated[
+    Optional[List[str]],
+    typer.Option(
+        "--model-arg",
+        help="Keyword argument key=value for a package.module:attribute class or factory (repeatable; JSON values), "
+        "e.g. --model-arg model_name=resnet18 --model-arg num_classes=10.",
+    ),
+]
 DataOption = Annotated[str, typer.Option("--data", help="Natural inputs: .npz with x (and y), an IDX folder, or digits / mnist5k.")]
 LowOption = Annotated[Optional[float], typer.Option("--low", help="Lower end of the input range (default: inferred from the data).")]
 HighOption = Annotated[Optional[float], typer.Option("--high", help="Upper end of the input range (default: inferred from the data).")]

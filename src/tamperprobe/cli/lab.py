@@ -11,8 +11,18 @@ from typer.core import TyperCommand
 from ..attacks import attack_names
 from ..evaluation import DEFAULT_SPECS
 from ..owner.methods import method_names
-from ._common import console, fail, handled, progress_bar
-from ._options import DataOption, HighOption, LowOption, ModelArgument, ParamOption, SeedOption, WeightsOption
+from ._common import console, fail, handled, print_json, progress_bar
+from ._options import (
+    DataOption,
+    HighOption,
+    JsonOption,
+    LowOption,
+    ModelArgOption,
+    ModelArgument,
+    ParamOption,
+    SeedOption,
+    WeightsOption,
+)
 
 if TYPE_CHECKING:
     from ..evaluation import Evaluation
@@ -53,6 +63,7 @@ def train_cmd(
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-3,
     seed: SeedOption = 0,
     test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of the data held out for the test accuracy.")] = 0.25,
+    as_json: JsonOption = False,
 ) -> None:
     """Train a zoo model on labelled data and write it in the format of --out's suffix."""
     with handled():
@@ -61,12 +72,30 @@ def train_cmd(
         from ..models import save_model
 
         zoo.check_architecture(arch)
-        trained = zoo.train_model(arch, load_data(data), epochs=epochs, lr=lr, seed=seed, test_fraction=test_fraction)
+        ds = load_data(data)
+        with progress_bar(f"training {arch}") as update:
+            trained = zoo.train_model(arch, ds, epochs=epochs, lr=lr, seed=seed, test_fraction=test_fraction, progress=update)
+        save_model(trained.module, out, trained.example)
+        if as_json:
+            print_json(
+                {
+                    "architecture": arch,
+                    "data": trained.data,
+                    "train_accuracy": trained.train_accuracy,
+                    "test_accuracy": trained.test_accuracy,
+                    "held_out": trained.held_out,
+                    "epochs": epochs,
+                    "lr": lr,
+                    "seed": seed,
+                    "test_fraction": test_fraction,
+                    "file": out,
+                }
+            )
+            return
         console.print(
             f"{arch} on {trained.data}: train accuracy {trained.train_accuracy:.4f}, "
             f"test accuracy {trained.test_accuracy:.4f} ({trained.held_out} held out)"
         )
-        save_model(trained.module, out, trained.example)
         console.print(f"wrote {out}")
 
 
@@ -84,8 +113,10 @@ def attack_cmd(
     data: AttackDataOption = None,
     eval_data: EvalDataOption = None,
     weights: WeightsOption = None,
+    model_arg: ModelArgOption = None,
     seed: SeedOption = 0,
     param: ParamOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Tamper with a model (trojan, poisoning, quantization, pruning, fine-tuning, noise ...) and write the copy."""
     with handled():
@@ -94,7 +125,7 @@ def attack_cmd(
         from ..attacks.io import check_output, write_attacked
         from ..data import load_data
         from ..errors import UsageError
-        from ..models import load_model
+        from ..models import load_model, parse_model_args
 
         params: dict[str, Any] = dict(parse_kv(param))
         if "seed" in params:
@@ -103,13 +134,28 @@ def attack_cmd(
         attack = get_attack(kind, params)
         if Path(model).exists() and out.exists() and out.resolve() == Path(model).resolve():
             raise UsageError("--out would overwrite the input model; choose another file")
-        loaded = load_model(model, weights)
+        loaded = load_model(model, weights, model_args=parse_model_args(model_arg))
         module = loaded.require_torch("an attack")
         check_output(attack, loaded.format, out)
         ds = load_data(data) if data is not None else None
         ev = load_data(eval_data) if eval_data is not None else None
-        result = attack.run(module, ds, seed=seed, eval_data=ev, eval_fraction=eval_fraction)
+        with progress_bar(f"attack {kind}") as update:
+            result = attack.run(module, ds, seed=seed, eval_data=ev, eval_fraction=eval_fraction, progress=update)
         write_attacked(result.model, attack, loaded.format, out, ds if ds is not None else ev)
+        if as_json:
+            print_json(
+                {
+                    "attack": kind,
+                    "model": loaded.source,
+                    "params": result.params,
+                    "accuracy_before": result.acc_before,
+                    "accuracy_after": result.acc_after,
+                    "success": result.success,
+                    "changed_weights": result.changed,
+                    "file": out,
+                }
+            )
+            return
         shown = ", ".join(f"{k}={v}" for k, v in result.params.items())
         console.print(f"attack {kind} on {loaded.source}: {shown}", highlight=False)
         console.print(f"  accuracy before {_fmt(result.acc_before)}  after {_fmt(result.acc_after)}", highlight=False)
@@ -151,6 +197,7 @@ def evaluate(
     data: DataOption,
     out: Annotated[Path, typer.Option("--out", help="Folder for report.md, CSV tables, PNG plots and results.json.")],
     weights: WeightsOption = None,
+    model_arg: ModelArgOption = None,
     methods: Annotated[
         Optional[str],
         typer.Option(
@@ -180,22 +227,25 @@ def evaluate(
     low: LowOption = None,
     high: HighOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    as_json: JsonOption = False,
 ) -> None:
     """Measure every marker method against every attack: trigger ratio, detection rate vs N_S, key size, false alarms.
 
     Exit 0 when something was measured (the report lists what failed), 2 when nothing could be.
     """
     with handled():
+        from .._extras import require
         from ..data import load_data
         from ..evaluation import run_evaluation, write_report
-        from ..models import load_model
+        from ..models import load_model, parse_model_args
 
+        require("matplotlib", "evaluate's plots")  # before the long work, not after it
         method_list = _names(methods, method_names(), "method")
         attack_list = _names(attacks, attack_names(), "attack")
         spec_list = [s.strip() for s in specs.split(",") if s.strip()] or list(DEFAULT_SPECS)
         method_params = _named_params(method_param, "--method-param")
         attack_params = _named_params(attack_param, "--attack-param")
-        m = load_model(model, weights)
+        m = load_model(model, weights, model_args=parse_model_args(model_arg))
         ds = load_data(data, low=low, high=high)
         if ds.y is None:
             fail(f"{data} has no labels: the evaluation needs labelled data (accuracy, attacks)")
@@ -219,30 +269,81 @@ def evaluate(
                 attack_params=attack_params,
             )
         write_report(ev, out)
-        _summary(ev, out)
+        if as_json:
+            print_json(_summary_json(ev, out))
+        else:
+            _summary(ev, out)
         if not ev.measured:
             fail(f"nothing could be measured ({len(ev.errors)} errors; see {out / 'report.md'})")
 
 
-def _summary(ev: Evaluation, out: Path) -> None:
+SUMMARY_NS = (1, 5, 10)
+
+
+def _summary_json(ev: Evaluation, out: Path) -> dict[str, Any]:
+    methods, attacks, rates = ev.detection_summary(SUMMARY_NS)
+    return {
+        "output": out,
+        "files": {"report": out / "report.md", "results": out / "results.json"},
+        "spec": ev.key_spec,
+        "selection": ev.params["select"],
+        "ns": list(SUMMARY_NS),
+        "detection": {m: {a: rates[(m, a)] for a in attacks if (m, a) in rates} for m in methods},
+        "false_alarms": {"flagged": ev.benign_flagged, "checks": ev.benign_checks},
+        "errors": ev.errors,
+        "measured": ev.measured,
+        "seconds": ev.seconds,
+    }
+
+
+def detection_tables(methods: list[str], attacks: list[str], rates: dict[tuple[str, str], list[float]], width: int) -> list[Any]:
+    """The detection summary as tables at most ``width`` columns wide: the methods are spread evenly over
+    as few tables as fit (each repeating the attack column), so no number is ever cut."""
     from rich.table import Table
 
-    methods, attacks, rates = ev.detection_summary((1, 5, 10))
-    if rates:
-        t = Table(title=f"detection rate ({ev.key_spec}, {ev.params['select']} selection) at N_S = 1 / 5 / 10")
-        t.add_column("attack")
-        for m in methods:
-            t.add_column(m, justify="right")
+    cells = {(m, a): "-" if (m, a) not in rates else "/".join(f"{r:.2f}" for r in rates[(m, a)]) for m in methods for a in attacks}
+    first = max([len("attack"), *(len(a) for a in attacks)])
+    need = {m: max([len(m), *(len(cells[(m, a)]) for a in attacks)]) for m in methods}
+
+    def fits(group: list[str]) -> bool:  # left edge, then each column with its padding and right border
+        return len(group) == 1 or 1 + first + 3 + sum(need[m] + 3 for m in group) <= width
+
+    groups: list[list[str]] = []
+    for m in methods:  # greedy: the fewest tables
+        if groups and fits([*groups[-1], m]):
+            groups[-1].append(m)
+        else:
+            groups.append([m])
+    size = -(-len(methods) // max(1, len(groups)))
+    even = [methods[i : i + size] for i in range(0, len(methods), size)]
+    if len(even) == len(groups) and all(fits(g) for g in even):
+        groups = even
+    tables = []
+    for group in groups:
+        t = Table()
+        t.add_column("attack", no_wrap=True, min_width=first)
+        for m in group:
+            t.add_column(m, justify="right", no_wrap=True, min_width=need[m])
         for a in attacks:
-            t.add_row(a, *("-" if (m, a) not in rates else "/".join(f"{r:.2f}" for r in rates[(m, a)]) for m in methods))
-        console.print(t)
+            t.add_row(a, *(cells[(m, a)] for m in group))
+        tables.append(t)
+    return tables
+
+
+def _summary(ev: Evaluation, out: Path) -> None:
+    methods, attacks, rates = ev.detection_summary(SUMMARY_NS)
+    if rates:
+        ns = " / ".join(map(str, SUMMARY_NS))
+        console.print(f"detection rate ({ev.key_spec}, {ev.params['select']} selection) at N_S = {ns}:", highlight=False, soft_wrap=True)
+        for table in detection_tables(methods, attacks, rates, console.width):
+            console.print(table)
     colour = "green" if ev.benign_flagged == 0 else "bold red"
     console.print(f"[{colour}]false alarms under benign runtimes: {ev.benign_flagged} of {ev.benign_checks} checks[/]", highlight=False)
     if ev.errors:
         console.print(f"[yellow]{len(ev.errors)} step(s) failed; see the report[/]")
         for e in ev.errors[:8]:
-            console.print(f"  {e['stage']} {e['name']}: {e['error']}", highlight=False, soft_wrap=True)
-    console.print(f"wrote {out}/report.md, CSV tables, PNG plots and results.json ({ev.seconds:.0f} s)")
+            console.print(f"  {e['stage']} {e['name']}: {e['error']}", highlight=False, soft_wrap=True, markup=False)
+    console.print(f"wrote {out}/report.md, CSV tables, PNG plots and results.json ({ev.seconds:.0f} s)", highlight=False, soft_wrap=True)
 
 
 # ------------------------------------------------------------------ demo

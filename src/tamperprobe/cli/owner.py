@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Annotated, List, Optional
 
 import typer
+from rich.markup import escape
 
 from ..owner.methods import method_descriptions
-from ._common import console, err_console, handled, progress_bar
+from ._common import console, err_console, handled, print_json, progress_bar
 from ._options import (
     AllowUnsignedOption,
     DataOption,
@@ -16,7 +17,9 @@ from ._options import (
     EncryptKeyOption,
     FingerprintArgument,
     HighOption,
+    JsonOption,
     LowOption,
+    ModelArgOption,
     ModelArgument,
     ParamOption,
     PassphraseEnvOption,
@@ -32,10 +35,18 @@ from ._options import (
 
 def _method_help() -> str:
     listed = "; ".join(f"{name}: {text}" for name, text in method_descriptions().items())
-    return f"Marker generator, one of: {listed}."
+    return (
+        "Marker generator (default: the one that suits --output-spec, boundary pairs for labels, Sensitive-Samples for scores, "
+        f"as measured in bench/results), one of: {listed}."
+    )
 
 
-MethodOption = Annotated[str, typer.Option("--method", help=_method_help())]
+MethodOption = Annotated[Optional[str], typer.Option("--method", help=_method_help(), show_default=False)]
+OutputSpecOption = Annotated[str, typer.Option("--output-spec", help="What the API will reveal: top1, topk:K, top1-prob:N, probs:N, logits.")]
+
+
+def _warn(text: str) -> None:
+    err_console.print(f"[bold yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
 def fingerprint(
@@ -43,14 +54,13 @@ def fingerprint(
     data: DataOption,
     out: Annotated[Path, typer.Option("--out", help="Fingerprint file to write (keep it secret).")],
     weights: WeightsOption = None,
-    method: MethodOption = "sensitive",
+    model_arg: ModelArgOption = None,
+    method: MethodOption = None,
     select: Annotated[str, typer.Option("--select", help="Selection from the bag: manc or random.")] = "manc",
     size: Annotated[int, typer.Option("--size", help="Number of markers kept (the query budget).")] = 10,
     bag: Annotated[int, typer.Option("--bag", help="Number of candidates generated before selection.")] = 100,
     seed: SeedOption = 0,
-    output_spec: Annotated[
-        str, typer.Option("--output-spec", help="What the API will reveal: top1, topk:K, top1-prob:N, probs:N, logits.")
-    ] = "logits",
+    output_spec: OutputSpecOption = "logits",
     tolerance: Annotated[float, typer.Option("--tolerance", help="Benign numerical noise accepted (logit units).")] = 3e-5,
     layer: Annotated[
         Optional[str], typer.Option("--layer", help="Layer whose active neurons MANC covers (default: input of the last linear layer).")
@@ -69,23 +79,40 @@ def fingerprint(
     unsigned: UnsignedOption = False,
     passphrase_env: PassphraseEnvOption = None,
     encrypt_key: EncryptKeyOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Generate a fingerprint from the real weights (owner side), signed with your key."""
     with handled():
+        import warnings
+
         from .._params import parse_kv
         from ..data import load_data
-        from ..models import load_model
+        from ..models import load_model, parse_model_args
+        from ..outputs import OutputSpec
+        from ..owner.advice import choose_method, pairing_warning
         from ..owner.calibrate import load_noise, noise_settings
-        from ..owner.generate import create_fingerprint
+        from ..owner.generate import WeakPairingWarning, create_fingerprint
         from ..owner.methods import get_method
 
+        spec = OutputSpec.parse(output_spec)
+        choice = choose_method(spec) if method is None else None
+        name = choice.method if choice is not None else str(method)
         params = parse_kv(param)
         if noise is not None:
-            params, tolerance = noise_settings(load_noise(noise), method, params, tolerance)
-        generator = get_method(method, **params)
-        m = load_model(model, weights)
+            params, tolerance = noise_settings(load_noise(noise), name, params, tolerance)
+        generator = get_method(name, **params)
+        m = load_model(model, weights, model_args=parse_model_args(model_arg))
         ds = load_data(data, low=low, high=high)
-        with progress_bar(f"generating {method} markers") as update:
+        notes: list[str] = []
+        weak = pairing_warning(name, spec) if choice is None else None  # the user's own pairing, measured weak
+        if weak is not None:
+            notes.append(weak)
+        if choice is not None and not as_json:
+            console.print(f"method {escape(choice.reason)}", highlight=False, soft_wrap=True)
+        for w in notes:
+            _warn(w)
+        with progress_bar(f"generating {name} markers") as update, warnings.catch_warnings():
+            warnings.simplefilter("ignore", WeakPairingWarning)  # printed above, once
             fp = create_fingerprint(
                 m,
                 ds,
@@ -94,7 +121,7 @@ def fingerprint(
                 size=size,
                 bag=bag,
                 seed=seed,
-                output_spec=output_spec,
+                output_spec=str(spec),
                 tolerance=tolerance,
                 layer=layer,
                 progress=update,
@@ -102,26 +129,53 @@ def fingerprint(
         how = save_fingerprint_from_options(fp, out, sign_key, unsigned, passphrase_env, encrypt_key)
         chosen = fp.generator["selection"]
         if chosen != select:
-            err_console.print(f"[yellow]warning:[/] {chosen}", highlight=False, soft_wrap=True)
-        console.print(
-            f"wrote {out}: {len(fp)} markers ({method}, {chosen.split(' ')[0]} of {bag}), id {fp.id}, output spec {fp.output_spec}, {how}",
-            highlight=False,
-        )
-        console.print(f"query budget: {len(fp)} prediction requests per verification")
+            notes.append(chosen)
+            _warn(chosen)
+        if not as_json:
+            console.print(
+                f"wrote {out}: {len(fp)} markers ({name}, {chosen.split(' ')[0]} of {bag}), id {fp.id}, output spec {fp.output_spec}, {how}",
+                highlight=False,
+                soft_wrap=True,
+            )
+            console.print(f"query budget: {len(fp)} prediction requests per verification")
+        rows = None
         if check:
-            _print_self_check(m, fp)
+            from ..owner.budget import self_check
+
+            with progress_bar("self-check: simulated tamperings") as update:
+                rows = self_check(m, fp, progress=update)
+        if as_json:
+            print_json(
+                {
+                    "file": out,
+                    "id": fp.id,
+                    "markers": len(fp),
+                    "method": name,
+                    "method_reason": None if choice is None else choice.reason,
+                    "params": fp.generator["params"],
+                    "selection": chosen,
+                    "bag": bag,
+                    "seed": seed,
+                    "output_spec": fp.output_spec,
+                    "tolerance": fp.tolerance,
+                    "query_budget": len(fp),
+                    "signing": how,
+                    "warnings": notes,
+                    "self_check": rows,
+                }
+            )
+            return
+        if rows is not None:
+            _print_self_check(fp, rows)
 
 
-def _print_self_check(model, fp) -> None:
+def _print_self_check(fp, rows: list[dict]) -> None:
     from rich.table import Table
 
-    from ..owner.budget import self_check
-
-    rows = self_check(model, fp)
     unit = "pairs" if fp.groups is not None else "markers"
     table = Table(title=f"expected detection under {fp.output_spec} (simulated on the owner's model)")
     for col in ("attack", f"{unit} changed (p)", "this fingerprint", f"confidence with {rows[0]['units']} {unit}"):
-        table.add_column(col)
+        table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(
             f"{r['attack']} (seed {r['seed']})", f"{r['p']:.2f}", "detects" if r["detected"] else "[red]misses[/]", f"{r['confidence']:.4f}"
@@ -135,15 +189,26 @@ def inspect(
     trust_key: TrustKeyOption = None,
     allow_unsigned: AllowUnsignedOption = False,
     decrypt_key: DecryptKeyOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Summarise a fingerprint file (after checking its signature)."""
     with handled():
-        from ..describe import describe, save_grid
+        from .._extras import require
+        from ..describe import describe, save_grid, summary
 
+        if png is not None:
+            require("matplotlib", "inspect --png")
         fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key)
-        console.print(describe(fp))
         if png is not None:
             save_grid(fp, png)
+        if as_json:
+            print_json({**summary(fp), "png": png})
+            return
+        rows = describe(fp)
+        width = max(len(k) for k, _ in rows) + 2
+        for key, value in rows:
+            console.print(f"[bold]{escape(key.ljust(width))}[/]{escape(value)}", highlight=False, soft_wrap=True)
+        if png is not None:
             console.print(f"wrote {png}")
 
 
@@ -161,37 +226,41 @@ def calibrate(
     out: Annotated[Optional[Path], typer.Option("--out", help="Report file (default: MODEL.noise.json next to the model).")] = None,
     samples: Annotated[int, typer.Option("--samples", help="Number of data inputs to run.")] = 256,
     weights: WeightsOption = None,
+    model_arg: ModelArgOption = None,
     seed: SeedOption = 0,
     safety: Annotated[float, typer.Option("--safety", help="Suggested δ = safety × noise floor.")] = 10.0,
     low: LowOption = None,
     high: HighOption = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Measure max |Δlogit| between runtimes (batch sizes, threads, TorchScript, ONNX): the noise floor for δ."""
     with handled():
         from rich.table import Table
 
         from ..data import load_data
-        from ..models import load_model
+        from ..models import load_model, parse_model_args
         from ..owner import calibrate as cal
 
         names = cal.parse_runtimes(runtimes)
-        m = load_model(model, weights)
+        m = load_model(model, weights, model_args=parse_model_args(model_arg))
         ds = load_data(data, low=low, high=high)
-        report = cal.measure_noise(m, ds.x, names, samples=samples, seed=seed)
+        with progress_bar("calibrating runtimes") as update:
+            report = cal.measure_noise(m, ds.x, names, samples=samples, seed=seed, progress=update)
         path = cal.save_noise(report, out if out is not None else cal.default_noise_path(model))
+        delta = cal.delta_from_noise(report, safety)
+        if as_json:
+            print_json({**report.to_json(), "file": path, "safety": safety, "suggested_delta": delta})
+            return
 
         table = Table(title=f"{model} · {report.samples} inputs · reference {report.reference}")
         for col in ("runtime", "max |Δlogit|", "mean |Δlogit|", "label changes"):
-            table.add_column(col)
+            table.add_column(col, overflow="fold")
         for name, r in report.runtimes.items():
             table.add_row(name, f"{r.max_abs:.3g}", f"{r.mean_abs:.3g}", str(r.label_changes))
         for name, why in report.skipped.items():
-            table.add_row(name, "-", "-", f"[yellow]skipped: {why}[/]")
+            table.add_row(name, "-", "-", f"[yellow]skipped: {escape(why)}[/]")
         console.print(table)
-        console.print(
-            f"noise floor {report.floor:.3g} logits; suggested δ = {safety:g} × floor = {cal.delta_from_noise(report, safety):.3g}",
-            highlight=False,
-        )
+        console.print(f"noise floor {report.floor:.3g} logits; suggested δ = {safety:g} × floor = {delta:.3g}", highlight=False)
         console.print(f"wrote {path}")
 
 

@@ -13,6 +13,7 @@ import math
 import numbers
 from collections.abc import Sequence
 
+from .._util import Progress
 from ..fingerprint import Fingerprint
 from ..models import Model
 
@@ -64,7 +65,13 @@ def detection_confidence(p: float, s: int) -> float:
 DEFAULT_SELF_CHECK = ("int8", "fp16", "floor", "noise")
 
 
-def self_check(model: Model, fp: Fingerprint, attacks: Sequence[str] = DEFAULT_SELF_CHECK, seeds: Sequence[int] = (0, 1, 2)) -> list[dict]:
+def self_check(
+    model: Model,
+    fp: Fingerprint,
+    attacks: Sequence[str] = DEFAULT_SELF_CHECK,
+    seeds: Sequence[int] = (0, 1, 2),
+    progress: Progress | None = None,
+) -> list[dict]:
     """Simulate data-free tamperings on the owner's model and measure this fingerprint against them.
 
     For each attack (and each seed, for random ones): ``p`` is the share of query units (markers, or
@@ -72,6 +79,7 @@ def self_check(model: Model, fp: Fingerprint, attacks: Sequence[str] = DEFAULT_S
     spec, ``detected`` whether this fingerprint catches it, and ``confidence`` the detection confidence
     ``1 − (1 − p)^s`` that a fresh fingerprint of the same size ``s`` would have if units flipped
     independently. A quick estimate from the owner's side; ``tamperprobe evaluate`` measures properly.
+    ``progress(done, total, attack)`` hears about each simulated tampering.
     """
     import numpy as np
 
@@ -84,22 +92,26 @@ def self_check(model: Model, fp: Fingerprint, attacks: Sequence[str] = DEFAULT_S
     spec = OutputSpec.parse(fp.output_spec)
     x = fp.input_spec.decode(fp.inputs)
     unit_of, n_units, _ = units_of(fp.groups, len(fp))
+    runs = [(kind, seed) for kind in attacks for seed in (seeds if REGISTRY[kind].random else seeds[:1])]
     rows = []
-    for kind in attacks:
-        for seed in seeds if REGISTRY[kind].random else seeds[:1]:
-            attacked = run_attack(kind, module, None, seed=seed).model
-            changed = spec.changed(fp.logits, module_logits(attacked, x), fp.tolerance)
-            unit_changed = np.zeros(n_units, dtype=bool)
-            np.logical_or.at(unit_changed, unit_of, changed)
-            p = float(unit_changed.mean())
-            rows.append(
-                {
-                    "attack": kind,
-                    "seed": int(seed),
-                    "p": p,
-                    "detected": bool(unit_changed.any()),
-                    "units": n_units,
-                    "confidence": detection_confidence(p, n_units),
-                }
-            )
+    for i, (kind, seed) in enumerate(runs):
+        if progress is not None:
+            progress(i, len(runs), f"{kind} (seed {seed})")
+        attacked = run_attack(kind, module, None, seed=seed).model
+        changed = spec.changed(fp.logits, module_logits(attacked, x), fp.tolerance)
+        unit_changed = np.zeros(n_units, dtype=bool)
+        np.logical_or.at(unit_changed, unit_of, changed)
+        p = float(unit_changed.mean())
+        rows.append(
+            {
+                "attack": kind,
+                "seed": int(seed),
+                "p": p,
+                "detected": bool(unit_changed.any()),
+                "units": n_units,
+                "confidence": detection_confidence(p, n_units),
+            }
+        )
+    if progress is not None:
+        progress(len(runs), len(runs), "")
     return rows

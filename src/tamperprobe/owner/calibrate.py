@@ -44,7 +44,8 @@ from typing import Any
 
 import numpy as np
 
-from .._util import atomic_write_text, one_line
+from .._extras import missing_extra, require
+from .._util import Progress, atomic_write_text, one_line
 from ..errors import TamperprobeError, UsageError
 from ..models import Model, load_model, save_model
 from .markers import sample_indices
@@ -162,6 +163,9 @@ def runtime_logits(model: Model, runtime: str, x: np.ndarray, workdir: Path) -> 
     from .._torch import quiet_all
 
     module = model.require_torch(f"the {name} runtime")
+    if name == "onnx":  # torch's exporter needs onnx, and the runtime onnxruntime: name the extra when missing
+        require("onnx", "the onnx runtime")
+        require("onnxruntime", "the onnx runtime")
     with quiet_all():  # tracing/exporting chatter (e.g. "input to trace is already a ScriptModule")
         path = save_model(module, Path(workdir) / f"model{_FILE_SUFFIX[name]}", x)
         return load_model(path).logits(x, batch_size=64)
@@ -174,10 +178,12 @@ def measure_noise(
     *,
     samples: int | None = None,
     seed: int = 0,
+    progress: Progress | None = None,
 ) -> NoiseReport:
     """Max |Δlogit| of each runtime against torch eager at batch size 64, on the inputs ``x``.
 
-    ``samples`` runs only that many of the inputs, drawn with ``seed`` (all when there are fewer).
+    ``samples`` runs only that many of the inputs, drawn with ``seed`` (all when there are fewer);
+    ``progress(done, total, runtime)`` hears about each runtime as it starts and when all are done.
     """
     names = parse_runtimes(runtimes)
     if samples is not None:
@@ -201,11 +207,19 @@ def measure_noise(
     )
     ref_labels = ref.argmax(axis=1)
     with tempfile.TemporaryDirectory(prefix="tamperprobe-calibrate-") as tmp:
-        for name in names:
+        for i, name in enumerate(names):
+            if progress is not None:
+                progress(i, len(names), name)
             try:
                 z = runtime_logits(model, name, x, Path(tmp))
             except (TamperprobeError, RuntimeError, ValueError, TypeError, OSError) as exc:
                 report.skipped[name] = one_line(exc, 200)
+                continue
+            except ModuleNotFoundError as exc:  # an optional runtime that is not installed
+                known = missing_extra(exc)
+                if known is None:
+                    raise
+                report.skipped[name] = str(known)
                 continue
             if z.shape != ref.shape:
                 report.skipped[name] = f"output shape {z.shape} differs from the reference {ref.shape}"
@@ -215,6 +229,8 @@ def measure_noise(
                 report.skipped[name] = "NaN or infinite logits"
                 continue
             report.runtimes[name] = RuntimeNoise(float(d.max()), float(d.mean()), int((z.argmax(axis=1) != ref_labels).sum()))
+    if progress is not None:
+        progress(len(names), len(names), "")
     return report
 
 

@@ -12,17 +12,22 @@ from ..errors import DataError, UsageError
 from ..fingerprint import Fingerprint, make_fingerprint
 from ..models import Model
 from ..outputs import DEFAULT_TOLERANCE, OutputSpec
+from .advice import choose_method, pairing_warning
 from .methods import Method, get_method
 from .methods.base import Bag
 from .selection import SELECTIONS
 from .selection import select as select_markers
 
 
+class WeakPairingWarning(UserWarning):
+    """The benchmark shows the chosen marker method weak under the fingerprint's output spec (``owner.advice``)."""
+
+
 def create_fingerprint(
     model: Model,
     data: Dataset,
     *,
-    method: str | Method = "sensitive",
+    method: str | Method | None = None,
     select: str = "manc",
     size: int = 10,
     bag: int = 100,
@@ -36,10 +41,17 @@ def create_fingerprint(
     """Generate a bag of ``bag`` candidates with ``method``, keep ``size`` by ``select``, record the intact outputs.
 
     ``method`` is a registered name (built with ``params``) or a ``Method`` instance; the
-    fingerprint records its name and every validated hyper-parameter.
+    fingerprint records its name and every validated hyper-parameter. ``None`` chooses the method
+    that suits ``output_spec`` (``owner.advice.choose_method``: boundary pairs for label-only APIs,
+    Sensitive-Samples for scores). A method that the committed benchmark shows weak under
+    ``output_spec`` is used as asked, with a ``WeakPairingWarning`` quoting the measured rates.
     """
     model.require_torch("fingerprint generation")
     spec = OutputSpec.parse(output_spec)
+    if method is None:
+        method = choose_method(spec).method
+    else:
+        warn_if_weak(method if isinstance(method, str) else method.name, spec)
     if size < 1:
         raise UsageError("--size must be at least 1")
     if size > bag:
@@ -94,6 +106,15 @@ def create_fingerprint(
         groups=kept.groups,
         extra=extra,
     )
+
+
+def warn_if_weak(method: str, spec: str | OutputSpec) -> None:
+    """Issue a ``WeakPairingWarning`` when the benchmark shows ``method`` weak under ``spec``."""
+    import warnings
+
+    text = pairing_warning(method, spec)
+    if text is not None:
+        warnings.warn(text, WeakPairingWarning, stacklevel=3)
 
 
 def _check_fit(model: Model, data: Dataset) -> None:
