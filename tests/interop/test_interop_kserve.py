@@ -164,12 +164,6 @@ def test_v1_tfserving_client_with_default_metadata(kserve_server, interop_assets
     assert report.verdict == INTACT, report.summary()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="client bug: answers.parts_from_named reads the 'scores' of {'classes': [3 labels], 'scores': [3 probabilities]} "
-    "(a TensorFlow top_k model's v1 prediction) as a full probability vector, and to_answer fails it with "
-    "'wrong number of classes: got 3 probabilities, expected 10' although 'classes' answers topk:3",
-)
 def test_v1_tfserving_client_tensorflow_topk_layout(kserve_server, interop_assets):
     fp = interop_assets.fp
     report = verify(fp, make_client("tfserving", _url(kserve_server), model_name=TF_TOPK, classes=fp.classes, **CLIENT), "topk:3")
@@ -177,8 +171,7 @@ def test_v1_tfserving_client_tensorflow_topk_layout(kserve_server, interop_asset
 
 
 def test_v1_tensorflow_topk_layout_without_class_count(kserve_server, interop_assets):
-    """The same answers verify when the client is not told the class count; ``tamperprobe verify`` always tells it
-    (the fingerprint's), so the command line hits the failure above."""
+    """The same answers verify when the client is not told the class count (``tamperprobe verify`` always tells it)."""
     fp = interop_assets.fp
     report = verify(fp, make_client("tfserving", _url(kserve_server), model_name=TF_TOPK, **CLIENT), "topk:3")
     assert report.verdict == INTACT, report.summary()

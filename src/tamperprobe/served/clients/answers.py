@@ -152,6 +152,10 @@ def parts_from_named(d: dict) -> Parts:
     for k in LABEL_KEYS:
         if k in low and p.labels is None:
             p.labels = as_labels(low[k], k)
+    if p.labels is not None and p.probs is not None and 1 < len(p.labels) == len(p.probs) and p.labels != list(range(len(p.labels))):
+        # TensorFlow's top-k layout: {"classes": [3, 5, 8], "scores": [0.93, 0.04, 0.01]} ranks classes, it is not a score vector
+        p.ranked, p.ranked_kind = list(zip(p.labels, p.probs)), "probs"  # read under a probability key
+        p.probs = None
     if p.empty():
         keys = one_line(", ".join(sorted(map(str, d))), 120)
         raise Failure(f"malformed response: no labels or scores found (keys: {keys or 'none'})")
