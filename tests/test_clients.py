@@ -541,7 +541,7 @@ def test_no_exception_escapes_query_for_odd_inputs(model):
 
 def test_model_urls_set_name_and_version_and_never_show_credentials():
     ts = make_client("torchserve", "http://u:p@127.0.0.1:9/predictions/digits/2")
-    assert (ts.model_name, ts.version, ts.url) == ("digits", "2", "http://u:p@127.0.0.1:9")
+    assert (ts.model_name, ts.version, ts.url) == ("digits", "2", "http://127.0.0.1:9")  # the credentials go as basic auth, not in the URL
     assert ts.name == "torchserve:http://127.0.0.1:9/predictions/digits/2"
     tf = make_client("tfserving", "http://u:p@127.0.0.1:9/v1/models/digits/versions/3:predict")
     assert (tf.model_name, tf.version) == ("digits", "3")

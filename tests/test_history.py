@@ -123,3 +123,39 @@ def test_parse_duration():
     for bad in ("", "10x", "m", "-5s", "1h 30"):
         with pytest.raises(UsageError):
             history.parse_duration(bad)
+
+
+_V1_SCHEMA = """
+CREATE TABLE runs (id INTEGER PRIMARY KEY AUTOINCREMENT, time TEXT NOT NULL, target TEXT NOT NULL, protocol TEXT,
+    fingerprint TEXT NOT NULL, output_spec TEXT NOT NULL, verdict TEXT NOT NULL, markers INTEGER NOT NULL,
+    mismatched INTEGER NOT NULL, failed INTEGER NOT NULL, seconds REAL NOT NULL, tolerance REAL, summary TEXT);
+CREATE TABLE markers (run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE, idx INTEGER NOT NULL, status TEXT NOT NULL,
+    expected TEXT, observed TEXT, detail TEXT, latency REAL, PRIMARY KEY (run_id, idx));
+INSERT INTO runs VALUES (1, '2025-01-01T00:00:00+00:00', 'kserve:http://old', 'kserve', 'abcd', 'top1', 'INTACT', 3, 0, 0, 0.1, 3e-5, 'INTACT');
+PRAGMA user_version = 1;
+"""
+
+
+def test_a_version_1_history_is_upgraded_in_place(tmp_path):
+    path = tmp_path / "v1.sqlite"
+    with sqlite3.connect(path) as con:
+        con.executescript(_V1_SCHEMA)
+    rid = history.record(_report(TAMPERED), protocol="kserve", path=path)
+    old, new = sorted(history.runs(path), key=lambda r: r["id"])
+    assert (old["target"], old["signer"], old["notes"]) == ("kserve:http://old", None, None)
+    assert new["id"] == rid and new["verdict"] == TAMPERED
+    with sqlite3.connect(path) as con:
+        assert con.execute("PRAGMA user_version").fetchone()[0] == history.SCHEMA_VERSION == 2
+
+
+def test_record_stores_inert_redacted_text_and_the_signer(tmp_path):
+    path = tmp_path / "h.sqlite"
+    r = _report(INCONCLUSIVE, target="kserve:http://user:pw@127.0.0.1:9/v2?api_key=k3y")
+    r.markers[0] = MarkerResult(0, Answer(labels=(0,)), None, False, failure="HTTP 500: \x1b[2K\rINTACT\u202e")
+    signed = Report(**{**r.__dict__, "signer": "0123456789abcdef", "notes": ["a note\x1b[0m"]})
+    history.record(signed, path=path)
+    (row,) = history.runs(path)
+    assert row["target"] == "kserve:http://127.0.0.1:9/v2?api_key=***"
+    assert row["signer"] == "0123456789abcdef" and row["notes"] == "a note\\x1b[0m"
+    assert history.markers(row["id"], path)[0]["detail"] == "HTTP 500: \\x1b[2K\\rINTACT\\u202e"
+    assert "\x1b" not in row["summary"] and "\r" not in row["summary"]

@@ -22,6 +22,7 @@ from tamperprobe.cli.app import app
 from tamperprobe.data import load_data
 from tamperprobe.fingerprint import make_fingerprint, save
 from tamperprobe.models import TorchModel, load_model, save_model
+from tamperprobe.served import history
 from tamperprobe.served.clients import make_client
 from tamperprobe.served.targets import LocalTarget
 from tamperprobe.served.verify import INCONCLUSIVE, INTACT, TAMPERED, verify
@@ -246,6 +247,6 @@ def test_watch_library_stop_rules(setup, tmp_path):
     fp, runs = setup["fp"], []
     result = watch(fp, LocalTarget(setup["intact"]), every=0, count=2, history_path=tmp_path / "h.sqlite", protocol="local", on_run=runs.append)
     assert (result.exit_code, result.runs, result.last.verdict, result.gave_up) == (0, 2, INTACT, False)
-    assert [r.number for r in runs] == [1, 2] and all(r.run_id is not None for r in runs)
+    assert [r.number for r in runs] == [1, 2] and len(history.runs(tmp_path / "h.sqlite")) == 2
     result = watch(fp, LocalTarget(setup["tampered"]), every="0s", count=5, record=False, on_run=runs.append)
-    assert (result.exit_code, result.runs, result.last.verdict) == (1, 1, TAMPERED) and runs[-1].run_id is None
+    assert (result.exit_code, result.runs, result.last.verdict) == (1, 1, TAMPERED) and runs[-1].number == 1

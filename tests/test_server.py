@@ -211,7 +211,7 @@ def test_body_cap_by_content_length_and_by_actual_size(model_files):
     with ServerThread(model_files["pt"], input_shape=SHAPE, max_body=4096) as srv:
         big = json.dumps(_body(data=[0.123456789] * 64, pad="x" * 5000)).encode()
         status, doc = _raw_post(srv.url, "/v2/models/model/infer", big, {"Content-Type": "application/json"})
-        assert status == 400 and "exceeds" in doc["error"]
+        assert status == 413 and "exceeds" in doc["error"]
         # chunked: no Content-Length, so the server must count what arrives
         conn = http.client.HTTPConnection("127.0.0.1", srv.port, timeout=10)
         conn.request(
@@ -222,7 +222,7 @@ def test_body_cap_by_content_length_and_by_actual_size(model_files):
             encode_chunked=True,
         )
         resp = conn.getresponse()
-        assert resp.status == 400 and "exceeds" in json.loads(resp.read())["error"]
+        assert resp.status == 413 and "exceeds" in json.loads(resp.read())["error"]
         conn.close()
         assert HTTP.post(f"{srv.url}/v2/models/model/infer", json=_body()).status_code == 200
 

@@ -20,8 +20,10 @@ err_console = Console(stderr=True)
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
-    """Print ``message`` as one line to stderr (its first line, as plain text) and exit with ``code``."""
-    err_console.print(f"[bold red]error:[/] {escape(one_line(message, 2000))}", highlight=False, soft_wrap=True)
+    """Print ``message`` as one line to stderr (its first line, made inert and markup-escaped) and exit with ``code``."""
+    from ..served.untrusted import clean
+
+    err_console.print(f"[bold red]error:[/] {escape(clean(one_line(message, 2000), 2000))}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 

@@ -3,13 +3,27 @@
 Each body wires options to a library call: ``served.verify.verify``, ``server.app.serve``,
 ``served.history`` and ``served.watch.watch``. The endpoint options of ``verify`` and ``watch``
 are declared once below and reach the client through ``_endpoint_target``.
+
+What every served-side command keeps to:
+
+* **The alarm first.** ``verify`` prints the verdict and fixes its exit code before it writes
+  the history; a history that cannot be written is a one-line warning (``_record``). ``watch``
+  does the same for each run, the hook included (``served.watch``).
+* **Fingerprints are authenticated** (``--trust-key``, ``--allow-unsigned``, ``--decrypt-key``,
+  ``_options.load_fingerprint_from_options``) before any marker is sent; a forged or untrusted
+  file exits 3 and never reaches the endpoint.
+* **Remote text is inert.** Whatever the endpoint said is printed through ``_shown`` (control
+  characters escaped, rich markup escaped), and the last line of a verification is the verdict
+  in tamperprobe's own words (``Report.headline``), never text from the server.
+* **No secrets on argv.** Tokens come from ``--token-env`` or ``--token-file``; ``serve --token``
+  is refused; a credential passed in ``--header`` or in the ``--endpoint`` URL is warned about.
 """
 
 from __future__ import annotations
 
 import json
-import re
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
@@ -18,7 +32,18 @@ from rich.markup import escape
 
 from ..served.clients import protocol_help
 from ._common import console, err_console, fail, handled
-from ._options import FingerprintArgument, HistoryOption, JsonOption, ModelArgument, ThreadsOption, WeightsOption
+from ._options import (
+    AllowUnsignedOption,
+    DecryptKeyOption,
+    FingerprintArgument,
+    HistoryOption,
+    JsonOption,
+    ModelArgument,
+    ThreadsOption,
+    TrustKeyOption,
+    WeightsOption,
+    load_fingerprint_from_options,
+)
 
 if TYPE_CHECKING:
     from ..fingerprint import Fingerprint
@@ -34,19 +59,57 @@ ProtocolOption = Annotated[str, typer.Option("--protocol", help=f"API dialect of
 ModelNameOption = Annotated[
     Optional[str], typer.Option("--model-name", help="Model name on the server (default: the model URL's, the server's only model, or 'model').")
 ]
-HeaderOption = Annotated[Optional[List[str]], typer.Option("--header", help="Extra HTTP header Name:value (repeatable).")]
+HeaderOption = Annotated[
+    Optional[List[str]], typer.Option("--header", help="Extra HTTP header Name:value (repeatable; not for secrets: argv shows in ps).")
+]
 TokenEnvOption = Annotated[Optional[str], typer.Option("--token-env", help="Environment variable holding the bearer token.")]
-TimeoutOption = Annotated[float, typer.Option("--timeout", help="Connect/read timeout per request, seconds.")]
+TokenFileOption = Annotated[Optional[Path], typer.Option("--token-file", help="File holding the bearer token (one line).")]
+TimeoutOption = Annotated[float, typer.Option("--timeout", help="Time limit of each request attempt, whole answer included, seconds.")]
+DeadlineOption = Annotated[
+    str, typer.Option("--deadline", help="Time limit of a whole --endpoint run, retries and waits included (30s, 5m); then INCONCLUSIVE.")
+]
 RetriesOption = Annotated[int, typer.Option("--retries", help="Retries on connection errors, 5xx and 429.")]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", help="Markers per request (1 looks like ordinary traffic).")]
 DelayOption = Annotated[float, typer.Option("--delay", help="Random delay up to this many seconds between requests.")]
 InsecureOption = Annotated[bool, typer.Option("--insecure", help="Do not verify TLS certificates.")]
+CACertOption = Annotated[Optional[Path], typer.Option("--ca-cert", help="Verify the endpoint's TLS certificate against these CA certificates (PEM).")]
 TemplateOption = Annotated[Optional[str], typer.Option("--template", help="Request/response template for --protocol json (a file or inline JSON).")]
 RequestSeedOption = Annotated[Optional[int], typer.Option("--seed", help="Seed of the request order (default: a fresh order each run).")]
 VerifySpecOption = Annotated[Optional[str], typer.Option("--output-spec", help="What the API reveals (default: the fingerprint's).")]
 ToleranceOption = Annotated[Optional[float], typer.Option("--tolerance", help="Override the fingerprint's tolerance (logit units).")]
 LimitOption = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N markers.")]
 NoHistoryOption = Annotated[bool, typer.Option("--no-history", help="Do not record in the history.")]
+
+
+def _shown(text: Any, limit: int = 2000) -> str:
+    """Text for the terminal: made inert (control characters escaped) and rich markup escaped."""
+    from ..served.untrusted import clean
+
+    return escape(clean(text, limit))
+
+
+def _warn(text: str) -> None:
+    err_console.print(f"[yellow]warning:[/] {_shown(text)}", highlight=False, soft_wrap=True)
+
+
+def _warn_secrets_on_argv(o: Mapping[str, Any]) -> None:
+    """Warn about credentials given on the command line, where every user of the machine can read them."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    from ..served.credentials import is_credential_header
+
+    for h in o.get("header") or []:
+        name = str(h).partition(":")[0].strip()
+        if is_credential_header(name):
+            _warn(f"--header {name} puts a secret on the command line, which other users can read (ps): use --token-env or --token-file")
+    try:
+        parts = urlsplit(str(o.get("endpoint") or ""))
+        secret_query = any(is_credential_header(k) for k, _ in parse_qsl(parts.query))
+        has_password = bool(parts.password)
+    except ValueError:
+        return
+    if has_password or secret_query:
+        _warn("the --endpoint URL holds credentials, which other users can read (ps): use --token-env or --token-file")
 
 
 def _endpoint_target(fp: Fingerprint, o: Mapping[str, Any]) -> HTTPTarget:
@@ -56,18 +119,23 @@ def _endpoint_target(fp: Fingerprint, o: Mapping[str, Any]) -> HTTPTarget:
     classes are failures.
     """
     from ..served.clients import make_client
+    from ..served.history import parse_duration
 
+    _warn_secrets_on_argv(o)
     return make_client(
         o["protocol"],
         o["endpoint"],
         model_name=o["model_name"],
         headers=o["header"],
         token_env=o["token_env"],
+        token_file=o["token_file"],
         timeout=o["timeout"],
+        deadline=parse_duration(o["deadline"]),
         retries=o["retries"],
         batch_size=o["batch_size"],
         delay=o["delay"],
         verify_tls=not o["insecure"],
+        ca_file=None if o["ca_cert"] is None else str(o["ca_cert"]),
         template=o["template"],
         seed=o["seed"],
         input_spec=fp.input_spec,
@@ -75,8 +143,36 @@ def _endpoint_target(fp: Fingerprint, o: Mapping[str, Any]) -> HTTPTarget:
     )
 
 
-def _warn(text: str) -> None:
-    err_console.print(f"[yellow]warning:[/] {escape(text)}", highlight=False)
+def _record(report: Report, protocol: str, history_path: Path | None) -> None:
+    """Write ``report`` to the history after the verdict is out; any failure (or an interrupt) is a warning, never a changed exit code."""
+    from ..served import history
+
+    try:
+        history.record(report, protocol=protocol, path=history_path)
+    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the verdict stands whatever the history does
+        from .._util import one_line
+
+        _warn(f"the run was not recorded in the history: {one_line(exc, 300) if str(exc) else type(exc).__name__}")
+
+
+@contextmanager
+def _sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM (a service manager stopping ``watch``) handled like Ctrl-C: a clean stop."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(_signum: int, _frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, interrupt)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 _COLOURS = {"INTACT": "green", "TAMPERED": "red"}
@@ -98,60 +194,72 @@ def verify(
     limit: LimitOption = None,
     header: HeaderOption = None,
     token_env: TokenEnvOption = None,
+    token_file: TokenFileOption = None,
     timeout: TimeoutOption = 10.0,
+    deadline: DeadlineOption = "5m",
     retries: RetriesOption = 3,
     batch_size: BatchSizeOption = 1,
     delay: DelayOption = 0.0,
     insecure: InsecureOption = False,
+    ca_cert: CACertOption = None,
     template: TemplateOption = None,
     seed: RequestSeedOption = None,
     threads: ThreadsOption = None,
+    trust_key: TrustKeyOption = None,
+    allow_unsigned: AllowUnsignedOption = False,
+    decrypt_key: DecryptKeyOption = None,
     history_path: HistoryOption = None,
     no_history: NoHistoryOption = False,
     as_json: JsonOption = False,
 ) -> None:
-    """Verify a model (local file or served endpoint) against a fingerprint. Exit 0 INTACT, 1 TAMPERED, 2 error/INCONCLUSIVE."""
+    """Verify a model (local file or served endpoint) against a fingerprint.
+
+    Exit 0 INTACT, 1 TAMPERED, 2 error/INCONCLUSIVE, 3 fingerprint not authentic. The verdict is
+    printed and the exit code fixed before the run is written to the history.
+    """
     with handled():
-        from ..fingerprint import load
         from ..models import load_model
-        from ..served import history
         from ..served.clients import protocol_name
         from ..served.targets import LocalTarget
         from ..served.verify import verify as run_verify
 
         if (model is None) == (endpoint is None):
             fail("give exactly one of --model or --endpoint")
-        fp = load(fp_path)
+        fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key)
         if model is not None:
             target: Target = LocalTarget(load_model(model, weights), input_spec=fp.input_spec, threads=threads)
         else:
             target = _endpoint_target(fp, ctx.params)
         report = run_verify(fp, target, output_spec, tolerance=tolerance, limit=limit)
-        if not no_history:
-            history.record(report, protocol="local" if model is not None else protocol_name(protocol), path=history_path)
         if as_json:
             console.print_json(json.dumps(report.to_json()))
         else:
             print_report(report)
-        raise typer.Exit(report.exit_code)
+    if not no_history:
+        _record(report, "local" if model is not None else protocol_name(protocol), history_path)
+    raise typer.Exit(report.exit_code)
 
 
 def print_report(report: Report, max_rows: int = 40) -> None:
+    """The per-marker table, the first failure, and last the verdict in tamperprobe's own words (no remote text)."""
     from rich.table import Table
 
-    table = Table(title=escape(f"{report.target} · {report.output_spec} · fingerprint {report.fingerprint_id}"))
+    table = Table(title=_shown(f"{report.target} · {report.output_spec} · fingerprint {report.fingerprint_id}"))
     for col in ("#", "expected", "observed", "status", "detail"):
         table.add_column(col)
     shown = sorted(report.markers, key=lambda m: (m.ok, m.index))[:max_rows]
     for m in sorted(shown, key=lambda m: m.index):
         style = "green" if m.ok else ("yellow" if m.failure else "red")
         observed = "-" if m.observed is None else str(m.observed)
-        table.add_row(str(m.index), escape(str(m.expected)), escape(observed), f"[{style}]{m.status}[/]", escape(m.failure or m.detail))
+        table.add_row(str(m.index), _shown(m.expected), _shown(observed), f"[{style}]{m.status}[/]", _shown(m.failure or m.detail, 300))
     console.print(table)
     if len(report.markers) > max_rows:
         console.print(f"({len(report.markers) - max_rows} more markers not shown)")
+    first = report.first_failure()
+    if first:
+        console.print(f"first failure: {_shown(first)}", highlight=False, soft_wrap=True)
     colour = _COLOURS.get(report.verdict, "yellow")
-    console.print(f"[bold {colour}]{escape(report.summary())}[/]  ({report.seconds:.2f} s)", highlight=False)
+    console.print(f"[bold {colour}]{escape(report.headline())}[/]  ({report.seconds:.2f} s)", highlight=False, soft_wrap=True)
 
 
 # --------------------------------------------------------------------------- serve
@@ -163,13 +271,31 @@ def serve_cmd(
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8080,
     name: Annotated[str, typer.Option("--name", help="Model name in the URLs (/v2/models/NAME/infer).")] = "model",
     output_spec: Annotated[str, typer.Option("--output-spec", help="What responses reveal: top1, topk:K, top1-prob:N, probs:N, logits.")] = "logits",
-    token: Annotated[Optional[str], typer.Option("--token", help="Require Authorization: Bearer TOKEN (health endpoints stay open).")] = None,
-    token_env: TokenEnvOption = None,
+    token_env: Annotated[
+        Optional[str],
+        typer.Option("--token-env", help="Require Authorization: Bearer TOKEN, TOKEN in this environment variable (health stays open)."),
+    ] = None,
+    token_file: Annotated[Optional[Path], typer.Option("--token-file", help="Require Authorization: Bearer TOKEN, TOKEN in this file.")] = None,
+    token: Annotated[Optional[str], typer.Option("--token", hidden=True)] = None,
     input_shape: Annotated[Optional[str], typer.Option("--input-shape", help="Input shape without the batch axis, e.g. 1,28,28.")] = None,
     fingerprint: Annotated[Optional[Path], typer.Option("--fingerprint", help="Take the input spec from this fingerprint.")] = None,
+    trust_key: TrustKeyOption = None,
+    allow_unsigned: AllowUnsignedOption = False,
+    decrypt_key: DecryptKeyOption = None,
     weights: WeightsOption = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch accepted in one request.")] = 64,
     max_body: Annotated[str, typer.Option("--max-body", help="Largest request body accepted (e.g. 8MiB, 512KiB).")] = "8MiB",
+    max_connections: Annotated[
+        int, typer.Option("--max-connections", help="Open connections at most (beyond: the oldest one waiting for a request is closed).")
+    ] = 1000,
+    max_concurrent: Annotated[
+        int, typer.Option("--max-concurrent", help="Inference requests read and processed at once (others wait, then 503).")
+    ] = 16,
+    header_timeout: Annotated[float, typer.Option("--header-timeout", help="Seconds a client has to send a request's headers.")] = 10.0,
+    body_timeout: Annotated[float, typer.Option("--body-timeout", help="Seconds a client has to send a request's body.")] = 30.0,
+    idle_timeout: Annotated[int, typer.Option("--idle-timeout", help="Seconds an idle kept-alive connection stays open.")] = 5,
+    tls_cert: Annotated[Optional[Path], typer.Option("--tls-cert", help="Serve HTTPS with this certificate (PEM; with --tls-key).")] = None,
+    tls_key: Annotated[Optional[Path], typer.Option("--tls-key", help="Private key of --tls-cert (PEM).")] = None,
 ) -> None:
     """Serve a model over the Open Inference Protocol (KServe v2 REST, as Triton and MLServer do).
 
@@ -177,24 +303,36 @@ def serve_cmd(
     file or module:attr needs one of the first two.
     """
     with handled():
-        from .._util import env_secret
+        from ..served.credentials import read_token
         from ..server.app import serve
+        from ..server.guard import Limits
 
-        if token and token_env:
-            fail("give --token or --token-env, not both")
+        if token is not None:
+            fail("--token is not accepted: a token on the command line is visible to every user (ps); use --token-env VAR or --token-file FILE")
+        fp = None if fingerprint is None else load_fingerprint_from_options(fingerprint, trust_key, allow_unsigned, decrypt_key)
+        limits = Limits(
+            max_connections=max_connections,
+            max_concurrent=max_concurrent,
+            header_timeout=header_timeout,
+            body_timeout=body_timeout,
+            idle_timeout=idle_timeout,
+        )
         serve(
             model,
             host=host,
             port=port,
             name=name,
             output_spec=output_spec,
-            token=env_secret(token_env) if token_env else token,
+            token=read_token(token_env, token_file),
             weights=weights,
             input_shape=input_shape,
-            fingerprint=fingerprint,
+            fingerprint=fp,
             max_batch=max_batch,
             max_body=max_body,
-            on_ready=lambda text: console.print(text, highlight=False),
+            limits=limits,
+            tls_cert=tls_cert,
+            tls_key=tls_key,
+            on_ready=lambda text: console.print(escape(text), highlight=False),
             on_warning=_warn,
         )
 
@@ -215,6 +353,7 @@ def history_cmd(
     """List past verifications recorded by verify and watch."""
     with handled():
         from ..served import history
+        from ..served.untrusted import clean
 
         if verdict and verdict.upper() not in ("INTACT", "TAMPERED", "INCONCLUSIVE"):
             fail(f"bad --verdict {verdict!r}: INTACT, TAMPERED or INCONCLUSIVE")
@@ -224,6 +363,8 @@ def history_cmd(
                 fail(f"no run {run} in the history")
         else:
             rows = history.runs(history_path, target=endpoint, verdict=verdict, fingerprint=fingerprint, since=since, limit=limit)
+        # rows written by an older tamperprobe may hold raw remote text: made inert whatever the output
+        rows = [{k: clean(v, 4000) if isinstance(v, str) else v for k, v in r.items()} for r in rows]
         if as_json:
             console.print_json(json.dumps(rows))
         elif run is not None:
@@ -244,12 +385,25 @@ def _print_markers(run: int, rows: list[dict]) -> None:
         style = {"match": "green", "MISMATCH": "red"}.get(r["status"], "yellow")
         lat = "-" if r["latency"] is None else f"{r['latency'] * 1000:.0f} ms"
         table.add_row(
-            str(r["index"]), f"[{style}]{r['status']}[/]", escape(r["expected"] or ""), escape(r["observed"] or "-"), lat, escape(r["detail"] or "")
+            str(r["index"]),
+            f"[{style}]{escape(str(r['status']))}[/]",
+            escape(r["expected"] or ""),
+            escape(r["observed"] or "-"),
+            lat,
+            escape(r["detail"] or ""),
         )
     console.print(table)
 
 
+def _signed(row: dict) -> str:
+    if row.get("signer"):
+        return str(row["signer"])[:8]
+    return "UNSIGNED" if "not signed" in str(row.get("notes") or "") else "-"
+
+
 def _print_runs(rows: list[dict]) -> None:
+    import re
+
     from rich.table import Table
 
     table = Table(title="verification history (newest first, times UTC)", box=None, pad_edge=False, padding=(0, 1), header_style="bold")
@@ -261,19 +415,21 @@ def _print_runs(rows: list[dict]) -> None:
         ("failed", {"justify": "right"}),
         ("spec", {}),
         ("fp", {}),
+        ("signer", {}),
     ):
         table.add_column(col, no_wrap=True, **kw)
     table.add_column("target", overflow="fold", min_width=12)
     for r in rows:
         table.add_row(
             str(r["id"]),
-            r["time"][5:19].replace("T", " "),
-            f"[{_COLOURS.get(r['verdict'], 'yellow')}]{r['verdict']}[/]",
+            escape(str(r["time"])[5:19].replace("T", " ")),
+            f"[{_COLOURS.get(r['verdict'], 'yellow')}]{escape(str(r['verdict']))}[/]",
             f"{r['mismatched']}/{r['markers']}",
             str(r["failed"]),
-            r["output_spec"],
-            r["fingerprint"][:8],
-            escape(re.sub(r"^(\w+):https?://", r"\1:", r["target"])),
+            escape(str(r["output_spec"])),
+            escape(str(r["fingerprint"])[:8]),
+            escape(_signed(r)),
+            escape(re.sub(r"^(\w+):https?://", r"\1:", str(r["target"]))),
         )
     console.print(table)
 
@@ -284,8 +440,7 @@ def _print_runs(rows: list[dict]) -> None:
 def _print_run(run: WatchRun) -> None:
     r = run.report
     colour = {"INTACT": "green", "TAMPERED": "bold red"}.get(r.verdict, "yellow")
-    recorded = "" if run.run_id is None else f"  run {run.run_id}"
-    console.print(f"{run.time}  [{colour}]{escape(r.summary())}[/]  ({r.seconds:.2f} s){recorded}", highlight=False)
+    console.print(f"{run.time}  [{colour}]{escape(r.headline())}[/]  ({r.seconds:.2f} s)", highlight=False, soft_wrap=True)
 
 
 def watch_cmd(
@@ -305,47 +460,59 @@ def watch_cmd(
     limit: LimitOption = None,
     header: HeaderOption = None,
     token_env: TokenEnvOption = None,
+    token_file: TokenFileOption = None,
     timeout: TimeoutOption = 10.0,
+    deadline: DeadlineOption = "5m",
     retries: RetriesOption = 3,
     batch_size: BatchSizeOption = 1,
     delay: DelayOption = 0.0,
     insecure: InsecureOption = False,
+    ca_cert: CACertOption = None,
     template: TemplateOption = None,
     seed: RequestSeedOption = None,
+    trust_key: TrustKeyOption = None,
+    allow_unsigned: AllowUnsignedOption = False,
+    decrypt_key: DecryptKeyOption = None,
     history_path: HistoryOption = None,
     no_history: NoHistoryOption = False,
 ) -> None:
     """Re-verify an endpoint on a schedule. Exit 1 on the first TAMPERED; INCONCLUSIVE keeps watching (see --max-inconclusive).
 
-    --hook runs a shell command on TAMPERED and on the first INCONCLUSIVE run of a streak, with
-    TAMPERPROBE_VERDICT, _SUMMARY, _ENDPOINT, _PROTOCOL, _FINGERPRINT, _FINGERPRINT_FILE,
-    _MARKERS, _MISMATCHED, _FAILED, _RUN_ID, _RUN and _TIME in its environment.
+    Each run prints its verdict, then runs --hook (on TAMPERED and on the first INCONCLUSIVE run
+    of a streak), then is written to the history. The hook sees TAMPERPROBE_VERDICT, _SUMMARY,
+    _ENDPOINT (without credentials), _PROTOCOL, _FINGERPRINT, _FINGERPRINT_FILE, _SIGNER, _MARKERS,
+    _MISMATCHED, _FAILED, _RUN and _TIME. --deadline bounds each run. Ctrl-C (or SIGTERM) stops
+    cleanly with a summary: exit 0 if the last complete run was INTACT, 2 if it was INCONCLUSIVE
+    or none completed.
     """
     with handled():
-        from ..fingerprint import load
         from ..served.clients import protocol_name
         from ..served.watch import watch
 
-        fp = load(fp_path)
-        result = watch(
-            fp,
-            _endpoint_target(fp, ctx.params),
-            every=every,
-            count=count,
-            max_inconclusive=max_inconclusive,
-            output_spec=output_spec,
-            tolerance=tolerance,
-            limit=limit,
-            hook=hook,
-            record=not no_history,
-            history_path=history_path,
-            protocol=protocol_name(protocol),
-            endpoint=endpoint,
-            fingerprint_file=fp_path,
-            on_run=_print_run,
-            on_warning=_warn,
-        )
-        if result.gave_up:
+        fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key)
+        target = _endpoint_target(fp, ctx.params)
+        with _sigterm_as_interrupt():
+            result = watch(
+                fp,
+                target,
+                every=every,
+                count=count,
+                max_inconclusive=max_inconclusive,
+                output_spec=output_spec,
+                tolerance=tolerance,
+                limit=limit,
+                hook=hook,
+                record=not no_history,
+                history_path=history_path,
+                protocol=protocol_name(protocol),
+                endpoint=endpoint,
+                fingerprint_file=fp_path,
+                on_run=_print_run,
+                on_warning=_warn,
+            )
+        if result.interrupted:
+            console.print(f"stopped: {_shown(result.reason)}", highlight=False, soft_wrap=True)
+        elif result.gave_up:
             fail(result.reason, result.exit_code)
         raise typer.Exit(result.exit_code)
 

@@ -3,5 +3,8 @@
 ``targets`` defines what verification talks to (``Target.query`` -> ``QueryResult``) and
 ``LocalTarget`` for a model in-process; ``clients`` holds one HTTP client per serving dialect;
 ``verify`` compares the answers with a fingerprint and decides INTACT, TAMPERED or
-INCONCLUSIVE; ``history`` records every run in SQLite; ``watch`` re-verifies on a schedule.
+INCONCLUSIVE; ``history`` records every run in SQLite; ``watch`` re-verifies on a schedule and
+raises the alarm before it records. The endpoint is the party under suspicion: ``untrusted``
+makes its text inert before anything shows or stores it, and ``credentials`` keeps tokens off
+the command line and secrets out of names, reports, history and hooks.
 """

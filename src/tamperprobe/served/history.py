@@ -3,16 +3,25 @@
 Location: ``$TAMPERPROBE_HISTORY`` if set, else ``history.sqlite`` in the user data directory
 (``platformdirs.user_data_dir("tamperprobe")``); every function also takes an explicit ``path``.
 
-Tables (schema version 1, in ``PRAGMA user_version``)::
+Tables (schema version 2, in ``PRAGMA user_version``; a version 1 file is upgraded in place)::
 
     runs(id, time, target, protocol, fingerprint, output_spec, verdict, markers, mismatched,
-         failed, seconds, tolerance, summary)
+         failed, seconds, tolerance, summary, signer, notes)
     markers(run_id, idx, status, expected, observed, detail, latency)
 
 ``time`` is UTC ISO 8601 (``2025-01-31T12:00:00.123456+00:00``); ``status`` is ``match``,
 ``MISMATCH`` or ``failed``; ``latency`` is the seconds the request carrying that marker took
-(None for a local model). The database runs in WAL mode with a busy timeout and every write is
-one short transaction, so several ``watch`` processes can record into one file.
+(None for a local model). ``signer`` is the key id whose signature of the fingerprint was
+verified, NULL when the fingerprint was not signed (accepted with ``--allow-unsigned``; rows
+written before version 2 are NULL too); ``notes`` holds the report's notes, one per line (such
+as the unsigned fingerprint's). ``target`` never holds URL credentials or query values, and
+every text is stored as ``untrusted.clean`` leaves it.
+
+The database runs in WAL mode and every write is one short transaction, so several ``watch``
+processes can record into one file. A write waits at most ``timeout`` seconds (2 by default)
+for a lock: the history is written after the verdict is out (``verify`` and ``watch`` print it,
+run the hook and fix the exit code first), and a locked, damaged or unwritable database is a
+``HistoryError`` the caller reports as a warning.
 """
 
 from __future__ import annotations
@@ -26,11 +35,15 @@ from typing import TYPE_CHECKING, Any
 
 from .._util import one_line
 from ..errors import TamperprobeError, UsageError
+from .credentials import redact_urls_in
+from .untrusted import clean
 
 if TYPE_CHECKING:
     from .verify import Report
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+WRITE_TIMEOUT = 2.0  # seconds a write waits for a lock held by another process
+READ_TIMEOUT = 10.0
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
@@ -45,7 +58,9 @@ CREATE TABLE IF NOT EXISTS runs (
     failed INTEGER NOT NULL,
     seconds REAL NOT NULL,
     tolerance REAL,
-    summary TEXT
+    summary TEXT,
+    signer TEXT,
+    notes TEXT
 );
 CREATE TABLE IF NOT EXISTS markers (
     run_id INTEGER NOT NULL REFERENCES runs(id) ON DELETE CASCADE,
@@ -76,15 +91,18 @@ def default_path() -> Path:
     return Path(platformdirs.user_data_dir("tamperprobe")) / "history.sqlite"
 
 
-def _connect(path: str | os.PathLike | None, create: bool = True) -> sqlite3.Connection:
+_ADDED_IN_V2 = (("signer", "TEXT"), ("notes", "TEXT"))
+
+
+def _connect(path: str | os.PathLike | None, create: bool = True, timeout: float = READ_TIMEOUT) -> sqlite3.Connection:
     p = Path(path).expanduser() if path is not None else default_path()
     if not create and not p.exists():
         raise HistoryError(f"no history at {p} (nothing recorded yet)")
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
-        con = sqlite3.connect(str(p), timeout=10.0, isolation_level=None)
+        con = sqlite3.connect(str(p), timeout=timeout, isolation_level=None)
         con.row_factory = sqlite3.Row
-        con.execute("PRAGMA busy_timeout = 10000")
+        con.execute(f"PRAGMA busy_timeout = {int(timeout * 1000)}")
         con.execute("PRAGMA foreign_keys = ON")
         version = con.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
@@ -100,6 +118,10 @@ def _connect(path: str | os.PathLike | None, create: bool = True) -> sqlite3.Con
                 for stmt in _SCHEMA.split(";"):
                     if stmt.strip():
                         con.execute(stmt)
+                have = {row[1] for row in con.execute("PRAGMA table_info(runs)")}
+                for column, kind in _ADDED_IN_V2:  # a version 1 file: add the new columns
+                    if column not in have:
+                        con.execute(f"ALTER TABLE runs ADD COLUMN {column} {kind}")
                 con.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 con.execute("COMMIT")
             except BaseException:
@@ -116,21 +138,28 @@ def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
 
-def record(report: Report, protocol: str | None = None, path: str | os.PathLike | None = None) -> int:
-    """Store a verify ``Report`` and its markers; returns the run id."""
+def _text(value: Any, limit: int = 400) -> str | None:
+    return None if value is None or value == "" else clean(value, limit)
+
+
+def record(report: Report, protocol: str | None = None, path: str | os.PathLike | None = None, *, timeout: float = WRITE_TIMEOUT) -> int:
+    """Store a verify ``Report`` and its markers; returns the run id.
+
+    Waits at most ``timeout`` seconds for another writer's lock; any failure (locked, damaged,
+    not a database, a folder that cannot be created) is a ``HistoryError``.
+    """
     rows = [
-        (int(m.index), m.status, str(m.expected), None if m.observed is None else str(m.observed), m.failure or m.detail or None, m.latency)
-        for m in report.markers
+        (int(m.index), m.status, _text(m.expected, 4000), _text(m.observed, 4000), _text(m.failure or m.detail), m.latency) for m in report.markers
     ]
-    with closing(_connect(path)) as con:
+    with closing(_connect(path, timeout=timeout)) as con:
         try:
             con.execute("BEGIN IMMEDIATE")
             cur = con.execute(
-                "INSERT INTO runs (time, target, protocol, fingerprint, output_spec, verdict, markers, mismatched, failed, seconds, tolerance, summary)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO runs (time, target, protocol, fingerprint, output_spec, verdict, markers, mismatched, failed, seconds, tolerance,"
+                " summary, signer, notes) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     _now(),
-                    report.target,
+                    clean(redact_urls_in(report.target), 300),
                     protocol,
                     report.fingerprint_id,
                     report.output_spec,
@@ -140,7 +169,9 @@ def record(report: Report, protocol: str | None = None, path: str | os.PathLike 
                     report.failed,
                     float(report.seconds),
                     float(report.tolerance),
-                    report.summary(),
+                    _text(report.summary(), 600),
+                    _text(report.signer, 64),
+                    "\n".join(clean(n, 300) for n in report.notes) or None,
                 ),
             )
             assert cur.lastrowid is not None  # set by every INSERT

@@ -3,6 +3,13 @@
 Fail closed: a run is INTACT only if every marker got a well-formed answer and every answer
 matched. Any failed or malformed answer makes the run INCONCLUSIVE (even if other markers
 mismatched: the report still counts them), a mismatch among complete answers TAMPERED.
+
+A target is the party under suspicion: its name is shown without URL secrets and every failure
+reason it gives is made inert (``untrusted.clean``) before it enters the report, so nothing a
+server says can reach a terminal, the history or a hook as control characters. ``Report.headline``
+is the verdict in words chosen here alone (no remote text); ``summary`` adds the first failure.
+The report also says whether the fingerprint was signed (``signer``, a key id) and carries
+``notes`` such as an accepted unsigned fingerprint.
 """
 
 from __future__ import annotations
@@ -12,12 +19,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..errors import EXIT_ERROR, EXIT_INTACT, EXIT_TAMPERED, UsageError
-from ..fingerprint import Fingerprint
+from ..fingerprint import Fingerprint, check_tolerance
 from ..outputs import Answer, OutputSpec
+from .credentials import redact_urls_in
 from .targets import QueryFailure, Target
+from .untrusted import clean
 
 INTACT, TAMPERED, INCONCLUSIVE = "INTACT", "TAMPERED", "INCONCLUSIVE"
 EXIT_CODES = {INTACT: EXIT_INTACT, TAMPERED: EXIT_TAMPERED, INCONCLUSIVE: EXIT_ERROR}
+UNSIGNED_NOTE = "the fingerprint is not signed: anyone who could write it could have chosen its expected answers"
 
 
 @dataclass(frozen=True)
@@ -45,6 +55,7 @@ class Report:
     seconds: float
     tolerance: float
     notes: list[str] = field(default_factory=list)
+    signer: str | None = None  # key id of the fingerprint's verified signature; None: not signed (or not read from a file)
 
     @property
     def exit_code(self) -> int:
@@ -58,15 +69,24 @@ class Report:
     def failed(self) -> int:
         return sum(1 for m in self.markers if m.failure is not None)
 
-    def summary(self) -> str:
+    def headline(self) -> str:
+        """The verdict in one line made of counts and words of tamperprobe's own (no text from the target)."""
         n = len(self.markers)
         if self.verdict == INCONCLUSIVE:
-            first = next((m for m in self.markers if m.failure), None)
-            why = f"; marker {first.index}: {first.failure}" if first else ""
-            return f"INCONCLUSIVE: {self.failed} of {n} markers got no usable answer ({self.mismatched} mismatched){why}"
+            return f"INCONCLUSIVE: {self.failed} of {n} markers got no usable answer ({self.mismatched} mismatched)"
         if self.verdict == TAMPERED:
             return f"TAMPERED: {self.mismatched} of {n} markers changed under {self.output_spec}"
         return f"INTACT: all {n} markers match under {self.output_spec}"
+
+    def first_failure(self) -> str | None:
+        """``marker I: reason`` of the first marker without a usable answer (its reason made inert), or None."""
+        first = next((m for m in self.markers if m.failure), None)
+        return None if first is None else f"marker {first.index}: {first.failure}"
+
+    def summary(self) -> str:
+        """The headline, and for INCONCLUSIVE the first failure (``; marker I: reason``)."""
+        why = self.first_failure() if self.verdict == INCONCLUSIVE else None
+        return self.headline() + (f"; {why}" if why else "")
 
     def to_json(self) -> dict[str, Any]:
         """The report as JSON-ready data (``verify --json``)."""
@@ -78,6 +98,8 @@ class Report:
             "fingerprint": self.fingerprint_id,
             "seconds": round(self.seconds, 4),
             "tolerance": self.tolerance,
+            "signer": self.signer,
+            "notes": list(self.notes),
             "markers": [
                 {
                     "index": m.index,
@@ -105,9 +127,7 @@ def verify(
     ``limit`` uses only the first N markers (a smaller query budget).
     """
     spec = OutputSpec.parse(output_spec or fp.output_spec)
-    tol = fp.tolerance if tolerance is None else float(tolerance)
-    if tol < 0:
-        raise UsageError("tolerance must be >= 0")
+    tol = check_tolerance(fp.tolerance if tolerance is None else tolerance, "the tolerance" if tolerance is None else "--tolerance")
     if spec.label_count > fp.classes:
         raise UsageError(f"output spec {spec} asks for {spec.label_count} labels; the model has {fp.classes} classes")
     n = len(fp) if limit is None else min(int(limit), len(fp))
@@ -124,7 +144,12 @@ def verify(
         expected = spec.reveal(fp.logits[i])
         got = answers[i]
         if isinstance(got, QueryFailure):
-            results.append(MarkerResult(i, expected, None, False, failure=got.reason, latency=latencies[i]))
+            results.append(MarkerResult(i, expected, None, False, failure=clean(got.reason, 400) or "no reason given", latency=latencies[i]))
+            continue
+        if not isinstance(got, Answer):
+            results.append(
+                MarkerResult(i, expected, None, False, failure=f"target returned {type(got).__name__}, not an answer", latency=latencies[i])
+            )
             continue
         match = spec.compare(fp.logits[i], got, tol)
         results.append(MarkerResult(i, expected, got, match.ok, detail=match.detail, latency=latencies[i]))
@@ -134,4 +159,6 @@ def verify(
         verdict = INTACT
     else:
         verdict = TAMPERED
-    return Report(verdict, target.name, str(spec), fp.id, results, seconds, tol)
+    notes = [] if fp.signer is not None else [UNSIGNED_NOTE]
+    name = clean(redact_urls_in(str(target.name)), 300)
+    return Report(verdict, name, str(spec), fp.id, results, seconds, tol, notes=notes, signer=fp.signer)

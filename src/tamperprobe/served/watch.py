@@ -1,23 +1,39 @@
-"""Re-verify a target on a schedule, record every run, and raise the alarm (``tamperprobe watch``).
+"""Re-verify a target on a schedule, raise the alarm, then record (``tamperprobe watch``).
 
-What ``watch`` does after each run:
+The alarm comes first. After each run, in this order:
 
-* TAMPERED: runs the hook (if any) and stops at once, exit code 1;
-* INCONCLUSIVE (the endpoint did not answer usably): warns, runs the hook on the first
-  INCONCLUSIVE run of a streak, and keeps watching; with ``max_inconclusive`` M it stops with
-  exit code 2 after M INCONCLUSIVE runs in a row;
+1. ``on_run`` hears the verdict (the CLI prints it), then the notes (an unsigned fingerprint is
+   warned about on every run);
+2. the hook runs on TAMPERED and on the first INCONCLUSIVE run of a streak;
+3. the exit code is decided (see below);
+4. only then is the run written to the history. A history that is locked, damaged or cannot be
+   written costs a warning (``on_warning``), never the verdict, the hook or the exit code, and a
+   lock is waited for at most ``history.WRITE_TIMEOUT`` seconds.
+
+Stop rules:
+
+* TAMPERED: stops at once, exit code 1 (after the hook);
+* INCONCLUSIVE (the endpoint did not answer usably): warns with the first failure and keeps
+  watching; with ``max_inconclusive`` M it stops with exit code 2 after M INCONCLUSIVE runs in a
+  row;
 * after ``count`` runs (0: never) it stops with 0 if the last run was INTACT and 2 if it was
-  INCONCLUSIVE.
+  INCONCLUSIVE;
+* an interrupt (Ctrl-C, or SIGTERM where the CLI maps it to one) is a clean stop, not an error:
+  the run in progress is dropped (never reported, never INTACT) and the exit code is the last
+  *complete* run's: 0 if it was INTACT, 1 if TAMPERED (its alarm was raised already), 2 if it was
+  INCONCLUSIVE or no run had completed (nothing was verified).
 
 Runs start every ``every`` seconds (a run that takes longer delays the next one, it never
-doubles up). Each run is recorded in the history unless ``record=False``.
+doubles up). Each run is bounded by the client's deadline (``HTTPTarget(deadline=...)``).
 
-The hook is a shell command run with these environment variables: ``TAMPERPROBE_VERDICT``,
-``TAMPERPROBE_SUMMARY``, ``TAMPERPROBE_ENDPOINT``, ``TAMPERPROBE_PROTOCOL``,
-``TAMPERPROBE_FINGERPRINT`` (id), ``TAMPERPROBE_FINGERPRINT_FILE``, ``TAMPERPROBE_MARKERS``,
-``TAMPERPROBE_MISMATCHED``, ``TAMPERPROBE_FAILED``, ``TAMPERPROBE_RUN_ID`` (history run id, empty
-when not recorded), ``TAMPERPROBE_RUN`` (1, 2, ... within this watch) and ``TAMPERPROBE_TIME``
-(UTC ISO). A failing hook is reported as a warning and does not stop the watch.
+The hook is a shell command run with these environment variables, every value made inert by
+``untrusted.clean`` and the endpoint shown without credentials or query values:
+``TAMPERPROBE_VERDICT``, ``TAMPERPROBE_SUMMARY``, ``TAMPERPROBE_ENDPOINT``,
+``TAMPERPROBE_PROTOCOL``, ``TAMPERPROBE_FINGERPRINT`` (id), ``TAMPERPROBE_FINGERPRINT_FILE``,
+``TAMPERPROBE_SIGNER`` (key id, empty when unsigned), ``TAMPERPROBE_MARKERS``,
+``TAMPERPROBE_MISMATCHED``, ``TAMPERPROBE_FAILED``, ``TAMPERPROBE_RUN`` (1, 2, ... within this
+watch) and ``TAMPERPROBE_TIME`` (UTC ISO). The hook runs before the history write, so it gets no
+history run id. A failing hook is reported as a warning and does not stop the watch.
 """
 
 from __future__ import annotations
@@ -34,8 +50,10 @@ from ..errors import EXIT_ERROR, EXIT_INTACT, EXIT_TAMPERED, UsageError
 from ..fingerprint import Fingerprint
 from ..outputs import OutputSpec
 from . import history
+from .credentials import redact_urls_in
 from .targets import Target
-from .verify import INCONCLUSIVE, INTACT, TAMPERED, Report, verify
+from .untrusted import clean
+from .verify import EXIT_CODES, INCONCLUSIVE, INTACT, TAMPERED, Report, verify
 
 
 @dataclass(frozen=True)
@@ -44,23 +62,24 @@ class WatchRun:
 
     number: int  # 1, 2, ... within this watch
     report: Report
-    run_id: int | None  # the history's, None when not recorded
     time: str  # UTC ISO, seconds
     streak: int  # INCONCLUSIVE runs in a row, this one included (0 after any other verdict)
 
 
 @dataclass(frozen=True)
 class WatchResult:
-    """How a watch ended: its exit code, the last report, and why it stopped.
+    """How a watch ended: its exit code, the last complete report (None if none completed), and why it stopped.
 
-    ``gave_up`` is set when ``max_inconclusive`` INCONCLUSIVE runs in a row stopped it (an error, not a verdict).
+    ``gave_up`` is set when ``max_inconclusive`` INCONCLUSIVE runs in a row stopped it (an error, not a
+    verdict); ``interrupted`` when an interrupt stopped it (a clean stop: see the module doc).
     """
 
     exit_code: int
     runs: int
-    last: Report
+    last: Report | None
     reason: str
     gave_up: bool = False
+    interrupted: bool = False
 
 
 def run_hook(command: str, env_vars: dict[str, str], timeout: float = 60.0) -> str | None:
@@ -75,22 +94,31 @@ def run_hook(command: str, env_vars: dict[str, str], timeout: float = 60.0) -> s
 
 
 def hook_environment(run: WatchRun, *, endpoint: str, protocol: str, fingerprint_file: str) -> dict[str, str]:
-    """The ``TAMPERPROBE_*`` variables a hook sees for ``run`` (see the module doc)."""
+    """The ``TAMPERPROBE_*`` variables a hook sees for ``run`` (see the module doc), secrets removed, text made inert."""
     r = run.report
-    return {
+    values = {
         "TAMPERPROBE_VERDICT": r.verdict,
         "TAMPERPROBE_SUMMARY": r.summary(),
-        "TAMPERPROBE_ENDPOINT": endpoint,
+        "TAMPERPROBE_ENDPOINT": redact_urls_in(endpoint),
         "TAMPERPROBE_PROTOCOL": protocol,
         "TAMPERPROBE_FINGERPRINT": r.fingerprint_id,
         "TAMPERPROBE_FINGERPRINT_FILE": fingerprint_file,
+        "TAMPERPROBE_SIGNER": r.signer or "",
         "TAMPERPROBE_MARKERS": str(len(r.markers)),
         "TAMPERPROBE_MISMATCHED": str(r.mismatched),
         "TAMPERPROBE_FAILED": str(r.failed),
-        "TAMPERPROBE_RUN_ID": "" if run.run_id is None else str(run.run_id),
         "TAMPERPROBE_RUN": str(run.number),
         "TAMPERPROBE_TIME": run.time,
     }
+    return {k: clean(v, 1000) for k, v in values.items()}
+
+
+def _interrupted(runs: int, last: Report | None, last_time: str) -> WatchResult:
+    """The result of a watch stopped by an interrupt: judged by the last complete run, never by the one in progress."""
+    if last is None:
+        return WatchResult(EXIT_ERROR, runs, None, "watch interrupted before any run completed: nothing verified", interrupted=True)
+    reason = f"watch interrupted after {runs} complete run(s); the last complete run ({last_time}) was {last.verdict}"
+    return WatchResult(EXIT_CODES[last.verdict], runs, last, reason, interrupted=True)
 
 
 def watch(
@@ -116,38 +144,57 @@ def watch(
     a stop rule of the module doc applies; returns how it ended.
 
     ``output_spec``, ``tolerance`` and ``limit`` are ``verify``'s. ``protocol`` is recorded in the
-    history; ``endpoint`` (default: the target's name), ``protocol`` and ``fingerprint_file`` are
-    passed to the hook. ``on_run`` hears about each run before its hook runs, ``on_warning`` about
-    a failing hook and each INCONCLUSIVE run.
+    history; ``endpoint`` (default: the target's name; shown without secrets), ``protocol`` and
+    ``fingerprint_file`` are passed to the hook. ``on_run`` hears about each run before its hook
+    runs and before it is recorded; ``on_warning`` about notes, a failing hook, each INCONCLUSIVE
+    run and a history that could not be written.
     """
     interval = history.parse_duration(every)
     if count < 0 or max_inconclusive < 0:
         raise UsageError("--count and --max-inconclusive must be >= 0")
+    warn = on_warning or (lambda _text: None)
     context = {"endpoint": endpoint or target.name, "protocol": protocol, "fingerprint_file": str(fingerprint_file)}
     number, streak = 0, 0
+    last: Report | None = None
+    last_time = ""
     next_start = time.monotonic()
-    while True:
-        pause = next_start - time.monotonic()
-        if pause > 0:
-            time.sleep(pause)
-        next_start = max(next_start + interval, time.monotonic())
-        report = verify(fp, target, output_spec, tolerance=tolerance, limit=limit)
-        number += 1
-        run_id = history.record(report, protocol=protocol or None, path=history_path) if record else None
-        streak = streak + 1 if report.verdict == INCONCLUSIVE else 0
-        run = WatchRun(number, report, run_id, datetime.now(UTC).isoformat(timespec="seconds"), streak)
-        if on_run is not None:
-            on_run(run)
-        if hook and (report.verdict == TAMPERED or (report.verdict == INCONCLUSIVE and streak == 1)):
-            problem = run_hook(hook, hook_environment(run, **context))
-            if problem and on_warning is not None:
-                on_warning(problem)
-        if report.verdict == TAMPERED:
-            return WatchResult(EXIT_TAMPERED, number, report, "TAMPERED")
-        if report.verdict == INCONCLUSIVE:
-            if on_warning is not None:
-                on_warning("no usable answer from the endpoint; still watching")
-            if max_inconclusive and streak >= max_inconclusive:
-                return WatchResult(EXIT_ERROR, number, report, f"{streak} INCONCLUSIVE runs in a row", gave_up=True)
-        if count and number >= count:
-            return WatchResult(EXIT_INTACT if report.verdict == INTACT else EXIT_ERROR, number, report, f"{number} runs done")
+    try:
+        while True:
+            pause = next_start - time.monotonic()
+            if pause > 0:
+                time.sleep(pause)
+            next_start = max(next_start + interval, time.monotonic())
+            report = verify(fp, target, output_spec, tolerance=tolerance, limit=limit)
+            number += 1
+            last, last_time = report, datetime.now(UTC).isoformat(timespec="seconds")
+            streak = streak + 1 if report.verdict == INCONCLUSIVE else 0
+            run = WatchRun(number, report, last_time, streak)
+            # 1-2: the alarm, before anything that could fail or stall
+            if on_run is not None:
+                on_run(run)
+            for note in report.notes:
+                warn(note)
+            if hook and (report.verdict == TAMPERED or (report.verdict == INCONCLUSIVE and streak == 1)):
+                problem = run_hook(hook, hook_environment(run, **context))
+                if problem:
+                    warn(problem)
+            if report.verdict == INCONCLUSIVE:
+                warn(f"no usable answer from the endpoint ({report.first_failure()}); still watching")
+            # 3: the exit code
+            result: WatchResult | None = None
+            if report.verdict == TAMPERED:
+                result = WatchResult(EXIT_TAMPERED, number, report, "TAMPERED")
+            elif report.verdict == INCONCLUSIVE and max_inconclusive and streak >= max_inconclusive:
+                result = WatchResult(EXIT_ERROR, number, report, f"{streak} INCONCLUSIVE runs in a row", gave_up=True)
+            elif count and number >= count:
+                result = WatchResult(EXIT_INTACT if report.verdict == INTACT else EXIT_ERROR, number, report, f"{number} runs done")
+            # 4: the record, after the alarm
+            if record:
+                try:
+                    history.record(report, protocol=protocol or None, path=history_path)
+                except Exception as exc:  # noqa: BLE001 - a history problem never costs the verdict
+                    warn(f"run {number} not recorded in the history: {one_line(exc, 300)}")
+            if result is not None:
+                return result
+    except KeyboardInterrupt:
+        return _interrupted(number, last, last_time)

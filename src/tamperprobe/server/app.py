@@ -13,33 +13,47 @@ Endpoints
 ``POST /v2/models/{name}[/versions/1]/infer``  inference
 ==========================================  ==================================================
 
-With a token (``--token``), every endpoint except ``/v2/health/*`` needs
-``Authorization: Bearer <token>`` and answers 401 otherwise: liveness and readiness probes
-of an orchestrator carry no credentials, and they reveal nothing about the model.
+With a token (``--token-env`` / ``--token-file``), every path except ``/v2/health/*`` needs
+``Authorization: Bearer <token>`` and answers 401 otherwise, checked before routing
+(``guard.TokenGuard``): liveness and readiness probes of an orchestrator carry no credentials,
+and they reveal nothing about the model. Paths are matched exactly: there is no trailing-slash
+redirect (which would echo the Host header), a path with a trailing slash is a 404.
 
 The request and its checks are ``infer.py``'s; the tensors, output names and the
 classification extension ``tamperprobe.oip``'s (clients rely on them); the served model and
-its input spec ``holder.py``'s.
+its input spec ``holder.py``'s; connection limits, timeouts and the token check ``guard.py``'s.
+An inference request waits for one of ``max_concurrent`` slots (503 with Retry-After after
+``queue_timeout``), then its body is read (``max_body`` bytes at most) and everything else runs
+off the event loop: a body of ``LARGE_BODY`` bytes or more is parsed in a parser process (one
+``json.loads`` of megabytes holds the interpreter for hundreds of milliseconds, which no thread
+could hide from the event loop and its health probes), a smaller one on the worker threads, where
+the model runs and the response is written too.
 
 Errors are ``{"error": "..."}``: 400 for bad input (malformed JSON, wrong datatype, shape
-not matching the model's input, batch above the cap, body above the cap by Content-Length
-or by actual size, NaN/inf, unknown output, bad classification), 401 without the token,
-404 for an unknown model, version or path, 500 if the model itself fails. Bad input never
-takes the server down.
+not matching the model's input, batch above the cap, NaN/inf, unknown output, bad
+classification), 401 without the token, 404 for an unknown model, version or path, 413 for a
+body above the cap (by Content-Length or by actual size), 503 when busy, 500 if the model
+itself fails. Bad input never takes the server down.
 
-``serve`` runs the server until interrupted (the ``serve`` command); ``ServerThread`` runs it
-on 127.0.0.1 in a background thread (tests, the demo).
+``serve`` runs the server until interrupted (the ``serve`` command), optionally with TLS
+(``tls_cert``/``tls_key``); ``ServerThread`` runs it on 127.0.0.1 in a background thread
+(tests, the demo).
 """
 
 from __future__ import annotations
 
-import hmac
+import asyncio
+import functools
+import multiprocessing
 import os
 import re
 import socket
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -52,13 +66,16 @@ from ..errors import ModelLoadError, UsageError
 from ..fingerprint import Fingerprint
 from ..models import Model
 from ..outputs import OutputSpec
+from .guard import Limits, TokenGuard, protocol_class, raise_fd_limit
 from .holder import ModelHolder, Shape, make_holder, platform
-from .infer import INPUT_NAME, BadRequest, build_response, decode_inputs, parse_infer_request
+from .infer import INPUT_NAME, BadRequest, build_response, decode_inputs, parse_compact, parse_infer_request
 
 DEFAULT_MAX_BATCH = 64
 DEFAULT_MAX_BODY = 8 << 20  # bytes
+LARGE_BODY = 1 << 20  # bodies from this size on are parsed in the parser process
 VERSION = "1"
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+_CLOSE = {"Connection": "close"}
 
 
 def create_app(
@@ -69,41 +86,57 @@ def create_app(
     token: str | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_body: int = DEFAULT_MAX_BODY,
+    limits: Limits | None = None,
 ) -> Any:
-    """The FastAPI application serving ``holder`` under model name ``name``."""
-    from fastapi import APIRouter, Depends, FastAPI
+    """The ASGI application serving ``holder`` under model name ``name``.
+
+    ``app.state.executor`` holds the worker threads once the first request came, ``app.state.parser`` the
+    parser process once the first large body came (``shutdown(app)`` stops both).
+    """
+    from fastapi import FastAPI
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, Response
-    from starlette.concurrency import run_in_threadpool
     from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from .. import __version__
 
+    limits = limits or Limits()
     spec = OutputSpec.parse(output_spec)
     if spec.label_count > holder.classes:
         raise UsageError(f"output spec {spec} asks for {spec.label_count} labels; the model has {holder.classes} classes")
     if max_batch < 1 or max_body < 1024:
         raise UsageError("max batch must be >= 1 and max body >= 1024 bytes")
-    app = FastAPI(title="tamperprobe model server", docs_url=None, redoc_url=None, openapi_url=None)
+    if token is not None and not token.strip():
+        raise UsageError("an empty token protects nothing: give none or a real one")
+    app = FastAPI(title="tamperprobe model server", docs_url=None, redoc_url=None, openapi_url=None, redirect_slashes=False)
     app.state.holder = holder
     app.state.output_spec = spec
     app.state.model_name = name
+    app.state.executor = None
+    app.state.parser = None
+    app.state.limits = limits
+    if token is not None:
+        app.add_middleware(TokenGuard, token=token.strip())
+    slots = asyncio.Semaphore(limits.max_concurrent)
 
     def error(message: str, status: int = 400, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status, headers=headers)
-
-    def require_token(request: Request) -> None:
-        if token is None:
-            return
-        scheme, _, value = request.headers.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(value.strip().encode(), token.encode()):
-            raise BadRequest("missing or invalid bearer token", 401, {"WWW-Authenticate": "Bearer"})
 
     def check_model(model_name: str, version: str | None) -> None:
         if model_name != name:
             raise BadRequest(f"unknown model {model_name!r}", 404)
         if version not in (None, "", VERSION):
             raise BadRequest(f"unknown version {version!r} of model {model_name!r}", 404)
+
+    def executor() -> ThreadPoolExecutor:
+        if app.state.executor is None:
+            app.state.executor = ThreadPoolExecutor(max_workers=limits.workers, thread_name_prefix="tamperprobe-infer")
+        return app.state.executor
+
+    def parser() -> ProcessPoolExecutor:
+        if app.state.parser is None:
+            app.state.parser = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+        return app.state.parser
 
     @app.exception_handler(BadRequest)
     async def _bad(_request, exc: BadRequest):
@@ -130,18 +163,16 @@ def create_app(
     async def ready():
         return {"ready": True}
 
-    protected = APIRouter(dependencies=[Depends(require_token)])
-
-    @protected.get("/v2")
+    @app.get("/v2")
     async def server_metadata():
         return {"name": "tamperprobe", "version": __version__, "extensions": ["classification", "binary_tensor_data", "model_repository"]}
 
-    @protected.post("/v2/repository/index")
+    @app.post("/v2/repository/index")
     async def repository_index():
         return [{"name": name, "version": VERSION, "state": "READY"}]
 
-    @protected.get("/v2/models/{model_name}")
-    @protected.get("/v2/models/{model_name}/versions/{version}")
+    @app.get("/v2/models/{model_name}")
+    @app.get("/v2/models/{model_name}/versions/{version}")
     async def model_metadata(model_name: str, version: str | None = None):
         check_model(model_name, version)
         return {
@@ -152,8 +183,8 @@ def create_app(
             "outputs": [{"name": n, "datatype": d, "shape": s} for n, d, s in oip.output_layout(spec, holder.classes)],
         }
 
-    @protected.get("/v2/models/{model_name}/ready")
-    @protected.get("/v2/models/{model_name}/versions/{version}/ready")
+    @app.get("/v2/models/{model_name}/ready")
+    @app.get("/v2/models/{model_name}/versions/{version}/ready")
     async def model_ready(model_name: str, version: str | None = None):
         check_model(model_name, version)
         return {"name": name, "ready": True}
@@ -164,38 +195,74 @@ def create_app(
             try:
                 too_large = int(declared) > max_body
             except ValueError:
-                raise BadRequest("bad Content-Length") from None
+                raise BadRequest("bad Content-Length", 400, _CLOSE) from None
             if too_large:
-                raise BadRequest(f"request body of {int(declared)} bytes exceeds the limit of {max_body}")
+                raise BadRequest(f"request body of {int(declared)} bytes exceeds the limit of {max_body}", 413, _CLOSE)
         chunks, size = [], 0
         async for chunk in request.stream():
             size += len(chunk)
             if size > max_body:
-                raise BadRequest(f"request body exceeds the limit of {max_body} bytes")
+                raise BadRequest(f"request body exceeds the limit of {max_body} bytes", 413, _CLOSE)
             chunks.append(chunk)
         return b"".join(chunks)
 
-    @protected.post("/v2/models/{model_name}/infer")
-    @protected.post("/v2/models/{model_name}/versions/{version}/infer")
-    async def infer(request: Request, model_name: str, version: str | None = None):
-        check_model(model_name, version)
-        body = await read_body(request)
-        req, x = parse_infer_request(body, request.headers.get(oip.HEADER_LENGTH), holder.input_shape, max_batch)
+    def run_request(body: bytes | None, header_length: str | None, parsed: tuple[dict, np.ndarray] | None = None) -> tuple[bytes, dict[str, str]]:
+        """Everything after the body arrived (or was parsed), on a worker thread: decode, run the model, write the response."""
+        req, x = parsed if parsed is not None else parse_infer_request(body or b"", header_length, holder.input_shape, max_batch)
         x = decode_inputs(holder.input_spec, x)
         model = holder.model  # one snapshot for the whole request
         try:
-            logits = await run_in_threadpool(model.logits, x)
+            logits = model.logits(x)
         except ModelLoadError as exc:
-            return error(f"model failed: {one_line(exc)}", 500)
+            raise BadRequest(f"model failed: {one_line(exc)}", 500) from None
         if logits.ndim != 2 or logits.shape != (x.shape[0], holder.classes):
-            return error(f"model returned shape {list(logits.shape)}, expected [{x.shape[0]}, {holder.classes}]", 500)
+            raise BadRequest(f"model returned shape {list(logits.shape)}, expected [{x.shape[0]}, {holder.classes}]", 500)
         if not np.isfinite(logits).all():
-            return error("model produced NaN or infinite outputs", 500)
-        content, headers = build_response(req, logits, spec, name, VERSION)
+            raise BadRequest("model produced NaN or infinite outputs", 500)
+        return build_response(req, logits, spec, name, VERSION)
+
+    @app.post("/v2/models/{model_name}/infer")
+    @app.post("/v2/models/{model_name}/versions/{version}/infer")
+    async def infer(request: Request, model_name: str, version: str | None = None):
+        check_model(model_name, version)
+        acquired = False
+        try:
+            try:
+                async with asyncio.timeout(limits.queue_timeout):
+                    await slots.acquire()
+                    acquired = True
+            except TimeoutError:
+                if not acquired:
+                    return error("server busy: too many requests in progress, retry later", 503, {"Retry-After": "1"})
+            body = await read_body(request)
+            loop = asyncio.get_running_loop()
+            header_length = request.headers.get(oip.HEADER_LENGTH)
+            if len(body) >= LARGE_BODY:
+                try:
+                    parsed = await loop.run_in_executor(parser(), parse_compact, body, header_length, holder.input_shape, max_batch)
+                except BrokenProcessPool:
+                    app.state.parser = None  # a parser that died (killed, out of memory) is started again next time
+                    return error("server busy: the request parser restarted, retry later", 503, {"Retry-After": "1"})
+                del body
+                job = functools.partial(run_request, None, None, parsed)
+            else:
+                job = functools.partial(run_request, body, header_length)
+            content, headers = await loop.run_in_executor(executor(), job)
+        finally:
+            if acquired:
+                slots.release()
         return Response(content, media_type="application/octet-stream" if headers else "application/json", headers=headers)
 
-    app.include_router(protected)
     return app
+
+
+def shutdown(app: Any) -> None:
+    """Stop the worker threads and the parser process of an application made by ``create_app`` (started again on demand)."""
+    for attr in ("executor", "parser"):
+        pool = getattr(app.state, attr, None)
+        setattr(app.state, attr, None)
+        if pool is not None:
+            pool.shutdown(wait=False, cancel_futures=True)
 
 
 # --------------------------------------------------------------------------- running it
@@ -213,6 +280,41 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * mult)
 
 
+def _check_tls(tls_cert: str | os.PathLike | None, tls_key: str | os.PathLike | None) -> tuple[str | None, str | None]:
+    if (tls_cert is None) != (tls_key is None):
+        raise UsageError("give both --tls-cert and --tls-key, or neither")
+    if tls_cert is None or tls_key is None:
+        return None, None
+    import ssl
+
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(tls_cert), str(tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the TLS certificate {tls_cert} and key {tls_key}: {getattr(exc, 'strerror', None) or one_line(exc)}") from None
+    return str(tls_cert), str(tls_key)
+
+
+def _uvicorn_config(app: Any, limits: Limits, *, log_level: str, tls: tuple[str | None, str | None], **kw: Any) -> Any:
+    """uvicorn's configuration with the hardening of ``guard.py`` (protocol, timeouts, header cap) and TLS."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
+        log_level=log_level,
+        lifespan="off",
+        http=protocol_class(limits),
+        timeout_keep_alive=limits.idle_timeout,
+        h11_max_incomplete_event_size=limits.max_header_bytes,
+        server_header=False,
+        proxy_headers=False,
+        timeout_graceful_shutdown=5,
+        backlog=limits.backlog,
+        ssl_certfile=tls[0],
+        ssl_keyfile=tls[1],
+        **kw,
+    )
+
+
 def serve(
     model: Any,
     *,
@@ -227,6 +329,9 @@ def serve(
     fingerprint: Fingerprint | str | os.PathLike | None = None,
     max_batch: int = DEFAULT_MAX_BATCH,
     max_body: int | str = DEFAULT_MAX_BODY,
+    limits: Limits | None = None,
+    tls_cert: str | os.PathLike | None = None,
+    tls_key: str | os.PathLike | None = None,
     log_level: str = "info",
     on_ready: Callable[[str], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
@@ -234,24 +339,41 @@ def serve(
     """Serve ``model`` on ``host:port`` until interrupted (blocking). See the module doc for the protocol.
 
     ``model`` is anything ``holder.make_holder`` takes; ``max_body`` a number of bytes or a size
-    such as ``8MiB``. Before listening, ``on_warning`` hears about a server reachable beyond
-    localhost without a token, and ``on_ready`` gets a line naming the model and its URL.
+    such as ``8MiB``; ``limits`` the connection and work limits (``guard.Limits``). Before
+    listening, ``on_warning`` hears about a server reachable beyond localhost without a token or
+    without TLS, and about a connection cap lowered to fit the open-file limit; ``on_ready`` gets a
+    line naming the model and its URL.
     """
-    import uvicorn
+    import uvicorn  # first: a missing server extra is reported before any work
 
+    warn = on_warning or (lambda _text: None)
     if not 0 <= port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
+    limits = limits or Limits()
+    tls = _check_tls(tls_cert, tls_key)
     holder = make_holder(model, weights=weights, input_spec=input_spec, input_shape=input_shape, fingerprint=fingerprint)
-    app = create_app(holder, name=name, output_spec=output_spec, token=token, max_batch=max_batch, max_body=parse_size(max_body))
-    if on_warning is not None and host not in LOCAL_HOSTS and not token:
-        on_warning("listening beyond localhost without --token: anyone who can reach it can query the model")
+    reserve = limits.backlog + 64  # a burst of accepts, the listening socket, logs, worker pipes
+    fds = raise_fd_limit(limits.max_connections + reserve + 64)
+    if fds < limits.max_connections + reserve:
+        limits = replace(limits, max_connections=max(16, fds - reserve))
+        warn(f"the open-file limit is {fds}: at most {limits.max_connections} connections (raise it with ulimit -n)")
+    app = create_app(holder, name=name, output_spec=output_spec, token=token, max_batch=max_batch, max_body=parse_size(max_body), limits=limits)
+    if host not in LOCAL_HOSTS:
+        if not token:
+            warn("listening beyond localhost without a token: anyone who can reach it can query the model")
+        if tls[0] is None:
+            warn("listening beyond localhost without TLS: requests, answers and the token travel unencrypted (--tls-cert/--tls-key)")
+    scheme = "https" if tls[0] else "http"
     if on_ready is not None:
         shown = f"[{host}]" if ":" in host else host
         on_ready(
             f"serving {holder.model.source} as '{name}' ({holder.classes} classes, input {list(holder.input_shape)}, "
-            f"output spec {OutputSpec.parse(output_spec)}) at http://{shown}:{port}/v2/models/{name}/infer{' (token required)' if token else ''}"
+            f"output spec {OutputSpec.parse(output_spec)}) at {scheme}://{shown}:{port}/v2/models/{name}/infer{' (token required)' if token else ''}"
         )
-    uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, lifespan="off")).run()
+    try:
+        uvicorn.Server(_uvicorn_config(app, limits, host=host, port=port, log_level=log_level, tls=tls)).run()
+    finally:
+        shutdown(app)
 
 
 class ServerThread:
@@ -259,7 +381,7 @@ class ServerThread:
 
     ``with ServerThread(model, input_shape=(1, 8, 8)) as srv: ... srv.url ... srv.holder.swap(m2)``.
     ``model`` is anything ``holder.make_holder`` takes (a path, a ``Model``, a ``ModelHolder``);
-    ``port=0`` picks a free port.
+    ``port=0`` picks a free port; ``tls_cert``/``tls_key`` serve HTTPS.
     """
 
     def __init__(
@@ -276,13 +398,20 @@ class ServerThread:
         port: int = 0,
         max_batch: int = DEFAULT_MAX_BATCH,
         max_body: int = DEFAULT_MAX_BODY,
+        limits: Limits | None = None,
+        tls_cert: str | os.PathLike | None = None,
+        tls_key: str | os.PathLike | None = None,
         log_level: str = "warning",
         start_timeout: float = 20.0,
     ) -> None:
         self.holder = make_holder(model, input_spec=input_spec, input_shape=input_shape, fingerprint=fingerprint)
         self.name = name
-        self.app = create_app(self.holder, name=name, output_spec=output_spec, token=token, max_batch=max_batch, max_body=max_body)
+        self.limits = limits or Limits()
+        self.app = create_app(
+            self.holder, name=name, output_spec=output_spec, token=token, max_batch=max_batch, max_body=max_body, limits=self.limits
+        )
         self.host = host
+        self._tls = _check_tls(tls_cert, tls_key)
         self._port = port
         self._log_level = log_level
         self._start_timeout = start_timeout
@@ -299,7 +428,7 @@ class ServerThread:
 
     @property
     def url(self) -> str:
-        return f"http://{self.host}:{self.port}"
+        return f"{'https' if self._tls[0] else 'http'}://{self.host}:{self.port}"
 
     def swap(self, model: Model) -> Model:
         return self.holder.swap(model)
@@ -316,10 +445,10 @@ class ServerThread:
         except OSError as exc:
             sock.close()
             raise UsageError(f"cannot listen on {self.host}:{self._port}: {exc.strerror or exc}") from None
-        sock.listen(128)
+        sock.listen(self.limits.backlog)
         self._sock = sock
         self._bound_port = int(sock.getsockname()[1])
-        config = uvicorn.Config(self.app, log_level=self._log_level, lifespan="off", access_log=False)
+        config = _uvicorn_config(self.app, self.limits, log_level=self._log_level, tls=self._tls, access_log=False)
         server = self._server = uvicorn.Server(config)
         self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="tamperprobe-server", daemon=True)
         self._thread.start()
@@ -343,9 +472,13 @@ class ServerThread:
             except OSError:
                 pass
             self._sock = None  # .url stays readable: a stopped server's URL refuses connections
+        shutdown(self.app)
 
     def __enter__(self) -> ServerThread:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+__all__ = ["DEFAULT_MAX_BATCH", "DEFAULT_MAX_BODY", "Limits", "ServerThread", "create_app", "parse_size", "serve", "shutdown"]

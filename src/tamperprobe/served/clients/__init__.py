@@ -22,7 +22,7 @@ from typing import Any
 from ...errors import UsageError
 from . import jsonapi, kserve, tfserving, torchserve
 from .answers import Failure
-from .http import DEFAULT_MAX_RESPONSE, HTTPTarget
+from .http import DEFAULT_DEADLINE, DEFAULT_MAX_RESPONSE, HTTPTarget
 
 PROTOCOLS: dict[str, type[HTTPTarget]] = {
     "kserve": kserve.KServeClient,
@@ -50,8 +50,8 @@ def make_client(protocol: str, url: str, *, template: Any = None, **options: Any
     """A ``Target`` for the endpoint at ``url`` speaking ``protocol`` (a name or alias in ``PROTOCOLS``).
 
     ``options`` are the client's keyword arguments (``http.HTTPTarget``: ``model_name``,
-    ``headers``, ``token_env``, ``timeout``, ``retries``, ``batch_size``, ``delay``, ``seed``,
-    ``verify_tls``, ``classes``, ...). ``template`` (for a dialect described by one, ``json``) is
+    ``headers``, ``token_env``, ``token_file``, ``timeout``, ``deadline``, ``retries``,
+    ``batch_size``, ``delay``, ``seed``, ``verify_tls``, ``ca_file``, ``classes``, ...). ``template`` (for a dialect described by one, ``json``) is
     a dict, inline JSON or a file path. ``classes`` (e.g. the fingerprint's) makes answers with
     another number of classes failures even when the server's metadata does not tell. Bad
     options raise ``UsageError``; ``query`` itself never raises.
@@ -65,4 +65,4 @@ def make_client(protocol: str, url: str, *, template: Any = None, **options: Any
     return cls(url, **options)
 
 
-__all__ = ["DEFAULT_MAX_RESPONSE", "PROTOCOLS", "Failure", "HTTPTarget", "make_client", "protocol_help", "protocol_name"]
+__all__ = ["DEFAULT_DEADLINE", "DEFAULT_MAX_RESPONSE", "PROTOCOLS", "Failure", "HTTPTarget", "make_client", "protocol_help", "protocol_name"]

@@ -7,18 +7,31 @@ local one. What it does on each ``query``:
   seed ``None`` draws a fresh order each run), with an optional random pause of up to ``delay``
   seconds between requests, so verification traffic looks like ordinary traffic;
 * headers: ``headers`` as given (a mapping, or ``Name:value`` texts), plus
-  ``Authorization: Bearer <value of $token_env>``;
-* TLS certificates are verified unless ``verify_tls=False``; redirects are not followed (a
-  redirect would carry the token elsewhere): a 3xx is a failure;
-* ``timeout`` seconds to connect and to receive the whole answer;
+  ``Authorization: Bearer <token>``, the token read from ``$token_env`` or ``token_file``
+  (``credentials.read_token``: never from the command line, never empty); ``user:password@`` in
+  the URL is sent as HTTP basic authentication and a query string (``?api_key=...``) with every
+  request;
+* TLS certificates are verified (against ``ca_file`` when given, else the certifi bundle) unless
+  ``verify_tls=False``; redirects are not followed (a redirect would carry the token elsewhere):
+  a 3xx is a failure;
+* ``timeout`` seconds for each attempt as a whole: connecting, sending and receiving the complete
+  answer (every socket operation is bounded by what is left, so a server that drips one byte a
+  second is cut off, in the headers as in the body);
+* ``deadline`` seconds for the whole query (a verification run): retries, backoff, Retry-After
+  waits and ``delay`` pauses all fit inside it; once it has passed, every marker still waiting
+  fails with ``deadline of D s reached``;
 * up to ``retries`` retries with exponential backoff (``backoff * 2**attempt`` seconds) on
-  connection errors, timeouts, 5xx and 429; a 429/503 ``Retry-After`` is honoured up to
-  ``max_retry_after`` seconds. Once an endpoint stayed unreachable through all retries, later
-  requests of the same query are tried once (no retries) until one gets through, so a dead
-  endpoint costs ``timeout * (retries + 1)`` once, not for every marker;
+  connection errors, timeouts, 5xx and 429; a 429/503 ``Retry-After`` is waited for when it is at
+  most ``max_retry_after`` seconds and fits in the deadline, and ends the retries otherwise (the
+  server asked for more time than the run has). Once an endpoint stayed unreachable through all
+  retries, later requests of the same query are tried once (no retries) until one gets through,
+  so a dead endpoint costs ``timeout * (retries + 1)`` once, not for every marker;
 * the response body is streamed and abandoned beyond ``max_response_bytes``; a gzip or deflate
   body is decompressed within the same cap;
-* names, reports and history show the URL without ``user:password@``.
+* names, reports and history show the URL through ``credentials.redact_url`` (no
+  ``user:password@``, query values as ``***``); failure reasons hide the client's secrets and
+  are made inert by ``untrusted.clean`` (control characters and escape sequences escaped, one
+  line, bounded), since much of their text is the server's.
 
 Nothing raises out of ``query``: each marker gets an ``Answer`` or a ``QueryFailure`` whose reason
 starts with one of:
@@ -27,6 +40,7 @@ starts with one of:
 ``connection refused``                 nothing listens at the endpoint
 ``cannot connect: ...``                DNS, TLS or another connection error
 ``timed out after T s``                no (complete) answer within the timeout
+``deadline of D s reached``            the run's overall deadline passed
 ``connection closed by the server``    the server hung up without an answer
 ``HTTP 500: <error>``                  any non-2xx status (after retries for 5xx/429)
 ``response larger than 1 MiB``         the body exceeded ``max_response_bytes``
@@ -45,25 +59,32 @@ from __future__ import annotations
 
 import email.utils
 import json
+import math
+import os
 import re
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import numpy as np
 
-from ..._util import env_secret, one_line
+from ..._util import one_line
 from ...data import InputSpec
 from ...errors import UsageError
 from ...outputs import Answer, OutputSpec
+from ..credentials import Masker, is_credential_header, read_token, redact_url, url_secrets
 from ..targets import QueryFailure, QueryResult
+from ..untrusted import clean
 from .answers import Failure, check_answer
 
 DEFAULT_MAX_RESPONSE = 1 << 20
+DEFAULT_DEADLINE = 300.0  # seconds for one verification run
 _TOKEN_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
+
+__all__ = ["DEFAULT_DEADLINE", "DEFAULT_MAX_RESPONSE", "HTTPResponse", "HTTPTarget", "check_url", "nested", "parse_headers", "redact_url"]
 
 
 def human_size(n: int) -> str:
@@ -74,26 +95,33 @@ def human_size(n: int) -> str:
     return f"{n} bytes"
 
 
-def redact_url(url: str) -> str:
-    """The URL without user:password@ (for names, logs and history)."""
-    parts = urlsplit(url)
-    if parts.username or parts.password:
-        host = parts.hostname or ""
-        if parts.port:
-            host = f"{host}:{parts.port}"
-        parts = parts._replace(netloc=host)
-    return urlunsplit(parts)
-
-
 def check_url(url: str) -> str:
-    parts = urlsplit(str(url).strip())
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"bad endpoint URL {url!r}: expected http://host:port/... or https://...")
+    try:
+        parts = urlsplit(str(url).strip())
+        parts.port  # noqa: B018 - raises ValueError for a bad port
+    except ValueError:
+        parts = None
+    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
+        raise UsageError(f"bad endpoint URL {redact_url(str(url))!r}: expected http://host:port/... or https://...")
     return str(url).strip()
 
 
+def _split_url(url: str) -> tuple[str, str, tuple[str, str] | None]:
+    """(the URL without user info, query and fragment; its query; (user, password) or None)."""
+    parts = urlsplit(url)
+    auth = (unquote(parts.username or ""), unquote(parts.password or "")) if parts.username or parts.password else None
+    host = parts.hostname or ""
+    if ":" in host:
+        host = f"[{host}]"
+    netloc = f"{host}:{parts.port}" if parts.port is not None else host
+    return urlunsplit((parts.scheme, netloc, parts.path, "", "")), parts.query, auth
+
+
 def parse_headers(headers: Mapping[str, str] | Iterable[str] | None) -> dict[str, str]:
-    """Extra request headers from a mapping or ``Name:value`` texts (``--header``); UsageError on a bad one."""
+    """Extra request headers from a mapping or ``Name:value`` texts (``--header``); UsageError on a bad one.
+
+    A bad header's value is never echoed (it may be a secret).
+    """
     items: list[tuple[str, str]] = []
     if isinstance(headers, Mapping):
         items = [(str(k), str(v)) for k, v in headers.items()]
@@ -101,13 +129,13 @@ def parse_headers(headers: Mapping[str, str] | Iterable[str] | None) -> dict[str
         for h in headers or []:
             name, sep, value = str(h).partition(":")
             if not sep:
-                raise UsageError(f"bad header {h!r}: expected Name:value")
+                raise UsageError("bad header: expected Name:value (a --header without ':')")
             items.append((name, value))
     out: dict[str, str] = {}
     for k, v in items:
         k, v = str(k).strip(), str(v).strip()
         if not _TOKEN_NAME.fullmatch(k) or any(ch in v for ch in "\r\n\0"):
-            raise UsageError(f"bad header {k!r}: use Name:value with a token name and a one-line value")
+            raise UsageError(f"bad header '{clean(k, 60)}': use Name:value with a token name and a one-line value")
         out[k] = v
     return out
 
@@ -118,16 +146,16 @@ def retry_after_seconds(value: str | None) -> float | None:
         return None
     value = value.strip()
     try:
-        return max(0.0, float(value))
+        seconds = float(value)
     except ValueError:
-        pass
-    try:
-        when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - datetime.now(UTC)).total_seconds())
+        try:
+            when = email.utils.parsedate_to_datetime(value)
+        except (TypeError, ValueError, IndexError):
+            return None
+        if when.tzinfo is None:
+            when = when.replace(tzinfo=UTC)
+        seconds = (when - datetime.now(UTC)).total_seconds()
+    return max(0.0, seconds) if not math.isnan(seconds) else None
 
 
 def nested(x: np.ndarray) -> list:
@@ -162,16 +190,17 @@ class HTTPResponse:
             raise Failure("malformed response: JSON nested too deeply") from None
         except (ValueError, UnicodeDecodeError):
             ctype = self.headers.get("content-type", "?") if self.headers is not None else "?"
-            raise Failure(f"malformed response: not JSON ({ctype}): {one_line(self.body.decode(errors='replace'), 80)!r}") from None
+            raise Failure(f"malformed response: not JSON ({clean(ctype, 60)}): '{clean(self.body.decode(errors='replace'), 80)}'") from None
 
 
 class HTTPTarget:
-    """Base of the endpoint clients: HTTP with retries and limits, marker scheduling, failure capture.
+    """Base of the endpoint clients: HTTP with retries, limits and a deadline, marker scheduling, failure capture.
 
     A dialect sets ``protocol``, ``summary`` (for ``--protocol``'s help) and maybe ``aliases``,
     implements ``_query_batch(x, spec) -> list[Answer | QueryFailure]`` (raising ``Failure`` for
     the whole batch), and may override ``_prepare(spec, x)`` (run once per query before the
-    markers, e.g. to read metadata) and ``endpoint_url()``.
+    markers, e.g. to read metadata) and ``endpoint_url()``. Requests go through ``request``,
+    which adds the URL's query string, retries, and keeps every attempt inside the deadline.
     """
 
     protocol: ClassVar[str] = "http"
@@ -191,6 +220,7 @@ class HTTPTarget:
         model_name: str | None = None,
         headers: Mapping[str, str] | Iterable[str] | None = None,
         token_env: str | None = None,
+        token_file: str | os.PathLike | None = None,
         timeout: float = 10.0,
         retries: int = 3,
         backoff: float = 0.2,
@@ -199,34 +229,43 @@ class HTTPTarget:
         shuffle: bool = True,
         seed: int | None = None,
         verify_tls: bool = True,
+        ca_file: str | None = None,
         max_response_bytes: int = DEFAULT_MAX_RESPONSE,
         input_spec: InputSpec | None = None,
         classes: int | None = None,
         max_retry_after: float = 10.0,
+        deadline: float | None = DEFAULT_DEADLINE,
         transport: Any = None,
     ) -> None:
         import httpx
 
+        from ._transport import BoundedTransport, Clock, tls_context
+
+        raw_url = check_url(url)
+        secrets = url_secrets(raw_url)
+        base, self._query_string, auth = _split_url(raw_url)
         self.version: str | None = None
         if self.model_url_pattern:
-            m = re.match(self.model_url_pattern, url.strip())
+            m = re.match(self.model_url_pattern, base)
             if m:
-                url, self.version = m.group(1), m.group(3)
-                model_name = model_name or m.group(2)
-            url = url.rstrip("/")
-        self.url = check_url(url)
+                base, self.version = m.group(1), m.group(3)
+                model_name = model_name or unquote(m.group(2))
+            base = base.rstrip("/")
+        self.url = check_url(base)
         self.model_name = model_name or self.default_model_name
-        if not timeout > 0:
-            raise UsageError("--timeout must be > 0 seconds")
+        for name, value in (("--timeout", timeout), ("--deadline", math.inf if deadline is None else deadline)):
+            if not value > 0:
+                raise UsageError(f"{name} must be > 0 seconds")
         if retries < 0:
             raise UsageError("--retries must be >= 0")
         if batch_size < 1:
             raise UsageError("--batch-size must be >= 1")
-        if delay < 0 or backoff < 0:
-            raise UsageError("--delay and backoff must be >= 0")
+        if not (delay >= 0 and backoff >= 0 and max_retry_after >= 0):
+            raise UsageError("--delay, backoff and max_retry_after must be >= 0")
         if max_response_bytes < 1:
             raise UsageError("the response size cap must be >= 1 byte")
         self.timeout = float(timeout)
+        self.deadline = None if deadline is None or math.isinf(deadline) else float(deadline)
         self.retries = int(retries)
         self.backoff = float(backoff)
         self.batch_size = int(batch_size) if self.max_batch is None else min(int(batch_size), self.max_batch)
@@ -239,25 +278,42 @@ class HTTPTarget:
         self.input_spec = input_spec  # the fingerprint's: markers are sent as they are stored (8-bit ones as integers)
         self.classes = classes
         hdrs = {"User-Agent": "tamperprobe", "Accept": "application/json", "Accept-Encoding": "gzip, deflate"}
-        hdrs.update(parse_headers(headers))
-        if token_env:
-            hdrs["Authorization"] = f"Bearer {env_secret(token_env, '--token-env').strip()}"
+        extra = parse_headers(headers)
+        hdrs.update(extra)
+        for k, v in extra.items():
+            if is_credential_header(k):
+                secrets += [v, *v.split(None, 1)[1:]]  # "Bearer X": X alone too
+        token = read_token(token_env, token_file)
+        if token is not None:
+            if auth is not None:
+                raise UsageError("give credentials in the URL (user:password@) or a token, not both")
+            hdrs["Authorization"] = f"Bearer {token}"
+            secrets.append(token)
+        self._mask = Masker(secrets)
+        self._clock = Clock()
         # Redirects are never followed, so a plain-http endpoint never needs TLS: skip loading the CA bundle.
-        tls = verify_tls if urlsplit(self.url).scheme == "https" else False
+        https = urlsplit(self.url).scheme == "https"
+        if ca_file is not None and not verify_tls:
+            raise UsageError("give --ca-cert or --insecure, not both")
         self._client = httpx.Client(
             headers=hdrs,
-            verify=tls,
+            auth=auth,
             follow_redirects=False,
-            transport=transport,
+            transport=transport if transport is not None else BoundedTransport(self._clock, tls_context(verify_tls, ca_file) if https else None),
             timeout=httpx.Timeout(self.timeout),
             trust_env=False,
         )
         self._unreachable = False
-        self.name = f"{self.protocol}:{redact_url(self.endpoint_url())}"
+        self._set_name()
 
     def endpoint_url(self) -> str:
-        """The URL that names this client in reports and history (subclasses: the model's URL)."""
+        """The URL that names this client in reports and history (subclasses: the model's URL), without secrets."""
         return self.url
+
+    def _set_name(self, url: str | None = None) -> None:
+        """``self.name``: the protocol and ``url`` (default ``endpoint_url()``), redacted (a query string shows as ``?key=***``)."""
+        url = (url or self.endpoint_url()) + (f"?{self._query_string}" if self._query_string else "")
+        self.name = f"{self.protocol}:{redact_url(url)}"
 
     # ------------------------------------------------------------------ Target protocol
 
@@ -266,21 +322,28 @@ class HTTPTarget:
             spec = OutputSpec.parse(spec)
             x = np.asarray(inputs)
         except Exception as exc:  # noqa: BLE001 - query never raises
-            return QueryResult.failed(len(inputs), f"bad query: {one_line(exc)}")
-        n = len(x)
+            return QueryResult.failed(len(inputs), self._reason(f"bad query: {one_line(exc)}"))
         self._unreachable = False
+        self._clock.run_end = time.monotonic() + self.deadline if self.deadline is not None else math.inf
+        try:
+            return self._query(x, spec)
+        finally:
+            self._clock.run_end = math.inf
+
+    def _query(self, x: np.ndarray, spec: OutputSpec) -> QueryResult:
+        n = len(x)
         rng = np.random.default_rng(self.seed)
         try:
             self._prepare(spec, x)
         except Exception as exc:  # noqa: BLE001 - query never raises
-            return QueryResult.failed(n, _reason(exc))
+            return QueryResult.failed(n, self._reason(exc))
         results: list[Answer | QueryFailure] = [QueryFailure("no answer returned")] * n
         latencies: list[float | None] = [None] * n
         order = rng.permutation(n) if self.shuffle else np.arange(n)
         for b, start in enumerate(range(0, n, self.batch_size)):
             idx = order[start : start + self.batch_size]
             if b and self.delay > 0:
-                time.sleep(float(rng.uniform(0.0, self.delay)))
+                time.sleep(max(0.0, min(float(rng.uniform(0.0, self.delay)), self._clock.run_left())))
             t0 = time.monotonic()
             answers: list[Answer | QueryFailure]
             try:
@@ -288,17 +351,30 @@ class HTTPTarget:
                 if len(answers) != len(idx):
                     raise Failure(f"malformed response: {len(answers)} answers for {len(idx)} inputs")
             except Exception as exc:  # noqa: BLE001 - query never raises
-                answers = [QueryFailure(_reason(exc))] * len(idx)
+                answers = [QueryFailure(self._reason(exc))] * len(idx)
             dt = time.monotonic() - t0
             for i, a in zip(idx, answers):
                 if isinstance(a, Answer):
                     try:
                         a = check_answer(a, spec, self.classes)
                     except Failure as f:
-                        a = QueryFailure(f.reason)
+                        a = QueryFailure(self._reason(f))
+                elif isinstance(a, QueryFailure):
+                    a = QueryFailure(self._reason(a.reason))
                 results[int(i)] = a
                 latencies[int(i)] = dt
         return QueryResult.of(results, latencies)
+
+    def _reason(self, exc: BaseException | str) -> str:
+        """The failure reason for ``exc`` (a text, a Failure, or a client bug, which reads as a client error),
+        with the client's secrets hidden and made inert (``untrusted.clean``): the one exit of every reason."""
+        if isinstance(exc, str):
+            text = exc
+        elif isinstance(exc, Failure):
+            text = exc.reason
+        else:
+            text = f"client error: {one_line(exc, 120, with_type=True)}"
+        return clean(self._mask(text), 400)
 
     def close(self) -> None:
         self._client.close()
@@ -317,7 +393,12 @@ class HTTPTarget:
     def _query_batch(self, x: np.ndarray, spec: OutputSpec) -> list[Answer | QueryFailure]:
         raise NotImplementedError
 
-    # ------------------------------------------------------------------ HTTP with retries
+    # ------------------------------------------------------------------ HTTP with retries, inside the deadline
+
+    def _deadline_reached(self, last: str | None = None, *, retry: bool = False) -> Failure:
+        """The failure of a request stopped by the run's deadline (``retry``: a retry would end after it)."""
+        text = f"no time for a retry before the deadline of {self.deadline:g} s" if retry else f"deadline of {self.deadline:g} s reached"
+        return Failure(f"{text} (last error: {last})" if last else text)
 
     def request(
         self,
@@ -338,10 +419,15 @@ class HTTPTarget:
             except ValueError:
                 raise Failure("cannot send NaN or infinite inputs as JSON") from None
             headers = {"Content-Type": "application/json", **(headers or {})}
+        if self._query_string:
+            url += ("&" if "?" in url else "?") + self._query_string
         attempts = 1 if self._unreachable else self.retries + 1
-        reason = "no attempt made"
+        reason, made = "no attempt made", 0
         unreachable = False
         for attempt in range(attempts):
+            if self._clock.run_left() <= 0:
+                raise self._deadline_reached(reason if made else None)
+            made += 1
             wait = self.backoff * (2**attempt)
             try:
                 resp = self._send_once(method, url, content, headers)
@@ -358,34 +444,41 @@ class HTTPTarget:
                 reason = f"HTTP {resp.status}: {self._error_text(resp)}"
                 if 300 <= resp.status < 400:
                     loc = resp.headers.get("location", "")
-                    raise Failure(f"HTTP {resp.status}: redirect to {one_line(loc, 100)!r} not followed (give the final URL)")
+                    raise Failure(f"HTTP {resp.status}: redirect to '{clean(redact_url(loc), 100)}' not followed (give the final URL)")
                 if not (resp.status == 429 or resp.status >= 500):
                     raise Failure(reason)
                 ra = retry_after_seconds(resp.headers.get("retry-after"))
-                if ra is not None:
-                    wait = min(ra, self.max_retry_after)
+                if ra is not None and attempt < attempts - 1:
+                    if ra > self._clock.run_left():
+                        raise Failure(f"{reason} (the server asks to retry after {ra:g} s, beyond the run's deadline)")
+                    if ra > self.max_retry_after:
+                        raise Failure(f"{reason} (the server asks to retry after {ra:g} s; tamperprobe waits at most {self.max_retry_after:g} s)")
+                    wait = ra
             if attempt < attempts - 1:
+                if wait >= self._clock.run_left():
+                    raise self._deadline_reached(reason, retry=True)
                 time.sleep(wait)
         if unreachable:
             self._unreachable = True  # later requests of this query: one attempt each until one gets through
-        if attempts > 1:
-            reason = f"{reason} (after {attempts} attempts)"
+        if made > 1:
+            reason = f"{reason} (after {made} attempts)"
         raise Failure(reason)
 
     def _error_text(self, resp: HTTPResponse) -> str:
         text = resp.body.decode(errors="replace")
         try:
             doc = json.loads(text)
-        except ValueError:
+        except (ValueError, RecursionError):
             doc = None
         if isinstance(doc, dict):
             text = next((doc[k] for k in ("error", "message") if isinstance(doc.get(k), str)), text)
-        return one_line(text, 200) or "(empty body)"
+        return clean(text, 200) or "(empty body)"
 
     def _send_once(self, method: str, url: str, content: bytes | None, headers: dict[str, str] | None) -> HTTPResponse:
+        """One attempt, bounded as a whole by the timeout and the deadline (``_transport.Clock``)."""
         import httpx
 
-        start = time.monotonic()
+        self._clock.attempt_end = time.monotonic() + self.timeout
         cap = self.max_response_bytes
         try:
             with self._client.stream(method, url, content=content, headers=headers) as resp:
@@ -397,20 +490,23 @@ class HTTPTarget:
                     size += len(chunk)
                     if size > cap:
                         raise Failure(f"response larger than {human_size(cap)}")
-                    if time.monotonic() - start > self.timeout:
-                        raise Failure(f"timed out after {self.timeout:.1f} s", retryable=True)
+                    if self._clock.left() <= 0:
+                        raise httpx.ReadTimeout("no time left for this request")
                     chunks.append(chunk)
                 body = b"".join(chunks)
                 encoding = resp.headers.get("content-encoding", "").lower()
                 if encoding in ("gzip", "deflate"):
                     body = _decompress(body, encoding, cap)
                 elif encoding not in ("", "identity"):
-                    raise Failure(f"malformed response: unsupported Content-Encoding {encoding!r}")
+                    raise Failure(f"malformed response: unsupported Content-Encoding '{clean(encoding, 40)}'")
                 return HTTPResponse(resp.status_code, resp.headers, body)
-        except httpx.ConnectTimeout:
-            raise Failure(f"timed out after {self.timeout:.1f} s (connecting)", retryable=True, unreachable=True) from None
-        except httpx.TimeoutException:
-            raise Failure(f"timed out after {self.timeout:.1f} s", retryable=True, unreachable=True) from None
+        except httpx.TimeoutException as exc:
+            if self._clock.run_left() <= 0:
+                raise self._deadline_reached() from None
+            connecting = isinstance(exc, httpx.ConnectTimeout)
+            raise Failure(
+                f"timed out after {self.timeout:.1f} s" + (" (connecting)" if connecting else ""), retryable=True, unreachable=True
+            ) from None
         except httpx.ConnectError as exc:
             if "refused" in str(exc).lower():
                 raise Failure("connection refused", retryable=True, unreachable=True) from None
@@ -419,10 +515,5 @@ class HTTPTarget:
             raise Failure(f"connection closed by the server ({one_line(exc, 80)})", retryable=True) from None
         except httpx.TransportError as exc:
             raise Failure(f"transport error: {one_line(exc, 120)}", retryable=True) from None
-
-
-def _reason(exc: BaseException) -> str:
-    """The failure reason for an exception raised while querying (a client bug reads as a client error)."""
-    if isinstance(exc, Failure):
-        return exc.reason
-    return f"client error: {one_line(exc, 120, with_type=True)}"
+        finally:
+            self._clock.attempt_end = math.inf

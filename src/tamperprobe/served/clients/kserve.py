@@ -39,7 +39,7 @@ from ... import oip
 from ...outputs import Answer, OutputSpec
 from ..targets import QueryFailure
 from .answers import Failure, Parts, as_label, as_number, guess_kind, to_answer
-from .http import HTTPTarget, redact_url
+from .http import HTTPTarget
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class KServeClient(HTTPTarget):
             if len(names) > 1:
                 raise Failure(f"the server has {len(names)} models ({', '.join(names[:5])}): give --model-name")
             self.model_name = names[0] if names else "model"
-            self.name = f"{self.protocol}:{redact_url(self._model_url())}"
+            self._set_name(self._model_url())
         if self._meta is None:
             self._meta = self._read_metadata(self.request("GET", self._model_url()).json())
         want = self._meta.input_shape

@@ -1,0 +1,165 @@
+"""An httpx transport that cannot be stretched: every socket operation fits in the time left.
+
+httpx's timeouts bound each read, not a whole answer, so a server that sends one byte a second
+(in the status line, the headers or the body) keeps a request alive for as long as it likes.
+Here the transport runs on httpcore's own connection pool with a network backend whose every
+connect, read, write and TLS handshake gets at most the time left on a ``Clock`` (the earlier of
+the attempt's end and the run's deadline); once none is left, the operation fails with a
+timeout. ``http.HTTPTarget`` sets the clock before each attempt.
+
+Only public httpx and httpcore interfaces are used: ``httpx.BaseTransport`` and
+``httpx.SyncByteStream``, ``httpcore.ConnectionPool(network_backend=...)``,
+``httpcore.NetworkBackend`` and ``httpcore.NetworkStream``. httpcore's exceptions are raised
+again as httpx's of the same name, as ``httpx.HTTPTransport`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import ssl
+import time
+from collections.abc import Iterable, Iterator
+from typing import Any
+
+import httpcore
+import httpx
+
+from ...errors import UsageError
+
+
+class Clock:
+    """When the current attempt and the current run end (``time.monotonic`` seconds; ``inf``: no limit)."""
+
+    def __init__(self) -> None:
+        self.run_end = math.inf
+        self.attempt_end = math.inf
+
+    def left(self) -> float:
+        """Seconds left before the earlier of the two ends."""
+        return min(self.run_end, self.attempt_end) - time.monotonic()
+
+    def run_left(self) -> float:
+        return self.run_end - time.monotonic()
+
+    def bound(self, timeout: float | None, error: type[Exception]) -> float:
+        """``timeout`` cut to the time left; ``error`` when none is left."""
+        left = self.left()
+        if left <= 0:
+            raise error("no time left for this request")
+        return left if timeout is None else min(timeout, left)
+
+
+class _BoundedStream(httpcore.NetworkStream):
+    def __init__(self, inner: httpcore.NetworkStream, clock: Clock) -> None:
+        self._inner = inner
+        self._clock = clock
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._inner.read(max_bytes, self._clock.bound(timeout, httpcore.ReadTimeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, self._clock.bound(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def start_tls(self, ssl_context: ssl.SSLContext, server_hostname: str | None = None, timeout: float | None = None) -> httpcore.NetworkStream:
+        inner = self._inner.start_tls(ssl_context, server_hostname, self._clock.bound(timeout, httpcore.ConnectTimeout))
+        return _BoundedStream(inner, self._clock)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _BoundedBackend(httpcore.NetworkBackend):
+    def __init__(self, clock: Clock) -> None:
+        self._inner = httpcore.SyncBackend()
+        self._clock = clock
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore.NetworkStream:
+        bounded = self._clock.bound(timeout, httpcore.ConnectTimeout)
+        return _BoundedStream(self._inner.connect_tcp(host, port, bounded, local_address, socket_options), self._clock)
+
+    def connect_unix_socket(self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None) -> httpcore.NetworkStream:
+        bounded = self._clock.bound(timeout, httpcore.ConnectTimeout)
+        return _BoundedStream(self._inner.connect_unix_socket(path, bounded, socket_options), self._clock)
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(max(0.0, min(seconds, self._clock.left())))
+
+
+@contextlib.contextmanager
+def _httpx_errors() -> Iterator[None]:
+    """httpcore's exceptions as httpx's of the same name (``httpx.TransportError`` if there is none)."""
+    try:
+        yield
+    except Exception as exc:
+        if not type(exc).__module__.startswith("httpcore"):
+            raise
+        mapped = getattr(httpx, type(exc).__name__, None)
+        if not (isinstance(mapped, type) and issubclass(mapped, httpx.TransportError)):
+            mapped = httpx.TransportError
+        raise mapped(str(exc)) from exc
+
+
+class _ResponseStream(httpx.SyncByteStream):
+    def __init__(self, stream: Iterable[bytes]) -> None:
+        self._stream = stream
+
+    def __iter__(self) -> Iterator[bytes]:
+        with _httpx_errors():
+            yield from self._stream
+
+    def close(self) -> None:
+        close = getattr(self._stream, "close", None)
+        if close is not None:
+            close()
+
+
+class BoundedTransport(httpx.BaseTransport):
+    """HTTP/1.1 over an httpcore pool whose sockets never wait longer than ``clock`` allows."""
+
+    def __init__(self, clock: Clock, ssl_context: ssl.SSLContext | None) -> None:
+        self._pool = httpcore.ConnectionPool(ssl_context=ssl_context, network_backend=_BoundedBackend(clock), max_connections=4, keepalive_expiry=5.0)
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        assert isinstance(request.stream, httpx.SyncByteStream)  # a sync client sends sync streams
+        req = httpcore.Request(
+            method=request.method,
+            url=httpcore.URL(scheme=request.url.raw_scheme, host=request.url.raw_host, port=request.url.port, target=request.url.raw_path),
+            headers=request.headers.raw,
+            content=request.stream,
+            extensions=request.extensions,
+        )
+        with _httpx_errors():
+            resp = self._pool.handle_request(req)
+        assert isinstance(resp.stream, Iterable)
+        return httpx.Response(status_code=resp.status, headers=resp.headers, stream=_ResponseStream(resp.stream), extensions=resp.extensions)
+
+    def close(self) -> None:
+        self._pool.close()
+
+
+def tls_context(verify: bool, ca_file: str | None = None) -> ssl.SSLContext:
+    """The TLS context of a client: certificates checked against ``ca_file`` (else the certifi bundle), or not at all."""
+    if not verify:
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+        return ctx
+    if ca_file is None:
+        import certifi
+
+        ca_file = certifi.where()
+    try:
+        return ssl.create_default_context(cafile=ca_file)
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot read CA certificates from {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None

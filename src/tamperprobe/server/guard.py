@@ -1,0 +1,161 @@
+"""What keeps the reference server up under abuse: connection limits, timeouts, authentication first.
+
+``Limits`` holds the knobs (``serve`` exposes each as an option). They are enforced in three places:
+
+* **Connections** (``protocol_class``, a subclass of uvicorn's h11 protocol): at most
+  ``max_connections`` open at once. A connection beyond that evicts the oldest connection that
+  is only waiting for a request (idle, or sending its headers slowly); if every connection is
+  busy with a request, the new one is closed. So a flood of slow connections cannot lock health
+  probes or real clients out. The event loop accepts at most ``backlog`` connections in one burst
+  before their protocols run, so ``serve`` keeps ``max_connections + backlog`` (and a reserve)
+  below the open-file limit, lowering ``max_connections`` if it must: the process never runs out
+  of file descriptors (an accept failing with EMFILE would stall every new connection for a second).
+  ``header_timeout``: a connection must deliver a complete request line and headers within this
+  many seconds of opening (or of its previous response); ``body_timeout``: the body within this
+  many seconds of the headers; ``idle_timeout``: a kept-alive connection is closed after this
+  many idle seconds. A connection that misses a deadline is closed. Header size is capped by
+  h11 (``max_header_bytes``).
+* **Authentication before routing** (``TokenGuard``, an ASGI middleware): with a token, every
+  path except the health probes answers 401 before the router sees the request, so unknown
+  paths, trailing-slash redirects (switched off anyway) or model names reveal nothing and no
+  request body of an unauthenticated client is read.
+* **Work** (``app.py``): at most ``max_concurrent`` inference requests are read and processed at
+  once (a request waits up to ``queue_timeout`` seconds for its turn, then gets 503 with
+  Retry-After), so at most ``max_concurrent`` bodies are held in memory; JSON parsing, the model
+  and the response are computed on ``workers`` threads, never on the event loop, so health
+  probes stay fast while large bodies are parsed.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import math
+from dataclasses import dataclass, fields
+from typing import Any
+
+from ..errors import UsageError
+
+HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Connection and work limits of the server (see the module doc)."""
+
+    max_connections: int = 1000
+    backlog: int = 128  # connections accepted in one burst (and the listen queue): open files may reach max_connections + backlog
+    max_concurrent: int = 16
+    workers: int = 2
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
+    idle_timeout: int = 5
+    queue_timeout: float = 10.0
+    max_header_bytes: int = 16 << 10
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
+                raise UsageError(f"server limit {f.name.replace('_', '-')} must be a finite number > 0, got {value!r}")
+
+
+def protocol_class(limits: Limits) -> type:
+    """uvicorn's h11 protocol with the connection cap and the header/body deadlines of ``limits``."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class GuardedH11Protocol(H11Protocol):
+        _phase: str | None = None
+        _since = 0.0
+        _timer: Any = None
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._watch()
+            self._admit()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            self._watch()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            self._watch()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._cancel()
+            super().connection_lost(exc)
+
+        def _admit(self) -> None:
+            if len(self.connections) <= limits.max_connections:
+                return
+            waiting: list[Any] = [c for c in self.connections if c is not self and getattr(c, "_phase", None) == "headers"]
+            waiting = [c for c in waiting if not c.transport.is_closing()]
+            victim = min(waiting, key=lambda c: c._since) if waiting else self
+            victim.transport.close()
+
+        def _watch(self) -> None:
+            """Keep one timer for the phase the peer is in: sending headers, sending a body, or neither."""
+            state = self.conn.their_state
+            phase = "headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
+            if phase == self._phase:
+                return
+            self._cancel()
+            self._phase, self._since = phase, self.loop.time()
+            if phase is not None:
+                self._timer = self.loop.call_later(limits.header_timeout if phase == "headers" else limits.body_timeout, self._expire)
+
+        def _cancel(self) -> None:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+
+        def _expire(self) -> None:
+            self._timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+    return GuardedH11Protocol
+
+
+class TokenGuard:
+    """ASGI middleware: ``Authorization: Bearer <token>`` on every path but the health probes, checked before routing."""
+
+    def __init__(self, app: Any, token: str) -> None:
+        self.app = app
+        self._token = token.encode()
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http" and scope.get("path") not in HEALTH_PATHS and not self._authorized(scope):
+            body = json.dumps({"error": "missing or invalid bearer token"}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), (b"www-authenticate", b"Bearer")]
+            headers.append((b"connection", b"close"))  # an unauthenticated body is not worth reading to keep the connection
+            await send({"type": "http.response.start", "status": 401, "headers": headers})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await self.app(scope, receive, send)
+
+    def _authorized(self, scope: dict) -> bool:
+        values = [v for k, v in scope.get("headers", []) if k == b"authorization"]
+        if len(values) != 1:
+            return False
+        scheme, _, value = values[0].partition(b" ")
+        return scheme.lower() == b"bearer" and hmac.compare_digest(value.strip(), self._token)
+
+
+def raise_fd_limit(wanted: int) -> int:
+    """Raise this process's open-file limit towards ``wanted`` (up to the hard limit); returns the soft limit now in force."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return wanted
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        new = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    return wanted if soft == resource.RLIM_INFINITY else int(soft)

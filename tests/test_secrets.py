@@ -1,0 +1,189 @@
+"""Secrets stay secret: no credential in any output, report, history row or hook variable; tokens never on argv.
+
+The servers echo back everything they received (path with query string, every header) in their
+error messages, the way a careless API does; none of it may come back out of tamperprobe.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import sys
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from fakes import Scripted, kserve, reply
+from tamperprobe import zoo
+from tamperprobe.cli.app import app
+from tamperprobe.data import InputSpec
+from tamperprobe.errors import UsageError
+from tamperprobe.fingerprint import make_fingerprint, save
+from tamperprobe.models import TorchModel
+from tamperprobe.outputs import OutputSpec
+from tamperprobe.served.clients import make_client
+from tamperprobe.served.credentials import read_token, redact_url, redact_urls_in
+from tamperprobe.served.verify import verify
+from tamperprobe.server.app import ServerThread
+
+SHAPE = (1, 8, 8)
+PASSWORD, API_KEY, TOKEN, HEADER_KEY = "pw-Secret-1", "ApiKey-Secret-2", "Token-Secret-3", "Header-Secret-4"
+SECRETS = (PASSWORD, API_KEY, TOKEN, HEADER_KEY)
+
+
+@pytest.mark.parametrize(
+    "url, shown",
+    [
+        ("http://user:pw@host:8080/v2/models/m", "http://host:8080/v2/models/m"),
+        ("https://host/predict?api_key=abc&model=x", "https://host/predict?api_key=***&model=***"),
+        ("http://u@host/p?flag", "http://host/p?flag"),
+        ("http://host/p#frag-secret", "http://host/p"),
+        ("http://[::1]:9/x?k=v", "http://[::1]:9/x?k=***"),
+        ("http://host:99999/", "(unparsable URL)"),
+    ],
+)
+def test_redact_url(url, shown):
+    assert redact_url(url) == shown
+
+
+def test_redact_urls_in_text():
+    text = "failed at kserve:http://a:b@h:1/v2?token=zz, then https://h2/x?k=1 too"
+    assert redact_urls_in(text) == "failed at kserve:http://h:1/v2?token=***, then https://h2/x?k=*** too"
+
+
+def test_tokens_from_env_or_file_never_empty(tmp_path, monkeypatch):
+    monkeypatch.setenv("TP_GOOD", "  s3cr3t-123\n")
+    monkeypatch.setenv("TP_EMPTY", "")
+    monkeypatch.setenv("TP_SPACES", "   ")
+    good, empty, twoline = tmp_path / "good", tmp_path / "empty", tmp_path / "twoline"
+    good.write_text("s3cr3t-456\n")
+    empty.write_text("\n")
+    twoline.write_text("s3cr3t\nother\n")
+    assert read_token("TP_GOOD") == "s3cr3t-123" and read_token(token_file=good) == "s3cr3t-456" and read_token() is None
+    for kw, match in [
+        ({"token_env": "TP_EMPTY"}, "is empty"),
+        ({"token_env": "TP_SPACES"}, "is empty"),
+        ({"token_env": "TP_UNSET_XYZ"}, "not set"),
+        ({"token_file": empty}, "is empty"),
+        ({"token_file": twoline}, "one word"),
+        ({"token_file": tmp_path / "missing"}, "cannot read token file"),
+        ({"token_env": "TP_GOOD", "token_file": good}, "not both"),
+    ]:
+        with pytest.raises(UsageError, match=match) as info:
+            read_token(**kw)
+        assert "s3cr3t" not in str(info.value)  # a refused token is never echoed
+
+
+# --------------------------------------------------------------------------- end to end
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    d = tmp_path_factory.mktemp("secrets")
+    torch.manual_seed(0)
+    module = zoo.build("mlp", SHAPE)
+    model = TorchModel(module.eval(), "m")
+    x = np.random.default_rng(0).random((4, *SHAPE)).astype(np.float32)
+    logits = np.concatenate([model.logits(x[i : i + 1]) for i in range(len(x))])
+    fp = make_fingerprint(x, logits, InputSpec(SHAPE), {"method": "natural"}, "test", output_spec="logits")
+    return {"dir": d, "fp": fp, "fp_path": save(fp, d / "fp.tpf"), "model": model}
+
+
+def _echo(req, out):
+    """A JSON API that refuses everything and tells the caller exactly what it sent (path, query, every header)."""
+    reply(out, 500, {"error": f"denied {req.method} {req.path} with headers {json.dumps(req.headers)}"})
+
+
+def _assert_no_secret(*texts):
+    for text in texts:
+        for secret in SECRETS:
+            assert secret not in text, (secret, text[:2000])
+
+
+def _everything_stored(path):
+    with sqlite3.connect(path) as con:
+        rows = con.execute("SELECT * FROM runs").fetchall() + con.execute("SELECT * FROM markers").fetchall()
+    return json.dumps([[str(v) for v in row] for row in rows])
+
+
+@pytest.mark.parametrize("credentials", ["url", "token"])
+def test_no_credential_in_output_report_history_or_hook(world, tmp_path, credentials, monkeypatch):
+    template = json.dumps({"path": "/predict", "request": {"x": "{{input}}"}, "response": {"scores": "scores"}})
+    hist, hook_out = tmp_path / "h.sqlite", tmp_path / "hook.json"
+    hook = f"{sys.executable} -c \"import json, os; json.dump(dict(os.environ), open(r'{hook_out}', 'w'))\""
+    monkeypatch.setenv("TP_SECRET_TOKEN", TOKEN)
+    with Scripted(_echo) as srv:
+        host = srv.url.removeprefix("http://")
+        if credentials == "url":
+            endpoint, auth = f"http://user:{PASSWORD}@{host}/?api_key={API_KEY}", []
+        else:
+            endpoint, auth = f"http://{host}/?api_key={API_KEY}", ["--token-env", "TP_SECRET_TOKEN", "--header", f"X-Api-Key:{HEADER_KEY}"]
+        common = [str(world["fp_path"]), "--endpoint", endpoint, "--protocol", "json", "--template", template, "--retries", "0", *auth]
+        v = CliRunner().invoke(app, ["verify", *common, "--history", str(hist)])
+        j = CliRunner().invoke(app, ["verify", *common, "--no-history", "--json"])
+        w = CliRunner().invoke(app, ["watch", *common, "--history", str(hist), "--every", "0s", "--count", "1", "--hook", hook])
+        h = CliRunner().invoke(app, ["history", "--history", str(hist), "--json"])
+        received = json.dumps([(r.path, r.headers) for r in srv.requests])
+    assert v.exit_code == 2 and j.exit_code == 2 and w.exit_code == 2 and h.exit_code == 0, (v.stdout, v.stderr, w.stderr)
+    # the secrets did reach the server ...
+    assert API_KEY in received and (TOKEN in received if credentials == "token" else "Basic " in received)
+    # ... and nothing that tamperprobe printed, stored or handed on contains them
+    env = {k: v for k, v in json.loads(hook_out.read_text()).items() if k.startswith("TAMPERPROBE_")}
+    _assert_no_secret(v.stdout, v.stderr, j.stdout, j.stderr, w.stdout, w.stderr, h.stdout, _everything_stored(hist), json.dumps(env))
+    assert "denied POST /predict?api_key=***" in json.loads(j.stdout)["markers"][0]["detail"]  # the echo is there, redacted
+    assert env["TAMPERPROBE_ENDPOINT"] == f"http://{host}/?api_key=***"
+    assert json.loads(j.stdout)["target"] == f"json:http://{host}/predict?api_key=***"
+    if credentials == "token":
+        assert "--header X-Api-Key puts a secret on the command line" in v.stderr
+    else:
+        assert "the --endpoint URL holds credentials" in v.stderr
+
+
+def test_query_string_of_a_kserve_url_is_sent_but_never_named(world):
+    with Scripted(kserve(world["model"].logits)) as srv:
+        client = make_client("kserve", f"{srv.url}/v2/models/m?api_key={API_KEY}", retries=0, seed=0, classes=10)
+        assert client.model_name == "m" and client.name == f"kserve:{srv.url}?api_key=***"
+        report = verify(world["fp"], client)
+        assert report.verdict == "INTACT", report.summary()
+        assert all(r.path.endswith(f"?api_key={API_KEY}") for r in srv.requests)
+    _assert_no_secret(report.target, json.dumps(report.to_json()))
+
+
+def test_token_file_and_empty_tokens_on_the_command_line(world, tmp_path, monkeypatch):
+    token_file, empty_file = tmp_path / "token", tmp_path / "empty"
+    token_file.write_text(TOKEN + "\n")
+    empty_file.write_text("")
+    monkeypatch.setenv("TP_EMPTY", "")
+    with ServerThread(world["model"], name="m", input_shape=SHAPE, token=TOKEN) as srv:
+        common = ["verify", str(world["fp_path"]), "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--no-history"]
+        ok = CliRunner().invoke(app, [*common, "--token-file", str(token_file)])
+        assert ok.exit_code == 0, ok.stderr
+        for extra, message in [
+            (["--token-file", str(empty_file)], "is empty: refusing an empty token"),
+            (["--token-env", "TP_EMPTY"], "is empty: refusing an empty token"),
+            (["--token-env", "TP_EMPTY", "--token-file", str(token_file)], "not both"),
+        ]:
+            r = CliRunner().invoke(app, [*common, *extra])
+            assert r.exit_code == 2 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+        denied = CliRunner().invoke(app, common)  # no token: the server says 401, the run is INCONCLUSIVE
+        assert denied.exit_code == 2 and "401" in denied.stdout
+
+
+def test_serve_takes_no_token_on_the_command_line(tmp_path, monkeypatch):
+    r = CliRunner().invoke(app, ["serve", "whatever.pt", "--token", TOKEN])
+    assert r.exit_code == 2 and "--token-env" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert TOKEN not in r.stderr
+    monkeypatch.setenv("TP_EMPTY", "")
+    r = CliRunner().invoke(app, ["serve", "whatever.pt", "--token-env", "TP_EMPTY"])
+    assert r.exit_code == 2 and "refusing an empty token" in r.stderr
+
+
+def test_a_credential_in_a_failure_reason_is_masked(world, monkeypatch):
+    """A server that echoes the bearer token in its error: the reason keeps the message and hides the token."""
+    monkeypatch.setenv("TP_T", TOKEN)
+    with Scripted(lambda req, out: reply(out, 403, {"error": f"token {req.headers.get('authorization')} revoked"})) as srv:
+        c = make_client("tfserving", srv.url, token_env="TP_T", retries=0)
+        (a,) = c.query(np.zeros((1, *SHAPE), np.float32), OutputSpec.parse("top1")).answers
+    assert a.reason == "HTTP 403: token Bearer *** revoked"

@@ -1,0 +1,274 @@
+"""The reference server under abuse: timeouts, a connection cap, a work queue, authentication before routing,
+no redirects, TLS. Real sockets on 127.0.0.1; short limits so that every case ends quickly.
+
+Timing goals (health latency under load, memory) are the load test's (``bench/load_serve.py``);
+here each case asserts what happened (closed, refused, 503), never how fast.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import os
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tamperprobe import zoo
+from tamperprobe.cli.app import app
+from tamperprobe.data import InputSpec
+from tamperprobe.fingerprint import make_fingerprint, save
+from tamperprobe.models import TorchModel, save_model
+from tamperprobe.outputs import OutputSpec
+from tamperprobe.served.clients import make_client
+from tamperprobe.served.targets import QueryFailure
+from tamperprobe.server.app import ServerThread
+from tamperprobe.server.guard import Limits
+
+SHAPE = (1, 8, 8)
+BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, *SHAPE], "datatype": "FP32", "data": [0.5] * 64}]}).encode()
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    return TorchModel(zoo.build("mlp", SHAPE).eval(), "m")
+
+
+def _connect(srv) -> socket.socket:
+    s = socket.create_connection(("127.0.0.1", srv.port), timeout=20)  # a safety bound only: the server must act first
+    return s
+
+
+def _closed_by_server(s: socket.socket) -> bool:
+    """Read until the server closes the connection (True) or the safety timeout passes (False)."""
+    try:
+        while True:
+            if not s.recv(65536):
+                return True
+    except ConnectionResetError:
+        return True
+    except TimeoutError:
+        return False
+    finally:
+        s.close()
+
+
+def _request(path, body=b"", method="POST", extra="") -> bytes:
+    return f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
+
+
+FAST = Limits(header_timeout=0.5, body_timeout=0.5, idle_timeout=1)
+
+
+@pytest.mark.parametrize(
+    "case, send",
+    [
+        ("silent connection", b""),
+        ("headers never finished", b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n"),
+        ("body never finished", _request("/v2/models/model/infer", BODY)[:-10]),
+    ],
+)
+def test_slow_clients_are_disconnected(model, case, send):
+    with ServerThread(model, input_shape=SHAPE, limits=FAST) as srv:
+        s = _connect(srv)
+        s.sendall(send)
+        assert _closed_by_server(s), case
+        assert httpx.get(f"{srv.url}/v2/health/live").status_code == 200
+
+
+def test_idle_keep_alive_connections_are_closed(model):
+    with ServerThread(model, input_shape=SHAPE, limits=FAST) as srv:
+        s = _connect(srv)
+        s.sendall(_request("/v2/health/live", method="GET"))
+        assert s.recv(65536).startswith(b"HTTP/1.1 200")
+        assert _closed_by_server(s)
+
+
+def test_a_flood_of_idle_connections_cannot_lock_out_a_probe(model):
+    """Beyond max_connections the oldest connection waiting for a request is closed, so new ones get in."""
+    with ServerThread(model, input_shape=SHAPE, limits=Limits(max_connections=4, header_timeout=30)) as srv:
+        idle = []
+        for _ in range(6):
+            idle.append(_connect(srv))
+            time.sleep(0.05)  # let the server accept them in order
+        with httpx.Client(timeout=20) as client:
+            for _ in range(3):
+                assert client.get(f"{srv.url}/v2/health/ready").status_code == 200
+        closed = [_closed_by_server(s) for s in idle[:2]]  # the two oldest were evicted by the 5th and 6th
+        assert all(closed)
+        for s in idle[2:]:
+            s.close()
+
+
+def test_requests_beyond_the_work_limit_wait_then_get_503(model):
+    """One slot, held by a request whose body never completes: the next inference waits, then gets 503 with Retry-After."""
+    limits = Limits(max_concurrent=1, queue_timeout=0.3, body_timeout=30)
+    with ServerThread(model, input_shape=SHAPE, limits=limits) as srv:
+        hog = _connect(srv)
+        hog.sendall(_request("/v2/models/model/infer", BODY)[:-10])  # holds the only slot while its body "arrives"
+        time.sleep(0.2)
+        r = httpx.post(f"{srv.url}/v2/models/model/infer", content=BODY, timeout=20)
+        assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["error"]
+        assert httpx.get(f"{srv.url}/v2/health/live").status_code == 200  # probes do not queue
+        hog.close()
+        time.sleep(0.2)
+        assert httpx.post(f"{srv.url}/v2/models/model/infer", content=BODY, timeout=20).status_code == 200
+
+
+def test_no_redirect_and_no_host_echo(model):
+    evil_host = "evil.example:666"
+    with ServerThread(model, input_shape=SHAPE) as srv, ServerThread(model, input_shape=SHAPE, token="tok") as guarded:
+        for server, auth in ((srv, {}), (guarded, {}), (guarded, {"Authorization": "Bearer tok"})):
+            for method, path in (("GET", "/v2/models/model/"), ("POST", "/v2/models/model/infer/"), ("GET", "/v2/health/live/"), ("GET", "/v2/")):
+                r = httpx.request(method, server.url + path, headers={"Host": evil_host, **auth}, content=BODY if method == "POST" else None)
+                assert r.status_code in (401, 404), (path, r.status_code)
+                assert "location" not in r.headers and "evil" not in r.text
+                if server is guarded and not auth:
+                    assert r.status_code == 401  # authentication comes before routing: unknown paths reveal nothing
+        assert "server" not in httpx.get(srv.url + "/v2/health/live").headers  # no software banner
+
+
+def test_json_heavy_in_containers_is_refused_before_parsing(model):
+    with ServerThread(model, input_shape=SHAPE, max_batch=4) as srv:
+        body = b'{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5]}], "pad": [' + b"[]," * 5000 + b"[]]}"
+        r = httpx.post(f"{srv.url}/v2/models/model/infer", content=body)
+        assert r.status_code == 400 and "lists and objects" in r.json()["error"]
+
+
+class _ThreadRecorder(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.threads: list[str] = []
+
+    def forward(self, x):
+        self.threads.append(threading.current_thread().name)
+        return self.inner(x)
+
+
+def test_requests_are_processed_on_worker_threads_not_the_event_loop(model):
+    rec = _ThreadRecorder(model.module)
+    with ServerThread(TorchModel(rec, "rec"), input_shape=SHAPE) as srv:
+        rec.threads.clear()  # the start-up probe ran in this thread
+        assert httpx.post(f"{srv.url}/v2/models/model/infer", content=BODY).status_code == 200
+    assert rec.threads and all(t.startswith("tamperprobe-infer") for t in rec.threads)
+
+
+def test_bad_limits_are_usage_errors():
+    from tamperprobe.errors import UsageError
+
+    for bad in ({"max_connections": 0}, {"header_timeout": float("nan")}, {"body_timeout": -1}, {"queue_timeout": float("inf")}):
+        with pytest.raises(UsageError):
+            Limits(**bad)
+
+
+# --------------------------------------------------------------------------- TLS
+
+
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    """A self-signed certificate for 127.0.0.1 (and its key), made here with the cryptography package."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    d = tmp_path_factory.mktemp("tls")
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    (d / "cert.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "key.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    return d / "cert.pem", d / "key.pem"
+
+
+def _fp(model, d):
+    x = np.random.default_rng(0).random((3, *SHAPE)).astype(np.float32)
+    logits = np.concatenate([model.logits(x[i : i + 1]) for i in range(len(x))])
+    return save(make_fingerprint(x, logits, InputSpec(SHAPE), {"method": "natural"}, "test", output_spec="logits"), d / "fp.tpf")
+
+
+def test_tls_with_a_self_signed_certificate(model, certificate, tmp_path):
+    cert, key = certificate
+    fp_path = _fp(model, tmp_path)
+    with ServerThread(model, name="m", input_shape=SHAPE, tls_cert=cert, tls_key=key) as srv:
+        assert srv.url.startswith("https://")
+        common = ["verify", str(fp_path), "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--no-history"]
+        ok = CliRunner().invoke(app, [*common, "--ca-cert", str(cert)])
+        assert ok.exit_code == 0, ok.stdout + ok.stderr
+        untrusted = CliRunner().invoke(app, common)  # the system's CAs do not know this certificate
+        assert untrusted.exit_code == 2 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stdout
+        assert CliRunner().invoke(app, [*common, "--insecure"]).exit_code == 0
+        both = CliRunner().invoke(app, [*common, "--insecure", "--ca-cert", str(cert)])
+        assert both.exit_code == 2 and "not both" in both.stderr
+        plain = make_client("kserve", srv.url.replace("https", "http"), model_name="m", retries=0)
+        (a,) = plain.query(np.zeros((1, *SHAPE), np.float32), OutputSpec.parse("top1")).answers
+        assert isinstance(a, QueryFailure)  # plain HTTP to a TLS port gets no answer
+
+
+def test_serve_command_with_tls_token_file_and_limits(model, certificate, tmp_path):
+    """``serve`` as a process, configured only from files and options: TLS, a token from a file, the hardening options."""
+    cert, key = certificate
+    token = tmp_path / "token"
+    token.write_text("s3cret-token\n")
+    pt = save_model(model.module, tmp_path / "m.pt", np.zeros((2, *SHAPE), np.float32))
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    args = [sys.executable, "-m", "tamperprobe", "serve", str(pt), "--input-shape", "1,8,8", "--port", str(port), "--token-file", str(token)]
+    args += ["--tls-cert", str(cert), "--tls-key", str(key), "--max-connections", "50", "--max-concurrent", "4", "--header-timeout", "5"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    ctx = ssl.create_default_context(cafile=str(cert))
+    try:
+        url = f"https://127.0.0.1:{port}"
+        deadline = time.monotonic() + 60
+        with httpx.Client(verify=ctx, timeout=5) as client:
+            while True:
+                try:
+                    if client.get(f"{url}/v2/health/ready").status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+                assert time.monotonic() < deadline, "serve did not start"
+                time.sleep(0.2)
+            assert client.post(f"{url}/v2/models/model/infer", content=BODY).status_code == 401
+            r = client.post(f"{url}/v2/models/model/infer", content=BODY, headers={"Authorization": "Bearer s3cret-token"})
+            assert r.status_code == 200 and r.json()["outputs"][0]["name"] == "logits"
+    finally:
+        proc.terminate()
+        try:
+            out, err = proc.communicate(timeout=20)
+        except subprocess.TimeoutExpired:  # pragma: no cover
+            proc.kill()
+            out, err = proc.communicate()
+    assert f"https://127.0.0.1:{port}/v2/models/model/infer (token required)" in out
+    assert "s3cret-token" not in out + err
+
+
+def test_serve_tls_options_come_in_pairs(model, tmp_path):
+    r = CliRunner().invoke(app, ["serve", "m.pt", "--tls-cert", str(tmp_path / "c.pem")])
+    assert r.exit_code == 2 and "--tls-cert and --tls-key" in r.stderr
