@@ -148,11 +148,6 @@ def test_metadata_of_a_model_with_default_types(kserve_server):
     assert meta["name"] == BARE and meta.get("inputs", []) == [] and meta.get("outputs", []) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='client bug: KServeClient._read_metadata refuses metadata with "inputs": [] (KServe\'s default for a kserve.Model '
-    "that does not override get_input_types) with 'malformed response: model metadata has no inputs', so verify is INCONCLUSIVE",
-)
 def test_v2_kserve_client_with_default_metadata(kserve_server, interop_assets):
     report = verify(interop_assets.fp, make_client("kserve", _url(kserve_server), model_name=BARE, **CLIENT), "logits")
     assert report.verdict == INTACT, report.summary()

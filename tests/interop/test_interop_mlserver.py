@@ -159,11 +159,6 @@ def test_metadata_of_a_model_without_declared_inputs(mlserver):
     assert meta["name"] == BARE and meta.get("inputs", []) == [] and meta.get("outputs", []) == []
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason='client bug: KServeClient._read_metadata refuses metadata with "inputs": [] (MLServer\'s answer for a model '
-    "that declares no inputs) with 'malformed response: model metadata has no inputs', so verify is INCONCLUSIVE",
-)
 def test_kserve_client_without_declared_metadata(mlserver, interop_assets):
     fp = interop_assets.fp
     report = verify(fp, make_client("kserve", _url(mlserver), model_name=BARE, **CLIENT), "logits")

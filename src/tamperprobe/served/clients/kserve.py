@@ -79,15 +79,19 @@ class KServeClient(HTTPTarget):
             self.model_name = names[0] if names else "model"
             self._set_name(self._model_url())
         if self._meta is None:
-            self._meta = self._read_metadata(self.request("GET", self._model_url()).json())
+            self._meta = self._read_metadata(self.request("GET", self._model_url()).json(), x)
         want = self._meta.input_shape
         got = list(x.shape[1:])
         if want is not None and (len(want) != len(got) or any(w >= 0 and w != g for w, g in zip(want, got))):
             raise Failure(f"the served model takes inputs of shape {want}; the fingerprint's markers have shape {got}")
 
-    def _read_metadata(self, doc: Any) -> _Metadata:
-        if not isinstance(doc, dict) or not isinstance(doc.get("inputs"), list) or not doc["inputs"]:
-            raise Failure("malformed response: model metadata has no inputs")
+    def _read_metadata(self, doc: Any, x: np.ndarray) -> _Metadata:
+        if not isinstance(doc, dict) or not isinstance(doc.get("inputs", []), list):
+            raise Failure("malformed response: model metadata is not an object with a list of inputs")
+        if not doc.get("inputs"):
+            # MLServer without declared inputs, and KServe's default for a kserve.Model, answer "inputs": []:
+            # send the markers as they are, under the protocol's usual input name, and read the outputs as usual
+            return _Metadata("input", oip.datatype_of(x.dtype), None)
         if len(doc["inputs"]) != 1:
             raise Failure(f"the served model has {len(doc['inputs'])} inputs; tamperprobe sends one")
         inp = doc["inputs"][0]
