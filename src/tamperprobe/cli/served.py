@@ -443,6 +443,48 @@ def _print_run(run: WatchRun) -> None:
     console.print(f"{run.time}  [{colour}]{escape(r.headline())}[/]  ({r.seconds:.2f} s)", highlight=False, soft_wrap=True)
 
 
+class _RunReporter:
+    """What happens to each watch run before its hook: printed (a line, or JSON with --json), then the metrics and
+    the event log updated; a failing event log is a warning, never a lost verdict."""
+
+    def __init__(self, endpoint: str, metrics: Any, log: Any, as_json: bool) -> None:
+        self.endpoint, self.metrics, self.log, self.as_json = endpoint, metrics, log, as_json
+
+    def __call__(self, run: WatchRun) -> None:
+        if self.as_json:
+            print(json.dumps({"run": run.number, "time": run.time, **run.report.to_json()}, sort_keys=True), flush=True)
+        else:
+            _print_run(run)
+        if self.metrics is not None:
+            self.metrics.update(run, self.endpoint)
+        if self.log is not None:
+            try:
+                self.log.write(run, self.endpoint)
+            except OSError as exc:
+                _warn(f"event log {self.log.path}: {exc.strerror or exc}")
+
+    def __enter__(self) -> _RunReporter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for part in (self.metrics, self.log):
+            if part is not None:
+                part.close()
+
+
+def _run_reporter(endpoint: str, metrics_port: int | None, metrics_host: str, event_log: Path | None, as_json: bool) -> _RunReporter:
+    from ..errors import UsageError
+    from ..served.monitor import EventLog, Metrics
+
+    if metrics_port is not None and not 0 <= metrics_port <= 65535:
+        raise UsageError("--metrics-port must be between 0 and 65535")
+    log = EventLog(event_log) if event_log is not None else None
+    metrics = Metrics(metrics_port, metrics_host) if metrics_port is not None else None
+    if metrics is not None:
+        err_console.print(f"metrics at http://{metrics_host}:{metrics.port}/metrics", highlight=False)
+    return _RunReporter(endpoint, metrics, log, as_json)
+
+
 def watch_cmd(
     ctx: typer.Context,
     fp_path: FingerprintArgument,
@@ -475,6 +517,12 @@ def watch_cmd(
     decrypt_key: DecryptKeyOption = None,
     history_path: HistoryOption = None,
     no_history: NoHistoryOption = False,
+    metrics_port: Annotated[
+        Optional[int], typer.Option("--metrics-port", help="Serve Prometheus metrics on this port (/metrics; 0 picks a free one).")
+    ] = None,
+    metrics_host: Annotated[str, typer.Option("--metrics-host", help="Address of the metrics server.")] = "127.0.0.1",
+    event_log: Annotated[Optional[Path], typer.Option("--event-log", help="Append one JSON object per run to this file.")] = None,
+    as_json: JsonOption = False,
 ) -> None:
     """Re-verify an endpoint on a schedule. Exit 1 on the first TAMPERED; INCONCLUSIVE keeps watching (see --max-inconclusive).
 
@@ -491,7 +539,8 @@ def watch_cmd(
 
         fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key)
         target = _endpoint_target(fp, ctx.params)
-        with _sigterm_as_interrupt():
+        on_run = _run_reporter(endpoint or target.name, metrics_port, metrics_host, event_log, as_json)
+        with _sigterm_as_interrupt(), on_run:
             result = watch(
                 fp,
                 target,
@@ -507,7 +556,7 @@ def watch_cmd(
                 protocol=protocol_name(protocol),
                 endpoint=endpoint,
                 fingerprint_file=fp_path,
-                on_run=_print_run,
+                on_run=on_run,
                 on_warning=_warn,
             )
         if result.interrupted:

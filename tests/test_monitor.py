@@ -1,0 +1,115 @@
+"""watch feeds monitoring: Prometheus metrics on a port (scraped with a plain HTTP GET) and a JSON-lines event log."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tamperprobe import zoo
+from tamperprobe.cli.app import app
+from tamperprobe.fingerprint import make_fingerprint, save
+from tamperprobe.models import TorchModel
+from tamperprobe.served.clients import make_client
+from tamperprobe.served.monitor import EventLog, Metrics
+from tamperprobe.served.watch import watch
+from tamperprobe.server.app import ServerThread
+
+pytest.importorskip("prometheus_client")
+
+
+@pytest.fixture(scope="module")
+def models(digits):
+    train, test = digits
+    torch.manual_seed(0)
+    module = zoo.build("mlp", (1, 8, 8)).eval()
+    tampered = zoo.build("mlp", (1, 8, 8)).eval()
+    tampered.load_state_dict(module.state_dict())
+    with torch.no_grad():
+        tampered.net[-1].bias.add_(0.5)
+    intact = TorchModel(module, "intact")
+    x = np.ascontiguousarray(test.x[:6])
+    fp = make_fingerprint(x, intact.logits(x), train.input_spec, {"method": "natural"}, intact.digest(), output_spec="logits")
+    return intact, TorchModel(tampered, "tampered"), fp, train.input_spec
+
+
+def _metric(port: int, name: str, **labels: str) -> float | None:
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            return float(line.rsplit(" ", 1)[1])
+    return None
+
+
+def test_verdict_gauge_goes_from_intact_to_tampered_when_the_model_is_swapped(models, tmp_path):
+    intact, tampered, fp, spec = models
+    with ServerThread(intact, input_spec=spec) as srv:
+        metrics = Metrics(0)
+        log = EventLog(tmp_path / "events.jsonl")
+        seen: list[str] = []
+
+        def on_run(run):
+            metrics.update(run, srv.url)
+            log.write(run, srv.url)
+            seen.append(run.report.verdict)
+
+        client = make_client("kserve", srv.url, input_spec=fp.input_spec, classes=fp.classes, timeout=5, retries=0)
+        result: dict = {}
+        worker = threading.Thread(target=lambda: result.update(r=watch(fp, client, every=0.2, on_run=on_run, record=False)), daemon=True)
+        worker.start()
+        try:
+            deadline = time.monotonic() + 30
+            while _metric(metrics.port, "tamperprobe_verdict", verdict="INTACT") != 1.0 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert _metric(metrics.port, "tamperprobe_verdict", verdict="INTACT") == 1.0
+            assert _metric(metrics.port, "tamperprobe_tampered", fingerprint=fp.id) == 0.0
+            srv.swap(tampered)
+            worker.join(timeout=30)
+            assert not worker.is_alive() and result["r"].exit_code == 1
+            assert _metric(metrics.port, "tamperprobe_tampered", fingerprint=fp.id) == 1.0
+            assert _metric(metrics.port, "tamperprobe_verdict", verdict="TAMPERED") == 1.0
+            assert _metric(metrics.port, "tamperprobe_verdict", verdict="INTACT") == 0.0
+            assert _metric(metrics.port, "tamperprobe_markers_changed", fingerprint=fp.id) == float(len(fp))
+            assert _metric(metrics.port, "tamperprobe_runs_total", verdict="TAMPERED") == 1.0
+        finally:
+            metrics.close()
+            log.close()
+    events = [json.loads(line) for line in (tmp_path / "events.jsonl").read_text().splitlines()]
+    assert [e["verdict"] for e in events] == seen and seen[-1] == "TAMPERED" and set(seen[:-1]) == {"INTACT"}
+    assert [e["run"] for e in events] == list(range(1, len(events) + 1))
+
+
+def test_cli_watch_json_metrics_and_event_log(models, tmp_path):
+    intact, _, fp, spec = models
+    fp_path = save(fp, tmp_path / "fp.tpf")
+    with ServerThread(intact, input_spec=spec) as srv:
+        res = CliRunner().invoke(
+            app,
+            [
+                "watch",
+                str(fp_path),
+                "--endpoint",
+                srv.url,
+                "--every",
+                "0.1s",
+                "--count",
+                "2",
+                "--json",
+                "--no-history",
+                "--metrics-port",
+                "0",
+                "--event-log",
+                str(tmp_path / "ev.jsonl"),
+            ],
+        )
+    assert res.exit_code == 0, res.output
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    assert [d["run"] for d in lines] == [1, 2] and {d["verdict"] for d in lines} == {"INTACT"}
+    assert "metrics at http://127.0.0.1:" in res.stderr
+    assert len((tmp_path / "ev.jsonl").read_text().splitlines()) == 2
