@@ -113,3 +113,35 @@ def test_cli_watch_json_metrics_and_event_log(models, tmp_path):
     assert [d["run"] for d in lines] == [1, 2] and {d["verdict"] for d in lines} == {"INTACT"}
     assert "metrics at http://127.0.0.1:" in res.stderr
     assert len((tmp_path / "ev.jsonl").read_text().splitlines()) == 2
+
+
+def test_verify_model_reports_the_weight_digest(models, tmp_path):
+    """verify --model compares the model's weight digest with the fingerprint's and says so beside the verdict."""
+    from tamperprobe.models import save_model
+
+    intact, tampered, fp, _ = models
+    fp_path = save(fp, tmp_path / "fp.tpf")
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    for module, verdict_code, word in ((intact.module, 0, "matches"), (tampered.module, 1, "differs")):
+        path = save_model(module, tmp_path / f"{word}.pt", x)
+        res = CliRunner().invoke(app, ["verify", str(fp_path), "--model", str(path), "--no-history", "--json"])
+        assert res.exit_code == verdict_code, res.output
+        notes = json.loads(res.stdout)["notes"]
+        assert any("weights digest" in n and word in n for n in notes), notes
+
+
+def test_history_table_is_intact_at_80_columns(models, tmp_path):
+    """Issue 12: at 80 columns the history's target column was mangled; every field must stay whole."""
+    intact, _, fp, spec = models
+    fp_path = save(fp, tmp_path / "fp.tpf")
+    hist = tmp_path / "h.sqlite"
+    with ServerThread(intact, input_spec=spec) as srv:
+        url = f"{srv.url}"
+        res = CliRunner().invoke(app, ["verify", str(fp_path), "--endpoint", url, "--history", str(hist)])
+        assert res.exit_code == 0, res.output
+    out = CliRunner(env={"COLUMNS": "80"}).invoke(app, ["history", "--history", str(hist)])
+    assert out.exit_code == 0, out.output
+    assert all(len(line) <= 80 for line in out.stdout.splitlines()), out.stdout
+    flat = " ".join(out.stdout.split())
+    port = url.rsplit(":", 1)[1]
+    assert "INTACT" in flat and f"{len(fp)}" in flat and port in out.stdout.replace("\n", "").replace(" ", ""), out.stdout

@@ -38,6 +38,7 @@ from ._options import (
     FingerprintArgument,
     HistoryOption,
     JsonOption,
+    ModelArgOption,
     ModelArgument,
     ThreadsOption,
     TrustKeyOption,
@@ -186,6 +187,7 @@ def verify(
     fp_path: FingerprintArgument,
     model: Annotated[Optional[str], typer.Option("--model", help="Verify a local model file (or package.module:attribute).")] = None,
     weights: WeightsOption = None,
+    model_arg: ModelArgOption = None,
     endpoint: EndpointOption = None,
     protocol: ProtocolOption = "kserve",
     model_name: ModelNameOption = None,
@@ -218,7 +220,7 @@ def verify(
     printed and the exit code fixed before the run is written to the history.
     """
     with handled():
-        from ..models import load_model
+        from ..models import load_model, parse_model_args
         from ..served.clients import protocol_name
         from ..served.targets import LocalTarget
         from ..served.verify import verify as run_verify
@@ -227,7 +229,8 @@ def verify(
             fail("give exactly one of --model or --endpoint")
         fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key)
         if model is not None:
-            target: Target = LocalTarget(load_model(model, weights), input_spec=fp.input_spec, threads=threads)
+            loaded = load_model(model, weights, model_args=parse_model_args(model_arg))
+            target: Target = LocalTarget(loaded, input_spec=fp.input_spec, threads=threads)
         else:
             target = _endpoint_target(fp, ctx.params)
         report = run_verify(fp, target, output_spec, tolerance=tolerance, limit=limit)
@@ -258,6 +261,8 @@ def print_report(report: Report, max_rows: int = 40) -> None:
     first = report.first_failure()
     if first:
         console.print(f"first failure: {_shown(first)}", highlight=False, soft_wrap=True)
+    for note in report.notes:
+        console.print(f"note: {_shown(note, 400)}", highlight=False, soft_wrap=True)
     colour = _COLOURS.get(report.verdict, "yellow")
     console.print(f"[bold {colour}]{escape(report.headline())}[/]  ({report.seconds:.2f} s)", highlight=False, soft_wrap=True)
 
@@ -402,8 +407,6 @@ def _signed(row: dict) -> str:
 
 
 def _print_runs(rows: list[dict]) -> None:
-    import re
-
     from rich.table import Table
 
     table = Table(title="verification history (newest first, times UTC)", box=None, pad_edge=False, padding=(0, 1), header_style="bold")
@@ -419,6 +422,20 @@ def _print_runs(rows: list[dict]) -> None:
     ):
         table.add_column(col, no_wrap=True, **kw)
     table.add_column("target", overflow="fold", min_width=12)
+    if console.width < 120:  # too narrow for a table with the target: two lines a run, nothing cut
+        console.print("verification history (newest first, times UTC)", style="bold")
+        for r in rows:
+            colour = _COLOURS.get(r["verdict"], "yellow")
+            console.print(
+                f"{r['id']:>4}  {escape(str(r['time'])[5:19].replace('T', ' '))}  [{colour}]{escape(str(r['verdict']))}[/]  "
+                f"{r['mismatched']}/{r['markers']} changed, {r['failed']} failed  {escape(str(r['output_spec']))}  "
+                f"fp {escape(str(r['fingerprint'])[:8])}  signer {escape(_signed(r))}",
+                highlight=False,
+                soft_wrap=False,
+                overflow="fold",
+            )
+            console.print("      " + escape(_short_target(r)), highlight=False, overflow="fold")
+        return
     for r in rows:
         table.add_row(
             str(r["id"]),
@@ -429,9 +446,15 @@ def _print_runs(rows: list[dict]) -> None:
             escape(str(r["output_spec"])),
             escape(str(r["fingerprint"])[:8]),
             escape(_signed(r)),
-            escape(re.sub(r"^(\w+):https?://", r"\1:", str(r["target"]))),
+            escape(_short_target(r)),
         )
     console.print(table)
+
+
+def _short_target(row: dict) -> str:
+    import re
+
+    return re.sub(r"^(\w+):https?://", r"\1:", str(row["target"]))
 
 
 # --------------------------------------------------------------------------- watch

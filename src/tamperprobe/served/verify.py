@@ -22,7 +22,7 @@ from ..errors import EXIT_ERROR, EXIT_INTACT, EXIT_TAMPERED, UsageError
 from ..fingerprint import Fingerprint, check_tolerance
 from ..outputs import Answer, OutputSpec
 from .credentials import redact_urls_in
-from .targets import QueryFailure, Target
+from .targets import LocalTarget, QueryFailure, Target
 from .untrusted import clean
 
 INTACT, TAMPERED, INCONCLUSIVE = "INTACT", "TAMPERED", "INCONCLUSIVE"
@@ -114,6 +114,16 @@ class Report:
         }
 
 
+def weights_note(expected: str, actual: str) -> str:
+    """What the weight digest of a local model file says, beside the verdict (the answers decide the verdict)."""
+    if actual == expected:
+        return f"weights digest matches the fingerprint's ({expected[:23]}…)"
+    return (
+        f"weights digest {actual[:23]}… differs from the fingerprint's {expected[:23]}…: these are not the fingerprinted weights "
+        "(another format with renamed tensors also differs; the answers decide the verdict)"
+    )
+
+
 def verify(
     fp: Fingerprint,
     target: Target,
@@ -160,5 +170,7 @@ def verify(
     else:
         verdict = TAMPERED
     notes = [] if fp.signer is not None else [UNSIGNED_NOTE]
+    if isinstance(target, LocalTarget):
+        notes.append(weights_note(fp.model_digest, target.model.digest()))
     name = clean(redact_urls_in(str(target.name)), 300)
     return Report(verdict, name, str(spec), fp.id, results, seconds, tol, notes=notes, signer=fp.signer)
