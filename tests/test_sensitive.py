@@ -142,6 +142,8 @@ def test_misuse_is_a_usage_error(data: Dataset) -> None:
         "min_delta": 1e-4,
         "output": "softmax",
         "params": None,
+        "autocast": None,
+        "preset": None,
     }
     assert get_method("sensitive").get_params() == defaults
     assert get_method("sensitive").validated() == defaults
