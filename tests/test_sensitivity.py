@@ -107,7 +107,7 @@ def _compare(model: Model, ref_module: nn.Module, x: torch.Tensor, params: list[
 # ---------------------------------------------------------------------------- the reference and ||J||^2
 
 
-def _mp_jacobian_norm(z: list[float]) -> mpmath.mpf:
+def _mp_jacobian_norm(z: list) -> mpmath.mpf:
     zs = [mpmath.mpf(v) for v in z]
     top = max(zs)
     e = [mpmath.exp(v - top) for v in zs]
@@ -130,6 +130,29 @@ def test_jacobian_norm_is_exact_for_confident_logits() -> None:
         assert abs(mpmath.mpf(value) - ref) <= 1e-13 * ref
     logits = jacobian_norm(z, "logits")
     assert torch.equal(logits, torch.full((len(rows),), 10.0, dtype=torch.float64))
+
+
+def test_closed_form_gradient_of_the_jacobian_norm() -> None:
+    """The output-layer node's backward: against autograd of the float64 norm, and mpmath at extreme logits."""
+    mpmath.mp.dps = 60
+    torch.manual_seed(0)
+    for scale in (0.5, 3.0, 10.0, 25.0):
+        z = (torch.randn(20, 10, dtype=torch.float64) * scale).requires_grad_(True)
+        (ref,) = torch.autograd.grad(jacobian_norm(z).sum(), z)
+        _, got = sens._softmax_norm(z.detach(), grad=True)
+        assert got is not None
+        assert float(((got - ref).norm(dim=1) / ref.norm(dim=1)).max()) < 1e-12
+    z = torch.tensor([[30.0, 0.0, -1.0, 2.0, 5.0], [0.0, -20.0, -21.0, -25.0, -3.0]], dtype=torch.float64)
+    _, got = sens._softmax_norm(z, grad=True)
+    assert got is not None
+    step = mpmath.mpf("1e-25")
+    for b in range(2):
+        for j in range(5):
+            plus, minus = [mpmath.mpf(v) for v in z[b].tolist()], [mpmath.mpf(v) for v in z[b].tolist()]
+            plus[j] += step
+            minus[j] -= step
+            ref = (_mp_jacobian_norm(plus) - _mp_jacobian_norm(minus)) / (2 * step)
+            assert abs(mpmath.mpf(float(got[b, j])) - ref) <= 1e-12 * abs(ref)
 
 
 def test_reference_is_exact_for_confident_inputs() -> None:
@@ -328,3 +351,15 @@ def test_activations_without_a_linear_output_or_hooks_is_a_usage_error() -> None
     )  # hookable: the input of the last nn.Linear
     with pytest.raises(UsageError, match="--select random"):
         activations(_as("torchscript", module, _x(2)), _x().numpy())
+
+
+def test_output_layer_route_in_pieces(monkeypatch) -> None:
+    """A bag larger than RECOVERY_ROWS runs in pieces with the same result."""
+    module = _cnn()
+    model = _as("torchscript", module, _x(2))
+    whole = sensitivity_and_grad(model, _x(13), LAST["cnn"])
+    monkeypatch.setattr(sens, "RECOVERY_ROWS", 4)  # pieces of max(4, 5 classes) = 5 samples
+    part = sensitivity_and_grad(model, _x(13), LAST["cnn"])
+    torch.testing.assert_close(part[0], whole[0], rtol=1e-6, atol=0.0)
+    torch.testing.assert_close(part[1], whole[1], rtol=1e-5, atol=1e-9)
+    _compare(model, module, _x(13), LAST["cnn"], "softmax")

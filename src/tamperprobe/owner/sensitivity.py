@@ -18,7 +18,8 @@ Two routes, the same on every model format (``nn.Module``, TorchScript, ``torch.
   The penultimate vectors ``h`` are read off one backward pass: ``dz/dW`` under a cotangent
   that gives sample ``b`` the class ``b mod C`` of batch entry ``b div C`` has ``h_b`` in that
   row (``dL/dW = G^T h``). With ``K = ceil(B / C)`` batched cotangents this costs one backward
-  through the last matmul only and ``K·C·H ≈ (B + C)·H`` numbers, never ``C^2``; ``h`` keeps
+  through the last matmul only and ``K·C·H ≈ (B + C)·H`` numbers, never ``C^2`` (a bag runs in
+  pieces of ``RECOVERY_ROWS`` samples, so the batched matmuls stay linear in the bag); ``h`` keeps
   its graph back to the input. The route checks ``W h + b == z`` (to the rounding of the
   logits' dtype) and is not taken when the logits are not that layer's output.
   ``||J||_F^2`` is computed in float64 from the logits in a form without cancellation
@@ -38,7 +39,7 @@ from the same backward pass as the output-layer route, so MANC works on every fo
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -58,6 +59,8 @@ AUTOCASTS = ("bf16",)
 
 #: Gradient numbers held at once by the any-parameter route (one chunk of classes for one sample).
 CHUNK_ELEMENTS = 1 << 22
+#: Samples per forward pass on the output-layer route (or the number of classes, if larger).
+RECOVERY_ROWS = 256
 
 
 # ---------------------------------------------------------------------------- parameters
@@ -114,7 +117,7 @@ class _Layer:
     use_bias: bool
 
 
-def _candidate_layer(named: dict[str, torch.Tensor], params: Sequence[str]) -> _Layer | None:
+def _candidate_layer(named: Mapping[str, torch.Tensor], params: Sequence[str]) -> _Layer | None:
     """The layer ``params`` belong to when they are the weight and/or bias of one layer with a 2-D weight."""
     prefixes = {_split(p)[0] for p in params}
     leaves = {_split(p)[1] for p in params}
@@ -136,14 +139,14 @@ def _candidate_layer(named: dict[str, torch.Tensor], params: Sequence[str]) -> _
 @contextmanager
 def _grad_on(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
     """Temporarily make ``tensors`` require grad (frozen models)."""
-    old = [t.requires_grad for t in tensors]
+    frozen = [t for t in tensors if not t.requires_grad]
     try:
-        for t in tensors:
+        for t in frozen:
             t.requires_grad_(True)
         yield
     finally:
-        for t, r in zip(tensors, old):
-            t.requires_grad_(r)
+        for t in frozen:
+            t.requires_grad_(False)
 
 
 def _autocast(x: torch.Tensor, autocast: str | None) -> Any:
@@ -165,34 +168,82 @@ def _check(model: Model, params: Sequence[str], output: str) -> nn.Module:
     return module
 
 
-def _softmax_terms(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float64 ``p``, the mask of non-top classes, ``1 - p_i`` without cancellation, and ``sum_{j != top} p_j^2``."""
+def _softmax_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 ``p``, the top class (keepdim), the non-top probabilities (0 at the top) and ``1 - p_top`` as their sum."""
     p = torch.log_softmax(z.double(), dim=-1).exp()
     top = p.argmax(dim=-1, keepdim=True)
-    others = torch.ones_like(p, dtype=torch.bool).scatter(-1, top, False)
-    p_others = torch.where(others, p, torch.zeros_like(p))
-    s_top = p_others.sum(-1, keepdim=True)  # 1 - p_top as a sum of small terms
-    one_minus = torch.where(others, 1.0 - p, s_top)
-    sq_others = (p_others * p_others).sum(-1, keepdim=True)
-    return p, others, one_minus, sq_others
+    others = p.scatter(-1, top, 0.0)
+    return p, top, others, others.sum(-1, keepdim=True)
+
+
+def _softmax_norm(z: torch.Tensor, *, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``||J||_F^2`` (B,) of the softmax at logits ``z`` (B, C) in float64 and, with ``grad``, its gradient (B, C).
+
+    With ``t`` the top class, ``1 - p_t`` is the sum of the other probabilities and
+    ``q = sum_{j!=t} p_j^2`` is summed from the small terms: the top term is
+    ``p_t^2 ((1 - p_t)^2 + q)`` and a non-top term ``p_i^2 ((1 - p_i)^2 + q - p_i^2 + p_t^2)``.
+    The gradient is ``d_j = p_j (g_j - sum_i p_i g_i)`` with ``g = dN/dp``,
+    ``g_j = 2 p_j (1 - 3 p_j + 2 sum_i p_i^2)``, rearranged the same way at the top class:
+    ``g_t = 2 p_t ((1 - p_t)(1 - 2 p_t) + 2 q)`` and ``d_t = p_t ((1 - p_t) g_t - sum_{i!=t} p_i g_i)``.
+    """
+    p, top, others, rest = _softmax_parts(z)
+    p_top = p.gather(-1, top)
+    top_sq, sq = p_top.square(), others.square()  # sq: p_i^2 off the top, 0 at the top
+    q = sq.sum(-1, keepdim=True)
+    norm = (top_sq * (rest.square() + q) + (sq * ((1.0 - others).square() + (q + top_sq) - sq)).sum(-1, keepdim=True)).squeeze(-1)
+    if not grad:
+        return norm, None
+    g_top = 2.0 * p_top * (rest * (1.0 - 2.0 * p_top) + 2.0 * q)
+    g = (2.0 * p * (1.0 - 3.0 * p + 2.0 * (top_sq + q))).scatter(-1, top, g_top)
+    g_rest = (others * g).sum(-1, keepdim=True)
+    d = (p * (g - (p_top * g_top + g_rest))).scatter(-1, top, p_top * (g_top * rest - g_rest))
+    return norm, d
 
 
 def jacobian_norm(z: torch.Tensor, output: str = "softmax") -> torch.Tensor:
-    """``||df/dz||_F^2`` per row of logits ``z`` (B, C), in float64, differentiable.
+    """``||df/dz||_F^2`` per row of logits ``z`` (B, C), in float64.
 
     For the softmax ``J = diag(p) - p p^T`` and ``||J||_F^2 = sum_i p_i^2 ((1 - p_i)^2 + sum_{j!=i} p_j^2)``.
-    Summing ``p_i^2 - 2 p_i^3 + p_i^2 ||p||^2`` instead cancels when one class takes almost
-    all the probability; here ``1 - p_top`` is the sum of the other probabilities and
-    ``sum_{j!=i} p_j^2`` is built from the non-top squares (``sum_{j!=top} p_j^2 - p_i^2 + p_top^2``
-    for a non-top ``i``), so every term is accurate to float64 rounding. For logits ``J = I``
-    and the norm is the number of classes.
+    Summing ``p_i^2 - 2 p_i^3 + p_i^2 ||p||^2`` instead cancels when one class takes almost all
+    the probability; ``_softmax_norm`` keeps every term accurate to float64 rounding. For logits
+    ``J = I`` and the norm is the number of classes.
     """
     if output == "logits":
-        return torch.full(z.shape[:1], float(z.shape[-1]), dtype=torch.float64, device=z.device) + 0.0 * z.double().sum(-1)
-    p, others, one_minus, sq_others = _softmax_terms(z)
-    p_top_sq = torch.where(others, torch.zeros_like(p), p * p).sum(-1, keepdim=True)
-    rest_sq = torch.where(others, sq_others - p * p + p_top_sq, sq_others)
-    return (p * p * (one_minus * one_minus + rest_sq)).sum(-1)
+        return torch.full(z.shape[:1], float(z.shape[-1]), dtype=torch.float64, device=z.device)
+    return _softmax_norm(z, grad=False)[0]
+
+
+class _OutputLayerSensitivity(torch.autograd.Function):
+    """``S = ||J||_F^2 * (||h||^2 [weight] + 1 [bias])`` from logits ``z`` and penultimate ``h``, in float64.
+
+    One graph node with a closed-form backward (``dS/dz = factor * dN/dz``, ``dS/dh = 2 N h``)
+    instead of the two dozen small ops autograd would record.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, h: torch.Tensor, use_weight: bool, use_bias: bool, softmax: bool) -> torch.Tensor:
+        h64 = h.detach().double()
+        factor = torch.zeros(z.shape[:1], dtype=torch.float64, device=z.device)
+        if use_weight:
+            factor = factor + h64.square().sum(-1)
+        if use_bias:
+            factor = factor + 1.0
+        if softmax:
+            norm, d_norm = _softmax_norm(z.detach(), grad=True)
+        else:
+            norm, d_norm = jacobian_norm(z, "logits"), None
+        ctx.save_for_backward(h64, factor, norm, d_norm)
+        ctx.use_weight, ctx.dtypes = use_weight, (z.dtype, h.dtype)
+        return norm * factor
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h64, factor, norm, d_norm = ctx.saved_tensors
+        z_dtype, h_dtype = ctx.dtypes
+        dz = None if d_norm is None else ((grad * factor)[:, None] * d_norm).to(z_dtype)
+        dh = ((2.0 * grad * norm)[:, None] * h64).to(h_dtype) if ctx.use_weight else None
+        return dz, dh, None, None, None
 
 
 def _jacobian_rows(z: torch.Tensor, rows: slice, output: str) -> torch.Tensor:
@@ -201,11 +252,10 @@ def _jacobian_rows(z: torch.Tensor, rows: slice, output: str) -> torch.Tensor:
     idx = torch.arange(c, device=z.device)[rows]
     if output == "logits":
         return (idx[:, None] == torch.arange(c, device=z.device)[None, :]).to(z.dtype)
-    p, _, one_minus, _ = _softmax_terms(z[None])
-    p, one_minus = p[0], one_minus[0]
+    p, top, _, rest = _softmax_parts(z)
+    one_minus = (1.0 - p).scatter(-1, top, rest)  # 1 - p_i, the top's as a sum of small terms
     block = -p[idx, None] * p[None, :]  # J_ik = -p_i p_k off the diagonal
-    diag = p[idx] * one_minus[idx]  # J_ii = p_i (1 - p_i)
-    block = block.scatter(1, idx[:, None], diag[:, None])
+    block = block.scatter(1, idx[:, None], (p[idx] * one_minus[idx])[:, None])  # J_ii = p_i (1 - p_i)
     return block.to(z.dtype)
 
 
@@ -213,97 +263,148 @@ def _float_eps(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
 
 
-# ---------------------------------------------------------------------------- output-layer route
+# ---------------------------------------------------------------------------- the two routes
 
 
-def _penultimate(
-    model: Model, module: nn.Module, x: torch.Tensor, layer: _Layer, *, create_graph: bool, autocast: str | None = None
-) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Logits ``z`` (B, C) and penultimate vectors ``h`` (B, H) with ``z = W h + b``, or None if z is not that.
+class Sensitivity:
+    """S for one model, one set of parameters W and one output: checked once, then run on any batch.
 
-    ``h`` comes from one backward pass through the last matmul (see the module doc); with
-    ``create_graph`` it keeps its graph back to ``x``. The check ``W h + b == z`` allows the
-    rounding of the logits' dtype (bfloat16 under autocast).
+    ``sensitivity`` and ``sensitivity_and_grad`` build one per call; an ascent builds one and
+    calls ``value_and_grad`` every step.
     """
-    named = dict(module.named_parameters())
-    weight = named[layer.weight]
-    with _grad_on([weight]):
-        with _autocast(x, autocast):
-            z = as_logits(model.forward(x))
-        rows, classes = z.shape
-        if classes != weight.shape[0] or rows == 0 or not z.requires_grad:
+
+    def __init__(self, model: Model, params: Sequence[str], output: Output = "softmax") -> None:
+        self.model = model
+        self.module = _check(model, params, output)
+        self.output = output
+        named = dict(self.module.named_parameters())
+        self.plist = [named[k] for k in params]
+        self.layer = _candidate_layer(named, params)
+        self.weight = named[self.layer.weight] if self.layer is not None else None
+        self.bias = named[self.layer.bias] if self.layer is not None and self.layer.bias is not None else None
+        self._cotangents: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
+        self._checked = False  # W h + b == z held on a batch: the logits are that layer's output
+
+    # -- output-layer route
+
+    def _cotangent(self, rows: int, classes: int, like: torch.Tensor) -> torch.Tensor:
+        """(K, B, C) with a one at [b // C, b, b % C]: batch entry k reads samples kC .. kC + C - 1."""
+        key = (rows, classes, like.dtype, like.device)
+        if key not in self._cotangents:
+            k = -(-rows // classes)
+            b = torch.arange(rows, device=like.device)
+            cot = torch.zeros((k, rows, classes), dtype=like.dtype, device=like.device)
+            cot[b // classes, b, b % classes] = 1.0
+            self._cotangents = {key: cot}  # one shape at a time: batch sizes change rarely
+        return self._cotangents[key]
+
+    def penultimate(self, x: torch.Tensor, *, create_graph: bool, autocast: str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Logits ``z`` (B, C) and penultimate vectors ``h`` (B, H) with ``z = W h + b``, or None if z is not that.
+
+        ``h`` comes from one backward pass through the last matmul (see the module doc); with
+        ``create_graph`` it keeps its graph back to ``x``. The check ``W h + b == z`` allows the
+        rounding of the logits' dtype (bfloat16 under autocast); it runs until one batch passes,
+        since whether the logits are the layer's output is a property of the model (an ascent
+        calls this with the same model every step).
+        """
+        weight = self.weight
+        if weight is None:
             return None
-        k = -(-rows // classes)
-        b = torch.arange(rows, device=z.device)
-        cot = torch.zeros((k, rows, classes), dtype=z.dtype, device=z.device)
-        cot[b // classes, b, b % classes] = 1.0
-        (g,) = torch.autograd.grad(z, weight, cot, is_grads_batched=True, create_graph=create_graph, allow_unused=True)
-    if g is None:
-        return None
-    h = g.reshape(k * classes, -1)[:rows]
-    with torch.no_grad():
-        w64, h64 = weight.detach().double(), h.detach().double()
-        expect, scale = h64 @ w64.T, h64.abs() @ w64.abs().T
-        if layer.bias is not None:
-            b64 = named[layer.bias].detach().double()
-            expect, scale = expect + b64, scale + b64.abs()
-        tol = 64 * _float_eps(z.dtype) * (scale + z.detach().double().abs()) + 1e-30
-        if not bool(((z.detach().double() - expect).abs() <= tol).all()):
+        with _grad_on([weight]):
+            with _autocast(x, autocast):
+                z = as_logits(self.model.forward(x))
+            rows, classes = z.shape
+            if classes != weight.shape[0] or rows == 0 or not z.requires_grad:
+                return None
+            cot = self._cotangent(rows, classes, z)
+            (g,) = torch.autograd.grad(z, weight, cot, is_grads_batched=True, create_graph=create_graph, allow_unused=True)
+        if g is None:
             return None
-    return z, h
+        h = g.reshape(cot.shape[0] * classes, -1)[:rows]
+        if self._checked:
+            return z, h
+        with torch.no_grad():
+            w64, h64, z64 = weight.detach().double(), h.detach().double(), z.detach().double()
+            expect, scale = h64 @ w64.T, h64.abs() @ w64.abs().T
+            if self.bias is not None:
+                b64 = self.bias.detach().double()
+                expect, scale = expect + b64, scale + b64.abs()
+            tol = 64 * _float_eps(z.dtype) * (scale + z64.abs()) + 1e-30
+            if not bool(((z64 - expect).abs() <= tol).all()):
+                return None
+        self._checked = True
+        return z, h
 
+    def _output_layer(self, x: torch.Tensor, autocast: str | None) -> torch.Tensor | None:
+        """S by the output-layer route, differentiable; None when W is not the output layer's.
 
-def _head_sensitivity(z: torch.Tensor, h: torch.Tensor, layer: _Layer, output: str) -> torch.Tensor:
-    factor = torch.zeros(z.shape[:1], dtype=torch.float64, device=z.device)
-    if layer.use_weight:
-        factor = factor + h.double().square().sum(-1)
-    if layer.use_bias:
-        factor = factor + 1.0
-    return jacobian_norm(z, output) * factor
+        Batches run in pieces of ``max(RECOVERY_ROWS, C)`` samples: the recovery's batched
+        matmuls cost ``B^2 H`` for a piece of ``B`` samples, linear in the bag this way.
+        """
+        if self.layer is None or self.weight is None:
+            return None
+        rows = max(RECOVERY_ROWS, self.weight.shape[0])
+        parts = []
+        for lo in range(0, max(1, x.shape[0]), rows):
+            found = self.penultimate(x[lo : lo + rows], create_graph=True, autocast=autocast)
+            if found is None:
+                return None
+            z, h = found
+            parts.append(_OutputLayerSensitivity.apply(z, h, self.layer.use_weight, self.layer.use_bias, self.output == "softmax"))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
+    # -- any-parameter route
 
-def _output_layer(
-    model: Model, module: nn.Module, x: torch.Tensor, params: Sequence[str], output: str, autocast: str | None = None
-) -> torch.Tensor | None:
-    """S by the output-layer route, differentiable; None when ``params`` are not the output layer's."""
-    layer = _candidate_layer(dict(module.named_parameters()), params)
-    if layer is None:
-        return None
-    found = _penultimate(model, module, x, layer, create_graph=True, autocast=autocast)
-    if found is None:
-        return None
-    return _head_sensitivity(*found, layer, output)
+    def _class_chunks(self, xb: torch.Tensor, autocast: str | None) -> Iterator[torch.Tensor]:
+        """For one sample ``xb`` (1, ...): partial sums of S over chunks of classes, each a float64 scalar.
 
+        Each chunk backpropagates the rows ``J_i`` of the output Jacobian as batched cotangents
+        through the logits (with a graph for a later backward); the forward graph is kept until
+        the last chunk.
+        """
+        with _autocast(xb, autocast):
+            z = as_logits(self.model.forward(xb))[0]
+        if not z.requires_grad:  # neither W nor the input reaches the output
+            yield 0.0 * z.double().sum()
+            return
+        numel = max(1, sum(p.numel() for p in self.plist))
+        step = max(1, min(z.shape[0], CHUNK_ELEMENTS // numel))
+        for lo in range(0, z.shape[0], step):
+            cot = _jacobian_rows(z, slice(lo, lo + step), self.output)
+            grads = torch.autograd.grad(z, self.plist, cot, is_grads_batched=True, create_graph=True, retain_graph=True, allow_unused=True)
+            yield sum((g.double().square().sum() for g in grads if g is not None), 0.0 * z.double().sum())
 
-# ---------------------------------------------------------------------------- any-parameter route
+    # -- entry points
 
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample ``S(x)`` (B,), float64, differentiable with respect to ``x`` (see ``sensitivity``)."""
+        with torch.enable_grad(), quiet():
+            s = self._output_layer(x, None)
+            if s is not None:
+                return s
+            with _grad_on(self.plist):
+                out = [torch.stack(list(self._class_chunks(x[b : b + 1], None))).sum() for b in range(x.shape[0])]
+        return torch.stack(out) if out else x.new_zeros((0,), dtype=torch.float64)
 
-def _chunk_size(plist: Sequence[torch.Tensor], classes: int) -> int:
-    numel = max(1, sum(p.numel() for p in plist))
-    return max(1, min(classes, CHUNK_ELEMENTS // numel))
-
-
-def _class_chunks(
-    model: Model, xb: torch.Tensor, plist: Sequence[torch.Tensor], output: str, *, create_graph: bool, autocast: str | None = None
-) -> Iterator[torch.Tensor]:
-    """For one sample ``xb`` (1, ...): partial sums of S over chunks of classes, each a float64 scalar.
-
-    Each chunk backpropagates the rows ``J_i`` of the output Jacobian as batched cotangents
-    through the logits; the forward graph is kept until the last chunk.
-    """
-    with _autocast(xb, autocast):
-        z = as_logits(model.forward(xb))[0]
-    if not z.requires_grad:  # no chosen parameter reaches the output
-        yield 0.0 * z.double().sum()
-        return
-    step = _chunk_size(plist, z.shape[0])
-    for lo in range(0, z.shape[0], step):
-        cot = _jacobian_rows(z, slice(lo, lo + step), output)
-        grads = torch.autograd.grad(z, plist, cot, is_grads_batched=True, create_graph=create_graph, retain_graph=True, allow_unused=True)
-        yield sum((g.double().square().sum() for g in grads if g is not None), 0.0 * z.double().sum())
-
-
-# ---------------------------------------------------------------------------- public entry points
+    def value_and_grad(self, x: torch.Tensor, *, autocast: Autocast | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``S(x)`` (B,) float64 and ``dS/dx`` (x's shape and dtype), detached (see ``sensitivity_and_grad``)."""
+        xv = x.detach().requires_grad_(True)
+        with torch.enable_grad(), quiet():
+            s = self._output_layer(xv, autocast)
+            if s is not None:
+                (grad,) = torch.autograd.grad(s.sum(), xv, allow_unused=True)
+                return s.detach(), torch.zeros_like(xv) if grad is None else grad
+            values = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+            grad = torch.zeros_like(xv)
+            with _grad_on(self.plist):
+                for b in range(x.shape[0]):
+                    xb = x[b : b + 1].detach().requires_grad_(True)
+                    for part in self._class_chunks(xb, autocast):
+                        (g,) = torch.autograd.grad(part, xb, retain_graph=True, allow_unused=True)
+                        values[b] += part.detach()
+                        if g is not None:
+                            grad[b] += g[0]
+        return values, grad
 
 
 def sensitivity(model: Model, x: torch.Tensor, params: Sequence[str], output: Output = "softmax") -> torch.Tensor:
@@ -313,16 +414,7 @@ def sensitivity(model: Model, x: torch.Tensor, params: Sequence[str], output: Ou
     any-parameter route, whose graph grows with the number of classes: for an ascent with
     bounded memory use ``sensitivity_and_grad``.
     """
-    module = _check(model, params, output)
-    named = dict(module.named_parameters())
-    with torch.enable_grad(), quiet():
-        s = _output_layer(model, module, x, params, output)
-        if s is not None:
-            return s
-        plist = [named[k] for k in params]
-        with _grad_on(plist):
-            out = [torch.stack(list(_class_chunks(model, x[b : b + 1], plist, output, create_graph=True))).sum() for b in range(x.shape[0])]
-    return torch.stack(out) if out else x.new_zeros((0,), dtype=torch.float64)
+    return Sensitivity(model, params, output)(x)
 
 
 def sensitivity_and_grad(
@@ -334,26 +426,7 @@ def sensitivity_and_grad(
     float64). The any-parameter route differentiates every chunk of classes as soon as it is
     summed, so its memory does not grow with the number of classes.
     """
-    module = _check(model, params, output)
-    named = dict(module.named_parameters())
-    xv = x.detach().requires_grad_(True)
-    with torch.enable_grad(), quiet():
-        s = _output_layer(model, module, xv, params, output, autocast)
-        if s is not None:
-            (grad,) = torch.autograd.grad(s.sum(), xv, allow_unused=True)
-            return s.detach(), torch.zeros_like(xv) if grad is None else grad
-        plist = [named[k] for k in params]
-        values = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
-        grad = torch.zeros_like(xv)
-        with _grad_on(plist):
-            for b in range(x.shape[0]):
-                xb = x[b : b + 1].detach().requires_grad_(True)
-                for part in _class_chunks(model, xb, plist, output, create_graph=True, autocast=autocast):
-                    (g,) = torch.autograd.grad(part, xb, retain_graph=True, allow_unused=True)
-                    values[b] += part.detach()
-                    if g is not None:
-                        grad[b] += g[0]
-    return values, grad
+    return Sensitivity(model, params, output).value_and_grad(x, autocast=autocast)
 
 
 def naive_sensitivity(model: Model, x: torch.Tensor, params: Sequence[str], output: Output = "softmax") -> torch.Tensor:
@@ -394,17 +467,14 @@ def penultimate(model: Model, x: np.ndarray | torch.Tensor, *, batch_size: int =
     """
     module = model.require_torch("activation-based selection")
     try:
-        params = resolve_params(module, None)
+        route = Sensitivity(model, resolve_params(module, None))
     except UsageError:
-        return None
-    layer = _candidate_layer(dict(module.named_parameters()), params)
-    if layer is None:
         return None
     xt = x.detach() if isinstance(x, torch.Tensor) else to_tensor(np.asarray(x))
     rows = []
     with torch.enable_grad(), quiet():
         for i in range(0, xt.shape[0], max(1, batch_size)):
-            found = _penultimate(model, module, xt[i : i + batch_size].contiguous(), layer, create_graph=False)
+            found = route.penultimate(xt[i : i + batch_size].contiguous(), create_graph=False)
             if found is None:
                 return None
             rows.append(found[1].detach().float().cpu().numpy())

@@ -39,7 +39,7 @@ from ..._util import Progress
 from ...data import Dataset
 from ...models import Model
 from ..markers import sample_indices
-from ..sensitivity import AUTOCASTS, OUTPUTS, Autocast, Output, resolve_params, sensitivity_and_grad
+from ..sensitivity import AUTOCASTS, OUTPUTS, Autocast, Output, Sensitivity, resolve_params
 from .base import Bag, Method
 
 #: Parameter values each preset sets (``Configurable.presets``; its W is chosen in ``_weights``).
@@ -108,61 +108,59 @@ class SensitiveSamples(Method):
     def _generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress) -> Bag:
         """``bag`` sensitive samples grown from natural seeds of ``data``."""
         names = self._weights(model)
+        route = Sensitivity(model, names, self.output)
         idx = sample_indices(len(data), bag, rng)
         seeds = np.ascontiguousarray(data.x[idx], dtype=np.float32)
         x0 = torch.from_numpy(seeds.copy())
-        x0_flat = x0.double().reshape(bag, -1)
-        radius = self.epsilon * x0_flat.norm(dim=1)
         low, high = float(data.low), float(data.high)
 
-        def project(v: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-            """Rows ``rows`` onto the ε-ball around their seeds, then into the box; exact up to float32 rounding."""
-            origin, r = x0_flat[rows], radius[rows]
-            d = v.double().reshape(len(rows), -1) - origin
-            norm = d.norm(dim=1)
-            shrink = torch.where(norm > r, r / norm.clamp_min(1e-300), torch.ones_like(norm))
+        def project(v: torch.Tensor, origin: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+            """Onto the ε-balls around the seeds ``origin``, then into the box; exact up to float32 rounding."""
+            d = v.double().reshape(origin.shape) - origin
+            shrink = (radius / d.norm(dim=1).clamp_min(1e-300)).clamp(max=1.0)
             out = (origin + d * shrink[:, None]).clamp(low, high).float()
-            over = (out.double() - origin).norm(dim=1) > r
+            over = (out.double() - origin).norm(dim=1) > radius
             if over.any():  # float32 rounding pushed a sample out: pull it slightly inwards
                 d = out.double() - origin
-                scale = r / d.norm(dim=1).clamp_min(1e-300) * (1 - 1e-6)
+                scale = radius / d.norm(dim=1).clamp_min(1e-300) * (1 - 1e-6)
                 fixed = (origin + d * scale[:, None]).clamp(low, high).float()
                 out = torch.where(over[:, None], fixed, out)
             return out.reshape(v.shape)
 
-        def evaluate(v: torch.Tensor, autocast: Autocast | None) -> tuple[torch.Tensor, torch.Tensor]:
-            return sensitivity_and_grad(model, v, names, self.output, autocast=autocast)
-
-        s_seed, grad = evaluate(x0, self.autocast)
+        s_seed, grad = route.value_and_grad(x0, autocast=self.autocast)
         best_s, best_x = s_seed.clone(), x0.clone()
-        x = x0.clone()
-        m1, m2 = torch.zeros_like(x), torch.zeros_like(x)  # Adam's moments
-        stall = torch.zeros(bag, dtype=torch.int64)
         ran = torch.zeros(bag, dtype=torch.int64)  # steps each sample took before it left
-        active = torch.arange(bag)
+        # the samples still climbing, compacted: rows of the bag, iterate, best so far, Adam's moments, stall count
+        rows = torch.arange(bag)
+        origin = x0.double().reshape(bag, -1)
+        radius = self.epsilon * origin.norm(dim=1)
+        x, top_x, top_s = x0.clone(), x0.clone(), s_seed.clone()
+        m1, m2 = torch.zeros_like(x), torch.zeros_like(x)
+        stall = torch.zeros(bag, dtype=torch.int64)
         done = 0
         for step in range(1, self.steps + 1):
-            if len(active) == 0:
+            if len(rows) == 0:
                 break
-            xa = self._adam(x[active], m1, m2, active, grad, step)
-            x[active] = project(xa, active)
-            s, grad = evaluate(x[active], self.autocast)
-            better = s > best_s[active]
-            improved = s > best_s[active] * (1 + self.min_delta) + 1e-300
-            best_s[active] = torch.where(better, s, best_s[active])
-            best_x[active[better]] = x[active[better]]
-            stall[active] = torch.where(improved, torch.zeros_like(stall[active]), stall[active] + 1)
-            ran[active] = step
+            x = project(self._adam(x, m1, m2, grad, step), origin, radius)
+            s, grad = route.value_and_grad(x, autocast=self.autocast)
+            better = s > top_s
+            stall = torch.where(s > top_s * (1 + self.min_delta) + 1e-300, torch.zeros_like(stall), stall + 1)
+            top_s = torch.where(better, s, top_s)
+            top_x = torch.where(better.reshape((-1,) + (1,) * (x.dim() - 1)), x, top_x)
             done = step
             progress(step, self.steps)
-            if self.patience:
-                keep = stall[active] < self.patience
-                active, grad = active[keep], grad[keep]
+            keep = stall < self.patience if self.patience else None
+            if keep is not None and not bool(keep.all()):  # these samples leave with their best iterate
+                gone = rows[~keep]
+                best_s[gone], best_x[gone], ran[gone] = top_s[~keep], top_x[~keep], step
+                rows, x, top_x, top_s, m1, m2, stall, grad = (t[keep] for t in (rows, x, top_x, top_s, m1, m2, stall, grad))
+                origin, radius = origin[keep], radius[keep]
+        best_s[rows], best_x[rows], ran[rows] = top_s, top_x, done
         if done < self.steps:
             progress(self.steps, self.steps)
         if self.autocast is not None:  # record the sensitivities in the model's own precision
-            s_seed, _ = evaluate(x0, None)
-            best_s, _ = evaluate(best_x, None)
+            s_seed, _ = route.value_and_grad(x0)
+            best_s, _ = route.value_and_grad(best_x)
             worse = best_s < s_seed
             best_x[worse], best_s[worse] = x0[worse], s_seed[worse]
         return Bag(
@@ -177,10 +175,10 @@ class SensitiveSamples(Method):
             },
         )
 
-    def _adam(self, x: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, rows: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
-        """One Adam ascent step (as ``torch.optim.Adam(maximize=True)``) on ``rows``; updates their moments in place."""
+    def _adam(self, x: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
+        """One Adam ascent step, as ``torch.optim.Adam(maximize=True)``; updates the moments in place."""
         b1, b2 = _BETAS
-        m1[rows] = b1 * m1[rows] + (1 - b1) * grad
-        m2[rows] = b2 * m2[rows] + (1 - b2) * grad * grad
-        denom = (m2[rows].sqrt() / (1 - b2**step) ** 0.5) + _ADAM_EPS
-        return x + (self.lr / (1 - b1**step)) * m1[rows] / denom
+        m1.mul_(b1).add_(grad, alpha=1 - b1)
+        m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (m2.sqrt() / (1 - b2**step) ** 0.5).add_(_ADAM_EPS)
+        return x.addcdiv(m1, denom, value=self.lr / (1 - b1**step))
