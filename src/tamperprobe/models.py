@@ -10,7 +10,7 @@ unpickled with arbitrary code.
 Every stage sees a model through the small ``Model`` protocol: ``TorchModel`` (an eager
 module), ``ScriptedModel`` (TorchScript), ``ExportedModel`` (``torch.export``) and
 ``OnnxModel`` implement it; what a stage may do with one is a property of the class
-(``module`` is None for ONNX, ``functional``, ``hookable``), never a string to compare.
+(``module`` is None for ONNX, ``hookable``), never a string to compare.
 """
 
 from __future__ import annotations
@@ -51,7 +51,6 @@ class Model(Protocol):
 
     source: str
     format: ClassVar[str]
-    functional: ClassVar[bool]
     hookable: ClassVar[bool]
 
     @property
@@ -67,10 +66,9 @@ class Model(Protocol):
 
 
 class TorchModel:
-    """An eager ``nn.Module``: white-box, hookable, and ``torch.func`` can call it functionally."""
+    """An eager ``nn.Module``: white-box and hookable."""
 
     format: ClassVar[str] = "module"
-    functional: ClassVar[bool] = True  # torch.func.functional_call works on it
     hookable: ClassVar[bool] = True  # forward hooks on submodules see the computation
 
     def __init__(self, module: Any, source: str | None = None) -> None:
@@ -125,10 +123,9 @@ class TorchModel:
 
 
 class ScriptedModel(TorchModel):
-    """A TorchScript program: white-box weights, but no functional calls and no submodule hooks."""
+    """A TorchScript program: white-box weights, but no submodule hooks."""
 
     format: ClassVar[str] = "torchscript"
-    functional: ClassVar[bool] = False
     hookable: ClassVar[bool] = False
 
     def forward(self, chunk: Any) -> Any:
@@ -147,7 +144,7 @@ class ScriptedModel(TorchModel):
 
 
 class ExportedModel(TorchModel):
-    """A ``torch.export`` program: functional, not hookable; one exported with a static batch of 1 runs row by row."""
+    """A ``torch.export`` program: not hookable; one exported with a static batch of 1 runs row by row."""
 
     format: ClassVar[str] = "export"
     hookable: ClassVar[bool] = False
@@ -173,7 +170,6 @@ class OnnxModel:
     """An ONNX file run by onnxruntime: black-box only (serving, calibration, verification)."""
 
     format: ClassVar[str] = "onnx"
-    functional: ClassVar[bool] = False
     hookable: ClassVar[bool] = False
 
     def __init__(self, session: Any, source: str) -> None:

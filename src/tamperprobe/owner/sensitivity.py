@@ -21,9 +21,10 @@ Two routes, the same on every model format (``nn.Module``, TorchScript, ``torch.
   through the last matmul only and ``K·C·H ≈ (B + C)·H`` numbers, never ``C^2`` (a bag runs in
   pieces of ``RECOVERY_ROWS`` samples, so the batched matmuls stay linear in the bag); ``h`` keeps
   its graph back to the input. The route checks ``W h + b == z`` (to the rounding of the
-  logits' dtype) and is not taken when the logits are not that layer's output.
-  ``||J||_F^2`` is computed in float64 from the logits in a form without cancellation
-  (``jacobian_norm``), so confident predictions (top probability near 1) keep full precision.
+  logits' dtype; once per ``Sensitivity``) and is not taken when the logits are not that layer's
+  output. ``||J||_F^2`` and its gradient are computed in float64 from the logits in a form
+  without cancellation (``jacobian_norm``), so confident predictions (top probability near 1)
+  keep full precision; S is one autograd node with that closed-form backward.
 * **Any parameters** (``--param params=...``): one sample at a time, the gradients of the
   output under the cotangents ``J_i`` (row ``i`` of ``J``, computed in float64 like above; the
   identity for logits) in chunks of classes sized so that a chunk's gradients hold at most
