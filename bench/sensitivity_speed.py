@@ -135,6 +135,9 @@ def contenders(module: torch.nn.Module, x: torch.Tensor, k: int, baseline: Any, 
         return run
 
     def old(model: Any) -> Callable[[], object]:
+        # the earlier revision picks its route by Model.functional, an attribute this one dropped
+        model.functional = not model.format == "torchscript"
+
         def once() -> object:
             xv = x.clone().requires_grad_(True)
             s = baseline.sensitivity(model, xv, names)
