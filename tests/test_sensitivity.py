@@ -363,3 +363,24 @@ def test_output_layer_route_in_pieces(monkeypatch) -> None:
     torch.testing.assert_close(part[0], whole[0], rtol=1e-6, atol=0.0)
     torch.testing.assert_close(part[1], whole[1], rtol=1e-5, atol=1e-9)
     _compare(model, module, _x(13), LAST["cnn"], "softmax")
+
+
+class _Nudged(nn.Module):
+    """Logits a hair away from the last Linear's output: within bfloat16 rounding, far outside float32's."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = _mlp()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + 1e-3
+
+
+def test_output_layer_check_runs_in_full_precision_under_autocast() -> None:
+    model = TorchModel(_Nudged().eval(), "nudged")
+    params = resolve_params(model.module, None)
+    route = sens.Sensitivity(model, params)
+    assert route.penultimate(_x(), create_graph=False, autocast="bf16") is None
+    s16, _ = sensitivity_and_grad(model, _x(), params, autocast="bf16")  # the any-parameter route instead
+    ref, _ = _reference(model.module, _x(), params, "softmax")
+    torch.testing.assert_close(s16, ref, rtol=0.1, atol=0.0)

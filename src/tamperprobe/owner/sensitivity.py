@@ -260,10 +260,6 @@ def _jacobian_rows(z: torch.Tensor, rows: slice, output: str) -> torch.Tensor:
     return block.to(z.dtype)
 
 
-def _float_eps(dtype: torch.dtype) -> float:
-    return float(torch.finfo(dtype).eps) if dtype.is_floating_point else 0.0
-
-
 # ---------------------------------------------------------------------------- the two routes
 
 
@@ -304,12 +300,15 @@ class Sensitivity:
 
         ``h`` comes from one backward pass through the last matmul (see the module doc); with
         ``create_graph`` it keeps its graph back to ``x``. The check ``W h + b == z`` allows the
-        rounding of the logits' dtype (bfloat16 under autocast); it runs until one batch passes,
-        since whether the logits are the layer's output is a property of the model (an ascent
-        calls this with the same model every step).
+        rounding of the logits' dtype; it runs in the model's own precision until one batch
+        passes, since whether the logits are the layer's output is a property of the model (an
+        ascent calls this with the same model every step). Under autocast, an unchecked model is
+        first checked on the same batch without it.
         """
         weight = self.weight
         if weight is None:
+            return None
+        if autocast is not None and not self._checked and self.penultimate(x, create_graph=False) is None:
             return None
         with _grad_on([weight]):
             with _autocast(x, autocast):
@@ -330,7 +329,7 @@ class Sensitivity:
             if self.bias is not None:
                 b64 = self.bias.detach().double()
                 expect, scale = expect + b64, scale + b64.abs()
-            tol = 64 * _float_eps(z.dtype) * (scale + z64.abs()) + 1e-30
+            tol = 64 * float(torch.finfo(z.dtype).eps) * (scale + z64.abs()) + 1e-30
             if not bool(((z64 - expect).abs() <= tol).all()):
                 return None
         self._checked = True
