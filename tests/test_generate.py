@@ -55,8 +55,29 @@ def test_boundary_pairs_catch_int8_with_top1(cnn, digits, trained_cnn):
     assert verify(fp, LocalTarget(TorchModel(q, "q"))).verdict == TAMPERED
 
 
-def test_manc_falls_back_to_random_for_torchscript(trained_cnn, digits, tmp_path):
-    ts = load_model(save_model(trained_cnn, tmp_path / "m.pt", digits[1].x))
+@pytest.mark.parametrize("suffix", [".pt", ".pt2"])
+def test_manc_works_on_torchscript_and_export(trained_cnn, cnn, digits, tmp_path, suffix):
+    saved = load_model(save_model(trained_cnn, tmp_path / f"m{suffix}", digits[1].x))
+    fp = create_fingerprint(saved, digits[0], method="natural", size=4, bag=10, seed=0)
+    assert fp.generator["selection"] == "manc"
+    same = create_fingerprint(cnn, digits[0], method="natural", size=4, bag=10, seed=0)
+    assert fp.inputs.tobytes() == same.inputs.tobytes()  # the same activations, so the same picks
+    assert verify(fp, LocalTarget(saved)).verdict == INTACT
+
+
+class _Shifted(torch.nn.Module):
+    """Logits that are not a linear layer's output (scaled and shifted after it)."""
+
+    def __init__(self, inner: torch.nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2.0 * self.inner(x) + 0.5
+
+
+def test_manc_falls_back_to_random_without_a_linear_output(trained_cnn, digits, tmp_path):
+    ts = load_model(save_model(_Shifted(trained_cnn).eval(), tmp_path / "m.pt", digits[1].x))
     fp = create_fingerprint(ts, digits[0], method="natural", size=4, bag=10, seed=0)
     assert fp.generator["selection"].startswith("random (manc unavailable")
     assert verify(fp, LocalTarget(ts)).verdict == INTACT

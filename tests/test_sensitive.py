@@ -142,6 +142,78 @@ def test_misuse_is_a_usage_error(data: Dataset) -> None:
         "min_delta": 1e-4,
         "output": "softmax",
         "params": None,
+        "autocast": None,
+        "preset": None,
     }
     assert get_method("sensitive").get_params() == defaults
     assert get_method("sensitive").validated() == defaults
+
+
+def test_samples_leave_the_batch_when_they_stop_improving(data: Dataset) -> None:
+    """Per-sample convergence: each sample ends where it would alone, after its own number of steps."""
+    model = _model("cnn")
+    six = Dataset(data.x[:6], data.y[:6], "six", 0.0, 1.0)
+    gen = SensitiveSamples(epsilon=0.2, lr=0.01, steps=60, patience=2, min_delta=0.005)
+    bag = gen.generate(model, six, 6, np.random.default_rng(0))
+    ran = bag.info["ascent_steps"]
+    assert ran.shape == (6,) and len(set(ran.tolist())) > 1  # they left at different steps
+    assert bag.info["steps"] == ran.max() < 60 and ran.min() >= 2
+    for i in range(6):
+        k = int(np.flatnonzero(np.all(six.x.reshape(6, -1) == bag.seeds[i].reshape(1, -1), axis=1))[0])
+        alone = gen.generate(model, Dataset(six.x[k : k + 1], six.y[k : k + 1], "one", 0.0, 1.0), 1, np.random.default_rng(0))
+        assert alone.info["ascent_steps"][0] == ran[i]
+        np.testing.assert_allclose(alone.inputs[0], bag.inputs[i], atol=1e-5)
+        np.testing.assert_allclose(alone.info["sensitivity"][0], bag.info["sensitivity"][i], rtol=1e-5)
+
+
+def test_adam_step_matches_torch_optim() -> None:
+    gen = SensitiveSamples(lr=0.03)
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 8, 8)
+    grads = [torch.randn(4, 1, 8, 8) for _ in range(5)]
+    var = x.clone().requires_grad_(True)
+    opt = torch.optim.Adam([var], lr=0.03, maximize=True)
+    ours, m1, m2 = x.clone(), torch.zeros_like(x), torch.zeros_like(x)
+    for step, g in enumerate(grads, start=1):
+        var.grad = g
+        opt.step()
+        ours = gen._adam(ours, m1, m2, g, step)
+    torch.testing.assert_close(ours, var.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_bf16_autocast_records_float32_sensitivities(data: Dataset) -> None:
+    model = _model("cnn")
+    gen = SensitiveSamples(steps=15, lr=0.02, autocast="bf16")
+    bag = gen.generate(model, data, 8, np.random.default_rng(0))
+    _check_constraints(bag, data, 0.1)
+    s0, s1 = bag.info["sensitivity_seed"], bag.info["sensitivity"]
+    assert np.all(s1 >= s0) and s1.mean() > s0.mean()
+    names = resolve_params(model.module, None)
+    np.testing.assert_allclose(sensitivity(model, torch.from_numpy(bag.inputs), names).detach().numpy(), s1, rtol=1e-6)
+    np.testing.assert_allclose(sensitivity(model, torch.from_numpy(bag.seeds), names).detach().numpy(), s0, rtol=1e-6)
+    assert get_method("sensitive", autocast="bf16").autocast == "bf16"
+    with pytest.raises(UsageError, match="autocast"):
+        get_method("sensitive", autocast="fp16")
+
+
+def test_verideep_preset(data: Dataset) -> None:
+    from tamperprobe._params import parse_params
+
+    kwargs = parse_params(SensitiveSamples, ["preset=verideep"])
+    gen = get_method("sensitive", **kwargs)
+    settings = gen.validated()
+    assert (settings["lr"], settings["steps"], settings["patience"], settings["preset"]) == (1e-3, 1000, 0, "verideep")
+    assert settings["epsilon"] == 0.1 and settings["params"] is None  # not set by the preset
+    assert get_method("sensitive", preset="verideep", lr=1e-3, epsilon=0.2).validated()["epsilon"] == 0.2
+    for clash in ({"lr": 0.05}, {"steps": 10}, {"patience": 5}):
+        with pytest.raises(UsageError, match="preset=verideep"):
+            get_method("sensitive", preset="verideep", **clash)
+    with pytest.raises(UsageError, match="preset"):
+        get_method("sensitive", preset="paper")
+    # 1,000 steps, no early stop (a tiny ball stalls at once), W = the last layer's weight alone
+    model = _model("mlp")
+    bag = SensitiveSamples(preset="verideep", epsilon=1e-6).generate(model, data, 2, np.random.default_rng(0))
+    assert bag.info["steps"] == 1000 and bag.info["ascent_steps"].tolist() == [1000, 1000]
+    assert bag.info["params"] == ["3.weight"]
+    explicit = SensitiveSamples(preset="verideep", steps=1000, params=["1.weight"])
+    assert explicit.validated()["params"] == ["1.weight"]

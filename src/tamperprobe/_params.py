@@ -9,6 +9,9 @@ only stores each under its own name (``self.epsilon = epsilon``). Everything els
   checks every value in one place and returns them coerced to the declared types. The base class
   of a plug-in family calls it from its public entry point, so a hand-built instance is checked
   exactly as one built from a name;
+* ``presets`` (optional) names sets of values selected by a ``preset`` hyper-parameter:
+  ``validated()`` puts the chosen preset's values in place of the defaults, and refuses a
+  parameter given another value than both its default and the preset's;
 * ``parse_params(cls, ["key=value", ...])`` turns command-line text into keyword arguments,
   coercing each value by the constructor's annotation (``float``, ``int``, ``bool``, ``str``,
   ``list[str]``, optional types), so every command shares one parser.
@@ -84,6 +87,7 @@ class Configurable:
 
     name: ClassVar[str] = ""
     constraints: ClassVar[dict[str, Any]] = {}
+    presets: ClassVar[dict[str, dict[str, Any]]] = {}
 
     @classmethod
     def param_names(cls) -> list[str]:
@@ -114,6 +118,19 @@ class Configurable:
             if rule is not None and v is not None:
                 v = rule.check(n, v)
             out[n] = v
+        if out.get("preset") is not None:
+            out = self._apply_preset(out)
+        return out
+
+    def _apply_preset(self, params: dict[str, Any]) -> dict[str, Any]:
+        if params["preset"] not in self.presets:
+            raise UsageError(f"unknown preset {params['preset']!r}: choose one of {', '.join(self.presets) or '(none)'}")
+        defaults = self.defaults()
+        out = dict(params)
+        for key, value in self.presets[params["preset"]].items():
+            if out[key] not in (defaults[key], value):
+                raise UsageError(f"preset={params['preset']} sets {key}={value}: drop {key}={out[key]} or the preset")
+            out[key] = value
         return out
 
     def __repr__(self) -> str:

@@ -10,7 +10,7 @@ unpickled with arbitrary code.
 Every stage sees a model through the small ``Model`` protocol: ``TorchModel`` (an eager
 module), ``ScriptedModel`` (TorchScript), ``ExportedModel`` (``torch.export``) and
 ``OnnxModel`` implement it; what a stage may do with one is a property of the class
-(``module`` is None for ONNX, ``functional``, ``hookable``), never a string to compare.
+(``module`` is None for ONNX, ``hookable``), never a string to compare.
 """
 
 from __future__ import annotations
@@ -45,12 +45,12 @@ class Model(Protocol):
     """What every stage needs of a model: run it, name it, digest its weights.
 
     ``module`` is the ``torch.nn.Module`` for white-box work (generation, attacks, MANC) and
-    ``None`` for a model only a runtime can run (ONNX). ``format`` names the form for messages.
+    ``None`` for a model only a runtime can run (ONNX); ``forward`` runs a torch model on a batch
+    tensor with autograd. ``format`` names the form for messages.
     """
 
     source: str
     format: ClassVar[str]
-    functional: ClassVar[bool]
     hookable: ClassVar[bool]
 
     @property
@@ -58,16 +58,17 @@ class Model(Protocol):
 
     def require_torch(self, what: str) -> Any: ...
 
+    def forward(self, chunk: Any) -> Any: ...
+
     def logits(self, x: np.ndarray, batch_size: int = 256, threads: int | None = None) -> np.ndarray: ...
 
     def digest(self) -> str: ...
 
 
 class TorchModel:
-    """An eager ``nn.Module``: white-box, hookable, and ``torch.func`` can call it functionally."""
+    """An eager ``nn.Module``: white-box and hookable."""
 
     format: ClassVar[str] = "module"
-    functional: ClassVar[bool] = True  # torch.func.functional_call works on it
     hookable: ClassVar[bool] = True  # forward hooks on submodules see the computation
 
     def __init__(self, module: Any, source: str | None = None) -> None:
@@ -90,7 +91,8 @@ class TorchModel:
         state = self._module.state_dict()
         return _digest_arrays([(k, v.detach().cpu().contiguous().numpy()) for k, v in state.items()])
 
-    def _forward(self, chunk: Any) -> Any:
+    def forward(self, chunk: Any) -> Any:
+        """Run the module on a batch tensor, under whatever autograd mode the caller set."""
         return self._module(chunk)
 
     def logits(self, x: np.ndarray, batch_size: int = 256, threads: int | None = None) -> np.ndarray:
@@ -108,7 +110,7 @@ class TorchModel:
                 for i in range(0, len(x), max(1, batch_size)):
                     chunk = to_tensor(np.asarray(x[i : i + batch_size]))
                     try:
-                        out = self._forward(chunk)
+                        out = self.forward(chunk)
                     except Exception as exc:
                         raise ModelLoadError(f"model {self.source} failed on input of shape {tuple(chunk.shape)}: {one_line(exc)}") from None
                     outs.append(as_logits(out).float().cpu().numpy())
@@ -121,15 +123,28 @@ class TorchModel:
 
 
 class ScriptedModel(TorchModel):
-    """A TorchScript program: white-box weights, but no functional calls and no submodule hooks."""
+    """A TorchScript program: white-box weights, but no submodule hooks."""
 
     format: ClassVar[str] = "torchscript"
-    functional: ClassVar[bool] = False
     hookable: ClassVar[bool] = False
+
+    def forward(self, chunk: Any) -> Any:
+        """Run the program; with autograd on, in TorchScript's simple executor.
+
+        The optimising executor fuses the backward into graph nodes that batched cotangents
+        (``autograd.grad(..., is_grads_batched=True)``) cannot run; the simple one records
+        every op for autograd like eager mode.
+        """
+        import torch
+
+        if not torch.is_grad_enabled():
+            return self._module(chunk)
+        with torch.jit.optimized_execution(False):
+            return self._module(chunk)
 
 
 class ExportedModel(TorchModel):
-    """A ``torch.export`` program: functional, not hookable; one exported with a static batch of 1 runs row by row."""
+    """A ``torch.export`` program: not hookable; one exported with a static batch of 1 runs row by row."""
 
     format: ClassVar[str] = "export"
     hookable: ClassVar[bool] = False
@@ -138,7 +153,7 @@ class ExportedModel(TorchModel):
         super().__init__(module, source)
         self._fixed_batch = False
 
-    def _forward(self, chunk: Any) -> Any:
+    def forward(self, chunk: Any) -> Any:
         import torch
 
         if not self._fixed_batch:
@@ -155,7 +170,6 @@ class OnnxModel:
     """An ONNX file run by onnxruntime: black-box only (serving, calibration, verification)."""
 
     format: ClassVar[str] = "onnx"
-    functional: ClassVar[bool] = False
     hookable: ClassVar[bool] = False
 
     def __init__(self, session: Any, source: str) -> None:
@@ -171,6 +185,10 @@ class OnnxModel:
 
     def require_torch(self, what: str) -> Any:
         raise UsageError(f"{what} needs the model's weights in PyTorch form; {self.source} is onnx")
+
+    def forward(self, chunk: Any) -> Any:
+        """Not available: an ONNX model runs only through ``logits``."""
+        return self.require_torch("running the model with autograd")
 
     def digest(self) -> str:
         """A digest of the ONNX initializers."""

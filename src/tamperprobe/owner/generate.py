@@ -77,7 +77,8 @@ def create_fingerprint(
     except UsageError as exc:
         if select != "manc" or layer is not None:
             raise
-        # MANC needs a hookable layer (not TorchScript / torch.export): fall back, and say so in the file
+        # MANC needs the penultimate activations (logits that are a linear layer's output, or a hookable
+        # model): fall back, and say so in the file
         selection = f"random (manc unavailable: {exc})"
         chosen = select_markers("random", model, decoded, size, rng)
     kept = candidates.take(np.asarray(chosen, dtype=np.int64))

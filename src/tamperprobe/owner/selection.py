@@ -135,8 +135,8 @@ def units_of(groups: np.ndarray | None, n: int) -> tuple[np.ndarray, int, np.nda
 def select(kind: Selection | str, model: Model | None, bag: Bag, k: int, rng: np.random.Generator, layer: str | None = None) -> np.ndarray:
     """Indices into ``bag`` of the markers to keep, by ``manc`` or ``random``, respecting ``bag.groups``.
 
-    ``layer`` names the module whose activations MANC covers (default: the input of the last
-    ``nn.Linear``, see ``sensitivity.activations``). Without groups, ``random`` is
+    ``layer`` names the module whose activations MANC covers (default: the input of the output
+    layer, read on every model format, see ``sensitivity.activations``). Without groups, ``random`` is
     ``random_selection``; with groups, it picks uniformly among the groups that fit.
     """
     if kind not in SELECTIONS:

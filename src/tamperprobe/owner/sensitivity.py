@@ -1,4 +1,4 @@
-"""VerIDeep's sensitivity of a model's output to its weights, and layer activations for MANC.
+"""VerIDeep's sensitivity of a model's output to its weights, and the penultimate activations for MANC.
 
 For an input ``x`` and parameters ``W`` of interest, the sensitivity is
 
@@ -8,45 +8,60 @@ where ``f`` is the softmax of the logits (or the logits themselves) and the norm
 every chosen parameter tensor. A *sensitive sample* maximises S: a small change of ``W``
 then moves the output a lot, so tampering shows in the answers.
 
-Three ways to compute S for a batch, all differentiable with respect to ``x``:
+Two routes, the same on every model format (``nn.Module``, TorchScript, ``torch.export``):
 
-* **Closed form.** When the chosen parameters are the weight and/or bias of an ``nn.Linear``
-  whose output *is* the model output, ``z = W h + b`` and ``f = g(z)``. With ``J = df/dz``,
-  ``df_i/dW_kl = J_ik h_l`` and ``df_i/db_k = J_ik``, so summing squares over ``i, k, l``:
+* **Output layer** (the default W: the last layer's weight and/or bias). When the logits are
+  ``z = W h + b``, ``df_i/dW_kl = J_ik h_l`` and ``df_i/db_k = J_ik`` with ``J = df/dz``, so
 
-      weight only:   S = ||J||_F^2 * ||h||^2
-      bias only:     S = ||J||_F^2
-      both:          S = ||J||_F^2 * (||h||^2 + 1)
+      S = ||J||_F^2 * (||h||^2 [if W is chosen] + 1 [if b is chosen]).
 
-  For the softmax ``J = diag(p) - p p^T`` and
-  ``||J||_F^2 = sum_i p_i^2 - 2 sum_i p_i^3 + (sum_i p_i^2)^2``; for logits ``J = I`` and
-  ``||J||_F^2 = C`` (the number of classes). One forward pass, no per-class backward.
-* **torch.func.** ``vmap`` over samples of ``jacrev`` over the chosen parameters of a
-  ``functional_call``: any ``nn.Module`` or ``torch.export`` module.
-* **Per-sample loop** (TorchScript, where ``functional_call`` is not allowed): one
-  ``autograd.grad`` per sample with ``is_grads_batched=True`` over the class axis.
+  The penultimate vectors ``h`` are read off one backward pass: ``dz/dW`` under a cotangent
+  that gives sample ``b`` the class ``b mod C`` of batch entry ``b div C`` has ``h_b`` in that
+  row (``dL/dW = G^T h``). With ``K = ceil(B / C)`` batched cotangents this costs one backward
+  through the last matmul only and ``K·C·H ≈ (B + C)·H`` numbers, never ``C^2`` (a bag runs in
+  pieces of ``RECOVERY_ROWS`` samples, so the batched matmuls stay linear in the bag); ``h`` keeps
+  its graph back to the input. The route checks ``W h + b == z`` (to the rounding of the
+  logits' dtype; once per ``Sensitivity``) and is not taken when the logits are not that layer's
+  output. ``||J||_F^2`` and its gradient are computed in float64 from the logits in a form
+  without cancellation (``jacobian_norm``), so confident predictions (top probability near 1)
+  keep full precision; S is one autograd node with that closed-form backward.
+* **Any parameters** (``--param params=...``): one sample at a time, the gradients of the
+  output under the cotangents ``J_i`` (row ``i`` of ``J``, computed in float64 like above; the
+  identity for logits) in chunks of classes sized so that a chunk's gradients hold at most
+  ``CHUNK_ELEMENTS`` numbers. ``sensitivity_and_grad`` differentiates each chunk as soon as it
+  is summed, so memory stays bounded by one sample's forward pass plus one chunk whatever the
+  number of classes; ``sensitivity`` keeps every chunk's graph for a later backward.
 
-``naive_sensitivity`` loops over samples and classes with plain autograd; it is the
-reference the tests compare against.
+``naive_sensitivity`` is the reference the tests compare against: a float64 copy of the model,
+one plain backward per sample and per class. ``activations`` gives MANC the penultimate vectors
+from the same backward pass as the output-layer route, so MANC works on every format.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
-from typing import Literal
+import copy
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from torch import nn
 
-from .._torch import as_logits, last_linear, layer_activations, quiet
+from .._torch import as_logits, last_linear, layer_activations, quiet, to_tensor
 from ..errors import UsageError
 from ..models import Model
 
 Output = Literal["softmax", "logits"]
-Route = Literal["auto", "closed", "func", "loop"]
 OUTPUTS = ("softmax", "logits")
+Autocast = Literal["bf16"]
+AUTOCASTS = ("bf16",)
+
+#: Gradient numbers held at once by the any-parameter route (one chunk of classes for one sample).
+CHUNK_ELEMENTS = 1 << 22
+#: Samples per forward pass on the output-layer route (or the number of classes, if larger).
+RECOVERY_ROWS = 256
 
 
 # ---------------------------------------------------------------------------- parameters
@@ -54,6 +69,11 @@ OUTPUTS = ("softmax", "logits")
 
 def _prefixed(prefix: str, leaf: str) -> str:
     return f"{prefix}.{leaf}" if prefix else leaf
+
+
+def _split(name: str) -> tuple[str, str]:
+    prefix, _, leaf = name.rpartition(".")
+    return prefix, leaf
 
 
 def resolve_params(module: nn.Module, names: list[str] | None) -> list[str]:
@@ -80,23 +100,65 @@ def resolve_params(module: nn.Module, names: list[str] | None) -> list[str]:
         if lin.bias is not None:
             out.append(_prefixed(prefix, "bias"))
         return out
-    weights = [n for n, p in named.items() if n.rsplit(".", 1)[-1].endswith("weight") and p.dim() == 2]
+    weights = [n for n, p in named.items() if _split(n)[1].endswith("weight") and p.dim() == 2]
     if not weights:
         raise UsageError(f"cannot find a last layer (no 2-D weight): pass parameter names, one of {', '.join(named) or '(none)'}")
-    weight = weights[-1]
-    prefix = weight.rsplit(".", 1)[0] if "." in weight else ""
+    prefix = _split(weights[-1])[0]
     bias = _prefixed(prefix, "bias")
-    return [weight, bias] if bias in named else [weight]
+    return [weights[-1], bias] if bias in named else [weights[-1]]
 
 
-# ---------------------------------------------------------------------------- sensitivity
+@dataclass(frozen=True)
+class _Layer:
+    """A candidate output layer: its 2-D weight, its bias (if any), and which of the two are chosen."""
+
+    weight: str
+    bias: str | None
+    use_weight: bool
+    use_bias: bool
 
 
-def _squash(logits: torch.Tensor, output: str) -> torch.Tensor:
-    return torch.softmax(logits, dim=-1) if output == "softmax" else logits
+def _candidate_layer(named: Mapping[str, torch.Tensor], params: Sequence[str]) -> _Layer | None:
+    """The layer ``params`` belong to when they are the weight and/or bias of one layer with a 2-D weight."""
+    prefixes = {_split(p)[0] for p in params}
+    leaves = {_split(p)[1] for p in params}
+    if len(prefixes) != 1 or not leaves <= {"weight", "bias"}:
+        return None
+    prefix = prefixes.pop()
+    weight, bias = _prefixed(prefix, "weight"), _prefixed(prefix, "bias")
+    if weight not in named or named[weight].dim() != 2:
+        return None
+    has_bias = bias in named and named[bias].shape == named[weight].shape[:1]
+    if "bias" in leaves and not has_bias:
+        return None
+    return _Layer(weight, bias if has_bias else None, "weight" in leaves, "bias" in leaves)
 
 
-def _check(model: Model, params: list[str], output: str) -> nn.Module:
+# ---------------------------------------------------------------------------- shared pieces
+
+
+@contextmanager
+def _grad_on(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
+    """Temporarily make ``tensors`` require grad (frozen models)."""
+    frozen = [t for t in tensors if not t.requires_grad]
+    try:
+        for t in frozen:
+            t.requires_grad_(True)
+        yield
+    finally:
+        for t in frozen:
+            t.requires_grad_(False)
+
+
+def _autocast(x: torch.Tensor, autocast: str | None) -> Any:
+    if autocast is None:
+        return nullcontext()
+    if autocast not in AUTOCASTS:
+        raise UsageError(f"unknown autocast {autocast!r}: choose {' or '.join(AUTOCASTS)}")
+    return torch.autocast(device_type=x.device.type, dtype=torch.bfloat16)
+
+
+def _check(model: Model, params: Sequence[str], output: str) -> nn.Module:
     if output not in OUTPUTS:
         raise UsageError(f"unknown output {output!r}: choose softmax or logits")
     module = model.require_torch("sensitivity")
@@ -107,164 +169,333 @@ def _check(model: Model, params: list[str], output: str) -> nn.Module:
     return module
 
 
-def sensitivity(model: Model, x: torch.Tensor, params: list[str], output: Output = "softmax", *, path: Route = "auto") -> torch.Tensor:
-    """Per-sample ``S(x)`` of shape (B,), differentiable with respect to ``x``.
+def _softmax_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 ``p``, the top class (keepdim), the non-top probabilities (0 at the top) and ``1 - p_top`` as their sum."""
+    p = torch.log_softmax(z.double(), dim=-1).exp()
+    top = p.argmax(dim=-1, keepdim=True)
+    others = p.scatter(-1, top, 0.0)
+    return p, top, others, others.sum(-1, keepdim=True)
 
-    ``path`` forces one computation (``closed``, ``func``, ``loop``); ``auto`` takes the
-    closed form when it applies, else ``func`` for functional models and ``loop`` otherwise.
+
+def _softmax_norm(z: torch.Tensor, *, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``||J||_F^2`` (B,) of the softmax at logits ``z`` (B, C) in float64 and, with ``grad``, its gradient (B, C).
+
+    With ``t`` the top class, ``1 - p_t`` is the sum of the other probabilities and
+    ``q = sum_{j!=t} p_j^2`` is summed from the small terms: the top term is
+    ``p_t^2 ((1 - p_t)^2 + q)`` and a non-top term ``p_i^2 ((1 - p_i)^2 + q - p_i^2 + p_t^2)``.
+    The gradient is ``d_j = p_j (g_j - sum_i p_i g_i)`` with ``g = dN/dp``,
+    ``g_j = 2 p_j (1 - 3 p_j + 2 sum_i p_i^2)``, rearranged the same way at the top class:
+    ``g_t = 2 p_t ((1 - p_t)(1 - 2 p_t) + 2 q)`` and ``d_t = p_t ((1 - p_t) g_t - sum_{i!=t} p_i g_i)``.
     """
-    module = _check(model, params, output)
-    if path not in ("auto", "closed", "func", "loop"):
-        raise UsageError(f"unknown sensitivity path {path!r}: choose auto, closed, func or loop")
-    with torch.enable_grad(), quiet():
-        if path in ("auto", "closed"):
-            s = _closed_form(model, module, x, params, output)
+    p, top, others, rest = _softmax_parts(z)
+    p_top = p.gather(-1, top)
+    top_sq, sq = p_top.square(), others.square()  # sq: p_i^2 off the top, 0 at the top
+    q = sq.sum(-1, keepdim=True)
+    norm = (top_sq * (rest.square() + q) + (sq * ((1.0 - others).square() + (q + top_sq) - sq)).sum(-1, keepdim=True)).squeeze(-1)
+    if not grad:
+        return norm, None
+    g_top = 2.0 * p_top * (rest * (1.0 - 2.0 * p_top) + 2.0 * q)
+    g = (2.0 * p * (1.0 - 3.0 * p + 2.0 * (top_sq + q))).scatter(-1, top, g_top)
+    g_rest = (others * g).sum(-1, keepdim=True)
+    d = (p * (g - (p_top * g_top + g_rest))).scatter(-1, top, p_top * (g_top * rest - g_rest))
+    return norm, d
+
+
+def jacobian_norm(z: torch.Tensor, output: str = "softmax") -> torch.Tensor:
+    """``||df/dz||_F^2`` per row of logits ``z`` (B, C), in float64.
+
+    For the softmax ``J = diag(p) - p p^T`` and ``||J||_F^2 = sum_i p_i^2 ((1 - p_i)^2 + sum_{j!=i} p_j^2)``.
+    Summing ``p_i^2 - 2 p_i^3 + p_i^2 ||p||^2`` instead cancels when one class takes almost all
+    the probability; ``_softmax_norm`` keeps every term accurate to float64 rounding. For logits
+    ``J = I`` and the norm is the number of classes.
+    """
+    if output == "logits":
+        return torch.full(z.shape[:1], float(z.shape[-1]), dtype=torch.float64, device=z.device)
+    return _softmax_norm(z, grad=False)[0]
+
+
+class _OutputLayerSensitivity(torch.autograd.Function):
+    """``S = ||J||_F^2 * (||h||^2 [weight] + 1 [bias])`` from logits ``z`` and penultimate ``h``, in float64.
+
+    One graph node with a closed-form backward (``dS/dz = factor * dN/dz``, ``dS/dh = 2 N h``)
+    instead of the two dozen small ops autograd would record.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, z: torch.Tensor, h: torch.Tensor, use_weight: bool, use_bias: bool, softmax: bool) -> torch.Tensor:
+        h64 = h.detach().double()
+        factor = torch.zeros(z.shape[:1], dtype=torch.float64, device=z.device)
+        if use_weight:
+            factor = factor + h64.square().sum(-1)
+        if use_bias:
+            factor = factor + 1.0
+        if softmax:
+            norm, d_norm = _softmax_norm(z.detach(), grad=True)
+        else:
+            norm, d_norm = jacobian_norm(z, "logits"), None
+        ctx.save_for_backward(h64, factor, norm, d_norm)
+        ctx.use_weight, ctx.dtypes = use_weight, (z.dtype, h.dtype)
+        return norm * factor
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        h64, factor, norm, d_norm = ctx.saved_tensors
+        z_dtype, h_dtype = ctx.dtypes
+        dz = None if d_norm is None else ((grad * factor)[:, None] * d_norm).to(z_dtype)
+        dh = ((2.0 * grad * norm)[:, None] * h64).to(h_dtype) if ctx.use_weight else None
+        return dz, dh, None, None, None
+
+
+def _jacobian_rows(z: torch.Tensor, rows: slice, output: str) -> torch.Tensor:
+    """Rows ``rows`` of ``df/dz`` (k, C) for one sample's logits ``z`` (C,), accurate as in ``jacobian_norm``, in z's dtype."""
+    c = z.shape[-1]
+    idx = torch.arange(c, device=z.device)[rows]
+    if output == "logits":
+        return (idx[:, None] == torch.arange(c, device=z.device)[None, :]).to(z.dtype)
+    p, top, _, rest = _softmax_parts(z)
+    one_minus = (1.0 - p).scatter(-1, top, rest)  # 1 - p_i, the top's as a sum of small terms
+    block = -p[idx, None] * p[None, :]  # J_ik = -p_i p_k off the diagonal
+    block = block.scatter(1, idx[:, None], (p[idx] * one_minus[idx])[:, None])  # J_ii = p_i (1 - p_i)
+    return block.to(z.dtype)
+
+
+# ---------------------------------------------------------------------------- the two routes
+
+
+class Sensitivity:
+    """S for one model, one set of parameters W and one output: checked once, then run on any batch.
+
+    ``sensitivity`` and ``sensitivity_and_grad`` build one per call; an ascent builds one and
+    calls ``value_and_grad`` every step.
+    """
+
+    def __init__(self, model: Model, params: Sequence[str], output: Output = "softmax") -> None:
+        self.model = model
+        self.module = _check(model, params, output)
+        self.output = output
+        named = dict(self.module.named_parameters())
+        self.plist = [named[k] for k in params]
+        self.layer = _candidate_layer(named, params)
+        self.weight = named[self.layer.weight] if self.layer is not None else None
+        self.bias = named[self.layer.bias] if self.layer is not None and self.layer.bias is not None else None
+        self._cotangents: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
+        self._checked = False  # W h + b == z held on a batch: the logits are that layer's output
+
+    # -- output-layer route
+
+    def _cotangent(self, rows: int, classes: int, like: torch.Tensor) -> torch.Tensor:
+        """(K, B, C) with a one at [b // C, b, b % C]: batch entry k reads samples kC .. kC + C - 1."""
+        key = (rows, classes, like.dtype, like.device)
+        if key not in self._cotangents:
+            k = -(-rows // classes)
+            b = torch.arange(rows, device=like.device)
+            cot = torch.zeros((k, rows, classes), dtype=like.dtype, device=like.device)
+            cot[b // classes, b, b % classes] = 1.0
+            self._cotangents = {key: cot}  # one shape at a time: batch sizes change rarely
+        return self._cotangents[key]
+
+    def penultimate(self, x: torch.Tensor, *, create_graph: bool, autocast: str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Logits ``z`` (B, C) and penultimate vectors ``h`` (B, H) with ``z = W h + b``, or None if z is not that.
+
+        ``h`` comes from one backward pass through the last matmul (see the module doc); with
+        ``create_graph`` it keeps its graph back to ``x``. The check ``W h + b == z`` allows the
+        rounding of the logits' dtype; it runs in the model's own precision until one batch
+        passes, since whether the logits are the layer's output is a property of the model (an
+        ascent calls this with the same model every step). Under autocast, an unchecked model is
+        first checked on the same batch without it.
+        """
+        weight = self.weight
+        if weight is None:
+            return None
+        if autocast is not None and not self._checked and self.penultimate(x, create_graph=False) is None:
+            return None
+        with _grad_on([weight]):
+            with _autocast(x, autocast):
+                z = as_logits(self.model.forward(x))
+            rows, classes = z.shape
+            if classes != weight.shape[0] or rows == 0 or not z.requires_grad:
+                return None
+            cot = self._cotangent(rows, classes, z)
+            (g,) = torch.autograd.grad(z, weight, cot, is_grads_batched=True, create_graph=create_graph, allow_unused=True)
+        if g is None:
+            return None
+        h = g.reshape(cot.shape[0] * classes, -1)[:rows]
+        if self._checked:
+            return z, h
+        with torch.no_grad():
+            w64, h64, z64 = weight.detach().double(), h.detach().double(), z.detach().double()
+            expect, scale = h64 @ w64.T, h64.abs() @ w64.abs().T
+            if self.bias is not None:
+                b64 = self.bias.detach().double()
+                expect, scale = expect + b64, scale + b64.abs()
+            tol = 64 * float(torch.finfo(z.dtype).eps) * (scale + z64.abs()) + 1e-30
+            if not bool(((z64 - expect).abs() <= tol).all()):
+                return None
+        self._checked = True
+        return z, h
+
+    def _output_layer(self, x: torch.Tensor, autocast: str | None) -> torch.Tensor | None:
+        """S by the output-layer route, differentiable; None when W is not the output layer's.
+
+        Batches run in pieces of ``max(RECOVERY_ROWS, C)`` samples: the recovery's batched
+        matmuls cost ``B^2 H`` for a piece of ``B`` samples, linear in the bag this way.
+        """
+        if self.layer is None or self.weight is None:
+            return None
+        rows = max(RECOVERY_ROWS, self.weight.shape[0])
+        parts = []
+        for lo in range(0, max(1, x.shape[0]), rows):
+            found = self.penultimate(x[lo : lo + rows], create_graph=True, autocast=autocast)
+            if found is None:
+                return None
+            z, h = found
+            parts.append(_OutputLayerSensitivity.apply(z, h, self.layer.use_weight, self.layer.use_bias, self.output == "softmax"))
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+    # -- any-parameter route
+
+    def _class_chunks(self, xb: torch.Tensor, autocast: str | None) -> Iterator[torch.Tensor]:
+        """For one sample ``xb`` (1, ...): partial sums of S over chunks of classes, each a float64 scalar.
+
+        Each chunk backpropagates the rows ``J_i`` of the output Jacobian as batched cotangents
+        through the logits (with a graph for a later backward); the forward graph is kept until
+        the last chunk.
+        """
+        with _autocast(xb, autocast):
+            z = as_logits(self.model.forward(xb))[0]
+        if not z.requires_grad:  # neither W nor the input reaches the output
+            yield 0.0 * z.double().sum()
+            return
+        numel = max(1, sum(p.numel() for p in self.plist))
+        step = max(1, min(z.shape[0], CHUNK_ELEMENTS // numel))
+        for lo in range(0, z.shape[0], step):
+            cot = _jacobian_rows(z, slice(lo, lo + step), self.output)
+            grads = torch.autograd.grad(z, self.plist, cot, is_grads_batched=True, create_graph=True, retain_graph=True, allow_unused=True)
+            yield sum((g.double().square().sum() for g in grads if g is not None), 0.0 * z.double().sum())
+
+    # -- entry points
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample ``S(x)`` (B,), float64, differentiable with respect to ``x`` (see ``sensitivity``)."""
+        with torch.enable_grad(), quiet():
+            s = self._output_layer(x, None)
             if s is not None:
                 return s
-            if path == "closed":
-                raise UsageError("the closed form needs the weight/bias of an nn.Linear whose output is the model output")
-        if path == "func" or (path == "auto" and model.functional):
-            if not model.functional:
-                raise UsageError(f"torch.func cannot run a {model.format} model: use path='loop'")
-            return _func_sensitivity(module, x, params, output)
-        return _loop_sensitivity(module, x, params, output)
+            with _grad_on(self.plist):
+                out = [torch.stack(list(self._class_chunks(x[b : b + 1], None))).sum() for b in range(x.shape[0])]
+        return torch.stack(out) if out else x.new_zeros((0,), dtype=torch.float64)
+
+    def value_and_grad(self, x: torch.Tensor, *, autocast: Autocast | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``S(x)`` (B,) float64 and ``dS/dx`` (x's shape and dtype), detached (see ``sensitivity_and_grad``)."""
+        xv = x.detach().requires_grad_(True)
+        with torch.enable_grad(), quiet():
+            s = self._output_layer(xv, autocast)
+            if s is not None:
+                (grad,) = torch.autograd.grad(s.sum(), xv, allow_unused=True)
+                return s.detach(), torch.zeros_like(xv) if grad is None else grad
+            values = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
+            grad = torch.zeros_like(xv)
+            with _grad_on(self.plist):
+                for b in range(x.shape[0]):
+                    xb = x[b : b + 1].detach().requires_grad_(True)
+                    for part in self._class_chunks(xb, autocast):
+                        (g,) = torch.autograd.grad(part, xb, retain_graph=True, allow_unused=True)
+                        values[b] += part.detach()
+                        if g is not None:
+                            grad[b] += g[0]
+        return values, grad
 
 
-def _closed_form(model: Model, module: nn.Module, x: torch.Tensor, params: list[str], output: str) -> torch.Tensor | None:
-    """The closed form, or ``None`` when the chosen parameters are not those of the output layer."""
-    if not model.hookable:
-        return None
-    owner = None
-    for name, sub in module.named_modules():
-        if isinstance(sub, nn.Linear):
-            own = {_prefixed(name, "weight"): "weight"}
-            if sub.bias is not None:
-                own[_prefixed(name, "bias")] = "bias"
-            if set(params) <= set(own):
-                owner = (sub, {own[p] for p in params})
-    if owner is None:
-        return None
-    lin, leaves = owner
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+def sensitivity(model: Model, x: torch.Tensor, params: Sequence[str], output: Output = "softmax") -> torch.Tensor:
+    """Per-sample ``S(x)`` of shape (B,), float64, differentiable with respect to ``x``.
 
-    def hook(_mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
-        seen.append((args[0], out))
-
-    handle = lin.register_forward_hook(hook)
-    try:
-        logits = as_logits(module(x))
-    finally:
-        handle.remove()
-    if len(seen) != 1:
-        return None
-    h, z = seen[0]
-    if h.dim() != 2 or z.shape != logits.shape or not torch.equal(z, logits):
-        return None
-    if output == "softmax":
-        p = torch.softmax(logits, dim=-1)
-        p2 = (p * p).sum(-1)
-        jnorm = p2 - 2.0 * (p**3).sum(-1) + p2 * p2
-    else:
-        jnorm = float(logits.shape[1]) + 0.0 * logits.sum(-1)  # constant, kept on the graph of x
-    factor = torch.zeros_like(jnorm)
-    if "weight" in leaves:
-        factor = factor + (h * h).sum(-1)
-    if "bias" in leaves:
-        factor = factor + 1.0
-    return jnorm * factor
-
-
-def _func_sensitivity(module: nn.Module, x: torch.Tensor, params: list[str], output: str) -> torch.Tensor:
-    """``vmap`` over samples of ``jacrev`` over the chosen parameters (nn.Module, torch.export)."""
-    from torch.func import functional_call, jacrev, vmap
-
-    named = dict(module.named_parameters())
-    fixed = {k: v.detach() for k, v in named.items() if k not in params}
-    chosen = {k: named[k].detach() for k in params}
-
-    def outputs(p: dict[str, torch.Tensor], xi: torch.Tensor) -> torch.Tensor:
-        out = functional_call(module, {**fixed, **p}, (xi.unsqueeze(0),))
-        return _squash(as_logits(out)[0], output)
-
-    def one(xi: torch.Tensor) -> torch.Tensor:
-        jac = jacrev(outputs)(chosen, xi)
-        return sum((j * j).sum() for j in jac.values())
-
-    return vmap(one)(x)
-
-
-@contextmanager
-def _grad_on(tensors: Sequence[torch.Tensor]) -> Iterator[None]:
-    """Temporarily make ``tensors`` require grad (frozen models)."""
-    old = [t.requires_grad for t in tensors]
-    try:
-        for t in tensors:
-            t.requires_grad_(True)
-        yield
-    finally:
-        for t, r in zip(tensors, old):
-            t.requires_grad_(r)
-
-
-def _grads(y: torch.Tensor, plist: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """``dy/dp`` for each p (zeros where unused), with a graph for a later backward."""
-    grads = torch.autograd.grad(y, plist, create_graph=True, allow_unused=True)
-    return [torch.zeros_like(p) if g is None else g for g, p in zip(grads, plist)]
-
-
-def _loop_sensitivity(module: nn.Module, x: torch.Tensor, params: list[str], output: str) -> torch.Tensor:
-    """One batched-over-classes ``autograd.grad`` per sample (TorchScript fallback).
-
-    TorchScript's optimising executor is switched off so that the backward runs eager ops
-    that ``vmap`` can batch; should an op still lack a batching rule, that sample falls back
-    to one backward per class.
+    The output-layer route when ``params`` are the output layer's weight and/or bias, else the
+    any-parameter route, whose graph grows with the number of classes: for an ascent with
+    bounded memory use ``sensitivity_and_grad``.
     """
-    named = dict(module.named_parameters())
-    plist = [named[k] for k in params]
-    out = []
-    with _grad_on(plist), torch.jit.optimized_execution(False):
-        for b in range(x.shape[0]):
-            f = _squash(as_logits(module(x[b : b + 1]))[0], output)
-            eye = torch.eye(f.shape[0], dtype=f.dtype, device=f.device)
-            try:
-                grads: Sequence[torch.Tensor] = torch.autograd.grad(
-                    f, plist, grad_outputs=eye, is_grads_batched=True, create_graph=True, allow_unused=True
-                )
-            except RuntimeError as exc:  # an op without a batching rule: per-class backward for this model
-                if "atching rule" not in str(exc):
-                    raise
-                grads = [torch.stack(g) for g in zip(*(_grads(f[i], plist) for i in range(f.shape[0])))]
-            out.append(sum((g * g).sum() for g in grads) + 0.0 * f.sum())
-    return torch.stack(out) if out else x.new_zeros((0,))
+    return Sensitivity(model, params, output)(x)
 
 
-def naive_sensitivity(model: Model, x: torch.Tensor, params: list[str], output: Output = "softmax") -> torch.Tensor:
-    """Reference S(x): plain autograd, one backward per sample and per class."""
-    module = _check(model, params, output)
+def sensitivity_and_grad(
+    model: Model, x: torch.Tensor, params: Sequence[str], output: Output = "softmax", *, autocast: Autocast | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``S(x)`` (B,) float64 and ``dS/dx`` (x's shape and dtype), detached; what one ascent step needs.
+
+    ``autocast="bf16"`` runs the network under bfloat16 autocast (the probability terms stay
+    float64). The any-parameter route differentiates every chunk of classes as soon as it is
+    summed, so its memory does not grow with the number of classes.
+    """
+    return Sensitivity(model, params, output).value_and_grad(x, autocast=autocast)
+
+
+def naive_sensitivity(model: Model, x: torch.Tensor, params: Sequence[str], output: Output = "softmax") -> torch.Tensor:
+    """Reference S(x) in float64: a float64 copy of the model, one plain backward per sample and per class.
+
+    The softmax is written as ``f_i = 1 / (1 + sum_{k != i} exp(z_k - z_i))``, the ``k = i`` terms
+    masked out: the plain autograd backward of that form has no ``1 - p`` cancellation, so the
+    reference stays exact for confident inputs.
+    """
+    module = copy.deepcopy(_check(model, params, output)).double()
     named = dict(module.named_parameters())
     plist = [named[k] for k in params]
     out = []
     with torch.enable_grad(), quiet(), _grad_on(plist):
         for b in range(x.shape[0]):
-            f = _squash(as_logits(module(x[b : b + 1]))[0], output)
+            z = as_logits(module(x[b : b + 1].double()))[0]
+            if output == "softmax":
+                off = 1.0 - torch.eye(z.shape[0], dtype=z.dtype)
+                f = 1.0 / (1.0 + (torch.exp(z[None, :] - z[:, None]) * off).sum(-1))
+            else:
+                f = z
             total = 0.0 * f.sum()
             for i in range(f.shape[0]):
-                total = total + sum(((g * g).sum() for g in _grads(f[i], plist)), torch.zeros(()))
+                grads = torch.autograd.grad(f[i], plist, create_graph=True, retain_graph=True, allow_unused=True)
+                total = total + sum((g.square().sum() for g in grads if g is not None), torch.zeros((), dtype=torch.float64))
             out.append(total)
-    return torch.stack(out) if out else x.new_zeros((0,))
+    return torch.stack(out) if out else x.new_zeros((0,), dtype=torch.float64)
 
 
 # ---------------------------------------------------------------------------- activations
 
 
-def activations(model: Model, x: np.ndarray | torch.Tensor, layer: str | None = None, *, batch_size: int = 256) -> np.ndarray:
-    """Activations (B, units) of a layer, for MANC (``_torch.layer_activations``).
+def penultimate(model: Model, x: np.ndarray | torch.Tensor, *, batch_size: int = 256) -> np.ndarray | None:
+    """The input ``h`` (N, H) of the output layer ``z = W h + b`` as float32, on any format; None if there is none.
 
-    By default the *input* of the last ``nn.Linear`` (the penultimate features); ``layer``
-    names a submodule whose *output* is taken (flattened per sample). Models whose submodules
-    cannot be hooked (TorchScript, ``torch.export``) raise ``UsageError``.
+    The output layer is the default sensitivity layer (``resolve_params(module, None)``); ``h``
+    comes from the output-layer route's backward pass, so no hook is needed.
     """
     module = model.require_torch("activation-based selection")
+    try:
+        route = Sensitivity(model, resolve_params(module, None))
+    except UsageError:
+        return None
+    xt = x.detach() if isinstance(x, torch.Tensor) else to_tensor(np.asarray(x))
+    rows = []
+    with torch.enable_grad(), quiet():
+        for i in range(0, xt.shape[0], max(1, batch_size)):
+            found = route.penultimate(xt[i : i + batch_size].contiguous(), create_graph=False)
+            if found is None:
+                return None
+            rows.append(found[1].detach().float().cpu().numpy())
+    return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
+
+
+def activations(model: Model, x: np.ndarray | torch.Tensor, layer: str | None = None, *, batch_size: int = 256) -> np.ndarray:
+    """Activations (B, units) of a layer, for MANC.
+
+    By default the input of the output layer (the penultimate features, ``penultimate``), on
+    every model format; a hookable model whose logits are not a linear layer's output gives the
+    input of its last ``nn.Linear`` instead (``_torch.layer_activations``). ``layer`` names a
+    submodule whose *output* is taken (flattened per sample), for hookable models only.
+    Raises ``UsageError`` when neither applies.
+    """
+    module = model.require_torch("activation-based selection")
+    if layer is None:
+        found = penultimate(model, x, batch_size=batch_size)
+        if found is not None:
+            return found
     if not model.hookable:
-        raise UsageError(f"cannot read layer activations of this {model.format} model: use --select random")
+        what = "the output is not a linear layer's" if layer is None else f"layer {layer!r} cannot be hooked"
+        raise UsageError(f"cannot read layer activations of this {model.format} model ({what}): use --select random")
     return layer_activations(module, x, layer, batch_size=batch_size)

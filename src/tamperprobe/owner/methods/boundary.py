@@ -34,9 +34,9 @@ Search (for each candidate, vectorised over candidates):
    margin < δ in any of them, or whose members share a label, is dropped.
 6. **Coverage.** Of the surviving candidates (``oversample`` per marker wanted), MANC
    (``selection.manc``, the greedy of the selection step) keeps those whose active neurons at the
-   input of the last ``nn.Linear`` (union over the pair) add the most not-yet-covered neurons,
-   resetting the covered set when nothing new can be added. Without a hookable ``nn.Linear``
-   (TorchScript, torch.export) the order is random.
+   input of the output layer (union over the pair) add the most not-yet-covered neurons,
+   resetting the covered set when nothing new can be added (``sensitivity.activations``, on every
+   model format). When no penultimate activations can be read the order is random.
 
 ``pairs=False`` gives single markers (the ``x0`` side only, margin in the same band). Bag layout
 with pairs: ``[a_0, c_0, a_1, c_1, …]`` with ``groups = [0, 0, 1, 1, …]``; ``bag // 2`` pairs are
@@ -416,7 +416,7 @@ class _Search:
         return self._bag(cat, order)
 
     def _coverage_order(self, cat: dict[str, np.ndarray], need: int, rng: np.random.Generator) -> np.ndarray:
-        """``need`` of the candidates in ``cat``, chosen by MANC over the pair's active neurons (random without a hookable layer)."""
+        """``need`` of the candidates in ``cat``, chosen by MANC over the pair's active neurons (random without activations)."""
         total = len(cat["xa"])
         if self.p.coverage:
             from ..sensitivity import activations
@@ -425,7 +425,7 @@ class _Search:
                 active = activations(self.model, self._domain(cat["xa"])) > 0
                 if self.p.pairs:
                     active |= activations(self.model, self._domain(cat["xc"])) > 0
-            except UsageError:  # no hookable nn.Linear (TorchScript, torch.export): a random order
+            except UsageError:  # no penultimate activations (logits not a linear layer's output): a random order
                 pass
             else:
                 return manc(active, need, rng)

@@ -2,15 +2,34 @@
 
 Each candidate starts from a natural seed ``v0`` drawn from the data and climbs
 ``S(v) = sum_i ||d f_i / dW||_F^2`` (``tamperprobe.owner.sensitivity``) by projected gradient
-ascent with Adam, batched over the whole bag. After every step each sample is projected
-onto the ball ``||v - v0||_2 <= epsilon * ||v0||_2`` and then clipped into the box
-``[low, high]``. Since ``v0`` lies in the box and clipping is a non-expansive projection
-fixing ``v0``, the clipped point stays in the ball: one pass satisfies both constraints (a
-last rescale guards against rounding). Each sample keeps its best iterate, so its
-sensitivity never falls below the seed's.
+ascent with Adam, batched over the bag. After every step each sample is projected onto the
+ball ``||v - v0||_2 <= epsilon * ||v0||_2`` and then clipped into the box ``[low, high]``.
+Since ``v0`` lies in the box and clipping is a non-expansive projection fixing ``v0``, the
+clipped point stays in the ball: one pass satisfies both constraints (a last rescale guards
+against rounding). Each sample keeps its best iterate, so its sensitivity never falls below
+the seed's.
+
+**Per-sample convergence.** A sample whose best sensitivity has not risen by a factor
+``1 + min_delta`` for ``patience`` steps leaves the batch (its best iterate is kept); the
+ascent ends when every sample has left or after ``steps`` steps. Adam acts element-wise and
+S of one sample does not depend on the others, so leaving changes no other sample's path.
+``patience=0`` turns early stopping off.
+
+**bfloat16** (``autocast="bf16"``): the network runs under bfloat16 autocast during the ascent
+(the probability terms stay float64). The recorded sensitivities are then recomputed in the
+model's own precision, and a sample whose best bfloat16 iterate is not above its seed in that
+precision falls back to the seed. Markers and recorded logits are float32 either way.
+
+**Preset** ``preset="verideep"``: the settings of VerIDeep (He et al.): Adam with learning rate
+1e-3 for 1,000 iterations, no early stopping (``patience=0``), and W = the weight matrix of
+the last layer alone (its bias excluded, as in the authors' code, which differentiates
+``fc8.weight``). The preset does not set ``epsilon``. A preset replaces the defaults of the
+parameters it sets; giving one of them another value as well is a usage error.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
@@ -20,16 +39,26 @@ from ..._util import Progress
 from ...data import Dataset
 from ...models import Model
 from ..markers import sample_indices
-from ..sensitivity import OUTPUTS, Output, resolve_params, sensitivity
+from ..sensitivity import AUTOCASTS, OUTPUTS, Autocast, Output, Sensitivity, resolve_params
 from .base import Bag, Method
+
+#: Parameter values each preset sets (``Configurable.presets``; its W is chosen in ``_weights``).
+PRESETS: dict[str, dict[str, Any]] = {
+    "verideep": {"lr": 1e-3, "steps": 1000, "patience": 0},
+}
+
+_BETAS = (0.9, 0.999)  # Adam's defaults (Kingma & Ba), as torch.optim.Adam
+_ADAM_EPS = 1e-8
 
 
 class SensitiveSamples(Method):
     """VerIDeep Sensitive-Samples: natural inputs moved by projected ascent on the weight sensitivity ‖∂f/∂W‖².
 
-    Hyper-parameters: ``epsilon`` (relative L2 radius around the seed), ``lr``, ``steps``,
-    ``patience`` and ``min_delta`` (early stopping on the mean best sensitivity), ``output``
-    (``softmax`` or ``logits``) and ``params`` (the weights W; default the last layer's).
+    Hyper-parameters: ``epsilon`` (relative L2 radius around the seed), ``lr`` (Adam),
+    ``steps``, ``patience`` and ``min_delta`` (per-sample early stopping; ``patience=0``: none),
+    ``output`` (``softmax`` or ``logits``), ``params`` (the weights W; default the last
+    layer's weight and bias), ``autocast`` (``bf16``: the network in bfloat16 during the
+    ascent) and ``preset`` (``verideep``: the paper's settings, see the module doc).
     """
 
     name = "sensitive"
@@ -38,10 +67,13 @@ class SensitiveSamples(Method):
         "epsilon": Interval(0.0, None),
         "lr": Interval(0.0, None, closed="neither"),
         "steps": Interval(0, None, integer=True),
-        "patience": Interval(1, None, integer=True),
+        "patience": Interval(0, None, integer=True),
         "min_delta": Interval(0.0, None),
         "output": Options(*OUTPUTS),
+        "autocast": Options(*AUTOCASTS),
+        "preset": Options(*PRESETS),
     }
+    presets = PRESETS
 
     def __init__(
         self,
@@ -53,6 +85,8 @@ class SensitiveSamples(Method):
         min_delta: float = 1e-4,
         output: Output = "softmax",
         params: list[str] | None = None,
+        autocast: Autocast | None = None,
+        preset: str | None = None,
     ) -> None:
         self.epsilon = epsilon
         self.lr = lr
@@ -61,71 +95,90 @@ class SensitiveSamples(Method):
         self.min_delta = min_delta
         self.output = output
         self.params = params
+        self.autocast = autocast
+        self.preset = preset
+
+    def _weights(self, model: Model) -> list[str]:
+        """The parameter names of W: ``params``, else the last layer's (its weight alone under the verideep preset)."""
+        names = resolve_params(model.module, self.params)
+        if self.preset == "verideep" and self.params is None:
+            names = names[:1]
+        return names
 
     def _generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress) -> Bag:
         """``bag`` sensitive samples grown from natural seeds of ``data``."""
-        names = resolve_params(model.module, self.params)
+        names = self._weights(model)
+        route = Sensitivity(model, names, self.output)
         idx = sample_indices(len(data), bag, rng)
         seeds = np.ascontiguousarray(data.x[idx], dtype=np.float32)
         x0 = torch.from_numpy(seeds.copy())
-        x0_64 = x0.double()
-        radius = self.epsilon * x0_64.reshape(bag, -1).norm(dim=1)
         low, high = float(data.low), float(data.high)
 
-        def project(v: torch.Tensor) -> torch.Tensor:
-            """Onto the ε-ball around the seed, then into the box; exact up to float32 rounding."""
-            d = (v.double() - x0_64).reshape(bag, -1)
-            norm = d.norm(dim=1)
-            shrink = torch.where(norm > radius, radius / norm.clamp_min(1e-300), torch.ones_like(norm))
-            out = (x0_64.reshape(bag, -1) + d * shrink[:, None]).clamp(low, high).float()
-            over = (out.double() - x0_64.reshape(bag, -1)).norm(dim=1) > radius
+        def project(v: torch.Tensor, origin: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
+            """Onto the ε-balls around the seeds ``origin``, then into the box; exact up to float32 rounding."""
+            d = v.double().reshape(origin.shape) - origin
+            shrink = (radius / d.norm(dim=1).clamp_min(1e-300)).clamp(max=1.0)
+            out = (origin + d * shrink[:, None]).clamp(low, high).float()
+            over = (out.double() - origin).norm(dim=1) > radius
             if over.any():  # float32 rounding pushed a sample out: pull it slightly inwards
-                d = out.double() - x0_64.reshape(bag, -1)
+                d = out.double() - origin
                 scale = radius / d.norm(dim=1).clamp_min(1e-300) * (1 - 1e-6)
-                fixed = (x0_64.reshape(bag, -1) + d * scale[:, None]).clamp(low, high).float()
+                fixed = (origin + d * scale[:, None]).clamp(low, high).float()
                 out = torch.where(over[:, None], fixed, out)
             return out.reshape(v.shape)
 
-        def evaluate(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            v = v.detach().requires_grad_(True)
-            s = sensitivity(model, v, names, self.output)
-            (grad,) = torch.autograd.grad(s.sum(), v)
-            return s.detach(), grad
-
-        x = x0.clone()
-        s_seed, grad = evaluate(x)
-        best_s, best_x = s_seed.clone(), x.clone()
-        var = x.clone().requires_grad_(True)
-        opt = torch.optim.Adam([var], lr=self.lr, maximize=True)
-        best_mean = float(best_s.mean())
-        stall, done = 0, 0
+        s_seed, grad = route.value_and_grad(x0, autocast=self.autocast)
+        best_s, best_x = s_seed.clone(), x0.clone()
+        ran = torch.zeros(bag, dtype=torch.int64)  # steps each sample took before it left
+        # the samples still climbing, compacted: rows of the bag, iterate, best so far, Adam's moments, stall count
+        rows = torch.arange(bag)
+        origin = x0.double().reshape(bag, -1)
+        radius = self.epsilon * origin.norm(dim=1)
+        x, top_x, top_s = x0.clone(), x0.clone(), s_seed.clone()
+        m1, m2 = torch.zeros_like(x), torch.zeros_like(x)
+        stall = torch.zeros(bag, dtype=torch.int64)
+        done = 0
         for step in range(1, self.steps + 1):
-            var.grad = grad
-            opt.step()
-            with torch.no_grad():
-                var.copy_(project(var))
-            s, grad = evaluate(var)
-            better = s > best_s
-            best_s = torch.where(better, s, best_s)
-            best_x[better] = var.detach()[better]
+            if len(rows) == 0:
+                break
+            x = project(self._adam(x, m1, m2, grad, step), origin, radius)
+            s, grad = route.value_and_grad(x, autocast=self.autocast)
+            better = s > top_s
+            stall = torch.where(s > top_s * (1 + self.min_delta) + 1e-300, torch.zeros_like(stall), stall + 1)
+            top_s = torch.where(better, s, top_s)
+            top_x = torch.where(better.reshape((-1,) + (1,) * (x.dim() - 1)), x, top_x)
             done = step
             progress(step, self.steps)
-            mean = float(best_s.mean())
-            if mean > best_mean * (1 + self.min_delta) + 1e-30:
-                best_mean, stall = mean, 0
-            else:
-                stall += 1
-                if stall >= self.patience:
-                    break
+            keep = stall < self.patience if self.patience else None
+            if keep is not None and not bool(keep.all()):  # these samples leave with their best iterate
+                gone = rows[~keep]
+                best_s[gone], best_x[gone], ran[gone] = top_s[~keep], top_x[~keep], step
+                rows, x, top_x, top_s, m1, m2, stall, grad = (t[keep] for t in (rows, x, top_x, top_s, m1, m2, stall, grad))
+                origin, radius = origin[keep], radius[keep]
+        best_s[rows], best_x[rows], ran[rows] = top_s, top_x, done
         if done < self.steps:
             progress(self.steps, self.steps)
+        if self.autocast is not None:  # record the sensitivities in the model's own precision
+            s_seed, _ = route.value_and_grad(x0)
+            best_s, _ = route.value_and_grad(best_x)
+            worse = best_s < s_seed
+            best_x[worse], best_s[worse] = x0[worse], s_seed[worse]
         return Bag(
             inputs=best_x.numpy().astype(np.float32),
             seeds=seeds,
             info={
                 "sensitivity_seed": s_seed.numpy().astype(np.float64),
                 "sensitivity": best_s.numpy().astype(np.float64),
+                "ascent_steps": ran.numpy(),
                 "steps": done,
                 "params": list(names),
             },
         )
+
+    def _adam(self, x: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
+        """One Adam ascent step, as ``torch.optim.Adam(maximize=True)``; updates the moments in place."""
+        b1, b2 = _BETAS
+        m1.mul_(b1).add_(grad, alpha=1 - b1)
+        m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (m2.sqrt() / (1 - b2**step) ** 0.5).add_(_ADAM_EPS)
+        return x.addcdiv(m1, denom, value=self.lr / (1 - b1**step))

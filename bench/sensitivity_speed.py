@@ -1,0 +1,223 @@
+"""Cost of one Sensitive-Samples ascent step against one forward+backward pass, per model format.
+
+For the digits CNN (trained here in a few seconds, seeded; bags of 100 and 1,000 training images)
+and the pretrained CIFAR-10 ResNet-56 (``../shared/models/cifar10_resnet56``, bag of 100 test
+images), and each format (``nn.Module``, TorchScript by tracing, ``torch.export`` with a dynamic
+batch), it times side by side, in interleaved rounds on one torch thread:
+
+* ``fwd+bwd <format>``: one forward pass of the bag and one backward pass to the input
+  (``autograd.grad(z.sum(), x)``), the physical floor of a step that needs dS/dx;
+* ``step <format>``: one ascent step of the ``sensitive`` method as it runs: the time between two
+  consecutive progress calls of ``SensitiveSamples(patience=0).generate`` (S and dS/dx, Adam,
+  projection and bookkeeping; the seeds' evaluation and the set-up are not part of a step);
+* ``step bf16``: the same on the ``nn.Module`` with ``autocast=bf16``;
+* ``main@REV <format>`` (``--baseline REV``): one S + dS/dx evaluation by the sensitivity module of
+  an earlier revision (its float32 closed form for ``nn.Module``, its per-sample loop for
+  TorchScript, ``torch.func`` for ``.pt2``), without its Adam and projection.
+
+Every contender runs ``k`` calls (or steps) per round, so all timings are of the same kind: one
+call or one step. Acceptance (issue 11): step ≤ 1.5× fwd+bwd on ``nn.Module``; TorchScript and
+``.pt2`` steps ≤ 2× the ``nn.Module`` step. Ratios use the minimum over all calls (the least
+disturbed on a shared machine); medians are shown too.
+
+    python bench/sensitivity_speed.py --out bench/results/sensitivity-speed.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import platform
+import subprocess
+import sys
+import time
+import warnings
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+RESNET = SHARED / "models" / "cifar10_resnet56"
+CIFAR = SHARED / "data" / "cifar10" / "test1017_uint8.npz"
+
+
+def digits_cnn(bag: int) -> tuple[torch.nn.Module, torch.Tensor, str]:
+    from tamperprobe import zoo
+    from tamperprobe.data import load_data
+    from tamperprobe.train import accuracy, fit
+
+    train, test = load_data("digits").split(0.3, seed=0)
+    assert train.y is not None and test.y is not None
+    torch.manual_seed(0)
+    module = fit(zoo.build("cnn", (1, 8, 8)), train.x, train.y, epochs=8, lr=3e-3, seed=0)
+    x = torch.from_numpy(np.ascontiguousarray(train.x[:bag], dtype=np.float32))
+    return module, x, f"digits CNN (zoo `cnn`, trained here: test accuracy {accuracy(module, test.x, test.y):.3f}), bag {bag} of 1×8×8"
+
+
+def resnet56(bag: int) -> tuple[torch.nn.Module, torch.Tensor, str]:
+    sys.path.insert(0, str(RESNET))
+    import model_def
+
+    module = model_def.load()
+    data = np.load(CIFAR)
+    x = torch.from_numpy(data["x"][:bag].astype(np.float32) / 255.0)
+    return module, x, f"CIFAR-10 ResNet-56 (pretrained, {sum(p.numel() for p in module.parameters()):,} parameters), bag {bag} of 3×32×32"
+
+
+def formats(module: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
+    from tamperprobe.models import ExportedModel, ScriptedModel, TorchModel
+
+    batch = torch.export.Dim("batch", min=1, max=1 << 16)
+    return {
+        "module": TorchModel(module, "module"),
+        "torchscript": ScriptedModel(torch.jit.trace(module, x[:2], check_trace=False), "torchscript"),
+        ".pt2": ExportedModel(torch.export.export(module, (x[:2],), dynamic_shapes=({0: batch},)).module(), ".pt2"),
+    }
+
+
+def load_baseline(rev: str) -> Any:
+    """The sensitivity module of revision ``rev``, imported under a private name inside the package."""
+    source = subprocess.run(
+        ["git", "-C", str(REPO), "show", f"{rev}:src/tamperprobe/owner/sensitivity.py"], check=True, capture_output=True, text=True
+    ).stdout
+    spec = importlib.util.spec_from_loader("tamperprobe.owner._baseline_sensitivity", loader=None)
+    assert spec is not None
+    mod = importlib.util.module_from_spec(spec)
+    mod.__package__ = "tamperprobe.owner"
+    exec(compile(source, f"{rev}:sensitivity.py", "exec"), mod.__dict__)
+    return mod
+
+
+def contenders(module: torch.nn.Module, x: torch.Tensor, k: int, baseline: Any, rev: str) -> dict[str, Callable[[], list[float]]]:
+    """Name -> a callable that runs the contender ``k`` times and returns the seconds of each run."""
+    from tamperprobe.data import Dataset
+    from tamperprobe.owner.methods.sensitive import SensitiveSamples
+    from tamperprobe.owner.sensitivity import resolve_params
+
+    models = formats(module, x)
+    data = Dataset(x.numpy(), None, "bag", 0.0, 1.0)
+    names = resolve_params(module, None)
+    out: dict[str, Callable[[], list[float]]] = {}
+
+    def repeat(once: Callable[[], object]) -> Callable[[], list[float]]:
+        def run() -> list[float]:
+            times = []
+            for _ in range(k):
+                t = time.perf_counter()
+                once()
+                times.append(time.perf_counter() - t)
+            return times
+
+        return run
+
+    def fwd_bwd(model: Any) -> Callable[[], object]:
+        def once() -> object:
+            xv = x.clone().requires_grad_(True)
+            z = model.forward(xv)
+            return torch.autograd.grad(z.sum(), xv)
+
+        return once
+
+    def steps(model: Any, autocast: Any = None) -> Callable[[], list[float]]:
+        """k ascent steps of the method; each step is the time between two progress calls."""
+        gen = SensitiveSamples(steps=k + 1, patience=0, autocast=autocast)
+
+        def run() -> list[float]:
+            stamps: list[float] = []
+            gen.generate(model, data, len(x), np.random.default_rng(0), lambda done, total, *_: stamps.append(time.perf_counter()))
+            return list(np.diff(stamps[: k + 1]))
+
+        return run
+
+    def old(model: Any) -> Callable[[], object]:
+        # the earlier revision picks its route by Model.functional, an attribute this one dropped
+        model.functional = not model.format == "torchscript"
+
+        def once() -> object:
+            xv = x.clone().requires_grad_(True)
+            s = baseline.sensitivity(model, xv, names)
+            return torch.autograd.grad(s.sum(), xv)
+
+        return once
+
+    for fmt, model in models.items():
+        out[f"fwd+bwd {fmt}"] = repeat(fwd_bwd(model))
+    for fmt, model in models.items():
+        out[f"step {fmt}"] = steps(model)
+    out["step bf16 module"] = steps(models["module"], "bf16")
+    if baseline is not None:
+        for fmt, model in models.items():
+            out[f"main@{rev} {fmt}"] = repeat(old(model))
+    return out
+
+
+def measure(cases: dict[str, Callable[[], list[float]]], rounds: int) -> dict[str, list[float]]:
+    """Seconds per call or step over ``rounds`` interleaved rounds (each case runs k times a round), after a warm-up."""
+    for run in cases.values():
+        run()
+    times: dict[str, list[float]] = {name: [] for name in cases}
+    for _ in range(rounds):
+        for name, run in cases.items():
+            times[name] += run()
+    return times
+
+
+def table(times: dict[str, list[float]]) -> list[str]:
+    floor = min(times["fwd+bwd module"])
+    step = min(times["step module"])
+    rows = ["| contender | min ms | median ms | ÷ fwd+bwd module | ÷ step module |", "|---|---:|---:|---:|---:|"]
+    for name, ts in times.items():
+        best = min(ts)
+        rows.append(f"| {name} | {best * 1e3:.2f} | {float(np.median(ts)) * 1e3:.2f} | {best / floor:.2f} | {best / step:.2f} |")
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", default="digits=20,resnet56=3", help="k per model: calls or ascent steps per contender and round")
+    parser.add_argument("--baseline", default="", help="a git revision whose sensitivity module to time as well (e.g. main)")
+    parser.add_argument("--models", default="digits:100,digits:1000,resnet56:100", help="model:bag, ...")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(1)
+    rev = ""
+    baseline = None
+    if args.baseline:
+        rev = subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", args.baseline], check=True, capture_output=True, text=True
+        ).stdout.strip()
+        baseline = load_baseline(rev)
+    head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
+    lines = [
+        f"# Sensitive-Samples: ascent step vs forward+backward ({datetime.now(UTC).date()})",
+        "",
+        f"`python bench/sensitivity_speed.py {' '.join(sys.argv[1:])}` at {head}: {platform.processor() or platform.machine()}, "
+        f"{torch.get_num_threads()} torch thread, torch {torch.__version__}, {args.rounds} interleaved rounds after a warm-up, "
+        f"k calls or steps per contender and round ({args.steps}). A step is the time between two progress calls of "
+        f"`SensitiveSamples(patience=0).generate`. Machine shared with other jobs: compare ratios, not seconds.",
+    ]
+    builders = {"digits": digits_cnn, "resnet56": resnet56}
+    steps = {k: int(v) for k, _, v in (item.partition("=") for item in args.steps.split(","))}
+    for item in args.models.split(","):
+        name, _, bag = item.partition(":")
+        module, x, what = builders[name](int(bag or 100))
+        cases = contenders(module, x, steps[name], baseline, rev)
+        t0 = time.monotonic()
+        times = measure(cases, args.rounds)
+        lines += ["", f"## {what}", "", *table(times), "", f"({sum(len(v) for v in times.values())} timings in {time.monotonic() - t0:.0f} s)"]
+        print("\n".join(lines[-len(cases) - 5 :]), flush=True)
+    text = "\n".join(lines) + "\n"
+    if args.out:
+        args.out.write_text(text, encoding="utf-8")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
