@@ -109,10 +109,11 @@ def test_extras_in_pyproject_cover_the_optional_imports():
     project = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())["project"]
     extras = project["optional-dependencies"]
     core = " ".join(project["dependencies"])
-    assert extras["all"] == ["tamperprobe[serve,onnx,plots]"]  # the demo and the README: server, ONNX runtime, plots
+    assert extras["all"] == ["tamperprobe[serve,onnx,plots,metrics]"]  # the demo and the README: server, ONNX runtime, plots, metrics
     assert "tamperprobe[all]" in extras["test"]
     for module, extra in EXTRAS.items():
         packages = " ".join(extras[extra])
         assert module not in core, module
-        assert module.split(".")[0] in packages or module == "starlette", (module, extra)  # starlette comes with fastapi
+        top = module.split(".")[0]
+        assert top in packages or top.replace("_", "-") in packages or module == "starlette", (module, extra)  # starlette comes with fastapi
     assert "scikit-learn" not in core and "matplotlib" not in core and "fastapi" not in core and "onnx" not in core
