@@ -288,6 +288,7 @@ def serve_cmd(
     allow_unsigned: AllowUnsignedOption = False,
     decrypt_key: DecryptKeyOption = None,
     weights: WeightsOption = None,
+    model_arg: ModelArgOption = None,
     max_batch: Annotated[int, typer.Option("--max-batch", help="Largest batch accepted in one request.")] = 64,
     max_body: Annotated[str, typer.Option("--max-body", help="Largest request body accepted (e.g. 8MiB, 512KiB).")] = "8MiB",
     max_connections: Annotated[
@@ -308,6 +309,7 @@ def serve_cmd(
     file or module:attr needs one of the first two.
     """
     with handled():
+        from ..models import load_model, parse_model_args
         from ..served.credentials import read_token
         from ..server.app import serve
         from ..server.guard import Limits
@@ -322,14 +324,16 @@ def serve_cmd(
             body_timeout=body_timeout,
             idle_timeout=idle_timeout,
         )
+        # with a factory's arguments the model is loaded here; the server takes a loaded model as it is
+        to_serve: Any = load_model(model, weights, model_args=parse_model_args(model_arg)) if model_arg else model
         serve(
-            model,
+            to_serve,
             host=host,
             port=port,
             name=name,
             output_spec=output_spec,
             token=read_token(token_env, token_file),
-            weights=weights,
+            weights=None if model_arg else weights,
             input_shape=input_shape,
             fingerprint=fp,
             max_batch=max_batch,
