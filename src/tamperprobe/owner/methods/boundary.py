@@ -160,23 +160,11 @@ class _Search:
             return np.clip(np.rint(p), 0, 255).astype(np.uint8)
         return np.clip(p, self.lo32, self.hi32).astype(np.float32)
 
-    def _grad_margin(self, x: np.ndarray, cls: np.ndarray, other: np.ndarray, chunk: int = 256) -> np.ndarray:
+    def _grad_margin(self, x: np.ndarray, cls: np.ndarray, other: np.ndarray) -> np.ndarray:
         """∂(z_cls − z_other)/∂x for model-domain inputs x (float64 array of x's shape)."""
-        import torch
+        from ..._torch import margin_gradient
 
-        from ..._torch import as_logits, to_tensor
-
-        module = self.module
-        out = []
-        for i in range(0, len(x), chunk):
-            xt = to_tensor(x[i : i + chunk]).requires_grad_(True)
-            rows = torch.arange(xt.shape[0])
-            with torch.enable_grad():
-                z = as_logits(module(xt)).float()
-                obj = (z[rows, torch.from_numpy(cls[i : i + chunk])] - z[rows, torch.from_numpy(other[i : i + chunk])]).sum()
-                (g,) = torch.autograd.grad(obj, xt)
-            out.append(g.double().numpy())
-        return np.concatenate(out) if out else np.zeros(x.shape)
+        return margin_gradient(self.module, x, cls, other)
 
     # ------------------------------------------------------------------ endpoints
     def _candidates(self, n: int, rng: np.random.Generator, pool_x: np.ndarray, pool_lab: np.ndarray, pool_idx: np.ndarray):
