@@ -254,7 +254,19 @@ def test_fresh_markers_escape_the_exact_repeat_router_and_repeated_ones_do_not(e
             passive = evaluation.rate(m, "fp16", "top1", PASSIVE, 0.0, ns)
             assert evaluation.rate(m, "fp16", "top1", "exact-repeat", 0.01, ns) == passive
     model, train, traffic = setting
-    repeat = run_adversary(model, train, traffic, methods=["badv"], attacks=["fp16"], routers=["exact-repeat"], specs=["top1"], costs=(0.01,), bag=24, resamples=200, reuse="repeat")
+    repeat = run_adversary(
+        model,
+        train,
+        traffic,
+        methods=["badv"],
+        attacks=["fp16"],
+        routers=["exact-repeat"],
+        specs=["top1"],
+        costs=(0.01,),
+        bag=24,
+        resamples=200,
+        reuse="repeat",
+    )
     assert repeat.rate("badv", "fp16", "top1", PASSIVE, 0.0, 10) > 0.5
     assert repeat.rate("badv", "fp16", "top1", "exact-repeat", 0.01, 10) == 0.0
     assert next(r for r in repeat.routers if r["router"] == "exact-repeat")["measured_cost"] == 0.0
