@@ -121,6 +121,7 @@ class AdversaryEvaluation:
     routers: list[dict] = field(default_factory=list)  # threshold and costs per router, cost (and attack for T routers)
     flagged: list[dict] = field(default_factory=list)  # share of each method's markers a router flags
     trigger: list[dict] = field(default_factory=list)  # share of markers whose answer changed (passive)
+    pairs: list[dict] = field(default_factory=list)  # what the label-only guarantee of two-member units became
     detection: list[dict] = field(default_factory=list)
     breaking: list[dict] = field(default_factory=list)
     errors: list[dict] = field(default_factory=list)
@@ -155,6 +156,7 @@ class AdversaryEvaluation:
                 "routers": self.routers,
                 "flagged": self.flagged,
                 "trigger": self.trigger,
+                "pairs": self.pairs,
                 "detection": self.detection,
                 "breaking": self.breaking,
                 "errors": self.errors,
@@ -568,6 +570,10 @@ def _measure(
     flagged: dict[tuple[str, str, float], list[float]],
 ) -> None:
     n = len(pool.x)
+    if pool.group_size == 2:
+        ev.pairs.append(
+            {"method": pool.name, "attack": attack, "trial": trial, **pair_guarantee(pool.reference, tampered, pool.unit_of, s.tolerance)}
+        )
     flag_sets = {(r, c): sc.flags(n, c) for r, sc in scores.items() for c in s.costs}
     for (r, c), (fl, cal, meas) in flag_sets.items():
         paid.setdefault((r, pool.name, c), []).append((cal, meas))
@@ -580,6 +586,37 @@ def _measure(
         )
         for (r, c), (fl, _, _) in flag_sets.items():
             curves.setdefault((pool.name, attack, str(spec), r, c), []).append(detection_at(changed, fl, pool, s.budgets))
+
+
+def pair_guarantee(intact: np.ndarray, tampered: np.ndarray, unit_of: np.ndarray, tolerance: float = DEFAULT_TOLERANCE) -> dict[str, int]:
+    """What the label-only guarantee of two-member units (boundary or crossed pairs) became under one tampering.
+
+    For a pair labelled ``a`` and ``c`` by the intact model, Δ_i is the change of ``z_a − z_c`` at
+    half ``i``. The pair is *shifted* when both |Δ_i| exceed both halves' top-1 margins (the
+    boundary moved by more than the band at both points), *opposite* when the two Δ differ in
+    sign, and *silent* when neither half's top-1 label changed. A near-twin pair is never silent
+    when shifted; a pair of distant halves can be, when the boundary moved apart (opposite signs).
+    """
+    labels = intact.argmax(axis=1)
+    margin = top_margin(intact)[1]
+    changed = OutputSpec.parse("top1").changed(intact, tampered, tolerance)
+    counts = {"pairs": 0, "shifted": 0, "shifted_opposite": 0, "silent_shifted": 0, "silent_shifted_same_sign": 0}
+    for u in np.unique(unit_of):
+        members = np.flatnonzero(unit_of == u)
+        if len(members) != 2 or labels[members[0]] == labels[members[1]]:
+            continue
+        a, c = labels[members[0]], labels[members[1]]
+        d = (tampered[members, a] - tampered[members, c]).astype(np.float64) - (intact[members, a] - intact[members, c]).astype(np.float64)
+        counts["pairs"] += 1
+        if np.abs(d).min() <= margin[members].max():
+            continue
+        counts["shifted"] += 1
+        opposite = bool(np.sign(d[0]) != np.sign(d[1]))
+        counts["shifted_opposite"] += int(opposite)
+        if not changed[members].any():
+            counts["silent_shifted"] += 1
+            counts["silent_shifted_same_sign"] += int(not opposite)
+    return counts
 
 
 def detection_at(changed: np.ndarray, flags: np.ndarray, pool: _Pool, budgets: Sequence[int]) -> np.ndarray:
@@ -782,6 +819,29 @@ def markdown(ev: AdversaryEvaluation, costs: Sequence[float] = COSTS) -> str:
                 for a in attacks
             ]
             lines += [md_table(header, body), ""]
+    if ev.pairs:
+        lines += [
+            "",
+            "## Pairs: what the label-only guarantee became",
+            "",
+            "Per attack (summed over trials): pairs; *shifted*: z_a − z_c moved by more than both halves' margins at both halves; "
+            "of those, with opposite signs at the two halves; and *silent* (no half's top-1 label changed), in total and with the same sign.",
+            "",
+        ]
+        summed: dict[tuple[str, str], dict[str, int]] = {}
+        for pair_row in ev.pairs:
+            acc = summed.setdefault((pair_row["method"], pair_row["attack"]), {})
+            for k in ("pairs", "shifted", "shifted_opposite", "silent_shifted", "silent_shifted_same_sign"):
+                acc[k] = acc.get(k, 0) + int(pair_row[k])
+        lines.append(
+            md_table(
+                ["method", "attack", "pairs", "shifted", "shifted, opposite signs", "shifted and silent", "shifted, same sign, silent"],
+                [
+                    [m, a, v["pairs"], v["shifted"], v["shifted_opposite"], v["silent_shifted"], v["silent_shifted_same_sign"]]
+                    for (m, a), v in summed.items()
+                ],
+            )
+        )
     lines += [
         "",
         f"## Cost at which detection at N_S = {top} falls below {p['target']:.0%}",
@@ -837,6 +897,7 @@ CSV_TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "routers.csv": ("routers", ("router", "cost", "calibration_cost", "measured_cost")),
     "flagged.csv": ("flagged", ("method", "router", "cost", "calibration_cost", "measured_cost", "flagged")),
     "trigger.csv": ("trigger", ("method", "attack", "trial", "spec", "changed", "markers")),
+    "pairs.csv": ("pairs", ("method", "attack", "trial", "pairs", "shifted", "shifted_opposite", "silent_shifted", "silent_shifted_same_sign")),
     "detection.csv": ("detection", ("method", "attack", "spec", "router", "cost", "measured_cost", "ns", "rate", "trials")),
     "breaking.csv": ("breaking", ("method", "attack", "spec", "router", "ns", "passive", "status", "cost", "measured_cost", "rate")),
     "errors.csv": ("errors", ("stage", "name", "error")),

@@ -377,10 +377,14 @@ def _settings(
 
 
 def labelled_entries(entries: Sequence[str | Any]) -> dict[str, Any]:
-    """Label (the name, or an instance's ``name``) -> entry; the first of equal labels wins."""
+    """Label -> entry: the name, an instance's ``name``, or the label of a ``(label, entry)`` pair; the first of equal labels wins."""
     out: dict[str, Any] = {}
     for entry in entries:
-        out.setdefault(entry if isinstance(entry, str) else entry.name, entry)
+        if isinstance(entry, tuple):
+            label, entry = entry
+            out.setdefault(str(label), entry)
+        else:
+            out.setdefault(entry if isinstance(entry, str) else entry.name, entry)
     return out
 
 

@@ -146,26 +146,36 @@ class ExactRepeat(Router):
     def __init__(self) -> None:
         pass
 
+    def _keys(self, h: np.ndarray) -> set[bytes]:
+        """The rows of an earlier-request array as bytes; remembered per array object (held, so its id stays its own)."""
+        cache: dict[int, tuple[np.ndarray, set[bytes]]] = self.__dict__.setdefault("_keys_cache", {})
+        hit = cache.get(id(h))
+        if hit is not None and hit[0] is h:
+            return hit[1]
+        keys = {row.tobytes() for row in np.ascontiguousarray(_flat(h), dtype=np.float32)}
+        if len(h) >= 256:  # only the large, reused parts of a history are worth remembering
+            cache[id(h)] = (h, keys)
+        return keys
+
     def score(self, requests: np.ndarray, history: Sequence[np.ndarray] = ()) -> np.ndarray:
+        chunks = [self._keys(h) for h in history]
         seen: set[bytes] = set()
-        for h in history:
-            seen.update(row.tobytes() for row in np.ascontiguousarray(_flat(h), dtype=np.float32))
         out = np.zeros(len(requests))
         for i, row in enumerate(np.ascontiguousarray(_flat(requests), dtype=np.float32)):
             key = row.tobytes()
-            out[i] = 1.0 if key in seen else 0.0
+            out[i] = 1.0 if key in seen or any(key in c for c in chunks) else 0.0
             seen.add(key)
         return out
 
 
 def nearest_earlier(requests: np.ndarray, history: Sequence[np.ndarray] = ()) -> np.ndarray:
     """L2 distance of each request to the nearest one in ``history`` or before it in ``requests`` (inf: none)."""
-    r = _flat(requests).astype(np.float64)
+    r = np.asarray(_flat(requests), dtype=np.float64)
     n = len(r)
     best = np.full(n, np.inf)
     rr = (r**2).sum(axis=1)
     for h in history:
-        hf = _flat(h).astype(np.float64)
+        hf = np.asarray(_flat(h), dtype=np.float64)
         if len(hf) == 0:
             continue
         if hf.shape[1] != r.shape[1]:
