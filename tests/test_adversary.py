@@ -317,3 +317,19 @@ def test_traffic_split_is_disjoint_and_checked():
     assert len(np.unique(np.concatenate(parts))) == 100
     with pytest.raises(UsageError):
         Traffic.split(x, seen=60, calibration=60)
+
+
+def test_pair_guarantee_counts_shifted_and_silent_pairs():
+    from tamperprobe.evaluation.adversary import pair_guarantee
+
+    # two pairs on the 0|1 boundary, each half with margin 1e-4; a third class far below
+    intact = np.array([[1e-4, 0.0, -5.0], [0.0, 1e-4, -5.0], [1e-4, 0.0, -5.0], [0.0, 1e-4, -5.0]])
+    unit_of = np.array([0, 0, 1, 1])
+    same = intact + np.array([1e-3, 0.0, 0.0])  # z_0 − z_1 up by 1e-3 everywhere: the class-1 halves flip
+    counts = pair_guarantee(intact, same, unit_of)
+    assert counts == {"pairs": 2, "shifted": 2, "shifted_opposite": 0, "silent_shifted": 0, "silent_shifted_same_sign": 0}
+    apart = intact.copy()
+    apart[0, 0] += 1e-3  # the boundary moves away from both halves of pair 0: nothing flips
+    apart[1, 1] += 1e-3
+    counts = pair_guarantee(intact, apart, unit_of)
+    assert counts == {"pairs": 2, "shifted": 1, "shifted_opposite": 1, "silent_shifted": 1, "silent_shifted_same_sign": 0}

@@ -28,9 +28,9 @@ Construction, for ``bag`` markers:
    sign-gradient steps (5 % of the range each) that raise its margin, and ``B`` another such start
    of a different label, so markers are off the natural data (and look it).
 4. **Assignment.** Targets in increasing order each take an unused candidate whose margin range
-   ``[margin(B), margin(A)]`` holds it: ``prefer="sensitive"`` takes the one with the largest
-   activation norm at the input of the last linear layer (its margin moves most when that layer
-   changes), ``"random"`` any. Targets no candidate can reach are dropped.
+   ``[margin(B), margin(A)]`` holds it, the one with the smallest ``margin(A)`` (the greedy that
+   reaches the most targets when matching points to intervals). Targets no candidate can reach
+   are dropped; ``info`` says how many were reached.
 5. **Bisection** along the segment (40 halvings) for the point whose margin equals the target. With ``uint8=True`` the point is rounded to the 8-bit grid (and kept inside
    the ball), which moves its margin slightly; the markers are then sent as 8-bit images.
 
@@ -72,7 +72,6 @@ class MarginMatched(Method):
         "linf": Interval(0.0, 1.0, closed="right"),
         "reference": Interval(10, None, integer=True),
         "oversample": Interval(1.0, None),
-        "prefer": Options("sensitive", "random"),
         "steps": Interval(1, None, integer=True),
     }
 
@@ -84,7 +83,6 @@ class MarginMatched(Method):
         uint8: bool = False,
         reference: int = 2000,
         oversample: float = 3.0,
-        prefer: str = "sensitive",
         steps: int = 20,
         saturated: bool = False,
     ) -> None:
@@ -93,7 +91,6 @@ class MarginMatched(Method):
         self.uint8 = uint8
         self.reference = reference
         self.oversample = oversample
-        self.prefer = prefer
         self.steps = steps
         self.saturated = saturated
 
@@ -119,7 +116,7 @@ class MarginMatched(Method):
             B = _other_label(A, a, rng)
         progress(1, 3)
         m_a, m_b = signed_margin(model.logits(A), a), signed_margin(model.logits(B), a)
-        taken = _assign(targets, m_a, m_b, self._preference(model, A, rng))
+        taken = _assign(targets, m_a, m_b)
         keep = taken >= 0
         if not keep.any():
             raise UsageError("matched: no candidate reaches the reference margins; try a larger oversample or linf")
@@ -168,17 +165,6 @@ class MarginMatched(Method):
             {k: (v[order] if isinstance(v, np.ndarray) else v) for k, v in info.items()},
         )
 
-    def _preference(self, model: Model, A: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-        """A score per candidate, higher preferred: the penultimate activation norm, or random."""
-        if self.prefer == "sensitive":
-            from ..sensitivity import activations
-
-            try:
-                return np.linalg.norm(activations(model, A), axis=1)
-            except UsageError:  # no hookable layer: random
-                pass
-        return rng.random(len(A))
-
 
 def _unsaturated(x: np.ndarray, low: float, high: float) -> np.ndarray:
     """1 where a pixel lies strictly inside the range (by more than half an 8-bit level), else 0."""
@@ -226,14 +212,14 @@ def _other_label(A: np.ndarray, a: np.ndarray, rng: np.random.Generator) -> np.n
     return out
 
 
-def _assign(targets: np.ndarray, m_a: np.ndarray, m_b: np.ndarray, preference: np.ndarray) -> np.ndarray:
-    """For each target (increasing), an unused candidate whose [m_b, m_a] holds it (highest preference); −1 when none."""
+def _assign(targets: np.ndarray, m_a: np.ndarray, m_b: np.ndarray) -> np.ndarray:
+    """For each target (increasing), the unused candidate with the smallest m_a whose [m_b, m_a] holds it; −1 when none."""
     used = np.zeros(len(m_a), dtype=bool)
     out = np.full(len(targets), -1, dtype=np.int64)
     for i, t in enumerate(targets):
         ok = np.flatnonzero(~used & (m_b <= t) & (m_a >= t))
         if len(ok):
-            j = ok[np.argmax(preference[ok])]
+            j = ok[np.argmin(m_a[ok])]
             used[j] = True
             out[i] = j
     return out
