@@ -9,10 +9,10 @@ requests a router flags with O (``tamperprobe.evaluation.adversary``, ``.routers
   (1,000 seen earlier, 2,000 to calibrate thresholds, 2,000 held out to measure the cost). The
   attacks train on the CNN's 4,000 training images.
 * **cifar** — the pretrained CIFAR-10 ResNet-56 (``../shared/models/cifar10_resnet56``) with the
-  1,017 test images of ``../shared/data/cifar10``: 317 are the owner's, 700 the operator's traffic
-  (200 seen, 250 calibration, 250 held out). The attacks that need training data (trojan,
-  poisoning, fine-tuning) train on the operator's 700 images: the only labelled images there are
-  besides the owner's, so the CIFAR attacks are weaker than with a real training set.
+  1,017 test images of ``../shared/data/cifar10``: 267 are the owner's, 750 the operator's traffic
+  (150 seen, 300 calibration, 300 held out). The attacks that need training data (trojan,
+  poisoning, fine-tuning) train on the operator's 750 images: the only labelled images there are
+  besides the owner's, so the CIFAR attacks are cruder than with a real training set.
 
 Every method, attack and router is measured at query budgets N_S = 2, 4, 6, 10 under top1, top-3,
 probabilities to 2 decimals and logits, for the operator costs of the sweep (0 to 50 %), with
@@ -61,9 +61,20 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
     "boundary": ("boundary", {}),
     "boundary-single": ("boundary", {"pairs": False}),
     "crossed": ("crossed", {}),
+    # few MNIST digits change label within 8/255 (about one in ten): every seed is tried once or twice, the bag is what that yields
     "crossed-edge": (
         "crossed",
-        {"path": "gradient", "linf": LINF, "uint8": True, "max_steps": 20, "spare": 6, "oversample": 6, "neighbors": 8, "greedy_steps": 30},
+        {
+            "path": "gradient",
+            "linf": LINF,
+            "uint8": True,
+            "max_steps": 20,
+            "spare": 2,
+            "oversample": 5,
+            "rounds": 2,
+            "neighbors": 8,
+            "greedy_steps": 30,
+        },
     ),
     "matched": ("matched", {"uint8": True}),
     "matched-grid": ("matched", {"source": "grid", "uint8": True}),
@@ -75,18 +86,27 @@ CONFIG: dict[str, dict[str, Any]] = {
         "attacks": ["trojan", "poison-generic", "finetune", "fp16", "int8", "noise", "prune"],
         "attack_params": {},
         "bag": 100,
+        "trials": 2,
         "resamples": 2000,
         "overrides": {},
+        "reduced": "2 seeded instances of each random attack (trojan, poisoning, fine-tuning, noise); crossed-edge tries each seed "
+        "once or twice, so its bag holds what that yields",
     },
     "cifar": {
-        "methods": ["natural", "boundary", "crossed", "crossed-edge", "matched"],
+        "methods": list(METHODS),
         "attacks": ["trojan", "poison-generic", "finetune", "fp16", "int8", "noise"],
         "attack_params": {"trojan": {"epochs": 3}, "poison-generic": {"epochs": 3}},
-        "bag": 40,
+        "bag": 60,
+        "trials": 1,
         "resamples": 2000,
+        "reduced": "bag of 60 markers per method (MNIST 100); one instance per attack; trojan and poisoning train 3 epochs (default 10) "
+        "on the operator's 750 images; no pruning attack; crossed-edge markers in float (the 8-bit pixel search took over 8 minutes "
+        "for 40 markers), so they are off the 8-bit grid; traffic parts of 150/300/300 images, so a cost paid on the held-out part "
+        "has a sampling error of about ±2.3 points at 20 %",
         "overrides": {
             "crossed": {"spare": 2, "oversample": 2},
-            "crossed-edge": {"spare": 2, "oversample": 2, "uint8": False},
+            # the 8-bit pixel search took over 8 minutes for 40 markers of the ResNet-56: float markers (off the 8-bit grid)
+            "crossed-edge": {"spare": 2, "oversample": 2, "rounds": 4, "uint8": False},
             "matched": {"oversample": 3},
         },
     },
@@ -152,16 +172,16 @@ def cifar_setting(seed: int) -> dict[str, Any]:
     with np.load(CIFAR_DATA) as f:
         x, y = f["x"].astype(np.float32) / 255.0, f["y"].astype(np.int64)
     order = np.random.default_rng(seed).permutation(len(x))
-    owner = Dataset(x[order[:317]], y[order[:317]], "cifar10[owner]", 0.0, 1.0)
-    traffic = Dataset(x[order[317:]], y[order[317:]], "cifar10[traffic]", 0.0, 1.0)
+    owner = Dataset(x[order[:267]], y[order[:267]], "cifar10[owner]", 0.0, 1.0)
+    traffic = Dataset(x[order[267:]], y[order[267:]], "cifar10[traffic]", 0.0, 1.0)
     info = {
         "model": "pretrained CIFAR-10 ResNet-56 (third party, 92.79 % recorded test accuracy)",
-        "accuracy_owner": accuracy(module, owner.x, y[order[:317]]),
+        "accuracy_owner": accuracy(module, owner.x, y[order[:267]]),
     }
     return {
         "model": TorchModel(module, "cifar10_resnet56"),
         "owner": owner,
-        "traffic": Traffic.split(traffic.x, seen=200, calibration=250, seed=seed),
+        "traffic": Traffic.split(traffic.x, seen=150, calibration=300, seed=seed),
         "attack_data": traffic,
         "eval_data": owner,
         "info": info,
@@ -192,6 +212,7 @@ def run_model(name: str, args: argparse.Namespace) -> None:
         "eval_data": setting["eval_data"],
         "specs": SPECS,
         "bag": cfg["bag"],
+        "trials": cfg["trials"],
         "resamples": cfg["resamples"],
         "seed": args.seed,
         "method_params": method_params,
@@ -265,12 +286,12 @@ class _Index:
 
 
 def _acceptance_rows(ix: _Index) -> tuple[list[list[Any]], float]:
-    """Per method: the largest drop (pp) of detection under exact-repeat / near-twin at costs <= 1 %, over attacks, budgets, specs."""
+    """Per method: the largest drop (pp) of detection under exact-repeat / near-twin at every sweep cost whose *paid* cost is <= 1 %."""
     rows, worst = [], 0.0
-    low = [c for c in ix.costs if c <= 0.01 + 1e-12]
     for m in ix.methods:
-        cells = []
+        cells: list[Any] = []
         for r in ("exact-repeat", "near-twin"):
+            low = [c for c in ix.costs if (ix.flagged.get((m, r, round(c, 9))) or {}).get("measured_cost", 1.0) <= 0.01 + 1e-12]
             drop, where = 0.0, ""
             for a in ix.attacks:
                 for spec in SPECS:
@@ -280,9 +301,14 @@ def _acceptance_rows(ix: _Index) -> tuple[list[list[Any]], float]:
                             v = ix.rate(m, a, spec, r, c, ns)
                             if p is not None and v is not None and p - v > drop:
                                 drop, where = p - v, f"{a}, {spec}, N_S={ns}"
-            worst = max(worst, drop) if m in _CLEAN else worst
-            cells.append(f"{100 * drop:.1f}" + (f" ({where})" if drop > 0.01 else ""))
-        rows.append([m, *cells, "yes" if m in _CLEAN else "no (pairs of near-twins)" if m in ("boundary",) else ""])
+            if m in _CLEAN:
+                worst = max(worst, drop)
+            paid = max(((ix.flagged.get((m, r, round(c, 9))) or {}).get("measured_cost", 0.0) for c in low), default=0.0)
+            flagged = max(((ix.flagged.get((m, r, round(c, 9))) or {}).get("flagged", 0.0) for c in low), default=0.0)
+            cells.append(
+                f"{100 * drop:.1f}" + (f" ({where})" if drop > 0.01 else "") + f"; paid ≤ {_pct(paid)}, markers flagged ≤ {_pct(flagged, 0)}"
+            )
+        rows.append([m, *cells, "yes" if m in _CLEAN else "no (pairs of near-twins)"])
     return rows, worst
 
 
@@ -324,10 +350,11 @@ def _model_section(name: str, doc: dict[str, Any], repeat: dict[str, Any] | None
         "",
         f"- owner accuracy {info.get('accuracy_owner', 0):.3f}; owner data {p['data']['size']} images; traffic {p['traffic']}; attack data "
         f"{(p.get('attack_data') or {}).get('name')} ({(p.get('attack_data') or {}).get('size')} images)",
-        f"- bag {p['bag']} markers per method (pairs count as two), random selection, {p['resamples']} resamples; {p['trials']} trial per attack; "
+        f"- bag {p['bag']} markers per method (pairs count as two), random selection, {p['resamples']} resamples; {p['trials']} trial(s) per random attack; "
         f"fresh markers every run; took {doc['seconds']:.0f} s (+ {stamp.get('seconds_repeat', '?')} s for the repeated-marker run; "
         f"{stamp.get('seconds_total', '?')} s in all with training and loading) on {doc['machine'].get('nproc')} cores, "
         f"{doc['machine'].get('torch_threads')} torch thread",
+        f"- reduced for the time budget: {CONFIG[name]['reduced']}",
         f"- every table: [{name}/adversary.md](adaptive-operator/{name}/adversary.md); errors: {len(doc['errors'])}"
         + ("".join(f"; {e['name']}: {e['error']}" for e in doc["errors"])),
         "",
@@ -401,7 +428,8 @@ def _model_section(name: str, doc: dict[str, Any], repeat: dict[str, Any] | None
         "### Exact-repeat and near-twin routers at ≤ 1 % cost, fresh markers",
         "",
         "Largest drop of the detection rate against the passive case, in percentage points, over every attack, spec, budget "
-        f"and cost ≤ 1 % (where). Methods built without near-twins: largest drop {100 * worst:.1f} pp.",
+        "and every threshold of the sweep whose cost *paid on held-out traffic* is ≤ 1 % (where it happens; the largest cost paid "
+        f"and share of the method's markers flagged at those thresholds). Methods built without near-twins: largest drop {100 * worst:.1f} pp.",
         "",
     ]
     lines += _table(["method", "exact-repeat", "near-twin", "no near-twins by design"], rows)
