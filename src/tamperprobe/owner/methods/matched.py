@@ -24,9 +24,9 @@ Construction, for ``bag`` markers:
    (adversarial-example style; ``linf = 8/255`` gives at least 30.1 dB PSNR); pixels at either end
    of the range (a black background, white highlights) are left as they are unless
    ``saturated=True``, since a perturbation shows most there. ``source="grid"``:
-   ``A`` a random-bit image (every pixel at the low or high end, TamperNN's GRID) moved by ``steps``
-   sign-gradient steps (5 % of the range each) that raise its margin, and ``B`` another such start
-   of a different label, so markers are off the natural data (and look it).
+   ``A`` and ``B`` a random-bit image (every pixel at the low or high end, TamperNN's GRID) moved by
+   ``steps`` sign-gradient steps (5 % of the range each, anywhere in the input box) that raise,
+   respectively lower, its margin, so markers are off the natural data (and look it).
 4. **Assignment.** Targets in increasing order each take an unused candidate whose margin range
    ``[margin(B), margin(A)]`` holds it, the one with the smallest ``margin(A)`` (the greedy that
    reaches the most targets when matching points to intervals). Targets no candidate can reach
@@ -111,9 +111,9 @@ class MarginMatched(Method):
             seed_idx = np.full(n, -1, dtype=np.int64)
             bits = np.where(rng.random((n, *data.x.shape[1:])) < 0.5, np.float32(low), np.float32(high)).astype(np.float32)
             a = model.logits(bits).argmax(axis=1)
-            # raise the margin (anywhere in the input box) so that the segment to another label covers every target
+            # raise and lower the margin (anywhere in the input box) so that the segment between covers every target
             A = _sign_steps(model, bits, a, 1.0, high - low, 0.05 * (high - low), int(self.steps), low, high, None)
-            B = _other_label(A, a, rng)
+            B = _sign_steps(model, bits, a, -1.0, high - low, 0.05 * (high - low), int(self.steps), low, high, None)
         progress(1, 3)
         m_a, m_b = signed_margin(model.logits(A), a), signed_margin(model.logits(B), a)
         taken = _assign(targets, m_a, m_b)
@@ -200,16 +200,6 @@ def _sign_steps(
         g = margin_gradient(module, x, a, b)
         x = np.clip(x + np.float32(direction * step) * np.sign(g).astype(np.float32) * mask, lo, hi).astype(np.float32)
     return x
-
-
-def _other_label(A: np.ndarray, a: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """For each row, another row of ``A`` with a different label (itself when all share one label)."""
-    out = A.copy()
-    for i in range(len(A)):
-        other = np.flatnonzero(a != a[i])
-        if len(other):
-            out[i] = A[other[rng.integers(0, len(other))]]
-    return out
 
 
 def _assign(targets: np.ndarray, m_a: np.ndarray, m_b: np.ndarray) -> np.ndarray:
