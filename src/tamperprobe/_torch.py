@@ -92,6 +92,21 @@ def accuracy(labels_or_logits: np.ndarray, y: np.ndarray) -> float:
     return float((labels == y).mean()) if len(y) else float("nan")
 
 
+def margin_gradient(module: nn.Module, x: np.ndarray, cls: np.ndarray, other: np.ndarray, chunk: int = 256) -> np.ndarray:
+    """∂(z_cls − z_other)/∂x per row of model-domain inputs ``x``, as a float64 array of x's shape."""
+    out = []
+    for i in range(0, len(x), max(1, chunk)):
+        xt = to_tensor(x[i : i + chunk]).requires_grad_(True)
+        rows = torch.arange(xt.shape[0])
+        a = torch.from_numpy(np.asarray(cls[i : i + chunk], dtype=np.int64))
+        b = torch.from_numpy(np.asarray(other[i : i + chunk], dtype=np.int64))
+        with torch.enable_grad():
+            z = as_logits(module(xt)).float()
+            (g,) = torch.autograd.grad((z[rows, a] - z[rows, b]).sum(), xt)
+        out.append(g.double().numpy())
+    return np.concatenate(out) if out else np.zeros(np.shape(x))
+
+
 def last_linear(module: nn.Module) -> tuple[str, nn.Linear] | None:
     """The last ``nn.Linear`` in module (registration) order, with its qualified name; None if there is none."""
     found = None

@@ -2,12 +2,25 @@
 
 ``campaign`` runs the measurements (``run_evaluation`` -> ``Evaluation``), ``protocol`` holds the
 resampled selections and detection curves, ``report`` writes markdown, CSV and ``results.json``
-(``write_report``), and ``plots`` draws the figures.
+(``write_report``), and ``plots`` draws the figures. ``adversary`` measures the same against an
+operator who sees the queries and routes suspected markers to the original model
+(``run_adversary`` -> ``AdversaryEvaluation``, ``write_adversary_report``), with the routers of
+``routers``.
 """
 
 from __future__ import annotations
 
+from .adversary import AdversaryEvaluation, Traffic, run_adversary, write_adversary_report
 from .campaign import DEFAULT_SPECS, Evaluation, run_evaluation
 from .report import write_report
 
-__all__ = ["DEFAULT_SPECS", "Evaluation", "run_evaluation", "write_report"]
+__all__ = [
+    "DEFAULT_SPECS",
+    "AdversaryEvaluation",
+    "Evaluation",
+    "Traffic",
+    "run_adversary",
+    "run_evaluation",
+    "write_adversary_report",
+    "write_report",
+]

@@ -77,20 +77,20 @@ import numpy as np
 
 from .._util import Progress, derive_seed, one_line
 from ..attacks import attack_class, attack_names, get_attack
-from ..data import Dataset
+from ..data import Dataset, InputSpec
 from ..errors import UsageError
 from ..models import Model, TorchModel
 from ..outputs import DEFAULT_TOLERANCE, OutputSpec, changed_markers
 from ..owner.budget import key_size_or_none
 from ..owner.calibrate import DEFAULT_RUNTIMES, parse_runtimes, runtime_logits
-from ..owner.methods import get_method, method_names
+from ..owner.methods import Bag, get_method, method_names
 from ..owner.selection import units_of
 from .protocol import CONFIDENCES, MAX_NS, SELECTIONS, detection_curve, empirical_ns, manc_orders, selection_orders, unit_any
 from .report import jsonable, results_json
 
 if TYPE_CHECKING:
     from ..attacks.base import Attack
-    from ..owner.methods import Bag, Method
+    from ..owner.methods import Method
 
 DEFAULT_SPECS = ("top1", "topk:3", "topk:5", "top1-prob:2", "probs:1", "probs:2", "logits")
 BASELINES = ("natural", "noise", "rotation", "distortion")
@@ -376,15 +376,19 @@ def _settings(
     )
 
 
-def _labelled(entries: Sequence[str | Any]) -> dict[str, Any]:
-    """Label (the name, or an instance's ``name``) -> entry; the first of equal labels wins."""
+def labelled_entries(entries: Sequence[str | Any]) -> dict[str, Any]:
+    """Label -> entry: the name, an instance's ``name``, or the label of a ``(label, entry)`` pair; the first of equal labels wins."""
     out: dict[str, Any] = {}
     for entry in entries:
-        out.setdefault(entry if isinstance(entry, str) else entry.name, entry)
+        if isinstance(entry, tuple):
+            label, entry = entry
+            out.setdefault(str(label), entry)
+        else:
+            out.setdefault(entry if isinstance(entry, str) else entry.name, entry)
     return out
 
 
-def _runs(entry: str | Attack, trials: int) -> int:
+def instances_of(entry: str | Attack, trials: int) -> int:
     """Instances of an attack to run: ``trials`` for a random one, else one (an unknown name fails once)."""
     try:
         cls = attack_class(entry) if isinstance(entry, str) else entry
@@ -405,9 +409,9 @@ def _start(
     progress: Progress | None,
 ) -> _Campaign:
     """Split the data, plan every step and record the parameters."""
-    method_entries = _labelled([*(method_names() if methods is None else methods), *(BASELINES if baselines else ())])
-    attack_entries = _labelled(attack_names() if attacks is None else attacks)
-    runs = [(label, t, entry) for label, entry in attack_entries.items() for t in range(_runs(entry, s.trials))]
+    method_entries = labelled_entries([*(method_names() if methods is None else methods), *(BASELINES if baselines else ())])
+    attack_entries = labelled_entries(attack_names() if attacks is None else attacks)
+    runs = [(label, t, entry) for label, entry in attack_entries.items() for t in range(instances_of(entry, s.trials))]
     method_params, attack_params = dict(method_params or {}), dict(attack_params or {})
     train, test = data.split(s.test_fraction, seed=s.seed)
     params = {
@@ -481,20 +485,9 @@ def _generate_bags(c: _Campaign) -> None:
 
 
 def _generate_bag(c: _Campaign, label: str, entry: str | Method) -> dict[str, Any]:
-    import torch
-
     row: dict[str, Any] = {"method": label, "params": c.method_params.get(label, {}), "markers": 0, "groups": None, "error": None}
     try:
-        method = get_method(entry, **c.method_params.get(label, {}))
-        row["params"] = method.get_params()
-        torch.manual_seed(derive_seed(c.settings.seed, "method", label))
-        rng = np.random.default_rng(derive_seed(c.settings.seed, "method", label))
-        generated = method.generate(c.model, c.train, c.settings.bag, rng, None)
-        if len(generated) == 0:
-            raise UsageError("the method produced no markers")
-        x = np.ascontiguousarray(generated.inputs, dtype=np.float32)
-        if x.shape[1:] != c.train.x.shape[1:]:
-            raise UsageError(f"markers have shape {x.shape[1:]}, inputs {c.train.x.shape[1:]}")
+        generated, row["params"] = make_bag(c.model, c.train, entry, c.method_params.get(label, {}), c.settings.bag, c.settings.seed, label)
     except Exception as exc:
         row["error"] = c.error("method", label, exc)
         return row
@@ -502,6 +495,30 @@ def _generate_bag(c: _Campaign, label: str, entry: str | Method) -> dict[str, An
     row["markers"] = len(generated)
     row["groups"] = None if generated.groups is None else int(len(np.unique(generated.groups)))
     return row
+
+
+def make_bag(model: Model, data: Dataset, entry: str | Method, params: dict[str, Any], bag: int, seed: int, label: str) -> tuple[Bag, dict[str, Any]]:
+    """A method's bag of ``bag`` candidates from ``data``, seeded by ``seed`` and the method's ``label``, and its parameters.
+
+    The inputs are returned in the model's domain (8-bit markers decoded), so that they can be run
+    and compared directly. Raises UsageError when the method produces nothing usable.
+    """
+    import torch
+
+    method = get_method(entry, **params)
+    torch.manual_seed(derive_seed(seed, "method", label))
+    rng = np.random.default_rng(derive_seed(seed, "method", label))
+    generated = method.generate(model, data, bag, rng, None)
+    if len(generated) == 0:
+        raise UsageError("the method produced no markers")
+    encoding = generated.info.get("input_encoding")
+    if encoding:
+        spec = InputSpec(tuple(generated.inputs.shape[1:]), str(encoding["dtype"]), float(encoding["low"]), float(encoding["high"]))
+        generated = Bag(spec.decode(generated.inputs), spec.decode(generated.seeds), generated.groups, generated.info)
+    x = np.ascontiguousarray(generated.inputs, dtype=np.float32)
+    if x.shape[1:] != data.x.shape[1:]:
+        raise UsageError(f"markers have shape {x.shape[1:]}, inputs {data.x.shape[1:]}")
+    return Bag(x, generated.seeds, generated.groups, generated.info), method.get_params()
 
 
 def _reference_logits(c: _Campaign) -> None:

@@ -50,11 +50,21 @@ def unit_any(values: np.ndarray, unit_of: np.ndarray, units: int) -> np.ndarray:
 
 def detection_curve(unit_changed: np.ndarray, orders: np.ndarray, group_size: int = 1, max_ns: int = MAX_NS) -> np.ndarray:
     """Detection rate at N_S = 1..max_ns: share of resampled selections holding a changed unit."""
-    hit = np.asarray(unit_changed, dtype=bool)[orders]
-    seen = np.logical_or.accumulate(hit, axis=1).mean(axis=0) if hit.size else np.zeros(orders.shape[1])
+    return hits_curve(np.asarray(unit_changed, dtype=bool)[orders], group_size, max_ns)
+
+
+def hits_curve(hit: np.ndarray, group_size: int = 1, max_ns: int = MAX_NS) -> np.ndarray:
+    """Detection rate at N_S = 1..max_ns from ``hit`` (resamples, depth): whether the j-th unit of each selection detects.
+
+    ``detection_curve`` when a unit detects or not whatever the selection; callers whose units
+    detect with a per-selection chance (e.g. an operator who catches a pair's second half only
+    when it is sent second) build ``hit`` themselves.
+    """
+    hit = np.asarray(hit, dtype=bool)
+    seen = np.logical_or.accumulate(hit, axis=1).mean(axis=0) if hit.size else np.zeros(hit.shape[1] if hit.ndim == 2 else 0)
     curve = np.zeros(max_ns)
     for ns in range(1, max_ns + 1):
-        u = min(ns // group_size, orders.shape[1])
+        u = min(ns // group_size, len(seen))
         curve[ns - 1] = seen[u - 1] if u >= 1 else 0.0
     return curve
 

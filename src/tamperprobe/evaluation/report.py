@@ -98,7 +98,7 @@ def write_report(evaluation: Evaluation, out_dir: str | os.PathLike) -> list[Pat
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for fname, (attr, columns) in TABLES.items():
-        written.append(_write_csv(out / fname, getattr(ev, attr), columns))
+        written.append(write_csv(out / fname, getattr(ev, attr), columns))
     written.append(atomic_write_text(out / "results.json", json.dumps(ev.to_json(), separators=(",", ":"), allow_nan=False)))
     plot_errors: list[str] = []
     plots = draw_plots(ev, out, plot_errors)
@@ -107,7 +107,7 @@ def write_report(evaluation: Evaluation, out_dir: str | os.PathLike) -> list[Pat
     return written
 
 
-def _write_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> Path:
+def write_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> Path:
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
@@ -131,7 +131,7 @@ def _csv_value(v: Any) -> Any:
 # ----------------------------------------------------------------------------- markdown
 
 
-def _fmt(v: Any, digits: int = 3) -> str:
+def fmt_cell(v: Any, digits: int = 3) -> str:
     if v is None:
         return "–"
     if isinstance(v, bool):
@@ -141,9 +141,9 @@ def _fmt(v: Any, digits: int = 3) -> str:
     return str(v).replace("|", "\\|")
 
 
-def _md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
+def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    out += ["| " + " | ".join(_fmt(c) for c in row) + " |" for row in rows]
+    out += ["| " + " | ".join(fmt_cell(c) for c in row) + " |" for row in rows]
     return "\n".join(out)
 
 
@@ -171,7 +171,7 @@ def _md_header(ev: Evaluation) -> list[str]:
         f"- started {ev.started}, took {ev.seconds:.1f} s on {m.get('hostname')} ({m.get('nproc')} usable cores, {m.get('cpu')}; "
         f"torch {m.get('torch')}, python {m.get('python')})",
         f"- model {ev.model.get('source')} ({ev.model.get('kind')}, {ev.model.get('classes')} classes), "
-        f"accuracy train {_fmt(ev.model.get('acc_train'))}, test {_fmt(ev.model.get('acc_test'))}",
+        f"accuracy train {fmt_cell(ev.model.get('acc_train'))}, test {fmt_cell(ev.model.get('acc_test'))}",
         f"- data {p['data']['name']}: {p['data']['train']} train / {p['data']['test']} test (test fraction {p['test_fraction']}, seed {p['seed']})",
         f"- bag {p['bag']} candidates per method; selection {p['select']} over {p['resamples']} resamples"
         + (f" (MANC on random sub-bags of {p['manc_fraction']:.0%})" if p["select"] == "manc" else " (uniform random subsets)")
@@ -200,11 +200,11 @@ def _md_methods_and_attacks(ev: Evaluation) -> list[str]:
     return [
         "## Methods",
         "",
-        _md_table(["method", "markers", "groups", "selection", "parameters", "error"], methods),
+        md_table(["method", "markers", "groups", "selection", "parameters", "error"], methods),
         "",
         "## Attacks",
         "",
-        _md_table(["attack", "trial", "acc before", "acc after", "success", "max abs Δlogit", "error"], attacks),
+        md_table(["attack", "trial", "acc before", "acc after", "success", "max abs Δlogit", "error"], attacks),
     ]
 
 
@@ -219,12 +219,12 @@ def _md_detection(ev: Evaluation) -> list[str]:
     rows = [
         [a, mth] + [det[(mth, a, key_spec, ns)] for ns in range(1, MAX_NS + 1)] for a in attacks for mth in methods if (mth, a, key_spec, 1) in det
     ]
-    lines.append(_md_table(["attack", "method"] + [str(ns) for ns in range(1, MAX_NS + 1)], rows))
+    lines.append(md_table(["attack", "method"] + [str(ns) for ns in range(1, MAX_NS + 1)], rows))
     for ns_show in (1, MAX_NS):
         lines += ["", f"## Detection rate at N_S = {ns_show}, every output spec", "", "Rows: attack; one table per spec, one column per method.", ""]
         for s in specs:
             lines += [f"**{s}**", ""]
-            lines.append(_md_table(["attack"] + methods, [[a] + [det.get((mth, a, s, ns_show)) for mth in methods] for a in attacks]))
+            lines.append(md_table(["attack"] + methods, [[a] + [det.get((mth, a, s, ns_show)) for mth in methods] for a in attacks]))
             lines.append("")
     return lines
 
@@ -237,7 +237,7 @@ def _md_trigger(ev: Evaluation) -> list[str]:
     lines = ["## Trigger ratio (mean over trials)", ""]
     for s in ev.params["specs"]:
         lines += [f"**{s}**", ""]
-        lines.append(_md_table(["attack"] + methods, [[a] + [trig.get((mth, a, s), (None,))[0] for mth in methods] for a in attacks]))
+        lines.append(md_table(["attack"] + methods, [[a] + [trig.get((mth, a, s), (None,))[0] for mth in methods] for a in attacks]))
         lines.append("")
     return lines
 
@@ -269,7 +269,7 @@ def _md_key_sizes(ev: Evaluation) -> list[str]:
             if any(cell is not None for cell in cells):
                 p_ = ks.get((mth, a, key_spec, CONFIDENCES[0]), {}).get("p")
                 rows.append([a, mth, p_, *cells])
-    lines.append(_md_table(["attack", "method", "p"] + [f"c={c}" for c in CONFIDENCES], rows))
+    lines.append(md_table(["attack", "method", "p"] + [f"c={c}" for c in CONFIDENCES], rows))
     lines.append("")
     return lines
 
@@ -289,7 +289,7 @@ def _md_false_alarms(ev: Evaluation) -> list[str]:
         checks = None if err else sum(r["markers"] for r in rows)
         dmax = max((r["max_abs_dlogit"] for r in rows if r.get("max_abs_dlogit") is not None), default=None)
         rt_rows.append([rt, flagged, checks, None if dmax is None else f"{dmax:.3g}", err])
-    lines.append(_md_table(["runtime", "flagged", "checks", "max abs Δlogit", "error"], rt_rows))
+    lines.append(md_table(["runtime", "flagged", "checks", "max abs Δlogit", "error"], rt_rows))
     lines.append("")
     return lines
 
@@ -298,14 +298,14 @@ def _md_errors_and_timings(ev: Evaluation) -> list[str]:
     lines = []
     if ev.errors:
         lines += ["## Errors (the campaign continued)", ""]
-        lines.append(_md_table(["stage", "name", "error"], [[e["stage"], e["name"], e["error"]] for e in ev.errors]))
+        lines.append(md_table(["stage", "name", "error"], [[e["stage"], e["name"], e["error"]] for e in ev.errors]))
         lines.append("")
     if ev.warnings:
         lines += ["## Warnings", ""]
-        lines.append(_md_table(["stage", "name", "warning"], [[w["stage"], w["name"], w["warning"]] for w in ev.warnings]))
+        lines.append(md_table(["stage", "name", "warning"], [[w["stage"], w["name"], w["warning"]] for w in ev.warnings]))
         lines.append("")
     lines += ["## Timings (seconds)", ""]
-    lines.append(_md_table(["phase", "seconds"], [[k, v] for k, v in ev.timings.items() if ":" not in k]))
+    lines.append(md_table(["phase", "seconds"], [[k, v] for k, v in ev.timings.items() if ":" not in k]))
     lines.append("")
     return lines
 

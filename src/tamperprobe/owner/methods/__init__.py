@@ -26,6 +26,8 @@ REGISTRY: dict[str, str] = {
     "wght": "tamperprobe.owner.methods.wght:Wght",
     "badv": "tamperprobe.owner.methods.badv:Badv",
     "boundary": "tamperprobe.owner.methods.boundary:Boundary",
+    "crossed": "tamperprobe.owner.methods.crossed:Crossed",
+    "matched": "tamperprobe.owner.methods.matched:MarginMatched",
     "noise": "tamperprobe.owner.methods.transforms:NoiseMarkers",
     "rotation": "tamperprobe.owner.methods.transforms:RotationMarkers",
     "distortion": "tamperprobe.owner.methods.transforms:DistortionMarkers",

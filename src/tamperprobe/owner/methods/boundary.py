@@ -14,7 +14,14 @@ Search (for each candidate, vectorised over candidates):
    input of another label, so markers look like a cross-fade of two natural images;
    ``path="gradient"``: the segment from ``x0`` to an adversarial point obtained by sign-gradient
    steps (``step``·(high − low) each, at most ``max_steps``) that raise ``z_b − z_a``, ``b`` the
-   runner-up class at ``x0``.
+   runner-up class at ``x0``. ``linf`` (gradient path only) keeps the path inside the L∞ ball of
+   radius ``linf``·(high − low) around ``x0`` (projected steps of at most an eighth of the radius),
+   so every marker differs from its natural seed by at most that much per pixel (adversarial-example
+   style edge points; ``linf = 8/255`` gives a PSNR of at least 30.1 dB); seeds whose label does
+   not change within the ball are skipped. Pixels at either end of the range (a black background,
+   white highlights) then stay as they are unless ``saturated=True``: a perturbation shows most
+   there. In the 8-bit domain the radius is ``floor(linf·255)`` pixel levels and the pixel search
+   below stays inside it.
 2. **Crossing.** Bisection on the path parameter ``t`` for the first label change: ``t_lo``
    (label ``a``) and ``t_hi`` (label ``c``) end up adjacent.
 3. **Margins** (float domain). On each side, a geometric ladder of ``t`` moving away from the
@@ -41,9 +48,10 @@ Search (for each candidate, vectorised over candidates):
 ``pairs=False`` gives single markers (the ``x0`` side only, margin in the same band). Bag layout
 with pairs: ``[a_0, c_0, a_1, c_1, …]`` with ``groups = [0, 0, 1, 1, …]``; ``bag // 2`` pairs are
 made (at least one). ``info`` holds per marker ``margin`` (the smallest over the batch sizes),
-``label``, ``psnr`` and ``snr`` (dB, against the seed, in the model's domain), ``t``, ``side``
+``label``, ``psnr`` and ``snr`` (dB, against the seed, in the model's domain), ``linf_to_seed`` (max per-pixel
+distance to the seed over the input range), ``t``, ``side``
 (0: seed side, 1: far side), ``seed_index`` and ``partner_index`` (blend), and the scalars
-``delta``, ``k``, ``pairs``, ``path``, ``uint8`` and, in the 8-bit domain, ``input_encoding``.
+``delta``, ``k``, ``pairs``, ``path``, ``linf``, ``uint8`` and, in the 8-bit domain, ``input_encoding``.
 """
 
 from __future__ import annotations
@@ -79,6 +87,7 @@ class Boundary(Method):
         "delta": Interval(0.0, None, closed="neither"),
         "k": Interval(1.0, None, closed="neither"),
         "path": Options(*PATHS),
+        "linf": Interval(0.0, 1.0, closed="right"),
         "oversample": Interval(1.0, None),
         "step": Interval(0.0, 1.0, closed="right"),
         "max_steps": Interval(1, None, integer=True),
@@ -93,6 +102,8 @@ class Boundary(Method):
         delta: float = DEFAULT_DELTA,
         k: float = 1.5,
         path: str = "blend",
+        linf: float | None = None,
+        saturated: bool = False,
         pairs: bool = True,
         uint8: bool = False,
         coverage: bool = True,
@@ -106,6 +117,8 @@ class Boundary(Method):
         self.delta = delta
         self.k = k
         self.path = path
+        self.linf = linf
+        self.saturated = saturated
         self.pairs = pairs
         self.uint8 = uint8
         self.coverage = coverage
@@ -115,6 +128,10 @@ class Boundary(Method):
         self.greedy_steps = greedy_steps
         self.neighbors = neighbors
         self.rounds = rounds
+
+    def _check_together(self, params: dict[str, Any]) -> None:
+        if params["linf"] is not None and params["path"] != "gradient":
+            raise UsageError("linf bounds the gradient path: use path=gradient with linf")
 
     def _generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress) -> Bag:
         return _Search(self, model, data).run(bag, rng, progress)
@@ -139,6 +156,9 @@ class _Search:
         # the search band: slightly above delta so that batch-size noise cannot push a margin below it
         self.band_lo = params.delta * (1.0 + (params.k - 1.0) / 10.0)
         self.band_hi = params.delta * params.k
+        # the L∞ ball around each seed that a gradient path stays in (None: unbounded)
+        self.radius = None if params.linf is None else float(params.linf) * (self.high - self.low)
+        self.radius_u8 = None if params.linf is None else int(math.floor(float(params.linf) * 255.0 + 1e-9))
 
     # ------------------------------------------------------------------ plumbing
     def _domain(self, x_sent: np.ndarray) -> np.ndarray:
@@ -160,23 +180,16 @@ class _Search:
             return np.clip(np.rint(p), 0, 255).astype(np.uint8)
         return np.clip(p, self.lo32, self.hi32).astype(np.float32)
 
-    def _grad_margin(self, x: np.ndarray, cls: np.ndarray, other: np.ndarray, chunk: int = 256) -> np.ndarray:
+    def _movable(self, x0: np.ndarray) -> np.ndarray:
+        """1 where a seed pixel lies strictly inside the range (by more than half an 8-bit level), else 0."""
+        tol = 0.5 / 255.0 * (self.high - self.low)
+        return ((x0 > self.low + tol) & (x0 < self.high - tol)).astype(np.float32)
+
+    def _grad_margin(self, x: np.ndarray, cls: np.ndarray, other: np.ndarray) -> np.ndarray:
         """∂(z_cls − z_other)/∂x for model-domain inputs x (float64 array of x's shape)."""
-        import torch
+        from ..._torch import margin_gradient
 
-        from ..._torch import as_logits, to_tensor
-
-        module = self.module
-        out = []
-        for i in range(0, len(x), chunk):
-            xt = to_tensor(x[i : i + chunk]).requires_grad_(True)
-            rows = torch.arange(xt.shape[0])
-            with torch.enable_grad():
-                z = as_logits(module(xt)).float()
-                obj = (z[rows, torch.from_numpy(cls[i : i + chunk])] - z[rows, torch.from_numpy(other[i : i + chunk])]).sum()
-                (g,) = torch.autograd.grad(obj, xt)
-            out.append(g.double().numpy())
-        return np.concatenate(out) if out else np.zeros(x.shape)
+        return margin_gradient(self.module, x, cls, other)
 
     # ------------------------------------------------------------------ endpoints
     def _candidates(self, n: int, rng: np.random.Generator, pool_x: np.ndarray, pool_lab: np.ndarray, pool_idx: np.ndarray):
@@ -206,13 +219,21 @@ class _Search:
         zz[np.arange(len(zz)), a] = -np.inf
         b = zz.argmax(axis=1)
         x = x0.astype(np.float32).copy()
-        step = np.float32(self.p.step * (self.high - self.low))
+        step = self.p.step * (self.high - self.low)
+        if self.radius is not None:
+            step = min(step, self.radius / 8.0)
+            r = np.float32(self.radius) * (np.ones_like(x0) if self.p.saturated else self._movable(x0))
+            ball_lo = np.maximum(x0 - r, self.lo32).astype(np.float32)
+            ball_hi = np.minimum(x0 + r, self.hi32).astype(np.float32)
         for _ in range(self.p.max_steps):
             open_rows = np.flatnonzero(self.model.logits(x).argmax(axis=1) == a)
             if not len(open_rows):
                 break
             g = self._grad_margin(x[open_rows], b[open_rows], a[open_rows])
-            x[open_rows] = np.clip(x[open_rows] + step * np.sign(g).astype(np.float32), self.lo32, self.hi32)
+            moved = x[open_rows] + np.float32(step) * np.sign(g).astype(np.float32)
+            if self.radius is not None:
+                moved = np.clip(moved, ball_lo[open_rows], ball_hi[open_rows])
+            x[open_rows] = np.clip(moved, self.lo32, self.hi32)
         return x.astype(np.float64)
 
     # ------------------------------------------------------------------ search
@@ -270,15 +291,24 @@ class _Search:
         ok = ~np.isnan(t)
         return t, marg, ok
 
-    def _greedy_uint8(self, u: np.ndarray, cls: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _greedy_uint8(self, u: np.ndarray, cls: np.ndarray, center: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Per-pixel ±1 steps bringing each image's cls-margin to just above band_lo (up first if below).
 
+        With ``center`` (the 8-bit seeds) and an L∞ radius, no pixel leaves the ball around its seed.
         Returns the adjusted uint8 images and their margins (at the default batch size).
         """
         cur = u.astype(np.int16).copy()
         n = len(cur)
         flat = cur.reshape(n, -1)
         P = flat.shape[1]
+        top = np.full((n, P), 255, dtype=np.int16)
+        bottom = np.zeros((n, P), dtype=np.int16)
+        if center is not None and self.radius_u8 is not None:
+            c = np.rint(np.asarray(center, dtype=np.float64)).astype(np.int16).reshape(n, P)
+            reach = np.full((n, P), self.radius_u8, dtype=np.int16)
+            if not self.p.saturated:
+                reach[(c == 0) | (c == 255)] = 0
+            top, bottom = np.minimum(top, c + reach), np.maximum(bottom, c - reach)
         s = signed_margin(self._logits(cur.astype(np.uint8)), cls)
         active = np.ones(n, dtype=bool)
         target = 0.5 * (self.band_lo + self.band_hi)
@@ -297,7 +327,7 @@ class _Search:
             g = self._grad_margin(x, cls[idx], other).reshape(len(idx), P) * scale  # margin change per +1
             pred = np.concatenate([s[idx, None] + g, s[idx, None] - g], axis=1)  # (k, 2P): +1 moves then -1 moves
             pix = flat[idx]
-            valid = np.concatenate([pix < 255, pix > 0], axis=1)
+            valid = np.concatenate([pix < top[idx], pix > bottom[idx]], axis=1)
             up = s[idx] < self.band_lo
             score = np.where(up[:, None], -pred, np.abs(pred - target))
             score[~valid] = np.inf
@@ -342,11 +372,11 @@ class _Search:
         lc = self._logits(x_hi).argmax(axis=1)
         ok &= lc != la
         if self.p.uint8:
-            xa, sa = self._greedy_uint8(x_lo, la)
+            xa, sa = self._greedy_uint8(x_lo, la, A)
             ok &= sa >= self.band_lo
             ta = lo
             if self.p.pairs:
-                xc, sc = self._greedy_uint8(x_hi, lc)
+                xc, sc = self._greedy_uint8(x_hi, lc, A)
                 ok &= sc >= self.band_lo
                 tc = hi
             else:
@@ -459,6 +489,7 @@ class _Search:
             "t": t.astype(np.float64),
             "side": side,
             "psnr": psnr_db(dom_in, dom_seed, self.low, self.high),
+            "linf_to_seed": np.abs(dom_in - dom_seed).reshape(len(dom_in), -1).max(axis=1).astype(np.float64) / (self.high - self.low),
             "snr": snr_db(dom_in, dom_seed),
             "seed_index": seed_index.astype(np.int64),
             "partner_index": partner_index.astype(np.int64),
@@ -466,6 +497,7 @@ class _Search:
             "k": self.p.k,
             "pairs": self.p.pairs,
             "path": self.p.path,
+            "linf": self.p.linf,
             "uint8": self.p.uint8,
         }
         if self.p.uint8:

@@ -1,0 +1,574 @@
+"""Adaptive-operator benchmark: what each marker method detects when the server's operator routes markers around T.
+
+The operator holds the original model O and a tampered copy T, sees every request and answers the
+requests a router flags with O (``tamperprobe.evaluation.adversary``, ``.routers``). For two models:
+
+* **mnist** — the zoo CNN for 28x28 inputs trained (seeded, 8 epochs) on 4,000 images of the
+  10,000-image MNIST test set (``../shared/data/mnist``); 1,000 other images are the owner's
+  (marker seeds, accuracy before/after), the remaining 5,000 the operator's ordinary traffic
+  (1,000 seen earlier, 2,000 to calibrate thresholds, 2,000 held out to measure the cost). The
+  attacks train on the CNN's 4,000 training images.
+* **cifar** — the pretrained CIFAR-10 ResNet-56 (``../shared/models/cifar10_resnet56``) with the
+  1,017 test images of ``../shared/data/cifar10``: 267 are the owner's, 750 the operator's traffic
+  (150 seen, 300 calibration, 300 held out). The attacks that need training data (trojan,
+  poisoning, fine-tuning) train on the operator's 750 images: the only labelled images there are
+  besides the owner's, so the CIFAR attacks are cruder than with a real training set.
+
+Every method, attack and router is measured at query budgets N_S = 2, 4, 6, 10 under top1, top-3,
+probabilities to 2 decimals and logits, for the operator costs of the sweep (0 to 50 %), with
+fresh markers every run (the pool accounting of ``verify``/``watch``). A small second run with
+``reuse="repeat"`` shows today's ``watch`` (the same markers every run) against the exact-repeat,
+near-twin and learned routers.
+
+    python bench/adaptive_operator.py                 # both models, then the summary
+    python bench/adaptive_operator.py --models mnist  # one model
+    python bench/adaptive_operator.py --summary-only  # rebuild bench/results/adaptive-operator.md
+
+Results: ``bench/results/adaptive-operator/<model>[-repeat]/`` (adversary.md with every table, CSV,
+adversary.json) and the summary ``bench/results/adaptive-operator.md``. Torch runs with one thread
+(``--threads``); the budget is about 40 minutes for both models on 2 shared CPU cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+MNIST = SHARED / "data" / "mnist"
+CIFAR_MODEL = SHARED / "models" / "cifar10_resnet56"
+CIFAR_DATA = SHARED / "data" / "cifar10" / "test1017_uint8.npz"
+OUT = REPO / "bench" / "results" / "adaptive-operator"
+SUMMARY = REPO / "bench" / "results" / "adaptive-operator.md"
+NOTES = OUT / "notes.md"  # hand-written conclusion, included in the summary
+LINF = 8 / 255
+SPECS = ("top1", "topk:3", "probs:2", "logits")
+LARGE = ("trojan", "poison-generic", "finetune")  # the attacks margin-matched markers should keep catching
+
+# label -> (registered method, parameters): the same recipe on both models unless overridden below
+METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "natural": ("natural", {}),
+    "badv": ("badv", {}),
+    "boundary": ("boundary", {}),
+    "boundary-single": ("boundary", {"pairs": False}),
+    "crossed": ("crossed", {}),
+    # few MNIST digits change label within 8/255 (about one in ten): every seed is tried once or twice, the bag is what that yields
+    "crossed-edge": (
+        "crossed",
+        {
+            "path": "gradient",
+            "linf": LINF,
+            "uint8": True,
+            "max_steps": 20,
+            "spare": 2,
+            "oversample": 5,
+            "rounds": 2,
+            "neighbors": 8,
+            "greedy_steps": 30,
+        },
+    ),
+    "matched": ("matched", {"uint8": True}),
+    "matched-grid": ("matched", {"source": "grid", "uint8": True}),
+}
+
+CONFIG: dict[str, dict[str, Any]] = {
+    "mnist": {
+        "methods": list(METHODS),
+        "attacks": ["trojan", "poison-generic", "finetune", "fp16", "int8", "noise", "prune"],
+        "attack_params": {},
+        "bag": 100,
+        "trials": 2,
+        "resamples": 2000,
+        "overrides": {},
+        "reduced": "2 seeded instances of each random attack (trojan, poisoning, fine-tuning, noise); crossed-edge tries each seed "
+        "once or twice, so its bag holds what that yields",
+    },
+    "cifar": {
+        "methods": list(METHODS),
+        "attacks": ["trojan", "poison-generic", "finetune", "fp16", "int8", "noise"],
+        "attack_params": {"trojan": {"epochs": 3}, "poison-generic": {"epochs": 3}},
+        "bag": 60,
+        "trials": 1,
+        "resamples": 2000,
+        "reduced": "bag of 60 markers per method (MNIST 100); one instance per attack; trojan and poisoning train 3 epochs (default 10) "
+        "on the operator's 750 images; no pruning attack; crossed-edge markers in float (the 8-bit pixel search took over 8 minutes "
+        "for 40 markers), so they are off the 8-bit grid; traffic parts of 150/300/300 images, so a cost paid on the held-out part "
+        "has a sampling error of about ±2.3 points at 20 %",
+        "overrides": {
+            "crossed": {"spare": 2, "oversample": 2},
+            # the 8-bit pixel search took over 8 minutes for 40 markers of the ResNet-56: float markers (off the 8-bit grid)
+            "crossed-edge": {"spare": 2, "oversample": 2, "rounds": 4, "uint8": False},
+            "matched": {"oversample": 3},
+        },
+    },
+}
+REPEAT = {"methods": ["boundary", "matched"], "attacks": ["fp16", "finetune"], "routers": ["exact-repeat", "near-twin", "learned"]}
+
+
+def _log(msg: str) -> None:
+    print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# ----------------------------------------------------------------------------- the two settings
+
+
+def mnist_setting(seed: int) -> dict[str, Any]:
+    import torch
+
+    from tamperprobe import zoo
+    from tamperprobe.data import Dataset, load_data
+    from tamperprobe.evaluation.adversary import Traffic
+    from tamperprobe.models import TorchModel
+    from tamperprobe.train import accuracy, fit
+
+    data = load_data(MNIST)
+    order = np.random.default_rng(seed).permutation(len(data))
+
+    def part(idx: np.ndarray, name: str) -> Dataset:
+        assert data.y is not None
+        return Dataset(data.x[idx], data.y[idx], name, data.low, data.high)
+
+    train, owner, traffic = part(order[:4000], "mnist[train]"), part(order[4000:5000], "mnist[owner]"), part(order[5000:], "mnist[traffic]")
+    torch.manual_seed(seed)
+    module = zoo.build("cnn", (1, 28, 28))
+    t0 = time.monotonic()
+    fit(module, train.x, train.y, epochs=8, lr=1e-3, seed=seed)
+    assert owner.y is not None
+    info = {
+        "model": "zoo CNN (28x28), 8 epochs on 4,000 MNIST images",
+        "train_seconds": round(time.monotonic() - t0, 1),
+        "accuracy_owner": accuracy(module, owner.x, owner.y),
+    }
+    return {
+        "model": TorchModel(module, "tamperprobe.zoo:mnist_cnn"),
+        "owner": owner,
+        "traffic": Traffic.split(traffic.x, seen=1000, calibration=2000, seed=seed),
+        "attack_data": train,
+        "eval_data": owner,
+        "info": info,
+    }
+
+
+def cifar_setting(seed: int) -> dict[str, Any]:
+    from tamperprobe.data import Dataset
+    from tamperprobe.evaluation.adversary import Traffic
+    from tamperprobe.models import TorchModel
+    from tamperprobe.train import accuracy
+
+    spec = importlib.util.spec_from_file_location("cifar10_resnet56_def", CIFAR_MODEL / "model_def.py")
+    assert spec is not None and spec.loader is not None
+    definition = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(definition)
+    module = definition.load(str(CIFAR_MODEL / "resnet56_cifar10.pt"))
+    with np.load(CIFAR_DATA) as f:
+        x, y = f["x"].astype(np.float32) / 255.0, f["y"].astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(x))
+    owner = Dataset(x[order[:267]], y[order[:267]], "cifar10[owner]", 0.0, 1.0)
+    traffic = Dataset(x[order[267:]], y[order[267:]], "cifar10[traffic]", 0.0, 1.0)
+    info = {
+        "model": "pretrained CIFAR-10 ResNet-56 (third party, 92.79 % recorded test accuracy)",
+        "accuracy_owner": accuracy(module, owner.x, y[order[:267]]),
+    }
+    return {
+        "model": TorchModel(module, "cifar10_resnet56"),
+        "owner": owner,
+        "traffic": Traffic.split(traffic.x, seen=150, calibration=300, seed=seed),
+        "attack_data": traffic,
+        "eval_data": owner,
+        "info": info,
+    }
+
+
+SETTINGS = {"mnist": mnist_setting, "cifar": cifar_setting}
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def run_model(name: str, args: argparse.Namespace) -> None:
+    from tamperprobe.evaluation.adversary import run_adversary, write_adversary_report
+
+    t0 = time.monotonic()
+    setting = SETTINGS[name](args.seed)
+    cfg = CONFIG[name]
+    _log(f"{name}: {setting['info']}")
+    methods = [(label, METHODS[label][0]) for label in cfg["methods"]]
+    method_params = {label: {**METHODS[label][1], **cfg["overrides"].get(label, {})} for label in cfg["methods"]}
+
+    def progress(done: int, total: int, what: str = "") -> None:
+        _log(f"{name}: {done}/{total} {what} ({time.monotonic() - t0:.0f} s)")
+
+    common = {
+        "attack_data": setting["attack_data"],
+        "eval_data": setting["eval_data"],
+        "specs": SPECS,
+        "bag": cfg["bag"],
+        "trials": cfg["trials"],
+        "resamples": cfg["resamples"],
+        "seed": args.seed,
+        "method_params": method_params,
+        "attack_params": cfg["attack_params"],
+        "progress": progress,
+    }
+    ev = run_adversary(setting["model"], setting["owner"], setting["traffic"], methods=methods, attacks=cfg["attacks"], **common)
+    ev.model.update(setting["info"])
+    write_adversary_report(ev, OUT / name)
+    _log(f"{name}: fresh-marker run {ev.seconds:.0f} s, {len(ev.errors)} errors")
+    repeat_methods = [(label, METHODS[label][0]) for label in REPEAT["methods"]]
+    rep = run_adversary(
+        setting["model"],
+        setting["owner"],
+        setting["traffic"],
+        methods=repeat_methods,
+        attacks=REPEAT["attacks"],
+        routers=REPEAT["routers"],
+        reuse="repeat",
+        **common,
+    )
+    rep.model.update(setting["info"])
+    write_adversary_report(rep, OUT / f"{name}-repeat")
+    total = time.monotonic() - t0
+    _log(f"{name}: repeated-marker run {rep.seconds:.0f} s; total with setup {total:.0f} s")
+    stamp = {
+        "model": name,
+        "seconds_total": round(total, 1),
+        "seconds_fresh": round(ev.seconds, 1),
+        "seconds_repeat": round(rep.seconds, 1),
+        "finished": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    (OUT / name / "run.json").write_text(json.dumps(stamp, indent=1))
+
+
+# ----------------------------------------------------------------------------- summary
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    p = OUT / name / "adversary.json"
+    return json.loads(p.read_text()) if p.exists() else None
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "–" if v is None else f"{100 * v:.{digits}f} %"
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> list[str]:
+    from tamperprobe.evaluation.report import md_table
+
+    return [md_table(header, rows), ""]
+
+
+class _Index:
+    """Lookups into one adversary.json."""
+
+    def __init__(self, doc: dict[str, Any]) -> None:
+        self.doc = doc
+        self.rates = {(r["method"], r["attack"], r["spec"], r["router"], round(r["cost"], 9), r["ns"]): r["rate"] for r in doc["detection"]}
+        self.methods = list(dict.fromkeys(r["method"] for r in doc["detection"]))
+        self.attacks = list(dict.fromkeys(r["attack"] for r in doc["detection"]))
+        self.routers = [r for r in dict.fromkeys(r["router"] for r in doc["detection"]) if r != "passive"]
+        self.costs = doc["params"]["costs"]
+        self.top = doc["params"]["budgets"][-1]
+        self.breaking = {(r["method"], r["attack"], r["spec"], r["router"]): r for r in doc["breaking"]}
+        self.flagged = {(r["method"], r["router"], round(r["cost"], 9)): r for r in doc["flagged"]}
+        self.paid = {(r["router"], round(r["cost"], 9)): r for r in doc["routers"]}
+
+    def rate(self, m: str, a: str, spec: str, router: str, cost: float, ns: int) -> float | None:
+        return self.rates.get((m, a, spec, router, round(cost, 9), ns))
+
+
+def _acceptance_rows(ix: _Index) -> tuple[list[list[Any]], float]:
+    """Per method: the largest drop (pp) of detection under exact-repeat / near-twin at every sweep cost whose *paid* cost is <= 1 %."""
+    rows, worst = [], 0.0
+    for m in ix.methods:
+        cells: list[Any] = []
+        for r in ("exact-repeat", "near-twin"):
+            low = [c for c in ix.costs if (ix.flagged.get((m, r, round(c, 9))) or {}).get("measured_cost", 1.0) <= 0.01 + 1e-12]
+            drop, where = 0.0, ""
+            for a in ix.attacks:
+                for spec in SPECS:
+                    for ns in ix.doc["params"]["budgets"]:
+                        p = ix.rate(m, a, spec, "passive", 0.0, ns)
+                        for c in low:
+                            v = ix.rate(m, a, spec, r, c, ns)
+                            if p is not None and v is not None and p - v > drop:
+                                drop, where = p - v, f"{a}, {spec}, N_S={ns}"
+            if m in _CLEAN:
+                worst = max(worst, drop)
+            paid = max(((ix.flagged.get((m, r, round(c, 9))) or {}).get("measured_cost", 0.0) for c in low), default=0.0)
+            flagged = max(((ix.flagged.get((m, r, round(c, 9))) or {}).get("flagged", 0.0) for c in low), default=0.0)
+            cells.append(
+                f"{100 * drop:.1f}" + (f" ({where})" if drop > 0.01 else "") + f"; paid ≤ {_pct(paid)}, markers flagged ≤ {_pct(flagged, 0)}"
+            )
+        rows.append([m, *cells, "yes" if m in _CLEAN else "no (pairs of near-twins)"])
+    return rows, worst
+
+
+_CLEAN = ("natural", "badv", "boundary-single", "crossed", "crossed-edge", "matched", "matched-grid")  # methods without near-twins by design
+
+
+def _line(ix: _Index, spec: str, costs: tuple[float, ...] = (0.01, 0.05, 0.2)) -> list[list[Any]]:
+    """The line: per method, the attacks detected at >= 99 % at the largest budget, passively and under each router at each cost."""
+    rows = []
+    short = {a: a.replace("poison-generic", "poison").replace("finetune", "ft") for a in ix.attacks}
+    for m in ix.methods:
+        row: list[Any] = [m]
+        detected = [a for a in ix.attacks if (ix.rate(m, a, spec, "passive", 0.0, ix.top) or 0) >= 0.99]
+        row.append(", ".join(short[a] for a in detected) or "none")
+        for r in ix.routers:
+            cells = []
+            for c in costs:
+                kept = [a for a in detected if (ix.rate(m, a, spec, r, c, ix.top) or 0) >= 0.99]
+                cells.append(f"{len(kept)}/{len(detected)}" if detected else "–")
+            row.append(" · ".join(cells))
+        rows.append(row)
+    return rows
+
+
+def _breaking_table(ix: _Index, spec: str, attacks: list[str]) -> list[list[Any]]:
+    from tamperprobe.evaluation.adversary import breaking_cell
+
+    routers = [r for r in ("margin-original", "margin-tampered", "gradient", "learned", "near-twin") if r in ix.routers]
+    return [[m, a] + [breaking_cell(ix.breaking.get((m, a, spec, r))) for r in routers] for m in ix.methods for a in attacks]
+
+
+def _model_section(name: str, doc: dict[str, Any], repeat: dict[str, Any] | None) -> list[str]:
+    ix = _Index(doc)
+    p, info = doc["params"], doc["model"]
+    run = OUT / name / "run.json"
+    stamp = json.loads(run.read_text()) if run.exists() else {}
+    lines = [
+        f"## {name}: {info.get('model', info.get('source'))}",
+        "",
+        f"- owner accuracy {info.get('accuracy_owner', 0):.3f}; owner data {p['data']['size']} images; traffic {p['traffic']}; attack data "
+        f"{(p.get('attack_data') or {}).get('name')} ({(p.get('attack_data') or {}).get('size')} images)",
+        f"- bag {p['bag']} markers per method (pairs count as two), random selection, {p['resamples']} resamples; {p['trials']} trial(s) per random attack; "
+        f"fresh markers every run; took {doc['seconds']:.0f} s (+ {stamp.get('seconds_repeat', '?')} s for the repeated-marker run; "
+        f"{stamp.get('seconds_total', '?')} s in all with training and loading) on {doc['machine'].get('nproc')} cores, "
+        f"{doc['machine'].get('torch_threads')} torch thread",
+        f"- reduced for the time budget: {CONFIG[name]['reduced']}",
+        f"- every table: [{name}/adversary.md](adaptive-operator/{name}/adversary.md); errors: {len(doc['errors'])}"
+        + ("".join(f"; {e['name']}: {e['error']}" for e in doc["errors"])),
+        "",
+        "### Markers as the operator sees them",
+        "",
+    ]
+    lines += _table(
+        ["method", "markers", "margin median (ordinary)", "KS p vs ordinary margins", "max L∞ to seed", "twin distance"]
+        + [f"{r} @1 %" for r in ("near-twin", "margin-original", "gradient", "learned")],
+        [
+            [
+                r["method"],
+                r.get("markers"),
+                f"{r.get('margin_median', 0):.2g} ({r.get('ordinary_margin_median', 0):.2g})" if r.get("margin_median") is not None else None,
+                f"{r['margin_ks_p']:.2g}" if r.get("margin_ks_p") is not None else None,
+                r.get("linf_to_seed_max"),
+                r.get("twin_distance_median"),
+            ]
+            + [
+                _pct((ix.flagged.get((r["method"], router, 0.01)) or {}).get("flagged"), 0)
+                for router in ("near-twin", "margin-original", "gradient", "learned")
+            ]
+            for r in doc["methods"]
+        ],
+    )
+    lines += [
+        "### What the routers cost",
+        "",
+        "Share of ordinary traffic flagged: asked for → calibration part / held-out part (mean over methods, folds and attacks).",
+        "",
+    ]
+    lines += _table(
+        ["router"] + [f"{c:.2%}" for c in (0.01, 0.05, 0.2)],
+        [
+            [r]
+            + [
+                f"{_pct(ix.paid[(r, c)]['calibration_cost'])} / {_pct(ix.paid[(r, c)]['measured_cost'])}" if (r, c) in ix.paid else "–"
+                for c in (0.01, 0.05, 0.2)
+            ]
+            for r in ix.routers
+        ],
+    )
+    lines += ["### Attacks", ""]
+    lines += _table(
+        [
+            "attack",
+            "acc before",
+            "acc after",
+            "success",
+            "ordinary traffic changed: top1",
+            "topk:3",
+            "probs:2",
+            "top1 above the 20 % margin quantile",
+        ],
+        [
+            [
+                r["attack"],
+                r.get("acc_before"),
+                r.get("acc_after"),
+                r.get("success"),
+                _pct(r.get("ordinary_changed:top1")),
+                _pct(r.get("ordinary_changed:topk:3")),
+                _pct(r.get("ordinary_changed:probs:2")),
+                _pct(r.get("ordinary_top1_changed_above_q0.2")),
+            ]
+            for r in doc["attacks"]
+        ],
+    )
+    rows, worst = _acceptance_rows(ix)
+    lines += [
+        "### Exact-repeat and near-twin routers at ≤ 1 % cost, fresh markers",
+        "",
+        "Largest drop of the detection rate against the passive case, in percentage points, over every attack, spec, budget "
+        "and every threshold of the sweep whose cost *paid on held-out traffic* is ≤ 1 % (where it happens; the largest cost paid "
+        f"and share of the method's markers flagged at those thresholds). Methods built without near-twins: largest drop {100 * worst:.1f} pp.",
+        "",
+    ]
+    lines += _table(["method", "exact-repeat", "near-twin", "no near-twins by design"], rows)
+    if repeat is not None:
+        rx = _Index(repeat)
+        lines += ["With the same markers re-sent every run (today's `watch`), detection at N_S = 10 (top1 / logits):", ""]
+        lines += _table(
+            ["method", "attack", "passive"] + [f"{r} @1 %" for r in rx.routers],
+            [
+                [m, a, f"{rx.rate(m, a, 'top1', 'passive', 0.0, 10):.2f} / {rx.rate(m, a, 'logits', 'passive', 0.0, 10):.2f}"]
+                + [f"{rx.rate(m, a, 'top1', r, 0.01, 10):.2f} / {rx.rate(m, a, 'logits', r, 0.01, 10):.2f}" for r in rx.routers]
+                for m in rx.methods
+                for a in rx.attacks
+            ],
+        )
+    for spec in ("top1", "topk:3", "probs:2"):
+        lines += [
+            f"### The line ({spec}): attacks detected at ≥ 99 % with N_S = {ix.top}",
+            "",
+            "Passive: the attacks a method detects at ≥ 99 % without a router. Router columns: how many of those it still detects at "
+            "≥ 99 % with the router at 1 % · 5 % · 20 % cost.",
+            "",
+        ]
+        lines += _table(["method", "passive"] + ix.routers, _line(ix, spec))
+    lines += [
+        f"### Cost at which detection at N_S = {ix.top} falls below 99 %",
+        "",
+        "Cost asked for (paid on held-out traffic). '> sweep': still ≥ 99 % at 50 %; 'passive x': below 99 % without a router.",
+        "",
+    ]
+    for spec in ("top1", "topk:3", "probs:2"):
+        lines += [f"**{spec}**", ""]
+        routers = [r for r in ("margin-original", "margin-tampered", "gradient", "learned", "near-twin") if r in ix.routers]
+        lines += _table(["method", "attack"] + routers, _breaking_table(ix, spec, ix.attacks))
+    lines += ["### Margin-matched markers against the margin routers (top1), and why", ""]
+    need = 1 - 0.01 ** (1 / ix.top)
+    lines += [
+        f"For 99 % detection with {ix.top} queries, each marker must change with probability at least {need:.1%} (1 − 0.01^(1/{ix.top})). "
+        "Margin-matched markers have the margins of ordinary inputs, and under top1 they change about as often as ordinary inputs "
+        "above the router's margin quantile do (table: share of markers whose top-1 answer changed, and of held-out ordinary traffic).",
+        "",
+    ]
+    trig: dict[tuple[str, str], list[float]] = {}
+    for r in doc["trigger"]:
+        if r["spec"] == "top1":
+            trig.setdefault((r["method"], r["attack"]), []).append(r["changed"] / max(1, r["markers"]))
+    att = {r["attack"]: r for r in doc["attacks"]}
+    matched = [m for m in ix.methods if m.startswith("matched")] + ["natural"]
+    lines += _table(
+        ["attack"]
+        + [f"{m}: markers changed" for m in matched]
+        + ["ordinary changed", "ordinary above q20 changed"]
+        + [f"{m}: detection N_S={ix.top} passive / margin-original @5 % / @20 %" for m in matched],
+        [
+            [a]
+            + [_pct(float(np.mean(trig[(m, a)]))) if (m, a) in trig else "–" for m in matched]
+            + [_pct(att.get(a, {}).get("ordinary_changed:top1")), _pct(att.get(a, {}).get("ordinary_top1_changed_above_q0.2"))]
+            + [
+                " / ".join(
+                    f"{v:.2f}" if v is not None else "–"
+                    for v in (
+                        ix.rate(m, a, "top1", "passive", 0.0, ix.top),
+                        ix.rate(m, a, "top1", "margin-original", 0.05, ix.top),
+                        ix.rate(m, a, "top1", "margin-original", 0.2, ix.top),
+                    )
+                )
+                for m in matched
+            ]
+            for a in ix.attacks
+        ],
+    )
+    if doc.get("pairs"):
+        lines += ["### Pairs: what the label-only guarantee became", ""]
+        summed: dict[tuple[str, str], dict[str, int]] = {}
+        for r in doc["pairs"]:
+            acc = summed.setdefault((r["method"], r["attack"]), {})
+            for k in ("pairs", "shifted", "shifted_opposite", "silent_shifted", "silent_shifted_same_sign"):
+                acc[k] = acc.get(k, 0) + int(r[k])
+        lines += [
+            "Shifted: z_a − z_c moved by more than both halves' margins at both halves; silent: no half's top-1 label changed.",
+            "",
+        ]
+        lines += _table(
+            ["method", "attack", "pairs", "shifted", "of which opposite signs", "shifted and silent", "shifted, same sign, silent"],
+            [
+                [m, a, v["pairs"], v["shifted"], v["shifted_opposite"], v["silent_shifted"], v["silent_shifted_same_sign"]]
+                for (m, a), v in summed.items()
+            ],
+        )
+    return lines
+
+
+def write_summary() -> Path:
+    lines = [
+        "# An operator who sees the queries: the adaptive-operator benchmark",
+        "",
+        "Produced by `python bench/adaptive_operator.py` (see its docstring for the setup of each model); the harness is "
+        "`tamperprobe.evaluation.adversary` (protocol in its docstring) with the routers of `tamperprobe.evaluation.routers`. "
+        "Detection rate at N_S: the share of resampled fingerprints of N_S queries (pairs picked whole) holding a marker whose "
+        "answer changed and that the router did not flag. Cost: the share of ordinary traffic the router sends to the original "
+        "model, asked for on the calibration part and paid on a held-out part.",
+        "",
+        "Methods (bench labels): `natural` (TamperNN SM), `badv` (TamperNN BADV), `boundary` (blend pairs, the default), "
+        "`boundary-single` (`pairs=false`), `crossed` (pair halves from different blend paths), `crossed-edge` (crossed pairs "
+        "on L∞ ≤ 8/255 gradient paths around natural seeds, 8-bit on MNIST), `matched` (margin-matched, natural seeds moved "
+        "within L∞ ≤ 8/255, 8-bit), `matched-grid` (margin-matched from random-bit images, 8-bit).",
+        "",
+    ]
+    if NOTES.exists():
+        lines += [NOTES.read_text(encoding="utf-8").strip(), ""]
+    for name in SETTINGS:
+        doc = _load(name)
+        if doc is None:
+            lines += [f"## {name}: not run", ""]
+            continue
+        lines += _model_section(name, doc, _load(f"{name}-repeat"))
+    SUMMARY.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return SUMMARY
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", default="mnist,cifar")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--summary-only", action="store_true")
+    args = ap.parse_args()
+    if not args.summary_only:
+        import torch
+
+        torch.set_num_threads(args.threads)
+        for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+            if name not in SETTINGS:
+                print(f"unknown model {name!r}: choose from {', '.join(SETTINGS)}", file=sys.stderr)
+                return 2
+            run_model(name, args)
+    _log(f"wrote {write_summary()}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
