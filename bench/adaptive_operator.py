@@ -104,7 +104,7 @@ CONFIG: dict[str, dict[str, Any]] = {
         "for 40 markers), so they are off the 8-bit grid; traffic parts of 150/300/300 images, so a cost paid on the held-out part "
         "has a sampling error of about ±2.3 points at 20 %",
         "overrides": {
-            "crossed": {"spare": 2, "oversample": 2},
+            "crossed": {"spare": 3, "oversample": 2},
             # the 8-bit pixel search took over 8 minutes for 40 markers of the ResNet-56: float markers (off the 8-bit grid)
             "crossed-edge": {"spare": 2, "oversample": 2, "rounds": 4, "uint8": False},
             "matched": {"oversample": 3},
@@ -292,6 +292,8 @@ def _acceptance_rows(ix: _Index) -> tuple[list[list[Any]], float]:
         cells: list[Any] = []
         for r in ("exact-repeat", "near-twin"):
             low = [c for c in ix.costs if (ix.flagged.get((m, r, round(c, 9))) or {}).get("measured_cost", 1.0) <= 0.01 + 1e-12]
+            if not low:  # even the strictest threshold pays more than 1 % on held-out traffic: report that one
+                low = [min(ix.costs)]
             drop, where = 0.0, ""
             for a in ix.attacks:
                 for spec in SPECS:
@@ -331,6 +333,23 @@ def _line(ix: _Index, spec: str, costs: tuple[float, ...] = (0.01, 0.05, 0.2)) -
             row.append(" · ".join(cells))
         rows.append(row)
     return rows
+
+
+def price(ix: _Index, m: str, router: str, spec: str, attacks: list[str] | None = None) -> str:
+    """The operator's price: the cheapest sweep cost at which one of the attacks the method detects passively at >= 99 % drops below it."""
+    rows = [ix.breaking.get((m, a, spec, router)) for a in (attacks or ix.attacks)]
+    rows = [r for r in rows if r is not None and r["status"] != "passive below target"]
+    if not rows:
+        return "–"
+    falls = [r for r in rows if r["status"] == "falls"]
+    if not falls:
+        return "> 50 %"
+    cheapest = min(falls, key=lambda r: (r["cost"], r["attack"]))
+    return (
+        f"{100 * cheapest['cost']:g} % ({cheapest['measured_cost']:.1%} paid; {cheapest['attack']})"
+        if cheapest["cost"]
+        else f"free ({cheapest['attack']})"
+    )
 
 
 def _breaking_table(ix: _Index, spec: str, attacks: list[str]) -> list[list[Any]]:
@@ -429,7 +448,8 @@ def _model_section(name: str, doc: dict[str, Any], repeat: dict[str, Any] | None
         "",
         "Largest drop of the detection rate against the passive case, in percentage points, over every attack, spec, budget "
         "and every threshold of the sweep whose cost *paid on held-out traffic* is ≤ 1 % (where it happens; the largest cost paid "
-        f"and share of the method's markers flagged at those thresholds). Methods built without near-twins: largest drop {100 * worst:.1f} pp.",
+        "and share of the method's markers flagged at those thresholds); when even the strictest threshold (cost 0 on the "
+        f"calibration part) pays more, that threshold. Methods built without near-twins: largest drop {100 * worst:.1f} pp.",
         "",
     ]
     lines += _table(["method", "exact-repeat", "near-twin", "no near-twins by design"], rows)
@@ -454,6 +474,17 @@ def _model_section(name: str, doc: dict[str, Any], repeat: dict[str, Any] | None
             "",
         ]
         lines += _table(["method", "passive"] + ix.routers, _line(ix, spec))
+    lines += [
+        "### The operator's price",
+        "",
+        f"Per method and router: the cheapest cost (asked for; paid on held-out traffic; for which attack) at which detection at N_S = {ix.top} "
+        "of one of the attacks the method detects at ≥ 99 % without a router falls below 99 %. 'free': already at a threshold that flags no "
+        "calibration request; '> 50 %': never within the sweep; '–': the method detects no attack at ≥ 99 % even without a router.",
+        "",
+    ]
+    for spec in ("top1", "topk:3", "probs:2"):
+        lines += [f"**{spec}**", ""]
+        lines += _table(["method"] + ix.routers, [[m] + [price(ix, m, r, spec) for r in ix.routers] for m in ix.methods])
     lines += [
         f"### Cost at which detection at N_S = {ix.top} falls below 99 %",
         "",

@@ -74,6 +74,8 @@ def test_crossed_pair_halves_come_from_different_paths_and_are_no_near_twins(cro
     assert n >= 4 and crossed.groups.tolist() == np.repeat(np.arange(n), 2).tolist()
     source = crossed.info["source_path"]
     assert len(np.unique(source)) == len(source)  # each path gives one half, once; its other half is never sent
+    images = np.concatenate([crossed.info["seed_index"], crossed.info["partner_index"]])
+    assert len(np.unique(images)) == len(images)  # no natural image feeds two markers
     label = crossed.info["label"]
     assert (label[0::2] < label[1::2]).all()  # two sides of the same class boundary
     assert (model.logits(crossed.inputs).argmax(axis=1) == label).all()

@@ -9,8 +9,10 @@ searches ``spare`` × as many paths as pairs wanted; each path gives two markers
 the boundary between its classes ``{a, c}``, each with top-1 margin in ``[δ, k·δ]``. Paths are
 grouped by their unordered class pair; within a group (in random order) paths ``2i`` and
 ``2i + 1`` make one crossed pair: the half labelled ``min(a, c)`` of the first and the half
-labelled ``max(a, c)`` of the second. The other halves are discarded and never sent, so no marker
-of the fingerprint has a near-twin among the others. ``rounds`` more searches fill the bag when
+labelled ``max(a, c)`` of the second. The other halves are discarded and never sent, and every
+natural image (seed or blend partner) feeds at most one of the paths used (two paths through the
+same image give markers close to it and so to each other), so no marker of the fingerprint has a
+near-twin among the others. ``rounds`` more searches fill the bag when
 too few paths share a class pair. MANC coverage (``coverage``) orders the pairs as in ``boundary``.
 
 What the guarantee becomes. The two halves sit at different points of the same ``a|c`` boundary.
@@ -167,23 +169,25 @@ def _cross(paths: Bag, rng: np.random.Generator) -> list[tuple[int, int]]:
     assert paths.groups is not None
     label = paths.info["label"]
     by_class_pair: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    sources: set[tuple[int, int]] = set()  # (seed, partner): a path found twice (e.g. the same seed's gradient path) counts once
-    for g in np.unique(paths.groups):
+    # every natural image (seed or blend partner) feeds at most one path: two paths through the same image give markers
+    # near that image and so near each other (near-twins); a path found twice (the same seed's gradient path) counts once
+    used: set[int] = set()
+    groups = np.unique(paths.groups)
+    for g in groups[rng.permutation(len(groups))]:
         members = np.flatnonzero(paths.groups == g)
         if len(members) != 2 or label[members[0]] == label[members[1]]:
             continue
-        source = (int(paths.info["seed_index"][members[0]]), int(paths.info["partner_index"][members[0]]))
-        if source in sources:
+        images = {int(paths.info["seed_index"][members[0]]), int(paths.info["partner_index"][members[0]])} - {-1}
+        if images & used:
             continue
-        sources.add(source)
+        used |= images
         lo, hi = (members[0], members[1]) if label[members[0]] < label[members[1]] else (members[1], members[0])
         by_class_pair.setdefault((int(label[lo]), int(label[hi])), []).append((int(lo), int(hi)))
     out = []
     for key in sorted(by_class_pair):
         group = by_class_pair[key]
-        shuffled = [group[i] for i in rng.permutation(len(group))]
-        for i in range(0, len(shuffled) - 1, 2):
-            out.append((shuffled[i][0], shuffled[i + 1][1]))
+        for i in range(0, len(group) - 1, 2):
+            out.append((group[i][0], group[i + 1][1]))
     return out
 
 
