@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from ..._params import Interval, Options
+from ..._params import Interval
 from ..._util import Progress
 from ...data import Dataset
 from ...errors import UsageError
@@ -45,7 +45,7 @@ from ...models import Model
 from ..markers import decode_uint8
 from ..selection import manc
 from .base import Bag, Method
-from .boundary import DEFAULT_DELTA, PATHS, Boundary
+from .boundary import DEFAULT_DELTA, Boundary
 
 _PER_MARKER = ("margin", "label", "psnr", "snr", "linf_to_seed", "t", "seed_index", "partner_index")
 
@@ -57,19 +57,7 @@ class Crossed(Method):
     """
 
     name = "crossed"
-    constraints = {
-        "delta": Interval(0.0, None, closed="neither"),
-        "k": Interval(1.0, None, closed="neither"),
-        "path": Options(*PATHS),
-        "linf": Interval(0.0, 1.0, closed="right"),
-        "spare": Interval(1.0, None),
-        "oversample": Interval(1.0, None),
-        "step": Interval(0.0, 1.0, closed="right"),
-        "max_steps": Interval(1, None, integer=True),
-        "greedy_steps": Interval(1, None, integer=True),
-        "neighbors": Interval(1, None, integer=True),
-        "rounds": Interval(1, None, integer=True),
-    }
+    constraints = {**Boundary.constraints, "spare": Interval(1.0, None)}  # the boundary search's parameters, plus spare
 
     def __init__(
         self,
