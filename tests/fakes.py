@@ -148,3 +148,17 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
+
+
+def confident_mlp(seed: int, shape: tuple[int, ...] = (1, 8, 8)) -> Any:
+    """A small untrained MLP whose last layer is scaled up, so its answers are confident (well-separated logits)."""
+    import torch
+
+    from tamperprobe import zoo
+    from tamperprobe.models import TorchModel
+
+    torch.manual_seed(seed)
+    module = zoo.build("mlp", shape)
+    with torch.no_grad():
+        module.net[-1].weight.mul_(20.0)
+    return TorchModel(module.eval(), f"mlp-{seed}")

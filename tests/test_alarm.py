@@ -15,27 +15,19 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 from typer.testing import CliRunner
 
-from fakes import Scripted, kserve, reply
-from tamperprobe import zoo
+from fakes import Scripted, confident_mlp, kserve, reply
 from tamperprobe.cli.app import app
 from tamperprobe.data import InputSpec
 from tamperprobe.fingerprint import make_fingerprint, save
-from tamperprobe.models import TorchModel
 from tamperprobe.served import history
 from tamperprobe.server.app import ServerThread
 
 SHAPE = (1, 8, 8)
 
 
-def _model(seed: int) -> TorchModel:
-    torch.manual_seed(seed)
-    module = zoo.build("mlp", SHAPE)
-    with torch.no_grad():
-        module.net[-1].weight.mul_(20.0)
-    return TorchModel(module.eval(), f"mlp-{seed}")
+_model = confident_mlp
 
 
 @pytest.fixture(scope="module")

@@ -14,28 +14,20 @@ import struct
 
 import numpy as np
 import pytest
-import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from typer.testing import CliRunner
 
-from fakes import Scripted, kserve
-from tamperprobe import zoo
+from fakes import Scripted, confident_mlp, kserve
 from tamperprobe.cli.app import app
 from tamperprobe.data import InputSpec
 from tamperprobe.errors import EXIT_UNTRUSTED
 from tamperprobe.fingerprint import load, make_fingerprint, save
-from tamperprobe.models import TorchModel
 from tamperprobe.served import history
 
 SHAPE = (1, 8, 8)
 
 
-def _model(seed):
-    torch.manual_seed(seed)
-    module = zoo.build("mlp", SHAPE)
-    with torch.no_grad():
-        module.net[-1].weight.mul_(20.0)
-    return TorchModel(module.eval(), f"mlp-{seed}")
+_model = confident_mlp
 
 
 @pytest.fixture(scope="module")
