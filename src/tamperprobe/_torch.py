@@ -2,8 +2,19 @@
 
 Running a network and reading its logits (``as_logits``, ``module_logits``), finding its last
 linear layer (``last_linear``), reading a layer's activations with a hook (``layer_activations``),
-accuracy, and silencing torch's deprecation
-chatter for our own calls (``quiet``). Importing this module imports torch.
+accuracy, silencing torch's deprecation chatter for our own calls (``quiet``), and where and how
+wide a model runs (``use_threads``, ``resolve_device``, ``module_device``). Importing this module
+imports torch.
+
+**Threads.** torch starts one intra-op thread per core. On a small machine shared with other
+jobs a parallel region waits for its slowest thread, and that thread waits for a core: on 2
+shared cores, 2 threads made generation and inference 4–20× slower than one
+(``bench/results/threads.md``). So tamperprobe runs models on ``DEFAULT_THREADS`` = 1 thread
+unless told otherwise (``--threads N`` or ``$TAMPERPROBE_THREADS``; 0 keeps torch's default).
+
+**Devices.** A model lives on one device (``module_device``); every helper here moves its
+inputs there and brings outputs back to the CPU as float32, so callers keep handing in and
+getting back NumPy arrays whatever the device.
 """
 
 from __future__ import annotations
@@ -18,6 +29,69 @@ import torch
 from torch import nn
 
 from .errors import ModelLoadError, UsageError
+
+#: Torch intra-op threads when neither ``--threads`` nor ``$TAMPERPROBE_THREADS`` says otherwise (see the module doc).
+DEFAULT_THREADS = 1
+THREADS_ENV = "TAMPERPROBE_THREADS"
+
+
+def thread_count(threads: int | None = None) -> int:
+    """The thread count asked for: ``threads``, else ``$TAMPERPROBE_THREADS``, else ``DEFAULT_THREADS``; 0 means torch's default."""
+    import os
+
+    source = "--threads"
+    if threads is None:
+        text = os.environ.get(THREADS_ENV, "").strip()
+        if not text:
+            return DEFAULT_THREADS
+        source = f"${THREADS_ENV}"
+        try:
+            threads = int(text)
+        except ValueError:
+            raise UsageError(f"{source} must be a whole number of threads, got {text!r}") from None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 0:
+        raise UsageError(f"{source} must be 0 (torch's default) or a positive number of threads, got {threads!r}")
+    return threads
+
+
+def use_threads(threads: int | None = None) -> int:
+    """Set torch's intra-op threads as ``thread_count`` resolves ``threads``; returns the count now in effect."""
+    n = thread_count(threads)
+    if n > 0:
+        torch.set_num_threads(n)
+    return torch.get_num_threads()
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``cpu``, ``cuda`` or ``cuda:N`` as a ``torch.device`` (None: cpu); a device this machine lacks is a UsageError."""
+    if device is None:
+        return torch.device("cpu")
+    text = str(device).strip().lower()
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda") or (dev.type == "cpu" and dev.index not in (None, 0)):
+        raise UsageError(f"unknown device {str(device)!r}: use cpu, cuda or cuda:N")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}, but no GPU is visible"
+            raise UsageError(f"--device {text}: CUDA is not available on this machine (torch {torch.__version__} is {build}); use --device cpu")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise UsageError(f"--device {text}: this machine has {count} CUDA device(s) (cuda:0 .. cuda:{count - 1})")
+    return dev
+
+
+def module_device(module: Any) -> torch.device:
+    """The device of a module's first parameter or buffer (CPU for a module with neither)."""
+    for get in ("parameters", "buffers"):
+        items = getattr(module, get, None)
+        if items is None:
+            continue
+        for t in items():
+            return t.device
+    return torch.device("cpu")
 
 
 @contextmanager
@@ -68,11 +142,12 @@ def to_tensor(x: np.ndarray) -> torch.Tensor:
 
 
 def module_logits(module: nn.Module, x: np.ndarray, batch_size: int = 512) -> np.ndarray:
-    """float32 logits (N, C) of a plain module on ``x``, without gradients."""
+    """float32 logits (N, C) of a plain module on ``x`` (run on the module's device), without gradients."""
     outs = []
+    device = module_device(module)
     with torch.no_grad(), quiet():
         for i in range(0, len(x), max(1, batch_size)):
-            outs.append(as_logits(module(to_tensor(x[i : i + batch_size]))).float().cpu().numpy())
+            outs.append(as_logits(module(to_tensor(x[i : i + batch_size]).to(device))).float().cpu().numpy())
     if not outs:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(outs).astype(np.float32, copy=False)
@@ -95,15 +170,16 @@ def accuracy(labels_or_logits: np.ndarray, y: np.ndarray) -> float:
 def margin_gradient(module: nn.Module, x: np.ndarray, cls: np.ndarray, other: np.ndarray, chunk: int = 256) -> np.ndarray:
     """∂(z_cls − z_other)/∂x per row of model-domain inputs ``x``, as a float64 array of x's shape."""
     out = []
+    device = module_device(module)
     for i in range(0, len(x), max(1, chunk)):
-        xt = to_tensor(x[i : i + chunk]).requires_grad_(True)
-        rows = torch.arange(xt.shape[0])
-        a = torch.from_numpy(np.asarray(cls[i : i + chunk], dtype=np.int64))
-        b = torch.from_numpy(np.asarray(other[i : i + chunk], dtype=np.int64))
+        xt = to_tensor(x[i : i + chunk]).to(device).requires_grad_(True)
+        rows = torch.arange(xt.shape[0], device=device)
+        a = torch.from_numpy(np.asarray(cls[i : i + chunk], dtype=np.int64)).to(device)
+        b = torch.from_numpy(np.asarray(other[i : i + chunk], dtype=np.int64)).to(device)
         with torch.enable_grad():
             z = as_logits(module(xt)).float()
             (g,) = torch.autograd.grad((z[rows, a] - z[rows, b]).sum(), xt)
-        out.append(g.double().numpy())
+        out.append(g.double().cpu().numpy())
     return np.concatenate(out) if out else np.zeros(np.shape(x))
 
 
@@ -150,12 +226,13 @@ def layer_activations(module: nn.Module, x: np.ndarray | torch.Tensor, layer: st
     except Exception:
         raise UsageError(f"cannot hook layer {layer!r} of this model: use --select random") from None
     xt = x.detach() if isinstance(x, torch.Tensor) else to_tensor(np.asarray(x))
+    device = module_device(module)
     rows = []
     try:
         with torch.no_grad(), quiet():
             for i in range(0, xt.shape[0], max(1, batch_size)):
                 grabbed.clear()
-                chunk = xt[i : i + batch_size].contiguous()
+                chunk = xt[i : i + batch_size].contiguous().to(device)
                 module(chunk)
                 if not grabbed or grabbed[-1].shape[0] != chunk.shape[0]:
                     raise UsageError(f"layer {layer!r} yields no per-sample activations in this model: pick another layer or use --select random")

@@ -82,14 +82,19 @@ def demo_model(seed: int = 0, fresh: bool = False, progress: Progress | None = N
     return module.eval(), train, test
 
 
-def run_demo(fresh: bool = False, seed: int = 0, console: Console | None = None) -> bool:
-    """Run the demo; True when every verdict came out as expected (intact INTACT, every attack TAMPERED)."""
+def run_demo(fresh: bool = False, seed: int = 0, console: Console | None = None, threads: int | None = None, device: Any = None) -> bool:
+    """Run the demo; True when every verdict came out as expected (intact INTACT, every attack TAMPERED).
+
+    ``threads`` and ``device`` as ``--threads`` and ``--device`` (``_torch.use_threads``,
+    ``_torch.resolve_device``): the model is trained (or read from the cache) on the CPU and then
+    fingerprinted, attacked and served from ``device``.
+    """
     import tempfile
 
-    import torch
     from rich.console import Console
     from rich.table import Table
 
+    from ._torch import resolve_device, use_threads
     from .attacks import run_attack
     from .cli._common import progress_bar
     from .fingerprint import save
@@ -101,12 +106,12 @@ def run_demo(fresh: bool = False, seed: int = 0, console: Console | None = None)
     from .train import accuracy
 
     console = console or Console()
-    # The demo CNN is tiny: one intra-op thread is many times faster than two (no OpenMP hand-offs,
-    # no spinning against other processes on a 2-core machine).
-    torch.set_num_threads(1)
+    use_threads(threads)  # one by default: the demo CNN is tiny and the machine may be shared
+    dev = resolve_device(device)
     console.print("[bold]tamperprobe demo[/]: a CNN on scikit-learn's 8x8 digits, served on 127.0.0.1")
     with progress_bar("training the demo CNN") as update:
         module, train, test = demo_model(seed, fresh, progress=update)
+    module = module.to(dev)
     assert test.y is not None  # digits are labelled
     base_acc = accuracy(module, test.x, test.y)
     console.print(f"model: {sum(p.numel() for p in module.parameters())} weights, test accuracy {base_acc:.3f}")

@@ -11,6 +11,10 @@ Every stage sees a model through the small ``Model`` protocol: ``TorchModel`` (a
 module), ``ScriptedModel`` (TorchScript), ``ExportedModel`` (``torch.export``) and
 ``OnnxModel`` implement it; what a stage may do with one is a property of the class
 (``module`` is None for ONNX, ``hookable``), never a string to compare.
+
+A torch model runs on the device its weights live on (``load_model(..., device="cuda")``):
+``forward`` moves a batch there and ``logits`` hands back CPU float32 arrays, so callers never
+need to know where the model runs.
 """
 
 from __future__ import annotations
@@ -56,6 +60,9 @@ class Model(Protocol):
     @property
     def module(self) -> Any: ...
 
+    @property
+    def device(self) -> Any: ...
+
     def require_torch(self, what: str) -> Any: ...
 
     def forward(self, chunk: Any) -> Any: ...
@@ -86,14 +93,33 @@ class TorchModel:
         """The module, for white-box work (every torch model has one)."""
         return self._module
 
+    @property
+    def device(self) -> Any:
+        """The ``torch.device`` the weights live on (batches are moved there)."""
+        from ._torch import module_device
+
+        return module_device(self._module)
+
+    def to(self, device: Any) -> TorchModel:
+        """Move the weights to ``device`` (a ``torch.device``); returns this model."""
+        moved = self._module.to(device)
+        if moved is not None:
+            self._module = moved
+        return self
+
+    def _place(self, chunk: Any) -> Any:
+        """``chunk`` on the model's device (autograd follows the copy back to the caller's tensor)."""
+        device = self.device
+        return chunk if chunk.device == device else chunk.to(device)
+
     def digest(self) -> str:
         """A digest of the weights (parameters and buffers)."""
         state = self._module.state_dict()
         return _digest_arrays([(k, v.detach().cpu().contiguous().numpy()) for k, v in state.items()])
 
     def forward(self, chunk: Any) -> Any:
-        """Run the module on a batch tensor, under whatever autograd mode the caller set."""
-        return self._module(chunk)
+        """Run the module on a batch tensor (moved to the model's device), under whatever autograd mode the caller set."""
+        return self._module(self._place(chunk))
 
     def logits(self, x: np.ndarray, batch_size: int = 256, threads: int | None = None) -> np.ndarray:
         """Run the model on ``x`` (N, ...) and return float32 logits (N, C); batches are contiguous float32 tensors."""
@@ -137,6 +163,7 @@ class ScriptedModel(TorchModel):
         """
         import torch
 
+        chunk = self._place(chunk)
         if not torch.is_grad_enabled():
             return self._module(chunk)
         with torch.jit.optimized_execution(False):
@@ -156,6 +183,7 @@ class ExportedModel(TorchModel):
     def forward(self, chunk: Any) -> Any:
         import torch
 
+        chunk = self._place(chunk)
         if not self._fixed_batch:
             try:
                 return self._module(chunk)
@@ -182,6 +210,13 @@ class OnnxModel:
     @property
     def module(self) -> None:
         return None
+
+    @property
+    def device(self) -> Any:
+        """The CPU (the session's provider decides where onnxruntime runs; inputs are NumPy arrays)."""
+        import torch
+
+        return torch.device("cpu")
 
     def require_torch(self, what: str) -> Any:
         raise UsageError(f"{what} needs the model's weights in PyTorch form; {self.source} is onnx")
@@ -216,25 +251,36 @@ class OnnxModel:
         return np.concatenate(outs).astype(np.float32, copy=False)
 
 
-def load_model(spec: Any, weights: str | os.PathLike | None = None, *, model_args: dict[str, Any] | None = None) -> Model:
+def load_model(spec: Any, weights: str | os.PathLike | None = None, *, model_args: dict[str, Any] | None = None, device: Any = None) -> Model:
     """Load a model from a file, a ``package.module:attribute`` reference or an ``nn.Module`` (see module doc).
 
-    A ``Model`` passes through unchanged (``weights`` then must be None).
+    ``device`` (``cpu``, ``cuda``, ``cuda:N`` or a ``torch.device``; default: where the weights are,
+    the CPU for files) is where a torch model runs; an unavailable device is a ``UsageError``. An
+    ONNX model runs on onnxruntime's CPU provider, or its CUDA provider for a CUDA device. A
+    ``Model`` passes through (moved when ``device`` is given; ``weights`` then must be None).
     """
+    if device is not None:
+        from ._torch import resolve_device
+
+        device = resolve_device(device)
     if isinstance(spec, (TorchModel, OnnxModel)):
         if weights is not None:
             raise UsageError("weights apply to a model named by file or reference, not to a loaded model")
+        if device is not None and isinstance(spec, TorchModel):
+            spec.to(device)
+        elif device is not None and device.type != "cpu":
+            raise UsageError(f"{spec.source} was loaded for the CPU: load the ONNX file again with device={str(device)!r}")
         return spec
     if not isinstance(spec, (str, os.PathLike)):
         import torch
 
         if not isinstance(spec, torch.nn.Module):
             raise UsageError(f"cannot load a model from {type(spec).__name__}: give a file, package.module:attribute or an nn.Module")
-        model: Model = TorchModel(spec)
+        loaded = TorchModel(spec)
         if weights is not None:
             load_weights(spec, weights)
         spec.eval()
-        return model
+        return loaded if device is None else loaded.to(device)
     text = str(spec)
     path = Path(text)
     if path.exists() and path.is_dir():
@@ -248,11 +294,11 @@ def load_model(spec: Any, weights: str | os.PathLike | None = None, *, model_arg
     else:
         suffix = path.suffix.lower()
         if suffix == ".onnx":
-            model = _load_onnx(path)
+            model = _load_onnx(path, device)
         elif suffix == ".pt2":
             model = _load_export(path)
         elif suffix in TORCHSCRIPT_SUFFIXES:
-            model = _load_torchscript(path)
+            model = _load_torchscript(path, device)
         elif suffix in (".safetensors", ".bin", ".ckpt"):
             raise ModelLoadError(
                 f"{text} looks like a weights file, not a model: name the architecture as package.module:attribute and pass this file with --weights"
@@ -267,6 +313,8 @@ def load_model(spec: Any, weights: str | os.PathLike | None = None, *, model_arg
         load_weights(model.module, weights)
     if model.module is not None and not isinstance(model, ExportedModel):  # exported programs are already in eval form
         model.module.eval()
+    if device is not None and isinstance(model, TorchModel):
+        model.to(device)
     return model
 
 
@@ -336,7 +384,7 @@ def parse_model_args(items: list[str] | None) -> dict[str, Any]:
     return out
 
 
-def _load_torchscript(path: Path) -> Model:
+def _load_torchscript(path: Path, device: Any = None) -> Model:
     import torch
 
     from ._torch import quiet
@@ -351,7 +399,8 @@ def _load_torchscript(path: Path) -> Model:
         )
     try:
         with quiet():
-            module = torch.jit.load(str(path), map_location="cpu")
+            # map_location also moves the constants a trace recorded, which ``.to`` would leave behind
+            module = torch.jit.load(str(path), map_location=device if device is not None else "cpu")
     except Exception as exc:
         raise ModelLoadError(f"cannot load TorchScript {path}: {one_line(exc)}") from None
     return ScriptedModel(module, str(path))
@@ -432,14 +481,19 @@ def _load_export(path: Path) -> Model:
     return ExportedModel(module, str(path))
 
 
-def _load_onnx(path: Path) -> Model:
+def _load_onnx(path: Path, device: Any = None) -> Model:
     from ._extras import require
 
     ort = require("onnxruntime", f"the ONNX model {path}")
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
+    providers: list[Any] = ["CPUExecutionProvider"]
+    if device is not None and device.type == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise UsageError(f"--device {device}: this onnxruntime has no CUDA provider (pip install onnxruntime-gpu), or use --device cpu")
+        providers = [("CUDAExecutionProvider", {"device_id": device.index or 0}), "CPUExecutionProvider"]
     try:
-        session = ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
     except Exception as exc:
         raise ModelLoadError(f"cannot load ONNX model {path}: {one_line(exc)}") from None
     return OnnxModel(session, str(path))
@@ -503,7 +557,7 @@ def save_state_dict(module: Any, path: str | os.PathLike) -> Path:
 
     from ._util import atomic_write
 
-    state = {k: v.detach().contiguous() for k, v in module.state_dict().items()}
+    state = {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()}
     return atomic_write(path, lambda tmp: save_file(state, str(tmp)))
 
 
@@ -511,10 +565,14 @@ def save_model(module: Any, path: str | os.PathLike, example: np.ndarray) -> Pat
     """Write ``module`` in the format its suffix names (.pt TorchScript, .pt2 export, .onnx, .safetensors)."""
     import torch
 
-    from ._torch import quiet
+    from ._torch import module_device, quiet
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
+    if module_device(module).type != "cpu":  # a file is written for the CPU (a trace would bake in the device)
+        import copy
+
+        module = copy.deepcopy(module).cpu()
     module = module.eval()
     ex = torch.from_numpy(np.ascontiguousarray(example[:2]).astype(np.float32))
     suffix = p.suffix.lower()

@@ -9,8 +9,51 @@ import torch
 from torch import nn
 
 from ._torch import accuracy as _accuracy
-from ._torch import as_logits, eval_mode, predict, set_training, to_tensor
+from ._torch import as_logits, eval_mode, module_device, predict, set_training, to_tensor
 from ._util import Progress
+
+
+class Adam:
+    """Adam (Kingma & Ba) with L2 weight decay, step for step as ``torch.optim.Adam``'s single-tensor path.
+
+    Written out because the first ``torch.optim`` call imports ``torch._dynamo``, which doubles
+    the start-up of a short command (about 1 s more than ``import torch`` itself; see
+    ``bench/results/startup.md``). The arithmetic is torch's, op for op, so training gives the same
+    weights bit for bit on the CPU (``tests/test_train.py`` compares the two).
+    """
+
+    def __init__(
+        self, params: Sequence[torch.Tensor], lr: float, weight_decay: float = 0.0, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ) -> None:
+        self.params = list(params)
+        self.lr, self.weight_decay, self.betas, self.eps = float(lr), float(weight_decay), betas, float(eps)
+        self.state: dict[int, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
+
+    def zero_grad(self) -> None:
+        for p in self.params:
+            p.grad = None
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update of every parameter that has a gradient (each keeps its own step count, as torch's)."""
+        b1, b2 = self.betas
+        for i, p in enumerate(self.params):
+            if p.grad is None:
+                continue
+            if i not in self.state:
+                self.state[i] = (
+                    torch.zeros_like(p, memory_format=torch.preserve_format),
+                    torch.zeros_like(p, memory_format=torch.preserve_format),
+                    [0],
+                )
+            m1, m2, count = self.state[i]
+            count[0] += 1
+            grad = p.grad if self.weight_decay == 0 else p.grad.add(p, alpha=self.weight_decay)
+            m1.lerp_(grad, 1 - b1)
+            m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+            step_size = self.lr / (1 - b1 ** float(count[0]))
+            denom = (m2.sqrt() / (1 - b2 ** float(count[0])) ** 0.5).add_(self.eps)
+            p.addcdiv_(m1, denom, value=-step_size)
 
 
 def fit(
@@ -34,19 +77,20 @@ def fit(
     """
     torch.manual_seed(seed)
     gen = torch.Generator().manual_seed(seed)
-    xt = to_tensor(x)
-    yt = torch.from_numpy(np.asarray(y, dtype=np.int64))
+    device = module_device(module)  # the batches' order is drawn on the CPU: the same on every device
+    xt = to_tensor(x).to(device)
+    yt = torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device)
     trainable = list(params) if params is not None else [p for p in module.parameters() if p.requires_grad]
-    opt = torch.optim.Adam(trainable, lr=lr, weight_decay=weight_decay)
+    opt = Adam(trainable, lr=lr, weight_decay=weight_decay)
     loss_fn = nn.CrossEntropyLoss()
     set_training(module, True)
     steps_per_epoch = max(1, (len(xt) + batch_size - 1) // batch_size)
     total = epochs * steps_per_epoch
     done = 0
     for epoch in range(epochs):
-        order = torch.randperm(len(xt), generator=gen)
+        order = torch.randperm(len(xt), generator=gen, device="cpu")
         for i in range(0, len(xt), batch_size):
-            idx = order[i : i + batch_size]
+            idx = order[i : i + batch_size].to(device)
             opt.zero_grad()
             loss = loss_fn(as_logits(module(xt[idx])), yt[idx])
             loss.backward()

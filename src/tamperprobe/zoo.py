@@ -10,6 +10,7 @@ build and train it on labelled data with ``train_model(NAME, data)``.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -123,10 +124,12 @@ def train_model(
     seed: int = 0,
     test_fraction: float = 0.25,
     progress: Progress | None = None,
+    device: Any = None,
 ) -> Trained:
     """Build zoo model ``name`` for ``data``'s shape and classes and train it (``train.fit``) on a seeded split.
 
-    ``progress(step, steps, "epoch e/E")`` hears about every training step.
+    ``progress(step, steps, "epoch e/E")`` hears about every training step; ``device`` (a
+    ``torch.device``, default the CPU) is where it trains.
     """
     from .train import accuracy, fit
 
@@ -143,6 +146,8 @@ def train_model(
     assert train.y is not None and test.y is not None
     torch.manual_seed(seed)
     module = build(name, tuple(data.x.shape[1:]), int(np.max(data.y)) + 1)
+    if device is not None:
+        module = module.to(device)
     fit(module, train.x, train.y, epochs=epochs, lr=lr, seed=seed, progress=progress)
     return Trained(module, data.name, accuracy(module, train.x, train.y), accuracy(module, test.x, test.y), len(test), train.x[:2])
 

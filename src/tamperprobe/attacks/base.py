@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from .._params import Configurable, Interval, coerce
-from .._torch import eval_mode, module_logits, quiet, set_training
+from .._torch import eval_mode, module_device, module_logits, quiet, set_training
 from .._util import Progress, one_line
 from ..data import Dataset
 from ..errors import DataError, UsageError
@@ -185,7 +185,7 @@ def copy_module(module: nn.Module) -> nn.Module:
         with quiet():
             torch.jit.save(module, buf)
             buf.seek(0)
-            out = torch.jit.load(buf, map_location="cpu")
+            out = torch.jit.load(buf, map_location=module_device(module))
         return out
     return copy.deepcopy(module)
 

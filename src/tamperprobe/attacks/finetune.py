@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from .._params import Interval
-from .._torch import as_logits, predict, to_tensor
+from .._torch import as_logits, module_device, predict, to_tensor
 from ..errors import UsageError
 from .base import TRAINING_CONSTRAINTS, Attack, Context, fine_tune, labelled, rng_for
 
@@ -43,10 +43,11 @@ class Finetune(Attack):
 
 def fgsm(model: nn.Module, x: np.ndarray, y: np.ndarray, eps: float, low: float, high: float) -> np.ndarray:
     """One FGSM step of size ``eps`` on the cross-entropy of ``model`` (in its current mode), clipped to [low, high]."""
-    xt = to_tensor(x).requires_grad_(True)
-    loss = nn.functional.cross_entropy(as_logits(model(xt)), torch.from_numpy(np.asarray(y, dtype=np.int64)))
+    device = module_device(model)
+    xt = to_tensor(x).to(device).requires_grad_(True)
+    loss = nn.functional.cross_entropy(as_logits(model(xt)), torch.from_numpy(np.asarray(y, dtype=np.int64)).to(device))
     (grad,) = torch.autograd.grad(loss, xt)
-    return (xt.detach() + eps * grad.sign()).clamp(low, high).numpy()
+    return (xt.detach() + eps * grad.sign()).clamp(low, high).cpu().numpy()
 
 
 class Watermark(Attack):

@@ -38,9 +38,9 @@ class Noise(Attack):
         if total == 0:
             raise UsageError("the model has no floating-point parameters")
         k = min(total, max(1, int(round(self.fraction * total))))
-        gen = torch.Generator().manual_seed(int(ctx.seed))
-        picked = torch.randperm(total, generator=gen)[:k].sort().values
-        noise = torch.randn(k, generator=gen, dtype=torch.float64)
+        gen = torch.Generator().manual_seed(int(ctx.seed))  # drawn on the CPU: the same noise whatever the model's device
+        picked = torch.randperm(total, generator=gen, device="cpu")[:k].sort().values
+        noise = torch.randn(k, generator=gen, dtype=torch.float64, device="cpu")
         start = 0
         with torch.no_grad():
             for t in params:
@@ -52,7 +52,7 @@ class Noise(Attack):
                         std = float(t.float().std()) if t.numel() > 1 else float(t.abs().max())
                         scale = self.sigma * (std if std > 0 else 1.0)
                     flat = t.view(-1)
-                    pos = picked[sel] - lo
-                    flat[pos] = flat[pos] + (noise[sel] * scale).to(t.dtype)
+                    pos = (picked[sel] - lo).to(t.device)  # drawn on the CPU: the same noise on every device
+                    flat[pos] = flat[pos] + (noise[sel] * scale).to(t.device, t.dtype)
                 start = hi
         return model

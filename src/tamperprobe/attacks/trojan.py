@@ -141,7 +141,7 @@ class _Linear:
     def activations(self, model: nn.Module, x: np.ndarray) -> torch.Tensor:
         """The layer's outputs (pre-activation) on ``x``, shape (N, units), in one batch."""
         if self.hookable:
-            return torch.from_numpy(layer_activations(model, x, self.name, batch_size=len(x)))
+            return torch.from_numpy(layer_activations(model, x, self.name, batch_size=len(x))).to(self.weight.device)
         got: list[torch.Tensor] = []
         node = self.node
 
@@ -154,7 +154,7 @@ class _Linear:
 
         assert isinstance(model, torch.fx.GraphModule)
         with torch.no_grad():
-            _Capture(model).run(torch.from_numpy(x))
+            _Capture(model).run(torch.from_numpy(x).to(self.weight.device))
         return got[0].reshape(len(x), -1)
 
 

@@ -31,7 +31,24 @@ LowOption = Annotated[Optional[float], typer.Option("--low", help="Lower end of 
 HighOption = Annotated[Optional[float], typer.Option("--high", help="Upper end of the input range (default: inferred from the data).")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Seed of every random choice.")]
 ParamOption = Annotated[Optional[List[str]], typer.Option("--param", help="Hyper-parameter key=value (repeatable), e.g. epsilon=0.1.")]
-ThreadsOption = Annotated[Optional[int], typer.Option("--threads", help="Torch threads for running the model.")]
+ThreadsOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--threads",
+        help="Torch threads for running the model (default: $TAMPERPROBE_THREADS, else 1; 0: torch's default of one per core). "
+        "One, because on a machine shared with other jobs more threads wait for each other: on 2 busy cores, 2 threads made "
+        "generation and inference 4-20x slower (bench/results/threads.md). Raise it on an idle machine with many cores.",
+        show_default=False,
+    ),
+]
+DeviceOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--device",
+        help="Where the model runs: cpu (default), cuda or cuda:N. Markers and recorded outputs come back as CPU float32.",
+        show_default=False,
+    ),
+]
 HistoryOption = Annotated[
     Optional[Path], typer.Option("--history", help="SQLite history file (default: $TAMPERPROBE_HISTORY or the user data folder).")
 ]
@@ -59,6 +76,17 @@ AllowUnsignedOption = Annotated[
 DecryptKeyOption = Annotated[
     Optional[Path], typer.Option("--decrypt-key", help="Secret key of an encrypted fingerprint (default: $TAMPERPROBE_FINGERPRINT_KEY).")
 ]
+
+
+def use_runtime(threads: int | None, device: str | None) -> Any:
+    """Apply ``--threads`` (``_torch.use_threads``) and check ``--device``; returns the ``torch.device`` for ``load_model``.
+
+    Called first in the body of every command that runs a model, so a bad value fails before any work.
+    """
+    from .._torch import resolve_device, use_threads
+
+    use_threads(threads)
+    return resolve_device(device)
 
 
 def passphrase_from_env(var: str | None) -> bytes | None:

@@ -14,6 +14,7 @@ from ..owner.methods import method_names
 from ._common import console, fail, handled, print_json, progress_bar
 from ._options import (
     DataOption,
+    DeviceOption,
     HighOption,
     JsonOption,
     LowOption,
@@ -21,7 +22,9 @@ from ._options import (
     ModelArgument,
     ParamOption,
     SeedOption,
+    ThreadsOption,
     WeightsOption,
+    use_runtime,
 )
 
 if TYPE_CHECKING:
@@ -63,6 +66,8 @@ def train_cmd(
     lr: Annotated[float, typer.Option("--lr", help="Adam learning rate.")] = 1e-3,
     seed: SeedOption = 0,
     test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of the data held out for the test accuracy.")] = 0.25,
+    threads: ThreadsOption = None,
+    device: DeviceOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Train a zoo model on labelled data and write it in the format of --out's suffix."""
@@ -72,9 +77,10 @@ def train_cmd(
         from ..models import save_model
 
         zoo.check_architecture(arch)
+        dev = use_runtime(threads, device)
         ds = load_data(data)
         with progress_bar(f"training {arch}") as update:
-            trained = zoo.train_model(arch, ds, epochs=epochs, lr=lr, seed=seed, test_fraction=test_fraction, progress=update)
+            trained = zoo.train_model(arch, ds, epochs=epochs, lr=lr, seed=seed, test_fraction=test_fraction, progress=update, device=dev)
         save_model(trained.module, out, trained.example)
         if as_json:
             print_json(
@@ -116,6 +122,8 @@ def attack_cmd(
     model_arg: ModelArgOption = None,
     seed: SeedOption = 0,
     param: ParamOption = None,
+    threads: ThreadsOption = None,
+    device: DeviceOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Tamper with a model (trojan, poisoning, quantization, pruning, fine-tuning, noise ...) and write the copy."""
@@ -134,7 +142,7 @@ def attack_cmd(
         attack = get_attack(kind, params)
         if Path(model).exists() and out.exists() and out.resolve() == Path(model).resolve():
             raise UsageError("--out would overwrite the input model; choose another file")
-        loaded = load_model(model, weights, model_args=parse_model_args(model_arg))
+        loaded = load_model(model, weights, model_args=parse_model_args(model_arg), device=use_runtime(threads, device))
         module = loaded.require_torch("an attack")
         check_output(attack, loaded.format, out)
         ds = load_data(data) if data is not None else None
@@ -227,6 +235,8 @@ def evaluate(
     low: LowOption = None,
     high: HighOption = None,
     quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    threads: ThreadsOption = None,
+    device: DeviceOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Measure every marker method against every attack: trigger ratio, detection rate vs N_S, key size, false alarms.
@@ -245,7 +255,7 @@ def evaluate(
         spec_list = [s.strip() for s in specs.split(",") if s.strip()] or list(DEFAULT_SPECS)
         method_params = _named_params(method_param, "--method-param")
         attack_params = _named_params(attack_param, "--attack-param")
-        m = load_model(model, weights, model_args=parse_model_args(model_arg))
+        m = load_model(model, weights, model_args=parse_model_args(model_arg), device=use_runtime(threads, device))
         ds = load_data(data, low=low, high=high)
         if ds.y is None:
             fail(f"{data} has no labels: the evaluation needs labelled data (accuracy, attacks)")
@@ -352,12 +362,14 @@ def _summary(ev: Evaluation, out: Path) -> None:
 def demo(
     fresh: Annotated[bool, typer.Option("--fresh", help="Retrain the demo model instead of using the cached one.")] = False,
     seed: SeedOption = 0,
+    threads: ThreadsOption = None,
+    device: DeviceOption = None,
 ) -> None:
     """Train a small CNN, fingerprint it, serve it over HTTP, and verify it intact and tampered."""
     with handled():
         from ..demo import run_demo
 
-        ok = run_demo(fresh=fresh, seed=seed, console=console)
+        ok = run_demo(fresh=fresh, seed=seed, console=console, threads=threads, device=device)
         raise typer.Exit(0 if ok else 2)
 
 

@@ -14,6 +14,7 @@ from ._options import (
     AllowUnsignedOption,
     DataOption,
     DecryptKeyOption,
+    DeviceOption,
     EncryptKeyOption,
     FingerprintArgument,
     HighOption,
@@ -25,11 +26,13 @@ from ._options import (
     PassphraseEnvOption,
     SeedOption,
     SignKeyOption,
+    ThreadsOption,
     TrustKeyOption,
     UnsignedOption,
     WeightsOption,
     load_fingerprint_from_options,
     save_fingerprint_from_options,
+    use_runtime,
 )
 
 
@@ -79,6 +82,8 @@ def fingerprint(
     unsigned: UnsignedOption = False,
     passphrase_env: PassphraseEnvOption = None,
     encrypt_key: EncryptKeyOption = None,
+    threads: ThreadsOption = None,
+    device: DeviceOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Generate a fingerprint from the real weights (owner side), signed with your key."""
@@ -101,7 +106,7 @@ def fingerprint(
         if noise is not None:
             params, tolerance = noise_settings(load_noise(noise), name, params, tolerance)
         generator = get_method(name, **params)
-        m = load_model(model, weights, model_args=parse_model_args(model_arg))
+        m = load_model(model, weights, model_args=parse_model_args(model_arg), device=use_runtime(threads, device))
         ds = load_data(data, low=low, high=high)
         notes: list[str] = []
         weak = pairing_warning(name, spec) if choice is None else None  # the user's own pairing, measured weak
@@ -231,9 +236,14 @@ def calibrate(
     safety: Annotated[float, typer.Option("--safety", help="Suggested δ = safety × noise floor.")] = 10.0,
     low: LowOption = None,
     high: HighOption = None,
+    threads: ThreadsOption = None,
+    device: DeviceOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Measure max |Δlogit| between runtimes (batch sizes, threads, TorchScript, ONNX): the noise floor for δ."""
+    """Measure max |Δlogit| between runtimes (batch sizes, threads, TorchScript, ONNX): the noise floor for δ.
+
+    The reference (eager, batch 64) runs with --threads; the threadsN runtimes with N threads each.
+    """
     with handled():
         from rich.table import Table
 
@@ -242,7 +252,7 @@ def calibrate(
         from ..owner import calibrate as cal
 
         names = cal.parse_runtimes(runtimes)
-        m = load_model(model, weights, model_args=parse_model_args(model_arg))
+        m = load_model(model, weights, model_args=parse_model_args(model_arg), device=use_runtime(threads, device))
         ds = load_data(data, low=low, high=high)
         with progress_bar("calibrating runtimes") as update:
             report = cal.measure_noise(m, ds.x, names, samples=samples, seed=seed, progress=update)

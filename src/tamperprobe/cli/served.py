@@ -35,6 +35,7 @@ from ._common import console, err_console, fail, handled
 from ._options import (
     AllowUnsignedOption,
     DecryptKeyOption,
+    DeviceOption,
     FingerprintArgument,
     HistoryOption,
     JsonOption,
@@ -44,6 +45,7 @@ from ._options import (
     TrustKeyOption,
     WeightsOption,
     load_fingerprint_from_options,
+    use_runtime,
 )
 
 if TYPE_CHECKING:
@@ -207,6 +209,7 @@ def verify(
     template: TemplateOption = None,
     seed: RequestSeedOption = None,
     threads: ThreadsOption = None,
+    device: DeviceOption = None,
     trust_key: TrustKeyOption = None,
     allow_unsigned: AllowUnsignedOption = False,
     decrypt_key: DecryptKeyOption = None,
@@ -229,7 +232,7 @@ def verify(
             fail("give exactly one of --model or --endpoint")
         fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key)
         if model is not None:
-            loaded = load_model(model, weights, model_args=parse_model_args(model_arg))
+            loaded = load_model(model, weights, model_args=parse_model_args(model_arg), device=use_runtime(threads, device))
             target: Target = LocalTarget(loaded, input_spec=fp.input_spec, threads=threads)
         else:
             target = _endpoint_target(fp, ctx.params)
@@ -302,6 +305,8 @@ def serve_cmd(
     idle_timeout: Annotated[int, typer.Option("--idle-timeout", help="Seconds an idle kept-alive connection stays open.")] = 5,
     tls_cert: Annotated[Optional[Path], typer.Option("--tls-cert", help="Serve HTTPS with this certificate (PEM; with --tls-key).")] = None,
     tls_key: Annotated[Optional[Path], typer.Option("--tls-key", help="Private key of --tls-cert (PEM).")] = None,
+    threads: ThreadsOption = None,
+    device: DeviceOption = None,
 ) -> None:
     """Serve a model over the Open Inference Protocol (KServe v2 REST, as Triton and MLServer do).
 
@@ -324,8 +329,10 @@ def serve_cmd(
             body_timeout=body_timeout,
             idle_timeout=idle_timeout,
         )
-        # with a factory's arguments the model is loaded here; the server takes a loaded model as it is
-        to_serve: Any = load_model(model, weights, model_args=parse_model_args(model_arg)) if model_arg else model
+        # with a factory's arguments or a device the model is loaded here; the server takes a loaded model as it is
+        dev = use_runtime(threads, device)
+        preload = bool(model_arg) or device is not None
+        to_serve: Any = load_model(model, weights, model_args=parse_model_args(model_arg), device=dev) if preload else model
         serve(
             to_serve,
             host=host,
@@ -333,7 +340,7 @@ def serve_cmd(
             name=name,
             output_spec=output_spec,
             token=read_token(token_env, token_file),
-            weights=None if model_arg else weights,
+            weights=None if preload else weights,
             input_shape=input_shape,
             fingerprint=fp,
             max_batch=max_batch,

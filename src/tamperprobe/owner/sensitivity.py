@@ -442,16 +442,16 @@ def naive_sensitivity(model: Model, x: torch.Tensor, params: Sequence[str], outp
     out = []
     with torch.enable_grad(), quiet(), _grad_on(plist):
         for b in range(x.shape[0]):
-            z = as_logits(module(x[b : b + 1].double()))[0]
+            z = as_logits(module(x[b : b + 1].to(plist[0].device).double()))[0]
             if output == "softmax":
-                off = 1.0 - torch.eye(z.shape[0], dtype=z.dtype)
+                off = 1.0 - torch.eye(z.shape[0], dtype=z.dtype, device=z.device)
                 f = 1.0 / (1.0 + (torch.exp(z[None, :] - z[:, None]) * off).sum(-1))
             else:
                 f = z
             total = 0.0 * f.sum()
             for i in range(f.shape[0]):
                 grads = torch.autograd.grad(f[i], plist, create_graph=True, retain_graph=True, allow_unused=True)
-                total = total + sum((g.square().sum() for g in grads if g is not None), torch.zeros((), dtype=torch.float64))
+                total = total + sum((g.square().sum() for g in grads if g is not None), z.new_zeros(()))
             out.append(total)
     return torch.stack(out) if out else x.new_zeros((0,), dtype=torch.float64)
 

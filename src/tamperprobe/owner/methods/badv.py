@@ -32,16 +32,17 @@ def fgsm_direction(module: Any, x: np.ndarray, y: np.ndarray, chunk: int = 256) 
     """``sign(∇x cross_entropy(module(x), y))`` for each row of ``x``, as float32."""
     import torch
 
-    from ..._torch import as_logits, to_tensor
+    from ..._torch import as_logits, module_device, to_tensor
 
     out = []
+    device = module_device(module)
     for i in range(0, len(x), chunk):
-        xt = to_tensor(x[i : i + chunk]).requires_grad_(True)
-        yt = torch.from_numpy(np.asarray(y[i : i + chunk], dtype=np.int64))
+        xt = to_tensor(x[i : i + chunk]).to(device).requires_grad_(True)
+        yt = torch.from_numpy(np.asarray(y[i : i + chunk], dtype=np.int64)).to(device)
         with torch.enable_grad():
             loss = torch.nn.functional.cross_entropy(as_logits(module(xt)).float(), yt, reduction="sum")
             (g,) = torch.autograd.grad(loss, xt)
-        out.append(torch.sign(g).numpy().astype(np.float32))
+        out.append(torch.sign(g).cpu().numpy().astype(np.float32))
     return np.concatenate(out) if out else np.zeros_like(x, dtype=np.float32)
 
 

@@ -111,7 +111,7 @@ class SensitiveSamples(Method):
         route = Sensitivity(model, names, self.output)
         idx = sample_indices(len(data), bag, rng)
         seeds = np.ascontiguousarray(data.x[idx], dtype=np.float32)
-        x0 = torch.from_numpy(seeds.copy())
+        x0 = torch.from_numpy(seeds.copy()).to(model.device)  # the whole ascent runs where the model does
         low, high = float(data.low), float(data.high)
 
         def project(v: torch.Tensor, origin: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
@@ -129,14 +129,14 @@ class SensitiveSamples(Method):
 
         s_seed, grad = route.value_and_grad(x0, autocast=self.autocast)
         best_s, best_x = s_seed.clone(), x0.clone()
-        ran = torch.zeros(bag, dtype=torch.int64)  # steps each sample took before it left
+        ran = torch.zeros(bag, dtype=torch.int64, device=x0.device)  # steps each sample took before it left
         # the samples still climbing, compacted: rows of the bag, iterate, best so far, Adam's moments, stall count
-        rows = torch.arange(bag)
+        rows = torch.arange(bag, device=x0.device)
         origin = x0.double().reshape(bag, -1)
         radius = self.epsilon * origin.norm(dim=1)
         x, top_x, top_s = x0.clone(), x0.clone(), s_seed.clone()
         m1, m2 = torch.zeros_like(x), torch.zeros_like(x)
-        stall = torch.zeros(bag, dtype=torch.int64)
+        stall = torch.zeros(bag, dtype=torch.int64, device=x0.device)
         done = 0
         for step in range(1, self.steps + 1):
             if len(rows) == 0:
@@ -164,12 +164,12 @@ class SensitiveSamples(Method):
             worse = best_s < s_seed
             best_x[worse], best_s[worse] = x0[worse], s_seed[worse]
         return Bag(
-            inputs=best_x.numpy().astype(np.float32),
+            inputs=best_x.cpu().numpy().astype(np.float32),
             seeds=seeds,
             info={
-                "sensitivity_seed": s_seed.numpy().astype(np.float64),
-                "sensitivity": best_s.numpy().astype(np.float64),
-                "ascent_steps": ran.numpy(),
+                "sensitivity_seed": s_seed.cpu().numpy().astype(np.float64),
+                "sensitivity": best_s.cpu().numpy().astype(np.float64),
+                "ascent_steps": ran.cpu().numpy(),
                 "steps": done,
                 "params": list(names),
             },

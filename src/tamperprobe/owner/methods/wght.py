@@ -53,7 +53,7 @@ def perturb_weights(module: Any, epsilon: float, seed: int, *, relative: bool = 
         with torch.no_grad():
             for _, p in params:
                 sign = (rng.integers(0, 2, size=tuple(p.shape)) * 2 - 1).astype(np.float32)
-                delta = torch.from_numpy(sign).to(p.dtype) * float(epsilon)
+                delta = torch.from_numpy(sign).to(p.device, p.dtype) * float(epsilon)
                 if relative:
                     delta = delta * p.detach().abs()
                 p.add_(delta)
