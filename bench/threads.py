@@ -19,6 +19,7 @@ round, interleaved, for ``--rounds`` rounds after a warm-up; the tables give min
 the ratio of each thread count's median to the 1-thread median.
 
     python bench/threads.py --out bench/results/threads.md
+    OMP_WAIT_POLICY=PASSIVE python bench/threads.py --out threads-passive.md   # sleeping instead of spinning
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+#: libgomp reads its wait policy when torch loads; tamperprobe sets PASSIVE only if torch is not loaded yet
+#: (here it is), so this run measures the policy of the environment it was started in.
+WAIT_POLICY = os.environ.get("OMP_WAIT_POLICY") or "unset (libgomp's default: waiting threads spin)"
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 RESNET = SHARED / "models" / "cifar10_resnet56"
@@ -136,7 +140,8 @@ def main() -> None:
         f"# Torch threads under load ({datetime.now(UTC).date()})",
         "",
         f"`python bench/threads.py {' '.join(sys.argv[1:])}` at {head}: {platform.processor() or platform.machine()}, "
-        f"{os.cpu_count()} cores (shared with other jobs), torch {torch.__version__}, {args.rounds} interleaved rounds after a warm-up. "
+        f"{os.cpu_count()} cores (shared with other jobs), torch {torch.__version__}, OMP_WAIT_POLICY {WAIT_POLICY}, "
+        f"{args.rounds} interleaved rounds after a warm-up. "
         "`load +N`: N extra one-thread busy processes of ours besides whatever else ran. "
         "Ratio: median ÷ the 1-thread median of the same workload and condition.",
     ]

@@ -28,7 +28,15 @@ only wires options to these calls) and ``demo``. Private helpers: ``_torch``, ``
 
 from __future__ import annotations
 
+import os as _os
+
 __version__ = "0.1.0"
+
+# torch's OpenMP threads spin while they wait for each other; on a machine whose cores other jobs
+# keep busy, a spinning thread holds a core its partner needs, and two threads ran 4-86x slower
+# than one (bench/results/threads.md). Sleeping instead removes that collapse. It takes effect only
+# if torch was not imported before tamperprobe, and a value the user set is kept.
+_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from .data import Dataset, InputSpec, load_data
 from .errors import TamperprobeError

@@ -7,10 +7,13 @@ wide a model runs (``use_threads``, ``resolve_device``, ``module_device``). Impo
 imports torch.
 
 **Threads.** torch starts one intra-op thread per core. On a small machine shared with other
-jobs a parallel region waits for its slowest thread, and that thread waits for a core: on 2
-shared cores, 2 threads made generation and inference 4–20× slower than one
-(``bench/results/threads.md``). So tamperprobe runs models on ``DEFAULT_THREADS`` = 1 thread
-unless told otherwise (``--threads N`` or ``$TAMPERPROBE_THREADS``; 0 keeps torch's default).
+jobs a parallel region waits for its slowest thread, and that thread waits for a core while its
+partners spin: on 2 shared cores, torch's default of 2 threads made generation and inference
+4–86× slower than one (``bench/results/threads.md``). So the command line runs models on
+``DEFAULT_THREADS`` = 1 thread unless told otherwise (``--threads N`` or ``$TAMPERPROBE_THREADS``;
+0 keeps torch's default), and ``import tamperprobe`` asks OpenMP to let waiting threads sleep
+(``OMP_WAIT_POLICY=PASSIVE``, see the package's ``__init__``), which removes the collapse for any
+thread count, library callers' included.
 
 **Devices.** A model lives on one device (``module_device``); every helper here moves its
 inputs there and brings outputs back to the CPU as float32, so callers keep handing in and

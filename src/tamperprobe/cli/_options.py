@@ -36,8 +36,8 @@ ThreadsOption = Annotated[
     typer.Option(
         "--threads",
         help="Torch threads for running the model (default: $TAMPERPROBE_THREADS, else 1; 0: torch's default of one per core). "
-        "One, because on a machine shared with other jobs more threads wait for each other: on 2 busy cores, 2 threads made "
-        "generation and inference 4-20x slower (bench/results/threads.md). Raise it on an idle machine with many cores.",
+        "One, because on a machine shared with other jobs more threads wait for each other: on 2 busy cores, torch's default of 2 "
+        "threads made generation and inference 4-86x slower than one (bench/results/threads.md). Raise it on an idle machine with many cores.",
         show_default=False,
     ),
 ]
