@@ -17,6 +17,7 @@ from ._options import (
     EncryptKeyOption,
     FingerprintArgument,
     HighOption,
+    HistoryOption,
     JsonOption,
     LowOption,
     ModelArgOption,
@@ -221,9 +222,10 @@ def inspect(
     trust_key: TrustKeyOption = None,
     allow_unsigned: AllowUnsignedOption = False,
     decrypt_key: DecryptKeyOption = None,
+    history_path: HistoryOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Summarise a fingerprint file (after checking its signature)."""
+    """Summarise a fingerprint file (after checking its signature), with how much of its pool the history records as used."""
     with handled():
         from .._extras import require
         from ..describe import describe, save_grid, summary
@@ -233,15 +235,42 @@ def inspect(
         fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key)
         if png is not None:
             save_grid(fp, png)
+        usage = _pool_usage(fp, history_path)
         if as_json:
-            print_json({**summary(fp), "png": png})
+            print_json({**summary(fp), "pool_usage": usage, "png": png})
             return
         rows = describe(fp)
+        if usage is not None:
+            rows.append(("pool use", usage["text"]))
         width = max(len(k) for k, _ in rows) + 2
         for key, value in rows:
             console.print(f"[bold]{escape(key.ljust(width))}[/]{escape(value)}", highlight=False, soft_wrap=True)
         if png is not None:
             console.print(f"wrote {png}")
+
+
+def _pool_usage(fp, history_path: Path | None) -> dict | None:
+    """What the history records of ``fp``'s pool (default plan), or None when the fingerprint cannot be drawn from."""
+    from ..errors import UsageError
+    from ..served import history, pool
+
+    try:
+        plan = pool.plan(fp)
+    except UsageError:
+        return None
+    try:
+        state = pool.status(fp, plan, history_path)
+    except history.HistoryError as exc:
+        return {"text": f"history unreadable: {exc}", "error": str(exc)}
+    return {
+        "text": state.describe().split(": ", 1)[1],
+        "used_markers": state.used_markers,
+        "used_decoys": state.used_decoys,
+        "markers_per_run": plan.markers,
+        "decoys_per_run": plan.decoys,
+        "runs_left": state.runs_left,
+        "runs_total": state.runs_total,
+    }
 
 
 def calibrate(

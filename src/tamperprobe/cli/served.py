@@ -397,16 +397,28 @@ def history_cmd(
     since: Annotated[Optional[str], typer.Option("--since", help="Only runs since an ISO time or a duration ago (24h, 7d).")] = None,
     limit: Annotated[int, typer.Option("--limit", help="At most this many runs, newest first.")] = 50,
     run: Annotated[Optional[int], typer.Option("--run", help="Show the markers of this run instead.")] = None,
+    pool_use: Annotated[bool, typer.Option("--pool", help="Show the pool ledger instead: markers and decoys drawn per fingerprint.")] = False,
     as_json: JsonOption = False,
     history_path: HistoryOption = None,
 ) -> None:
-    """List past verifications recorded by verify and watch."""
+    """List past verifications recorded by verify and watch (or, with --pool, what each fingerprint's pool has used)."""
     with handled():
         from ..served import history
         from ..served.untrusted import clean
 
         if verdict and verdict.upper() not in ("INTACT", "TAMPERED", "INCONCLUSIVE"):
             fail(f"bad --verdict {verdict!r}: INTACT, TAMPERED or INCONCLUSIVE")
+        if pool_use:
+            if run is not None:
+                fail("give --pool or --run, not both")
+            rows = history.pool_usage(history_path, fingerprint)
+            if as_json:
+                console.print_json(json.dumps(rows))
+            elif rows:
+                _print_pool(rows)
+            else:
+                console.print("no markers drawn" + (" for this fingerprint" if fingerprint else ""))
+            return
         if run is not None:
             rows = history.markers(run, path=history_path)
             if not rows:
@@ -425,6 +437,19 @@ def history_cmd(
             console.print("no runs recorded" + (" match these filters" if any((endpoint, verdict, fingerprint, since)) else ""))
 
 
+def _print_pool(rows: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table(title="pool ledger: markers and decoys drawn (each is never sent again; times UTC)")
+    for col in ("fingerprint", "markers", "decoys", "draws", "first", "last"):
+        table.add_column(col, no_wrap=col == "fingerprint")
+    for r in rows:
+        first, last = (escape(str(r[k])[:19].replace("T", " ")) for k in ("first", "last"))
+        table.add_row(escape(str(r["fingerprint"])), str(r["markers"]), str(r["decoys"]), str(r["draws"]), first, last)
+    console.print(table)
+    console.print("runs left: tamperprobe inspect FP (or the line watch prints)", highlight=False)
+
+
 def _print_markers(run: int, rows: list[dict]) -> None:
     from rich.table import Table
 
@@ -435,7 +460,7 @@ def _print_markers(run: int, rows: list[dict]) -> None:
         style = {"match": "green", "MISMATCH": "red"}.get(r["status"], "yellow")
         lat = "-" if r["latency"] is None else f"{r['latency'] * 1000:.0f} ms"
         table.add_row(
-            str(r["index"]),
+            f"d{r['index']}" if r.get("kind") == "decoy" else str(r["index"]),
             f"[{style}]{escape(str(r['status']))}[/]",
             escape(r["expected"] or ""),
             escape(r["observed"] or "-"),
@@ -473,7 +498,7 @@ def _print_runs(rows: list[dict]) -> None:
             colour = _COLOURS.get(r["verdict"], "yellow")
             console.print(
                 f"{r['id']:>4}  {escape(str(r['time'])[5:19].replace('T', ' '))}  [{colour}]{escape(str(r['verdict']))}[/]  "
-                f"{r['mismatched']}/{r['markers']} changed, {r['failed']} failed  {escape(str(r['output_spec']))}  "
+                f"{r['mismatched']}/{r['markers'] + (r.get('decoys') or 0)} changed, {r['failed']} failed  {escape(str(r['output_spec']))}  "
                 f"fp {escape(str(r['fingerprint'])[:8])}  signer {escape(_signed(r))}",
                 highlight=False,
                 soft_wrap=False,
@@ -486,7 +511,7 @@ def _print_runs(rows: list[dict]) -> None:
             str(r["id"]),
             escape(str(r["time"])[5:19].replace("T", " ")),
             f"[{_COLOURS.get(r['verdict'], 'yellow')}]{escape(str(r['verdict']))}[/]",
-            f"{r['mismatched']}/{r['markers']}",
+            f"{r['mismatched']}/{r['markers'] + (r.get('decoys') or 0)}",
             str(r["failed"]),
             escape(str(r["output_spec"])),
             escape(str(r["fingerprint"])[:8]),

@@ -31,7 +31,8 @@ recorded in the history before they are sent, and never re-sends one (a ``LocalT
 model file, gets every marker every run: it is not the party under suspicion). ``on_pool`` hears the
 pool's state before the first run; each report carries the runs left, and a warning says when
 few are left (``pool.Status.low``). When the pool cannot supply a run, the watch stops with exit
-code 2 (``exhausted``) and nothing is sent; a pool that cannot supply the first run, or a watch
+code 2 (``exhausted``) right after the run that used it up (or, should another process have
+used it meanwhile, at the next draw, and nothing is sent); a pool that cannot supply the first run, or a watch
 without a history (``record=False``), is refused before anything is sent, unless
 ``allow_repeat``. A draw that fails for another reason (the history locked or damaged) also
 stops the watch with 2: without the record, the markers could not be kept from repeating.
@@ -235,6 +236,9 @@ def watch(
                 result = WatchResult(EXIT_ERROR, number, report, f"{streak} INCONCLUSIVE runs in a row", gave_up=True)
             elif count and number >= count:
                 result = WatchResult(EXIT_INTACT if report.verdict == INTACT else EXIT_ERROR, number, report, f"{number} runs done")
+            elif report.runs_left == 0 and not allow_repeat:  # stop now rather than wait an interval to be refused
+                reason = f"watch stopped after run {number}: the pool of fingerprint {fp.id} is used up (every marker was sent once)"
+                result = WatchResult(EXIT_ERROR, number, report, reason + "; generate a new fingerprint", gave_up=True, exhausted=True)
             # 4: the record, after the alarm
             if record:
                 try:
