@@ -129,6 +129,8 @@ def test_no_marker_is_sent_twice_across_runs_and_a_used_up_pool_is_refused(world
     assert (usage["fingerprint"], usage["markers"], usage["decoys"], usage["draws"]) == (fp.id, 12, 12, 6)
     h = run("history", "--pool", "--history", hist)
     assert h.exit_code == 0 and fp.id in h.stdout
+    shown = json.loads(run("inspect", world["fp_path"], "--history", hist, "--json").stdout)["pool_usage"]
+    assert (shown["used_markers"], shown["used_decoys"], shown["runs_left"]) == (12, 12, 0)
 
 
 def test_a_watch_stops_with_exit_2_when_the_pool_runs_out(world, tmp_path):

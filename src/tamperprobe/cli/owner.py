@@ -145,7 +145,10 @@ def fingerprint(
         plan = pool.plan(fp)
         runs = pool.capacity(fp, plan)
         if decoys is None and fp.decoys < len(fp):
-            notes.append(f"only {fp.decoys} decoys: the data holds no more natural inputs that fed no marker")
+            notes.append(
+                f"only {fp.decoys} decoys (the data holds no more natural inputs that fed no marker): runs get {plan.decoys} "
+                f"a run by default, so that they last as long as the markers; more data gives more decoys"
+            )
             _warn(notes[-1])
         chosen = fp.generator["selection"]
         if chosen != select:

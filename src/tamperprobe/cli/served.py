@@ -83,7 +83,8 @@ PerRunOption = Annotated[
 DecoysOption = Annotated[
     Optional[float],
     typer.Option(
-        "--decoys", help="Decoys (natural inputs with known answers) per marker, mixed into each run (default: 1 if the fingerprint has them)."
+        "--decoys",
+        help="Decoys (natural inputs with known answers) per marker mixed into each run (default: 1, or as many as last as long as the markers).",
     ),
 ]
 AllowRepeatOption = Annotated[
@@ -628,7 +629,7 @@ def watch_cmd(
     is used up. Each run prints its verdict, then runs --hook (on TAMPERED and on the first
     INCONCLUSIVE run of a streak), then is written to the history. The hook sees TAMPERPROBE_VERDICT, _SUMMARY,
     _ENDPOINT (without credentials), _PROTOCOL, _FINGERPRINT, _FINGERPRINT_FILE, _SIGNER, _MARKERS,
-    _MISMATCHED, _FAILED, _RUN and _TIME. --deadline bounds each run. Ctrl-C (or SIGTERM) stops
+    _DECOYS, _MISMATCHED, _FAILED, _RUN, _TIME and _RUNS_LEFT. --deadline bounds each run. Ctrl-C (or SIGTERM) stops
     cleanly with a summary: exit 0 if the last complete run was INTACT, 2 if it was INCONCLUSIVE
     or none completed.
     """

@@ -136,7 +136,8 @@ def _units(fp: Fingerprint) -> tuple[list[list[int]], int]:
 def plan(fp: Fingerprint, per_run: int | None = None, decoys: float | None = None) -> Plan:
     """Markers and decoys per run: ``per_run`` markers (default the fingerprint's ``per_run``, else
     ``DEFAULT_PER_RUN`` or the whole pool if smaller, in whole units) and ``round(decoys × markers)``
-    decoys (default 1 per marker when the fingerprint holds decoys, else none)."""
+    decoys. By default one decoy per marker, or fewer when the fingerprint holds too few decoys to
+    last as long as its markers (none when it holds none): the decoys then never end the pool early."""
     _, unit = _units(fp)
     what = "unit" if unit == 1 else ("pair" if unit == 2 else f"group of {unit}")
     if per_run is None:
@@ -149,7 +150,11 @@ def plan(fp: Fingerprint, per_run: int | None = None, decoys: float | None = Non
         raise UsageError(f"--per-run {per_run} is not a whole number of {what}s of {unit} markers (both halves of a pair go in one run)")
     if per_run > len(fp):
         raise UsageError(f"--per-run {per_run} is more than the {len(fp)} markers the fingerprint holds")
-    ratio = (1.0 if fp.decoys else 0.0) if decoys is None else decoys
+    if decoys is None:  # one per marker, but never so many that the decoys run out before the markers
+        marker_runs = (len(fp) // unit) // (per_run // unit)
+        n_decoys = min(per_run, fp.decoys // max(1, marker_runs))
+        return Plan(per_run, n_decoys, unit)
+    ratio = decoys
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not math.isfinite(ratio) or ratio < 0:
         raise UsageError(f"--decoys must be a finite ratio >= 0 (decoys per marker), got {decoys!r}")
     n_decoys = int(round(ratio * per_run))
@@ -232,16 +237,18 @@ def draw(
 
     def choose(used: dict[str, set[int]]) -> dict[str, list[int]]:
         free_u = _free_units(members, used.get("marker", set()))
-        free_d = [j for j in range(fp.decoys) if j not in used.get("decoy", set())]
+        used_d = used.get("decoy", set())
+        free_d = [j for j in range(fp.decoys) if j not in used_d]
         short_u, short_d = max(0, per_unit - len(free_u)), max(0, p.decoys - len(free_d))
         if (short_u or short_d) and not allow_repeat:
             raise _exhausted(fp, p, len(free_u), len(free_d), len(members))
         units = rand.sample(free_u, per_unit - short_u)
         decoys = rand.sample(free_d, p.decoys - short_d)
         if short_u:  # allow_repeat: fill up with units sent before
-            units += rand.sample([u for u in range(len(members)) if u not in set(free_u)], short_u)
+            fresh = set(free_u)
+            units += rand.sample([u for u in range(len(members)) if u not in fresh], short_u)
         if short_d:
-            decoys += rand.sample([j for j in range(fp.decoys) if j not in set(free_d)], short_d)
+            decoys += rand.sample(sorted(used_d & set(range(fp.decoys))), short_d)
         counts.update(units=len(free_u) - (per_unit - short_u), decoys=len(free_d) - (p.decoys - short_d))
         counts["repeated"] = short_u * p.unit + short_d
         return {"marker": sorted(i for u in units for i in members[u]), "decoy": sorted(decoys)}

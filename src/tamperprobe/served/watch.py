@@ -41,9 +41,10 @@ The hook is a shell command run with these environment variables, every value ma
 ``untrusted.clean`` and the endpoint shown without credentials or query values:
 ``TAMPERPROBE_VERDICT``, ``TAMPERPROBE_SUMMARY``, ``TAMPERPROBE_ENDPOINT``,
 ``TAMPERPROBE_PROTOCOL``, ``TAMPERPROBE_FINGERPRINT`` (id), ``TAMPERPROBE_FINGERPRINT_FILE``,
-``TAMPERPROBE_SIGNER`` (key id, empty when unsigned), ``TAMPERPROBE_MARKERS``,
-``TAMPERPROBE_MISMATCHED``, ``TAMPERPROBE_FAILED``, ``TAMPERPROBE_RUN`` (1, 2, ... within this
-watch) and ``TAMPERPROBE_TIME`` (UTC ISO). The hook runs before the history write, so it gets no
+``TAMPERPROBE_SIGNER`` (key id, empty when unsigned), ``TAMPERPROBE_MARKERS`` and
+``TAMPERPROBE_DECOYS`` (sent in the run), ``TAMPERPROBE_MISMATCHED`` and ``TAMPERPROBE_FAILED``
+(markers and decoys), ``TAMPERPROBE_RUN`` (1, 2, ... within this watch), ``TAMPERPROBE_TIME``
+(UTC ISO) and ``TAMPERPROBE_RUNS_LEFT`` (runs the pool can still supply; empty when unknown). The hook runs before the history write, so it gets no
 history run id. A failing hook is reported as a warning and does not stop the watch.
 """
 
@@ -117,11 +118,13 @@ def hook_environment(run: WatchRun, *, endpoint: str, protocol: str, fingerprint
         "TAMPERPROBE_FINGERPRINT": r.fingerprint_id,
         "TAMPERPROBE_FINGERPRINT_FILE": fingerprint_file,
         "TAMPERPROBE_SIGNER": r.signer or "",
-        "TAMPERPROBE_MARKERS": str(len(r.markers)),
+        "TAMPERPROBE_MARKERS": str(r.marker_count),
+        "TAMPERPROBE_DECOYS": str(r.decoy_count),
         "TAMPERPROBE_MISMATCHED": str(r.mismatched),
         "TAMPERPROBE_FAILED": str(r.failed),
         "TAMPERPROBE_RUN": str(run.number),
         "TAMPERPROBE_TIME": run.time,
+        "TAMPERPROBE_RUNS_LEFT": "" if r.runs_left is None else str(r.runs_left),
     }
     return {k: clean(v, 1000) for k, v in values.items()}
 
