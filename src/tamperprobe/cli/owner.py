@@ -163,7 +163,7 @@ def fingerprint(
             )
             with_decoys = f" + {plan.decoys} decoys" if plan.decoys else ""
             console.print(
-                f"query budget: {plan.markers} markers{with_decoys} per run against an endpoint, each sent once: {runs} runs from this pool",
+                f"query budget: {plan.markers} markers{with_decoys} a run, each sent once: {runs} runs in the pool",
                 highlight=False,
                 soft_wrap=True,
             )
