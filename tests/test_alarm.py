@@ -1,5 +1,8 @@
 """The alarm comes first: a broken history never costs the verdict, the hook or the exit code; Ctrl-C is a clean stop.
 
+(A broken history does stop fresh pool draws, which need it to record what was sent: those
+runs are refused before anything is sent, tests/test_pool.py; with --allow-repeat they go on.)
+
 Real components: the reference server on 127.0.0.1, real SQLite files (locked by another
 connection, damaged, a folder in their place, under a file or an unwritable folder), the CLI
 in-process, hooks as real shell commands, real signals.
@@ -87,7 +90,7 @@ def test_verify_tampered_with_broken_history_prints_and_exits_1(world, tmp_path,
     path, holder = _broken_history(kind, tmp_path)
     try:
         with ServerThread(world["tampered"], name="m", input_shape=SHAPE) as srv:
-            r = run("verify", world["fp"], "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--history", path)
+            r = run("verify", world["fp"], "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--history", path, "--allow-repeat")
     finally:
         if holder is not None:
             holder.close()
@@ -103,7 +106,21 @@ def test_watch_tampered_with_broken_history_runs_the_hook_and_exits_1(world, tmp
     hook_out = tmp_path / "hook.jsonl"
     try:
         with ServerThread(world["tampered"], name="m", input_shape=SHAPE) as srv:
-            args = ["watch", world["fp"], "--endpoint", srv.url, "--model-name", "m", "--every", "0s", "--count", "3", "--retries", "0"]
+            args = [
+                "watch",
+                world["fp"],
+                "--endpoint",
+                srv.url,
+                "--model-name",
+                "m",
+                "--every",
+                "0s",
+                "--count",
+                "3",
+                "--retries",
+                "0",
+                "--allow-repeat",
+            ]
             r = run(*args, "--history", path, "--hook", _hook(hook_out))
     finally:
         if holder is not None:
@@ -163,11 +180,12 @@ def _interrupting_server(model, signum, at_request):
 
 def test_ctrl_c_after_an_intact_run_is_a_clean_stop_exit_0(world, tmp_path):
     hist = tmp_path / "h.sqlite"
-    with _interrupting_server(world["intact"], signal.SIGINT, at_request=8) as srv:  # at run 2's second marker
-        r = run("watch", world["fp"], "--endpoint", srv.url, "--model-name", "m", "--every", "0s", "--retries", "0", "--history", hist)
+    with _interrupting_server(world["intact"], signal.SIGINT, at_request=5) as srv:  # at run 2's second marker
+        args = ["--every", "0s", "--retries", "0", "--history", hist, "--per-run", "3"]
+        r = run("watch", world["fp"], "--endpoint", srv.url, "--model-name", "m", *args)
     assert r.exit_code == 0, (r.stdout, r.stderr)
     lines = r.stdout.strip().splitlines()
-    assert sum("INTACT: all 6 markers match" in line for line in lines) == 1  # run 1 only: the interrupted run 2 is never reported
+    assert sum("INTACT: all 3 markers match" in line for line in lines) == 1  # run 1 only: the interrupted run 2 is never reported
     assert lines[-1].startswith("stopped: watch interrupted after 1 complete run(s)") and lines[-1].endswith("was INTACT")
     assert [row["verdict"] for row in history.runs(hist)] == ["INTACT"]
     assert "Traceback" not in r.stderr and "error" not in r.stderr
@@ -176,7 +194,7 @@ def test_ctrl_c_after_an_intact_run_is_a_clean_stop_exit_0(world, tmp_path):
 def test_sigterm_before_any_run_completes_exits_2_nothing_verified(world, tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     with _interrupting_server(world["intact"], signal.SIGTERM, at_request=2) as srv:
-        r = run("watch", world["fp"], "--endpoint", srv.url, "--model-name", "m", "--every", "0s", "--retries", "0", "--no-history")
+        r = run("watch", world["fp"], "--endpoint", srv.url, "--model-name", "m", "--every", "0s", "--retries", "0", "--per-run", "3")
     assert r.exit_code == 2, (r.stdout, r.stderr)
     assert r.stdout.strip().splitlines()[-1] == "stopped: watch interrupted before any run completed: nothing verified"
     assert "INTACT" not in r.stdout
@@ -184,19 +202,19 @@ def test_sigterm_before_any_run_completes_exits_2_nothing_verified(world, tmp_pa
 
 
 def test_ctrl_c_after_an_inconclusive_run_exits_2(world, tmp_path):
-    """Run 1 fails (HTTP 500 on every marker), run 2 is interrupted: the last complete verdict is INCONCLUSIVE, exit 2."""
+    """Run 1 fails (HTTP 500 on each of its 3 markers), run 2 is interrupted: the last complete verdict is INCONCLUSIVE, exit 2."""
     calls = []
 
     def respond(req, out):
         if req.path.endswith("/infer"):
             calls.append(req)
-            if len(calls) == 7:
+            if len(calls) == 4:  # run 2's first marker
                 os.kill(os.getpid(), signal.SIGINT)
             reply(out, 500, {"error": "down"})
         else:
             kserve(world["intact"].logits)(req, out)
 
     with Scripted(respond) as srv:
-        r = run("watch", world["fp"], "--endpoint", srv.url, "--model-name", "m", "--every", "0s", "--retries", "0", "--no-history")
+        r = run("watch", world["fp"], "--endpoint", srv.url, "--model-name", "m", "--every", "0s", "--retries", "0", "--per-run", "3")
     assert r.exit_code == 2, (r.stdout, r.stderr)
     assert r.stdout.strip().splitlines()[-1].endswith("was INCONCLUSIVE")

@@ -97,7 +97,7 @@ def test_fingerprint_self_check_table_is_intact_at_80_columns(fingerprint_json):
     assert_fits(r.stdout)
     for row in json.loads(rj.stdout)["self_check"]:
         assert f"{row['attack']} (seed {row['seed']})" in r.stdout
-        assert f"{row['p']:.2f}" in r.stdout and f"{row['confidence']:.4f}" in r.stdout
+        assert f"{row['p']:.2f}" in r.stdout and f"{row['confidence_per_run']:.4f}" in r.stdout
 
 
 def test_fingerprint_with_model_arg_factory(factory, tmp_path):

@@ -580,9 +580,7 @@ def test_a_registered_client_verifies_against_the_reference_server(model, x, tmp
             assert all(m.latency is not None for m in report.markers)
         # the CLI finds it through the same registry
         save(fp, tmp_path / "fp.tpf")
-        r = CliRunner().invoke(
-            app, ["verify", str(tmp_path / "fp.tpf"), "--endpoint", srv.url, "--protocol", "tiny", "--model-name", "m", "--no-history"]
-        )
+        r = CliRunner().invoke(app, ["verify", str(tmp_path / "fp.tpf"), "--endpoint", srv.url, "--protocol", "tiny", "--model-name", "m"])
         assert r.exit_code == 0, r.output
         assert "INTACT" in r.stdout
 

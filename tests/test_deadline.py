@@ -57,9 +57,7 @@ def _dripping(where: str):
 @pytest.mark.parametrize("where", ["headers", "body"])
 def test_a_dripping_server_cannot_stretch_a_run_past_the_deadline(fp_path, where):
     with _dripping(where) as srv:
-        r = CliRunner().invoke(
-            app, ["verify", str(fp_path), "--endpoint", srv.url, "--protocol", "tfserving", "--deadline", "2s", "--timeout", "60", "--no-history"]
-        )
+        r = CliRunner().invoke(app, ["verify", str(fp_path), "--endpoint", srv.url, "--protocol", "tfserving", "--deadline", "2s", "--timeout", "60"])
     assert r.exit_code == 2, (r.stdout, r.stderr)
     assert r.stdout.strip().splitlines()[-1].startswith("INCONCLUSIVE: 3 of 3 markers got no usable answer")
     assert "deadline of 2 s reached" in r.stdout
@@ -76,7 +74,7 @@ def test_the_timeout_bounds_a_whole_attempt_not_each_read():
 @pytest.mark.parametrize("retry_after", ["100000", "Wed, 21 Oct 2099 07:28:00 GMT"])
 def test_a_huge_retry_after_ends_the_run_at_once(fp_path, retry_after):
     with Scripted(lambda req, out: reply(out, 503, {"error": "come back later"}, {"Retry-After": retry_after})) as srv:
-        r = CliRunner().invoke(app, ["verify", str(fp_path), "--endpoint", srv.url, "--protocol", "tfserving", "--retries", "5", "--no-history"])
+        r = CliRunner().invoke(app, ["verify", str(fp_path), "--endpoint", srv.url, "--protocol", "tfserving", "--retries", "5"])
         requests = len(srv.requests)
     assert r.exit_code == 2, (r.stdout, r.stderr)
     assert "HTTP 503: come back later (the server asks to retry after" in r.stdout
@@ -122,7 +120,7 @@ def test_watch_applies_the_deadline_to_every_run(fp_path):
         r = CliRunner().invoke(
             app,
             ["watch", str(fp_path), "--endpoint", srv.url, "--protocol", "tfserving", "--deadline", "1s", "--every", "0s", "--count", "2"]
-            + ["--timeout", "60", "--no-history"],
+            + ["--timeout", "60", "--per-run", "1"],
         )
     assert r.exit_code == 2, (r.stdout, r.stderr)
     assert r.stdout.count(INCONCLUSIVE) == 2 and r.stderr.count("deadline of 1 s reached") == 2

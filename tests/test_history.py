@@ -145,7 +145,7 @@ def test_a_version_1_history_is_upgraded_in_place(tmp_path):
     assert (old["target"], old["signer"], old["notes"]) == ("kserve:http://old", None, None)
     assert new["id"] == rid and new["verdict"] == TAMPERED
     with sqlite3.connect(path) as con:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == history.SCHEMA_VERSION == 2
+        assert con.execute("PRAGMA user_version").fetchone()[0] == history.SCHEMA_VERSION == 3
 
 
 def test_record_stores_inert_redacted_text_and_the_signer(tmp_path):

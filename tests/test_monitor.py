@@ -63,7 +63,9 @@ def test_verdict_gauge_goes_from_intact_to_tampered_when_the_model_is_swapped(mo
 
         client = make_client("kserve", srv.url, input_spec=fp.input_spec, classes=fp.classes, timeout=5, retries=0)
         result: dict = {}
-        worker = threading.Thread(target=lambda: result.update(r=watch(fp, client, every=0.2, on_run=on_run, record=False)), daemon=True)
+        worker = threading.Thread(
+            target=lambda: result.update(r=watch(fp, client, every=0.2, on_run=on_run, record=False, allow_repeat=True)), daemon=True
+        )
         worker.start()
         try:
             deadline = time.monotonic() + 30
@@ -105,7 +107,8 @@ def test_cli_watch_json_metrics_and_event_log(models, tmp_path):
                 "--count",
                 "2",
                 "--json",
-                "--no-history",
+                "--per-run",
+                "3",
                 "--metrics-port",
                 "0",
                 "--event-log",

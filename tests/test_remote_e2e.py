@@ -114,6 +114,8 @@ def test_cli_verify_endpoint_exit_codes_and_history(setup, served, tmp_path):
         "0",
         "--history",
         hist,
+        "--per-run",
+        "4",
     ]
     r = run("verify", setup["fp_path"], *common, env=env)
     assert r.exit_code == 0, r.stdout + r.stderr
@@ -156,6 +158,8 @@ def test_cli_watch(setup, served, tmp_path):
         "0",
         "--hook",
         hook,
+        "--per-run",
+        "2",
     ]
     r = run("watch", setup["fp_path"], *common, "--count", "2", env={"TP_TOKEN": "tok"})
     assert r.exit_code == 0, r.stdout + r.stderr
@@ -181,7 +185,10 @@ def test_cli_watch(setup, served, tmp_path):
         "2",
         "--retries",
         "0",
-        "--no-history",
+        "--history",
+        hist,
+        "--per-run",
+        "2",
         "--hook",
         hook,
     )
@@ -230,7 +237,7 @@ def test_cli_serve_subprocess(setup, tmp_path):
             assert proc.poll() is None, proc.stderr.read()
             assert time.monotonic() < deadline, "serve did not start"
             time.sleep(0.1)
-        r = run("verify", setup["fp_path"], "--endpoint", url, "--model-name", "digits", "--output-spec", "top1", "--no-history")
+        r = run("verify", setup["fp_path"], "--endpoint", url, "--model-name", "digits", "--output-spec", "top1")
         assert r.exit_code == 0, r.stdout + r.stderr
     finally:
         proc.terminate()

@@ -104,7 +104,7 @@ def _assert_no_secret(*texts):
 
 def _everything_stored(path):
     with sqlite3.connect(path) as con:
-        rows = con.execute("SELECT * FROM runs").fetchall() + con.execute("SELECT * FROM markers").fetchall()
+        rows = [*con.execute("SELECT * FROM runs"), *con.execute("SELECT * FROM markers"), *con.execute("SELECT * FROM drawn")]
     return json.dumps([[str(v) for v in row] for row in rows])
 
 
@@ -121,9 +121,10 @@ def test_no_credential_in_output_report_history_or_hook(world, tmp_path, credent
         else:
             endpoint, auth = f"http://{host}/?api_key={API_KEY}", ["--token-env", "TP_SECRET_TOKEN", "--header", f"X-Api-Key:{HEADER_KEY}"]
         common = [str(world["fp_path"]), "--endpoint", endpoint, "--protocol", "json", "--template", template, "--retries", "0", *auth]
-        v = CliRunner().invoke(app, ["verify", *common, "--history", str(hist)])
-        j = CliRunner().invoke(app, ["verify", *common, "--no-history", "--json"])
-        w = CliRunner().invoke(app, ["watch", *common, "--history", str(hist), "--every", "0s", "--count", "1", "--hook", hook])
+        common += ["--per-run", "1", "--history", str(hist)]
+        v = CliRunner().invoke(app, ["verify", *common])
+        j = CliRunner().invoke(app, ["verify", *common, "--json"])
+        w = CliRunner().invoke(app, ["watch", *common, "--every", "0s", "--count", "1", "--hook", hook])
         h = CliRunner().invoke(app, ["history", "--history", str(hist), "--json"])
         received = json.dumps([(r.path, r.headers) for r in srv.requests])
     assert v.exit_code == 2 and j.exit_code == 2 and w.exit_code == 2 and h.exit_code == 0, (v.stdout, v.stderr, w.stderr)
@@ -157,7 +158,7 @@ def test_token_file_and_empty_tokens_on_the_command_line(world, tmp_path, monkey
     empty_file.write_text("")
     monkeypatch.setenv("TP_EMPTY", "")
     with ServerThread(world["model"], name="m", input_shape=SHAPE, token=TOKEN) as srv:
-        common = ["verify", str(world["fp_path"]), "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--no-history"]
+        common = ["verify", str(world["fp_path"]), "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--per-run", "1"]
         ok = CliRunner().invoke(app, [*common, "--token-file", str(token_file)])
         assert ok.exit_code == 0, ok.stderr
         for extra, message in [

@@ -216,7 +216,7 @@ def test_tls_with_a_self_signed_certificate(model, certificate, tmp_path):
     fp_path = _fp(model, tmp_path)
     with ServerThread(model, name="m", input_shape=SHAPE, tls_cert=cert, tls_key=key) as srv:
         assert srv.url.startswith("https://")
-        common = ["verify", str(fp_path), "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--no-history"]
+        common = ["verify", str(fp_path), "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--per-run", "1"]
         ok = CliRunner().invoke(app, [*common, "--ca-cert", str(cert)])
         assert ok.exit_code == 0, ok.stdout + ok.stderr
         untrusted = CliRunner().invoke(app, common)  # the system's CAs do not know this certificate

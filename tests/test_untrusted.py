@@ -104,7 +104,7 @@ def test_json_report_and_hook_environment_are_inert(fp_file, tmp_path):
     hook_out = tmp_path / "env.json"
     code = f"import json, os; json.dump(dict(os.environ), open(r'{hook_out}', 'w'))"
     with Scripted(_evil) as srv:
-        common = [str(fp_file), "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--no-history"]
+        common = [str(fp_file), "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--per-run", "4"]
         r = CliRunner().invoke(app, ["verify", *common, "--json"])
         w = CliRunner().invoke(app, ["watch", *common, "--every", "0s", "--count", "1", "--hook", f'{sys.executable} -c "{code}"'])
     assert r.exit_code == 2 and w.exit_code == 2, (r.stderr, w.stderr)

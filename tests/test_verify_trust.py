@@ -107,12 +107,12 @@ def test_a_signed_fingerprint_records_its_signer(world, tmp_path):
 def test_an_unsigned_fingerprint_needs_the_opt_out_warns_every_run_and_is_recorded(world, tmp_path):
     hist = tmp_path / "h.sqlite"
     with Scripted(kserve(_model(0).logits)) as srv:
-        common = [str(world["unsigned"]), "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--history", str(hist)]
+        common = [str(world["unsigned"]), "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--history", str(hist), "--per-run", "1"]
         refused = CliRunner().invoke(app, ["verify", *common])
         assert refused.exit_code == EXIT_UNTRUSTED and "not signed" in refused.stderr and len(srv.requests) == 0
         v = CliRunner().invoke(app, ["verify", *common, "--allow-unsigned"])
         w = CliRunner().invoke(app, ["watch", *common, "--allow-unsigned", "--every", "0s", "--count", "3"])
-        j = CliRunner().invoke(app, ["verify", *common, "--allow-unsigned", "--json", "--no-history"])
+        j = CliRunner().invoke(app, ["verify", *common, "--allow-unsigned", "--json", "--no-history", "--allow-repeat"])
         h = CliRunner().invoke(app, ["history", "--history", str(hist)])
     assert v.exit_code == 0 and "is not signed (--allow-unsigned)" in v.stderr, v.stderr
     assert w.exit_code == 0 and w.stderr.count("the fingerprint is not signed") == 3, w.stderr  # once per run
@@ -125,7 +125,7 @@ def test_an_unsigned_fingerprint_needs_the_opt_out_warns_every_run_and_is_record
 @pytest.mark.parametrize("bad", ["nan", "inf", "-1", "1e9"])
 def test_tolerance_from_the_command_line_is_bounded(world, bad):
     with Scripted(kserve(world["tampered"].logits)) as srv:
-        r = CliRunner().invoke(app, ["verify", str(world["signed"]), "--endpoint", srv.url, "--model-name", "m", "--tolerance", bad, "--no-history"])
+        r = CliRunner().invoke(app, ["verify", str(world["signed"]), "--endpoint", srv.url, "--model-name", "m", "--tolerance", bad])
         requests = len(srv.requests)
     assert r.exit_code == 2 and "--tolerance must be a finite number" in r.stderr, (r.stdout, r.stderr)
     assert requests == 0 and "INTACT" not in r.stdout

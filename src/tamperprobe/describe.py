@@ -34,6 +34,8 @@ def summary(fp: Fingerprint) -> dict[str, Any]:
         "signature": {"verified": fp.signer is not None, "key": fp.signer, "format_version": fp.version},
         "created": fp.created,
         "groups": None if fp.groups is None else int(len(np.unique(fp.groups))),
+        "decoys": fp.decoys,
+        "per_run": fp.per_run,
         "distance_to_seed": None,
     }
     if fp.seeds is not None:
@@ -64,6 +66,8 @@ def describe(fp: Fingerprint) -> list[tuple[str, str]]:
     ]
     if d["groups"] is not None:
         rows.append(("groups", f"{d['groups']} (markers kept together)"))
+    per_run = "served side's default" if d["per_run"] is None else str(d["per_run"])
+    rows.append(("pool", f"{d['decoys']} decoys (natural inputs with known answers); markers per run: {per_run}"))
     if d["distance_to_seed"] is not None:
         rows.append(("distance to seed", f"median relative L2 {d['distance_to_seed']['median_relative_l2']:.3g}"))
     return rows

@@ -2,16 +2,22 @@
 
 The file is a safetensors archive (no pickle). Tensors: ``inputs`` (exactly as sent),
 ``logits`` and ``probs`` of the intact model (float32), ``seeds`` (the natural inputs the
-markers started from) and optionally ``groups`` (markers that belong together). The header
+markers started from), optionally ``groups`` (markers that belong together: sent in the same
+run) and optionally ``decoy_inputs`` and ``decoy_logits``: natural inputs with the intact model's
+logits, mixed among the markers of a run so that an operator cannot tell how many of a run's
+queries are markers (``served.pool``). The header
 metadata key ``tamperprobe`` holds JSON: the format tag ``tamperprobe.fingerprint/v2``, the
 input spec, the generator with every parameter and the seed, the digest of the model weights,
-the intended output spec, the comparison tolerance, the creation time, ``sha256`` (the *content
+the intended output spec, the comparison tolerance, the creation time, optionally ``per_run`` (the
+markers a verification run draws from the pool by default), ``sha256`` (the *content
 digest*: SHA-256 over the canonical JSON of every other metadata field and over every tensor's
 name, dtype, shape and bytes) and ``signature``: an Ed25519 signature of the content digest
 (``tamperprobe.signing``). Anyone can recompute a checksum; only the holder of the private key
 can sign, so ``load`` accepts a file only when a trusted public key verifies its signature
 (or, on explicit request, an unsigned file). The fingerprint id is the first 16 hex digits of
-the content digest, so it changes with any tensor or any metadata field.
+the content digest, so it changes with any tensor or any metadata field. The decoy tensors and
+``per_run`` are written only when set, so a file without them (every file written before they
+existed) reads, verifies and keeps its id exactly as before: it simply has no decoys.
 
 Version 1 files (no signature; the id covered the tensors only) are still read, as unsigned
 files. A file may also be encrypted at rest (``signing.encrypt``): then the whole archive is an
@@ -72,6 +78,9 @@ class Fingerprint:
     seeds: np.ndarray | None = None
     groups: np.ndarray | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    decoy_inputs: np.ndarray | None = None  # (d, *input_spec.shape), dtype input_spec.dtype: natural inputs
+    decoy_logits: np.ndarray | None = None  # (d, C) float32, the intact model's logits on them
+    per_run: int | None = None  # markers a verification run draws by default (None: the served side's default)
     version: int = field(default=VERSION, compare=False)  # the format version it was read from (or will be written as)
     signer: str | None = field(default=None, compare=False)  # key id whose signature was verified on reading
 
@@ -96,12 +105,29 @@ class Fingerprint:
     def labels(self) -> np.ndarray:
         return self.logits.argmax(axis=1)
 
+    @property
+    def decoys(self) -> int:
+        return 0 if self.decoy_inputs is None else len(self.decoy_inputs)
+
+    def queries(self, kind: str) -> tuple[np.ndarray, np.ndarray]:
+        """Inputs (as sent) and intact logits of the ``marker``s or the ``decoy``s (empty arrays when there are none)."""
+        if kind == "marker":
+            return self.inputs, self.logits
+        if kind != "decoy":
+            raise ValueError(f"unknown query kind {kind!r}")
+        if self.decoy_inputs is None or self.decoy_logits is None:
+            return self.inputs[:0], self.logits[:0]
+        return self.decoy_inputs, self.decoy_logits
+
     def _tensors(self) -> dict[str, np.ndarray]:
         out = {"inputs": self.inputs, "logits": self.logits, "probs": self.probs}
         if self.seeds is not None:
             out["seeds"] = self.seeds
         if self.groups is not None:
             out["groups"] = self.groups
+        if self.decoy_inputs is not None and self.decoy_logits is not None:
+            out["decoy_inputs"] = self.decoy_inputs
+            out["decoy_logits"] = self.decoy_logits
         return out
 
     def _meta(self) -> dict[str, Any]:
@@ -116,12 +142,16 @@ class Fingerprint:
             "created": self.created,
             "extra": self.extra,
         }
+        if self.per_run is not None:
+            meta["per_run"] = int(self.per_run)
         return json.loads(json.dumps(meta, default=_json_default))
 
     def subset(self, idx: Any) -> Fingerprint:
+        """The markers ``idx`` (with their seeds and groups); the decoys are kept, ``per_run`` while it fits."""
         idx = np.asarray(idx, dtype=np.int64)
         return replace(
             self,
+            per_run=self.per_run if self.per_run is None or self.per_run <= len(idx) else None,
             inputs=self.inputs[idx],
             logits=self.logits[idx],
             probs=self.probs[idx],
@@ -138,6 +168,9 @@ def make_fingerprint(inputs: np.ndarray, logits: np.ndarray, input_spec: InputSp
     inputs = np.ascontiguousarray(inputs, dtype=np.dtype(input_spec.dtype))
     if "tolerance" in kw:
         kw["tolerance"] = check_tolerance(kw["tolerance"])
+    if kw.get("decoy_inputs") is not None:
+        kw["decoy_inputs"] = np.ascontiguousarray(kw["decoy_inputs"], dtype=np.dtype(input_spec.dtype))
+        kw["decoy_logits"] = np.ascontiguousarray(kw["decoy_logits"], dtype=np.float32)
     return Fingerprint(inputs, logits, probs, input_spec, generator, model_digest, created=created, **kw)
 
 
@@ -284,6 +317,9 @@ def load(path: str | os.PathLike, *, trust: Any = None, secret_key: bytes | None
             seeds=tensors.get("seeds"),
             groups=tensors.get("groups"),
             extra=dict(meta.get("extra") or {}),
+            decoy_inputs=tensors.get("decoy_inputs"),
+            decoy_logits=tensors.get("decoy_logits"),
+            per_run=None if meta.get("per_run") is None else int(meta["per_run"]),
             version=version,
             signer=signer,
         )
@@ -302,4 +338,24 @@ def load(path: str | os.PathLike, *, trust: Any = None, secret_key: bytes | None
         or tuple(fp.inputs.shape[1:]) != spec.shape
     ):
         raise FingerprintFormatError(f"{p}: tensor shapes are inconsistent")
+    _check_decoys(p, fp, ("decoy_inputs" in tensors) + ("decoy_logits" in tensors))
+    if fp.per_run is not None and not 1 <= fp.per_run <= n:
+        raise FingerprintFormatError(f"{p}: per_run {fp.per_run} is not between 1 and the {n} markers")
     return fp
+
+
+def _check_decoys(p: Path, fp: Fingerprint, present: int) -> None:
+    """Decoys come as inputs and logits together, shaped like the markers' (a half-present pair is damage)."""
+    if present == 0:
+        return
+    di, dl = fp.decoy_inputs, fp.decoy_logits
+    if (
+        present != 2
+        or di is None
+        or dl is None
+        or tuple(di.shape[1:]) != fp.input_spec.shape
+        or di.dtype != np.dtype(fp.input_spec.dtype)
+        or dl.shape != (len(di), fp.classes)
+        or dl.dtype != np.float32
+    ):
+        raise FingerprintFormatError(f"{p}: decoy tensors are inconsistent")

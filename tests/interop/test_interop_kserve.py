@@ -184,7 +184,7 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_verify_exit_codes(kserve_server, interop_assets):
     fp, url = str(interop_assets.fp_path), _url(kserve_server)
-    common = ["--timeout", "10", "--retries", "1"]
+    common = ["--timeout", "10", "--retries", "1", "--allow-repeat"]  # four runs of one 8-marker pool: protocol checks, not pooling
     ok = _cli(
         "verify", fp, "--endpoint", url, "--protocol", "kserve", "--model-name", model_name("intact", "topk:3"), "--output-spec", "topk:3", *common
     )

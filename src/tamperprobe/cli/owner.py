@@ -18,6 +18,7 @@ from ._options import (
     EncryptKeyOption,
     FingerprintArgument,
     HighOption,
+    HistoryOption,
     JsonOption,
     LowOption,
     ModelArgOption,
@@ -60,8 +61,19 @@ def fingerprint(
     model_arg: ModelArgOption = None,
     method: MethodOption = None,
     select: Annotated[str, typer.Option("--select", help="Selection from the bag: manc or random.")] = "manc",
-    size: Annotated[int, typer.Option("--size", help="Number of markers kept (the query budget).")] = 10,
-    bag: Annotated[int, typer.Option("--bag", help="Number of candidates generated before selection.")] = 100,
+    size: Annotated[int, typer.Option("--size", help="Number of markers kept: the pool that verification runs draw from.")] = 10,
+    per_run: Annotated[
+        Optional[int], typer.Option("--per-run", help="Markers each verification run draws (the query budget; default on the served side: 10).")
+    ] = None,
+    decoys: Annotated[
+        Optional[int],
+        typer.Option(
+            "--decoys", help="Natural inputs with known answers to mix into runs (default: as many as markers, as the data allows; 0: none)."
+        ),
+    ] = None,
+    bag: Annotated[
+        Optional[int], typer.Option("--bag", help="Number of candidates generated before selection (default: 100, or --size if larger).")
+    ] = None,
     seed: SeedOption = 0,
     output_spec: OutputSpecOption = "logits",
     tolerance: Annotated[float, typer.Option("--tolerance", help="Benign numerical noise accepted (logit units).")] = 3e-5,
@@ -98,6 +110,7 @@ def fingerprint(
         from ..owner.calibrate import load_noise, noise_settings
         from ..owner.generate import WeakPairingWarning, create_fingerprint
         from ..owner.methods import get_method
+        from ..served import pool
 
         spec = OutputSpec.parse(output_spec)
         choice = choose_method(spec) if method is None else None
@@ -124,31 +137,48 @@ def fingerprint(
                 method=generator,
                 select=select,
                 size=size,
-                bag=bag,
+                bag=max(100, size) if bag is None else bag,
                 seed=seed,
                 output_spec=str(spec),
                 tolerance=tolerance,
                 layer=layer,
                 progress=update,
+                decoys=decoys,
+                per_run=per_run,
             )
         how = save_fingerprint_from_options(fp, out, sign_key, unsigned, passphrase_env, encrypt_key)
+        plan = pool.plan(fp)
+        runs = pool.capacity(fp, plan)
+        if decoys is None and fp.decoys < len(fp):
+            notes.append(
+                f"only {fp.decoys} decoys (the data holds no more natural inputs that fed no marker): runs get {plan.decoys} "
+                f"a run by default, so that they last as long as the markers; more data gives more decoys"
+            )
+            _warn(notes[-1])
         chosen = fp.generator["selection"]
         if chosen != select:
             notes.append(chosen)
             _warn(chosen)
         if not as_json:
             console.print(
-                f"wrote {out}: {len(fp)} markers ({name}, {chosen.split(' ')[0]} of {bag}), id {fp.id}, output spec {fp.output_spec}, {how}",
+                f"wrote {out}: {len(fp)} markers and {fp.decoys} decoys ({name}, {chosen.split(' ')[0]} of {max(100, size) if bag is None else bag}), "
+                f"id {fp.id}, output spec {fp.output_spec}, {how}",
                 highlight=False,
                 soft_wrap=True,
             )
-            console.print(f"query budget: {len(fp)} prediction requests per verification")
+            with_decoys = f" + {plan.decoys} decoys" if plan.decoys else ""
+            console.print(
+                f"query budget: {plan.markers} markers{with_decoys} a run, each sent once: {runs} runs in the pool",
+                highlight=False,
+                soft_wrap=True,
+            )
         rows = None
         if check:
-            from ..owner.budget import self_check
+            from ..owner.budget import detection_confidence, self_check
 
             with progress_bar("self-check: simulated tamperings") as update:
                 rows = self_check(m, fp, progress=update)
+            rows = [{**r, "confidence_per_run": detection_confidence(r["p"], plan.markers // plan.unit)} for r in rows]
         if as_json:
             print_json(
                 {
@@ -159,11 +189,14 @@ def fingerprint(
                     "method_reason": None if choice is None else choice.reason,
                     "params": fp.generator["params"],
                     "selection": chosen,
-                    "bag": bag,
+                    "bag": max(100, size) if bag is None else bag,
                     "seed": seed,
                     "output_spec": fp.output_spec,
                     "tolerance": fp.tolerance,
-                    "query_budget": len(fp),
+                    "query_budget": plan.markers,
+                    "decoys": fp.decoys,
+                    "decoys_per_run": plan.decoys,
+                    "runs": runs,
                     "signing": how,
                     "warnings": notes,
                     "self_check": rows,
@@ -171,19 +204,22 @@ def fingerprint(
             )
             return
         if rows is not None:
-            _print_self_check(fp, rows)
+            _print_self_check(fp, rows, plan.markers // plan.unit)
 
 
-def _print_self_check(fp, rows: list[dict]) -> None:
+def _print_self_check(fp, rows: list[dict], units_per_run: int) -> None:
     from rich.table import Table
 
     unit = "pairs" if fp.groups is not None else "markers"
     table = Table(title=f"expected detection under {fp.output_spec} (simulated on the owner's model)")
-    for col in ("attack", f"{unit} changed (p)", "this fingerprint", f"confidence with {rows[0]['units']} {unit}"):
+    for col in ("attack", f"{unit} changed (p)", "whole pool", f"confidence of a run of {units_per_run} {unit}"):
         table.add_column(col, overflow="fold")
     for r in rows:
         table.add_row(
-            f"{r['attack']} (seed {r['seed']})", f"{r['p']:.2f}", "detects" if r["detected"] else "[red]misses[/]", f"{r['confidence']:.4f}"
+            f"{r['attack']} (seed {r['seed']})",
+            f"{r['p']:.2f}",
+            "detects" if r["detected"] else "[red]misses[/]",
+            f"{r['confidence_per_run']:.4f}",
         )
     console.print(table)
 
@@ -194,9 +230,10 @@ def inspect(
     trust_key: TrustKeyOption = None,
     allow_unsigned: AllowUnsignedOption = False,
     decrypt_key: DecryptKeyOption = None,
+    history_path: HistoryOption = None,
     as_json: JsonOption = False,
 ) -> None:
-    """Summarise a fingerprint file (after checking its signature)."""
+    """Summarise a fingerprint file (after checking its signature), with how much of its pool the history records as used."""
     with handled():
         from .._extras import require
         from ..describe import describe, save_grid, summary
@@ -206,15 +243,42 @@ def inspect(
         fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key)
         if png is not None:
             save_grid(fp, png)
+        usage = _pool_usage(fp, history_path)
         if as_json:
-            print_json({**summary(fp), "png": png})
+            print_json({**summary(fp), "pool_usage": usage, "png": png})
             return
         rows = describe(fp)
+        if usage is not None:
+            rows.append(("pool use", usage["text"]))
         width = max(len(k) for k, _ in rows) + 2
         for key, value in rows:
             console.print(f"[bold]{escape(key.ljust(width))}[/]{escape(value)}", highlight=False, soft_wrap=True)
         if png is not None:
             console.print(f"wrote {png}")
+
+
+def _pool_usage(fp, history_path: Path | None) -> dict | None:
+    """What the history records of ``fp``'s pool (default plan), or None when the fingerprint cannot be drawn from."""
+    from ..errors import UsageError
+    from ..served import history, pool
+
+    try:
+        plan = pool.plan(fp)
+    except UsageError:
+        return None
+    try:
+        state = pool.status(fp, plan, history_path)
+    except history.HistoryError as exc:
+        return {"text": f"history unreadable: {exc}", "error": str(exc)}
+    return {
+        "text": state.describe().split(": ", 1)[1],
+        "used_markers": state.used_markers,
+        "used_decoys": state.used_decoys,
+        "markers_per_run": plan.markers,
+        "decoys_per_run": plan.decoys,
+        "runs_left": state.runs_left,
+        "runs_total": state.runs_total,
+    }
 
 
 def calibrate(

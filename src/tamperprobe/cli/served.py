@@ -73,14 +73,33 @@ DeadlineOption = Annotated[
 ]
 RetriesOption = Annotated[int, typer.Option("--retries", help="Retries on connection errors, 5xx and 429.")]
 BatchSizeOption = Annotated[int, typer.Option("--batch-size", help="Markers per request (1 looks like ordinary traffic).")]
-DelayOption = Annotated[float, typer.Option("--delay", help="Random delay up to this many seconds between requests.")]
+DelayOption = Annotated[float, typer.Option("--delay", help="Pause of this many seconds after each request before the next.")]
+SpreadOption = Annotated[
+    Optional[str],
+    typer.Option("--spread", help="Send the requests of a run at random times over this duration (30s, 10m; within --deadline)."),
+]
+PerRunOption = Annotated[
+    Optional[int],
+    typer.Option("--per-run", help="Markers drawn fresh from the fingerprint's pool per run (default: the fingerprint's, else 10; whole pairs)."),
+]
+DecoysOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--decoys",
+        help="Decoys (natural inputs with known answers) per marker mixed into each run (default: 1, or as many as last as long as the markers).",
+    ),
+]
+AllowRepeatOption = Annotated[
+    bool,
+    typer.Option("--allow-repeat", help="Re-send markers when the pool has no fresh ones, or without a history (warned on every run, recorded)."),
+]
 InsecureOption = Annotated[bool, typer.Option("--insecure", help="Do not verify TLS certificates.")]
 CACertOption = Annotated[Optional[Path], typer.Option("--ca-cert", help="Verify the endpoint's TLS certificate against these CA certificates (PEM).")]
 TemplateOption = Annotated[Optional[str], typer.Option("--template", help="Request/response template for --protocol json (a file or inline JSON).")]
 RequestSeedOption = Annotated[Optional[int], typer.Option("--seed", help="Seed of the request order (default: a fresh order each run).")]
 VerifySpecOption = Annotated[Optional[str], typer.Option("--output-spec", help="What the API reveals (default: the fingerprint's).")]
 ToleranceOption = Annotated[Optional[float], typer.Option("--tolerance", help="Override the fingerprint's tolerance (logit units).")]
-LimitOption = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N markers.")]
+LimitOption = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N markers (--model only; an endpoint gets --per-run).")]
 NoHistoryOption = Annotated[bool, typer.Option("--no-history", help="Do not record in the history.")]
 
 
@@ -137,6 +156,7 @@ def _endpoint_target(fp: Fingerprint, o: Mapping[str, Any]) -> HTTPTarget:
         retries=o["retries"],
         batch_size=o["batch_size"],
         delay=o["delay"],
+        spread=parse_duration(o["spread"]) if o.get("spread") is not None else 0.0,
         verify_tls=not o["insecure"],
         ca_file=None if o["ca_cert"] is None else str(o["ca_cert"]),
         template=o["template"],
@@ -196,6 +216,9 @@ def verify(
     output_spec: VerifySpecOption = None,
     tolerance: ToleranceOption = None,
     limit: LimitOption = None,
+    per_run: PerRunOption = None,
+    decoys: DecoysOption = None,
+    allow_repeat: AllowRepeatOption = False,
     header: HeaderOption = None,
     token_env: TokenEnvOption = None,
     token_file: TokenFileOption = None,
@@ -204,6 +227,7 @@ def verify(
     retries: RetriesOption = 3,
     batch_size: BatchSizeOption = 1,
     delay: DelayOption = 0.0,
+    spread: SpreadOption = None,
     insecure: InsecureOption = False,
     ca_cert: CACertOption = None,
     template: TemplateOption = None,
@@ -219,24 +243,38 @@ def verify(
 ) -> None:
     """Verify a model (local file or served endpoint) against a fingerprint.
 
-    Exit 0 INTACT, 1 TAMPERED, 2 error/INCONCLUSIVE, 3 fingerprint not authentic. The verdict is
-    printed and the exit code fixed before the run is written to the history.
+    An endpoint gets --per-run markers (and --decoys) drawn fresh from the fingerprint's pool,
+    recorded in the history before they are sent and never sent again; a used-up pool is refused
+    (exit 2). A local --model file gets every marker. Exit 0 INTACT, 1 TAMPERED, 2
+    error/INCONCLUSIVE, 3 fingerprint not authentic. The verdict is printed and the exit code
+    fixed before the run is written to the history.
     """
     with handled():
         from ..models import load_model, parse_model_args
+        from ..served import pool
         from ..served.clients import protocol_name
         from ..served.targets import LocalTarget
+        from ..served.verify import comparison
         from ..served.verify import verify as run_verify
 
         if (model is None) == (endpoint is None):
             fail("give exactly one of --model or --endpoint")
         fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key)
         if model is not None:
+            if per_run is not None or decoys is not None or allow_repeat:
+                fail("--per-run, --decoys and --allow-repeat apply to --endpoint: a local model file is checked with every marker")
             loaded = load_model(model, weights, model_args=parse_model_args(model_arg), device=use_runtime(threads, device))
             target: Target = LocalTarget(loaded, input_spec=fp.input_spec, threads=threads)
+            report = run_verify(fp, target, output_spec, tolerance=tolerance, limit=limit)
         else:
+            if limit is not None:
+                fail("--limit applies to --model: an endpoint gets --per-run markers drawn fresh from the pool")
             target = _endpoint_target(fp, ctx.params)
-        report = run_verify(fp, target, output_spec, tolerance=tolerance, limit=limit)
+            plan = pool.plan(fp, per_run, decoys)
+            comparison(fp, output_spec, tolerance)  # bad options are refused before any marker is drawn
+            pool.check_schedule(target, plan.queries)
+            drawn = pool.draw(fp, plan, path=history_path, record=not no_history, allow_repeat=allow_repeat, target=target.name)
+            report = run_verify(fp, target, output_spec, tolerance=tolerance, draw=drawn)
         if as_json:
             console.print_json(json.dumps(report.to_json()))
         else:
@@ -253,11 +291,13 @@ def print_report(report: Report, max_rows: int = 40) -> None:
     table = Table(title=_shown(f"{report.target} · {report.output_spec} · fingerprint {report.fingerprint_id}"))
     for col in ("#", "expected", "observed", "status", "detail"):
         table.add_column(col)
-    shown = sorted(report.markers, key=lambda m: (m.ok, m.index))[:max_rows]
-    for m in sorted(shown, key=lambda m: m.index):
+    # the report's order (markers by index, then decoys, shown as d3), failures and mismatches first when cut
+    shown = sorted(enumerate(report.markers), key=lambda km: (km[1].ok, km[0]))[:max_rows]
+    for _, m in sorted(shown, key=lambda km: km[0]):
         style = "green" if m.ok else ("yellow" if m.failure else "red")
         observed = "-" if m.observed is None else str(m.observed)
-        table.add_row(str(m.index), _shown(m.expected), _shown(observed), f"[{style}]{m.status}[/]", _shown(m.failure or m.detail, 300))
+        number = f"d{m.index}" if m.kind == "decoy" else str(m.index)
+        table.add_row(number, _shown(m.expected), _shown(observed), f"[{style}]{m.status}[/]", _shown(m.failure or m.detail, 300))
     console.print(table)
     if len(report.markers) > max_rows:
         console.print(f"({len(report.markers) - max_rows} more markers not shown)")
@@ -266,6 +306,8 @@ def print_report(report: Report, max_rows: int = 40) -> None:
         console.print(f"first failure: {_shown(first)}", highlight=False, soft_wrap=True)
     for note in report.notes:
         console.print(f"note: {_shown(note, 400)}", highlight=False, soft_wrap=True)
+    if report.runs_left is not None:
+        console.print(f"pool: {report.runs_left} more runs like this one before its markers are used up", highlight=False)
     colour = _COLOURS.get(report.verdict, "yellow")
     console.print(f"[bold {colour}]{escape(report.headline())}[/]  ({report.seconds:.2f} s)", highlight=False, soft_wrap=True)
 
@@ -363,16 +405,28 @@ def history_cmd(
     since: Annotated[Optional[str], typer.Option("--since", help="Only runs since an ISO time or a duration ago (24h, 7d).")] = None,
     limit: Annotated[int, typer.Option("--limit", help="At most this many runs, newest first.")] = 50,
     run: Annotated[Optional[int], typer.Option("--run", help="Show the markers of this run instead.")] = None,
+    pool_use: Annotated[bool, typer.Option("--pool", help="Show the pool ledger instead: markers and decoys drawn per fingerprint.")] = False,
     as_json: JsonOption = False,
     history_path: HistoryOption = None,
 ) -> None:
-    """List past verifications recorded by verify and watch."""
+    """List past verifications recorded by verify and watch (or, with --pool, what each fingerprint's pool has used)."""
     with handled():
         from ..served import history
         from ..served.untrusted import clean
 
         if verdict and verdict.upper() not in ("INTACT", "TAMPERED", "INCONCLUSIVE"):
             fail(f"bad --verdict {verdict!r}: INTACT, TAMPERED or INCONCLUSIVE")
+        if pool_use:
+            if run is not None:
+                fail("give --pool or --run, not both")
+            rows = history.pool_usage(history_path, fingerprint)
+            if as_json:
+                console.print_json(json.dumps(rows))
+            elif rows:
+                _print_pool(rows)
+            else:
+                console.print("no markers drawn" + (" for this fingerprint" if fingerprint else ""))
+            return
         if run is not None:
             rows = history.markers(run, path=history_path)
             if not rows:
@@ -391,6 +445,19 @@ def history_cmd(
             console.print("no runs recorded" + (" match these filters" if any((endpoint, verdict, fingerprint, since)) else ""))
 
 
+def _print_pool(rows: list[dict]) -> None:
+    from rich.table import Table
+
+    table = Table(title="pool ledger: markers and decoys drawn (each is never sent again; times UTC)")
+    for col in ("fingerprint", "markers", "decoys", "draws", "first", "last"):
+        table.add_column(col, no_wrap=col == "fingerprint")
+    for r in rows:
+        first, last = (escape(str(r[k])[:19].replace("T", " ")) for k in ("first", "last"))
+        table.add_row(escape(str(r["fingerprint"])), str(r["markers"]), str(r["decoys"]), str(r["draws"]), first, last)
+    console.print(table)
+    console.print("runs left: tamperprobe inspect FP (or the line watch prints)", highlight=False)
+
+
 def _print_markers(run: int, rows: list[dict]) -> None:
     from rich.table import Table
 
@@ -401,7 +468,7 @@ def _print_markers(run: int, rows: list[dict]) -> None:
         style = {"match": "green", "MISMATCH": "red"}.get(r["status"], "yellow")
         lat = "-" if r["latency"] is None else f"{r['latency'] * 1000:.0f} ms"
         table.add_row(
-            str(r["index"]),
+            f"d{r['index']}" if r.get("kind") == "decoy" else str(r["index"]),
             f"[{style}]{escape(str(r['status']))}[/]",
             escape(r["expected"] or ""),
             escape(r["observed"] or "-"),
@@ -439,7 +506,7 @@ def _print_runs(rows: list[dict]) -> None:
             colour = _COLOURS.get(r["verdict"], "yellow")
             console.print(
                 f"{r['id']:>4}  {escape(str(r['time'])[5:19].replace('T', ' '))}  [{colour}]{escape(str(r['verdict']))}[/]  "
-                f"{r['mismatched']}/{r['markers']} changed, {r['failed']} failed  {escape(str(r['output_spec']))}  "
+                f"{r['mismatched']}/{r['markers'] + (r.get('decoys') or 0)} changed, {r['failed']} failed  {escape(str(r['output_spec']))}  "
                 f"fp {escape(str(r['fingerprint'])[:8])}  signer {escape(_signed(r))}",
                 highlight=False,
                 soft_wrap=False,
@@ -452,7 +519,7 @@ def _print_runs(rows: list[dict]) -> None:
             str(r["id"]),
             escape(str(r["time"])[5:19].replace("T", " ")),
             f"[{_COLOURS.get(r['verdict'], 'yellow')}]{escape(str(r['verdict']))}[/]",
-            f"{r['mismatched']}/{r['markers']}",
+            f"{r['mismatched']}/{r['markers'] + (r.get('decoys') or 0)}",
             str(r["failed"]),
             escape(str(r["output_spec"])),
             escape(str(r["fingerprint"])[:8]),
@@ -474,7 +541,8 @@ def _short_target(row: dict) -> str:
 def _print_run(run: WatchRun) -> None:
     r = run.report
     colour = {"INTACT": "green", "TAMPERED": "bold red"}.get(r.verdict, "yellow")
-    console.print(f"{run.time}  [{colour}]{escape(r.headline())}[/]  ({r.seconds:.2f} s)", highlight=False, soft_wrap=True)
+    left = "" if r.runs_left is None else f", {r.runs_left} runs left"
+    console.print(f"{run.time}  [{colour}]{escape(r.headline())}[/]  ({r.seconds:.2f} s{left})", highlight=False, soft_wrap=True)
 
 
 class _RunReporter:
@@ -533,7 +601,9 @@ def watch_cmd(
     max_inconclusive: Annotated[int, typer.Option("--max-inconclusive", help="Exit 2 after this many INCONCLUSIVE runs in a row (0: never).")] = 0,
     model_name: ModelNameOption = None,
     tolerance: ToleranceOption = None,
-    limit: LimitOption = None,
+    per_run: PerRunOption = None,
+    decoys: DecoysOption = None,
+    allow_repeat: AllowRepeatOption = False,
     header: HeaderOption = None,
     token_env: TokenEnvOption = None,
     token_file: TokenFileOption = None,
@@ -542,6 +612,7 @@ def watch_cmd(
     retries: RetriesOption = 3,
     batch_size: BatchSizeOption = 1,
     delay: DelayOption = 0.0,
+    spread: SpreadOption = None,
     insecure: InsecureOption = False,
     ca_cert: CACertOption = None,
     template: TemplateOption = None,
@@ -560,10 +631,12 @@ def watch_cmd(
 ) -> None:
     """Re-verify an endpoint on a schedule. Exit 1 on the first TAMPERED; INCONCLUSIVE keeps watching (see --max-inconclusive).
 
-    Each run prints its verdict, then runs --hook (on TAMPERED and on the first INCONCLUSIVE run
-    of a streak), then is written to the history. The hook sees TAMPERPROBE_VERDICT, _SUMMARY,
+    Each run draws --per-run fresh markers (and --decoys) from the fingerprint's pool, never
+    re-sending one; the watch says how many runs the pool has left and stops with exit 2 when it
+    is used up. Each run prints its verdict, then runs --hook (on TAMPERED and on the first
+    INCONCLUSIVE run of a streak), then is written to the history. The hook sees TAMPERPROBE_VERDICT, _SUMMARY,
     _ENDPOINT (without credentials), _PROTOCOL, _FINGERPRINT, _FINGERPRINT_FILE, _SIGNER, _MARKERS,
-    _MISMATCHED, _FAILED, _RUN and _TIME. --deadline bounds each run. Ctrl-C (or SIGTERM) stops
+    _DECOYS, _MISMATCHED, _FAILED, _RUN, _TIME and _RUNS_LEFT. --deadline bounds each run. Ctrl-C (or SIGTERM) stops
     cleanly with a summary: exit 0 if the last complete run was INTACT, 2 if it was INCONCLUSIVE
     or none completed.
     """
@@ -583,7 +656,9 @@ def watch_cmd(
                 max_inconclusive=max_inconclusive,
                 output_spec=output_spec,
                 tolerance=tolerance,
-                limit=limit,
+                per_run=per_run,
+                decoys=decoys,
+                allow_repeat=allow_repeat,
                 hook=hook,
                 record=not no_history,
                 history_path=history_path,
@@ -592,6 +667,7 @@ def watch_cmd(
                 fingerprint_file=fp_path,
                 on_run=on_run,
                 on_warning=_warn,
+                on_pool=lambda state: err_console.print(_shown(state.describe()), highlight=False, soft_wrap=True),
             )
         if result.interrupted:
             console.print(f"stopped: {_shown(result.reason)}", highlight=False, soft_wrap=True)

@@ -13,6 +13,7 @@ from ..fingerprint import Fingerprint, make_fingerprint
 from ..models import Model
 from ..outputs import DEFAULT_TOLERANCE, OutputSpec
 from .advice import choose_method, pairing_warning
+from .markers import encode_uint8
 from .methods import Method, get_method
 from .methods.base import Bag
 from .selection import SELECTIONS
@@ -37,8 +38,16 @@ def create_fingerprint(
     layer: str | None = None,
     params: dict[str, Any] | None = None,
     progress: Progress | None = None,
+    decoys: int | None = None,
+    per_run: int | None = None,
 ) -> Fingerprint:
     """Generate a bag of ``bag`` candidates with ``method``, keep ``size`` by ``select``, record the intact outputs.
+
+    The fingerprint is a pool: an endpoint is checked with ``per_run`` fresh markers a run
+    (recorded in the file as the served side's default; ``None`` leaves the default to it), so
+    ``size`` markers last ``size / per_run`` runs. ``decoys`` natural inputs of ``data`` are stored
+    with the intact logits, to be mixed among the markers (``served.pool``; ``None``: as many as
+    markers, at most the data that did not feed a marker; 0: none).
 
     ``method`` is a registered name (built with ``params``) or a ``Method`` instance; the
     fingerprint records its name and every validated hyper-parameter. ``None`` chooses the method
@@ -56,6 +65,10 @@ def create_fingerprint(
         raise UsageError("--size must be at least 1")
     if size > bag:
         raise UsageError(f"--size {size} is larger than --bag {bag}")
+    if per_run is not None and not 1 <= per_run <= size:
+        raise UsageError(f"--per-run must be between 1 and --size {size}, got {per_run}")
+    if decoys is not None and decoys < 0:
+        raise UsageError(f"--decoys must be >= 0, got {decoys}")
     if select not in SELECTIONS:
         raise UsageError(f"unknown selection {select!r}: choose {' or '.join(SELECTIONS)}")
     if tolerance < 0:
@@ -95,6 +108,13 @@ def create_fingerprint(
         "data": data.name,
     }
     extra = {k: v for k, v in kept.info.items() if not isinstance(v, np.ndarray)}
+    decoy_x = pick_decoys(data, kept, size if decoys is None else decoys, rng, required=decoys is not None)
+    decoy_inputs = _as_sent(decoy_x, input_spec) if len(decoy_x) else None
+    decoy_logits = None
+    if decoy_inputs is not None:
+        decoy_logits = model.logits(input_spec.decode(decoy_inputs))
+        if not np.isfinite(decoy_logits).all():
+            raise UsageError("the model returns NaN or infinite logits on the decoys")
     return make_fingerprint(
         kept.inputs,
         logits,
@@ -106,7 +126,43 @@ def create_fingerprint(
         seeds=np.asarray(kept.seeds, dtype=np.float32),
         groups=kept.groups,
         extra=extra,
+        decoy_inputs=decoy_inputs,
+        decoy_logits=decoy_logits,
+        per_run=per_run,
     )
+
+
+def pick_decoys(data: Dataset, kept: Bag, n: int, rng: np.random.Generator, *, required: bool = False) -> np.ndarray:
+    """``n`` natural inputs of ``data`` (model domain) for decoys, none of which fed a marker.
+
+    A decoy that is a marker's seed or blend partner would be a near-twin of that marker, which a
+    near-twin router would flag (and with it the marker): so the images a method recorded as
+    sources (``seed_index``, ``partner_index``) and any image equal to a marker's seed are left
+    out. Fewer than ``n`` left: all of them, or a ``UsageError`` when ``n`` was asked for explicitly.
+    """
+    if n <= 0:
+        return data.x[:0]
+    used = np.zeros(len(data.x), dtype=bool)
+    for key in ("seed_index", "partner_index"):
+        idx = np.asarray(kept.info.get(key, []), dtype=np.int64).reshape(-1)
+        idx = idx[(idx >= 0) & (idx < len(data.x))]
+        used[idx] = True
+    if kept.seeds is not None and len(kept.seeds):
+        flat = np.ascontiguousarray(data.x.reshape(len(data.x), -1), dtype=np.float32)
+        seeds = {row.tobytes() for row in np.ascontiguousarray(np.asarray(kept.seeds, dtype=np.float32).reshape(len(kept.seeds), -1))}
+        used |= np.array([row.tobytes() in seeds for row in flat], dtype=bool)
+    free = np.flatnonzero(~used)
+    if required and n > len(free):
+        raise UsageError(f"--decoys {n}: the data holds only {len(free)} natural inputs that fed no marker")
+    take = rng.permutation(free)[: min(n, len(free))]
+    return data.x[np.sort(take)]
+
+
+def _as_sent(x: np.ndarray, spec: InputSpec) -> np.ndarray:
+    """Natural inputs as the markers are sent: 8-bit when the markers are (so a decoy's encoding does not tell it apart)."""
+    if spec.dtype == "uint8":
+        return encode_uint8(np.asarray(x, dtype=np.float32), spec.low, spec.high)
+    return np.ascontiguousarray(x, dtype=np.dtype(spec.dtype))
 
 
 def warn_if_weak(method: str, spec: str | OutputSpec) -> None:

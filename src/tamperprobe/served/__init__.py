@@ -2,6 +2,7 @@
 
 ``targets`` defines what verification talks to (``Target.query`` -> ``QueryResult``) and
 ``LocalTarget`` for a model in-process; ``clients`` holds one HTTP client per serving dialect;
+``pool`` draws each endpoint run's markers and decoys fresh from the fingerprint, never one twice;
 ``verify`` compares the answers with a fingerprint and decides INTACT, TAMPERED or
 INCONCLUSIVE; ``history`` records every run in SQLite; ``watch`` re-verifies on a schedule and
 raises the alarm before it records. The endpoint is the party under suspicion: ``untrusted``

@@ -4,6 +4,12 @@ Fail closed: a run is INTACT only if every marker got a well-formed answer and e
 matched. Any failed or malformed answer makes the run INCONCLUSIVE (even if other markers
 mismatched: the report still counts them), a mismatch among complete answers TAMPERED.
 
+Which inputs a run sends is a ``pool.Draw``: for an endpoint, a fresh set of markers and decoys
+(natural inputs with known answers) drawn from the fingerprint's pool and never sent before
+(``served.pool``), in a random order; without one, every marker of the fingerprint (a local
+model file, which is not the party under suspicion). A decoy is compared like a marker: a changed
+decoy answer is evidence of tampering too, and the report counts it apart.
+
 A target is the party under suspicion: its name is shown without URL secrets and every failure
 reason it gives is made inert (``untrusted.clean``) before it enters the report, so nothing a
 server says can reach a terminal, the history or a hook as control characters. ``Report.headline``
@@ -18,16 +24,20 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from ..errors import EXIT_ERROR, EXIT_INTACT, EXIT_TAMPERED, UsageError
 from ..fingerprint import Fingerprint, check_tolerance
 from ..outputs import Answer, OutputSpec
 from .credentials import redact_urls_in
+from .pool import Draw, check_schedule, everything
 from .targets import LocalTarget, QueryFailure, Target
 from .untrusted import clean
 
 INTACT, TAMPERED, INCONCLUSIVE = "INTACT", "TAMPERED", "INCONCLUSIVE"
 EXIT_CODES = {INTACT: EXIT_INTACT, TAMPERED: EXIT_TAMPERED, INCONCLUSIVE: EXIT_ERROR}
 UNSIGNED_NOTE = "the fingerprint is not signed: anyone who could write it could have chosen its expected answers"
+REPEAT_NOTE = "every marker of the fingerprint was sent, as in any earlier run: an operator who keeps past queries can recognise them (draw fresh ones with served.pool)"
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,7 @@ class MarkerResult:
     failure: str | None = None  # set when the marker got no usable answer
     detail: str = ""
     latency: float | None = None  # seconds of the request that carried this marker (remote targets)
+    kind: str = "marker"  # or "decoy": a natural input with a known answer; index is then the decoy's
 
     @property
     def status(self) -> str:
@@ -56,6 +67,10 @@ class Report:
     tolerance: float
     notes: list[str] = field(default_factory=list)
     signer: str | None = None  # key id of the fingerprint's verified signature; None: not signed (or not read from a file)
+    pool: str = "all"  # how the markers were chosen: "fresh" (drawn unused), "repeat" (--allow-repeat) or "all"
+    repeated: int | None = 0  # markers and decoys of this run sent before (None: unknown, drawn without a ledger)
+    draw: str | None = None  # id of the draw in the history's pool ledger
+    runs_left: int | None = None  # runs the pool can still supply after this one (None: not drawn from a pool)
 
     @property
     def exit_code(self) -> int:
@@ -63,25 +78,42 @@ class Report:
 
     @property
     def mismatched(self) -> int:
+        """Markers and decoys whose answer changed."""
         return sum(1 for m in self.markers if not m.ok and m.failure is None)
 
     @property
     def failed(self) -> int:
+        """Markers and decoys without a usable answer."""
         return sum(1 for m in self.markers if m.failure is not None)
+
+    @property
+    def marker_count(self) -> int:
+        return sum(1 for m in self.markers if m.kind != "decoy")
+
+    @property
+    def decoy_count(self) -> int:
+        return sum(1 for m in self.markers if m.kind == "decoy")
 
     def headline(self) -> str:
         """The verdict in one line made of counts and words of tamperprobe's own (no text from the target)."""
-        n = len(self.markers)
+        n, d = self.marker_count, self.decoy_count
+        if not d:
+            if self.verdict == INCONCLUSIVE:
+                return f"INCONCLUSIVE: {self.failed} of {n} markers got no usable answer ({self.mismatched} mismatched)"
+            if self.verdict == TAMPERED:
+                return f"TAMPERED: {self.mismatched} of {n} markers changed under {self.output_spec}"
+            return f"INTACT: all {n} markers match under {self.output_spec}"
         if self.verdict == INCONCLUSIVE:
-            return f"INCONCLUSIVE: {self.failed} of {n} markers got no usable answer ({self.mismatched} mismatched)"
+            return f"INCONCLUSIVE: {self.failed} of {n + d} queries ({n} markers, {d} decoys) got no usable answer ({self.mismatched} mismatched)"
         if self.verdict == TAMPERED:
-            return f"TAMPERED: {self.mismatched} of {n} markers changed under {self.output_spec}"
-        return f"INTACT: all {n} markers match under {self.output_spec}"
+            changed = sum(1 for m in self.markers if m.kind == "decoy" and not m.ok)
+            return f"TAMPERED: {self.mismatched - changed} of {n} markers and {changed} of {d} decoys changed under {self.output_spec}"
+        return f"INTACT: all {n} markers and {d} decoys match under {self.output_spec}"
 
     def first_failure(self) -> str | None:
-        """``marker I: reason`` of the first marker without a usable answer (its reason made inert), or None."""
+        """``marker I: reason`` (or ``decoy I: ...``) of the first query without a usable answer (its reason made inert), or None."""
         first = next((m for m in self.markers if m.failure), None)
-        return None if first is None else f"marker {first.index}: {first.failure}"
+        return None if first is None else f"{first.kind} {first.index}: {first.failure}"
 
     def summary(self) -> str:
         """The headline, and for INCONCLUSIVE the first failure (``; marker I: reason``)."""
@@ -100,8 +132,13 @@ class Report:
             "tolerance": self.tolerance,
             "signer": self.signer,
             "notes": list(self.notes),
+            "pool": self.pool,
+            "repeated": self.repeated,
+            "draw": self.draw,
+            "runs_left": self.runs_left,
             "markers": [
                 {
+                    "kind": m.kind,
                     "index": m.index,
                     "status": m.status,
                     "expected": str(m.expected),
@@ -124,6 +161,15 @@ def weights_note(expected: str, actual: str) -> str:
     )
 
 
+def comparison(fp: Fingerprint, output_spec: str | OutputSpec | None, tolerance: float | None) -> tuple[OutputSpec, float]:
+    """The output spec and tolerance a run compares under, checked (``UsageError``): callers check them before drawing markers."""
+    spec = OutputSpec.parse(output_spec or fp.output_spec)
+    tol = check_tolerance(fp.tolerance if tolerance is None else tolerance, "the tolerance" if tolerance is None else "--tolerance")
+    if spec.label_count > fp.classes:
+        raise UsageError(f"output spec {spec} asks for {spec.label_count} labels; the model has {fp.classes} classes")
+    return spec, tol
+
+
 def verify(
     fp: Fingerprint,
     target: Target,
@@ -131,38 +177,49 @@ def verify(
     *,
     tolerance: float | None = None,
     limit: int | None = None,
+    draw: Draw | None = None,
 ) -> Report:
-    """Query ``target`` with the fingerprint's markers and compare under ``output_spec``.
+    """Query ``target`` with the inputs of ``draw`` and compare under ``output_spec``.
 
-    ``limit`` uses only the first N markers (a smaller query budget).
+    ``draw`` (``pool.draw``: fresh markers and decoys, never sent before) is what an endpoint
+    should get. Without it every marker is sent (``limit``: only the first N), the right thing
+    for a local model file; sent to anything else, the report carries a note that markers sent
+    every run can be recognised (``REPEAT_NOTE``).
     """
-    spec = OutputSpec.parse(output_spec or fp.output_spec)
-    tol = check_tolerance(fp.tolerance if tolerance is None else tolerance, "the tolerance" if tolerance is None else "--tolerance")
-    if spec.label_count > fp.classes:
-        raise UsageError(f"output spec {spec} asks for {spec.label_count} labels; the model has {fp.classes} classes")
-    n = len(fp) if limit is None else min(int(limit), len(fp))
+    spec, tol = comparison(fp, output_spec, tolerance)
+    if draw is not None and limit is not None:
+        raise UsageError("give a draw or a limit, not both")
+    if draw is None:
+        draw = everything(fp, limit)
+    items = draw.items()
+    n = len(items)
     if n < 1:
         raise UsageError("nothing to verify: the fingerprint (or --limit) has no markers")
+    check_schedule(target, n)
+    sources = {kind: fp.queries(kind) for kind in ("marker", "decoy")}
+    if any(not 0 <= i < len(sources[kind][0]) for kind, i in items):
+        raise UsageError("the draw names markers or decoys the fingerprint does not hold")
+    inputs = np.stack([sources[kind][0][i] for kind, i in items])
     started = time.monotonic()
-    result = target.query(fp.inputs[:n], spec)
+    result = target.query(inputs, spec)
     seconds = time.monotonic() - started
     # fail closed: a marker the target left without an answer is a failure, never a match
     answers = list(result.answers[:n]) + [QueryFailure("no answer returned")] * (n - len(result.answers))
     latencies = list(result.latencies[:n]) + [None] * (n - len(result.latencies))
     results = []
-    for i in range(n):
-        expected = spec.reveal(fp.logits[i])
-        got = answers[i]
+    for (kind, i), got, latency in zip(items, answers, latencies):
+        logits = sources[kind][1][i]
+        expected = spec.reveal(logits)
         if isinstance(got, QueryFailure):
-            results.append(MarkerResult(i, expected, None, False, failure=clean(got.reason, 400) or "no reason given", latency=latencies[i]))
+            results.append(MarkerResult(i, expected, None, False, failure=clean(got.reason, 400) or "no reason given", latency=latency, kind=kind))
             continue
         if not isinstance(got, Answer):
-            results.append(
-                MarkerResult(i, expected, None, False, failure=f"target returned {type(got).__name__}, not an answer", latency=latencies[i])
-            )
+            failure = f"target returned {type(got).__name__}, not an answer"
+            results.append(MarkerResult(i, expected, None, False, failure=failure, latency=latency, kind=kind))
             continue
-        match = spec.compare(fp.logits[i], got, tol)
-        results.append(MarkerResult(i, expected, got, match.ok, detail=match.detail, latency=latencies[i]))
+        match = spec.compare(logits, got, tol)
+        results.append(MarkerResult(i, expected, got, match.ok, detail=match.detail, latency=latency, kind=kind))
+    results.sort(key=lambda r: (r.kind == "decoy", r.index))  # the report's order; the sending order was random
     if any(r.failure for r in results):
         verdict = INCONCLUSIVE
     elif all(r.ok for r in results):
@@ -170,7 +227,24 @@ def verify(
     else:
         verdict = TAMPERED
     notes = [] if fp.signer is not None else [UNSIGNED_NOTE]
+    notes += list(draw.notes)
     if isinstance(target, LocalTarget):
         notes.append(weights_note(fp.model_digest, target.model.digest()))
+    elif draw.mode == "all":
+        notes.append(REPEAT_NOTE)
     name = clean(redact_urls_in(str(target.name)), 300)
-    return Report(verdict, name, str(spec), fp.id, results, seconds, tol, notes=notes, signer=fp.signer)
+    return Report(
+        verdict,
+        name,
+        str(spec),
+        fp.id,
+        results,
+        seconds,
+        tol,
+        notes=notes,
+        signer=fp.signer,
+        pool=draw.mode,
+        repeated=draw.repeated,
+        draw=draw.draw_id,
+        runs_left=draw.runs_left,
+    )

@@ -4,8 +4,12 @@ An ``HTTPTarget`` implements the ``Target`` protocol, so ``verify`` treats a ser
 local one. What it does on each ``query``:
 
 * one marker per request by default (``batch_size``), in a shuffled order (``shuffle``, ``seed``;
-  seed ``None`` draws a fresh order each run), with an optional random pause of up to ``delay``
-  seconds between requests, so verification traffic looks like ordinary traffic;
+  seed ``None`` draws a fresh order each run), so verification traffic looks like ordinary
+  traffic; ``delay`` seconds of pause after each request before the next, and with ``spread``
+  the requests of one query start at times drawn uniformly at random over ``spread`` seconds
+  (sorted; a request that ends after the next one's time delays it, plus ``delay``), so a run is
+  not one burst. ``planned_pauses(n)`` is what that adds at most to a run of ``n`` inputs; a
+  caller refuses a run whose pauses do not fit in the deadline (``pool.check_schedule``);
 * headers: ``headers`` as given (a mapping, or ``Name:value`` texts), plus
   ``Authorization: Bearer <token>``, the token read from ``$token_env`` or ``token_file``
   (``credentials.read_token``: never from the command line, never empty); ``user:password@`` in
@@ -226,6 +230,7 @@ class HTTPTarget:
         backoff: float = 0.2,
         batch_size: int = 1,
         delay: float = 0.0,
+        spread: float = 0.0,
         shuffle: bool = True,
         seed: int | None = None,
         verify_tls: bool = True,
@@ -262,6 +267,8 @@ class HTTPTarget:
             raise UsageError("--batch-size must be >= 1")
         if not (delay >= 0 and backoff >= 0 and max_retry_after >= 0):
             raise UsageError("--delay, backoff and max_retry_after must be >= 0")
+        if not (0 <= spread < math.inf and delay < math.inf):
+            raise UsageError("--spread and --delay must be finite numbers of seconds >= 0")
         if max_response_bytes < 1:
             raise UsageError("the response size cap must be >= 1 byte")
         self.timeout = float(timeout)
@@ -270,6 +277,7 @@ class HTTPTarget:
         self.backoff = float(backoff)
         self.batch_size = int(batch_size) if self.max_batch is None else min(int(batch_size), self.max_batch)
         self.delay = float(delay)
+        self.spread = float(spread)
         self.shuffle = shuffle
         self.seed = seed
         self.verify_tls = verify_tls
@@ -315,6 +323,14 @@ class HTTPTarget:
         url = (url or self.endpoint_url()) + (f"?{self._query_string}" if self._query_string else "")
         self.name = f"{self.protocol}:{redact_url(url)}"
 
+    def requests_for(self, n: int) -> int:
+        """How many requests ``n`` inputs take (``batch_size`` per request)."""
+        return -(-int(n) // self.batch_size)
+
+    def planned_pauses(self, n: int) -> float:
+        """Seconds of deliberate pauses in a query of ``n`` inputs, at most: the spread plus a delay between requests."""
+        return self.spread + self.delay * max(0, self.requests_for(n) - 1)
+
     # ------------------------------------------------------------------ Target protocol
 
     def query(self, inputs: np.ndarray, spec: OutputSpec) -> QueryResult:
@@ -340,10 +356,15 @@ class HTTPTarget:
         results: list[Answer | QueryFailure] = [QueryFailure("no answer returned")] * n
         latencies: list[float | None] = [None] * n
         order = rng.permutation(n) if self.shuffle else np.arange(n)
+        begin = time.monotonic()
+        slots = np.sort(rng.uniform(0.0, self.spread, self.requests_for(n))) if self.spread > 0 else None
         for b, start in enumerate(range(0, n, self.batch_size)):
             idx = order[start : start + self.batch_size]
-            if b and self.delay > 0:
-                time.sleep(max(0.0, min(float(rng.uniform(0.0, self.delay)), self._clock.run_left())))
+            wait = self.delay if b else 0.0
+            if slots is not None:
+                wait = max(wait, begin + float(slots[b]) - time.monotonic())
+            if wait > 0:  # bounded by the deadline: a request past it fails as "deadline reached"
+                time.sleep(max(0.0, min(wait, self._clock.run_left())))
             t0 = time.monotonic()
             answers: list[Answer | QueryFailure]
             try:
