@@ -442,3 +442,19 @@ def test_a_version_2_history_is_upgraded_in_place_keeping_its_rows(world, tmp_pa
     kinds = [(m["kind"], m["index"]) for m in history.markers(rid, path)]
     assert kinds == [("marker", i) for i in d.markers] + [("decoy", j) for j in d.decoys]  # a decoy may share a marker's index
     assert history.drawn(fp.id, path) == {"marker": set(d.markers), "decoy": set(d.decoys)}
+
+
+def test_requests_do_not_name_tamperprobe(world, tmp_path):
+    """A name of our own in any header would tell the operator which requests to route to the original model."""
+    seen: list[dict[str, str]] = []
+    answered = kserve(world["model"].logits)
+
+    def respond(req, out):
+        seen.append(dict(req.headers))
+        answered(req, out)
+
+    with Scripted(respond) as srv:
+        client = make_client("kserve", srv.url, model_name="m", retries=0, classes=10)
+        report = verify(world["fp"], client, draw=pool.draw(world["fp"], pool.plan(world["fp"], per_run=2, decoys=0), path=tmp_path / "h.sqlite"))
+    assert report.verdict == INTACT and seen
+    assert all("tamperprobe" not in f"{k}: {v}".lower() for h in seen for k, v in h.items())

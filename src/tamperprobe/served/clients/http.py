@@ -90,6 +90,8 @@ _TOKEN_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 __all__ = ["DEFAULT_DEADLINE", "DEFAULT_MAX_RESPONSE", "HTTPResponse", "HTTPTarget", "check_url", "nested", "parse_headers", "redact_url"]
 
+ORDINARY_USER_AGENT = "python-requests/2.32.3"  # what the commonest scripted client sends; override with --header
+
 
 def human_size(n: int) -> str:
     if n >= 1 << 20 and n % (1 << 20) == 0:
@@ -285,7 +287,8 @@ class HTTPTarget:
         self.max_retry_after = float(max_retry_after)
         self.input_spec = input_spec  # the fingerprint's: markers are sent as they are stored (8-bit ones as integers)
         self.classes = classes
-        hdrs = {"User-Agent": "tamperprobe", "Accept": "application/json", "Accept-Encoding": "gzip, deflate"}
+        # a name of our own would tell the operator which requests to answer with the original model
+        hdrs = {"User-Agent": ORDINARY_USER_AGENT, "Accept": "application/json", "Accept-Encoding": "gzip, deflate"}
         extra = parse_headers(headers)
         hdrs.update(extra)
         for k, v in extra.items():
