@@ -169,12 +169,12 @@ def _check(model: Model, params: Sequence[str], output: str) -> nn.Module:
     return module
 
 
-def _softmax_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float64 ``p``, the top class (keepdim), the non-top probabilities (0 at the top) and ``1 - p_top`` as their sum."""
+def _softmax_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 ``p``, the top probability and class (keepdim), the non-top probabilities (0 at the top) and ``1 - p_top`` as their sum."""
     p = torch.log_softmax(z.double(), dim=-1).exp()
-    top = p.argmax(dim=-1, keepdim=True)
+    p_top, top = p.max(dim=-1, keepdim=True)
     others = p.scatter(-1, top, 0.0)
-    return p, top, others, others.sum(-1, keepdim=True)
+    return p, p_top, top, others, others.sum(-1, keepdim=True)
 
 
 def _softmax_norm(z: torch.Tensor, *, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -187,15 +187,16 @@ def _softmax_norm(z: torch.Tensor, *, grad: bool) -> tuple[torch.Tensor, torch.T
     ``g_j = 2 p_j (1 - 3 p_j + 2 sum_i p_i^2)``, rearranged the same way at the top class:
     ``g_t = 2 p_t ((1 - p_t)(1 - 2 p_t) + 2 q)`` and ``d_t = p_t ((1 - p_t) g_t - sum_{i!=t} p_i g_i)``.
     """
-    p, top, others, rest = _softmax_parts(z)
-    p_top = p.gather(-1, top)
+    p, p_top, top, others, rest = _softmax_parts(z)
     top_sq, sq = p_top.square(), others.square()  # sq: p_i^2 off the top, 0 at the top
     q = sq.sum(-1, keepdim=True)
-    norm = (top_sq * (rest.square() + q) + (sq * ((1.0 - others).square() + (q + top_sq) - sq)).sum(-1, keepdim=True)).squeeze(-1)
+    q_all = q + top_sq  # sum_i p_i^2
+    norm = (top_sq * (rest.square() + q) + (sq * ((1.0 - others).square() + q_all - sq)).sum(-1, keepdim=True)).squeeze(-1)
     if not grad:
         return norm, None
-    g_top = 2.0 * p_top * (rest * (1.0 - 2.0 * p_top) + 2.0 * q)
-    g = (2.0 * p * (1.0 - 3.0 * p + 2.0 * (top_sq + q))).scatter(-1, top, g_top)
+    two_top = 2.0 * p_top
+    g_top = two_top * (rest * (1.0 - two_top) + 2.0 * q)
+    g = (2.0 * p * (1.0 - 3.0 * p + 2.0 * q_all)).scatter(-1, top, g_top)
     g_rest = (others * g).sum(-1, keepdim=True)
     d = (p * (g - (p_top * g_top + g_rest))).scatter(-1, top, p_top * (g_top * rest - g_rest))
     return norm, d
@@ -244,7 +245,7 @@ def _output_layer_terms(z: torch.Tensor, h: torch.Tensor, use_weight: bool, use_
     else:
         factor = torch.zeros(z.shape[:1], dtype=torch.float64, device=z.device)
     if use_bias:
-        factor = factor + 1.0
+        factor.add_(1.0)
     if softmax:
         norm, d_norm = _softmax_norm(z.detach(), grad=True)
     else:
@@ -280,7 +281,7 @@ def _jacobian_rows(z: torch.Tensor, rows: slice, output: str) -> torch.Tensor:
     idx = torch.arange(c, device=z.device)[rows]
     if output == "logits":
         return (idx[:, None] == torch.arange(c, device=z.device)[None, :]).to(z.dtype)
-    p, top, _, rest = _softmax_parts(z)
+    p, _, top, _, rest = _softmax_parts(z)
     one_minus = (1.0 - p).scatter(-1, top, rest)  # 1 - p_i, the top's as a sum of small terms
     block = -p[idx, None] * p[None, :]  # J_ik = -p_i p_k off the diagonal
     block = block.scatter(1, idx[:, None], (p[idx] * one_minus[idx])[:, None])  # J_ii = p_i (1 - p_i)

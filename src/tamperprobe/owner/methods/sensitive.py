@@ -192,7 +192,7 @@ class SensitiveSamples(Method):
         b1, b2 = _BETAS
         m1.mul_(b1).add_(grad, alpha=1 - b1)
         m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = (m2.sqrt() / (1 - b2**step) ** 0.5).add_(_ADAM_EPS)
+        denom = m2.sqrt().div_((1 - b2**step) ** 0.5).add_(_ADAM_EPS)
         return x.addcdiv(m1, denom, value=self.lr / (1 - b1**step))
 
 
