@@ -221,7 +221,11 @@ def table(times: dict[str, list[float]]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", default="digits=20,resnet56=3", help="k per model: calls or ascent steps per contender and round")
+    parser.add_argument(
+        "--steps",
+        default="digits=20,digits:1000=5,resnet56=3",
+        help="k per model or model:bag: calls or ascent steps per contender and round (fewer for slow ones: more, shorter windows)",
+    )
     parser.add_argument("--baseline", default="", help="a git revision whose sensitivity module and sensitive method to time as well (e.g. main)")
     parser.add_argument("--models", default="digits:100,digits:1000,resnet56:100", help="model:bag, ...")
     parser.add_argument("--out", type=Path)
@@ -249,7 +253,7 @@ def main() -> None:
     for item in args.models.split(","):
         name, _, bag = item.partition(":")
         module, x, what = builders[name](int(bag or 100))
-        cases = contenders(module, x, steps[name], baseline, rev)
+        cases = contenders(module, x, steps.get(item, steps[name]), baseline, rev)
         t0 = time.monotonic()
         times = measure(cases, args.rounds)
         lines += ["", f"## {what}", "", *table(times), "", f"({sum(len(v) for v in times.values())} timings in {time.monotonic() - t0:.0f} s)"]
