@@ -7,20 +7,24 @@ batch), it times side by side, in interleaved rounds on one torch thread:
 
 * ``fwd+bwd <format>``: one forward pass of the bag and one backward pass to the input
   (``autograd.grad(z.sum(), x)``), the physical floor of a step that needs dS/dx;
+* ``S+dS/dx module``: ``Sensitivity.value_and_grad`` alone (inside one session, as in an ascent):
+  the step without Adam, projection and bookkeeping, so the table splits a step's excess over
+  the floor into the sensitivity's part and the ascent's part;
 * ``step <format>``: one ascent step of the ``sensitive`` method as it runs: the time between two
   consecutive progress calls of ``SensitiveSamples(patience=0).generate`` (S and dS/dx, Adam,
   projection and bookkeeping; the seeds' evaluation and the set-up are not part of a step);
 * ``step bf16``: the same on the ``nn.Module`` with ``autocast=bf16``;
-* ``main@REV <format>`` (``--baseline REV``): one S + dS/dx evaluation by the sensitivity module of
-  an earlier revision (its float32 closed form for ``nn.Module``, its per-sample loop for
-  TorchScript, ``torch.func`` for ``.pt2``), without its Adam and projection.
+* with ``--baseline REV``: ``main@REV <format>``, one S + dS/dx evaluation by the sensitivity
+  module of that revision, and ``step main@REV <format>``, one step of that revision's
+  ``sensitive`` method (both modules imported from git under private names), when it has one
+  with the same structure.
 
 Every contender runs ``k`` calls (or steps) per round, so all timings are of the same kind: one
 call or one step. Acceptance (issue 11): step ≤ 1.5× fwd+bwd on ``nn.Module``; TorchScript and
 ``.pt2`` steps ≤ 2× the ``nn.Module`` step. Ratios use the minimum over all calls (the least
 disturbed on a shared machine); medians are shown too.
 
-    python bench/sensitivity_speed.py --out bench/results/sensitivity-speed.md
+    python bench/sensitivity_speed.py --baseline 6de438d --out bench/results/sensitivity-speed.md
 """
 
 from __future__ import annotations
@@ -80,24 +84,41 @@ def formats(module: torch.nn.Module, x: torch.Tensor) -> dict[str, Any]:
     }
 
 
-def load_baseline(rev: str) -> Any:
-    """The sensitivity module of revision ``rev``, imported under a private name inside the package."""
-    source = subprocess.run(
-        ["git", "-C", str(REPO), "show", f"{rev}:src/tamperprobe/owner/sensitivity.py"], check=True, capture_output=True, text=True
-    ).stdout
-    spec = importlib.util.spec_from_loader("tamperprobe.owner._baseline_sensitivity", loader=None)
+def _import_from_git(rev: str, path: str, name: str, package: str, replace: tuple[str, str] | None = None) -> Any:
+    """Module ``path`` of revision ``rev``, imported as ``name`` inside ``package`` (relative imports resolve there)."""
+    source = subprocess.run(["git", "-C", str(REPO), "show", f"{rev}:{path}"], check=True, capture_output=True, text=True).stdout
+    if replace is not None:
+        source = source.replace(*replace)
+    spec = importlib.util.spec_from_loader(name, loader=None)
     assert spec is not None
     mod = importlib.util.module_from_spec(spec)
-    mod.__package__ = "tamperprobe.owner"
-    exec(compile(source, f"{rev}:sensitivity.py", "exec"), mod.__dict__)
+    mod.__package__ = package
+    sys.modules[name] = mod
+    exec(compile(source, f"{rev}:{path}", "exec"), mod.__dict__)
     return mod
 
 
-def contenders(module: torch.nn.Module, x: torch.Tensor, k: int, baseline: Any, rev: str) -> dict[str, Callable[[], list[float]]]:
+def load_baseline(rev: str) -> tuple[Any, Any]:
+    """The sensitivity module of revision ``rev`` and its ``SensitiveSamples`` class (None if it cannot be loaded)."""
+    sens = _import_from_git(rev, "src/tamperprobe/owner/sensitivity.py", "tamperprobe.owner._baseline_sensitivity", "tamperprobe.owner")
+    try:
+        method = _import_from_git(
+            rev,
+            "src/tamperprobe/owner/methods/sensitive.py",
+            "tamperprobe.owner.methods._baseline_sensitive",
+            "tamperprobe.owner.methods",
+            ("from ..sensitivity import", "from .._baseline_sensitivity import"),
+        ).SensitiveSamples
+    except Exception:  # an older layout: time its sensitivity module only
+        method = None
+    return sens, method
+
+
+def contenders(module: torch.nn.Module, x: torch.Tensor, k: int, baseline: tuple[Any, Any] | None, rev: str) -> dict[str, Callable[[], list[float]]]:
     """Name -> a callable that runs the contender ``k`` times and returns the seconds of each run."""
     from tamperprobe.data import Dataset
     from tamperprobe.owner.methods.sensitive import SensitiveSamples
-    from tamperprobe.owner.sensitivity import resolve_params
+    from tamperprobe.owner.sensitivity import Sensitivity, resolve_params
 
     models = formats(module, x)
     data = Dataset(x.numpy(), None, "bag", 0.0, 1.0)
@@ -123,9 +144,24 @@ def contenders(module: torch.nn.Module, x: torch.Tensor, k: int, baseline: Any, 
 
         return once
 
-    def steps(model: Any, autocast: Any = None) -> Callable[[], list[float]]:
+    def value_and_grad(model: Any) -> Callable[[], list[float]]:
+        """k evaluations of S and dS/dx inside one session, as an ascent makes them."""
+        route = Sensitivity(model, names)
+
+        def run() -> list[float]:
+            times = []
+            with route.session():
+                for _ in range(k):
+                    t = time.perf_counter()
+                    route.value_and_grad(x)
+                    times.append(time.perf_counter() - t)
+            return times
+
+        return run
+
+    def steps(model: Any, autocast: Any = None, method: Any = SensitiveSamples) -> Callable[[], list[float]]:
         """k ascent steps of the method; each step is the time between two progress calls."""
-        gen = SensitiveSamples(steps=k + 1, patience=0, autocast=autocast)
+        gen = method(steps=k + 1, patience=0, autocast=autocast)
 
         def run() -> list[float]:
             stamps: list[float] = []
@@ -134,25 +170,30 @@ def contenders(module: torch.nn.Module, x: torch.Tensor, k: int, baseline: Any, 
 
         return run
 
-    def old(model: Any) -> Callable[[], object]:
-        # the earlier revision picks its route by Model.functional, an attribute this one dropped
+    def old(model: Any, sens: Any) -> Callable[[], object]:
+        # revisions before 871811f pick their route by Model.functional, an attribute since dropped
         model.functional = not model.format == "torchscript"
 
         def once() -> object:
             xv = x.clone().requires_grad_(True)
-            s = baseline.sensitivity(model, xv, names)
+            s = sens.sensitivity(model, xv, names)
             return torch.autograd.grad(s.sum(), xv)
 
         return once
 
     for fmt, model in models.items():
         out[f"fwd+bwd {fmt}"] = repeat(fwd_bwd(model))
+    out["S+dS/dx module"] = value_and_grad(models["module"])
     for fmt, model in models.items():
         out[f"step {fmt}"] = steps(model)
     out["step bf16 module"] = steps(models["module"], "bf16")
     if baseline is not None:
+        sens, method = baseline
         for fmt, model in models.items():
-            out[f"main@{rev} {fmt}"] = repeat(old(model))
+            out[f"main@{rev} {fmt}"] = repeat(old(model, sens))
+        if method is not None:
+            for fmt, model in models.items():
+                out[f"step main@{rev} {fmt}"] = steps(model, method=method)
     return out
 
 
@@ -180,8 +221,12 @@ def table(times: dict[str, list[float]]) -> list[str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", default="digits=20,resnet56=3", help="k per model: calls or ascent steps per contender and round")
-    parser.add_argument("--baseline", default="", help="a git revision whose sensitivity module to time as well (e.g. main)")
+    parser.add_argument(
+        "--steps",
+        default="digits=20,digits:1000=5,resnet56=3",
+        help="k per model or model:bag: calls or ascent steps per contender and round (fewer for slow ones: more, shorter windows)",
+    )
+    parser.add_argument("--baseline", default="", help="a git revision whose sensitivity module and sensitive method to time as well (e.g. main)")
     parser.add_argument("--models", default="digits:100,digits:1000,resnet56:100", help="model:bag, ...")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
@@ -208,7 +253,7 @@ def main() -> None:
     for item in args.models.split(","):
         name, _, bag = item.partition(":")
         module, x, what = builders[name](int(bag or 100))
-        cases = contenders(module, x, steps[name], baseline, rev)
+        cases = contenders(module, x, steps.get(item, steps[name]), baseline, rev)
         t0 = time.monotonic()
         times = measure(cases, args.rounds)
         lines += ["", f"## {what}", "", *table(times), "", f"({sum(len(v) for v in times.values())} timings in {time.monotonic() - t0:.0f} s)"]

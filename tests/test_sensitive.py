@@ -12,7 +12,7 @@ from tamperprobe.errors import UsageError
 from tamperprobe.models import Model, OnnxModel, ScriptedModel, TorchModel
 from tamperprobe.owner.methods import get_method
 from tamperprobe.owner.methods.sensitive import SensitiveSamples
-from tamperprobe.owner.sensitivity import resolve_params, sensitivity
+from tamperprobe.owner.sensitivity import resolve_params, sensitivity, sensitivity_and_grad
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
@@ -217,3 +217,73 @@ def test_verideep_preset(data: Dataset) -> None:
     assert bag.info["params"] == ["3.weight"]
     explicit = SensitiveSamples(preset="verideep", steps=1000, params=["1.weight"])
     assert explicit.validated()["params"] == ["1.weight"]
+
+
+def _reference_ascent(model: Model, seeds: np.ndarray, *, epsilon: float, lr: float, steps: int, patience: int, min_delta: float):
+    """The ascent written plainly, one sample at a time: ``torch.optim.Adam(maximize=True)``, the ε-ball then the
+    box [0, 1], the best iterate kept, a stop after ``patience`` steps without a gain by ``min_delta``."""
+    names = resolve_params(model.module, None)
+    inputs, values, ran = [], [], []
+    for v0 in torch.from_numpy(seeds):
+        v0 = v0[None]
+        radius = epsilon * float(v0.double().norm())
+        var = v0.clone().requires_grad_(True)
+        opt = torch.optim.Adam([var], lr=lr, maximize=True)
+        s, g = sensitivity_and_grad(model, v0, names)
+        best, best_x, stall, taken = float(s[0]), v0.clone(), 0, 0
+        for step in range(1, steps + 1):
+            var.grad = g
+            opt.step()
+            with torch.no_grad():
+                d = var.double() - v0.double()
+                d *= min(1.0, radius / float(d.norm()))
+                var.copy_((v0.double() + d).clamp(0.0, 1.0))
+            s, g = sensitivity_and_grad(model, var.detach(), names)
+            taken = step
+            stall = 0 if float(s[0]) > best * (1 + min_delta) else stall + 1
+            if float(s[0]) > best:
+                best, best_x = float(s[0]), var.detach().clone()
+            if patience and stall >= patience:
+                break
+        inputs.append(best_x[0].numpy())
+        values.append(best)
+        ran.append(taken)
+    return np.stack(inputs), np.array(values), np.array(ran)
+
+
+@pytest.mark.parametrize("patience", [0, 3])
+def test_ascent_matches_a_plain_per_sample_reference(data: Dataset, patience: int) -> None:
+    """The batched, compacted ascent (checks every CHECK_EVERY steps) ends where each sample alone would."""
+    model = _model("cnn")
+    settings = {"epsilon": 0.2, "lr": 0.02, "steps": 25, "patience": patience, "min_delta": 0.01}
+    bag = SensitiveSamples(**settings).generate(model, data, 10, np.random.default_rng(4))
+    inputs, values, ran = _reference_ascent(model, bag.seeds, **settings)
+    np.testing.assert_array_equal(bag.info["ascent_steps"], ran)
+    if patience:
+        assert len(set(ran.tolist())) > 1 and ran.max() < 25  # samples stopped, at different steps
+    assert bag.info["steps"] == ran.max()
+    np.testing.assert_allclose(bag.inputs, inputs, atol=2e-5)
+    np.testing.assert_allclose(bag.info["sensitivity"], values, rtol=1e-4)
+
+
+def test_check_interval_and_route_do_not_change_the_markers(data: Dataset, monkeypatch) -> None:
+    """Early-stopping checks every step or every few give the same markers; so do the hook and backward routes."""
+    import tamperprobe.owner.methods.sensitive as sensitive
+
+    class Unhookable(TorchModel):
+        hookable = False
+
+    model = _model("cnn")
+    gen = SensitiveSamples(epsilon=0.2, lr=0.02, steps=40, patience=2, min_delta=0.005)
+    default = gen.generate(model, data, 12, np.random.default_rng(0))
+    assert len(set(default.info["ascent_steps"].tolist())) > 1
+    for every in (1, 7):
+        monkeypatch.setattr(sensitive, "CHECK_EVERY", every)
+        other = gen.generate(model, data, 12, np.random.default_rng(0))
+        np.testing.assert_array_equal(other.info["ascent_steps"], default.info["ascent_steps"])
+        np.testing.assert_allclose(other.inputs, default.inputs, atol=1e-6)  # batch sizes differ: float rounding
+    monkeypatch.setattr(sensitive, "CHECK_EVERY", 1)
+    hooked = SensitiveSamples(steps=30, patience=0).generate(model, data, 12, np.random.default_rng(1))
+    recovered = SensitiveSamples(steps=30, patience=0).generate(Unhookable(model.module, "cnn"), data, 12, np.random.default_rng(1))
+    np.testing.assert_array_equal(hooked.inputs, recovered.inputs)
+    np.testing.assert_array_equal(hooked.info["sensitivity"], recovered.info["sensitivity"])

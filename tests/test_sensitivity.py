@@ -384,3 +384,70 @@ def test_output_layer_check_runs_in_full_precision_under_autocast() -> None:
     s16, _ = sensitivity_and_grad(model, _x(), params, autocast="bf16")  # the any-parameter route instead
     ref, _ = _reference(model.module, _x(), params, "softmax")
     torch.testing.assert_close(s16, ref, rtol=0.1, atol=0.0)
+
+
+# ---------------------------------------------------------------------------- the hook route on nn.Module
+
+
+class _Unhookable(TorchModel):
+    """The same eager module, but taken as not hookable: the backward route reads h."""
+
+    hookable = False
+
+
+@pytest.mark.parametrize("autocast", [None, "bf16"])
+def test_hook_route_gives_the_backward_routes_values(trained_cnn, confident, autocast) -> None:
+    """On an nn.Module h is the output layer's input read by a hook; S and dS/dx equal the backward route's bit for bit."""
+    params = resolve_params(trained_cnn, None)
+    hooked = sens.Sensitivity(TorchModel(trained_cnn, "cnn"), params)
+    recovered = sens.Sensitivity(_Unhookable(trained_cnn, "cnn"), params)
+    assert hooked._linear is trained_cnn.head[3] and recovered._linear is None
+    x = torch.cat([confident, confident.flip(0)])  # 40 samples: several cotangent batches on the backward route
+    z1, h1 = hooked.penultimate(x, create_graph=False) or (None, None)
+    z2, h2 = recovered.penultimate(x, create_graph=False) or (None, None)
+    assert h1 is not None and h2 is not None and torch.equal(z1, z2) and torch.equal(h1, h2)
+    s1, g1 = hooked.value_and_grad(x, autocast=autocast)
+    s2, g2 = recovered.value_and_grad(x, autocast=autocast)
+    assert torch.equal(s1, s2) and torch.equal(g1, g2)
+    with hooked.session():  # the same inside one session (an ascent)
+        s3, g3 = hooked.value_and_grad(x, autocast=autocast)
+    assert torch.equal(s1, s3) and torch.equal(g1, g3)
+
+
+class _KeywordHead(nn.Module):
+    """The output layer called with a keyword argument: a forward pre-hook sees no positional input."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(4)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 9), nn.Tanh())
+        self.head = nn.Linear(9, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(input=self.body(x))
+
+
+class _SharedHead(nn.Module):
+    """The output layer runs twice (shared weights): the logits are not W h + b for the first input the hook sees."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(5)
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 6), nn.Tanh())
+        self.head = nn.Linear(6, 6)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.head(self.body(x))))
+
+
+def test_hook_route_falls_back_when_the_hook_cannot_read_h() -> None:
+    keyword = _KeywordHead().eval()
+    model = TorchModel(keyword, "kw")
+    route = sens.Sensitivity(model, ["head.weight", "head.bias"])
+    assert route._linear is keyword.head
+    assert route.penultimate(_x(), create_graph=False) is not None
+    assert route._linear is None  # no positional input seen: the backward route from then on
+    _compare(model, keyword, _x(13), ["head.weight", "head.bias"], "softmax")
+    shared = _SharedHead().eval()  # two calls: neither route applies, the any-parameter route does
+    assert penultimate(TorchModel(shared, "shared"), _x()) is None
+    _compare(TorchModel(shared, "shared"), shared, _x(), ["head.weight", "head.bias"], "softmax")

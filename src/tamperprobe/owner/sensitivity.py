@@ -20,11 +20,15 @@ Two routes, the same on every model format (``nn.Module``, TorchScript, ``torch.
   row (``dL/dW = G^T h``). With ``K = ceil(B / C)`` batched cotangents this costs one backward
   through the last matmul only and ``K·C·H ≈ (B + C)·H`` numbers, never ``C^2`` (a bag runs in
   pieces of ``RECOVERY_ROWS`` samples, so the batched matmuls stay linear in the bag); ``h`` keeps
-  its graph back to the input. The route checks ``W h + b == z`` (to the rounding of the
-  logits' dtype; once per ``Sensitivity``) and is not taken when the logits are not that layer's
-  output. ``||J||_F^2`` and its gradient are computed in float64 from the logits in a form
-  without cancellation (``jacobian_norm``), so confident predictions (top probability near 1)
-  keep full precision; S is one autograd node with that closed-form backward.
+  its graph back to the input. On an ``nn.Module`` whose W belongs to an ``nn.Linear``, ``h`` is
+  simply that layer's input, read by a forward pre-hook: the same values bit for bit, without
+  the extra backward and in one piece (on a tiny network the batched backward was a tenth of a
+  step). The route checks ``W h + b == z`` (to the rounding of the logits' dtype; once per
+  ``Sensitivity``) and is not taken when the logits are not that layer's output.
+  ``||J||_F^2`` and its gradient are computed in float64 from the logits in a form without
+  cancellation (``jacobian_norm``), so confident predictions (top probability near 1) keep full
+  precision. ``sensitivity`` makes S one autograd node with that closed-form backward;
+  ``value_and_grad`` hands the same cotangents for ``z`` and ``h`` straight to one backward pass.
 * **Any parameters** (``--param params=...``): one sample at a time, the gradients of the
   output under the cotangents ``J_i`` (row ``i`` of ``J``, computed in float64 like above; the
   identity for logits) in chunks of classes sized so that a chunk's gradients hold at most
@@ -43,7 +47,7 @@ import copy
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -169,12 +173,12 @@ def _check(model: Model, params: Sequence[str], output: str) -> nn.Module:
     return module
 
 
-def _softmax_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """float64 ``p``, the top class (keepdim), the non-top probabilities (0 at the top) and ``1 - p_top`` as their sum."""
+def _softmax_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """float64 ``p``, the top probability and class (keepdim), the non-top probabilities (0 at the top) and ``1 - p_top`` as their sum."""
     p = torch.log_softmax(z.double(), dim=-1).exp()
-    top = p.argmax(dim=-1, keepdim=True)
+    p_top, top = p.max(dim=-1, keepdim=True)
     others = p.scatter(-1, top, 0.0)
-    return p, top, others, others.sum(-1, keepdim=True)
+    return p, p_top, top, others, others.sum(-1, keepdim=True)
 
 
 def _softmax_norm(z: torch.Tensor, *, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -187,15 +191,16 @@ def _softmax_norm(z: torch.Tensor, *, grad: bool) -> tuple[torch.Tensor, torch.T
     ``g_j = 2 p_j (1 - 3 p_j + 2 sum_i p_i^2)``, rearranged the same way at the top class:
     ``g_t = 2 p_t ((1 - p_t)(1 - 2 p_t) + 2 q)`` and ``d_t = p_t ((1 - p_t) g_t - sum_{i!=t} p_i g_i)``.
     """
-    p, top, others, rest = _softmax_parts(z)
-    p_top = p.gather(-1, top)
+    p, p_top, top, others, rest = _softmax_parts(z)
     top_sq, sq = p_top.square(), others.square()  # sq: p_i^2 off the top, 0 at the top
     q = sq.sum(-1, keepdim=True)
-    norm = (top_sq * (rest.square() + q) + (sq * ((1.0 - others).square() + (q + top_sq) - sq)).sum(-1, keepdim=True)).squeeze(-1)
+    q_all = q + top_sq  # sum_i p_i^2
+    norm = (top_sq * (rest.square() + q) + (sq * ((1.0 - others).square() + q_all - sq)).sum(-1, keepdim=True)).squeeze(-1)
     if not grad:
         return norm, None
-    g_top = 2.0 * p_top * (rest * (1.0 - 2.0 * p_top) + 2.0 * q)
-    g = (2.0 * p * (1.0 - 3.0 * p + 2.0 * (top_sq + q))).scatter(-1, top, g_top)
+    two_top = 2.0 * p_top
+    g_top = two_top * (rest * (1.0 - two_top) + 2.0 * q)
+    g = (2.0 * p * (1.0 - 3.0 * p + 2.0 * q_all)).scatter(-1, top, g_top)
     g_rest = (others * g).sum(-1, keepdim=True)
     d = (p * (g - (p_top * g_top + g_rest))).scatter(-1, top, p_top * (g_top * rest - g_rest))
     return norm, d
@@ -214,37 +219,64 @@ def jacobian_norm(z: torch.Tensor, output: str = "softmax") -> torch.Tensor:
     return _softmax_norm(z, grad=False)[0]
 
 
+class _Terms(NamedTuple):
+    """``S = ||J||_F^2 * factor`` for the output-layer route, and what its gradient needs; float64, detached."""
+
+    value: torch.Tensor  # S (B,)
+    norm: torch.Tensor  # ||J||_F^2 (B,)
+    factor: torch.Tensor  # ||h||^2 [weight] + 1 [bias] (B,)
+    d_norm: torch.Tensor | None  # d||J||_F^2/dz (B, C); None for logits, where the norm is constant
+    h64: torch.Tensor | None  # h (B, H) when the weight is chosen
+
+    def cotangents(self, grad: torch.Tensor | None = None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``grad * dS/dz`` and ``grad * dS/dh`` in float64 (``grad`` None: 1), None where S does not depend on it.
+
+        ``dS/dz = factor * d||J||^2/dz`` and ``dS/dh = 2 ||J||^2 h``.
+        """
+        dz = dh = None
+        if self.d_norm is not None:
+            dz = (self.factor if grad is None else grad * self.factor)[:, None] * self.d_norm
+        if self.h64 is not None:
+            dh = (2.0 * self.norm if grad is None else 2.0 * grad * self.norm)[:, None] * self.h64
+        return dz, dh
+
+
+def _output_layer_terms(z: torch.Tensor, h: torch.Tensor, use_weight: bool, use_bias: bool, softmax: bool) -> _Terms:
+    """S of the output-layer route from logits ``z`` (B, C) and penultimate ``h`` (B, H), with its gradient's parts."""
+    h64 = h.detach().double() if use_weight else None
+    if h64 is not None:
+        factor = h64.square().sum(-1)
+    else:
+        factor = torch.zeros(z.shape[:1], dtype=torch.float64, device=z.device)
+    if use_bias:
+        factor.add_(1.0)
+    if softmax:
+        norm, d_norm = _softmax_norm(z.detach(), grad=True)
+    else:
+        norm, d_norm = jacobian_norm(z, "logits"), None
+    return _Terms(norm * factor, norm, factor, d_norm, h64)
+
+
 class _OutputLayerSensitivity(torch.autograd.Function):
     """``S = ||J||_F^2 * (||h||^2 [weight] + 1 [bias])`` from logits ``z`` and penultimate ``h``, in float64.
 
-    One graph node with a closed-form backward (``dS/dz = factor * dN/dz``, ``dS/dh = 2 N h``)
-    instead of the two dozen small ops autograd would record.
+    One graph node with a closed-form backward (``_Terms.cotangents``) instead of the two dozen
+    small ops autograd would record. ``Sensitivity.value_and_grad`` needs no node at all: it
+    hands the same cotangents to one backward pass.
     """
 
     @staticmethod
     def forward(ctx: Any, z: torch.Tensor, h: torch.Tensor, use_weight: bool, use_bias: bool, softmax: bool) -> torch.Tensor:
-        h64 = h.detach().double()
-        factor = torch.zeros(z.shape[:1], dtype=torch.float64, device=z.device)
-        if use_weight:
-            factor = factor + h64.square().sum(-1)
-        if use_bias:
-            factor = factor + 1.0
-        if softmax:
-            norm, d_norm = _softmax_norm(z.detach(), grad=True)
-        else:
-            norm, d_norm = jacobian_norm(z, "logits"), None
-        ctx.save_for_backward(h64, factor, norm, d_norm)
-        ctx.use_weight, ctx.dtypes = use_weight, (z.dtype, h.dtype)
-        return norm * factor
+        terms = _output_layer_terms(z, h, use_weight, use_bias, softmax)
+        ctx.terms, ctx.dtypes = terms, (z.dtype, h.dtype)
+        return terms.value
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        h64, factor, norm, d_norm = ctx.saved_tensors
+        dz, dh = ctx.terms.cotangents(grad)
         z_dtype, h_dtype = ctx.dtypes
-        dz = None if d_norm is None else ((grad * factor)[:, None] * d_norm).to(z_dtype)
-        dh = ((2.0 * grad * norm)[:, None] * h64).to(h_dtype) if ctx.use_weight else None
-        return dz, dh, None, None, None
+        return None if dz is None else dz.to(z_dtype), None if dh is None else dh.to(h_dtype), None, None, None
 
 
 def _jacobian_rows(z: torch.Tensor, rows: slice, output: str) -> torch.Tensor:
@@ -253,7 +285,7 @@ def _jacobian_rows(z: torch.Tensor, rows: slice, output: str) -> torch.Tensor:
     idx = torch.arange(c, device=z.device)[rows]
     if output == "logits":
         return (idx[:, None] == torch.arange(c, device=z.device)[None, :]).to(z.dtype)
-    p, top, _, rest = _softmax_parts(z)
+    p, _, top, _, rest = _softmax_parts(z)
     one_minus = (1.0 - p).scatter(-1, top, rest)  # 1 - p_i, the top's as a sum of small terms
     block = -p[idx, None] * p[None, :]  # J_ik = -p_i p_k off the diagonal
     block = block.scatter(1, idx[:, None], (p[idx] * one_minus[idx])[:, None])  # J_ii = p_i (1 - p_i)
@@ -266,8 +298,8 @@ def _jacobian_rows(z: torch.Tensor, rows: slice, output: str) -> torch.Tensor:
 class Sensitivity:
     """S for one model, one set of parameters W and one output: checked once, then run on any batch.
 
-    ``sensitivity`` and ``sensitivity_and_grad`` build one per call; an ascent builds one and
-    calls ``value_and_grad`` every step.
+    ``sensitivity`` and ``sensitivity_and_grad`` build one per call; an ascent builds one, enters
+    ``session`` once and calls ``value_and_grad`` every step.
     """
 
     def __init__(self, model: Model, params: Sequence[str], output: Output = "softmax") -> None:
@@ -279,8 +311,37 @@ class Sensitivity:
         self.layer = _candidate_layer(named, params)
         self.weight = named[self.layer.weight] if self.layer is not None else None
         self.bias = named[self.layer.bias] if self.layer is not None and self.layer.bias is not None else None
+        self._linear = self._hookable_layer()
         self._cotangents: dict[tuple[int, int, torch.dtype, torch.device], torch.Tensor] = {}
         self._checked = False  # W h + b == z held on a batch: the logits are that layer's output
+        self._in_session = False
+
+    def _hookable_layer(self) -> nn.Linear | None:
+        """The ``nn.Linear`` that owns W, when the model runs it as a module (hooks see its input)."""
+        if self.layer is None or not self.model.hookable:
+            return None
+        try:
+            sub = self.module.get_submodule(_split(self.layer.weight)[0])
+        except AttributeError:
+            return None
+        return sub if isinstance(sub, nn.Linear) and sub.weight is self.weight else None
+
+    @contextmanager
+    def session(self) -> Iterator[None]:
+        """Grad mode on and torch's chatter off for a run of calls; ``value_and_grad`` inside skips that set-up.
+
+        Entering ``quiet`` costs about 10 µs, a tenth of the fixed cost of a step on a tiny
+        network: an ascent enters it once, not once per step.
+        """
+        if self._in_session and torch.is_grad_enabled():
+            yield
+            return
+        outer, self._in_session = self._in_session, True
+        try:
+            with torch.enable_grad(), quiet():
+                yield
+        finally:
+            self._in_session = outer
 
     # -- output-layer route
 
@@ -295,21 +356,30 @@ class Sensitivity:
             self._cotangents = {key: cot}  # one shape at a time: batch sizes change rarely
         return self._cotangents[key]
 
-    def penultimate(self, x: torch.Tensor, *, create_graph: bool, autocast: str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Logits ``z`` (B, C) and penultimate vectors ``h`` (B, H) with ``z = W h + b``, or None if z is not that.
+    def _hooked(self, x: torch.Tensor, autocast: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Logits and the input of the output ``nn.Linear`` read by a forward pre-hook; None unless it ran once on (B, H).
 
-        ``h`` comes from one backward pass through the last matmul (see the module doc); with
-        ``create_graph`` it keeps its graph back to ``x``. The check ``W h + b == z`` allows the
-        rounding of the logits' dtype; it runs in the model's own precision until one batch
-        passes, since whether the logits are the layer's output is a property of the model (an
-        ascent calls this with the same model every step). Under autocast, an unchecked model is
-        first checked on the same batch without it.
+        ``h`` is the tensor the network computed, with its graph: no backward pass is needed to
+        read it. It is returned as the layer multiplied it (autocast rounds it to the logits'
+        dtype) in W's dtype, as the backward route gives it.
         """
+        assert self._linear is not None and self.weight is not None
+        seen: list[object] = []
+        handle = self._linear.register_forward_pre_hook(lambda _m, args: seen.append(args[0] if args else None))
+        try:
+            with _autocast(x, autocast):
+                z = as_logits(self.model.forward(x))
+        finally:
+            handle.remove()
+        h = seen[0] if len(seen) == 1 else None
+        if not isinstance(h, torch.Tensor) or h.shape != (z.shape[0], self.weight.shape[1]) or z.shape[1] != self.weight.shape[0]:
+            return None
+        return z, h.to(z.dtype).to(self.weight.dtype)
+
+    def _recovered(self, x: torch.Tensor, create_graph: bool, autocast: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Logits and ``h`` recovered by one backward pass with batched cotangents (any format; see the module doc)."""
         weight = self.weight
-        if weight is None:
-            return None
-        if autocast is not None and not self._checked and self.penultimate(x, create_graph=False) is None:
-            return None
+        assert weight is not None
         with _grad_on([weight]):
             with _autocast(x, autocast):
                 z = as_logits(self.model.forward(x))
@@ -320,38 +390,70 @@ class Sensitivity:
             (g,) = torch.autograd.grad(z, weight, cot, is_grads_batched=True, create_graph=create_graph, allow_unused=True)
         if g is None:
             return None
-        h = g.reshape(cot.shape[0] * classes, -1)[:rows]
-        if self._checked:
-            return z, h
+        return z, g.reshape(cot.shape[0] * classes, -1)[:rows]
+
+    def _agrees(self, z: torch.Tensor, h: torch.Tensor) -> bool:
+        """``W h + b == z`` up to the rounding of the logits' dtype, in float64."""
+        assert self.weight is not None
         with torch.no_grad():
-            w64, h64, z64 = weight.detach().double(), h.detach().double(), z.detach().double()
+            w64, h64, z64 = self.weight.detach().double(), h.detach().double(), z.detach().double()
             expect, scale = h64 @ w64.T, h64.abs() @ w64.abs().T
             if self.bias is not None:
                 b64 = self.bias.detach().double()
                 expect, scale = expect + b64, scale + b64.abs()
             tol = 64 * float(torch.finfo(z.dtype).eps) * (scale + z64.abs()) + 1e-30
-            if not bool(((z64 - expect).abs() <= tol).all()):
-                return None
-        self._checked = True
-        return z, h
+            return bool(((z64 - expect).abs() <= tol).all())
 
-    def _output_layer(self, x: torch.Tensor, autocast: str | None) -> torch.Tensor | None:
-        """S by the output-layer route, differentiable; None when W is not the output layer's.
+    def penultimate(self, x: torch.Tensor, *, create_graph: bool, autocast: str | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Logits ``z`` (B, C) and penultimate vectors ``h`` (B, H) with ``z = W h + b``, or None if z is not that.
 
-        Batches run in pieces of ``max(RECOVERY_ROWS, C)`` samples: the recovery's batched
-        matmuls cost ``B^2 H`` for a piece of ``B`` samples, linear in the bag this way.
+        On a hookable model whose W belongs to an ``nn.Linear``, ``h`` is that layer's input,
+        read by a hook; otherwise (TorchScript, ``torch.export``, or when the hook does not see
+        exactly one call) it comes from one backward pass through the last matmul (see the
+        module doc), with ``create_graph`` keeping its graph back to ``x``. The check
+        ``W h + b == z`` allows the rounding of the logits' dtype; it runs in the model's own
+        precision until one batch passes, since whether the logits are the layer's output is a
+        property of the model (an ascent calls this with the same model every step). Under
+        autocast, an unchecked model is first checked on the same batch without it.
         """
-        if self.layer is None or self.weight is None:
+        if self.weight is None:
             return None
-        rows = max(RECOVERY_ROWS, self.weight.shape[0])
-        parts = []
-        for lo in range(0, max(1, x.shape[0]), rows):
-            found = self.penultimate(x[lo : lo + rows], create_graph=True, autocast=autocast)
+        if autocast is not None and not self._checked and self.penultimate(x, create_graph=False) is None:
+            return None
+        hooked = self._linear is not None
+        found = self._hooked(x, autocast) if hooked else self._recovered(x, create_graph, autocast)
+        if found is not None and (self._checked or self._agrees(*found)):
+            self._checked = True
+            return found
+        if hooked:  # the hook saw something else than the logits' layer input: the backward route from now on
+            self._linear = None
+            return self.penultimate(x, create_graph=create_graph, autocast=autocast)
+        return None
+
+    def _pairs(self, x: torch.Tensor, autocast: str | None) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """``(z, h)`` of the output-layer route for the batch, in pieces; None when W is not the output layer's.
+
+        The backward route runs in pieces of ``max(RECOVERY_ROWS, C)`` samples: its batched
+        matmuls cost ``B^2 H`` for a piece of ``B`` samples, linear in the bag this way. The hook
+        route reads the whole batch at once.
+        """
+        if self.weight is None or x.shape[0] == 0:
+            return None
+        pairs = []
+        lo = 0
+        while lo < x.shape[0]:
+            rows = x.shape[0] if self._linear is not None else max(RECOVERY_ROWS, self.weight.shape[0])
+            found = self.penultimate(x if lo == 0 and rows >= x.shape[0] else x[lo : lo + rows], create_graph=True, autocast=autocast)
             if found is None:
                 return None
-            z, h = found
-            parts.append(_OutputLayerSensitivity.apply(z, h, self.layer.use_weight, self.layer.use_bias, self.output == "softmax"))
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
+            pairs.append(found)
+            lo += rows
+        return pairs
+
+    def _terms(self, pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[_Terms]:
+        assert self.layer is not None
+        layer, softmax = self.layer, self.output == "softmax"
+        return [_output_layer_terms(z, h, layer.use_weight, layer.use_bias, softmax) for z, h in pairs]
 
     # -- any-parameter route
 
@@ -378,22 +480,39 @@ class Sensitivity:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         """Per-sample ``S(x)`` (B,), float64, differentiable with respect to ``x`` (see ``sensitivity``)."""
-        with torch.enable_grad(), quiet():
-            s = self._output_layer(x, None)
-            if s is not None:
-                return s
+        with self.session():
+            pairs = self._pairs(x, None)
+            if pairs is not None:
+                assert self.layer is not None
+                layer, softmax = self.layer, self.output == "softmax"
+                parts = [_OutputLayerSensitivity.apply(z, h, layer.use_weight, layer.use_bias, softmax) for z, h in pairs]
+                return parts[0] if len(parts) == 1 else torch.cat(parts)
             with _grad_on(self.plist):
                 out = [torch.stack(list(self._class_chunks(x[b : b + 1], None))).sum() for b in range(x.shape[0])]
         return torch.stack(out) if out else x.new_zeros((0,), dtype=torch.float64)
 
     def value_and_grad(self, x: torch.Tensor, *, autocast: Autocast | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """``S(x)`` (B,) float64 and ``dS/dx`` (x's shape and dtype), detached (see ``sensitivity_and_grad``)."""
+        """``S(x)`` (B,) float64 and ``dS/dx`` (x's shape and dtype), detached (see ``sensitivity_and_grad``).
+
+        On the output-layer route S is computed from detached ``z`` and ``h``, and one backward
+        pass takes its cotangents (``_Terms.cotangents``) from ``z`` and ``h`` to ``x``: no
+        graph node for S, no second backward.
+        """
         xv = x.detach().requires_grad_(True)
-        with torch.enable_grad(), quiet():
-            s = self._output_layer(xv, autocast)
-            if s is not None:
-                (grad,) = torch.autograd.grad(s.sum(), xv, allow_unused=True)
-                return s.detach(), torch.zeros_like(xv) if grad is None else grad
+        with self.session():
+            pairs = self._pairs(xv, autocast)
+            if pairs is not None:
+                outputs, cotangents = [], []
+                terms = self._terms(pairs)
+                for (z, h), t in zip(pairs, terms, strict=True):
+                    dz, dh = t.cotangents()
+                    for out, cot in ((z, dz), (h, dh)):
+                        if cot is not None:
+                            outputs.append(out)
+                            cotangents.append(cot.to(out.dtype))
+                s = terms[0].value if len(terms) == 1 else torch.cat([t.value for t in terms])
+                grad = torch.autograd.grad(outputs, xv, cotangents, allow_unused=True)[0] if outputs else None
+                return s, torch.zeros_like(xv) if grad is None else grad
             values = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
             grad = torch.zeros_like(xv)
             with _grad_on(self.plist):

@@ -49,6 +49,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 _BETAS = (0.9, 0.999)  # Adam's defaults (Kingma & Ba), as torch.optim.Adam
 _ADAM_EPS = 1e-8
+#: Steps between two early-stopping checks (each reads one value back from the device).
+CHECK_EVERY = 4
 
 
 class SensitiveSamples(Method):
@@ -112,57 +114,13 @@ class SensitiveSamples(Method):
         idx = sample_indices(len(data), bag, rng)
         seeds = np.ascontiguousarray(data.x[idx], dtype=np.float32)
         x0 = torch.from_numpy(seeds.copy()).to(model.device)  # the whole ascent runs where the model does
-        low, high = float(data.low), float(data.high)
-
-        def project(v: torch.Tensor, origin: torch.Tensor, radius: torch.Tensor) -> torch.Tensor:
-            """Onto the ε-balls around the seeds ``origin``, then into the box; exact up to float32 rounding."""
-            d = v.double().reshape(origin.shape) - origin
-            shrink = (radius / d.norm(dim=1).clamp_min(1e-300)).clamp(max=1.0)
-            out = (origin + d * shrink[:, None]).clamp(low, high).float()
-            over = (out.double() - origin).norm(dim=1) > radius
-            if over.any():  # float32 rounding pushed a sample out: pull it slightly inwards
-                d = out.double() - origin
-                scale = radius / d.norm(dim=1).clamp_min(1e-300) * (1 - 1e-6)
-                fixed = (origin + d * scale[:, None]).clamp(low, high).float()
-                out = torch.where(over[:, None], fixed, out)
-            return out.reshape(v.shape)
-
-        s_seed, grad = route.value_and_grad(x0, autocast=self.autocast)
-        best_s, best_x = s_seed.clone(), x0.clone()
-        ran = torch.zeros(bag, dtype=torch.int64, device=x0.device)  # steps each sample took before it left
-        # the samples still climbing, compacted: rows of the bag, iterate, best so far, Adam's moments, stall count
-        rows = torch.arange(bag, device=x0.device)
-        origin = x0.double().reshape(bag, -1)
-        radius = self.epsilon * origin.norm(dim=1)
-        x, top_x, top_s = x0.clone(), x0.clone(), s_seed.clone()
-        m1, m2 = torch.zeros_like(x), torch.zeros_like(x)
-        stall = torch.zeros(bag, dtype=torch.int64, device=x0.device)
-        done = 0
-        for step in range(1, self.steps + 1):
-            if len(rows) == 0:
-                break
-            x = project(self._adam(x, m1, m2, grad, step), origin, radius)
-            s, grad = route.value_and_grad(x, autocast=self.autocast)
-            better = s > top_s
-            stall = torch.where(s > top_s * (1 + self.min_delta) + 1e-300, torch.zeros_like(stall), stall + 1)
-            top_s = torch.where(better, s, top_s)
-            top_x = torch.where(better.reshape((-1,) + (1,) * (x.dim() - 1)), x, top_x)
-            done = step
-            progress(step, self.steps)
-            keep = stall < self.patience if self.patience else None
-            if keep is not None and not bool(keep.all()):  # these samples leave with their best iterate
-                gone = rows[~keep]
-                best_s[gone], best_x[gone], ran[gone] = top_s[~keep], top_x[~keep], step
-                rows, x, top_x, top_s, m1, m2, stall, grad = (t[keep] for t in (rows, x, top_x, top_s, m1, m2, stall, grad))
-                origin, radius = origin[keep], radius[keep]
-        best_s[rows], best_x[rows], ran[rows] = top_s, top_x, done
-        if done < self.steps:
-            progress(self.steps, self.steps)
-        if self.autocast is not None:  # record the sensitivities in the model's own precision
-            s_seed, _ = route.value_and_grad(x0)
-            best_s, _ = route.value_and_grad(best_x)
-            worse = best_s < s_seed
-            best_x[worse], best_s[worse] = x0[worse], s_seed[worse]
+        with route.session():
+            s_seed, best_s, best_x, ran = self._ascend(route, x0, float(data.low), float(data.high), progress)
+            if self.autocast is not None:  # record the sensitivities in the model's own precision
+                s_seed, _ = route.value_and_grad(x0)
+                best_s, _ = route.value_and_grad(best_x)
+                worse = best_s < s_seed
+                best_x[worse], best_s[worse] = x0[worse], s_seed[worse]
         return Bag(
             inputs=best_x.cpu().numpy().astype(np.float32),
             seeds=seeds,
@@ -170,15 +128,89 @@ class SensitiveSamples(Method):
                 "sensitivity_seed": s_seed.cpu().numpy().astype(np.float64),
                 "sensitivity": best_s.cpu().numpy().astype(np.float64),
                 "ascent_steps": ran.cpu().numpy(),
-                "steps": done,
+                "steps": int(ran.max()) if len(ran) else 0,
                 "params": list(names),
             },
         )
+
+    def _ascend(
+        self, route: Sensitivity, x0: torch.Tensor, low: float, high: float, progress: Progress
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The batched ascent from ``x0``: the seeds' S, each sample's best S and iterate, and its number of steps.
+
+        A step is S and dS/dx (one forward and one backward pass), Adam, the projection and a
+        few ops of bookkeeping; on a tiny network the last three are a fixed cost comparable to
+        the passes, so they are written as few tensor ops as possible, and the loop reads no
+        value back to Python except the projection's rare rounding fix-up. With early stopping,
+        a sample that stalls is *frozen* (its best no longer changes, its step count stops)
+        and the frozen ones leave the batch at the next check, every ``CHECK_EVERY`` steps: the
+        result is that of leaving at once, without a host sync every step.
+        """
+        bag = x0.shape[0]
+        s_seed, grad = route.value_and_grad(x0, autocast=self.autocast)
+        best_s, best_x = s_seed.clone(), x0.clone()
+        ran = torch.zeros(bag, dtype=torch.int64, device=x0.device)  # steps each sample took before it left
+        # the samples still in the batch, compacted: rows of the bag, iterate, best so far, Adam's moments, stall count
+        rows = torch.arange(bag, device=x0.device)
+        origin = x0.double().reshape(bag, -1)
+        radius = self.epsilon * origin.norm(dim=1)
+        x, top_x, top_s = x0.clone(), x0.clone(), s_seed.clone()
+        m1, m2 = torch.zeros_like(x), torch.zeros_like(x)
+        stall, taken = torch.zeros_like(ran), torch.zeros_like(ran)  # stall == patience: frozen
+        rows_shape = (-1,) + (1,) * (x.dim() - 1)
+        done = 0
+        for step in range(1, self.steps + 1):
+            if len(rows) == 0:
+                break
+            done = step
+            x = _project(self._adam(x, m1, m2, grad, step), origin, radius, low, high)
+            s, grad = route.value_and_grad(x, autocast=self.autocast)
+            better = s > top_s
+            if self.patience:
+                climbing = stall < self.patience
+                better &= climbing
+                improved = s > top_s * (1 + self.min_delta) + 1e-300
+                stall = torch.where(climbing, torch.where(improved, 0, stall + 1), stall)
+                taken += climbing
+            top_s = torch.where(better, s, top_s)
+            top_x = torch.where(better.reshape(rows_shape), x, top_x)
+            progress(step, self.steps)
+            if self.patience and step % CHECK_EVERY == 0:
+                keep = stall < self.patience
+                if not bool(keep.all()):  # the frozen samples leave with their best iterate
+                    gone = rows[~keep]
+                    best_s[gone], best_x[gone], ran[gone] = top_s[~keep], top_x[~keep], taken[~keep]
+                    rows, x, top_x, top_s, m1, m2, stall, taken, grad = (t[keep] for t in (rows, x, top_x, top_s, m1, m2, stall, taken, grad))
+                    origin, radius = origin[keep], radius[keep]
+        best_s[rows], best_x[rows], ran[rows] = top_s, top_x, taken if self.patience else done
+        if done < self.steps:
+            progress(self.steps, self.steps)
+        return s_seed, best_s, best_x, ran
 
     def _adam(self, x: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
         """One Adam ascent step, as ``torch.optim.Adam(maximize=True)``; updates the moments in place."""
         b1, b2 = _BETAS
         m1.mul_(b1).add_(grad, alpha=1 - b1)
         m2.mul_(b2).addcmul_(grad, grad, value=1 - b2)
-        denom = (m2.sqrt() / (1 - b2**step) ** 0.5).add_(_ADAM_EPS)
+        denom = m2.sqrt().div_((1 - b2**step) ** 0.5).add_(_ADAM_EPS)
         return x.addcdiv(m1, denom, value=self.lr / (1 - b1**step))
+
+
+def _project(v: torch.Tensor, origin: torch.Tensor, radius: torch.Tensor, low: float, high: float) -> torch.Tensor:
+    """``v`` onto the ε-balls around the seeds ``origin`` (float64, flattened), then into the box; float32.
+
+    Exact up to float32 rounding; when that rounding pushes a sample out of its ball (rare),
+    the sample is pulled slightly inwards. Mixed float32 - float64 subtractions promote
+    without a separate cast.
+    """
+    d = v.reshape(origin.shape) - origin
+    shrink = (radius / d.norm(dim=1).clamp_min(1e-300)).clamp(max=1.0)
+    out = (origin + d * shrink[:, None]).clamp(low, high).float()
+    d = out - origin
+    norm = d.norm(dim=1)
+    over = norm > radius
+    if over.any():  # float32 rounding pushed a sample out: pull it slightly inwards
+        scale = radius / norm.clamp_min(1e-300) * (1 - 1e-6)
+        fixed = (origin + d * scale[:, None]).clamp(low, high).float()
+        out = torch.where(over[:, None], fixed, out)
+    return out.reshape(v.shape)
