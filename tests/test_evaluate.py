@@ -258,7 +258,7 @@ def test_write_report_writes_the_promised_files(campaign, tmp_path):
     paths = write_report(campaign, tmp_path)
     names = {p.name for p in paths}
     assert {"report.md", "results.json", "detection.csv", "trigger.csv", "key_size.csv", "false_alarms.csv"} <= names
-    assert {"detection_top1.png", "trigger_top1.png", "markers_natural.png", "markers_rotation.png"} <= names
+    assert {"detection.png", "trigger.png", "markers.png"} <= names
     for p in paths:
         assert p.exists() and p.stat().st_size > 0
         if p.suffix == ".png":
@@ -269,6 +269,30 @@ def test_write_report_writes_the_promised_files(campaign, tmp_path):
     assert len(data["detection"]) == len(campaign.detection)
     md = (tmp_path / "report.md").read_text()
     assert "Detection rate vs N_S (top1)" in md and "False alarms" in md and "nope" in md
+    assert data["timings"]["plots"] > 0 and "| plots |" in md
+
+
+def test_write_report_without_plots_writes_the_same_tables(campaign, tmp_path):
+    with_plots = {p.name for p in write_report(campaign, tmp_path / "a")}
+    without = {p.name for p in write_report(campaign, tmp_path / "b", plots=False)}
+    assert without == {n for n in with_plots if not n.endswith(".png")} and not list((tmp_path / "b").glob("*.png"))
+    for name in without - {"report.md", "results.json"}:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert "No plots: plots were not asked for" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_marker_mosaic_holds_every_seed_and_marker(campaign):
+    from tamperprobe.evaluation.plots import marker_mosaic
+
+    mosaic, rows = marker_mosaic(campaign, gap=2)
+    assert [label for _, label in rows] == [f"{m}: {part}" for m in campaign.samples for part in ("seeds", "markers")]
+    lo, hi = campaign.params["data"]["low"], campaign.params["data"]["high"]
+    first = campaign.samples["natural"]
+    h, w = first["inputs"].shape[-2:]
+    tile = mosaic[2 : 2 + h, 2 : 2 + w, 0]  # the first seed, top left
+    assert np.allclose(tile, np.clip((first["seeds"][0, 0] - lo) / (hi - lo), 0, 1), atol=1e-6)
+    top = int(rows[1][0] - h / 2)  # the first marker, in the next row
+    assert np.allclose(mosaic[top : top + h, 2 : 2 + w, 1], np.clip((first["inputs"][0, 0] - lo) / (hi - lo), 0, 1), atol=1e-6)
 
 
 def test_manc_protocol_with_boundary_pairs(loaded_mlp, digits_all):
