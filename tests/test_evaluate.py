@@ -354,3 +354,21 @@ def test_cli_exits_2_when_nothing_can_be_measured(trained_mlp, digits, tmp_path)
     assert result.exit_code == 2, result.output
     assert (out / "report.md").exists()
     assert "Nothing could be measured" in (out / "report.md").read_text()
+
+
+def test_attacks_get_a_bounded_seeded_share_of_the_train_part_and_report_what_attack_run_measures(campaign, loaded_mlp, digits_all):
+    from tamperprobe.attacks import get_attack
+    from tamperprobe.evaluation.campaign import attacker_data
+
+    p = campaign.params
+    train, test = digits_all.split(p["test_fraction"], seed=p["seed"])
+    part = attacker_data(train, p["attack_samples"], p["seed"])
+    assert p["attack_samples"] == 1000 and p["data"]["attack"] == len(part) == 1000 < len(train)
+    rows = {tuple(r) for r in train.x.reshape(len(train), -1).round(6)}
+    assert all(tuple(r) in rows for r in part.x.reshape(len(part), -1).round(6))  # a subset of the train part
+    assert np.array_equal(attacker_data(train, 1000, p["seed"]).x, part.x) and not np.array_equal(attacker_data(train, 1000, p["seed"] + 1).x, part.x)
+    assert attacker_data(train, None, 0) is train and attacker_data(train, len(train) + 5, 0) is train
+    # the campaign measures the intact accuracy once; every attack row holds what Attack.run measures itself
+    row = next(a for a in campaign.attacks if a["attack"] == "noise" and a["trial"] == 1)
+    result = get_attack("noise", CAMPAIGN["attack_params"]["noise"]).run(loaded_mlp.module, part, seed=row["seed"], eval_data=test)
+    assert (result.acc_before, result.acc_after) == (row["acc_before"], row["acc_after"])

@@ -269,6 +269,7 @@ class _Campaign:
     markers: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))  # every bag's inputs, concatenated
     reference: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))  # the intact logits on them
     curves: dict[tuple[str, str, str], list[np.ndarray]] = field(default_factory=dict)
+    intact_accuracy: float | None = None  # the intact module's accuracy on the test part, as Attack.run measures it (given to every attack)
 
     def step(self, what: str) -> None:
         self.done += 1
@@ -504,10 +505,15 @@ def _intact_model(c: _Campaign) -> None:
         if spec.label_count > classes:
             raise UsageError(f"output spec {spec} asks for {spec.label_count} labels; the model has {classes} classes")
     from .._torch import accuracy
+    from ..train import accuracy as module_accuracy
 
     for name, part in (("train", c.train), ("test", c.test)):
         if part.y is not None and len(part):
-            ev.model[f"acc_{name}"] = accuracy(model.logits(part.x), part.y)
+            c.progress(c.done, c.total, f"intact model: accuracy on the {name} part")
+            # on a torch module, as Attack.run measures it: the attacks reuse the test accuracy instead of measuring it again
+            acc = module_accuracy(model.module, part.x, part.y) if model.module is not None else accuracy(model.logits(part.x), part.y)
+            ev.model[f"acc_{name}"] = acc
+    c.intact_accuracy = ev.model.get("acc_test")
     c.step("intact model")
 
 
@@ -687,7 +693,9 @@ def _attack(c: _Campaign, label: str, trial: int, entry: str | Attack, progress:
         module = c.model.require_torch("an attack")
         if not c.bags:
             raise UsageError("no method produced markers")
-        result = get_attack(entry, c.attack_params.get(label)).run(module, c.attack_data, seed=aseed, eval_data=c.test, progress=progress)
+        result = get_attack(entry, c.attack_params.get(label)).run(
+            module, c.attack_data, seed=aseed, eval_data=c.test, progress=progress, acc_before=c.intact_accuracy
+        )
         row.update(
             params=jsonable(result.params),
             acc_before=jsonable(result.acc_before),
