@@ -95,15 +95,34 @@ def run_evaluate(src: Path, model: Path, out: Path, timeout: float, extra: list[
         except subprocess.TimeoutExpired:
             code = None
     wall = time.monotonic() - t0
-    row: dict[str, Any] = {"wall_seconds": round(wall, 1), "exit_code": code, "timed_out": code is None, "command": " ".join(cmd[2:])}
-    results = out / "results.json"
-    if code is not None and results.exists():
-        doc = json.loads(results.read_text())
-        row["timings"] = doc.get("timings", {})
-        row["torch_threads"] = doc.get("machine", {}).get("torch_threads")
-        row["errors"] = len(doc.get("errors", []))
-    row["log_tail"] = log.read_text().splitlines()[-12:]
+    row: dict[str, Any] = {"wall_seconds": round(wall, 1), "exit_code": code, "timed_out": code is None, "extra": extra}
+    if code is not None and (out / "results.json").exists():
+        row.update(summarise(json.loads((out / "results.json").read_text())))
+    row["log_tail"] = log.read_text().splitlines()[-6:]
     return row
+
+
+def summarise(doc: dict[str, Any]) -> dict[str, Any]:
+    """What the markdown needs of a report's ``results.json``: timings, threads, errors, attack outcomes, top-1 detection."""
+    outcomes: dict[str, list[tuple[float | None, float | None]]] = {}
+    for r in doc.get("attacks", []):
+        if not r.get("error"):
+            outcomes.setdefault(r["attack"], []).append((r.get("acc_after"), r.get("success")))
+
+    def mean(values: list[float | None]) -> float | None:
+        known = [x for x in values if x is not None]
+        return round(sum(known) / len(known), 4) if known else None
+
+    detection = {f"{r['method']}|{r['attack']}|{r['ns']}": round(r["rate"], 4) for r in doc.get("detection", []) if r["spec"] == "top1"}
+    return {
+        "timings": doc.get("timings", {}),
+        "torch_threads": doc.get("machine", {}).get("torch_threads"),
+        "errors": [f"{e['stage']} {e['name']}" for e in doc.get("errors", [])],
+        "attack_data": doc.get("params", {}).get("data", {}).get("attack"),
+        "acc_before": doc.get("model", {}).get("acc_test"),
+        "outcomes": {a: {"acc_after": mean([x for x, _ in v]), "success": mean([y for _, y in v]), "instances": len(v)} for a, v in outcomes.items()},
+        "detection_top1": detection,
+    }
 
 
 def load_avg() -> list[float]:
@@ -120,8 +139,16 @@ def main() -> None:
     ap.add_argument("--timeout", type=float, default=3600.0)
     ap.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="extra evaluate options (the goal is measured without any)")
     ap.add_argument("--summary-only", action="store_true", help="rebuild the markdown from the recorded rows")
+    ap.add_argument("--backfill", type=Path, nargs=2, metavar=("LABEL", "REPORT"), help="re-read a recorded run's results.json")
     args = ap.parse_args()
-    if not args.summary_only:
+    if args.backfill:
+        label, report = args.backfill
+        rows = json.loads(RESULTS_JSON.read_text())
+        for r in rows:
+            if r["label"] == str(label):
+                r.update(summarise(json.loads((report / "results.json").read_text())))
+        RESULTS_JSON.write_text(json.dumps(rows, indent=1) + "\n")
+    elif not args.summary_only:
         sys.path.insert(0, str(args.src))
         WORK.mkdir(parents=True, exist_ok=True)
         model = WORK / "lenet_wide.pt"
@@ -143,20 +170,106 @@ def main() -> None:
     write_markdown()
 
 
+TRAINING = ("trojan", "trojan-neuron", "poison-generic", "poison-specific", "watermark", "finetune")
+NOTES = RESULTS_MD.with_name("evaluate-time-notes.md")  # hand-written reading of the tables, included as is
+
+
+def phases(r: dict[str, Any]) -> dict[str, float | None]:
+    """The run's time split into the phases the markdown shows (seconds)."""
+    t = r.get("timings", {})
+    if not t:
+        return {}
+    by_attack: dict[str, float] = {}
+    for k, v in t.items():
+        if k.startswith("attack:"):
+            name = k.split(":", 1)[1].rsplit("#", 1)[0]
+            by_attack[name] = by_attack.get(name, 0.0) + v
+    training = sum(v for a, v in by_attack.items() if a in TRAINING)
+    named = sum(t.get(k, 0.0) for k in ("methods", "selections", "runtimes", "attacks"))
+    return {
+        "marker generation (11 methods)": t.get("methods"),
+        "MANC resampled selections": t.get("selections"),
+        "benign runtimes (false alarms)": t.get("runtimes"),
+        "attacks that train (trojans, poisoning, watermark, fine-tuning)": training,
+        "other attacks (quantisation, casts, pruning, noise)": t.get("attacks", 0.0) - training,
+        "intact model, reference answers, aggregation": t.get("total", 0.0) - named,
+        "plots": t.get("plots"),
+        "start-up, report files (and plots before: not timed apart)": r["wall_seconds"] - t.get("total", 0.0) - t.get("plots", 0.0),
+        "**wall clock**": r["wall_seconds"],
+    }
+
+
+def cell(v: Any, digits: int = 0) -> str:
+    return "–" if v is None else f"{v:.{digits}f}"
+
+
 def write_markdown() -> None:
     rows = json.loads(RESULTS_JSON.read_text()) if RESULTS_JSON.exists() else []
-    lines = ["# `tamperprobe evaluate` with defaults on a 681k-parameter TorchScript CNN", "", "Written by `bench/evaluate_time.py`.", ""]
-    lines += ["| run | date | wall clock | exit | torch threads | load avg before/after | extra options |", "|---|---|---|---|---|---|---|"]
+    model = rows[0]["model"] if rows else {}
+    lines = [
+        f"# `tamperprobe evaluate` with defaults on a {model.get('parameters', 0):,}-parameter TorchScript CNN",
+        "",
+        f"Written by `bench/evaluate_time.py` (its docstring says how). Model: {model.get('data')}, accuracy {model.get('accuracy')}. "
+        f"Data: `--data ../shared/data/mnist` (10,000 images: 7,000 train part, 3,000 test part). One torch thread "
+        f"(`OMP_NUM_THREADS=1`), 2 shared cores with other jobs running: the load average is given for every run. Goal: {GOAL_SECONDS:.0f} s.",
+        "",
+    ]
+    if NOTES.exists():
+        lines += [NOTES.read_text().strip(), ""]
+    lines += [
+        "## Runs",
+        "",
+        "| run | code | options | wall clock | 1-min load average at start → end | torch threads | failed steps |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         wall = f"> {r['wall_seconds']:.0f} s (stopped)" if r.get("timed_out") else f"{r['wall_seconds']:.0f} s"
+        code = "before this change" if "baseline" in r["src"] else "this change"
+        opts = " ".join(r.get("extra") or []) or "defaults"
         lines.append(
-            f"| {r['label']} | {r['date']} | {wall} | {r.get('exit_code')} | {r.get('torch_threads')} | "
-            f"{r.get('load_before')} / {r.get('load_after')} | {r['command'].split('--out')[1].split(' ', 2)[2:] or ''} |"
+            f"| {r['label']} | {code} | {opts} | {wall} | {r['load_before'][0]:.1f} → {r['load_after'][0]:.1f} | {r.get('torch_threads')} "
+            f"| {len(r.get('errors', []))} |"
         )
-    for r in rows:
-        if r.get("timings"):
-            lines += ["", f"## Phases of run `{r['label']}` ({r['date']})", "", "| phase | seconds |", "|---|---|"]
-            lines += [f"| {k} | {v:.1f} |" for k, v in r["timings"].items()]
+    lines += ["", "## Where the time goes (seconds)", "", "| phase | " + " | ".join(r["label"] for r in rows) + " |", "|---|" + "---|" * len(rows)]
+    split = [phases(r) for r in rows]
+    for name in split[0] if split else []:
+        lines.append(f"| {name} | " + " | ".join(cell(p.get(name)) for p in split) + " |")
+    attacks = list(dict.fromkeys(a for r in rows for a in r.get("outcomes", {})))
+    lines += [
+        "",
+        "## What the attacks did (mean over instances)",
+        "",
+        "Accuracy of the attacked model on the 3,000-image test part (intact: "
+        + ", ".join(f"{r['label']} {cell(r.get('acc_before'), 4)}" for r in rows)
+        + ") and the attack's success rate (trojans: triggered inputs sent to the target; poisoning: target class no longer "
+        "predicted or predicted as the chosen class).",
+        "",
+        "| attack | " + " | ".join(f"{r['label']}: acc after / success" for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+    ]
+    for a in attacks:
+        cells = []
+        for r in rows:
+            o = r.get("outcomes", {}).get(a)
+            cells.append("–" if o is None else f"{cell(o['acc_after'], 4)} / {cell(o['success'], 4)}")
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "## Top-1 detection rate, mean over the 11 methods, at N_S = 1 / 5 / 10",
+        "",
+        "| attack | " + " | ".join(r["label"] for r in rows) + " |",
+        "|---|" + "---|" * len(rows),
+    ]
+    for a in attacks:
+        cells = []
+        for r in rows:
+            det = r.get("detection_top1", {})
+            means = []
+            for ns in (1, 5, 10):
+                v = [x for k, x in det.items() if k.split("|")[1] == a and k.split("|")[2] == str(ns)]
+                means.append(cell(sum(v) / len(v), 2) if v else "–")
+            cells.append(" / ".join(means))
+        lines.append(f"| {a} | " + " | ".join(cells) + " |")
     RESULTS_MD.write_text("\n".join(lines) + "\n")
 
 

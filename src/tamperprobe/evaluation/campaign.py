@@ -43,8 +43,9 @@ campaign:
      changed markers out of ``n``.
    * ``manc``: MANC is deterministic on a fixed bag up to tie-breaking, so resampling the
      selection alone would measure one fingerprint. Each resample instead draws a random
-     sub-bag of ``manc_fraction`` (default half) of the bag and runs MANC
-     (``selection.manc`` on the penultimate activations, greedy order) on it; its first N_S
+     sub-bag of ``manc_fraction`` (default half) of the bag and runs MANC on it (the
+     penultimate activations, greedy order; ``protocol.manc_orders`` runs every resample's
+     greedy at once with ``selection.manc_batch``, MANC's one rule); its first N_S
      picks are the selection of size N_S (greedy coverage is a prefix-consistent order).
      This measures "an owner who generated a bag of n/2 candidates and kept N_S by MANC".
    * **Groups** (boundary pairs): a group is picked whole and counts as ``g`` markers (its

@@ -5,18 +5,19 @@ neuron is *active* on a sample when its activation is > 0, and each step picks t
 that activates the most neurons not yet covered by the samples already picked.
 
 * *Ties* (several samples adding the same number of new neurons) go to the sample of highest
-  *priority*: a random permutation of the bag drawn from ``rng`` once per selection. The bag's
-  order carries no bias (every sample is equally likely to win a tie against any other) and a
-  seed makes it reproducible. One draw per selection, rather than one per tie, is what lets
+  *priority*: a random permutation of the bag drawn from ``rng`` once per selection. The
+  priorities are independent of the bag's order, so that order carries no bias, and a seed
+  makes the choice reproducible. One draw per selection, rather than one per tie, is what lets
   ``manc_batch`` run thousands of selections at once and still pick exactly what ``manc`` picks
-  for the same priorities (tested).
+  for the same priorities (tested); the price is that ties within one selection are not
+  independent (a sample that lost a tie to another loses every later tie to it).
 * *Saturation*: once no remaining sample adds a new neuron, the covered set is reset to
   empty and the same greedy continues over the remaining samples, so later picks again
   favour samples that are diverse among themselves (samples with no active neuron at all
   come last, in priority order).
 
-The coverage state is a bitset (the active neurons packed 64 to a ``uint64`` word) and a gain
-is a popcount, so a step costs a few operations per word instead of one per neuron. One step of
+The coverage state is a bitset (the active neurons packed 64 to a ``uint64`` word, word axis
+first) and a gain is a popcount, so a step costs a few operations per word instead of one per neuron. One step of
 the rule (gains, saturation reset, tie-break, cover update) is ``_greedy_step``; ``_greedy``
 drives it for one selection with groups, ``manc_batch`` for many selections at once (rows of
 one array: the evaluation resamples MANC on thousands of random sub-bags).
@@ -95,42 +96,57 @@ def pack_active(active: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(packed).view(np.uint64)
 
 
+def _bits(words: np.ndarray) -> np.ndarray:
+    """Set bits of every ``uint64`` word, same shape."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return np.bitwise_count(words)
+    octets = np.ascontiguousarray(words).view(np.uint8)  # pragma: no cover - numpy 1.x
+    return _POP8[octets].reshape(*words.shape, 8).sum(axis=-1, dtype=np.uint8)  # pragma: no cover
+
+
 def popcount(words: np.ndarray) -> np.ndarray:
     """Set bits per row of ``uint64`` words (last axis summed), as int64."""
-    if hasattr(np, "bitwise_count"):  # numpy >= 2
-        return np.bitwise_count(words).sum(axis=-1, dtype=np.int64)
-    return _POP8[np.ascontiguousarray(words).view(np.uint8)].sum(axis=-1, dtype=np.int64)  # pragma: no cover - numpy 1.x
+    return _bits(words).sum(axis=-1, dtype=np.int64)
+
+
+def _gains(words: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    """New neurons per unit: popcount of ``words`` (W, ..., units) outside ``covered`` (W, ...), summed over the words."""
+    return _bits(words & ~covered[..., None]).sum(axis=0, dtype=np.int64)
 
 
 def _greedy_step(words: np.ndarray, covered: np.ndarray, eligible: np.ndarray, priority: np.ndarray) -> np.ndarray:
     """One greedy pick per selection; the one home of MANC's rule, for one selection or a batch of them.
 
-    ``words`` (..., units, W) are the units' bitsets, ``covered`` (..., W) the neurons covered so
-    far (updated in place), ``eligible`` (..., units) the units that may be picked (at least one
-    per selection), ``priority`` (..., units) distinct non-negative tie-break ranks. The gain of a unit is the
-    number of its neurons not yet covered; when no eligible unit adds any while something is
-    covered, that selection's cover is reset to empty (saturation) and the gains recomputed.
-    The pick is the eligible unit of largest gain, ties going to the highest priority.
+    ``words`` (W, ..., units) are the units' bitsets, word axis first (so the gains are sums of
+    whole slabs), ``covered`` (W, ...) the neurons covered so far (updated in place), ``eligible``
+    (..., units) the units that may be picked (at least one per selection), ``priority`` (...,
+    units) distinct non-negative tie-break ranks. The gain of a unit is the number of its
+    neurons not yet covered; when no eligible unit adds any while something is covered, that
+    selection's cover is reset to empty (saturation) and the gains recomputed. The pick is the
+    eligible unit of largest gain, ties going to the highest priority.
     """
-    gain = popcount(words & ~covered[..., None, :])
-    saturated = covered.any(axis=-1) & (np.where(eligible, gain, 0).max(axis=-1) == 0)
-    if saturated.any():
-        covered[saturated] = 0
-        gain[saturated] = popcount(words[saturated])
+    gain = _gains(words, covered)
+    saturated = covered.any(axis=0) & (np.where(eligible, gain, 0).max(axis=-1) == 0)
+    if saturated.ndim == 0 and saturated:
+        covered[...] = 0
+        gain = _gains(words, covered)
+    elif saturated.ndim and saturated.any():
+        covered[:, saturated] = 0
+        gain[saturated] = _gains(words[:, saturated], covered[:, saturated])
     best = np.where(eligible, gain, -1)
     tied = best == best.max(axis=-1, keepdims=True)
     choice = np.asarray(np.argmax(np.where(tied & eligible, priority, -1), axis=-1))
-    covered |= np.take_along_axis(words, choice[..., None, None], axis=-2)[..., 0, :]
+    covered |= np.take_along_axis(words, choice[None, ..., None], axis=-1)[..., 0]
     return choice
 
 
 def _greedy(active: np.ndarray, sizes: np.ndarray, k: int, priority: np.ndarray) -> list[int]:
     """Greedy max coverage over units (rows of ``active``, each worth ``sizes`` markers) until ``k`` markers."""
     n = active.shape[0]
-    words = pack_active(active)
+    words = np.ascontiguousarray(pack_active(active).T)  # (W, units)
     priority = np.asarray(priority, dtype=np.int64)
     remaining = np.ones(n, dtype=bool)
-    covered = np.zeros(words.shape[1], dtype=np.uint64)
+    covered = np.zeros(words.shape[0], dtype=np.uint64)
     picked: list[int] = []
     taken = 0
     unit = bool((sizes == 1).all())
@@ -178,13 +194,13 @@ def manc_batch(active: np.ndarray, pools: np.ndarray, k: int, priority: np.ndarr
         raise UsageError(f"pools and priorities must be (selections, sub-bag) arrays of one shape, got {pools.shape} and {priority.shape}")
     r_total, m = pools.shape
     _check_k(m, k)
-    words = pack_active(active)
+    words = np.ascontiguousarray(pack_active(active).T)  # (W, units)
     out = np.empty((r_total, k), dtype=np.int64)
-    chunk = max(1, chunk_bytes // max(1, m * words.shape[1] * 8))
+    chunk = max(1, chunk_bytes // max(1, m * words.shape[0] * 8))
     for lo in range(0, r_total, chunk):
         hi = min(r_total, lo + chunk)
-        sub = words[pools[lo:hi]]  # (rows, m, W)
-        covered = np.zeros((hi - lo, words.shape[1]), dtype=np.uint64)
+        sub = words[:, pools[lo:hi]]  # (W, rows, m)
+        covered = np.zeros((words.shape[0], hi - lo), dtype=np.uint64)
         remaining = np.ones((hi - lo, m), dtype=bool)
         rows = np.arange(hi - lo)
         for step in range(k):
