@@ -1,7 +1,7 @@
 """How long ``tamperprobe evaluate`` takes with its defaults on a ~650k-parameter TorchScript CNN (issue 11's goal: < 5 min).
 
 The model is a LeNet-5-like CNN for 28x28 MNIST digits, wider than the zoo's (conv 5x5 with 32
-and 64 channels, two 2x2 max-pools, a 3,136 -> 200 hidden layer, 10 outputs: 681,302
+and 64 channels, two 2x2 max-pools, a 3,136 -> 200 hidden layer, 10 outputs: 681,506
 parameters), trained for two epochs on the 10,000-image MNIST test set (``../shared/data/mnist``,
 the only MNIST part on this machine) and saved as TorchScript with ``tamperprobe.models.save_model``,
 as ``tamperprobe train`` would. Then the script runs, as a user would, in a subprocess::
