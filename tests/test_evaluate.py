@@ -258,7 +258,7 @@ def test_write_report_writes_the_promised_files(campaign, tmp_path):
     paths = write_report(campaign, tmp_path)
     names = {p.name for p in paths}
     assert {"report.md", "results.json", "detection.csv", "trigger.csv", "key_size.csv", "false_alarms.csv"} <= names
-    assert {"detection_top1.png", "trigger_top1.png", "markers_natural.png", "markers_rotation.png"} <= names
+    assert {"detection.png", "trigger.png", "markers.png"} <= names
     for p in paths:
         assert p.exists() and p.stat().st_size > 0
         if p.suffix == ".png":
@@ -269,6 +269,30 @@ def test_write_report_writes_the_promised_files(campaign, tmp_path):
     assert len(data["detection"]) == len(campaign.detection)
     md = (tmp_path / "report.md").read_text()
     assert "Detection rate vs N_S (top1)" in md and "False alarms" in md and "nope" in md
+    assert data["timings"]["plots"] > 0 and "| plots |" in md
+
+
+def test_write_report_without_plots_writes_the_same_tables(campaign, tmp_path):
+    with_plots = {p.name for p in write_report(campaign, tmp_path / "a")}
+    without = {p.name for p in write_report(campaign, tmp_path / "b", plots=False)}
+    assert without == {n for n in with_plots if not n.endswith(".png")} and not list((tmp_path / "b").glob("*.png"))
+    for name in without - {"report.md", "results.json"}:
+        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+    assert "No plots: plots were not asked for" in (tmp_path / "b" / "report.md").read_text()
+
+
+def test_marker_mosaic_holds_every_seed_and_marker(campaign):
+    from tamperprobe.evaluation.plots import marker_mosaic
+
+    mosaic, rows = marker_mosaic(campaign, gap=2)
+    assert [label for _, label in rows] == [f"{m}: {part}" for m in campaign.samples for part in ("seeds", "markers")]
+    lo, hi = campaign.params["data"]["low"], campaign.params["data"]["high"]
+    first = campaign.samples["natural"]
+    h, w = first["inputs"].shape[-2:]
+    tile = mosaic[2 : 2 + h, 2 : 2 + w, 0]  # the first seed, top left
+    assert np.allclose(tile, np.clip((first["seeds"][0, 0] - lo) / (hi - lo), 0, 1), atol=1e-6)
+    top = int(rows[1][0] - h / 2)  # the first marker, in the next row
+    assert np.allclose(mosaic[top : top + h, 2 : 2 + w, 1], np.clip((first["inputs"][0, 0] - lo) / (hi - lo), 0, 1), atol=1e-6)
 
 
 def test_manc_protocol_with_boundary_pairs(loaded_mlp, digits_all):
@@ -330,3 +354,21 @@ def test_cli_exits_2_when_nothing_can_be_measured(trained_mlp, digits, tmp_path)
     assert result.exit_code == 2, result.output
     assert (out / "report.md").exists()
     assert "Nothing could be measured" in (out / "report.md").read_text()
+
+
+def test_attacks_get_a_bounded_seeded_share_of_the_train_part_and_report_what_attack_run_measures(campaign, loaded_mlp, digits_all):
+    from tamperprobe.attacks import get_attack
+    from tamperprobe.evaluation.campaign import attacker_data
+
+    p = campaign.params
+    train, test = digits_all.split(p["test_fraction"], seed=p["seed"])
+    part = attacker_data(train, p["attack_samples"], p["seed"])
+    assert p["attack_samples"] == 1000 and p["data"]["attack"] == len(part) == 1000 < len(train)
+    rows = {tuple(r) for r in train.x.reshape(len(train), -1).round(6)}
+    assert all(tuple(r) in rows for r in part.x.reshape(len(part), -1).round(6))  # a subset of the train part
+    assert np.array_equal(attacker_data(train, 1000, p["seed"]).x, part.x) and not np.array_equal(attacker_data(train, 1000, p["seed"] + 1).x, part.x)
+    assert attacker_data(train, None, 0) is train and attacker_data(train, len(train) + 5, 0) is train
+    # the campaign measures the intact accuracy once; every attack row holds what Attack.run measures itself
+    row = next(a for a in campaign.attacks if a["attack"] == "noise" and a["trial"] == 1)
+    result = get_attack("noise", CAMPAIGN["attack_params"]["noise"]).run(loaded_mlp.module, part, seed=row["seed"], eval_data=test)
+    assert (result.acc_before, result.acc_after) == (row["acc_before"], row["acc_after"])

@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from tamperprobe.errors import UsageError
+from tamperprobe.evaluation.protocol import manc_draws, manc_orders
 from tamperprobe.models import Model, TorchModel
 from tamperprobe.owner.methods.base import Bag
-from tamperprobe.owner.selection import manc, random_selection, select
+from tamperprobe.owner.selection import _greedy, manc, manc_batch, pack_active, popcount, random_selection, select
 
 
 def _coverage(active: np.ndarray, idx) -> int:
@@ -168,3 +169,95 @@ def test_group_coverage_is_the_union_of_members() -> None:
     assert idx.tolist() == [2, 0, 1]  # group 2 would leave 1 marker that no whole group fills
     idx = select("manc", model, bag, 4, np.random.default_rng(0))
     assert idx.tolist() == [2, 3, 0, 1]
+
+
+# ----------------------------------------------------------------------------- bitsets and the batched greedy
+
+
+@pytest.mark.parametrize("neurons", [0, 1, 7, 63, 64, 65, 200])
+def test_bitsets_count_what_the_boolean_rows_hold(neurons: int) -> None:
+    rng = np.random.default_rng(neurons)
+    active = rng.random((9, neurons)) < 0.4
+    words = pack_active(active)
+    assert words.dtype == np.uint64 and words.shape == (9, max(1, -(-neurons // 64)))
+    assert popcount(words).tolist() == active.sum(axis=1).tolist()
+    other = rng.random((9, neurons)) < 0.5
+    assert popcount(words & ~pack_active(other)).tolist() == (active & ~other).sum(axis=1).tolist()
+
+
+def test_ties_go_to_the_highest_priority() -> None:
+    active = np.eye(6, dtype=bool)  # every unit adds one neuron: every step is a tie
+    priority = np.array([2, 5, 0, 4, 1, 3])
+    assert _greedy(active, np.ones(6, dtype=np.int64), 6, priority) == [1, 3, 5, 0, 4, 2]
+    pools = np.array([[0, 1, 2, 3, 4, 5], [5, 4, 3, 2, 1, 0]])
+    batch = manc_batch(active, pools, 6, np.stack([priority, priority]))
+    assert batch[0].tolist() == [1, 3, 5, 0, 4, 2]
+    assert batch[1].tolist() == [4, 2, 0, 5, 1, 3]  # the same ranks at other positions pick other units
+
+
+def _tie_heavy_instance(rng: np.random.Generator) -> np.ndarray:
+    """Few neurons, duplicated rows and empty rows: ties and saturation resets at almost every step."""
+    units, neurons = int(rng.integers(4, 30)), int(rng.choice([1, 3, 5, 64, 70, 130]))
+    base = rng.random((int(rng.integers(1, 6)), neurons)) < rng.uniform(0.05, 0.6)
+    rows = base[rng.integers(0, len(base), size=units)]
+    rows[rng.random(units) < 0.2] = False
+    return rows
+
+
+def test_manc_batch_equals_the_per_selection_greedy_for_the_same_draws() -> None:
+    rng = np.random.default_rng(11)
+    for _ in range(60):
+        active = _tie_heavy_instance(rng)
+        units = len(active)
+        m = int(rng.integers(1, units + 1))
+        k = int(rng.integers(1, m + 1))
+        pools = np.stack([rng.choice(units, size=m, replace=False) for _ in range(40)])
+        priority = np.stack([rng.permutation(m) for _ in range(40)])
+        for chunk_bytes in (1, 1 << 20):  # one row per chunk, and all rows in one
+            batch = manc_batch(active, pools, k, priority, chunk_bytes=chunk_bytes)
+            for r in range(len(pools)):
+                one = _greedy(active[pools[r]], np.ones(m, dtype=np.int64), k, priority[r])
+                assert batch[r].tolist() == pools[r][one].tolist()
+
+
+def test_manc_orders_runs_manc_on_each_drawn_sub_bag() -> None:
+    rng = np.random.default_rng(5)
+    acts = rng.normal(size=(30, 12)) - 0.8
+    orders = manc_orders(acts, 10, 200, np.random.default_rng(9), fraction=0.5)
+    pools, priority = manc_draws(30, 15, 200, np.random.default_rng(9))
+    assert orders.shape == (200, 10)
+    for r in range(200):
+        assert set(pools[r].tolist()) >= set(orders[r].tolist()) and len(set(orders[r].tolist())) == 10
+        assert orders[r].tolist() == pools[r][_greedy(acts[pools[r]] > 0, np.ones(15, dtype=np.int64), 10, priority[r])].tolist()
+        assert sorted(priority[r].tolist()) == list(range(15))
+    # every unit appears in about half of the sub-bags (a uniform subset of half the bag)
+    share = np.bincount(pools.reshape(-1), minlength=30) / 200
+    assert 0.35 < share.min() and share.max() < 0.65
+
+
+def _reference_manc(active: np.ndarray, k: int, priority: np.ndarray) -> list[int]:
+    """The documented rule written plainly on booleans: largest gain, ties to the highest priority, reset when saturated."""
+    remaining = list(range(len(active)))
+    covered = np.zeros(active.shape[1], dtype=bool)
+    picked = []
+    for _ in range(k):
+        gains = {u: int((active[u] & ~covered).sum()) for u in remaining}
+        if covered.any() and max(gains.values()) == 0:
+            covered[:] = False
+            gains = {u: int(active[u].sum()) for u in remaining}
+        top = max(gains.values())
+        choice = max((u for u in remaining if gains[u] == top), key=lambda u: priority[u])
+        picked.append(choice)
+        remaining.remove(choice)
+        covered |= active[choice]
+    return picked
+
+
+def test_manc_follows_the_documented_rule_on_tie_heavy_instances() -> None:
+    rng = np.random.default_rng(2)
+    for _ in range(80):
+        active = _tie_heavy_instance(rng)
+        k = int(rng.integers(1, len(active) + 1))
+        seed = int(rng.integers(1 << 30))
+        priority = np.random.default_rng(seed).permutation(len(active))
+        assert manc(active.astype(float), k, np.random.default_rng(seed)).tolist() == _reference_manc(active, k, priority)

@@ -114,10 +114,13 @@ class Attack(Configurable, ABC):
         eval_data: Dataset | None = None,
         eval_fraction: float | None = None,
         progress: Progress | None = None,
+        acc_before: float | None = None,
     ) -> AttackResult:
         """Run the attack on a copy of ``module``; see the module docstring for the data split (``eval_fraction`` None: 0.25).
 
         ``progress(done, total, what)`` hears about the phases (accuracy, tampering) and every training step.
+        ``acc_before``: ``module``'s accuracy on ``eval_data``, when the caller has measured it already
+        (an evaluation runs every attack on one model and one evaluation set); None: measured here.
         """
         report = progress if progress is not None else _no_progress
         if not isinstance(module, nn.Module):
@@ -128,8 +131,9 @@ class Attack(Configurable, ABC):
         probe = train if train is not None and len(train) else evaluation
         ctx = Context(train, evaluation, seed, _num_classes(module, probe) if probe is not None and len(probe) else None)
 
-        report(0, 1, "measuring accuracy")
-        acc_before = _accuracy(module, evaluation)
+        if acc_before is None or eval_data is None:
+            report(0, 1, "measuring accuracy")
+            acc_before = _accuracy(module, evaluation)
         report(0, 1, "tampering")
         work = copy_module(module)
         set_training(work, False)

@@ -6,12 +6,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
 import typer
+from rich.markup import escape
 from typer.core import TyperCommand
 
 from ..attacks import attack_names
 from ..evaluation import DEFAULT_SPECS
+from ..evaluation.routers import router_names
 from ..owner.methods import method_names
-from ._common import console, fail, handled, print_json, progress_bar
+from ._common import console, err_console, fail, handled, print_json, progress_bar
 from ._options import (
     DataOption,
     DeviceOption,
@@ -226,6 +228,14 @@ def evaluate(
     test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of the data held out to measure accuracy.")] = 0.3,
     tolerance: Annotated[float, typer.Option("--tolerance", help="Comparison tolerance (logit units), as in a fingerprint.")] = 3e-5,
     no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Do not add the baseline methods.")] = False,
+    attack_samples: Annotated[
+        int,
+        typer.Option(
+            "--attack-samples",
+            help="Training samples the attacks get: a seeded subset of the train part (0: all of it). "
+            "Trojans and poisoning train 10 epochs over them, so their time grows with it.",
+        ),
+    ] = 1000,
     method_param: Annotated[
         Optional[List[str]], typer.Option("--method-param", help="METHOD:key=value hyper-parameter (repeatable), e.g. sensitive:steps=100.")
     ] = None,
@@ -234,7 +244,21 @@ def evaluate(
     ] = None,
     low: LowOption = None,
     high: HighOption = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress bar.")] = False,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="Write no PNG plots (tables, CSV and JSON only).")] = False,
+    adversary: Annotated[
+        Optional[str],
+        typer.Option(
+            "--adversary",
+            help="Also measure against an operator who routes suspected markers to the original model: "
+            f"'all' or comma-separated routers ({', '.join(router_names())}); "
+            "writes adversary/adversary.md, CSV and JSON into --out.",
+        ),
+    ] = None,
+    adversary_costs: Annotated[
+        Optional[str],
+        typer.Option("--adversary-costs", help="Operator costs (shares of ordinary traffic routed) the adversary tables show, e.g. 0.01,0.05,0.2."),
+    ] = None,
+    quiet: Annotated[bool, typer.Option("--quiet", help="No progress on stderr.")] = False,
     threads: ThreadsOption = None,
     device: DeviceOption = None,
     as_json: JsonOption = False,
@@ -244,22 +268,28 @@ def evaluate(
     Exit 0 when something was measured (the report lists what failed), 2 when nothing could be.
     """
     with handled():
-        from .._extras import require
         from ..data import load_data
         from ..evaluation import run_evaluation, write_report
+        from ..evaluation.plots import plots_unavailable
         from ..models import load_model, parse_model_args
 
-        require("matplotlib", "evaluate's plots")  # before the long work, not after it
         method_list = _names(methods, method_names(), "method")
         attack_list = _names(attacks, attack_names(), "attack")
         spec_list = [s.strip() for s in specs.split(",") if s.strip()] or list(DEFAULT_SPECS)
         method_params = _named_params(method_param, "--method-param")
         attack_params = _named_params(attack_param, "--attack-param")
-        m = load_model(model, weights, model_args=parse_model_args(model_arg), device=use_runtime(threads, device))
-        ds = load_data(data, low=low, high=high)
-        if ds.y is None:
-            fail(f"{data} has no labels: the evaluation needs labelled data (accuracy, attacks)")
+        routers, costs = _adversary_options(adversary, adversary_costs)  # checked before the long work
+        runtime = use_runtime(threads, device)
+        no_plot_reason = None if no_plots else plots_unavailable()
+        if no_plot_reason:
+            err_console.print(f"[yellow]plots skipped:[/] {escape(no_plot_reason)}", highlight=False, soft_wrap=True)
         with progress_bar("evaluate", enabled=not quiet) as update:
+            update(0, 0, "loading the model")
+            m = load_model(model, weights, model_args=parse_model_args(model_arg), device=runtime)
+            update(0, 0, "loading the data")
+            ds = load_data(data, low=low, high=high)
+            if ds.y is None:
+                fail(f"{data} has no labels: the evaluation needs labelled data (accuracy, attacks)")
             ev = run_evaluation(
                 m,
                 ds,
@@ -277,24 +307,76 @@ def evaluate(
                 tolerance=tolerance,
                 method_params=method_params,
                 attack_params=attack_params,
+                attack_samples=attack_samples,
             )
-        write_report(ev, out)
+        with progress_bar("writing the report", enabled=not quiet) as update:
+            plots = [p for p in write_report(ev, out, plots=not no_plots, progress=update) if p.suffix == ".png"]
+        versus = None if routers is None else _run_adversary(m, ds, ev, routers, costs, out, quiet)
         if as_json:
-            print_json(_summary_json(ev, out))
+            print_json(_summary_json(ev, out, plots, versus))
         else:
-            _summary(ev, out)
+            _summary(ev, out, plots, versus)
         if not ev.measured:
             fail(f"nothing could be measured ({len(ev.errors)} errors; see {out / 'report.md'})")
+
+
+def _adversary_options(routers: Optional[str], costs: Optional[str]) -> tuple[list[str] | None, list[float]]:
+    """``--adversary`` (``all`` or router names) and ``--adversary-costs`` checked: (routers or None, costs)."""
+    from ..errors import UsageError
+    from ..evaluation.adversary import COSTS
+
+    if routers is None:
+        if costs is not None:
+            raise UsageError("--adversary-costs needs --adversary")
+        return None, list(COSTS)
+    known = router_names()
+    chosen = known if routers.strip() == "all" else _names(routers, known, "router")
+    if not chosen:
+        raise UsageError(f"--adversary needs 'all' or router names from {', '.join(known)}")
+    values = list(COSTS)
+    if costs is not None:
+        try:
+            values = [float(c) for c in costs.split(",") if c.strip()]
+        except ValueError:
+            raise UsageError(f"bad --adversary-costs {costs!r}: expected numbers such as 0.01,0.05,0.2") from None
+        if not values or any(not 0.0 <= c <= 1.0 for c in values):
+            raise UsageError(f"bad --adversary-costs {costs!r}: shares of ordinary traffic in [0, 1]")
+    from .._extras import available
+    from ..errors import MissingDependencyError
+
+    needed = [("scipy", "scipy", "evaluate --adversary")] + ([("sklearn", "scikit-learn", "the learned router")] if "learned" in chosen else [])
+    for module, package, what in needed:
+        if not available(module):
+            raise MissingDependencyError(f"{package} is not installed ({what} needs it): pip install {package}")
+    return list(chosen), sorted(set(values))
+
+
+def _run_adversary(model: Any, data: Any, ev: Evaluation, routers: list[str], costs: list[float], out: Path, quiet: bool) -> dict[str, Any]:
+    """The adversary measurement with the campaign's settings, written to ``out/adversary``; a summary of it."""
+    from ..evaluation.adversary import run_adversary_for, write_adversary_report
+
+    with progress_bar("adversary", enabled=not quiet) as update:
+        aev = run_adversary_for(ev, model, data, routers=routers, costs=costs, progress=update)
+    write_adversary_report(aev, out / "adversary", costs=costs)
+    return {
+        "report": out / "adversary" / "adversary.md",
+        "routers": routers,
+        "costs": costs,
+        "errors": aev.errors,
+        "measured": bool(aev.detection),
+        "seconds": aev.seconds,
+    }
 
 
 SUMMARY_NS = (1, 5, 10)
 
 
-def _summary_json(ev: Evaluation, out: Path) -> dict[str, Any]:
+def _summary_json(ev: Evaluation, out: Path, plots: list[Path], versus: dict[str, Any] | None = None) -> dict[str, Any]:
     methods, attacks, rates = ev.detection_summary(SUMMARY_NS)
     return {
         "output": out,
-        "files": {"report": out / "report.md", "results": out / "results.json"},
+        "files": {"report": out / "report.md", "results": out / "results.json", "plots": plots},
+        "adversary": versus,
         "spec": ev.key_spec,
         "selection": ev.params["select"],
         "ns": list(SUMMARY_NS),
@@ -340,7 +422,7 @@ def detection_tables(methods: list[str], attacks: list[str], rates: dict[tuple[s
     return tables
 
 
-def _summary(ev: Evaluation, out: Path) -> None:
+def _summary(ev: Evaluation, out: Path, plots: list[Path], versus: dict[str, Any] | None = None) -> None:
     methods, attacks, rates = ev.detection_summary(SUMMARY_NS)
     if rates:
         ns = " / ".join(map(str, SUMMARY_NS))
@@ -353,7 +435,15 @@ def _summary(ev: Evaluation, out: Path) -> None:
         console.print(f"[yellow]{len(ev.errors)} step(s) failed; see the report[/]")
         for e in ev.errors[:8]:
             console.print(f"  {e['stage']} {e['name']}: {e['error']}", highlight=False, soft_wrap=True, markup=False)
-    console.print(f"wrote {out}/report.md, CSV tables, PNG plots and results.json ({ev.seconds:.0f} s)", highlight=False, soft_wrap=True)
+    pictures = f"{len(plots)} PNG plots" if plots else "no plots"
+    console.print(f"wrote {out}/report.md, CSV tables, {pictures} and results.json ({ev.seconds:.0f} s)", highlight=False, soft_wrap=True)
+    if versus is not None:
+        failed = f"; {len(versus['errors'])} step(s) failed" if versus["errors"] else ""
+        console.print(
+            f"wrote {versus['report']}: detection against routers {', '.join(versus['routers'])} ({versus['seconds']:.0f} s{failed})",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 # ------------------------------------------------------------------ demo

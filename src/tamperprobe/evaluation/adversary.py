@@ -64,7 +64,7 @@ from ..errors import UsageError
 from ..models import Model, TorchModel
 from ..outputs import DEFAULT_TOLERANCE, OutputSpec, top_margin
 from ..owner.selection import units_of
-from .campaign import instances_of, labelled_entries, machine_info, make_bag
+from .campaign import attacker_data, instances_of, labelled_entries, machine_info, make_bag
 from .protocol import SELECTIONS, hits_curve, manc_orders, selection_orders, unit_any
 from .report import fmt_cell, jsonable, md_table, write_csv
 from .routers import Operator, Router, cost_of, get_router, router_names, threshold_for_cost
@@ -72,6 +72,7 @@ from .routers import Operator, Router, cost_of, get_router, router_names, thresh
 if TYPE_CHECKING:
     from ..attacks.base import Attack
     from ..owner.methods import Bag, Method
+    from .campaign import Evaluation
 
 SPECS = ("top1", "topk:3", "probs:2", "logits")
 BUDGETS = (2, 4, 6, 10)
@@ -912,3 +913,55 @@ def write_adversary_report(ev: AdversaryEvaluation, out_dir: str | os.PathLike, 
     written.append(atomic_write_text(out / "adversary.json", json.dumps(ev.to_json(), separators=(",", ":"), allow_nan=False)))
     written.append(atomic_write_text(out / "adversary.md", markdown(ev, costs)))
     return written
+
+
+# ----------------------------------------------------------------------------- with a campaign's settings (evaluate --adversary)
+
+
+TRAFFIC_PARTS = (0.2, 0.4)  # shares of the held-out part the operator saw earlier and calibrates on (the rest: measured)
+
+
+def run_adversary_for(
+    campaign: Evaluation,
+    model: Model,
+    data: Dataset,
+    *,
+    routers: Sequence[str | Router] | None = None,
+    costs: Sequence[float] = COSTS,
+    progress: Progress | None = None,
+) -> AdversaryEvaluation:
+    """``run_adversary`` with the settings of a campaign run on ``model`` and ``data`` (``evaluate --adversary``).
+
+    The campaign's seeded split is reused: its training part holds the owner's marker seeds (and
+    the attacker's data, bounded as in the campaign: ``campaign.attacker_data``), and its held-out part is the operator's ordinary traffic (``TRAFFIC_PARTS``:
+    20 % seen earlier, 40 % to calibrate thresholds, 40 % to measure the cost paid) and the
+    accuracy set. Methods (baselines included), attacks, output specs, bag, trials, resamples,
+    selection, tolerance, seed and parameters are the campaign's; ``costs`` are measured beside
+    the sweep and are the ones the tables show.
+    """
+    p = campaign.params
+    train, test = data.split(p["test_fraction"], seed=p["seed"])
+    n = len(test)
+    seen, calibration = int(TRAFFIC_PARTS[0] * n), int(TRAFFIC_PARTS[1] * n)
+    traffic = Traffic.split(test.x, seen=seen, calibration=calibration, seed=derive_seed(p["seed"], "traffic"))
+    return run_adversary(
+        model,
+        train,
+        traffic,
+        methods=p["methods"],
+        attacks=p["attacks"],
+        routers=routers,
+        attack_data=attacker_data(train, p.get("attack_samples"), p["seed"]),
+        eval_data=test,
+        specs=p["specs"],
+        costs=sorted({*SWEEP, *costs}),
+        bag=p["bag"],
+        trials=p["trials"],
+        resamples=p["resamples"],
+        select=p["select"],
+        seed=p["seed"],
+        tolerance=p["tolerance"],
+        method_params=p["method_params"],
+        attack_params=p["attack_params"],
+        progress=progress,
+    )

@@ -16,8 +16,14 @@ campaign:
    intact one under every output spec with the fingerprint's tolerance. A benign runtime
    must flag nothing: the report counts flagged markers over all these benign
    re-verifications (expected 0) and the largest ``|Δlogit|``.
-4. **Attacks.** Each attack runs on a copy of ``model.module`` with the training part as its
-   data and the test part as ``eval_data``. Random attacks (``Attack.random``) get ``trials``
+4. **Attacks.** Each attack runs on a copy of ``model.module`` with the attacker's data and the
+   test part as ``eval_data``. The attacker's data is a seeded subset of at most
+   ``attack_samples`` (default 1,000; None or 0: all) of the training part (``attacker_data``):
+   the attacks that train (trojans, poisoning, watermarking) take ``epochs`` passes over their
+   data, so without a bound their cost grows with whatever data set the owner evaluates on
+   (7,000 MNIST images made 10 trojan and poisoning runs take 15 of a 17-minute campaign on a
+   681k-parameter CNN). Their accuracy after and success rate are reported, so an attack
+   weakened by the bound shows in the report (``bench/results/evaluate-time.md``). Random attacks (``Attack.random``) get ``trials``
    instances with different seeds; deterministic ones (quantisation, casts, flooring,
    magnitude pruning) run once. Accuracy before/after and the attack's own success rate are
    reported.
@@ -37,8 +43,9 @@ campaign:
      changed markers out of ``n``.
    * ``manc``: MANC is deterministic on a fixed bag up to tie-breaking, so resampling the
      selection alone would measure one fingerprint. Each resample instead draws a random
-     sub-bag of ``manc_fraction`` (default half) of the bag and runs MANC
-     (``selection.manc`` on the penultimate activations, greedy order) on it; its first N_S
+     sub-bag of ``manc_fraction`` (default half) of the bag and runs MANC on it (the
+     penultimate activations, greedy order; ``protocol.manc_orders`` runs every resample's
+     greedy at once with ``selection.manc_batch``, MANC's one rule); its first N_S
      picks are the selection of size N_S (greedy coverage is a prefix-consistent order).
      This measures "an owner who generated a bag of n/2 candidates and kept N_S by MANC".
    * **Groups** (boundary pairs): a group is picked whole and counts as ``g`` markers (its
@@ -224,6 +231,7 @@ class _Settings:
     tolerance: float
     manc_fraction: float
     layer: str | None
+    attack_samples: int | None
 
 
 @dataclass
@@ -247,6 +255,7 @@ class _Campaign:
     model: Model
     train: Dataset
     test: Dataset
+    attack_data: Dataset
     settings: _Settings
     ev: Evaluation
     progress: Progress
@@ -261,10 +270,21 @@ class _Campaign:
     markers: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))  # every bag's inputs, concatenated
     reference: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))  # the intact logits on them
     curves: dict[tuple[str, str, str], list[np.ndarray]] = field(default_factory=dict)
+    intact_accuracy: float | None = None  # the intact module's accuracy on the test part, as Attack.run measures it (given to every attack)
 
     def step(self, what: str) -> None:
         self.done += 1
         self.progress(self.done, self.total, what)
+
+    def within(self, what: str) -> Progress:
+        """A progress callback for the work inside the current step: shown as ``what d/t detail`` on the campaign's count."""
+        self.progress(self.done, self.total, what)
+
+        def update(done: int, total: int, detail: str = "", /) -> None:
+            count = f" {done}/{total}" if total > 0 else ""
+            self.progress(self.done, self.total, f"{what}{count}{f' ({detail})' if detail else ''}")
+
+        return update
 
     def error(self, stage: str, name: str, exc: BaseException | str) -> str:
         text = one_line(exc, with_type=True)
@@ -313,6 +333,7 @@ def run_evaluation(
     attack_params: dict[str, dict] | None = None,
     manc_fraction: float = 0.5,
     layer: str | None = None,
+    attack_samples: int | None = 1000,
 ) -> Evaluation:
     """Run the campaign described in the module docstring and return its measurements.
 
@@ -322,11 +343,12 @@ def run_evaluation(
     ``progress(done, total, what)`` is told of every step.
     """
     t_start = time.monotonic()
-    settings = _settings(specs, trials, bag, select, resamples, seed, test_fraction, runtimes, tolerance, manc_fraction, layer)
+    settings = _settings(specs, trials, bag, select, resamples, seed, test_fraction, runtimes, tolerance, manc_fraction, layer, attack_samples)
     c = _start(model, data, settings, methods, attacks, baselines, method_params, attack_params, progress)
     _intact_model(c)
     _generate_bags(c)
     _reference_logits(c)
+    c.step("intact answers")
     _selections(c)
     _benign_runtimes(c)
     _attacks(c)
@@ -350,6 +372,7 @@ def _settings(
     tolerance: float,
     manc_fraction: float,
     layer: str | None,
+    attack_samples: int | None = None,
 ) -> _Settings:
     """The arguments checked; UsageError for anything out of range."""
     names = list(dict.fromkeys(str(OutputSpec.parse(s)) for s in specs))
@@ -361,6 +384,8 @@ def _settings(
         raise UsageError(f"--test-fraction must be in (0, 1), got {test_fraction}")
     if not 0 < manc_fraction <= 1:
         raise UsageError(f"manc_fraction must be in (0, 1], got {manc_fraction}")
+    if attack_samples is not None and attack_samples < 0:
+        raise UsageError(f"--attack-samples must be at least 0 (0: all), got {attack_samples}")
     return _Settings(
         specs=tuple(OutputSpec.parse(s) for s in names),
         trials=int(trials),
@@ -373,7 +398,17 @@ def _settings(
         tolerance=float(tolerance),
         manc_fraction=float(manc_fraction),
         layer=layer,
+        attack_samples=int(attack_samples) if attack_samples else None,
     )
+
+
+def attacker_data(train: Dataset, samples: int | None, seed: int) -> Dataset:
+    """The attacker's data: a seeded subset of at most ``samples`` of ``train`` (in their order), or all of it (None, 0)."""
+    if not samples or samples >= len(train):
+        return train
+    idx = np.sort(np.random.default_rng(derive_seed(seed, "attack data")).permutation(len(train))[:samples])
+    y = None if train.y is None else train.y[idx]
+    return Dataset(train.x[idx], y, f"{train.name}[{samples}]", train.low, train.high, dict(train.meta))
 
 
 def labelled_entries(entries: Sequence[str | Any]) -> dict[str, Any]:
@@ -414,6 +449,7 @@ def _start(
     runs = [(label, t, entry) for label, entry in attack_entries.items() for t in range(instances_of(entry, s.trials))]
     method_params, attack_params = dict(method_params or {}), dict(attack_params or {})
     train, test = data.split(s.test_fraction, seed=s.seed)
+    attack_data = attacker_data(train, s.attack_samples, s.seed)
     params = {
         "seed": s.seed,
         "methods": list(method_entries),
@@ -430,6 +466,7 @@ def _start(
         "runtimes": list(s.runtimes),
         "manc_fraction": s.manc_fraction,
         "layer": s.layer,
+        "attack_samples": s.attack_samples,
         "baselines": bool(baselines),
         "method_params": method_params,
         "attack_params": attack_params,
@@ -438,14 +475,15 @@ def _start(
             "size": len(data),
             "train": len(train),
             "test": len(test),
+            "attack": len(attack_data),
             "shape": list(data.x.shape[1:]),
             "low": float(data.low),
             "high": float(data.high),
         },
     }
     ev = Evaluation(params=params, machine=machine_info(), started=datetime.now(UTC).isoformat(timespec="seconds"))
-    c = _Campaign(model, train, test, s, ev, progress or _no_progress, method_entries, method_params, runs, attack_params)
-    c.total = 2 * len(method_entries) + len(s.runtimes) + len(runs) + 2
+    c = _Campaign(model, train, test, attack_data, s, ev, progress or _no_progress, method_entries, method_params, runs, attack_params)
+    c.total = 2 * len(method_entries) + len(s.runtimes) + len(runs) + 3
     c.progress(0, c.total, "starting")
     return c
 
@@ -468,10 +506,15 @@ def _intact_model(c: _Campaign) -> None:
         if spec.label_count > classes:
             raise UsageError(f"output spec {spec} asks for {spec.label_count} labels; the model has {classes} classes")
     from .._torch import accuracy
+    from ..train import accuracy as module_accuracy
 
     for name, part in (("train", c.train), ("test", c.test)):
         if part.y is not None and len(part):
-            ev.model[f"acc_{name}"] = accuracy(model.logits(part.x), part.y)
+            c.progress(c.done, c.total, f"intact model: accuracy on the {name} part")
+            # on a torch module, as Attack.run measures it: the attacks reuse the test accuracy instead of measuring it again
+            acc = module_accuracy(model.module, part.x, part.y) if model.module is not None else accuracy(model.logits(part.x), part.y)
+            ev.model[f"acc_{name}"] = acc
+    c.intact_accuracy = ev.model.get("acc_test")
     c.step("intact model")
 
 
@@ -480,14 +523,16 @@ def _generate_bags(c: _Campaign) -> None:
     with c.timed("methods"):
         for label, entry in c.methods.items():
             with c.timed(f"method:{label}"):
-                c.ev.methods.append(_generate_bag(c, label, entry))
+                c.ev.methods.append(_generate_bag(c, label, entry, c.within(f"markers: {label}")))
             c.step(f"markers: {label}")
 
 
-def _generate_bag(c: _Campaign, label: str, entry: str | Method) -> dict[str, Any]:
+def _generate_bag(c: _Campaign, label: str, entry: str | Method, progress: Progress) -> dict[str, Any]:
     row: dict[str, Any] = {"method": label, "params": c.method_params.get(label, {}), "markers": 0, "groups": None, "error": None}
     try:
-        generated, row["params"] = make_bag(c.model, c.train, entry, c.method_params.get(label, {}), c.settings.bag, c.settings.seed, label)
+        generated, row["params"] = make_bag(
+            c.model, c.train, entry, c.method_params.get(label, {}), c.settings.bag, c.settings.seed, label, progress=progress
+        )
     except Exception as exc:
         row["error"] = c.error("method", label, exc)
         return row
@@ -497,18 +542,29 @@ def _generate_bag(c: _Campaign, label: str, entry: str | Method) -> dict[str, An
     return row
 
 
-def make_bag(model: Model, data: Dataset, entry: str | Method, params: dict[str, Any], bag: int, seed: int, label: str) -> tuple[Bag, dict[str, Any]]:
+def make_bag(
+    model: Model,
+    data: Dataset,
+    entry: str | Method,
+    params: dict[str, Any],
+    bag: int,
+    seed: int,
+    label: str,
+    *,
+    progress: Progress | None = None,
+) -> tuple[Bag, dict[str, Any]]:
     """A method's bag of ``bag`` candidates from ``data``, seeded by ``seed`` and the method's ``label``, and its parameters.
 
     The inputs are returned in the model's domain (8-bit markers decoded), so that they can be run
     and compared directly. Raises UsageError when the method produces nothing usable.
+    ``progress`` hears about the generation (the method's own steps).
     """
     import torch
 
     method = get_method(entry, **params)
     torch.manual_seed(derive_seed(seed, "method", label))
     rng = np.random.default_rng(derive_seed(seed, "method", label))
-    generated = method.generate(model, data, bag, rng, None)
+    generated = method.generate(model, data, bag, rng, progress)
     if len(generated) == 0:
         raise UsageError("the method produced no markers")
     encoding = generated.info.get("input_encoding")
@@ -552,6 +608,7 @@ def _selections(c: _Campaign) -> None:
         for row in c.ev.methods:
             b = c.bags.get(row["method"])
             if b is not None:
+                c.within(f"selections: {row['method']} ({c.settings.resamples} × {c.settings.select})")
                 _select(c, b)
                 row.update(selection=b.selection, units=b.units, group_size=b.group_size)
             c.step(f"selections: {row['method']}")
@@ -582,6 +639,7 @@ def _benign_runtimes(c: _Campaign) -> None:
     """Re-run every marker under each benign runtime; count the answers that would be flagged."""
     with c.timed("runtimes"), tempfile.TemporaryDirectory(prefix="tamperprobe-eval-") as tmp:
         for rt in c.settings.runtimes:
+            c.within(f"benign runtime: {rt}")
             with c.timed(f"runtime:{rt}"):
                 c.ev.false_alarms.extend(_benign_runtime(c, rt, Path(tmp)))
             c.step(f"benign runtime: {rt}")
@@ -615,11 +673,11 @@ def _attacks(c: _Campaign) -> None:
     with c.timed("attacks"):
         for label, trial, entry in c.attack_runs:
             with c.timed(f"attack:{label}#{trial}"):
-                _attack(c, label, trial, entry)
+                _attack(c, label, trial, entry, c.within(f"attack: {label} #{trial}"))
             c.step(f"attack: {label} #{trial}")
 
 
-def _attack(c: _Campaign, label: str, trial: int, entry: str | Attack) -> None:
+def _attack(c: _Campaign, label: str, trial: int, entry: str | Attack, progress: Progress) -> None:
     aseed = derive_seed(c.settings.seed, "attack", label, trial)
     row: dict[str, Any] = {
         "attack": label,
@@ -636,7 +694,9 @@ def _attack(c: _Campaign, label: str, trial: int, entry: str | Attack) -> None:
         module = c.model.require_torch("an attack")
         if not c.bags:
             raise UsageError("no method produced markers")
-        result = get_attack(entry, c.attack_params.get(label)).run(module, c.train, seed=aseed, eval_data=c.test)
+        result = get_attack(entry, c.attack_params.get(label)).run(
+            module, c.attack_data, seed=aseed, eval_data=c.test, progress=progress, acc_before=c.intact_accuracy
+        )
         row.update(
             params=jsonable(result.params),
             acc_before=jsonable(result.acc_before),
@@ -644,6 +704,7 @@ def _attack(c: _Campaign, label: str, trial: int, entry: str | Attack) -> None:
             success=jsonable(result.success),
             changed=jsonable(result.changed),
         )
+        progress(0, 0, "querying the markers")
         tampered = TorchModel(result.model, f"attack:{label}").logits(c.markers)
         if tampered.shape != c.reference.shape:
             raise UsageError(f"the attacked model returns logits of shape {tampered.shape}, expected {c.reference.shape}")

@@ -27,17 +27,27 @@ def selection_orders(units: int, depth: int, resamples: int, rng: np.random.Gene
 
 
 def manc_orders(unit_acts: np.ndarray, depth: int, resamples: int, rng: np.random.Generator, fraction: float = 0.5) -> np.ndarray:
-    """``manc`` protocol: per resample, MANC's first ``depth`` picks on a random sub-bag of ``fraction`` of the units."""
-    from ..owner.selection import manc
+    """``manc`` protocol: per resample, MANC's first ``depth`` picks on a random sub-bag of ``fraction`` of the units.
+
+    One draw of ``resamples`` × ``units`` uniform keys gives every resample its sub-bag (the
+    ``sub`` units of smallest key, a uniform random subset) and its tie-break priorities (the
+    order of those keys, a uniform random permutation independent of the subset); the greedy
+    then runs on all resamples at once (``owner.selection.manc_batch``, MANC's one rule).
+    """
+    from ..owner.selection import manc_batch
 
     units = len(unit_acts)
     depth = min(depth, units)
     sub = min(units, max(depth, int(round(fraction * units))))
-    out = np.empty((resamples, depth), dtype=np.int64)
-    for r in range(resamples):
-        pool = np.sort(rng.choice(units, size=sub, replace=False))
-        out[r] = pool[manc(unit_acts[pool], depth, rng)]
-    return out
+    pools, priority = manc_draws(units, sub, resamples, rng)
+    return manc_batch(np.asarray(unit_acts) > 0, pools, depth, priority)
+
+
+def manc_draws(units: int, sub: int, resamples: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """Each resample's sub-bag of ``sub`` out of ``units`` (R, sub) and its tie-break priorities (R, sub), from one draw."""
+    order = np.argsort(rng.random((resamples, units)), axis=1)[:, :sub]
+    priority = np.broadcast_to(np.arange(sub - 1, -1, -1, dtype=np.int64), order.shape)
+    return order.astype(np.int64), np.ascontiguousarray(priority)
 
 
 def unit_any(values: np.ndarray, unit_of: np.ndarray, units: int) -> np.ndarray:

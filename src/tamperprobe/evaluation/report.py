@@ -1,6 +1,7 @@
 """Writing a campaign out: ``report.md``, one CSV file per table, ``results.json`` and the plots.
 
-``write_report(evaluation, out_dir)`` is the entry point; ``results_json`` is the JSON document
+``write_report(evaluation, out_dir)`` is the entry point (``plots=False``, or matplotlib missing:
+no PNG files, and the report says why); ``results_json`` is the JSON document
 (``tamperprobe.evaluation/v1``) and ``jsonable`` the one conversion of measured values (numpy
 scalars, arrays, tensors, NaN) into JSON-safe ones that every table goes through.
 """
@@ -11,13 +12,14 @@ import csv
 import json
 import math
 import os
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .._util import atomic_write, atomic_write_text
+from .._util import Progress, atomic_write, atomic_write_text
 from .protocol import CONFIDENCES, MAX_NS
 
 if TYPE_CHECKING:
@@ -89,9 +91,14 @@ def results_json(ev: Evaluation) -> dict[str, Any]:
 # ----------------------------------------------------------------------------- files
 
 
-def write_report(evaluation: Evaluation, out_dir: str | os.PathLike) -> list[Path]:
-    """Write ``report.md``, CSV tables, PNG plots and ``results.json`` into ``out_dir``; return the paths."""
-    from .plots import draw_plots
+def write_report(evaluation: Evaluation, out_dir: str | os.PathLike, *, plots: bool = True, progress: Progress | None = None) -> list[Path]:
+    """Write ``report.md``, CSV tables, PNG plots and ``results.json`` into ``out_dir``; return the paths.
+
+    The plots are drawn when ``plots`` is true and matplotlib can be imported; otherwise
+    ``report.md`` says why there are none. Their time is recorded as ``timings["plots"]``
+    (``results.json`` is written after them). ``progress`` hears about each figure.
+    """
+    from .plots import draw_plots, plots_unavailable
 
     ev = evaluation
     out = Path(out_dir)
@@ -99,11 +106,16 @@ def write_report(evaluation: Evaluation, out_dir: str | os.PathLike) -> list[Pat
     written: list[Path] = []
     for fname, (attr, columns) in TABLES.items():
         written.append(write_csv(out / fname, getattr(ev, attr), columns))
-    written.append(atomic_write_text(out / "results.json", json.dumps(ev.to_json(), separators=(",", ":"), allow_nan=False)))
     plot_errors: list[str] = []
-    plots = draw_plots(ev, out, plot_errors)
-    written += plots
-    written.append(atomic_write_text(out / "report.md", markdown(ev, [p.name for p in plots], plot_errors)))
+    drawn: list[Path] = []
+    skipped = "plots were not asked for (--no-plots)" if not plots else plots_unavailable()
+    if skipped is None:
+        t0 = time.monotonic()
+        drawn = draw_plots(ev, out, plot_errors, progress)
+        ev.timings["plots"] = time.monotonic() - t0
+    written += drawn
+    written.append(atomic_write_text(out / "results.json", json.dumps(ev.to_json(), separators=(",", ":"), allow_nan=False)))
+    written.append(atomic_write_text(out / "report.md", markdown(ev, [p.name for p in drawn], plot_errors, skipped)))
     return written
 
 
@@ -147,8 +159,8 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     return "\n".join(out)
 
 
-def markdown(ev: Evaluation, plots: Sequence[str] = (), plot_errors: Sequence[str] = ()) -> str:
-    """``report.md``: the setup, then one section per table; ``plots`` are image files beside it."""
+def markdown(ev: Evaluation, plots: Sequence[str] = (), plot_errors: Sequence[str] = (), skipped: str | None = None) -> str:
+    """``report.md``: the setup, then one section per table; ``plots`` are image files beside it (``skipped``: why none)."""
     sections = [
         _md_header(ev),
         _md_methods_and_attacks(ev),
@@ -157,7 +169,7 @@ def markdown(ev: Evaluation, plots: Sequence[str] = (), plot_errors: Sequence[st
         _md_key_sizes(ev),
         _md_false_alarms(ev),
         _md_errors_and_timings(ev),
-        _md_plots(plots, plot_errors),
+        _md_plots(plots, plot_errors, skipped),
     ]
     lines = [line for section in sections for line in section]
     lines.append("Files: methods.csv, attacks.csv, trigger.csv, detection.csv, key_size.csv, false_alarms.csv, errors.csv, results.json.")
@@ -175,7 +187,8 @@ def _md_header(ev: Evaluation) -> list[str]:
         f"- data {p['data']['name']}: {p['data']['train']} train / {p['data']['test']} test (test fraction {p['test_fraction']}, seed {p['seed']})",
         f"- bag {p['bag']} candidates per method; selection {p['select']} over {p['resamples']} resamples"
         + (f" (MANC on random sub-bags of {p['manc_fraction']:.0%})" if p["select"] == "manc" else " (uniform random subsets)")
-        + f"; {p['trials']} trials per random attack; tolerance {p['tolerance']:g}",
+        + f"; {p['trials']} trials per random attack, trained on {p['data'].get('attack', p['data']['train'])} samples of the train part"
+        + f"; tolerance {p['tolerance']:g}",
         f"- output specs: {', '.join(p['specs'])}",
         "",
         "Protocol: see the docstring of `tamperprobe.evaluation.campaign`. Detection rate at N_S = share of resampled selections of "
@@ -310,8 +323,8 @@ def _md_errors_and_timings(ev: Evaluation) -> list[str]:
     return lines
 
 
-def _md_plots(plots: Sequence[str], plot_errors: Sequence[str]) -> list[str]:
-    lines = []
+def _md_plots(plots: Sequence[str], plot_errors: Sequence[str], skipped: str | None = None) -> list[str]:
+    lines = [f"No plots: {skipped}.", ""] if skipped else []
     if plots:
         lines += ["## Plots", ""] + [f"![{name}]({name})" for name in plots] + [""]
     if plot_errors:

@@ -4,12 +4,23 @@
 neuron is *active* on a sample when its activation is > 0, and each step picks the sample
 that activates the most neurons not yet covered by the samples already picked.
 
-* *Ties* (several samples adding the same number of new neurons) are broken uniformly at
-  random with ``rng``, so the bag's order carries no bias; a seed makes it reproducible.
+* *Ties* (several samples adding the same number of new neurons) go to the sample of highest
+  *priority*: a random permutation of the bag drawn from ``rng`` once per selection. The
+  priorities are independent of the bag's order, so that order carries no bias, and a seed
+  makes the choice reproducible. One draw per selection, rather than one per tie, is what lets
+  ``manc_batch`` run thousands of selections at once and still pick exactly what ``manc`` picks
+  for the same priorities (tested); the price is that ties within one selection are not
+  independent (a sample that lost a tie to another loses every later tie to it).
 * *Saturation*: once no remaining sample adds a new neuron, the covered set is reset to
   empty and the same greedy continues over the remaining samples, so later picks again
   favour samples that are diverse among themselves (samples with no active neuron at all
-  come last, in random order).
+  come last, in priority order).
+
+The coverage state is a bitset (the active neurons packed 64 to a ``uint64`` word, word axis
+first) and a gain is a popcount, so a step costs a few operations per word instead of one per neuron. One step of
+the rule (gains, saturation reset, tie-break, cover update) is ``_greedy_step``; ``_greedy``
+drives it for one selection with groups, ``manc_batch`` for many selections at once (rows of
+one array: the evaluation resamples MANC on thousands of random sub-bags).
 
 Greedy coverage is within ``1 - 1/e`` of the optimum; it is not optimal in general.
 
@@ -72,11 +83,70 @@ def _exact_ok(sizes: np.ndarray, remaining: np.ndarray, budget: int) -> np.ndarr
     return remaining & np.array([ok_size.get(int(s), False) for s in sizes], dtype=bool)
 
 
-def _greedy(active: np.ndarray, sizes: np.ndarray, k: int, rng: np.random.Generator) -> list[int]:
+_POP8 = np.array([bin(i).count("1") for i in range(256)], dtype=np.uint8)
+
+
+def pack_active(active: np.ndarray) -> np.ndarray:
+    """Rows of booleans (..., neurons) as bitsets (..., words) of ``uint64``, neuron j in bit j % 64 of word j // 64."""
+    active = np.asarray(active, dtype=bool)
+    packed = np.packbits(active, axis=-1, bitorder="little")
+    pad = (-packed.shape[-1]) % 8
+    if pad or packed.shape[-1] == 0:
+        packed = np.concatenate([packed, np.zeros((*packed.shape[:-1], pad or 8), dtype=np.uint8)], axis=-1)
+    return np.ascontiguousarray(packed).view(np.uint64)
+
+
+def _bits(words: np.ndarray) -> np.ndarray:
+    """Set bits of every ``uint64`` word, same shape."""
+    if hasattr(np, "bitwise_count"):  # numpy >= 2
+        return np.bitwise_count(words)
+    octets = np.ascontiguousarray(words).view(np.uint8)  # pragma: no cover - numpy 1.x
+    return _POP8[octets].reshape(*words.shape, 8).sum(axis=-1, dtype=np.uint8)  # pragma: no cover
+
+
+def popcount(words: np.ndarray) -> np.ndarray:
+    """Set bits per row of ``uint64`` words (last axis summed), as int64."""
+    return _bits(words).sum(axis=-1, dtype=np.int64)
+
+
+def _gains(words: np.ndarray, covered: np.ndarray) -> np.ndarray:
+    """New neurons per unit: popcount of ``words`` (W, ..., units) outside ``covered`` (W, ...), summed over the words."""
+    return _bits(words & ~covered[..., None]).sum(axis=0, dtype=np.int64)
+
+
+def _greedy_step(words: np.ndarray, covered: np.ndarray, eligible: np.ndarray, priority: np.ndarray) -> np.ndarray:
+    """One greedy pick per selection; the one home of MANC's rule, for one selection or a batch of them.
+
+    ``words`` (W, ..., units) are the units' bitsets, word axis first (so the gains are sums of
+    whole slabs), ``covered`` (W, ...) the neurons covered so far (updated in place), ``eligible``
+    (..., units) the units that may be picked (at least one per selection), ``priority`` (...,
+    units) distinct non-negative tie-break ranks. The gain of a unit is the number of its
+    neurons not yet covered; when no eligible unit adds any while something is covered, that
+    selection's cover is reset to empty (saturation) and the gains recomputed. The pick is the
+    eligible unit of largest gain, ties going to the highest priority.
+    """
+    gain = _gains(words, covered)
+    saturated = covered.any(axis=0) & (np.where(eligible, gain, 0).max(axis=-1) == 0)
+    if saturated.ndim == 0 and saturated:
+        covered[...] = 0
+        gain = _gains(words, covered)
+    elif saturated.ndim and saturated.any():
+        covered[:, saturated] = 0
+        gain[saturated] = _gains(words[:, saturated], covered[:, saturated])
+    best = np.where(eligible, gain, -1)
+    tied = best == best.max(axis=-1, keepdims=True)
+    choice = np.asarray(np.argmax(np.where(tied & eligible, priority, -1), axis=-1))
+    covered |= np.take_along_axis(words, choice[None, ..., None], axis=-1)[..., 0]
+    return choice
+
+
+def _greedy(active: np.ndarray, sizes: np.ndarray, k: int, priority: np.ndarray) -> list[int]:
     """Greedy max coverage over units (rows of ``active``, each worth ``sizes`` markers) until ``k`` markers."""
     n = active.shape[0]
+    words = np.ascontiguousarray(pack_active(active).T)  # (W, units)
+    priority = np.asarray(priority, dtype=np.int64)
     remaining = np.ones(n, dtype=bool)
-    covered = np.zeros(active.shape[1], dtype=bool)
+    covered = np.zeros(words.shape[0], dtype=np.uint64)
     picked: list[int] = []
     taken = 0
     unit = bool((sizes == 1).all())
@@ -84,18 +154,16 @@ def _greedy(active: np.ndarray, sizes: np.ndarray, k: int, rng: np.random.Genera
         fits = remaining & (sizes <= k - taken)
         exact = fits if unit else _exact_ok(sizes, remaining, k - taken)
         pool = exact if exact.any() else fits if fits.any() else remaining
-        gain = (active & ~covered).sum(axis=1)
-        if covered.any() and gain[pool].max() == 0:
-            covered[:] = False
-            gain = active.sum(axis=1)
-        cand = np.flatnonzero(pool)
-        best = cand[gain[cand] == gain[cand].max()]
-        choice = int(best[rng.integers(len(best))]) if len(best) > 1 else int(best[0])
+        choice = int(_greedy_step(words, covered, pool, priority))
         picked.append(choice)
         remaining[choice] = False
-        covered |= active[choice]
         taken += int(sizes[choice])
     return picked
+
+
+def tie_priority(rng: np.random.Generator, n: int) -> np.ndarray:
+    """The tie-break ranks of one selection over ``n`` units: a uniform random permutation (higher wins)."""
+    return rng.permutation(n).astype(np.int64)
 
 
 def manc(acts: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -105,7 +173,41 @@ def manc(acts: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
         raise UsageError(f"activations must have shape (samples, units), got {acts.shape}")
     _check_k(acts.shape[0], k)
     active = acts > 0
-    return np.asarray(_greedy(active, np.ones(len(active), dtype=np.int64), k, rng), dtype=np.int64)
+    return np.asarray(_greedy(active, np.ones(len(active), dtype=np.int64), k, tie_priority(rng, len(active))), dtype=np.int64)
+
+
+BATCH_BYTES = 64 << 20  # bitsets held at once by manc_batch (the resamples are processed in chunks)
+
+
+def manc_batch(active: np.ndarray, pools: np.ndarray, k: int, priority: np.ndarray, *, chunk_bytes: int = BATCH_BYTES) -> np.ndarray:
+    """MANC's first ``k`` picks on many sub-bags at once: row r picks among the units ``pools[r]``.
+
+    ``active`` (units, neurons) is the bag's active-neuron matrix, ``pools`` (R, m) the unit
+    indices of each selection's sub-bag, ``priority`` (R, m) its tie-break ranks (distinct per
+    row). Returns (R, k) unit indices; row r equals ``pools[r][_greedy(active[pools[r]], ones, k,
+    priority[r])]``, the per-selection greedy (every step vectorised across the rows). The rows
+    are processed in chunks holding about ``chunk_bytes`` of bitsets.
+    """
+    pools = np.asarray(pools, dtype=np.int64)
+    priority = np.asarray(priority, dtype=np.int64)
+    if pools.ndim != 2 or priority.shape != pools.shape:
+        raise UsageError(f"pools and priorities must be (selections, sub-bag) arrays of one shape, got {pools.shape} and {priority.shape}")
+    r_total, m = pools.shape
+    _check_k(m, k)
+    words = np.ascontiguousarray(pack_active(active).T)  # (W, units)
+    out = np.empty((r_total, k), dtype=np.int64)
+    chunk = max(1, chunk_bytes // max(1, m * words.shape[0] * 8))
+    for lo in range(0, r_total, chunk):
+        hi = min(r_total, lo + chunk)
+        sub = words[:, pools[lo:hi]]  # (W, rows, m)
+        covered = np.zeros((words.shape[0], hi - lo), dtype=np.uint64)
+        remaining = np.ones((hi - lo, m), dtype=bool)
+        rows = np.arange(hi - lo)
+        for step in range(k):
+            choice = _greedy_step(sub, covered, remaining, priority[lo:hi])
+            remaining[rows, choice] = False
+            out[lo:hi, step] = pools[lo:hi][rows, choice]
+    return out
 
 
 def random_selection(n: int, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -156,5 +258,5 @@ def select(kind: Selection | str, model: Model | None, bag: Bag, k: int, rng: np
         active = np.zeros((n, 0), dtype=bool)
     unit_active = np.zeros((n_units, active.shape[1]), dtype=bool)
     np.logical_or.at(unit_active, unit, active)  # a unit covers the union of its members' neurons
-    picked = _greedy(unit_active, sizes, k, rng)
+    picked = _greedy(unit_active, sizes, k, tie_priority(rng, n_units))
     return np.concatenate([np.flatnonzero(unit == u) for u in picked]).astype(np.int64)
