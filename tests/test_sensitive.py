@@ -136,6 +136,7 @@ def test_misuse_is_a_usage_error(data: Dataset) -> None:
         SensitiveSamples(params=["nope"]).generate(_model("mlp"), data, 4, np.random.default_rng(0))
     defaults = {
         "epsilon": 0.1,
+        "rms": None,
         "lr": 0.01,
         "steps": 200,
         "patience": 20,
@@ -217,3 +218,19 @@ def test_verideep_preset(data: Dataset) -> None:
     assert bag.info["params"] == ["3.weight"]
     explicit = SensitiveSamples(preset="verideep", steps=1000, params=["1.weight"])
     assert explicit.validated()["params"] == ["1.weight"]
+
+
+def test_rms_ball_is_the_same_for_every_seed(data: Dataset) -> None:
+    """``rms``: every marker within an RMS distance of rms × (high − low) of its seed, whatever the seed's norm; ε unused."""
+    shifted = Dataset(data.x * 2, data.y, "digits[0,2]", 0.0, 2.0)  # range 2: the radius scales with it
+    rms = 0.02
+    bag = SensitiveSamples(rms=rms, epsilon=1e-9, lr=0.05, steps=30, patience=0).generate(_model("mlp"), shifted, 16, np.random.default_rng(2))
+    d = (bag.inputs.astype(np.float64) - bag.seeds).reshape(len(bag), -1)
+    dist = np.sqrt((d**2).mean(axis=1))
+    assert dist.max() <= rms * 2.0 * (1 + 1e-6)
+    # lr 0.05 for 30 steps moves far beyond the ball: every marker ends near it (the box clips a little), whatever its seed's norm
+    assert dist.min() > rms * 2.0 * 0.85
+    norms = np.linalg.norm(bag.seeds.reshape(len(bag), -1), axis=1)
+    assert norms.max() > 1.1 * norms.min()
+    with pytest.raises(UsageError, match="rms"):
+        get_method("sensitive", rms=-0.1)

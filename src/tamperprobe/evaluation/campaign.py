@@ -5,7 +5,8 @@
 campaign:
 
 1. **Split** the data (seeded) into a training part (marker seeds, the attacker's data) and a
-   test part (accuracy before/after each attack).
+   test part (accuracy before/after each attack). ``attack_data``, when given, is the
+   attacker's data instead, so that the attacker need not hold the owner's marker seeds.
 2. **Bags.** For each method, generate a bag of ``bag`` candidate markers from the training
    part and record the intact model's logits on them (default runtime: batch 256, default
    threads), exactly as a fingerprint would. The baselines natural (TamperNN's SM) and
@@ -254,6 +255,7 @@ class _Campaign:
     method_params: dict[str, dict]
     attack_runs: list[tuple[str, int, str | Attack]]  # (label, trial, name or instance)
     attack_params: dict[str, dict]
+    attack_data: Dataset  # what the attacks learn from: the training part unless given
     total: int = 0
     done: int = 0
     generated: dict[str, Bag] = field(default_factory=dict)
@@ -313,17 +315,19 @@ def run_evaluation(
     attack_params: dict[str, dict] | None = None,
     manc_fraction: float = 0.5,
     layer: str | None = None,
+    attack_data: Dataset | None = None,
 ) -> Evaluation:
     """Run the campaign described in the module docstring and return its measurements.
 
     ``methods``/``attacks`` (names or ``Method``/``Attack`` instances) default to every
     registered one. ``method_params`` and ``attack_params`` map a name to keyword
     hyper-parameters (typed values or text, coerced by the constructor's annotations).
-    ``progress(done, total, what)`` is told of every step.
+    ``progress(done, total, what)`` is told of every step. ``attack_data`` (default: the
+    training part) is what the attacks train on.
     """
     t_start = time.monotonic()
     settings = _settings(specs, trials, bag, select, resamples, seed, test_fraction, runtimes, tolerance, manc_fraction, layer)
-    c = _start(model, data, settings, methods, attacks, baselines, method_params, attack_params, progress)
+    c = _start(model, data, settings, methods, attacks, baselines, method_params, attack_params, progress, attack_data)
     _intact_model(c)
     _generate_bags(c)
     _reference_logits(c)
@@ -407,6 +411,7 @@ def _start(
     method_params: dict[str, dict] | None,
     attack_params: dict[str, dict] | None,
     progress: Progress | None,
+    attack_data: Dataset | None = None,
 ) -> _Campaign:
     """Split the data, plan every step and record the parameters."""
     method_entries = labelled_entries([*(method_names() if methods is None else methods), *(BASELINES if baselines else ())])
@@ -442,9 +447,10 @@ def _start(
             "low": float(data.low),
             "high": float(data.high),
         },
+        "attack_data": None if attack_data is None else {"name": attack_data.name, "size": len(attack_data)},
     }
     ev = Evaluation(params=params, machine=machine_info(), started=datetime.now(UTC).isoformat(timespec="seconds"))
-    c = _Campaign(model, train, test, s, ev, progress or _no_progress, method_entries, method_params, runs, attack_params)
+    c = _Campaign(model, train, test, s, ev, progress or _no_progress, method_entries, method_params, runs, attack_params, attack_data or train)
     c.total = 2 * len(method_entries) + len(s.runtimes) + len(runs) + 2
     c.progress(0, c.total, "starting")
     return c
@@ -497,7 +503,9 @@ def _generate_bag(c: _Campaign, label: str, entry: str | Method) -> dict[str, An
     return row
 
 
-def make_bag(model: Model, data: Dataset, entry: str | Method, params: dict[str, Any], bag: int, seed: int, label: str) -> tuple[Bag, dict[str, Any]]:
+def make_bag(
+    model: Model, data: Dataset, entry: str | Method, params: dict[str, Any], bag: int, seed: int, label: str, progress: Progress | None = None
+) -> tuple[Bag, dict[str, Any]]:
     """A method's bag of ``bag`` candidates from ``data``, seeded by ``seed`` and the method's ``label``, and its parameters.
 
     The inputs are returned in the model's domain (8-bit markers decoded), so that they can be run
@@ -508,7 +516,7 @@ def make_bag(model: Model, data: Dataset, entry: str | Method, params: dict[str,
     method = get_method(entry, **params)
     torch.manual_seed(derive_seed(seed, "method", label))
     rng = np.random.default_rng(derive_seed(seed, "method", label))
-    generated = method.generate(model, data, bag, rng, None)
+    generated = method.generate(model, data, bag, rng, progress)
     if len(generated) == 0:
         raise UsageError("the method produced no markers")
     encoding = generated.info.get("input_encoding")
@@ -636,7 +644,7 @@ def _attack(c: _Campaign, label: str, trial: int, entry: str | Attack) -> None:
         module = c.model.require_torch("an attack")
         if not c.bags:
             raise UsageError("no method produced markers")
-        result = get_attack(entry, c.attack_params.get(label)).run(module, c.train, seed=aseed, eval_data=c.test)
+        result = get_attack(entry, c.attack_params.get(label)).run(module, c.attack_data, seed=aseed, eval_data=c.test)
         row.update(
             params=jsonable(result.params),
             acc_before=jsonable(result.acc_before),

@@ -9,6 +9,12 @@ clipped point stays in the ball: one pass satisfies both constraints (a last res
 against rounding). Each sample keeps its best iterate, so its sensitivity never falls below
 the seed's.
 
+**Absolute ball** (``rms``): the radius above scales with the seed, so a dark image may barely
+move while a bright one moves far. With ``rms`` set, every sample gets the same ball instead,
+``||v - v0||_2 <= rms * (high - low) * sqrt(n)`` for ``n`` input values: an RMS distance to the
+seed of at most ``rms`` times the input range (``epsilon`` is then unused). The authors' code
+uses this form with radius 10 on the 0–255 scale, i.e. ``rms = 10/255``.
+
 **Per-sample convergence.** A sample whose best sensitivity has not risen by a factor
 ``1 + min_delta`` for ``patience`` steps leaves the batch (its best iterate is kept); the
 ascent ends when every sample has left or after ``steps`` steps. Adam acts element-wise and
@@ -54,7 +60,8 @@ _ADAM_EPS = 1e-8
 class SensitiveSamples(Method):
     """VerIDeep Sensitive-Samples: natural inputs moved by projected ascent on the weight sensitivity ‖∂f/∂W‖².
 
-    Hyper-parameters: ``epsilon`` (relative L2 radius around the seed), ``lr`` (Adam),
+    Hyper-parameters: ``epsilon`` (relative L2 radius around the seed), ``rms`` (an absolute
+    radius instead: the RMS distance to the seed as a share of the input range), ``lr`` (Adam),
     ``steps``, ``patience`` and ``min_delta`` (per-sample early stopping; ``patience=0``: none),
     ``output`` (``softmax`` or ``logits``), ``params`` (the weights W; default the last
     layer's weight and bias), ``autocast`` (``bf16``: the network in bfloat16 during the
@@ -65,6 +72,7 @@ class SensitiveSamples(Method):
     needs_weights = True
     constraints = {
         "epsilon": Interval(0.0, None),
+        "rms": Interval(0.0, None),
         "lr": Interval(0.0, None, closed="neither"),
         "steps": Interval(0, None, integer=True),
         "patience": Interval(0, None, integer=True),
@@ -79,6 +87,7 @@ class SensitiveSamples(Method):
         self,
         *,
         epsilon: float = 0.1,
+        rms: float | None = None,
         lr: float = 0.01,
         steps: int = 200,
         patience: int = 20,
@@ -89,6 +98,7 @@ class SensitiveSamples(Method):
         preset: str | None = None,
     ) -> None:
         self.epsilon = epsilon
+        self.rms = rms
         self.lr = lr
         self.steps = steps
         self.patience = patience
@@ -108,7 +118,7 @@ class SensitiveSamples(Method):
     def _generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress) -> Bag:
         """``bag`` sensitive samples grown from natural seeds of ``data``."""
         names = self._weights(model)
-        route = Sensitivity(model, names, self.output)
+        route = self._route(model, names)
         idx = sample_indices(len(data), bag, rng)
         seeds = np.ascontiguousarray(data.x[idx], dtype=np.float32)
         x0 = torch.from_numpy(seeds.copy())
@@ -133,7 +143,10 @@ class SensitiveSamples(Method):
         # the samples still climbing, compacted: rows of the bag, iterate, best so far, Adam's moments, stall count
         rows = torch.arange(bag)
         origin = x0.double().reshape(bag, -1)
-        radius = self.epsilon * origin.norm(dim=1)
+        if self.rms is not None:  # the same ball for every seed (see the module doc)
+            radius = torch.full((bag,), self.rms * (high - low) * origin.shape[1] ** 0.5, dtype=torch.float64)
+        else:
+            radius = self.epsilon * origin.norm(dim=1)
         x, top_x, top_s = x0.clone(), x0.clone(), s_seed.clone()
         m1, m2 = torch.zeros_like(x), torch.zeros_like(x)
         stall = torch.zeros(bag, dtype=torch.int64)
@@ -174,6 +187,10 @@ class SensitiveSamples(Method):
                 "params": list(names),
             },
         )
+
+    def _route(self, model: Model, names: list[str]) -> Sensitivity:
+        """The objective the ascent climbs: S over ``names``. A subclass can climb another objective with the same ``value_and_grad``."""
+        return Sensitivity(model, names, self.output)
 
     def _adam(self, x: torch.Tensor, m1: torch.Tensor, m2: torch.Tensor, grad: torch.Tensor, step: int) -> torch.Tensor:
         """One Adam ascent step, as ``torch.optim.Adam(maximize=True)``; updates the moments in place."""
