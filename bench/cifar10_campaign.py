@@ -13,7 +13,7 @@ the machine, so the 1,017 images are split once (seeded):
 
 ``run_evaluation`` (``tamperprobe.evaluation.campaign``) then runs as in ``bench/mnist_campaign.py``:
 all methods, all attacks, all output specs, benign runtimes for false alarms. Results go to
-``bench/results/<date>-cifar10-resnet56/`` (report.md, CSV, PNG, results.json) and a line to the
+``bench/results/<date>-cifar10-resnet56/`` (report.md, summary.md, CSV, PNG, results.json) and a line to the
 summary ``bench/results/README.md`` (rebuilt by ``mnist_campaign.write_readme`` from every
 results.json), with top1 detection at N_S = 2 / 4 / 6 / 10.
 
@@ -27,9 +27,11 @@ Torch runs with one thread (``--threads``). Anything smaller than the defaults o
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 
 import _cifar
 from mnist_campaign import RESULTS, write_readme
@@ -93,12 +95,85 @@ def run(args: argparse.Namespace) -> int:
     )
     out = RESULTS / f"{datetime.now(UTC).strftime('%Y-%m-%d')}-cifar10-resnet56"
     write_report(ev, out)
+    write_summary(out)
     _log(
         f"campaign {ev.seconds:.0f} s; false alarms {ev.benign_flagged}/{ev.benign_checks}; "
         f"{len(ev.errors)} errors, {len(ev.warnings)} warnings; wrote {out}"
     )
     _log(f"wrote {write_readme()}")
     return 0
+
+
+def _exact_random(trigger: list[dict], method: str, attack: str, spec: str, ns: int) -> float | None:
+    """Detection at N_S under uniform random selection, exactly from each trial's changed/markers counts (mean over trials)."""
+    from tamperprobe.evaluation.protocol import exact_random_detection
+
+    rows = [t for t in trigger if (t["method"], t["attack"], t["spec"]) == (method, attack, spec)]
+    if not rows:
+        return None
+    return sum(exact_random_detection(t["markers"], t["changed"], ns) for t in rows) / len(rows)
+
+
+def write_summary(out: Path) -> Path:
+    """``summary.md`` next to the run's report: top1 detection at N_S = 2/4/6/10 under MANC and under random selection."""
+    from tamperprobe.evaluation.report import md_table
+
+    r = json.loads((out / "results.json").read_text())
+    m, params = r["model"], r["params"]
+    det = {(d["method"], d["attack"], d["ns"]): d["rate"] for d in r["detection"] if d["spec"] == "top1"}
+    methods = list(dict.fromkeys(d[0] for d in det))
+    attacks = list(dict.fromkeys(d[1] for d in det))
+    ns = m.get("summary_ns", list(SUMMARY_NS))
+    lines = [
+        f"# CIFAR-10 ResNet-56 campaign ({out.name})",
+        "",
+        "`python bench/cifar10_campaign.py` (see its docstring); every table is in [report.md](report.md), everything in `results.json`.",
+        "",
+        f"- Model: the third-party pretrained CIFAR-10 ResNet-56 ({m.get('source')}); accuracy on the owner's held-out images "
+        f"{m.get('acc_test', float('nan')):.3f}, on the marker seeds {m.get('acc_train', float('nan')):.3f}.",
+        f"- Data: the first 1,017 CIFAR-10 test images, split once (seed {params['seed']}): {m.get('data_split')}. The attacks that train "
+        "(trojan, poisoning, fine-tuning, watermarking) learn from the attacker's 700 images only, far fewer than a real attacker's "
+        "50,000: they are cruder and cost more accuracy than they would with a real training set.",
+        f"- Settings: bag {params['bag']} per method, {params['trials']} instances of each random attack, {params['resamples']} resampled "
+        f"selections ({params['select']}), specs {', '.join(params['specs'])}; campaign {r['seconds']:.0f} s on "
+        f"{r['machine']['nproc']} shared cores with {r['machine']['torch_threads']} torch thread.",
+        "- Reduced from the defaults: " + ("; ".join(m["reduced"]) if m.get("reduced") else "nothing") + ".",
+        f"- False alarms under benign runtimes: {r['false_alarm_summary']['flagged']}/{r['false_alarm_summary']['checks']}; "
+        f"{len(r.get('errors', []))} errors, {len(r.get('warnings', []))} warnings (listed in report.md).",
+        "",
+        "## Attacks",
+        "",
+        md_table(
+            ["attack", "trial", "accuracy before", "accuracy after", "success", "weights changed", "error"],
+            [[a["attack"], a["trial"], a["acc_before"], a["acc_after"], a["success"], a["changed"], a["error"] or ""] for a in r["attacks"]],
+        ),
+        "",
+        f"## top1 detection rate at N_S = {' / '.join(map(str, ns))}, {params['select']} selection (as measured by the campaign)",
+        "",
+        md_table(["attack", *methods], [[a, *(" / ".join(f"{det.get((mm, a, n), 0):.2f}" for n in ns) for mm in methods)] for a in attacks]),
+        "",
+        f"## top1 detection rate at N_S = {' / '.join(map(str, ns))}, uniform random selection (exact, from each trial's changed markers)",
+        "",
+        "MANC reads the penultimate features, here 64 average-pooled ReLU channels of which nearly all are active on every input, "
+        "so its coverage says little; `bench/results/verideep-table6.md` measures it against random selection on the same markers. "
+        "Methods made of pairs (boundary, crossed) are left out here: a pair is one query unit, which per-marker counts cannot resolve.",
+        "",
+    ]
+    grouped = {row["method"] for row in r["methods"] if row.get("groups")}
+    rows = []
+    for a in attacks:
+        cells = []
+        for mm in methods:
+            if mm in grouped:  # a pair is one query unit: the per-marker counts cannot give its rate
+                cells.append("pairs: see above")
+                continue
+            vals = [_exact_random(r["trigger"], mm, a, "top1", n) for n in ns]
+            cells.append(" / ".join("–" if v is None else f"{v:.2f}" for v in vals))
+        rows.append([a, *cells])
+    lines += [md_table(["attack", *methods], rows), ""]
+    path = out / "summary.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -111,7 +186,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-fraction", type=float, default=0.3, help="share of the owner's 317 images kept for accuracy")
     ap.add_argument("--attack-epochs", nargs="*", metavar="ATTACK=EPOCHS", help="fewer training epochs for an attack (recorded as a reduction)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: 2 shared cores)")
+    ap.add_argument("--summary-only", metavar="RUN_DIR", help="rebuild summary.md of a finished run and the results README")
     args = ap.parse_args(argv)
+    if args.summary_only:
+        _log(f"wrote {write_summary(Path(args.summary_only))}")
+        _log(f"wrote {write_readme()}")
+        return 0
     missing = _cifar.available()
     if missing:
         print(f"CIFAR-10 model or data not found: {missing}", file=sys.stderr)
