@@ -138,8 +138,16 @@ def write_summary(out: Path) -> Path:
         f"selections ({params['select']}), specs {', '.join(params['specs'])}; campaign {r['seconds']:.0f} s on "
         f"{r['machine']['nproc']} shared cores with {r['machine']['torch_threads']} torch thread.",
         "- Reduced from the defaults: " + ("; ".join(m["reduced"]) if m.get("reduced") else "nothing") + ".",
+        "- Every method with its default parameters: `sensitive` is lr 0.01, 200 steps with early stopping, not `preset=verideep` "
+        "(measured against 8-bit compression in `bench/results/verideep-table6.md`).",
         f"- False alarms under benign runtimes: {r['false_alarm_summary']['flagged']}/{r['false_alarm_summary']['checks']}; "
         f"{len(r.get('errors', []))} errors, {len(r.get('warnings', []))} warnings (listed in report.md).",
+        *(
+            f"  - flagged: {f['flagged']} of {f['markers']} `{f['method']}` markers under `{f['runtime']}`, spec `{f['spec']}` "
+            f"(max |Δlogit| {f['max_abs_dlogit']:.2g} against the tolerance {params['tolerance']:g})"
+            for f in r["false_alarms"]
+            if f.get("flagged")
+        ),
         "",
         "## Attacks",
         "",
