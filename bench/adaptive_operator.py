@@ -32,7 +32,6 @@ adversary.json) and the summary ``bench/results/adaptive-operator.md``. Torch ru
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 import time
@@ -42,11 +41,11 @@ from typing import Any
 
 import numpy as np
 
+import _cifar
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared"
 MNIST = SHARED / "data" / "mnist"
-CIFAR_MODEL = SHARED / "models" / "cifar10_resnet56"
-CIFAR_DATA = SHARED / "data" / "cifar10" / "test1017_uint8.npz"
 OUT = REPO / "bench" / "results" / "adaptive-operator"
 SUMMARY = REPO / "bench" / "results" / "adaptive-operator.md"
 NOTES = OUT / "notes.md"  # hand-written conclusion, included in the summary
@@ -164,13 +163,10 @@ def cifar_setting(seed: int) -> dict[str, Any]:
     from tamperprobe.models import TorchModel
     from tamperprobe.train import accuracy
 
-    spec = importlib.util.spec_from_file_location("cifar10_resnet56_def", CIFAR_MODEL / "model_def.py")
-    assert spec is not None and spec.loader is not None
-    definition = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(definition)
-    module = definition.load(str(CIFAR_MODEL / "resnet56_cifar10.pt"))
-    with np.load(CIFAR_DATA) as f:
-        x, y = f["x"].astype(np.float32) / 255.0, f["y"].astype(np.int64)
+    module = _cifar.load_resnet56()
+    data = _cifar.load_cifar10()
+    assert data.y is not None
+    x, y = data.x, data.y
     order = np.random.default_rng(seed).permutation(len(x))
     owner = Dataset(x[order[:267]], y[order[:267]], "cifar10[owner]", 0.0, 1.0)
     traffic = Dataset(x[order[267:]], y[order[267:]], "cifar10[traffic]", 0.0, 1.0)

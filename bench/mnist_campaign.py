@@ -111,14 +111,15 @@ def write_readme() -> Path:
         except (OSError, ValueError):
             continue
     lines = [
-        "# MNIST evaluation campaigns",
+        "# Evaluation campaigns (MNIST, CIFAR-10)",
         "",
-        "Produced by `python bench/mnist_campaign.py` (see its docstring). Each folder holds `report.md` (all tables),",
+        "Produced by `python bench/mnist_campaign.py` and `python bench/cifar10_campaign.py` (see their docstrings). Each folder holds `report.md` (all tables),",
         "CSV tables, PNG plots (detection rate vs N_S per attack, trigger ratio per attack and method, seed/marker grids)",
         "and `results.json` (everything, with run parameters and machine).",
         "",
-        "Protocol (details in `tamperprobe/evaluation/campaign.py`): 10 000 MNIST test images split 7 000 train / 3 000 test (seeded);",
-        "each method generates a bag of candidates from the train part; random attacks run several seeded instances,",
+        "Protocol (details in `tamperprobe/evaluation/campaign.py`): MNIST: 10 000 MNIST test images split 7 000 train / 3 000 test (seeded);",
+        "CIFAR-10: the 1,017 test images split 700 for the attacker's training / 317 for the owner (marker seeds and accuracy), see the",
+        "run's data column; each method generates a bag of candidates from the train part; random attacks run several seeded instances,",
         "deterministic ones once; the trigger ratio is the share of bag markers whose answer changes under the comparison",
         "rule with tolerance 3e-5; the detection rate at N_S is the share of 10 000 resampled selections of N_S queries",
         "holding a changed marker (MANC on random half-bags; boundary pairs picked whole, floor(N_S/2) pairs); false alarms",
@@ -129,14 +130,17 @@ def write_readme() -> Path:
         "",
         "## Runs",
         "",
-        "| run | model | test acc | campaign s | within 15 min | train s | false alarms | max benign Δlogit | errors / warnings | machine |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| run | model | data | test acc | campaign s | within budget | train s | false alarms | max benign Δlogit | errors / warnings | machine |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, r in runs:
         m, mach, fa = r.get("model", {}), r.get("machine", {}), r.get("false_alarm_summary", {})
+        budget = m.get("budget_seconds", BUDGET_SECONDS)
+        data = r.get("params", {}).get("data", {})
+        split = m.get("data_split") or f"{data.get('train')} train / {data.get('test')} test"
         lines.append(
-            f"| [{name}]({name}/report.md) | {m.get('architecture', m.get('source'))} | {_f(m.get('acc_test'))} | {_f(r.get('seconds'), 0)} | "
-            f"{'yes' if (r.get('seconds') or 1e9) < 900 else 'no'} | {_f(m.get('train_seconds'), 0)} | {fa.get('flagged')}/{fa.get('checks')} | "
+            f"| [{name}]({name}/report.md) | {m.get('architecture', m.get('source'))} | {split} | {_f(m.get('acc_test'))} | {_f(r.get('seconds'), 0)} | "
+            f"{'yes' if (r.get('seconds') or 1e9) < budget else 'no'} ({budget / 60:.0f} min) | {_f(m.get('train_seconds'), 0)} | {fa.get('flagged')}/{fa.get('checks')} | "
             f"{_g(fa.get('max_abs_dlogit'))} | {len(r.get('errors', []))} / {len(r.get('warnings', []))} | "
             f"{mach.get('nproc')} cores, {mach.get('cpu')}, torch {mach.get('torch')}, {mach.get('torch_threads')} torch thread(s), "
             f"started {r.get('started')} |"
@@ -146,7 +150,10 @@ def write_readme() -> Path:
         lines += ["", "Errors and warnings (each run's report.md has them all):", ""]
         lines += [f"- {run}: {what}: {msg}" for run, what, msg in notes]
     for name, r in runs:
-        lines += ["", f"## {name}: top1 detection rate at N_S = 1 / 5 / 10", ""]
+        ns = [int(n) for n in r.get("model", {}).get("summary_ns", (1, 5, 10))]
+        lines += ["", f"## {name}: top1 detection rate at N_S = {' / '.join(map(str, ns))}", ""]
+        if r.get("model", {}).get("reduced"):
+            lines += ["Reduced from the defaults: " + "; ".join(r["model"]["reduced"]) + ".", ""]
         det = {}
         for d in r.get("detection", []):
             if d["spec"] == "top1":
@@ -159,7 +166,7 @@ def write_readme() -> Path:
         lines.append("| attack | " + " | ".join(methods) + " |")
         lines.append("|---|" + "---|" * len(methods))
         for a in attacks:
-            cells = [f"{det.get((m, a, 1), 0):.2f} / {det.get((m, a, 5), 0):.2f} / {det.get((m, a, 10), 0):.2f}" for m in methods]
+            cells = [" / ".join(f"{det.get((m, a, n), 0):.2f}" for n in ns) for m in methods]
             lines.append(f"| {a} | " + " | ".join(cells) + " |")
     path = RESULTS / "README.md"
     RESULTS.mkdir(parents=True, exist_ok=True)

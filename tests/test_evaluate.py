@@ -372,3 +372,17 @@ def test_attacks_get_a_bounded_seeded_share_of_the_train_part_and_report_what_at
     row = next(a for a in campaign.attacks if a["attack"] == "noise" and a["trial"] == 1)
     result = get_attack("noise", CAMPAIGN["attack_params"]["noise"]).run(loaded_mlp.module, part, seed=row["seed"], eval_data=test)
     assert (result.acc_before, result.acc_after) == (row["acc_before"], row["acc_after"])
+
+
+def test_attacks_train_on_attack_data_when_given(loaded_mlp, digits_all):
+    """``attack_data`` replaces the training part as the attacker's data (and is recorded); markers still come from the training part."""
+    from tamperprobe.data import Dataset
+
+    attacker = Dataset(digits_all.x[:60], None, "attacker-unlabelled", digits_all.low, digits_all.high)
+    common = dict(methods=["natural"], attacks=["finetune"], specs=["top1"], bag=10, resamples=100, trials=1, baselines=False, runtimes=[])
+    ev = run_evaluation(loaded_mlp, digits_all, attack_data=attacker, **common)
+    assert ev.params["attack_data"] == {"name": "attacker-unlabelled", "size": 60}
+    assert [e["stage"] for e in ev.errors] == ["attack"] and "attacker-unlabelled has no labels" in ev.errors[0]["error"]
+    assert ev.methods[0]["markers"] == 10  # the owner's markers were generated as before
+    plain = run_evaluation(loaded_mlp, digits_all, **common)
+    assert not plain.errors and plain.params["attack_data"]["size"] == plain.params["data"]["attack"] and plain.attacks[0]["acc_after"] is not None

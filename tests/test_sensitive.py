@@ -136,6 +136,7 @@ def test_misuse_is_a_usage_error(data: Dataset) -> None:
         SensitiveSamples(params=["nope"]).generate(_model("mlp"), data, 4, np.random.default_rng(0))
     defaults = {
         "epsilon": 0.1,
+        "rms": None,
         "lr": 0.01,
         "steps": 200,
         "patience": 20,
@@ -202,17 +203,19 @@ def test_verideep_preset(data: Dataset) -> None:
     kwargs = parse_params(SensitiveSamples, ["preset=verideep"])
     gen = get_method("sensitive", **kwargs)
     settings = gen.validated()
-    assert (settings["lr"], settings["steps"], settings["patience"], settings["preset"]) == (1e-3, 1000, 0, "verideep")
-    assert settings["epsilon"] == 0.1 and settings["params"] is None  # not set by the preset
-    assert get_method("sensitive", preset="verideep", lr=1e-3, epsilon=0.2).validated()["epsilon"] == 0.2
-    for clash in ({"lr": 0.05}, {"steps": 10}, {"patience": 5}):
+    assert (settings["lr"], settings["steps"], settings["patience"], settings["rms"], settings["preset"]) == (1e-3, 1000, 0, 10 / 255, "verideep")
+    assert settings["params"] is None  # W is chosen at generation time (the last layer's weight)
+    assert get_method("sensitive", preset="verideep", lr=1e-3, min_delta=0.5).validated()["min_delta"] == 0.5
+    for clash in ({"lr": 0.05}, {"steps": 10}, {"patience": 5}, {"rms": 0.1}):
         with pytest.raises(UsageError, match="preset=verideep"):
             get_method("sensitive", preset="verideep", **clash)
     with pytest.raises(UsageError, match="preset"):
         get_method("sensitive", preset="paper")
-    # 1,000 steps, no early stop (a tiny ball stalls at once), W = the last layer's weight alone
+    with pytest.raises(UsageError, match="two radii"):
+        get_method("sensitive", preset="verideep", epsilon=0.2)
+    # 1,000 steps, no early stop, W = the last layer's weight alone
     model = _model("mlp")
-    bag = SensitiveSamples(preset="verideep", epsilon=1e-6).generate(model, data, 2, np.random.default_rng(0))
+    bag = SensitiveSamples(preset="verideep").generate(model, data, 2, np.random.default_rng(0))
     assert bag.info["steps"] == 1000 and bag.info["ascent_steps"].tolist() == [1000, 1000]
     assert bag.info["params"] == ["3.weight"]
     explicit = SensitiveSamples(preset="verideep", steps=1000, params=["1.weight"])
@@ -287,3 +290,25 @@ def test_check_interval_and_route_do_not_change_the_markers(data: Dataset, monke
     recovered = SensitiveSamples(steps=30, patience=0).generate(Unhookable(model.module, "cnn"), data, 12, np.random.default_rng(1))
     np.testing.assert_array_equal(hooked.inputs, recovered.inputs)
     np.testing.assert_array_equal(hooked.info["sensitivity"], recovered.info["sensitivity"])
+
+
+def test_rms_ball_is_the_same_for_every_seed(data: Dataset) -> None:
+    """``rms``: every marker within an RMS distance of rms × (high − low) of its seed, whatever the seed's norm."""
+    shifted = Dataset(data.x * 2, data.y, "digits[0,2]", 0.0, 2.0)  # range 2: the radius scales with it
+    rms = 0.02
+    bag = SensitiveSamples(rms=rms, lr=0.05, steps=30, patience=0).generate(_model("mlp"), shifted, 16, np.random.default_rng(2))
+    d = (bag.inputs.astype(np.float64) - bag.seeds).reshape(len(bag), -1)
+    dist = np.sqrt((d**2).mean(axis=1))
+    assert dist.max() <= rms * 2.0 * (1 + 1e-6)
+    # lr 0.05 for 30 steps moves far beyond the ball: every marker ends near it (the box clips a little), whatever its seed's norm
+    assert dist.min() > rms * 2.0 * 0.85
+    norms = np.linalg.norm(bag.seeds.reshape(len(bag), -1), axis=1)
+    assert norms.max() > 1.1 * norms.min()
+    with pytest.raises(UsageError, match="rms"):
+        get_method("sensitive", rms=-0.1)
+    # a larger rms ball reaches beyond the default relative one (epsilon=0.1 of the seed's norm): rms replaced it
+    wide = SensitiveSamples(rms=0.1, lr=0.05, steps=30, patience=0).generate(_model("mlp"), shifted, 16, np.random.default_rng(2))
+    dw = (wide.inputs.astype(np.float64) - wide.seeds).reshape(len(wide), -1)
+    assert np.sqrt((dw**2).mean(axis=1)).max() <= 0.1 * 2.0 * (1 + 1e-6)
+    rel = np.linalg.norm(dw, axis=1) / np.linalg.norm(wide.seeds.reshape(len(wide), -1), axis=1)
+    assert rel.max() > 0.1

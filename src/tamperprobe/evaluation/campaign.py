@@ -5,7 +5,8 @@
 campaign:
 
 1. **Split** the data (seeded) into a training part (marker seeds, the attacker's data) and a
-   test part (accuracy before/after each attack).
+   test part (accuracy before/after each attack). ``attack_data``, when given, is the
+   attacker's data instead, so that the attacker need not hold the owner's marker seeds.
 2. **Bags.** For each method, generate a bag of ``bag`` candidate markers from the training
    part and record the intact model's logits on them (default runtime: batch 256, default
    threads), exactly as a fingerprint would. The baselines natural (TamperNN's SM) and
@@ -18,7 +19,7 @@ campaign:
    re-verifications (expected 0) and the largest ``|Δlogit|``.
 4. **Attacks.** Each attack runs on a copy of ``model.module`` with the attacker's data and the
    test part as ``eval_data``. The attacker's data is a seeded subset of at most
-   ``attack_samples`` (default 1,000; None or 0: all) of the training part (``attacker_data``):
+   ``attack_samples`` (default 1,000; None or 0: all) of the training part, or of ``attack_data`` when given (``attacker_data``):
    the attacks that train (trojans, poisoning, watermarking) take ``epochs`` passes over their
    data, so without a bound their cost grows with whatever data set the owner evaluates on
    (7,000 MNIST images made 10 trojan and poisoning runs take 15 of a 17-minute campaign on a
@@ -334,17 +335,19 @@ def run_evaluation(
     manc_fraction: float = 0.5,
     layer: str | None = None,
     attack_samples: int | None = 1000,
+    attack_data: Dataset | None = None,
 ) -> Evaluation:
     """Run the campaign described in the module docstring and return its measurements.
 
     ``methods``/``attacks`` (names or ``Method``/``Attack`` instances) default to every
     registered one. ``method_params`` and ``attack_params`` map a name to keyword
     hyper-parameters (typed values or text, coerced by the constructor's annotations).
-    ``progress(done, total, what)`` is told of every step.
+    ``progress(done, total, what)`` is told of every step. ``attack_data`` (default: the
+    training part) is what the attacks train on.
     """
     t_start = time.monotonic()
     settings = _settings(specs, trials, bag, select, resamples, seed, test_fraction, runtimes, tolerance, manc_fraction, layer, attack_samples)
-    c = _start(model, data, settings, methods, attacks, baselines, method_params, attack_params, progress)
+    c = _start(model, data, settings, methods, attacks, baselines, method_params, attack_params, progress, attack_data)
     _intact_model(c)
     _generate_bags(c)
     _reference_logits(c)
@@ -442,6 +445,7 @@ def _start(
     method_params: dict[str, dict] | None,
     attack_params: dict[str, dict] | None,
     progress: Progress | None,
+    attack_data: Dataset | None = None,
 ) -> _Campaign:
     """Split the data, plan every step and record the parameters."""
     method_entries = labelled_entries([*(method_names() if methods is None else methods), *(BASELINES if baselines else ())])
@@ -449,7 +453,7 @@ def _start(
     runs = [(label, t, entry) for label, entry in attack_entries.items() for t in range(instances_of(entry, s.trials))]
     method_params, attack_params = dict(method_params or {}), dict(attack_params or {})
     train, test = data.split(s.test_fraction, seed=s.seed)
-    attack_data = attacker_data(train, s.attack_samples, s.seed)
+    attack_data = attacker_data(train if attack_data is None else attack_data, s.attack_samples, s.seed)
     params = {
         "seed": s.seed,
         "methods": list(method_entries),
@@ -480,6 +484,7 @@ def _start(
             "low": float(data.low),
             "high": float(data.high),
         },
+        "attack_data": {"name": attack_data.name, "size": len(attack_data)},
     }
     ev = Evaluation(params=params, machine=machine_info(), started=datetime.now(UTC).isoformat(timespec="seconds"))
     c = _Campaign(model, train, test, attack_data, s, ev, progress or _no_progress, method_entries, method_params, runs, attack_params)
