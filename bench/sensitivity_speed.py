@@ -14,6 +14,10 @@ batch), it times side by side, in interleaved rounds on one torch thread:
   consecutive progress calls of ``SensitiveSamples(patience=0).generate`` (S and dS/dx, Adam,
   projection and bookkeeping; the seeds' evaluation and the set-up are not part of a step);
 * ``step bf16``: the same on the ``nn.Module`` with ``autocast=bf16``;
+* ``paired: step module`` and ``paired: fwd+bwd module``: k steps of one ascent with a fwd+bwd
+  timed between each two (not counted in the step), so both see the same machine state; a
+  fwd+bwd in a tight loop keeps caches warm that a step's hundred small kernels evict, and on
+  a shared machine the load changes between the tight loops of two contenders;
 * with ``--baseline REV``: ``main@REV <format>``, one S + dS/dx evaluation by the sensitivity
   module of that revision, and ``step main@REV <format>``, one step of that revision's
   ``sensitive`` method (both modules imported from git under private names), when it has one
@@ -170,6 +174,37 @@ def contenders(module: torch.nn.Module, x: torch.Tensor, k: int, baseline: tuple
 
         return run
 
+    def paired(model: Any) -> tuple[Callable[[], list[float]], Callable[[], list[float]]]:
+        """k ascent steps with one fwd+bwd timed between each two (outside the step): both under the same conditions.
+
+        In a tight loop a fwd+bwd reuses warm caches that a step, with its hundred small kernels,
+        cannot; timed between steps it starts as cold as the step's own passes do.
+        """
+        gen = SensitiveSamples(steps=k + 1, patience=0)
+        once = fwd_bwd(model)
+        between: list[float] = []
+
+        def run_steps() -> list[float]:
+            stamps: list[float] = []
+
+            def progress(done: int, total: int, *_: object) -> None:
+                stamps.append(time.perf_counter())  # a step ends
+                t = time.perf_counter()
+                once()
+                between.append(time.perf_counter() - t)
+                stamps.append(time.perf_counter())  # the next starts
+
+            gen.generate(model, data, len(x), np.random.default_rng(0), progress)
+            ends, starts = stamps[0::2], stamps[1::2]
+            return [end - start for start, end in zip(starts[:k], ends[1 : k + 1], strict=True)]
+
+        def run_between() -> list[float]:
+            out = between[:k]
+            between.clear()
+            return out
+
+        return run_steps, run_between
+
     def old(model: Any, sens: Any) -> Callable[[], object]:
         # revisions before 871811f pick their route by Model.functional, an attribute since dropped
         model.functional = not model.format == "torchscript"
@@ -187,6 +222,7 @@ def contenders(module: torch.nn.Module, x: torch.Tensor, k: int, baseline: tuple
     for fmt, model in models.items():
         out[f"step {fmt}"] = steps(model)
     out["step bf16 module"] = steps(models["module"], "bf16")
+    out["paired: step module"], out["paired: fwd+bwd module"] = paired(models["module"])
     if baseline is not None:
         sens, method = baseline
         for fmt, model in models.items():
@@ -206,6 +242,100 @@ def measure(cases: dict[str, Callable[[], list[float]]], rounds: int) -> dict[st
         for name, run in cases.items():
             times[name] += run()
     return times
+
+
+def breakdown(module: torch.nn.Module, x: torch.Tensor, k: int, rounds: int) -> list[str]:
+    """Where a step's time goes on the ``nn.Module`` route: its parts timed inside the running ascent, and kernel counts.
+
+    The network's forward (``Sensitivity._hooked``), the float64 terms of S (``_output_layer_terms``),
+    the backward pass (``torch.autograd.grad``), Adam and the projection are wrapped with timers
+    for ``rounds`` ascents of ``k`` steps; the rest of a step is its bookkeeping and Python. The
+    top-level aten ops per step and per fwd+bwd come from ``torch.profiler`` (counts only: its
+    timings of small ops are inflated).
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    from tamperprobe.data import Dataset
+    from tamperprobe.models import TorchModel
+    from tamperprobe.owner import sensitivity
+    from tamperprobe.owner.methods import sensitive
+
+    model = TorchModel(module, "module")
+    data = Dataset(x.numpy(), None, "bag", 0.0, 1.0)
+    parts = {"network forward (hooked)": [], "S terms, float64": [], "backward pass": [], "Adam": [], "projection": []}
+    current: dict[str, float] = {}
+
+    def timed(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                current[name] = current.get(name, 0.0) + time.perf_counter() - t
+
+        return wrapper
+
+    patches = [
+        (sensitivity.Sensitivity, "_hooked", "network forward (hooked)"),
+        (sensitivity, "_output_layer_terms", "S terms, float64"),
+        (torch.autograd, "grad", "backward pass"),
+        (sensitive.SensitiveSamples, "_adam", "Adam"),
+        (sensitive, "_project", "projection"),
+    ]
+    saved = [(owner, attr, getattr(owner, attr)) for owner, attr, _ in patches]
+    steps_total: list[float] = []
+    try:
+        for owner, attr, name in patches:
+            setattr(owner, attr, timed(name, getattr(owner, attr)))
+        stamps: list[float] = []
+        per_step: list[dict[str, float]] = []
+
+        def progress(done: int, total: int, *_: object) -> None:
+            stamps.append(time.perf_counter())
+            per_step.append(dict(current))
+            current.clear()
+
+        for round_ in range(rounds + 1):  # the first is a warm-up
+            stamps.clear()
+            per_step.clear()
+            sensitive.SensitiveSamples(steps=k + 1, patience=0).generate(model, data, len(x), np.random.default_rng(0), progress)
+            if round_:
+                steps_total += list(np.diff(stamps[: k + 1]))
+                for record in per_step[1 : k + 1]:
+                    for name in parts:
+                        parts[name].append(record.get(name, 0.0))
+    finally:
+        for owner, attr, fn in saved:
+            setattr(owner, attr, fn)
+
+    def top_level_ops(run: Callable[[], object], calls: int) -> float:
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            run()
+        events = [e for e in prof.events() if e.name.startswith("aten::")]
+        return sum(1 for e in events if e.cpu_parent is None or not e.cpu_parent.name.startswith("aten::")) / calls
+
+    def fwd_bwd() -> None:
+        for _ in range(k):
+            xv = x.clone().requires_grad_(True)
+            torch.autograd.grad(model.forward(xv).sum(), xv)
+
+    ops_fb = top_level_ops(fwd_bwd, k)
+    ops_step = top_level_ops(lambda: sensitive.SensitiveSamples(steps=k, patience=0).generate(model, data, len(x), np.random.default_rng(0)), k + 1)
+    step_median = float(np.median(steps_total))
+    rows = [
+        f"Median over {len(steps_total)} steps ({rounds} ascents of {k}); a step has {ops_step:.0f} top-level aten ops, a fwd+bwd {ops_fb:.0f}.",
+        "",
+        "| part of a step | median µs | share of the median step |",
+        "|---|---:|---:|",
+    ]
+    accounted = 0.0
+    for name, ts in parts.items():
+        med = float(np.median(ts))
+        accounted += med
+        rows.append(f"| {name} | {med * 1e6:.0f} | {med / step_median:.0%} |")
+    rows.append(f"| bookkeeping, progress, Python (the rest) | {(step_median - accounted) * 1e6:.0f} | {1 - accounted / step_median:.0%} |")
+    rows.append(f"| **step** | {step_median * 1e6:.0f} | 100% |")
+    return rows
 
 
 def table(times: dict[str, list[float]]) -> list[str]:
@@ -228,6 +358,7 @@ def main() -> None:
     )
     parser.add_argument("--baseline", default="", help="a git revision whose sensitivity module and sensitive method to time as well (e.g. main)")
     parser.add_argument("--models", default="digits:100,digits:1000,resnet56:100", help="model:bag, ...")
+    parser.add_argument("--breakdown", default="digits:100", help="model:bag whose step to split into parts (empty: none)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     warnings.filterwarnings("ignore")
@@ -258,6 +389,14 @@ def main() -> None:
         times = measure(cases, args.rounds)
         lines += ["", f"## {what}", "", *table(times), "", f"({sum(len(v) for v in times.values())} timings in {time.monotonic() - t0:.0f} s)"]
         print("\n".join(lines[-len(cases) - 5 :]), flush=True)
+        if item == args.breakdown:
+            lines += [
+                "",
+                "Where a step's time goes (`nn.Module`, parts timed inside the running ascent):",
+                "",
+                *breakdown(module, x, 20, args.rounds),
+            ]
+            print("\n".join(lines[-12:]), flush=True)
     text = "\n".join(lines) + "\n"
     if args.out:
         args.out.write_text(text, encoding="utf-8")

@@ -184,25 +184,31 @@ def _softmax_parts(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.T
 def _softmax_norm(z: torch.Tensor, *, grad: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``||J||_F^2`` (B,) of the softmax at logits ``z`` (B, C) in float64 and, with ``grad``, its gradient (B, C).
 
-    With ``t`` the top class, ``1 - p_t`` is the sum of the other probabilities and
-    ``q = sum_{j!=t} p_j^2`` is summed from the small terms: the top term is
-    ``p_t^2 ((1 - p_t)^2 + q)`` and a non-top term ``p_i^2 ((1 - p_i)^2 + q - p_i^2 + p_t^2)``.
-    The gradient is ``d_j = p_j (g_j - sum_i p_i g_i)`` with ``g = dN/dp``,
-    ``g_j = 2 p_j (1 - 3 p_j + 2 sum_i p_i^2)``, rearranged the same way at the top class:
-    ``g_t = 2 p_t ((1 - p_t)(1 - 2 p_t) + 2 q)`` and ``d_t = p_t ((1 - p_t) g_t - sum_{i!=t} p_i g_i)``.
+    With ``t`` the top class, ``o`` the other probabilities (0 at the top), ``r = 1 - p_t`` their
+    sum and ``q = sum_{j!=t} p_j^2``, every term below is non-negative or formed from small terms,
+    so nothing cancels when ``p_t`` is near 1:
+
+        ||J||^2 = p_t^2 (r^2 + 2 q) + q^2 + sum_{j!=t} o_j^2 (1 - 2 o_j)      (o_j <= 1/2)
+
+    (from ``sum_i p_i^2 (1 - p_i)^2 + sum_{i!=j} p_i^2 p_j^2``). The gradient is
+    ``d_j = p_j (g_j - sum_i p_i g_i)`` with ``g = dN/dp``, ``g_j = 2 p_j (1 - 3 p_j + 2 sum_i p_i^2)``,
+    rearranged at the top class as ``g_t = 2 p_t (r (1 - 2 p_t) + 2 q)`` and
+    ``d_t = p_t (r g_t - sum_{j!=t} o_j g_j)``. Fused ops (``addcmul``, ``rsub`` with ``alpha``)
+    keep the count of small kernels down: on a tiny network each costs as much as a layer.
     """
-    p, p_top, top, others, rest = _softmax_parts(z)
-    top_sq, sq = p_top.square(), others.square()  # sq: p_i^2 off the top, 0 at the top
+    _, p_top, top, o, r = _softmax_parts(z)
+    sq = o.square()
     q = sq.sum(-1, keepdim=True)
-    q_all = q + top_sq  # sum_i p_i^2
-    norm = (top_sq * (rest.square() + q) + (sq * ((1.0 - others).square() + q_all - sq)).sum(-1, keepdim=True)).squeeze(-1)
+    top_sq = p_top.square()
+    off_top = (sq * torch.rsub(o, 1.0, alpha=2.0)).sum(-1, keepdim=True)
+    norm = (torch.addcmul(q.square(), top_sq, torch.add(r.square(), q, alpha=2.0)) + off_top).squeeze(-1)
     if not grad:
         return norm, None
-    two_top = 2.0 * p_top
-    g_top = two_top * (rest * (1.0 - two_top) + 2.0 * q)
-    g = (2.0 * p * (1.0 - 3.0 * p + 2.0 * q_all)).scatter(-1, top, g_top)
-    g_rest = (others * g).sum(-1, keepdim=True)
-    d = (p * (g - (p_top * g_top + g_rest))).scatter(-1, top, p_top * (g_top * rest - g_rest))
+    half = o * torch.rsub(o, 1.0, alpha=3.0).add_(q + top_sq, alpha=2.0)  # g_j / 2 off the top, 0 at the top
+    half_rest = (o * half).sum(-1, keepdim=True)
+    half_top = p_top * torch.addcmul(q + q, r, torch.rsub(p_top, 1.0, alpha=2.0))
+    mean = torch.addcmul(half_rest, p_top, half_top)  # sum_i p_i g_i / 2
+    d = (o * (half - mean)).scatter(-1, top, p_top * (r * half_top - half_rest)).mul_(2.0)
     return norm, d
 
 
@@ -245,7 +251,7 @@ def _output_layer_terms(z: torch.Tensor, h: torch.Tensor, use_weight: bool, use_
     """S of the output-layer route from logits ``z`` (B, C) and penultimate ``h`` (B, H), with its gradient's parts."""
     h64 = h.detach().double() if use_weight else None
     if h64 is not None:
-        factor = h64.square().sum(-1)
+        factor = torch.linalg.vecdot(h64, h64)
     else:
         factor = torch.zeros(z.shape[:1], dtype=torch.float64, device=z.device)
     if use_bias:
