@@ -144,7 +144,7 @@ def write_summary(out: Path) -> Path:
         f"{len(r.get('errors', []))} errors, {len(r.get('warnings', []))} warnings (listed in report.md).",
         *(
             f"  - flagged: {f['flagged']} of {f['markers']} `{f['method']}` markers under `{f['runtime']}`, spec `{f['spec']}` "
-            f"(max |Δlogit| {f['max_abs_dlogit']:.2g} against the tolerance {params['tolerance']:g})"
+            f"(max |Δlogit| {f['max_abs_dlogit']:.2g} against the tolerance {f.get('tolerance', params['tolerance']):g})"
             for f in r["false_alarms"]
             if f.get("flagged")
         ),

@@ -29,6 +29,7 @@ def summary(fp: Fingerprint) -> dict[str, Any]:
         "data": gen.get("data"),
         "output_spec": fp.output_spec,
         "tolerance": float(fp.tolerance),
+        "benign_noise": fp.extra.get("benign_noise"),
         "top1_margin": {"min": float(margins.min()), "median": float(np.median(margins))},
         "model_digest": fp.model_digest,
         "signature": {"verified": fp.signer is not None, "key": fp.signer, "format_version": fp.version},
@@ -58,7 +59,7 @@ def describe(fp: Fingerprint) -> list[tuple[str, str]]:
         ("classes", f"{d['classes']}; markers per intact label: {' '.join(str(c) for c in d['markers_per_label'])}"),
         ("generator", f"{d['generator']['method']} ({params})"),
         ("selection", f"{d['selection']} of a bag of {d['bag']}, seed {d['seed']}, data {d['data']}"),
-        ("output spec", f"{d['output_spec']}, tolerance {d['tolerance']:g}"),
+        ("output spec", f"{d['output_spec']}, tolerance {tolerance_note(fp)}"),
         ("top-1 margin", f"min {d['top1_margin']['min']:.3g}, median {d['top1_margin']['median']:.3g}"),
         ("model digest", d["model_digest"]),
         ("signature", f"verified, key {sig['key']}" if sig["verified"] else f"NONE (format v{sig['format_version']}, unsigned)"),
@@ -71,6 +72,19 @@ def describe(fp: Fingerprint) -> list[tuple[str, str]]:
     if d["distance_to_seed"] is not None:
         rows.append(("distance to seed", f"median relative L2 {d['distance_to_seed']['median_relative_l2']:.3g}"))
     return rows
+
+
+def tolerance_note(fp: Fingerprint) -> str:
+    """The comparison tolerance and, when the file records it, the benign floor it was set from (``owner.generate``)."""
+    noise = fp.extra.get("benign_noise")
+    if not isinstance(noise, dict) or "floor" not in noise:
+        return f"{fp.tolerance:g}"
+    runtimes = ", ".join(f"{k} {float(v):.2g}" for k, v in dict(noise.get("runtimes") or {}).items()) or "none"
+    skipped = f"; not measured: {', '.join(noise['skipped'])}" if noise.get("skipped") else ""
+    return (
+        f"{fp.tolerance:.3g} (at least {float(noise.get('safety', 2)):g}× the benign floor {float(noise['floor']):.3g} "
+        f"measured on {noise.get('queries')} markers and decoys: {runtimes}{skipped})"
+    )
 
 
 def save_grid(fp: Fingerprint, path: str | Path, max_markers: int = 16) -> Path:

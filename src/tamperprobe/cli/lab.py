@@ -226,7 +226,15 @@ def evaluate(
     resamples: Annotated[int, typer.Option("--resamples", help="Resampled selections per method for the detection rate.")] = 10_000,
     seed: SeedOption = 0,
     test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of the data held out to measure accuracy.")] = 0.3,
-    tolerance: Annotated[float, typer.Option("--tolerance", help="Comparison tolerance (logit units), as in a fingerprint.")] = 3e-5,
+    tolerance: Annotated[
+        Optional[float],
+        typer.Option(
+            "--tolerance",
+            help="Comparison tolerance (logit units) for every method. Default: as a fingerprint sets it, "
+            "twice the benign floor measured on each method's markers under the benign runtimes, at least 3e-5.",
+            show_default=False,
+        ),
+    ] = None,
     no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Do not add the baseline methods.")] = False,
     attack_samples: Annotated[
         int,

@@ -76,7 +76,15 @@ def fingerprint(
     ] = None,
     seed: SeedOption = 0,
     output_spec: OutputSpecOption = "logits",
-    tolerance: Annotated[float, typer.Option("--tolerance", help="Benign numerical noise accepted (logit units).")] = 3e-5,
+    tolerance: Annotated[
+        Optional[float],
+        typer.Option(
+            "--tolerance",
+            help="Benign numerical noise accepted (logit units). Default: measured on the markers and decoys "
+            "(batch sizes, threads, TorchScript, ONNX Runtime), twice the largest deviation, at least 3e-5.",
+            show_default=False,
+        ),
+    ] = None,
     layer: Annotated[
         Optional[str], typer.Option("--layer", help="Layer whose active neurons MANC covers (default: input of the last linear layer).")
     ] = None,
@@ -104,11 +112,12 @@ def fingerprint(
 
         from .._params import parse_kv
         from ..data import load_data
+        from ..describe import tolerance_note
         from ..models import load_model, parse_model_args
-        from ..outputs import OutputSpec
+        from ..outputs import DEFAULT_TOLERANCE, OutputSpec
         from ..owner.advice import choose_method, pairing_warning
         from ..owner.calibrate import load_noise, noise_settings
-        from ..owner.generate import WeakPairingWarning, create_fingerprint
+        from ..owner.generate import MarginWarning, WeakPairingWarning, create_fingerprint
         from ..owner.methods import get_method
         from ..served import pool
 
@@ -116,8 +125,10 @@ def fingerprint(
         choice = choose_method(spec) if method is None else None
         name = choice.method if choice is not None else str(method)
         params = parse_kv(param)
+        at_least = DEFAULT_TOLERANCE
         if noise is not None:
-            params, tolerance = noise_settings(load_noise(noise), name, params, tolerance)
+            params, at_least = noise_settings(load_noise(noise), name, params, DEFAULT_TOLERANCE if tolerance is None else tolerance)
+            tolerance = None if tolerance is None else at_least
         generator = get_method(name, **params)
         m = load_model(model, weights, model_args=parse_model_args(model_arg), device=use_runtime(threads, device))
         ds = load_data(data, low=low, high=high)
@@ -129,8 +140,9 @@ def fingerprint(
             console.print(f"method {escape(choice.reason)}", highlight=False, soft_wrap=True)
         for w in notes:
             _warn(w)
-        with progress_bar(f"generating {name} markers") as update, warnings.catch_warnings():
+        with progress_bar(f"generating {name} markers") as update, warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("ignore", WeakPairingWarning)  # printed above, once
+            warnings.simplefilter("always", MarginWarning)
             fp = create_fingerprint(
                 m,
                 ds,
@@ -141,11 +153,18 @@ def fingerprint(
                 seed=seed,
                 output_spec=str(spec),
                 tolerance=tolerance,
+                min_tolerance=at_least,
                 layer=layer,
                 progress=update,
                 decoys=decoys,
                 per_run=per_run,
             )
+        for record in caught:
+            if issubclass(record.category, MarginWarning):
+                notes.append(str(record.message))
+                _warn(notes[-1])
+            else:
+                warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
         how = save_fingerprint_from_options(fp, out, sign_key, unsigned, passphrase_env, encrypt_key)
         plan = pool.plan(fp)
         runs = pool.capacity(fp, plan)
@@ -166,6 +185,7 @@ def fingerprint(
                 highlight=False,
                 soft_wrap=True,
             )
+            console.print(f"comparison tolerance: {tolerance_note(fp)}", highlight=False)  # wrapped: the note is long
             with_decoys = f" + {plan.decoys} decoys" if plan.decoys else ""
             console.print(
                 f"query budget: {plan.markers} markers{with_decoys} a run, each sent once: {runs} runs in the pool",
@@ -193,6 +213,7 @@ def fingerprint(
                     "seed": seed,
                     "output_spec": fp.output_spec,
                     "tolerance": fp.tolerance,
+                    "benign_noise": fp.extra.get("benign_noise"),
                     "query_budget": plan.markers,
                     "decoys": fp.decoys,
                     "decoys_per_run": plan.decoys,

@@ -589,6 +589,14 @@ def _measure(
             curves.setdefault((pool.name, attack, str(spec), r, c), []).append(detection_at(changed, fl, pool, s.budgets))
 
 
+def campaign_tolerance(campaign: Evaluation) -> float:
+    """The campaign's tolerance: the given one, or the largest it measured for a method (this sweep takes one for all)."""
+    given = campaign.params["tolerance"]
+    if given is not None:
+        return float(given)
+    return max((float(r["tolerance"]) for r in campaign.methods if r.get("tolerance") is not None), default=DEFAULT_TOLERANCE)
+
+
 def pair_guarantee(intact: np.ndarray, tampered: np.ndarray, unit_of: np.ndarray, tolerance: float = DEFAULT_TOLERANCE) -> dict[str, int]:
     """What the label-only guarantee of two-member units (boundary or crossed pairs) became under one tampering.
 
@@ -960,7 +968,7 @@ def run_adversary_for(
         resamples=p["resamples"],
         select=p["select"],
         seed=p["seed"],
-        tolerance=p["tolerance"],
+        tolerance=campaign_tolerance(campaign),
         method_params=p["method_params"],
         attack_params=p["attack_params"],
         progress=progress,

@@ -16,7 +16,14 @@ campaign:
    2 threads, TorchScript and ONNX Runtime); every marker's answer is compared with the
    intact one under every output spec with the fingerprint's tolerance. A benign runtime
    must flag nothing: the report counts flagged markers over all these benign
-   re-verifications (expected 0) and the largest ``|Δlogit|``.
+   re-verifications (expected 0) and the largest ``|Δlogit|``. The tolerance is the one a
+   fingerprint of the method carries by default (``tolerance=None``): ``max(3e-5, 2 × the
+   largest deviation)`` measured on the method's bag under these runtimes
+   (``owner.calibrate.tolerance_from_noise``), recorded per method; it is used for the
+   attacks too. A bag's floor is at least that of any fingerprint drawn from it, so the
+   tolerance is at least the fingerprint's and the detection measured is not flattered. Since
+   it covers the runtimes it is measured on, a flag here is a defect of the comparison, not
+   noise; a given ``tolerance`` is used as is for every method (the false-alarm check proper).
 4. **Attacks.** Each attack runs on a copy of ``model.module`` with the attacker's data and the
    test part as ``eval_data``. The attacker's data is a seeded subset of at most
    ``attack_samples`` (default 1,000; None or 0: all) of the training part, or of ``attack_data`` when given (``attacker_data``):
@@ -87,10 +94,11 @@ from .._util import Progress, derive_seed, one_line
 from ..attacks import attack_class, attack_names, get_attack
 from ..data import Dataset, InputSpec
 from ..errors import UsageError
+from ..fingerprint import MAX_TOLERANCE, check_tolerance
 from ..models import Model, TorchModel
 from ..outputs import DEFAULT_TOLERANCE, OutputSpec, changed_markers
 from ..owner.budget import key_size_or_none
-from ..owner.calibrate import DEFAULT_RUNTIMES, parse_runtimes, runtime_logits
+from ..owner.calibrate import DEFAULT_RUNTIMES, noise_floor, parse_runtimes, runtime_logits, tolerance_from_noise
 from ..owner.methods import Bag, get_method, method_names
 from ..owner.selection import units_of
 from .protocol import CONFIDENCES, MAX_NS, SELECTIONS, detection_curve, empirical_ns, manc_orders, selection_orders, unit_any
@@ -229,7 +237,7 @@ class _Settings:
     seed: int
     test_fraction: float
     runtimes: tuple[str, ...]
-    tolerance: float
+    tolerance: float | None  # None: measured per method, as a fingerprint sets it
     manc_fraction: float
     layer: str | None
     attack_samples: int | None
@@ -247,6 +255,7 @@ class _Bag:
     group_size: int
     orders: np.ndarray | None = None  # (resamples, depth) unit indices
     selection: str = ""
+    tolerance: float = DEFAULT_TOLERANCE  # the comparison tolerance of this method's markers
 
 
 @dataclass
@@ -329,7 +338,7 @@ def run_evaluation(
     test_fraction: float = 0.3,
     baselines: bool = True,
     runtimes: Sequence[str] = RUNTIMES,
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     method_params: dict[str, dict] | None = None,
     attack_params: dict[str, dict] | None = None,
     manc_fraction: float = 0.5,
@@ -343,7 +352,8 @@ def run_evaluation(
     registered one. ``method_params`` and ``attack_params`` map a name to keyword
     hyper-parameters (typed values or text, coerced by the constructor's annotations).
     ``progress(done, total, what)`` is told of every step. ``attack_data`` (default: the
-    training part) is what the attacks train on.
+    training part) is what the attacks train on. ``tolerance`` ``None`` measures each method's
+    tolerance as a fingerprint does (module doc, step 3); a number is used for every method.
     """
     t_start = time.monotonic()
     settings = _settings(specs, trials, bag, select, resamples, seed, test_fraction, runtimes, tolerance, manc_fraction, layer, attack_samples)
@@ -372,7 +382,7 @@ def _settings(
     seed: int,
     test_fraction: float,
     runtimes: Sequence[str],
-    tolerance: float,
+    tolerance: float | None,
     manc_fraction: float,
     layer: str | None,
     attack_samples: int | None = None,
@@ -398,7 +408,7 @@ def _settings(
         seed=int(seed),
         test_fraction=float(test_fraction),
         runtimes=parse_runtimes(runtimes) if runtimes else (),
-        tolerance=float(tolerance),
+        tolerance=None if tolerance is None else check_tolerance(tolerance),
         manc_fraction=float(manc_fraction),
         layer=layer,
         attack_samples=int(attack_samples) if attack_samples else None,
@@ -641,16 +651,21 @@ def _select(c: _Campaign, b: _Bag) -> None:
 
 
 def _benign_runtimes(c: _Campaign) -> None:
-    """Re-run every marker under each benign runtime; count the answers that would be flagged."""
+    """Re-run every marker under each benign runtime, set each method's tolerance, count the answers that would be flagged."""
+    observed: dict[str, np.ndarray | str] = {}
     with c.timed("runtimes"), tempfile.TemporaryDirectory(prefix="tamperprobe-eval-") as tmp:
         for rt in c.settings.runtimes:
             c.within(f"benign runtime: {rt}")
             with c.timed(f"runtime:{rt}"):
-                c.ev.false_alarms.extend(_benign_runtime(c, rt, Path(tmp)))
+                observed[rt] = _benign_logits(c, rt, Path(tmp))
             c.step(f"benign runtime: {rt}")
+    _tolerances(c, [o for o in observed.values() if not isinstance(o, str)])
+    for rt, other in observed.items():
+        c.ev.false_alarms.extend(_benign_rows(c, rt, other))
 
 
-def _benign_runtime(c: _Campaign, rt: str, workdir: Path) -> list[dict[str, Any]]:
+def _benign_logits(c: _Campaign, rt: str, workdir: Path) -> np.ndarray | str:
+    """Every marker's logits under runtime ``rt``, or the error (recorded) that kept it from running."""
     try:
         if not c.bags:
             raise UsageError("no markers to re-verify")
@@ -658,18 +673,53 @@ def _benign_runtime(c: _Campaign, rt: str, workdir: Path) -> list[dict[str, Any]
         if other.shape != c.reference.shape:
             raise UsageError(f"runtime returned logits of shape {other.shape}, expected {c.reference.shape}")
     except Exception as exc:
-        text = c.error("runtime", rt, exc)
+        return c.error("runtime", rt, exc)
+    return other
+
+
+def _tolerances(c: _Campaign, observed: list[np.ndarray]) -> None:
+    """Each method's comparison tolerance: the given one, or as a fingerprint measures it on its markers (module doc, step 3)."""
+    for row in c.ev.methods:
+        b = c.bags.get(row["method"])
+        if b is None:
+            continue
+        e = c.logits_of(b.name, c.reference).astype(np.float64)
+        measured = max((float(np.max(np.abs(c.logits_of(b.name, o) - e))) for o in observed if len(e)), default=0.0)
+        floor = noise_floor(measured, float(np.abs(e).max()) if e.size else 0.0)
+        b.tolerance = c.settings.tolerance if c.settings.tolerance is not None else DEFAULT_TOLERANCE
+        if c.settings.tolerance is None:
+            try:
+                b.tolerance = tolerance_from_noise(floor)
+            except UsageError as exc:  # a fingerprint would be refused: compare under the largest tolerance, and say so
+                c.error("tolerance", b.name, exc)
+                b.tolerance = MAX_TOLERANCE
+        row.update(tolerance=b.tolerance, benign_floor=floor)
+
+
+def _benign_rows(c: _Campaign, rt: str, other: np.ndarray | str) -> list[dict[str, Any]]:
+    if isinstance(other, str):
         return [
-            {"method": n, "runtime": rt, "spec": None, "flagged": None, "markers": b.stop - b.start, "max_abs_dlogit": None, "error": text}
+            {"method": n, "runtime": rt, "spec": None, "flagged": None, "markers": b.stop - b.start, "max_abs_dlogit": None, "error": other}
             for n, b in c.bags.items()
         ]
     rows = []
-    for n in c.bags:
+    for n, b in c.bags.items():
         e, o = c.logits_of(n, c.reference), c.logits_of(n, other)
         dmax = float(np.max(np.abs(o.astype(np.float64) - e))) if len(e) else 0.0
         for spec in c.settings.specs:
-            flagged = int(changed_markers(spec, e, o, c.settings.tolerance).sum())
-            rows.append({"method": n, "runtime": rt, "spec": str(spec), "flagged": flagged, "markers": len(e), "max_abs_dlogit": dmax, "error": None})
+            flagged = int(changed_markers(spec, e, o, b.tolerance).sum())
+            rows.append(
+                {
+                    "method": n,
+                    "runtime": rt,
+                    "spec": str(spec),
+                    "flagged": flagged,
+                    "markers": len(e),
+                    "max_abs_dlogit": dmax,
+                    "tolerance": b.tolerance,
+                    "error": None,
+                }
+            )
     return rows
 
 
@@ -735,7 +785,7 @@ def _measure(c: _Campaign, label: str, trial: int, tampered: np.ndarray) -> None
     for n, b in c.bags.items():
         e, o = c.logits_of(n, c.reference), c.logits_of(n, tampered)
         for spec in c.settings.specs:
-            changed = changed_markers(spec, e, o, c.settings.tolerance)
+            changed = changed_markers(spec, e, o, b.tolerance)
             c.ev.trigger.append(
                 {
                     "method": n,

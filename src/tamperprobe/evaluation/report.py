@@ -29,12 +29,12 @@ FORMAT = "tamperprobe.evaluation/v1"
 
 # file name -> (Evaluation attribute, columns)
 TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
-    "methods.csv": ("methods", ("method", "markers", "groups", "units", "group_size", "selection", "params", "error")),
+    "methods.csv": ("methods", ("method", "markers", "groups", "units", "group_size", "selection", "tolerance", "benign_floor", "params", "error")),
     "attacks.csv": ("attacks", ("attack", "trial", "seed", "acc_before", "acc_after", "success", "max_abs_dlogit", "changed", "params", "error")),
     "trigger.csv": ("trigger", ("method", "attack", "trial", "spec", "changed", "markers", "ratio")),
     "detection.csv": ("detection", ("method", "attack", "spec", "ns", "rate", "min_trial", "trials", "resamples", "selection")),
     "key_size.csv": ("key_sizes", ("method", "attack", "spec", "p", "c", "s", "empirical_ns")),
-    "false_alarms.csv": ("false_alarms", ("method", "runtime", "spec", "flagged", "markers", "max_abs_dlogit", "error")),
+    "false_alarms.csv": ("false_alarms", ("method", "runtime", "spec", "flagged", "markers", "max_abs_dlogit", "tolerance", "error")),
     "errors.csv": ("errors", ("stage", "name", "error")),
 }
 
@@ -188,7 +188,7 @@ def _md_header(ev: Evaluation) -> list[str]:
         f"- bag {p['bag']} candidates per method; selection {p['select']} over {p['resamples']} resamples"
         + (f" (MANC on random sub-bags of {p['manc_fraction']:.0%})" if p["select"] == "manc" else " (uniform random subsets)")
         + f"; {p['trials']} trials per random attack, trained on {p['data'].get('attack', p['data']['train'])} samples of the train part"
-        + f"; tolerance {p['tolerance']:g}",
+        + f"; {_tolerance_text(ev)}",
         f"- output specs: {', '.join(p['specs'])}",
         "",
         "Protocol: see the docstring of `tamperprobe.evaluation.campaign`. Detection rate at N_S = share of resampled selections of "
@@ -287,6 +287,14 @@ def _md_key_sizes(ev: Evaluation) -> list[str]:
     return lines
 
 
+def _tolerance_text(ev: Evaluation) -> str:
+    """The comparison tolerance: the given one, or each method's as a fingerprint measures it."""
+    if ev.params["tolerance"] is not None:
+        return f"tolerance {ev.params['tolerance']:g}"
+    each = ", ".join(f"{r['method']} {r['tolerance']:.2g}" for r in ev.methods if r.get("tolerance") is not None)
+    return f"tolerance as a fingerprint sets it, max(3e-05, 2 × the benign floor measured on the method's bag): {each or '-'}"
+
+
 def _md_false_alarms(ev: Evaluation) -> list[str]:
     lines = [
         "## False alarms under benign runtime changes",
@@ -301,8 +309,9 @@ def _md_false_alarms(ev: Evaluation) -> list[str]:
         flagged = None if err else sum(r["flagged"] for r in rows)
         checks = None if err else sum(r["markers"] for r in rows)
         dmax = max((r["max_abs_dlogit"] for r in rows if r.get("max_abs_dlogit") is not None), default=None)
-        rt_rows.append([rt, flagged, checks, None if dmax is None else f"{dmax:.3g}", err])
-    lines.append(md_table(["runtime", "flagged", "checks", "max abs Δlogit", "error"], rt_rows))
+        share = max((r["max_abs_dlogit"] / r["tolerance"] for r in rows if r.get("max_abs_dlogit") is not None and r.get("tolerance")), default=None)
+        rt_rows.append([rt, flagged, checks, None if dmax is None else f"{dmax:.3g}", None if share is None else f"{share:.2f}", err])
+    lines.append(md_table(["runtime", "flagged", "checks", "max abs Δlogit", "largest Δlogit / tolerance", "error"], rt_rows))
     lines.append("")
     return lines
 

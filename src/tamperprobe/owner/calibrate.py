@@ -25,6 +25,13 @@ on one machine never yields δ = 0. ``delta_from_noise(noise, safety)`` is ``saf
 ``check_delta`` refuses a δ at or below it, and ``noise_settings`` turns a report into the boundary
 margin and the comparison tolerance of a fingerprint.
 
+The comparison tolerance rule (``tolerance_from_noise``): τ = max(3e-5, ``TOLERANCE_SAFETY`` × floor),
+``TOLERANCE_SAFETY`` = 2. ``fingerprint_tolerance`` applies it to a floor measured on the
+fingerprint's own markers and decoys against the logits recorded for them: what ``fingerprint``
+does by default. The benign deviation does not follow the size of the logits (the CIFAR-10
+ResNet-56 has smaller logits than the digits CNN and a ten times higher floor:
+``bench/results/benign-floor.md``), so it is measured, not derived from a scale.
+
 ``runtime_logits`` is the one place that runs a model "under another runtime"; the evaluation's
 benign false-alarm measurement uses it too.
 """
@@ -47,7 +54,9 @@ import numpy as np
 from .._extras import missing_extra, require
 from .._util import Progress, atomic_write_text, one_line
 from ..errors import TamperprobeError, UsageError
+from ..fingerprint import MAX_TOLERANCE
 from ..models import Model, load_model, save_model
+from ..outputs import DEFAULT_TOLERANCE
 from .markers import sample_indices
 
 FORMAT = "tamperprobe.noise/v1"
@@ -85,8 +94,8 @@ class NoiseReport:
 
     @property
     def floor(self) -> float:
-        """The noise floor: the measured maximum, but at least float32 eps times the largest logit."""
-        return max(self.measured, float(np.finfo(np.float32).eps) * self.logit_scale)
+        """The noise floor: the measured maximum, but at least float32 eps times the largest logit (``noise_floor``)."""
+        return noise_floor(self.measured, self.logit_scale)
 
     def to_json(self) -> dict[str, Any]:
         d = asdict(self)
@@ -110,6 +119,11 @@ class NoiseReport:
             created=str(d.get("created", "")),
             versions={str(k): str(v) for k, v in (d.get("versions") or {}).items()},
         )
+
+
+def noise_floor(measured: float, logit_scale: float) -> float:
+    """The largest measured max |Δlogit|, but at least one float32 rounding step of the largest logit ``logit_scale``."""
+    return max(float(measured), float(np.finfo(np.float32).eps) * float(logit_scale))
 
 
 def parse_runtimes(items: Iterable[str] | str | None) -> tuple[str, ...]:
@@ -179,22 +193,31 @@ def measure_noise(
     samples: int | None = None,
     seed: int = 0,
     progress: Progress | None = None,
+    reference: np.ndarray | None = None,
 ) -> NoiseReport:
     """Max |Δlogit| of each runtime against torch eager at batch size 64, on the inputs ``x``.
 
     ``samples`` runs only that many of the inputs, drawn with ``seed`` (all when there are fewer);
     ``progress(done, total, runtime)`` hears about each runtime as it starts and when all are done.
+    ``reference`` (the logits recorded for ``x``, one row per input) replaces the eager batch-64 run
+    as what each runtime is measured against: a fingerprint's floor is the distance to its own logits.
     """
     names = parse_runtimes(runtimes)
+    if reference is not None:
+        reference = np.asarray(reference, dtype=np.float32)
+        if reference.ndim != 2 or len(reference) != len(x):
+            raise UsageError(f"reference logits of shape {reference.shape} do not fit {len(x)} inputs")
     if samples is not None:
         if samples < 1:
             raise UsageError("--samples must be at least 1")
         if len(x):
-            x = x[sample_indices(len(x), min(samples, len(x)), np.random.default_rng(seed))]
+            idx = sample_indices(len(x), min(samples, len(x)), np.random.default_rng(seed))
+            x = x[idx]
+            reference = None if reference is None else reference[idx]
     x = np.ascontiguousarray(x, dtype=np.float32)
     if len(x) < 1:
         raise UsageError("calibration needs at least one input")
-    ref = model.logits(x, batch_size=64)
+    ref = model.logits(x, batch_size=64) if reference is None else reference
     if not np.isfinite(ref).all():
         raise UsageError("the model returns NaN or infinite logits on the calibration inputs")
     report = NoiseReport(
@@ -202,6 +225,7 @@ def measure_noise(
         source=str(model.source),
         samples=int(len(x)),
         logit_scale=float(np.abs(ref).max()),
+        reference=REFERENCE if reference is None else "recorded logits",
         created=datetime.now(UTC).replace(microsecond=0).isoformat(),
         versions=_versions(),
     )
@@ -297,6 +321,36 @@ def check_delta(delta: float, noise: NoiseReport | float) -> None:
         )
 
 
+def tolerance_from_noise(noise: NoiseReport | float, at_least: float = DEFAULT_TOLERANCE) -> float:
+    """The comparison tolerance for a noise floor: ``max(at_least, TOLERANCE_SAFETY × floor)`` (logit units).
+
+    A floor so high that the tolerance would pass ``fingerprint.MAX_TOLERANCE`` is a UsageError: the
+    model's answers move too much between runtimes for a comparison to mean anything.
+    """
+    floor = _floor(noise)
+    tolerance = max(float(at_least), TOLERANCE_SAFETY * floor)
+    if tolerance > MAX_TOLERANCE:
+        raise UsageError(
+            f"the benign noise floor {floor:.3g} (max |Δlogit| between runtimes) asks for a tolerance of {tolerance:.3g}, "
+            f"above the largest accepted {MAX_TOLERANCE:g}: is the model nondeterministic (dropout left on, a GPU's TF32)?"
+        )
+    return tolerance
+
+
+def fingerprint_tolerance(
+    model: Model, x: np.ndarray, logits: np.ndarray, runtimes: Iterable[str] | str | None = DEFAULT_RUNTIMES, at_least: float = DEFAULT_TOLERANCE
+) -> tuple[float, NoiseReport]:
+    """The tolerance a fingerprint carries by default, and the measurement it comes from.
+
+    ``x`` are its queries in the model's domain (markers and decoys) and ``logits`` the intact
+    logits recorded for them: each runtime's deviation from those logits is measured
+    (``measure_noise``), and the tolerance is ``tolerance_from_noise(floor, at_least)``. A runtime
+    that cannot run here (no onnxruntime, no torch module to trace) is skipped, as ``calibrate`` does.
+    """
+    report = measure_noise(model, x, runtimes, reference=logits)
+    return tolerance_from_noise(report, at_least), report
+
+
 def noise_settings(report: NoiseReport, method: str, params: dict[str, Any], tolerance: float) -> tuple[dict[str, Any], float]:
     """The generator parameters and comparison tolerance a fingerprint needs under this measured noise.
 
@@ -305,7 +359,7 @@ def noise_settings(report: NoiseReport, method: str, params: dict[str, Any], tol
     given in ``params`` (a number or its text) must lie above the floor and above the tolerance, else
     UsageError. Returns new ``(params, tolerance)``; ``params`` is not modified.
     """
-    tolerance = max(float(tolerance), TOLERANCE_SAFETY * report.floor)
+    tolerance = tolerance_from_noise(report, tolerance)
     params = dict(params)
     if method == "boundary":
         if "delta" in params:

@@ -13,6 +13,7 @@ from ..fingerprint import Fingerprint, make_fingerprint
 from ..models import Model
 from ..outputs import DEFAULT_TOLERANCE, OutputSpec
 from .advice import choose_method, pairing_warning
+from .calibrate import TOLERANCE_SAFETY, NoiseReport, fingerprint_tolerance
 from .markers import encode_uint8
 from .methods import Method, get_method
 from .methods.base import Bag
@@ -22,6 +23,10 @@ from .selection import select as select_markers
 
 class WeakPairingWarning(UserWarning):
     """The benchmark shows the chosen marker method weak under the fingerprint's output spec (``owner.advice``)."""
+
+
+class MarginWarning(UserWarning):
+    """The markers' margin ``delta`` does not exceed the comparison tolerance: a label change of one reads as a near-tie."""
 
 
 def create_fingerprint(
@@ -34,12 +39,13 @@ def create_fingerprint(
     bag: int = 100,
     seed: int = 0,
     output_spec: str = "logits",
-    tolerance: float = DEFAULT_TOLERANCE,
+    tolerance: float | None = None,
     layer: str | None = None,
     params: dict[str, Any] | None = None,
     progress: Progress | None = None,
     decoys: int | None = None,
     per_run: int | None = None,
+    min_tolerance: float = DEFAULT_TOLERANCE,
 ) -> Fingerprint:
     """Generate a bag of ``bag`` candidates with ``method``, keep ``size`` by ``select``, record the intact outputs.
 
@@ -54,6 +60,13 @@ def create_fingerprint(
     that suits ``output_spec`` (``owner.advice.choose_method``: boundary pairs for label-only APIs,
     Sensitive-Samples for scores). A method that the committed benchmark shows weak under
     ``output_spec`` is used as asked, with a ``WeakPairingWarning`` quoting the measured rates.
+
+    ``tolerance`` (logit units) is recorded as given. ``None`` (the default) measures it: the
+    markers and decoys are run under every benign runtime of ``owner.calibrate`` (batch sizes 1
+    and 64, 1 and 2 threads, TorchScript, ONNX Runtime when installed), each against the logits
+    recorded for them, and the file carries ``max(min_tolerance, 2 × the largest deviation)``
+    (``calibrate.fingerprint_tolerance``), with the measurement in ``extra["benign_noise"]``. A
+    margin ``delta`` of the method at or below the tolerance gives a ``MarginWarning``.
     """
     model.require_torch("fingerprint generation")
     spec = OutputSpec.parse(output_spec)
@@ -71,7 +84,7 @@ def create_fingerprint(
         raise UsageError(f"--decoys must be >= 0, got {decoys}")
     if select not in SELECTIONS:
         raise UsageError(f"unknown selection {select!r}: choose {' or '.join(SELECTIONS)}")
-    if tolerance < 0:
+    if tolerance is not None and tolerance < 0:
         raise UsageError("tolerance must be >= 0")
     gen = get_method(method, **(params or {}))
     _check_fit(model, data)
@@ -115,6 +128,12 @@ def create_fingerprint(
         decoy_logits = model.logits(input_spec.decode(decoy_inputs))
         if not np.isfinite(decoy_logits).all():
             raise UsageError("the model returns NaN or infinite logits on the decoys")
+    if tolerance is None:
+        queries = kept.inputs if decoy_inputs is None else np.concatenate([kept.inputs, decoy_inputs])
+        recorded = logits if decoy_logits is None else np.concatenate([logits, decoy_logits])
+        tolerance, noise = fingerprint_tolerance(model, input_spec.decode(queries), recorded, at_least=min_tolerance)
+        extra["benign_noise"] = noise_record(noise)
+    _warn_margin(gen.validated(), tolerance)
     return make_fingerprint(
         kept.inputs,
         logits,
@@ -130,6 +149,32 @@ def create_fingerprint(
         decoy_logits=decoy_logits,
         per_run=per_run,
     )
+
+
+def noise_record(noise: NoiseReport) -> dict[str, Any]:
+    """What a fingerprint records of the benign floor its tolerance was set from."""
+    return {
+        "floor": noise.floor,
+        "safety": TOLERANCE_SAFETY,
+        "queries": noise.samples,
+        "runtimes": {name: r.max_abs for name, r in noise.runtimes.items()},
+        "skipped": dict(noise.skipped),
+        "versions": dict(noise.versions),
+    }
+
+
+def _warn_margin(params: dict[str, Any], tolerance: float) -> None:
+    import warnings
+
+    delta = params.get("delta")
+    if delta is not None and float(delta) <= tolerance:
+        warnings.warn(
+            f"the markers' margin delta={float(delta):g} is not above the comparison tolerance {tolerance:.3g}: a changed label "
+            "of such a marker reads as a near-tie (label specs detect little); run `tamperprobe calibrate` and pass --noise, "
+            "or pass a larger --param delta",
+            MarginWarning,
+            stacklevel=3,
+        )
 
 
 def pick_decoys(data: Dataset, kept: Bag, n: int, rng: np.random.Generator, *, required: bool = False) -> np.ndarray:

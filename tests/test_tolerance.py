@@ -1,0 +1,275 @@
+"""The comparison tolerance a fingerprint carries: measured on its own queries, never below what benign runtimes move.
+
+The rule (``owner.calibrate.tolerance_from_noise``): τ = max(3e-5, 2 × the benign floor), the floor
+being the largest |Δlogit| of the fingerprint's markers and decoys under batch sizes 1 and 64, 1 and 2
+threads, TorchScript and ONNX Runtime, against the logits recorded in the file. The real-property
+tests run a deep residual model whose ONNX Runtime logits move ten times more than the old fixed
+3e-5: its markers must read INTACT through ONNX Runtime (and TAMPERED under the old tolerance, the
+defect), and small real tamperings must still read TAMPERED. With ``../shared`` present, the same
+on the pretrained CIFAR-10 ResNet-56 whose boundary marker raised the false alarm.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from typer.testing import CliRunner
+
+from tamperprobe.attacks import get_attack
+from tamperprobe.cli.app import app
+from tamperprobe.data import Dataset, load_data
+from tamperprobe.errors import UsageError
+from tamperprobe.fingerprint import MAX_TOLERANCE, load
+from tamperprobe.models import TorchModel, load_model, save_model
+from tamperprobe.outputs import DEFAULT_TOLERANCE
+from tamperprobe.owner import calibrate as cal
+from tamperprobe.owner.generate import MarginWarning, create_fingerprint
+from tamperprobe.served.targets import LocalTarget
+from tamperprobe.served.verify import INTACT, TAMPERED, verify
+from tamperprobe.signing import Trust
+
+UNSIGNED = Trust(allow_unsigned=True)
+SPECS = ("logits", "probs:4", "top1-prob:3", "top1", "topk:3")
+
+
+# ----------------------------------------------------------------------------- the rule
+
+
+def test_tolerance_is_twice_the_floor_and_never_below_the_minimum():
+    assert cal.tolerance_from_noise(0.0) == DEFAULT_TOLERANCE == 3e-5
+    assert cal.tolerance_from_noise(1.5e-5) == DEFAULT_TOLERANCE  # 2 × 1.5e-5 = the minimum
+    assert cal.tolerance_from_noise(3.48e-5) == pytest.approx(6.96e-5)  # the CIFAR-10 false alarm's deviation
+    assert cal.tolerance_from_noise(1e-6, at_least=1e-4) == 1e-4
+    assert cal.tolerance_from_noise(1e-4, at_least=1e-4) == pytest.approx(2e-4)
+    report = cal.NoiseReport("sha256:x", "m", 4, logit_scale=10.0, runtimes={"onnx": cal.RuntimeNoise(4e-5, 1e-5, 0)})
+    assert cal.tolerance_from_noise(report) == pytest.approx(8e-5)
+    # a floor of exactly 0 still counts one float32 rounding step of the largest logit
+    big = cal.NoiseReport("sha256:x", "m", 4, logit_scale=1e3, runtimes={"batch1": cal.RuntimeNoise(0.0, 0.0, 0)})
+    assert cal.tolerance_from_noise(big) == pytest.approx(max(3e-5, 2 * 1e3 * np.finfo(np.float32).eps))
+    assert cal.tolerance_from_noise(MAX_TOLERANCE / 2) == pytest.approx(MAX_TOLERANCE)
+    for bad in (MAX_TOLERANCE, 1.0, float("nan"), -1.0):
+        with pytest.raises(UsageError):
+            cal.tolerance_from_noise(bad)
+
+
+def test_noise_is_measured_against_the_given_reference(trained_cnn, digits):
+    model, x = TorchModel(trained_cnn), digits[1].x[:32]
+    recorded = model.logits(x)
+    own = cal.measure_noise(model, x, ["batch1", "torchscript"], reference=recorded)
+    assert own.reference == "recorded logits" and own.measured < 1e-4
+    shifted = cal.measure_noise(model, x, ["batch1", "torchscript"], reference=recorded + np.float32(1e-3))
+    assert shifted.runtimes["torchscript"].max_abs == pytest.approx(1e-3, rel=1e-3)
+    sampled = cal.measure_noise(model, x, ["batch1"], samples=8, reference=recorded + np.float32(1e-3))
+    assert sampled.samples == 8 and sampled.runtimes["batch1"].max_abs == pytest.approx(1e-3, rel=1e-2)
+    with pytest.raises(UsageError):
+        cal.measure_noise(model, x, ["batch1"], reference=recorded[:5])
+
+
+def test_fingerprint_measures_its_tolerance_on_its_own_markers_and_decoys(trained_cnn, digits, tmp_path):
+    model, data = TorchModel(trained_cnn), digits[0]
+    fp = create_fingerprint(model, data, method="natural", select="random", size=6, bag=12, decoys=4)
+    noise = fp.extra["benign_noise"]
+    assert noise["queries"] == 10 and noise["safety"] == cal.TOLERANCE_SAFETY
+    assert set(noise["runtimes"]) == set(cal.DEFAULT_RUNTIMES), noise["skipped"]
+    assert noise["floor"] >= max(noise["runtimes"].values())
+    assert fp.tolerance == cal.tolerance_from_noise(noise["floor"])
+    # the floor is the distance of each runtime to the logits the file records, on exactly its queries
+    x = np.concatenate([fp.inputs, fp.decoy_inputs])
+    recorded = np.concatenate([fp.logits, fp.decoy_logits]).astype(np.float64)
+    for rt in cal.DEFAULT_RUNTIMES:
+        moved = float(np.abs(cal.runtime_logits(model, rt, x, tmp_path) - recorded).max())
+        assert moved <= noise["floor"] and moved <= fp.tolerance / 2, rt
+    # the record survives the signed file, and the id covers it
+    from tamperprobe.fingerprint import save
+
+    back = load(save(fp, tmp_path / "f.tpf", sign_key=None), trust=UNSIGNED)
+    assert back.extra["benign_noise"] == noise and back.tolerance == fp.tolerance and back.id == fp.id
+
+
+def test_a_given_tolerance_is_recorded_as_given_and_a_minimum_is_kept(trained_cnn, digits):
+    model, data = TorchModel(trained_cnn), digits[0]
+    given = create_fingerprint(model, data, method="natural", select="random", size=4, bag=8, tolerance=1e-4)
+    assert given.tolerance == 1e-4 and "benign_noise" not in given.extra
+    old = create_fingerprint(model, data, method="natural", select="random", size=4, bag=8, tolerance=DEFAULT_TOLERANCE)
+    assert old.tolerance == 3e-5  # what every fingerprint carried before: still available, explicitly
+    raised = create_fingerprint(model, data, method="natural", select="random", size=4, bag=8, min_tolerance=5e-4)
+    assert raised.tolerance == 5e-4 and "benign_noise" in raised.extra
+
+
+def test_a_margin_at_or_below_the_tolerance_warns(trained_cnn, digits):
+    model, data = TorchModel(trained_cnn), digits[0]
+    with pytest.warns(MarginWarning, match="delta=0.0001"):
+        create_fingerprint(model, data, method="boundary", size=4, bag=8, tolerance=1e-4)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", MarginWarning)
+        create_fingerprint(model, data, method="boundary", size=4, bag=8)  # measured here: far below the default margin
+
+
+def test_cli_fingerprint_measures_by_default_and_takes_a_given_tolerance(trained_cnn, digits, tmp_path):
+    model = save_model(trained_cnn, tmp_path / "m.pt", digits[1].x[:2])
+    base = ["fingerprint", str(model), "--data", "digits", "--method", "natural", "--select", "random", "--size", "4", "--bag", "8", "--no-check"]
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "a.tpf")])
+    assert r.exit_code == 0, r.output
+    fp = load(tmp_path / "a.tpf")
+    assert fp.tolerance == cal.tolerance_from_noise(fp.extra["benign_noise"]["floor"])
+    assert "comparison tolerance" in r.stdout and "benign floor" in r.stdout
+    r = CliRunner().invoke(app, ["inspect", str(tmp_path / "a.tpf")])
+    assert r.exit_code == 0 and "benign floor" in r.stdout, r.output
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "b.tpf"), "--tolerance", "2e-4"])
+    assert r.exit_code == 0, r.output
+    assert load(tmp_path / "b.tpf").tolerance == 2e-4 and "benign_noise" not in load(tmp_path / "b.tpf").extra
+
+
+def test_cli_fingerprint_with_a_noise_report_keeps_its_tolerance_as_a_minimum(trained_cnn, digits, tmp_path):
+    model = save_model(trained_cnn, tmp_path / "m.pt", digits[1].x[:2])
+    report = cal.NoiseReport("sha256:x", "m", 4, logit_scale=10.0, runtimes={"onnx": cal.RuntimeNoise(1e-4, 1e-5, 0)})
+    noise = cal.save_noise(report, tmp_path / "m.noise.json")
+    base = ["fingerprint", str(model), "--data", "digits", "--method", "natural", "--select", "random", "--size", "4", "--bag", "8", "--no-check"]
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "a.tpf"), "--noise", str(noise)])
+    assert r.exit_code == 0, r.output
+    fp = load(tmp_path / "a.tpf")
+    assert fp.tolerance == pytest.approx(2e-4) and "benign_noise" in fp.extra
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "b.tpf"), "--noise", str(noise), "--tolerance", "5e-4"])
+    assert r.exit_code == 0, r.output
+    assert load(tmp_path / "b.tpf").tolerance == 5e-4
+
+
+# ----------------------------------------------------------------------------- a deep model through another runtime
+
+
+class _Block(nn.Module):
+    def __init__(self, c: int):
+        super().__init__()
+        self.conv1, self.bn1 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+        self.conv2, self.bn2 = nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.bn2(self.conv2(F.relu(self.bn1(self.conv1(x))))))
+
+
+class DeepResNet(nn.Module):
+    """Ten residual blocks with batch norm whose running statistics amplify, as a trained network's do."""
+
+    def __init__(self, width: int = 16, blocks: int = 10, classes: int = 10, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.stem = nn.Conv2d(1, width, 3, padding=1)
+        self.blocks = nn.Sequential(*[_Block(width) for _ in range(blocks)])
+        self.head = nn.Linear(width, classes)
+        gen = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for bn in (m for m in self.modules() if isinstance(m, nn.BatchNorm2d)):
+                bn.weight.uniform_(0.5, 1.5, generator=gen)
+                bn.bias.normal_(0.0, 0.3, generator=gen)
+                bn.running_mean.normal_(0.0, 0.3, generator=gen)
+                bn.running_var.uniform_(0.02, 0.3, generator=gen)
+        self.eval()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.blocks(F.relu(self.stem(x)))
+        return self.head(F.adaptive_avg_pool2d(h, 1).flatten(1))
+
+
+@pytest.fixture(scope="module")
+def deep(tmp_path_factory):
+    """The deep model, a fingerprint of its sensitive markers (default tolerance) and the model as ONNX and TorchScript files."""
+    module = DeepResNet()
+    data = load_data("digits")
+    data = Dataset(data.x[:300], data.y[:300], "digits[300]", data.low, data.high)
+    fp = create_fingerprint(TorchModel(module), data, method="sensitive", size=10, bag=20, decoys=10)
+    folder = tmp_path_factory.mktemp("deep")
+    files = {suffix: save_model(module, folder / f"deep{suffix}", data.x[:2]) for suffix in (".onnx", ".pt")}
+    return module, fp, files
+
+
+def _verdict(fp, model, spec, tolerance=None, **target) -> str:
+    return verify(fp, LocalTarget(model, **target), spec, tolerance=tolerance).verdict
+
+
+def test_deep_model_moves_more_than_the_old_tolerance_under_onnx_runtime(deep):
+    """The defect, reproduced: the old fixed 3e-5 reads this intact model as TAMPERED through ONNX Runtime."""
+    _, fp, files = deep
+    x = np.concatenate([fp.inputs, fp.decoy_inputs])
+    moved = np.abs(load_model(files[".onnx"]).logits(x).astype(np.float64) - np.concatenate([fp.logits, fp.decoy_logits])).max()
+    assert moved > 3 * DEFAULT_TOLERANCE, f"the premise: ONNX Runtime moves this model's logits by {moved:.3g}"
+    assert _verdict(fp, files[".onnx"], "logits", tolerance=DEFAULT_TOLERANCE) == TAMPERED
+    assert fp.tolerance >= 2 * moved and fp.tolerance <= MAX_TOLERANCE
+
+
+@pytest.mark.parametrize("spec", SPECS)
+def test_deep_model_reads_intact_through_other_runtimes_under_the_default_tolerance(deep, spec):
+    module, fp, files = deep
+    assert _verdict(fp, files[".onnx"], spec) == INTACT
+    assert _verdict(fp, files[".onnx"], spec, batch_size=1) == INTACT
+    assert _verdict(fp, files[".pt"], spec) == INTACT
+    assert _verdict(fp, module, spec, batch_size=1) == INTACT
+    assert _verdict(fp, module, spec, threads=2) == INTACT
+
+
+@pytest.mark.parametrize("attack,params", [("fp16", {}), ("noise", {"fraction": 0.001, "sigma": 0.01})])
+def test_deep_model_small_tampering_reads_tampered_through_onnx_runtime(deep, tmp_path, attack, params):
+    module, fp, _ = deep
+    tampered = get_attack(attack, params).run(module, seed=1).model
+    moved = np.abs(TorchModel(tampered).logits(fp.inputs) - fp.logits).max()
+    assert moved > 10 * fp.tolerance, f"{attack} moved the markers' logits by {moved:.3g} only"
+    path = save_model(tampered, tmp_path / "tampered.onnx", fp.inputs[:2])
+    assert _verdict(fp, path, "logits") == TAMPERED
+
+
+# ----------------------------------------------------------------------------- the campaign uses the same rule
+
+
+def test_campaign_measures_each_methods_tolerance_as_a_fingerprint_does(trained_mlp, digits):
+    from tamperprobe.evaluation import run_evaluation
+
+    model, data = TorchModel(trained_mlp), load_data("digits")
+    common = dict(methods=["natural"], attacks=["fp16"], specs=["logits", "top1"], bag=10, resamples=50, baselines=False, runtimes=("batch1", "onnx"))
+    ev = run_evaluation(model, data, **common)
+    (row,) = ev.methods
+    assert ev.params["tolerance"] is None and row["tolerance"] == cal.tolerance_from_noise(row["benign_floor"])
+    assert row["benign_floor"] >= max(r["max_abs_dlogit"] for r in ev.false_alarms)
+    assert {r["tolerance"] for r in ev.false_alarms} == {row["tolerance"]} and ev.benign_flagged == 0
+    given = run_evaluation(model, data, tolerance=1e-3, **common)
+    assert given.params["tolerance"] == 1e-3 and given.methods[0]["tolerance"] == 1e-3
+    assert {r["tolerance"] for r in given.false_alarms} == {1e-3}
+
+
+# ----------------------------------------------------------------------------- the pretrained CIFAR-10 ResNet-56 (../shared)
+
+
+def _resnet56():
+    folder = Path(__file__).resolve().parents[2] / "shared" / "models" / "cifar10_resnet56"
+    images = folder.parents[1] / "data" / "cifar10" / "test1017_uint8.npz"
+    if not (folder / "model_def.py").exists() or not images.exists():
+        pytest.skip("the CIFAR-10 ResNet-56 is not under ../shared")
+    spec = importlib.util.spec_from_file_location("cifar10_resnet56_def", folder / "model_def.py")
+    assert spec is not None and spec.loader is not None
+    definition = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault(spec.name, definition)
+    spec.loader.exec_module(definition)
+    with np.load(images) as f:
+        x, y = f["x"][:200].astype(np.float32) / np.float32(255.0), f["y"][:200].astype(np.int64)
+    return definition.load(str(folder / "resnet56_cifar10.pt")), Dataset(x, y, "cifar10[200]", 0.0, 1.0)
+
+
+@pytest.mark.slow
+def test_resnet56_boundary_markers_read_intact_through_onnx_runtime(tmp_path):
+    """The campaign's false alarm (a boundary marker's logits under ONNX Runtime) cannot happen with the default tolerance."""
+    module, data = _resnet56()
+    fp = create_fingerprint(TorchModel(module), data, method="boundary", select="random", size=10, bag=10, decoys=10)
+    assert fp.tolerance == cal.tolerance_from_noise(fp.extra["benign_noise"]["floor"]) and "onnx" in fp.extra["benign_noise"]["runtimes"]
+    onnx = save_model(module, tmp_path / "resnet56.onnx", data.x[:2])
+    for spec in ("logits", "top1", "probs:4"):
+        assert _verdict(fp, onnx, spec) == INTACT, spec
+        assert _verdict(fp, onnx, spec, batch_size=1) == INTACT, spec
+    tampered = get_attack("fp16").run(module, seed=0).model
+    assert _verdict(fp, save_model(tampered, tmp_path / "fp16.onnx", data.x[:2]), "logits") == TAMPERED
