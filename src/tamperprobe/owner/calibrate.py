@@ -29,7 +29,7 @@ The comparison tolerance rule (``tolerance_from_noise``): τ = max(3e-5, ``TOLER
 ``TOLERANCE_SAFETY`` = 2. ``fingerprint_tolerance`` applies it to a floor measured on the
 fingerprint's own markers and decoys against the logits recorded for them: what ``fingerprint``
 does by default. The benign deviation does not follow the size of the logits (the CIFAR-10
-ResNet-56 has smaller logits than the digits CNN and a ten times higher floor:
+ResNet-56 has smaller logits than the digits CNN, and its markers move two to seven times more:
 ``bench/results/benign-floor.md``), so it is measured, not derived from a scale.
 
 ``runtime_logits`` is the one place that runs a model "under another runtime"; the evaluation's
