@@ -63,6 +63,9 @@ class Crossed(Method):
     """Boundary pairs whose halves come from different seeds and paths across the same class boundary (no near-twins; top-1 API).
 
     See the module doc; every parameter but ``spare`` is the ``boundary`` parameter of the same name.
+    ``oversample`` defaults to 1 here: the paths are not chosen by coverage (the pairs are, out of
+    ``spare`` × as many as wanted), so a path search that made more than it was asked for would
+    only throw the extra away.
     """
 
     name = "crossed"
@@ -80,7 +83,7 @@ class Crossed(Method):
         uint8: bool = False,
         coverage: bool = True,
         spare: float = 3.0,
-        oversample: float = 3.0,
+        oversample: float = 1.0,
         step: float = 0.02,
         max_steps: int = 100,
         greedy_steps: int = 60,
