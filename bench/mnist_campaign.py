@@ -71,8 +71,9 @@ def run_model(name: str, args: argparse.Namespace) -> Path:
     ev = run_evaluation(
         model,
         data,
-        methods=None,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()] or None,
         attacks=None,
+        attack_samples=args.attack_samples,
         trials=args.trials,
         bag=args.bag,
         select=args.select,
@@ -194,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--test-fraction", type=float, default=0.3)
     ap.add_argument(
         "--threads", type=int, default=1, help="torch threads (default 1: on a 2-core machine shared with other jobs, 2 OpenMP threads thrash)"
+    )
+    ap.add_argument("--methods", default="", help="comma-separated marker methods (default: every registered one)")
+    ap.add_argument(
+        "--attack-samples", type=int, default=0, help="training samples the attacks use (default 0: all, the protocol of the committed runs)"
     )
     ap.add_argument("--readme-only", action="store_true")
     args = ap.parse_args(argv)

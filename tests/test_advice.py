@@ -36,20 +36,20 @@ def test_shipped_table_is_what_the_benchmark_results_give():
 
 
 @pytest.mark.parametrize(
-    "spec, method", [("top1", "boundary"), ("topk:3", "boundary"), ("topk:2", "boundary"), ("logits", "sensitive"), ("probs:2", "sensitive")]
+    "spec, method", [("top1", "crossed"), ("topk:3", "crossed"), ("topk:2", "crossed"), ("logits", "sensitive"), ("probs:2", "sensitive")]
 )
-def test_label_only_apis_get_boundary_pairs_and_score_apis_sensitive_samples(spec, method):
+def test_label_only_apis_get_crossed_pairs_and_score_apis_sensitive_samples(spec, method):
     choice = advice.choose_method(spec)
     assert choice.method == method
     assert choice.reason.startswith(f"{method} for {spec}: the API reveals") and "\n" not in choice.reason
     assert advice.pairing_warning(method, spec) is None
 
 
-def test_a_label_and_one_rounded_probability_gets_boundary_pairs_as_measured():
+def test_a_label_and_one_rounded_probability_gets_crossed_pairs_as_measured():
     """top1-prob:2 reveals a probability, but the benchmark shows sensitive weak there (fp16 on the MLP)."""
     choice = advice.choose_method("top1-prob:2")
     rate = _bench_rate("2026-11-22-mlp", "sensitive", "fp16", "top1-prob:2")
-    assert choice.method == "boundary" and f"detected fp16 in only {100 * rate:.0f} %" in choice.reason
+    assert choice.method == "crossed" and f"detected fp16 in only {100 * rate:.0f} %" in choice.reason
 
 
 def test_sensitive_under_top1_warns_with_the_measured_int8_rate():
@@ -57,7 +57,7 @@ def test_sensitive_under_top1_warns_with_the_measured_int8_rate():
     rate = _bench_rate("2026-11-22-cnn", "sensitive", "int8", "top1")
     assert rate < 0.05
     assert text is not None and f"int8 in {100 * rate:.0f} %" in text and "bench/results/2026-11-22-cnn" in text
-    assert "--method boundary" in text
+    assert "--method crossed" in text
     # an unmeasured spec is judged by the nearest measured one of its kind, and says so
     assert "(measured under topk:5)" in (advice.pairing_warning("sensitive", "topk:9") or "")
 
@@ -65,7 +65,7 @@ def test_sensitive_under_top1_warns_with_the_measured_int8_rate():
 def test_library_default_follows_the_spec_and_warns_about_weak_pairs(trained_cnn, digits):
     model = TorchModel(trained_cnn, "cnn")
     fp = create_fingerprint(model, digits[0], size=4, bag=8, seed=0, output_spec="top1", params={"rounds": 1}, select="random")
-    assert fp.generator["method"] == "boundary"
+    assert fp.generator["method"] == "crossed"
     fp = create_fingerprint(model, digits[0], size=2, bag=4, seed=0, select="random", params={"steps": 2})
     assert fp.generator["method"] == "sensitive" and fp.output_spec == "logits"
     with pytest.warns(WeakPairingWarning, match="int8 in 3 %"):
@@ -81,8 +81,8 @@ def test_cli_says_why_and_warns_once(trained_cnn, digits, tmp_path):
     r = CliRunner().invoke(app, [*base, "--output-spec", "top1", "--size", "4", "--bag", "8", "--param", "rounds=1"])
     assert r.exit_code == 0, r.output
     why = [line for line in r.stdout.splitlines() if line.startswith("method ")]
-    assert len(why) == 1 and why[0].startswith("method boundary for top1: the API reveals labels only")
-    assert "boundary" in r.stdout.split("wrote", 1)[1]
+    assert len(why) == 1 and why[0].startswith("method crossed for top1: the API reveals labels only")
+    assert "crossed" in r.stdout.split("wrote", 1)[1]
     r = CliRunner().invoke(app, [*base, "--output-spec", "top1", "--method", "sensitive", "--size", "2", "--bag", "4", "--param", "steps=2"])
     assert r.exit_code == 0, r.output
     warned = [line for line in r.stderr.splitlines() if line.startswith("warning:")]

@@ -74,8 +74,10 @@ def test_crossed_pair_halves_come_from_different_paths_and_are_no_near_twins(cro
     assert n >= 4 and crossed.groups.tolist() == np.repeat(np.arange(n), 2).tolist()
     source = crossed.info["source_path"]
     assert len(np.unique(source)) == len(source)  # each path gives one half, once; its other half is never sent
+    assert crossed.info["path"] == "gradient"  # path=auto on a model with weights in PyTorch form
     images = np.concatenate([crossed.info["seed_index"], crossed.info["partner_index"]])
-    assert len(np.unique(images)) == len(images)  # no natural image feeds two markers
+    images = images[images >= 0]  # gradient paths have no blend partner (-1)
+    assert len(images) == len(crossed) and len(np.unique(images)) == len(images)  # no natural image feeds two markers
     label = crossed.info["label"]
     assert (label[0::2] < label[1::2]).all()  # two sides of the same class boundary
     assert (model.logits(crossed.inputs).argmax(axis=1) == label).all()
@@ -84,6 +86,22 @@ def test_crossed_pair_halves_come_from_different_paths_and_are_no_near_twins(cro
     assert twin.min() > 100 * boundary_twin.max()
     # no marker is a near-twin of another marker of the fingerprint either
     assert nearest_earlier(crossed.inputs)[1:].min() > 100 * boundary_twin.max()
+
+
+def test_crossed_takes_blend_paths_without_weights_and_refuses_linf_there(trained_cnn, digits, tmp_path):
+    """``path=auto`` needs gradients for the gradient path; an ONNX file has none, so it blends (and a bound on the gradient path is refused)."""
+    pytest.importorskip("onnxruntime")
+    from tamperprobe.models import load_model
+
+    train, _ = digits
+    path = tmp_path / "cnn.onnx"
+    torch.onnx.export(trained_cnn, torch.as_tensor(train.x[:1]), str(path), dynamo=False, input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    onnx = load_model(path)
+    bag = get_method("crossed").generate(onnx, train, 8, np.random.default_rng(0))
+    assert bag.info["path"] == "blend" and (bag.info["partner_index"] >= 0).all()
+    assert (onnx.logits(bag.inputs).argmax(axis=1) == bag.info["label"]).all()
+    with pytest.raises(UsageError, match="linf bounds the gradient path"):
+        get_method("crossed", linf=0.1).generate(onnx, train, 8, np.random.default_rng(0))
 
 
 @pytest.mark.parametrize("direction", [1.0, -1.0])

@@ -33,7 +33,7 @@ class DemoFingerprint:
 
 DEMO_FINGERPRINTS = (
     DemoFingerprint("sensitive · logits", "sensitive", "logits", {}, 10, 100),
-    DemoFingerprint("boundary pairs · top1", "boundary", "top1", {}, 4, 40),
+    DemoFingerprint("crossed pairs · top1", "crossed", "top1", {}, 4, 40),
 )
 # (attack, parameters, title)
 DEMO_ATTACKS: tuple[tuple[str, dict[str, Any], str], ...] = (

@@ -2,7 +2,9 @@
 
 What an API reveals decides which markers can show a change of the weights. A label-only API
 (``top1``, ``topk:K``) shows a change only when a marker's label flips, so its markers should sit
-right at a decision boundary (``boundary`` pairs); an API that returns scores (``logits``,
+right at a decision boundary: ``crossed`` pairs, whose two halves come from different natural
+seeds, so that a server which sees the queries cannot single out the second half as a near-twin
+of the first as it can with ``boundary`` pairs (``bench/results/adaptive-operator.md``); an API that returns scores (``logits``,
 ``probs:N``) shows any change that moves them, and VerIDeep's Sensitive-Samples (``sensitive``)
 are built to move them most.
 
@@ -15,9 +17,9 @@ queries (written by ``bench/method_advice.py``). From it:
   than ``WEAK`` (50 %) of 10-query fingerprints while another method detected the same attack
   under the same spec in at least ``STRONG`` (90 %): the miss is the method's, not the API's;
 * ``choose_method(spec)`` takes the first method of the spec's preference list that is not weak
-  (label-only specs: boundary, badv, sensitive; score specs: sensitive, boundary, badv; the first
-  when all are) and says why. So ``top1-prob:2``, which shows a label and one rounded probability,
-  gets boundary pairs: sensitive missed fp16 there where boundary pairs caught it;
+  (label-only specs: crossed, boundary, badv, sensitive; score specs: sensitive, crossed, boundary,
+  badv; the first when all are) and says why. So ``top1-prob:2``, which shows a label and one
+  rounded probability, gets crossed pairs: sensitive missed fp16 there where they caught it;
 * ``pairing_warning(method, spec)`` is the one-line warning for a weak pair, with the measured rates.
 
 A spec that was not measured is judged by the measured one of its kind closest to it
@@ -39,10 +41,14 @@ STRONG = 0.9
 TABLE = "benchmark_detection.json"
 LABEL_ONLY = ("top1", "topk")
 PREFERENCE = {
-    "labels": ("boundary", "badv", "sensitive"),
-    "scores": ("sensitive", "boundary", "badv"),
+    "labels": ("crossed", "boundary", "badv", "sensitive"),
+    "scores": ("sensitive", "crossed", "boundary", "badv"),
 }
 _WHY = {
+    "crossed": (
+        "crossed marker pairs straddle the decision boundary, so a shift of it above δ flips a label the API shows, "
+        "and their halves come from different natural seeds, so no marker is a near-twin of another that the server could single out"
+    ),
     "boundary": "boundary marker pairs straddle the decision boundary, so any shift of it above δ flips a label the API shows",
     "sensitive": "Sensitive-Samples are built so that the scores the API shows move most when any weight changes",
     "badv": "BADV markers are adversarial inputs just across the decision boundary",
@@ -115,7 +121,7 @@ def misses(method: str, spec: str | OutputSpec) -> list[Miss]:
             others = {m: r[i] for m, r in rates.items() if m != method and r[i] is not None}
             if not others:
                 continue
-            best = max(others, key=lambda m: (others[m], m == "boundary", m == "sensitive"))
+            best = max(others, key=lambda m: (others[m], m == "crossed", m == "boundary", m == "sensitive"))
             if others[best] >= STRONG:
                 out.append(Miss(run_name, run["model"], name, method, attack, float(rate), best, float(others[best])))
     return sorted(out, key=lambda m: (m.rate, -m.best_rate, m.run, m.attack))

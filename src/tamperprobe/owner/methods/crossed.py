@@ -1,8 +1,17 @@
 """Crossed pairs: boundary pairs whose two halves come from different seeds and paths, so they are not near-twins.
 
+The default marker method for label-only APIs (``top1``, ``topk:K``; see ``owner.advice``).
+
 Why. A boundary pair (``boundary``) is two nearly identical inputs on either side of a decision
 boundary: an operator who sees the queries flags the second half as a near-duplicate of the first
 (the ``near-twin`` router of ``tamperprobe.evaluation.routers``), at no cost on ordinary traffic.
+
+Paths. ``path="auto"`` (the default) takes the gradient path of ``boundary`` (sign-gradient steps
+from a natural seed towards its runner-up class) when the model's weights are in PyTorch form, and
+blend paths otherwise (an ONNX file gives no gradients). Gradient-path markers are a natural image
+plus a small perturbation (median L∞ to the seed 0.09 of the range on the digits CNN, see
+``bench/results/adaptive-operator.md``); blends of two photographs are low-contrast and lie nearer
+to one another than photographs do, so on CIFAR-10 a near-twin router flags a few percent of them.
 
 Construction. ``Boundary`` (with every one of its parameters except ``pairs`` and ``coverage``)
 searches ``spare`` × as many paths as pairs wanted; each path gives two markers on either side of
@@ -37,7 +46,7 @@ from typing import Any
 
 import numpy as np
 
-from ..._params import Interval
+from ..._params import Interval, Options
 from ..._util import Progress
 from ...data import Dataset
 from ...errors import UsageError
@@ -45,7 +54,7 @@ from ...models import Model
 from ..markers import decode_uint8
 from ..selection import manc
 from .base import Bag, Method
-from .boundary import DEFAULT_DELTA, Boundary
+from .boundary import DEFAULT_DELTA, PATHS, Boundary
 
 _PER_MARKER = ("margin", "label", "psnr", "snr", "linf_to_seed", "t", "seed_index", "partner_index")
 
@@ -54,23 +63,27 @@ class Crossed(Method):
     """Boundary pairs whose halves come from different seeds and paths across the same class boundary (no near-twins; top-1 API).
 
     See the module doc; every parameter but ``spare`` is the ``boundary`` parameter of the same name.
+    ``oversample`` defaults to 1 here: the paths are not chosen by coverage (the pairs are, out of
+    ``spare`` × as many as wanted), so a path search that made more than it was asked for would
+    only throw the extra away.
     """
 
     name = "crossed"
-    constraints = {**Boundary.constraints, "spare": Interval(1.0, None)}  # the boundary search's parameters, plus spare
+    # the boundary search's parameters, plus spare and the automatic path
+    constraints = {**Boundary.constraints, "path": Options("auto", *PATHS), "spare": Interval(1.0, None)}
 
     def __init__(
         self,
         *,
         delta: float = DEFAULT_DELTA,
         k: float = 1.5,
-        path: str = "blend",
+        path: str = "auto",
         linf: float | None = None,
         saturated: bool = False,
         uint8: bool = False,
         coverage: bool = True,
         spare: float = 3.0,
-        oversample: float = 3.0,
+        oversample: float = 1.0,
         step: float = 0.02,
         max_steps: int = 100,
         greedy_steps: int = 60,
@@ -92,18 +105,29 @@ class Crossed(Method):
         self.neighbors = neighbors
         self.rounds = rounds
 
-    def _paths(self) -> Boundary:
+    def resolved_path(self, model: Model) -> str:
+        """The path the search takes on ``model``: ``path``, with ``auto`` resolved (gradient where there are weights)."""
+        if self.path != "auto":
+            return self.path
+        return "gradient" if getattr(model, "module", None) is not None else "blend"
+
+    def _paths(self, path: str) -> Boundary:
         """The ``boundary`` search that supplies the paths (pairs kept, no coverage ordering)."""
-        keep = ("delta", "k", "path", "linf", "saturated", "uint8", "oversample", "step", "max_steps", "greedy_steps", "neighbors")
-        return Boundary(pairs=True, coverage=False, rounds=2, **{k: getattr(self, k) for k in keep})
+        keep = ("delta", "k", "linf", "saturated", "uint8", "oversample", "step", "max_steps", "greedy_steps", "neighbors")
+        return Boundary(pairs=True, coverage=False, rounds=2, path=path, **{k: getattr(self, k) for k in keep})
 
     def _check_together(self, params: dict[str, Any]) -> None:
-        if params["linf"] is not None and params["path"] != "gradient":
-            raise UsageError("linf bounds the gradient path: use path=gradient with linf")
+        if params["linf"] is not None and params["path"] == "blend":
+            raise UsageError("linf bounds the gradient path: use path=gradient (or auto) with linf")
 
     def _generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress) -> Bag:
         need = max(1, bag // 2)
-        search = self._paths()
+        path = self.resolved_path(model)
+        if path == "blend" and self.linf is not None:
+            raise UsageError(
+                f"crossed: linf bounds the gradient path, which needs the model's weights in PyTorch form; {model.source} is {model.format}"
+            )
+        search = self._paths(path)
         found: list[Bag] = []
         pairs: list[tuple[int, int]] = []  # (marker index, marker index) into the concatenated paths
         for _ in range(self.rounds):
@@ -120,7 +144,7 @@ class Crossed(Method):
             if len(pairs) >= need:
                 break
         if not pairs:
-            raise UsageError(f"crossed: no two paths crossed the same class boundary (delta={self.delta:g}, path={self.path}); try a larger bag")
+            raise UsageError(f"crossed: no two paths crossed the same class boundary (delta={self.delta:g}, path={path}); try a larger bag")
         paths = _concat(found)
         domain = _domain(paths, data)
         order = self._coverage(model, domain, pairs, min(need, len(pairs)), rng)
