@@ -13,7 +13,7 @@ from tamperprobe.cli.app import app
 from tamperprobe.errors import MissingDependencyError
 from tamperprobe.models import TorchModel, load_model, save_model
 
-OPTIONAL = sorted({*EXTRAS, "sklearn", "scipy"})
+OPTIONAL = sorted(EXTRAS)
 
 
 def hide(monkeypatch, *names):
@@ -116,6 +116,28 @@ def test_mnist5k_names_its_extra(monkeypatch):
         load_data("mnist5k")
 
 
+def test_evaluate_adversary_names_its_extra(monkeypatch, tmp_path, trained_mlp, digits):
+    """Checked before any work: scipy for every router, scikit-learn for the learned one."""
+    path = save_model(trained_mlp, tmp_path / "m.pt", digits[1].x[:2])
+    common = ["evaluate", str(path), "--data", "digits", "--out", str(tmp_path / "rep"), "--quiet"]
+    hide(monkeypatch, "sklearn")
+    line = one_line_error(CliRunner().invoke(app, [*common, "--adversary", "all"]), "adversary")
+    assert line.startswith("error: sklearn is not installed (the learned router needs it)")
+    hide(monkeypatch, "scipy")
+    line = one_line_error(CliRunner().invoke(app, [*common, "--adversary", "exact-repeat"]), "adversary")
+    assert line.startswith("error: scipy is not installed (evaluate --adversary needs it)")
+    assert not (tmp_path / "rep").exists()
+
+
+def test_matched_markers_name_the_extra_with_scipy(monkeypatch, tmp_path, trained_mlp, digits):
+    path = save_model(trained_mlp, tmp_path / "m.pt", digits[1].x[:2])
+    hide(monkeypatch, "scipy")
+    args = ["fingerprint", str(path), "--data", "digits", "--out", str(tmp_path / "f.tpf"), "--method", "matched", "--size", "2", "--bag", "4"]
+    r = CliRunner().invoke(app, args)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert r.stderr.strip().splitlines()[-1] == "error: scipy is not installed: pip install 'tamperprobe[adversary]'"  # after the progress lines
+
+
 def test_extras_in_pyproject_cover_the_optional_imports():
     import tomllib
     from pathlib import Path
@@ -124,10 +146,11 @@ def test_extras_in_pyproject_cover_the_optional_imports():
     extras = project["optional-dependencies"]
     core = " ".join(project["dependencies"])
     assert extras["all"] == ["tamperprobe[serve,onnx,plots,metrics]"]  # the demo and the README: server, ONNX runtime, plots, metrics
-    assert "tamperprobe[all]" in extras["test"]
+    assert "tamperprobe[all,adversary]" in extras["test"]  # the test suite runs evaluate --adversary and compares with scikit-learn
+    distribution = {"sklearn": "scikit-learn", "starlette": "fastapi"}  # starlette comes with fastapi
     for module, extra in EXTRAS.items():
         packages = " ".join(extras[extra])
         assert module not in core, module
         top = module.split(".")[0]
-        assert top in packages or top.replace("_", "-") in packages or module == "starlette", (module, extra)  # starlette comes with fastapi
-    assert "scikit-learn" not in core and "matplotlib" not in core and "fastapi" not in core and "onnx" not in core
+        assert distribution.get(top, top.replace("_", "-")) in packages, (module, extra)
+    assert "scikit-learn" not in core and "scipy" not in core and "matplotlib" not in core and "fastapi" not in core and "onnx" not in core

@@ -91,6 +91,34 @@ def test_verdict_gauge_goes_from_intact_to_tampered_when_the_model_is_swapped(mo
     assert [e["run"] for e in events] == list(range(1, len(events) + 1))
 
 
+def test_markers_and_decoys_are_counted_apart(models, digits, tmp_path):
+    """A run mixes decoys among its markers: tamperprobe_markers counts the markers only, tamperprobe_decoys the decoys;
+    changed and failed count both, as the verdict does."""
+    intact, tampered, _, spec = models
+    x, dx = np.ascontiguousarray(digits[1].x[:8]), np.ascontiguousarray(digits[1].x[8:16])
+    fp = make_fingerprint(
+        x, intact.logits(x), spec, {"method": "natural"}, intact.digest(), output_spec="logits", decoy_inputs=dx, decoy_logits=intact.logits(dx)
+    )
+    metrics, runs = Metrics(0), []
+    try:
+        for model, verdict in ((intact, "INTACT"), (tampered, "TAMPERED")):
+            with ServerThread(model, input_spec=spec) as srv:
+                client = make_client("kserve", srv.url, input_spec=fp.input_spec, classes=fp.classes, timeout=5, retries=0)
+                result = watch(fp, client, count=1, per_run=4, decoys=0.5, history_path=tmp_path / "h.sqlite", on_run=runs.append)
+                metrics.update(runs[-1], srv.url)
+                report = runs[-1].report
+                assert result.exit_code == report.exit_code and report.verdict == verdict
+                assert [m.kind for m in report.markers].count("decoy") == 2 and len(report.markers) == 6
+                key = {"fingerprint": fp.id, "endpoint": srv.url}
+                assert _metric(metrics.port, "tamperprobe_markers", **key) == 4.0
+                assert _metric(metrics.port, "tamperprobe_decoys", **key) == 2.0
+                assert _metric(metrics.port, "tamperprobe_markers_changed", **key) == float(report.mismatched)
+                assert _metric(metrics.port, "tamperprobe_markers_failed", **key) == 0.0
+        assert report.mismatched >= 1 and any(m.kind == "decoy" for m in report.markers if not m.ok)  # the tampered run's decoys changed too
+    finally:
+        metrics.close()
+
+
 def test_cli_watch_json_metrics_and_event_log(models, tmp_path):
     intact, _, fp, spec = models
     fp_path = save(fp, tmp_path / "fp.tpf")

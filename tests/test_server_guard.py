@@ -173,6 +173,96 @@ def test_bad_limits_are_usage_errors():
             Limits(**bad)
 
 
+# --------------------------------------------------------------------------- lingering close
+
+LARGE = 6 << 20  # more than the socket buffers of 127.0.0.1 hold (about 4 MB here), less than Limits().linger_bytes
+
+
+def _send_then_read(s: socket.socket, data: bytes) -> bytes:
+    """What common clients do: send the whole request, then read. The response's status line (b"" if it closed without one)."""
+    s.sendall(data)
+    got = b""
+    while b"\r\n" not in got:
+        chunk = s.recv(65536)
+        if not chunk:
+            break
+        got += chunk
+    return got.split(b"\r\n", 1)[0]
+
+
+def test_a_body_over_the_cap_gets_its_413_not_a_connection_reset(model):
+    """The 413 goes out before the body is read; closing then would reset the connection while the client still sends.
+    Without the lingering close, every one of these sends failed with ConnectionResetError."""
+    with ServerThread(model, input_shape=SHAPE, max_body=4096) as srv:
+        request = _request("/v2/models/model/infer", b"x" * LARGE, extra="Content-Type: application/json\r\n")
+        for i in range(50):
+            with _connect(srv) as s:
+                assert _send_then_read(s, request).startswith(b"HTTP/1.1 413 "), i
+        assert httpx.post(f"{srv.url}/v2/models/model/infer", content=BODY).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "case, token, request_bytes, status",
+    [
+        ("401 before the body", "tok", _request("/v2/models/model/infer", b"x" * LARGE), b"401"),
+        ("h11's 400 for headers over the cap", None, b"POST /v2/models/model/infer HTTP/1.1\r\nHost: x\r\nX-Pad: " + b"a" * LARGE, b"400"),
+        (
+            "h11's 400 for a malformed chunked body",
+            None,
+            b"POST /v2/models/model/infer HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n4\r\n{}{}\r\nzz\r\n" + b"x" * LARGE,
+            b"400",
+        ),
+    ],
+)
+def test_every_answer_before_the_request_is_read_reaches_the_client(model, case, token, request_bytes, status):
+    with ServerThread(model, input_shape=SHAPE, token=token) as srv:
+        for i in range(10):
+            with _connect(srv) as s:
+                assert _send_then_read(s, request_bytes).startswith(b"HTTP/1.1 " + status + b" "), (case, i)
+        assert httpx.get(f"{srv.url}/v2/health/live").status_code == 200
+
+
+def test_lingering_is_bounded_in_time_and_in_bytes(model):
+    """A client that goes on sending after its 413 (slowly, or as fast as it can) is cut off by the server."""
+    head = _request("/v2/models/model/infer", b"x" * 5000)[:-5000].replace(b"5000", b"999999999")  # declares far more than it sends
+    with ServerThread(model, input_shape=SHAPE, max_body=4096) as srv:
+        s = _connect(srv)  # slowly: closed after linger_timeout
+        s.sendall(head + b"x" * 1000)
+        started = time.monotonic()
+        assert s.recv(65536).startswith(b"HTTP/1.1 413 ")
+        try:
+            while time.monotonic() - started < 15:  # the safety bound only: linger_timeout is 2 s
+                s.sendall(b"x")
+                time.sleep(0.05)
+        except OSError:
+            pass
+        assert time.monotonic() - started < 15 and _closed_by_server(s)
+    with ServerThread(model, input_shape=SHAPE, max_body=4096, limits=Limits(linger_timeout=60)) as srv:
+        s = _connect(srv)  # fast: closed after linger_bytes
+        sent, chunk = 0, b"x" * (1 << 20)
+        s.sendall(head)
+        with pytest.raises(OSError):
+            while sent < 256 << 20:  # the safety bound only: linger_bytes is 8 MiB, the socket buffers hold a few more
+                s.sendall(chunk)
+                sent += len(chunk)
+        s.close()
+
+
+def test_a_lingering_connection_is_evicted_like_an_idle_one(model):
+    """Beyond max_connections, a connection that has had its answer and lingers is closed first, as one waiting for a request."""
+    limits = Limits(max_connections=2, header_timeout=30, linger_timeout=60)
+    with ServerThread(model, input_shape=SHAPE, max_body=4096, limits=limits) as srv:
+        lingering = _connect(srv)
+        lingering.sendall(_request("/v2/models/model/infer", b"x" * 5000)[:-10])  # over the cap, and the body never ends
+        assert lingering.recv(65536).startswith(b"HTTP/1.1 413 ")
+        others = [_connect(srv)]
+        time.sleep(0.05)  # accepted in this order
+        others.append(_connect(srv))
+        assert _closed_by_server(lingering)
+        for s in others:
+            s.close()
+
+
 # --------------------------------------------------------------------------- TLS
 
 
@@ -227,6 +317,17 @@ def test_tls_with_a_self_signed_certificate(model, certificate, tmp_path):
         plain = make_client("kserve", srv.url.replace("https", "http"), model_name="m", retries=0)
         (a,) = plain.query(np.zeros((1, *SHAPE), np.float32), OutputSpec.parse("top1")).answers
         assert isinstance(a, QueryFailure)  # plain HTTP to a TLS port gets no answer
+
+
+def test_a_body_over_the_cap_gets_its_413_over_tls_too(model, certificate):
+    """TLS has no half-close: the server keeps reading and discarding the rest of the body instead."""
+    cert, key = certificate
+    ctx = ssl.create_default_context(cafile=str(cert))
+    with ServerThread(model, input_shape=SHAPE, max_body=4096, tls_cert=cert, tls_key=key) as srv:
+        request = _request("/v2/models/model/infer", b"x" * LARGE)
+        for i in range(10):
+            with ctx.wrap_socket(_connect(srv), server_hostname="127.0.0.1") as s:
+                assert _send_then_read(s, request).startswith(b"HTTP/1.1 413 "), i
 
 
 def test_serve_command_with_tls_token_file_and_limits(model, certificate, tmp_path):

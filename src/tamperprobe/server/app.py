@@ -33,7 +33,8 @@ Errors are ``{"error": "..."}``: 400 for bad input (malformed JSON, wrong dataty
 not matching the model's input, batch above the cap, NaN/inf, unknown output, bad
 classification), 401 without the token, 404 for an unknown model, version or path, 413 for a
 body above the cap (by Content-Length or by actual size), 503 when busy, 500 if the model
-itself fails. Bad input never takes the server down.
+itself fails. Bad input never takes the server down. An error answered before the body was read
+closes the connection with a lingering close (``guard.py``), so a client still sending reads it.
 
 ``serve`` runs the server until interrupted (the ``serve`` command), optionally with TLS
 (``tls_cert``/``tls_key``); ``ServerThread`` runs it on 127.0.0.1 in a background thread

@@ -15,6 +15,19 @@
   many seconds of the headers; ``idle_timeout``: a kept-alive connection is closed after this
   many idle seconds. A connection that misses a deadline is closed. Header size is capped by
   h11 (``max_header_bytes``).
+* **Lingering close** (the same protocol): a connection closed right after an error response
+  while the client is still sending its request (413 for a body over the cap, 401 before the
+  body, h11's 400 for a malformed request or oversized headers, a 500 before the body was read)
+  is not closed at once: closing a socket with unread bytes makes the kernel send a TCP reset,
+  and a reset can make the client discard the response before it reads it (RFC 9112, 9.6). So
+  the server shuts down its writing side (``SHUT_WR``; over TLS, which has no half-close, it
+  keeps the connection open instead), reads and discards what still arrives until the client
+  closes, at most ``linger_bytes`` bytes and ``linger_timeout`` seconds, whichever comes first,
+  then closes. The bounds cost a slow or endless client one connection (not a thread: the
+  event loop reads and discards) for at most ``linger_timeout`` seconds; a lingering connection
+  has had its answer, so the connection cap evicts it like one waiting for a request. Closes
+  without a response (the deadlines above, eviction) and closes after a request that was read
+  whole do not linger: there is no response to lose, or no unread byte to cause a reset.
 * **Authentication before routing** (``TokenGuard``, an ASGI middleware): with a token, every
   path except the health probes answers 401 before the router sees the request, so unknown
   paths, trailing-slash redirects (switched off anyway) or model names reveal nothing and no
@@ -52,6 +65,8 @@ class Limits:
     idle_timeout: int = 5
     queue_timeout: float = 10.0
     max_header_bytes: int = 16 << 10
+    linger_timeout: float = 2.0  # lingering close: seconds at most, after an error response, spent discarding a request's rest
+    linger_bytes: int = 8 << 20  # ... and bytes at most (as many as the default body cap lets an accepted request send)
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -60,22 +75,50 @@ class Limits:
                 raise UsageError(f"server limit {f.name.replace('_', '-')} must be a finite number > 0, got {value!r}")
 
 
+class _CloseHook:
+    """A transport as uvicorn sees it: the transport itself, except that ``close()`` calls ``on_close``."""
+
+    def __init__(self, transport: Any, on_close: Any) -> None:
+        self._transport = transport
+        self._on_close = on_close
+        self._closed = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def close(self) -> None:
+        self._closed = True
+        self._on_close()
+
+    def is_closing(self) -> bool:
+        return self._closed or bool(self._transport.is_closing())
+
+
 def protocol_class(limits: Limits) -> type:
-    """uvicorn's h11 protocol with the connection cap and the header/body deadlines of ``limits``."""
+    """uvicorn's h11 protocol with the connection cap, the header/body deadlines and the lingering close of ``limits``."""
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
 
     class GuardedH11Protocol(H11Protocol):
-        _phase: str | None = None
+        _phase: str | None = None  # "headers", "body", "linger" or None (see _watch and _linger)
         _since = 0.0
         _timer: Any = None
+        _raw: Any = None  # the event loop's transport; uvicorn gets it behind a _CloseHook, so that every close comes to _close
+        _drained = 0  # bytes discarded while lingering
 
         def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
+            self._raw = transport
+            hook: Any = _CloseHook(transport, self._close)  # duck-typed: every other attribute is the transport's
+            super().connection_made(hook)
             self._watch()
             self._admit()
 
         def data_received(self, data: bytes) -> None:
+            if self._phase == "linger":  # the answer is out: the rest of the request is read only to be discarded
+                self._drained += len(data)
+                if self._drained > limits.linger_bytes:
+                    self._raw.abort()
+                return
             super().data_received(data)
             self._watch()
 
@@ -90,13 +133,40 @@ def protocol_class(limits: Limits) -> type:
         def _admit(self) -> None:
             if len(self.connections) <= limits.max_connections:
                 return
-            waiting: list[Any] = [c for c in self.connections if c is not self and getattr(c, "_phase", None) == "headers"]
-            waiting = [c for c in waiting if not c.transport.is_closing()]
+            waiting: list[Any] = [c for c in self.connections if c is not self and getattr(c, "_phase", None) in ("headers", "linger")]
+            waiting = [c for c in waiting if not c._raw.is_closing()]
             victim = min(waiting, key=lambda c: c._since) if waiting else self
             victim.transport.close()
 
+        def _close(self) -> None:
+            """Every close of the connection, uvicorn's and ours: lingers after an error response sent before the request was read."""
+            ours, theirs = self.conn.our_state, self.conn.their_state
+            answered_early = ours in (h11.MUST_CLOSE, h11.CLOSED) and theirs in (h11.SEND_BODY, h11.ERROR)
+            if self._phase != "linger" and answered_early and not self._raw.is_closing():
+                self._linger()
+            else:
+                self._raw.close()  # a second close (server shutdown, eviction) ends a lingering one now
+
+        def _linger(self) -> None:
+            """Stop writing, then discard what arrives until the client closes or a bound of ``limits`` is reached (the module doc)."""
+            self._cancel()
+            if self.cycle is not None and not self.cycle.response_complete:  # h11's 400 answered a request the application still reads:
+                self.cycle.disconnected = True  # it ends now, as at connection_lost, and frees its slot
+                self.cycle.message_event.set()
+            self._phase, self._since = "linger", self.loop.time()
+            self._timer = self.loop.call_later(limits.linger_timeout, self._raw.abort)
+            try:
+                if self._raw.can_write_eof():  # plain TCP: the response is flushed first, then SHUT_WR
+                    self._raw.write_eof()
+            except OSError:  # the client is gone already
+                self._raw.abort()
+                return
+            self._raw.resume_reading()  # uvicorn may have paused reading while the application did not read the body
+
         def _watch(self) -> None:
             """Keep one timer for the phase the peer is in: sending headers, sending a body, or neither."""
+            if self._phase == "linger":
+                return
             state = self.conn.their_state
             phase = "headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
             if phase == self._phase:
