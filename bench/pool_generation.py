@@ -43,6 +43,12 @@ def _run(args: list[str], env: dict[str, str]) -> tuple[float, str, str | None]:
     return took, proc.stdout + proc.stderr, error
 
 
+def _seconds(text: str) -> float:
+    """``17`` or ``2 min 17`` (the progress line's ``format_duration`` without its last unit) as seconds."""
+    parts = text.split(" min ")
+    return float(parts[0]) * 60 + float(parts[1]) if len(parts) == 2 else float(parts[0])
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--methods", default="crossed,boundary")
@@ -80,9 +86,9 @@ def main() -> None:
                         print(f"{name} round {r + 1} {m}: {failed[m]}", flush=True)
                         continue
                     times[m].append(took)
-                    g = re.search(r"generating \w+ markers: .*?(\d+) s elapsed, done", text)
+                    g = re.search(r"generating \w+ markers: .*?, ((?:\d+ min )?\d+) s elapsed, done", text)
                     if g:
-                        gen[m].append(float(g.group(1)))
+                        gen[m].append(_seconds(g.group(1)))
                     budget = re.search(r"query budget: (.*)", text)
                     wrote = re.search(r"wrote \S+: (\d+ markers and \d+ decoys)", text)
                     pools[m] = f"{wrote.group(1) if wrote else '?'}; {budget.group(1).strip() if budget else '?'}"

@@ -128,6 +128,7 @@ class Crossed(Method):
                 f"crossed: linf bounds the gradient path, which needs the model's weights in PyTorch form; {model.source} is {model.format}"
             )
         search = self._paths(path)
+        progress(0, need)  # the first report would otherwise come only after the first (and longest) path search
         found: list[Bag] = []
         pairs: list[tuple[int, int]] = []  # (marker index, marker index) into the concatenated paths
         for _ in range(self.rounds):
