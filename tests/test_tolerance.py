@@ -273,3 +273,56 @@ def test_resnet56_boundary_markers_read_intact_through_onnx_runtime(tmp_path):
         assert _verdict(fp, onnx, spec, batch_size=1) == INTACT, spec
     tampered = get_attack("fp16").run(module, seed=0).model
     assert _verdict(fp, save_model(tampered, tmp_path / "fp16.onnx", data.x[:2]), "logits") == TAMPERED
+
+
+# ----------------------------------------------------------------------------- label-only markers: the margin follows the floor
+
+
+@pytest.fixture(scope="module")
+def deep_classifier(tmp_path_factory):
+    """The deep model with its head fitted to the digits (the body's amplifying statistics kept): ten classes, logits up to ~10."""
+    module = DeepResNet()
+    data = load_data("digits")
+    data = Dataset(data.x[:300], data.y[:300], "digits[300]", data.low, data.high)
+    x, y = torch.as_tensor(data.x), torch.as_tensor(data.y).long()
+    with torch.no_grad():
+        h = F.adaptive_avg_pool2d(module.blocks(F.relu(module.stem(x))), 1).flatten(1)
+    mu, sd = h.mean(0), h.std(0).clamp_min(1e-6)
+    torch.manual_seed(0)
+    head = nn.Linear(h.shape[1], 10)
+    opt = torch.optim.Adam(head.parameters(), 1e-2)
+    for _ in range(300):
+        opt.zero_grad()
+        F.cross_entropy(head((h - mu) / sd), y).backward()
+        opt.step()
+    with torch.no_grad():
+        module.head.weight.copy_(head.weight / sd)
+        module.head.bias.copy_(head.bias - (head.weight * (mu / sd)).sum(1))
+    onnx = save_model(module, tmp_path_factory.mktemp("deepc") / "deep.onnx", data.x[:2])
+    return module, data, onnx
+
+
+def test_label_only_markers_get_a_margin_above_the_benign_floor_on_a_deep_model(deep_classifier):
+    """δ = 1e-4 would sit below what batch size 1 or ONNX Runtime move this model's logits by: it is raised to 10 floors."""
+    module, data, onnx = deep_classifier
+    fp = create_fingerprint(TorchModel(module), data, output_spec="top1", size=8, bag=16, decoys=8)
+    raised = fp.extra["delta_raised"]
+    floor = fp.extra["benign_noise"]["floor"]
+    assert fp.generator["method"] == "crossed" and raised["from"] == 1e-4
+    assert raised["to"] == fp.generator["params"]["delta"] >= 10 * floor > 1e-4 and raised["to"] > 2 * fp.tolerance
+    # made again from the same seed: exactly the fingerprint that asking for that margin gives
+    same = create_fingerprint(TorchModel(module), data, output_spec="top1", size=8, bag=16, decoys=8, params={"delta": raised["to"]})
+    assert np.array_equal(same.inputs, fp.inputs) and "delta_raised" not in same.extra
+    for spec in ("top1", "topk:3"):
+        assert _verdict(fp, onnx, spec) == INTACT
+        assert _verdict(fp, onnx, spec, batch_size=1) == INTACT
+        assert _verdict(fp, module, spec, batch_size=1) == INTACT
+
+
+def test_a_small_model_keeps_the_default_margin_and_an_explicit_one_is_kept(trained_cnn, digits):
+    model = TorchModel(trained_cnn)
+    fp = create_fingerprint(model, digits[0], output_spec="top1", size=4, bag=8)
+    assert fp.generator["params"]["delta"] == 1e-4 and "delta_raised" not in fp.extra
+    assert 10 * fp.extra["benign_noise"]["floor"] < 1e-4
+    given = create_fingerprint(model, digits[0], output_spec="top1", size=4, bag=8, params={"delta": 5e-5})
+    assert given.generator["params"]["delta"] == 5e-5 and "delta_raised" not in given.extra

@@ -186,6 +186,13 @@ def fingerprint(
                 soft_wrap=True,
             )
             console.print(f"comparison tolerance: {tolerance_note(fp)}", highlight=False)  # wrapped: the note is long
+            raised = fp.extra.get("delta_raised")
+            if raised:
+                console.print(
+                    f"margin: delta raised from {raised['from']:g} to {raised['to']:g} ({raised['safety']:g}x the benign floor "
+                    f"{raised['floor']:.3g} measured on the first markers; they were made again with it)",
+                    highlight=False,
+                )
             with_decoys = f" + {plan.decoys} decoys" if plan.decoys else ""
             console.print(
                 f"query budget: {plan.markers} markers{with_decoys} a run, each sent once: {runs} runs in the pool",

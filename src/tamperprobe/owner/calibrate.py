@@ -354,18 +354,20 @@ def fingerprint_tolerance(
 def noise_settings(report: NoiseReport, method: str, params: dict[str, Any], tolerance: float) -> tuple[dict[str, Any], float]:
     """The generator parameters and comparison tolerance a fingerprint needs under this measured noise.
 
-    The tolerance becomes at least ``TOLERANCE_SAFETY`` noise floors. For boundary markers the margin
+    The tolerance becomes at least ``TOLERANCE_SAFETY`` noise floors. For markers with a margin (boundary, crossed) the margin
     ``delta`` defaults to ``DEFAULT_SAFETY`` floors (and at least twice the tolerance); a ``delta``
     given in ``params`` (a number or its text) must lie above the floor and above the tolerance, else
     UsageError. Returns new ``(params, tolerance)``; ``params`` is not modified.
     """
+    from .methods import method_class
+
     tolerance = tolerance_from_noise(report, tolerance)
     params = dict(params)
-    if method == "boundary":
+    if "delta" in method_class(method).constraints:  # boundary, crossed: markers with a margin
         if "delta" in params:
             check_delta(params["delta"], report)
         else:
             params["delta"] = max(delta_from_noise(report, DEFAULT_SAFETY), 2.0 * tolerance)
         if float(params["delta"]) <= tolerance:
-            raise UsageError(f"boundary margin delta={params['delta']} must exceed the comparison tolerance {tolerance:.3g}")
+            raise UsageError(f"{method} margin delta={params['delta']} must exceed the comparison tolerance {tolerance:.3g}")
     return params, tolerance

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -13,7 +14,7 @@ from ..fingerprint import Fingerprint, make_fingerprint
 from ..models import Model
 from ..outputs import DEFAULT_TOLERANCE, OutputSpec
 from .advice import choose_method, pairing_warning
-from .calibrate import TOLERANCE_SAFETY, NoiseReport, fingerprint_tolerance
+from .calibrate import DEFAULT_SAFETY, TOLERANCE_SAFETY, NoiseReport, fingerprint_tolerance
 from .markers import encode_uint8
 from .methods import Method, get_method
 from .methods.base import Bag
@@ -86,8 +87,83 @@ def create_fingerprint(
         raise UsageError(f"unknown selection {select!r}: choose {' or '.join(SELECTIONS)}")
     if tolerance is not None and tolerance < 0:
         raise UsageError("tolerance must be >= 0")
-    gen = get_method(method, **(params or {}))
+    given = dict(params or {})
+    gen = get_method(method, **given)
     _check_fit(model, data)
+    made = _make(gen, model, data, bag, size, select, seed, layer, decoys, tolerance, min_tolerance, progress)
+    raise_to = _margin_needed(gen, made, given, method, tolerance)
+    if raise_to is not None:
+        # the benign floor measured on these markers asks for a wider margin: make them again with it,
+        # from the same seed, exactly as ``--param delta=<that>`` would
+        before, floor = float(gen.validated()["delta"]), float(made.noise.floor) if made.noise is not None else 0.0
+        gen = get_method(method, **{**given, "delta": raise_to})
+        made = _make(gen, model, data, bag, size, select, seed, layer, decoys, tolerance, min_tolerance, progress)
+        made.extra["delta_raised"] = {"from": before, "to": raise_to, "floor": floor, "safety": DEFAULT_SAFETY}
+    spec_in, kept, logits, generator, extra = made.input_spec, made.kept, made.logits, made.generator(gen), made.extra
+    decoy_inputs, decoy_logits, tolerance = made.decoy_inputs, made.decoy_logits, made.tolerance
+    _warn_margin(gen.validated(), tolerance, made.noise)
+    return make_fingerprint(
+        kept.inputs,
+        logits,
+        spec_in,
+        generator,
+        model.digest(),
+        output_spec=str(spec),
+        tolerance=float(tolerance),
+        seeds=np.asarray(kept.seeds, dtype=np.float32),
+        groups=kept.groups,
+        extra=extra,
+        decoy_inputs=decoy_inputs,
+        decoy_logits=decoy_logits,
+        per_run=per_run,
+    )
+
+
+@dataclass
+class _Made:
+    """One generation: the kept markers, their intact logits, decoys, tolerance and what was measured."""
+
+    input_spec: InputSpec
+    kept: Bag
+    logits: np.ndarray
+    selection: str
+    seed: int
+    bag: int
+    layer: str | None
+    data: str
+    extra: dict[str, Any]
+    decoy_inputs: np.ndarray | None
+    decoy_logits: np.ndarray | None
+    tolerance: float
+    noise: NoiseReport | None
+
+    def generator(self, gen: Method) -> dict[str, Any]:
+        return {
+            "method": gen.name,
+            "params": gen.validated(),
+            "seed": self.seed,
+            "selection": self.selection,
+            "bag": self.bag,
+            "layer": self.layer,
+            "data": self.data,
+        }
+
+
+def _make(
+    gen: Method,
+    model: Model,
+    data: Dataset,
+    bag: int,
+    size: int,
+    select: str,
+    seed: int,
+    layer: str | None,
+    decoys: int | None,
+    tolerance: float | None,
+    min_tolerance: float,
+    progress: Progress | None,
+) -> _Made:
+    """Generate, select, record the intact logits, pick decoys and (``tolerance`` None) measure the tolerance."""
     rng = np.random.default_rng(seed)
     candidates = gen.generate(model, data, bag, rng, progress)
     if len(candidates) < size:
@@ -111,15 +187,6 @@ def create_fingerprint(
     logits = model.logits(input_spec.decode(kept.inputs))
     if not np.isfinite(logits).all():
         raise UsageError("the model returns NaN or infinite logits on the markers")
-    generator = {
-        "method": gen.name,
-        "params": gen.validated(),
-        "seed": int(seed),
-        "selection": selection,
-        "bag": int(bag),
-        "layer": layer,
-        "data": data.name,
-    }
     extra = {k: v for k, v in kept.info.items() if not isinstance(v, np.ndarray)}
     decoy_x = pick_decoys(data, kept, size if decoys is None else decoys, rng, required=decoys is not None)
     decoy_inputs = _as_sent(decoy_x, input_spec) if len(decoy_x) else None
@@ -128,27 +195,30 @@ def create_fingerprint(
         decoy_logits = model.logits(input_spec.decode(decoy_inputs))
         if not np.isfinite(decoy_logits).all():
             raise UsageError("the model returns NaN or infinite logits on the decoys")
+    noise = None
     if tolerance is None:
         queries = kept.inputs if decoy_inputs is None else np.concatenate([kept.inputs, decoy_inputs])
         recorded = logits if decoy_logits is None else np.concatenate([logits, decoy_logits])
         tolerance, noise = fingerprint_tolerance(model, input_spec.decode(queries), recorded, at_least=min_tolerance)
         extra["benign_noise"] = noise_record(noise)
-    _warn_margin(gen.validated(), tolerance)
-    return make_fingerprint(
-        kept.inputs,
-        logits,
-        input_spec,
-        generator,
-        model.digest(),
-        output_spec=str(spec),
-        tolerance=float(tolerance),
-        seeds=np.asarray(kept.seeds, dtype=np.float32),
-        groups=kept.groups,
-        extra=extra,
-        decoy_inputs=decoy_inputs,
-        decoy_logits=decoy_logits,
-        per_run=per_run,
+    return _Made(
+        input_spec, kept, logits, selection, int(seed), int(bag), layer, data.name, extra, decoy_inputs, decoy_logits, float(tolerance), noise
     )
+
+
+def _margin_needed(gen: Method, made: _Made, given: dict[str, Any], method: str | Method, tolerance: float | None) -> float | None:
+    """The wider margin δ that the measured benign floor asks for, or None (no margin, δ given, nothing measured, wide enough).
+
+    A label-only marker flips when its top-1 margin falls below 0; a benign runtime moves each logit
+    by up to the floor, so δ must sit well above it: ``--noise`` sets δ = ``DEFAULT_SAFETY`` floors
+    (``calibrate.noise_settings``), and so does this, from the floor measured on the markers themselves,
+    when the user chose no δ (no ``delta`` parameter, no ``--noise``, a method given by name).
+    """
+    delta = gen.validated().get("delta")
+    if delta is None or "delta" in given or not isinstance(method, (str, type(None))) or tolerance is not None or made.noise is None:
+        return None
+    needed = max(DEFAULT_SAFETY * float(made.noise.floor), 2.0 * made.tolerance)
+    return float(f"{needed:.3g}") if float(delta) < needed else None
 
 
 def noise_record(noise: NoiseReport) -> dict[str, Any]:
@@ -163,10 +233,17 @@ def noise_record(noise: NoiseReport) -> dict[str, Any]:
     }
 
 
-def _warn_margin(params: dict[str, Any], tolerance: float) -> None:
+def _warn_margin(params: dict[str, Any], tolerance: float, noise: NoiseReport | None = None) -> None:
     import warnings
 
     delta = params.get("delta")
+    if delta is not None and noise is not None and tolerance < float(delta) < DEFAULT_SAFETY * noise.floor:
+        warnings.warn(
+            f"the markers' margin delta={float(delta):g} is less than {DEFAULT_SAFETY:g}x the benign floor {noise.floor:.3g} measured on "
+            "them: a runtime that was not measured may flip one; pass a larger --param delta",
+            MarginWarning,
+            stacklevel=3,
+        )
     if delta is not None and float(delta) <= tolerance:
         warnings.warn(
             f"the markers' margin delta={float(delta):g} is not above the comparison tolerance {tolerance:.3g}: a changed label "
