@@ -690,3 +690,14 @@ def test_regression_huge_finite_input_is_a_500(server):
 def test_regression_compare_probs_with_no_classes():
     m = OutputSpec("probs", decimals=2).compare(np.zeros(0), Answer(scores=()))
     assert isinstance(m.ok, bool)
+
+
+def test_a_damaged_file_that_begins_like_an_encrypted_one_is_a_damaged_file(fuzz_dir):
+    """Found by the fuzzer in CI: the magic of an encrypted file followed by no key id is damage, not a request for a key."""
+    from tamperprobe.signing import ENCRYPTION_MAGIC
+
+    raw = (GOLDEN / next(iter(_ORIGINALS))).read_bytes()
+    p = fuzz_dir / "damaged.tpf"
+    p.write_bytes(ENCRYPTION_MAGIC + raw[len(ENCRYPTION_MAGIC) :])
+    with pytest.raises(AuthenticityError, match="header is damaged"):
+        load(p)

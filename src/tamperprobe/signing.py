@@ -284,6 +284,8 @@ def decrypt(blob: bytes, key: bytes | None, what: str) -> bytes:
     n = len(ENCRYPTION_MAGIC)
     header, nonce, body = blob[: n + 16], blob[n + 16 : n + 16 + _NONCE], blob[n + 16 + _NONCE :]
     kid = header[n:].decode("ascii", "replace")
+    if len(kid) != 16 or any(c not in "0123456789abcdef" for c in kid):  # not a key id: the header itself is damaged
+        raise AuthenticityError(f"{what}: encrypted file header is damaged (no key id after the magic)")
     if key is None:
         raise UsageError(f"{what} is encrypted (key {kid}): give the key with --decrypt-key FILE or ${SECRET_ENV}")
     if secret_key_id(key) != kid:
