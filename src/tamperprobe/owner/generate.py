@@ -58,7 +58,7 @@ def create_fingerprint(
 
     ``method`` is a registered name (built with ``params``) or a ``Method`` instance; the
     fingerprint records its name and every validated hyper-parameter. ``None`` chooses the method
-    that suits ``output_spec`` (``owner.advice.choose_method``: boundary pairs for label-only APIs,
+    that suits ``output_spec`` (``owner.advice.choose_method``: crossed pairs for label-only APIs,
     Sensitive-Samples for scores). A method that the committed benchmark shows weak under
     ``output_spec`` is used as asked, with a ``WeakPairingWarning`` quoting the measured rates.
 
@@ -67,7 +67,11 @@ def create_fingerprint(
     and 64, 1 and 2 threads, TorchScript, ONNX Runtime when installed), each against the logits
     recorded for them, and the file carries ``max(min_tolerance, 2 × the largest deviation)``
     (``calibrate.fingerprint_tolerance``), with the measurement in ``extra["benign_noise"]``. A
-    margin ``delta`` of the method at or below the tolerance gives a ``MarginWarning``.
+    margin ``delta`` of the method at or below the tolerance gives a ``MarginWarning``. When the
+    user chose no margin (no ``delta`` in ``params``, a method given by name) and the default is less
+    than ``DEFAULT_SAFETY`` floors measured on the markers (or 2 tolerances), the markers are made
+    again from the same seed with ``MARGIN_HEADROOM`` times that margin, recorded in
+    ``extra["delta_raised"]`` (``_margin_needed``).
     """
     model.require_torch("fingerprint generation")
     spec = OutputSpec.parse(output_spec)
