@@ -326,3 +326,20 @@ def test_a_small_model_keeps_the_default_margin_and_an_explicit_one_is_kept(trai
     assert 10 * fp.extra["benign_noise"]["floor"] < 1e-4
     given = create_fingerprint(model, digits[0], output_spec="top1", size=4, bag=8, params={"delta": 5e-5})
     assert given.generator["params"]["delta"] == 5e-5 and "delta_raised" not in given.extra
+
+
+def test_cli_fingerprint_widens_the_margin_too_and_keeps_a_given_one(deep_classifier, tmp_path):
+    """The command line passes the method by name, so the margin rule applies there as in the library."""
+    module, data, _ = deep_classifier
+    model = save_model(module, tmp_path / "deep.pt", data.x[:2])
+    np.savez(tmp_path / "d.npz", x=data.x, y=data.y)
+    base = ["fingerprint", str(model), "--data", str(tmp_path / "d.npz"), "--output-spec", "top1", "--size", "8", "--bag", "16", "--no-check"]
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "a.tpf")])
+    assert r.exit_code == 0, r.output
+    fp = load(tmp_path / "a.tpf")
+    assert fp.generator["method"] == "crossed" and fp.extra["delta_raised"]["to"] == fp.generator["params"]["delta"] > 1e-4
+    assert "margin: delta raised from 0.0001 to" in r.stdout
+    r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "b.tpf"), "--param", "delta=1e-3"])
+    assert r.exit_code == 0, r.output
+    fp = load(tmp_path / "b.tpf")
+    assert fp.generator["params"]["delta"] == 1e-3 and "delta_raised" not in fp.extra

@@ -40,7 +40,7 @@ from ._options import (
 def _method_help() -> str:
     listed = "; ".join(f"{name}: {text}" for name, text in method_descriptions().items())
     return (
-        "Marker generator (default: the one that suits --output-spec, boundary pairs for labels, Sensitive-Samples for scores, "
+        "Marker generator (default: the one that suits --output-spec, crossed pairs for labels, Sensitive-Samples for scores, "
         f"as measured in bench/results), one of: {listed}."
     )
 
@@ -129,7 +129,7 @@ def fingerprint(
         if noise is not None:
             params, at_least = noise_settings(load_noise(noise), name, params, DEFAULT_TOLERANCE if tolerance is None else tolerance)
             tolerance = None if tolerance is None else at_least
-        generator = get_method(name, **params)
+        get_method(name, **params)  # bad parameters are refused before the model and data load
         m = load_model(model, weights, model_args=parse_model_args(model_arg), device=use_runtime(threads, device))
         ds = load_data(data, low=low, high=high)
         notes: list[str] = []
@@ -146,7 +146,8 @@ def fingerprint(
             fp = create_fingerprint(
                 m,
                 ds,
-                method=generator,
+                method=name,  # by name, with params: so that create_fingerprint may widen a margin the user did not set
+                params=params,
                 select=select,
                 size=size,
                 bag=max(100, size) if bag is None else bag,
