@@ -343,3 +343,22 @@ def test_cli_fingerprint_widens_the_margin_too_and_keeps_a_given_one(deep_classi
     assert r.exit_code == 0, r.output
     fp = load(tmp_path / "b.tpf")
     assert fp.generator["params"]["delta"] == 1e-3 and "delta_raised" not in fp.extra
+
+
+def test_markers_that_cannot_be_remade_wider_are_kept_with_a_warning(deep_classifier, monkeypatch):
+    """A wider margin can leave too few markers: the first ones are kept, the file says why, and the user is warned."""
+    from tamperprobe.owner.methods.crossed import Crossed
+
+    module, data, _ = deep_classifier
+    original = Crossed._generate
+
+    def narrow_only(self, model, data, bag, rng, progress):
+        if self.delta > 1e-4:
+            raise UsageError("crossed: no two paths crossed the same class boundary (simulated)")
+        return original(self, model, data, bag, rng, progress)
+
+    monkeypatch.setattr(Crossed, "_generate", narrow_only)
+    with pytest.warns(MarginWarning, match="margin delta=0.0001"):
+        fp = create_fingerprint(TorchModel(module), data, output_spec="top1", size=8, bag=16, decoys=8)
+    assert fp.generator["params"]["delta"] == 1e-4 and "delta_raised" not in fp.extra
+    assert "simulated" in fp.extra["delta_raise_failed"]["error"]

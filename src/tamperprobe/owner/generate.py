@@ -100,9 +100,14 @@ def create_fingerprint(
         # the benign floor measured on these markers asks for a wider margin: make them again with it,
         # from the same seed, exactly as ``--param delta=<that>`` would
         before, floor = float(gen.validated()["delta"]), float(made.noise.floor) if made.noise is not None else 0.0
-        gen = get_method(method, **{**given, "delta": raise_to})
-        made = _make(gen, model, data, bag, size, select, seed, layer, decoys, tolerance, min_tolerance, progress)
-        made.extra["delta_raised"] = {"from": before, "to": raise_to, "floor": floor, "safety": DEFAULT_SAFETY}
+        wider = get_method(method, **{**given, "delta": raise_to})
+        try:
+            remade = _make(wider, model, data, bag, size, select, seed, layer, decoys, tolerance, min_tolerance, progress)
+        except UsageError as exc:  # too few markers with the wider margin: keep the first ones, and _warn_margin says so
+            made.extra["delta_raise_failed"] = {"to": raise_to, "floor": floor, "error": one_line(exc)}
+        else:
+            gen, made = wider, remade
+            made.extra["delta_raised"] = {"from": before, "to": raise_to, "floor": floor, "safety": DEFAULT_SAFETY}
     spec_in, kept, logits, generator, extra = made.input_spec, made.kept, made.logits, made.generator(gen), made.extra
     decoy_inputs, decoy_logits, tolerance = made.decoy_inputs, made.decoy_logits, made.tolerance
     _warn_margin(gen.validated(), tolerance, made.noise)
