@@ -144,7 +144,9 @@ def probe(args) -> dict:
         top_markers_q10_50_90=q(top),
         saturated_markers=float((top > 0.995).mean()),
         saturated_seeds=float((top0 > 0.995).mean()),
-        distance_rel_median=float(np.median(np.linalg.norm((x - seeds).reshape(len(x), -1), axis=1) / np.linalg.norm(seeds.reshape(len(x), -1), axis=1))),
+        distance_rel_median=float(
+            np.median(np.linalg.norm((x - seeds).reshape(len(x), -1), axis=1) / np.linalg.norm(seeds.reshape(len(x), -1), axis=1))
+        ),
     )
     steps = bag.info.get("ascent_steps")
     out["ascent_steps_q10_50_90"] = q(np.asarray(steps)) if steps is not None else [bag.info.get("steps")] * 3
