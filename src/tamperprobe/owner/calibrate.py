@@ -305,6 +305,11 @@ def delta_from_noise(noise: NoiseReport | float, safety: float = DEFAULT_SAFETY)
     return safety * _floor(noise)
 
 
+def margin_from_noise(noise: NoiseReport | float, tolerance: float) -> float:
+    """The margin δ of label-only markers under this noise: ``DEFAULT_SAFETY`` floors, and at least twice ``tolerance``."""
+    return max(delta_from_noise(noise, DEFAULT_SAFETY), 2.0 * float(tolerance))
+
+
 def check_delta(delta: float, noise: NoiseReport | float) -> None:
     """Raise UsageError when ``delta`` is not above the measured noise floor."""
     floor = _floor(noise)
@@ -367,7 +372,7 @@ def noise_settings(report: NoiseReport, method: str, params: dict[str, Any], tol
         if "delta" in params:
             check_delta(params["delta"], report)
         else:
-            params["delta"] = max(delta_from_noise(report, DEFAULT_SAFETY), 2.0 * tolerance)
+            params["delta"] = margin_from_noise(report, tolerance)
         if float(params["delta"]) <= tolerance:
             raise UsageError(f"{method} margin delta={params['delta']} must exceed the comparison tolerance {tolerance:.3g}")
     return params, tolerance

@@ -14,7 +14,7 @@ from ..fingerprint import Fingerprint, make_fingerprint
 from ..models import Model
 from ..outputs import DEFAULT_TOLERANCE, OutputSpec
 from .advice import choose_method, pairing_warning
-from .calibrate import DEFAULT_SAFETY, TOLERANCE_SAFETY, NoiseReport, fingerprint_tolerance
+from .calibrate import DEFAULT_SAFETY, TOLERANCE_SAFETY, NoiseReport, fingerprint_tolerance, margin_from_noise
 from .markers import encode_uint8
 from .methods import Method, get_method
 from .methods.base import Bag
@@ -94,36 +94,48 @@ def create_fingerprint(
     given = dict(params or {})
     gen = get_method(method, **given)
     _check_fit(model, data)
-    made = _make(gen, model, data, bag, size, select, seed, layer, decoys, tolerance, min_tolerance, progress)
+
+    def make(g: Method) -> _Made:
+        return _make(g, model, data, bag, size, select, seed, layer, decoys, tolerance, min_tolerance, progress)
+
+    made = make(gen)
     raise_to = _margin_needed(gen, made, given, method, tolerance)
     if raise_to is not None:
         # the benign floor measured on these markers asks for a wider margin: make them again with it,
         # from the same seed, exactly as ``--param delta=<that>`` would
-        before, floor = float(gen.validated()["delta"]), float(made.noise.floor) if made.noise is not None else 0.0
+        assert made.noise is not None  # _margin_needed asks for a wider margin only from a measured floor
+        before, floor = float(gen.validated()["delta"]), float(made.noise.floor)
         wider = get_method(method, **{**given, "delta": raise_to})
         try:
-            remade = _make(wider, model, data, bag, size, select, seed, layer, decoys, tolerance, min_tolerance, progress)
+            remade = make(wider)
         except UsageError as exc:  # too few markers with the wider margin: keep the first ones, and _warn_margin says so
             made.extra["delta_raise_failed"] = {"to": raise_to, "floor": floor, "error": one_line(exc)}
         else:
             gen, made = wider, remade
             made.extra["delta_raised"] = {"from": before, "to": raise_to, "floor": floor, "safety": DEFAULT_SAFETY}
-    spec_in, kept, logits, generator, extra = made.input_spec, made.kept, made.logits, made.generator(gen), made.extra
-    decoy_inputs, decoy_logits, tolerance = made.decoy_inputs, made.decoy_logits, made.tolerance
-    _warn_margin(gen.validated(), tolerance, made.noise)
+    generator = {
+        "method": gen.name,
+        "params": gen.validated(),
+        "seed": int(seed),
+        "selection": made.selection,
+        "bag": int(bag),
+        "layer": layer,
+        "data": data.name,
+    }
+    _warn_margin(gen.validated(), made.tolerance, made.noise)
     return make_fingerprint(
-        kept.inputs,
-        logits,
-        spec_in,
+        made.kept.inputs,
+        made.logits,
+        made.input_spec,
         generator,
         model.digest(),
         output_spec=str(spec),
-        tolerance=float(tolerance),
-        seeds=np.asarray(kept.seeds, dtype=np.float32),
-        groups=kept.groups,
-        extra=extra,
-        decoy_inputs=decoy_inputs,
-        decoy_logits=decoy_logits,
+        tolerance=made.tolerance,
+        seeds=np.asarray(made.kept.seeds, dtype=np.float32),
+        groups=made.kept.groups,
+        extra=made.extra,
+        decoy_inputs=made.decoy_inputs,
+        decoy_logits=made.decoy_logits,
         per_run=per_run,
     )
 
@@ -139,26 +151,11 @@ class _Made:
     kept: Bag
     logits: np.ndarray
     selection: str
-    seed: int
-    bag: int
-    layer: str | None
-    data: str
     extra: dict[str, Any]
     decoy_inputs: np.ndarray | None
     decoy_logits: np.ndarray | None
     tolerance: float
     noise: NoiseReport | None
-
-    def generator(self, gen: Method) -> dict[str, Any]:
-        return {
-            "method": gen.name,
-            "params": gen.validated(),
-            "seed": self.seed,
-            "selection": self.selection,
-            "bag": self.bag,
-            "layer": self.layer,
-            "data": self.data,
-        }
 
 
 def _make(
@@ -213,9 +210,7 @@ def _make(
         recorded = logits if decoy_logits is None else np.concatenate([logits, decoy_logits])
         tolerance, noise = fingerprint_tolerance(model, input_spec.decode(queries), recorded, at_least=min_tolerance)
         extra["benign_noise"] = noise_record(noise)
-    return _Made(
-        input_spec, kept, logits, selection, int(seed), int(bag), layer, data.name, extra, decoy_inputs, decoy_logits, float(tolerance), noise
-    )
+    return _Made(input_spec, kept, logits, selection, extra, decoy_inputs, decoy_logits, float(tolerance), noise)
 
 
 def _margin_needed(gen: Method, made: _Made, given: dict[str, Any], method: str | Method, tolerance: float | None) -> float | None:
@@ -227,9 +222,9 @@ def _margin_needed(gen: Method, made: _Made, given: dict[str, Any], method: str 
     when the user chose no δ (no ``delta`` parameter, no ``--noise``, a method given by name).
     """
     delta = gen.validated().get("delta")
-    if delta is None or "delta" in given or not isinstance(method, (str, type(None))) or tolerance is not None or made.noise is None:
+    if delta is None or "delta" in given or not isinstance(method, str) or tolerance is not None or made.noise is None:
         return None
-    needed = max(DEFAULT_SAFETY * float(made.noise.floor), 2.0 * made.tolerance)
+    needed = margin_from_noise(made.noise, made.tolerance)
     # half again as much: the remade markers have a floor of their own (on the ResNet-56 one was 1.4x the first)
     return float(f"{MARGIN_HEADROOM * needed:.3g}") if float(delta) < needed else None
 
