@@ -51,7 +51,7 @@ def render_cli() -> str:
 
     from tamperprobe.cli.app import app
 
-    group = typer.main.get_command(app)
+    group: Any = typer.main.get_command(app)  # a click group (typer's own copy of click)
     ctx = group.make_context("tamperprobe", [], resilient_parsing=True)
     out = [
         "# Command line",
