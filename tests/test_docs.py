@@ -5,11 +5,11 @@ run, page by page, in a fresh copy of one shared workspace (a digits CNN and a s
 made once by the blocks marked ``setup``):
 
 * ``<!-- run -->``: must exit 0; ``<!-- run: exit=N -->``: must exit N;
-* ``<!-- run: background -->``: a server, started in the background in the shared workspace on a free port
-  of 127.0.0.1 (which replaces the block's ``--port`` in every block of the page), once per distinct
-  command for the session;
+* ``<!-- run: background -->``: a server, started in the background on a free port of 127.0.0.1 (which
+  replaces the block's ``--port`` in every block of the page), once per distinct command for the session;
 * ``<!-- run: setup -->``: run once, in page order, to make the shared workspace;
-* ``<!-- run: needs=MODULE -->``: skipped, with the reason, when MODULE cannot be imported;
+* ``<!-- run: needs=MODULE -->``: the page is skipped, with the reason, when MODULE cannot be imported;
+* ``<!-- file: NAME -->``: the block is written to NAME in the page's workspace before its commands run;
 * ``<!-- demo-command -->`` / ``<!-- test-command -->``: the README's quick start (CI runs the test
   command; ``tests/test_demo.py`` the demo); a copy elsewhere must equal the README's.
 
@@ -71,7 +71,8 @@ def runnable(path: Path) -> list[Block]:
 def test_every_bash_block_is_run_or_is_the_quick_start() -> None:
     unmarked = [f"{b.page}: {b.body.splitlines()[0]}" for p in pages() for b in blocks(p) if b.lang == "bash" and not b.marker]
     assert unmarked == [], "bash blocks without a <!-- run --> marker"
-    unknown = [b.marker for p in pages() for b in blocks(p) if b.marker and not b.marker.startswith("run") and b.marker not in QUICK_START]
+    known = ("run", "file:")
+    unknown = [b.marker for p in pages() for b in blocks(p) if b.marker and not b.marker.startswith(known) and b.marker not in QUICK_START]
     assert unknown == []
 
 
@@ -245,22 +246,23 @@ PAGES_WITH_COMMANDS = [p for p in pages() if any(b.kind not in ("setup", "copy")
 
 
 @pytest.fixture(scope="session")
-def servers(workspace: Path) -> Iterator[Callable[[str], str]]:
-    """The background blocks' servers, one per distinct command, started on a free port in the shared workspace
-    when a page first shows the command and stopped at the end of the session; the fixture maps a command to its port."""
+def servers() -> Iterator[Callable[[str, Path], str]]:
+    """The background blocks' servers, one per distinct command, started on a free port in the workspace of the
+    first page that shows the command (every page starts from the same files) and stopped at the end of the
+    session; the fixture maps (command, page workspace) to the port."""
     started: dict[str, str] = {}
     processes: list[subprocess.Popen[bytes]] = []
     logs = []
 
-    def start(body: str) -> str:
+    def start(body: str, cwd: Path) -> str:
         if body not in started:
             port = re.search(r"--port (\d+)", body)
             assert port is not None, "a background block names its --port"
             free = str(_free_port())
-            log = open(workspace / f"server-{len(processes)}.log", "wb")  # noqa: SIM115 - closed at the end
+            log = open(cwd / f"server-{len(processes)}.log", "wb")  # noqa: SIM115 - closed at the end
             logs.append(log)
             command = body.strip().replace(f"--port {port.group(1)}", f"--port {free}")
-            processes.append(subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=workspace, env=_env(workspace), stdout=log, stderr=log))
+            processes.append(subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, env=_env(cwd), stdout=log, stderr=log))
             _wait_for(free, processes[-1])
             started[body] = free
         return started[body]
@@ -278,7 +280,7 @@ def servers(workspace: Path) -> Iterator[Callable[[str], str]]:
 
 
 @pytest.mark.parametrize("path", PAGES_WITH_COMMANDS, ids=lambda p: p.relative_to(ROOT).as_posix())
-def test_page_commands_run(path: Path, workspace: Path, servers: Callable[[str], str], tmp_path: Path) -> None:
+def test_page_commands_run(path: Path, workspace: Path, servers: Callable[[str, Path], str], tmp_path: Path) -> None:
     todo = [b for b in runnable(path) if b.kind not in ("setup", "copy")]
     for block in todo:
         if block.kind.startswith("needs="):
@@ -287,12 +289,15 @@ def test_page_commands_run(path: Path, workspace: Path, servers: Callable[[str],
                 pytest.skip(f"{module} is not installed")
     cwd = tmp_path / "ws"
     shutil.copytree(workspace, cwd, symlinks=True, ignore=shutil.ignore_patterns("server-*.log"))
+    for block in blocks(path):
+        if block.marker.startswith("file:"):
+            (cwd / block.marker.split(":", 1)[1].strip()).write_text(block.body, encoding="utf-8")
     ports = {p: str(_free_port()) for p in DOC_PORTS}
     for block in todo:
         if block.kind == "background":
             port = re.search(r"--port (\d+)", block.body)
             assert port is not None
-            ports[port.group(1)] = servers(block.body)
+            ports[port.group(1)] = servers(block.body, cwd)
         else:
             _check(block, _run(block, cwd, ports))
 
