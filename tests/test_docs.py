@@ -30,6 +30,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -378,3 +379,23 @@ def test_moved_docstrings_stay_short_and_without_numbers() -> None:
         doc = ast.get_docstring(ast.parse((ROOT / "src" / "tamperprobe" / rel).read_text(encoding="utf-8"))) or ""
         assert len(doc.splitlines()) <= 25, rel
         assert not re.search(r"\d+(\.\d+)?\s*(s|ms|%|minutes?)\b", doc), rel
+
+
+def test_cli_reference_is_rendered_from_the_app() -> None:
+    """The build hook renders every command and option of the typer app: the reference cannot miss a new one."""
+    import typer.main
+
+    from tamperprobe.cli.app import app
+
+    spec = importlib.util.spec_from_file_location("docs_hooks_generated", DOCS / "_hooks" / "generated.py")
+    assert spec is not None and spec.loader is not None
+    hook = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hook)
+    page = hook.render_cli()
+    group: Any = typer.main.get_command(app)
+    assert list(group.commands)
+    for name, command in group.commands.items():
+        section = page.split(f"## `{name}`\n", 1)[1].split("\n## `", 1)[0]
+        for param in command.params:
+            for opt in param.opts if param.param_type_name == "option" else []:
+                assert f"`{opt}" in section or f", {opt}" in section, f"{name} {opt}"
