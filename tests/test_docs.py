@@ -4,7 +4,8 @@ Each fenced ``bash`` (or ``python``) block in README.md and docs/ that is preced
 run, page by page, in a fresh copy of one shared workspace (a digits CNN and a signed top-1 fingerprint,
 made once by the blocks marked ``setup``):
 
-* ``<!-- run -->``: must exit 0; ``<!-- run: exit=N -->``: must exit N;
+* ``<!-- run -->``: must exit 0; ``<!-- run: exit=N -->``: must exit N; ``expect=TEXT`` (after a ``;``):
+  its output must contain TEXT;
 * ``<!-- run: background -->``: a server, started in the background on a free port of 127.0.0.1 (which
   replaces the block's ``--port`` in every block of the page), once per distinct command for the session;
 * ``<!-- run: setup -->``: run once, in page order, to make the shared workspace;
@@ -50,8 +51,16 @@ class Block:
     body: str
 
     @property
+    def attrs(self) -> dict[str, str]:
+        """``run: exit=1; expect=TAMPERED:`` -> {"exit": "1", "expect": "TAMPERED:"}; a bare word maps to ""."""
+        rest = self.marker.split(":", 1)[1] if ":" in self.marker else ""
+        pairs = (part.strip().partition("=") for part in rest.split(";") if part.strip())
+        return {key.strip(): value.strip() for key, _, value in pairs}
+
+    @property
     def kind(self) -> str:
-        return self.marker.split(":", 1)[1].strip() if ":" in self.marker else ""
+        """What the harness does with the block: setup, copy, background, or "" (run it here)."""
+        return next((k for k in ("setup", "copy", "background") if k in self.attrs), "")
 
 
 def pages() -> list[Path]:
@@ -213,10 +222,12 @@ def _run(block: Block, cwd: Path, ports: dict[str, str], timeout: float = 300) -
 
 
 def _check(block: Block, result: Result) -> None:
-    expected = int(block.kind.split("=", 1)[1]) if block.kind.startswith("exit=") else 0
+    expected = int(block.attrs.get("exit", "0"))
     shown = f"{block.page}:\n{block.body}\nexit {result.returncode}\n--- stdout\n{result.stdout[-3000:]}\n--- stderr\n{result.stderr[-3000:]}"
     assert result.returncode == expected, shown
     assert "Traceback" not in result.stderr, shown
+    if "expect" in block.attrs:
+        assert block.attrs["expect"] in result.stdout + result.stderr, shown
 
 
 @pytest.fixture(scope="session")
@@ -284,8 +295,8 @@ def servers() -> Iterator[Callable[[str, Path], str]]:
 def test_page_commands_run(path: Path, workspace: Path, servers: Callable[[str, Path], str], tmp_path: Path) -> None:
     todo = [b for b in runnable(path) if b.kind not in ("setup", "copy")]
     for block in todo:
-        if block.kind.startswith("needs="):
-            module = block.kind.split("=", 1)[1]
+        module = block.attrs.get("needs")
+        if module:
             if importlib.util.find_spec(module) is None:
                 pytest.skip(f"{module} is not installed")
     cwd = tmp_path / "ws"
