@@ -66,7 +66,7 @@ def test_thread_count_default_env_and_option(monkeypatch):
 COMMANDS = {
     "fingerprint": ["fingerprint", "{model}", "--data", "{d}/data.npz", "--out", "{d}/x.tpf"],
     "calibrate": ["calibrate", "{model}", "--data", "{d}/data.npz"],
-    "verify": ["verify", "{d}/fp.tpf", "--model", "{model}", "--no-history"],
+    "verify": ["verify", "{d}/fp.tpf", "--model", "{model}", "--trusted-model", "--no-history"],
     "serve": ["serve", "{model}", "--input-shape", "1,8,8"],
     "train": ["train", "cnn", "--data", "{d}/data.npz", "--out", "{d}/t.pt"],
     "attack": ["attack", "{model}", "--kind", "int8", "--out", "{d}/a.pt"],

@@ -6,9 +6,12 @@ are declared once below and reach the client through ``_endpoint_target``.
 
 What every served-side command keeps to:
 
-* **The alarm first.** ``verify`` prints the verdict and fixes its exit code before it writes
-  the history; a history that cannot be written is a one-line warning (``_record``). ``watch``
-  does the same for each run, the hook included (``served.watch``).
+* **One flow.** ``verify`` and ``watch`` build a ``served.session.Session`` from their options
+  (``_settings``) and drive it: plan, draw, query, compare, alarm, record live there once.
+* **The alarm first.** The verdict is printed and the exit code fixed before the history is
+  written; a history that cannot be written is a one-line warning. ``watch`` does the same for
+  each run, the hook included (``served.watch``). Printing cannot cost the alarm: a stdout that
+  cannot encode the report gets the verdict as plain ASCII (``_show``).
 * **Fingerprints are authenticated** (``--trust-key``, ``--allow-unsigned``, ``--decrypt-key``,
   ``_options.load_fingerprint_from_options``) before any marker is sent; a forged or untrusted
   file exits 3 and never reaches the endpoint.
@@ -22,7 +25,8 @@ What every served-side command keeps to:
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Mapping
+import sys
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, List, Optional
@@ -51,9 +55,10 @@ from ._options import (
 if TYPE_CHECKING:
     from ..fingerprint import Fingerprint
     from ..served.clients import HTTPTarget
+    from ..served.session import Run, Settings
     from ..served.targets import Target
     from ..served.verify import Report
-    from ..served.watch import WatchRun
+    from ..served.watch import WatchResult
 
 # --------------------------------------------------------------------------- options, each declared once
 
@@ -101,6 +106,33 @@ VerifySpecOption = Annotated[Optional[str], typer.Option("--output-spec", help="
 ToleranceOption = Annotated[Optional[float], typer.Option("--tolerance", help="Override the fingerprint's tolerance (logit units).")]
 LimitOption = Annotated[Optional[int], typer.Option("--limit", help="Use only the first N markers (--model only; an endpoint gets --per-run).")]
 NoHistoryOption = Annotated[bool, typer.Option("--no-history", help="Do not record in the history.")]
+AllowWeakerSpecOption = Annotated[
+    bool,
+    typer.Option("--allow-weaker-spec", help="Accept an --output-spec that reveals less than the fingerprint's (detects less; warned on every run)."),
+]
+TrustedModelOption = Annotated[
+    bool,
+    typer.Option(
+        "--trusted-model",
+        help="The --model file is the owner's own copy: send it every marker. Without it a model file is treated as the suspect party's and gets --per-run markers from the pool.",
+    ),
+]
+LocalModelOption = Annotated[Optional[str], typer.Option("--model", help="Verify a local model file (or package.module:attribute).")]
+EveryOption = Annotated[str, typer.Option("--every", help="Interval between runs: 30s, 10m, 1h, 1h30m.")]
+CountOption = Annotated[int, typer.Option("--count", help="Stop after this many runs (0: forever).")]
+HookOption = Annotated[Optional[str], typer.Option("--hook", help="Shell command run on TAMPERED and when INCONCLUSIVE starts (env TAMPERPROBE_*).")]
+MaxInconclusiveOption = Annotated[int, typer.Option("--max-inconclusive", help="Exit 2 after this many INCONCLUSIVE runs in a row (0: never).")]
+HoldTamperedOption = Annotated[
+    bool,
+    typer.Option(
+        "--hold-tampered", help="After TAMPERED keep running (metrics stay at tamperprobe_tampered 1) until stopped (SIGTERM, Ctrl-C); then exit 1."
+    ),
+]
+MetricsPortOption = Annotated[
+    Optional[int], typer.Option("--metrics-port", help="Serve Prometheus metrics on this port (/metrics; 0 picks a free one).")
+]
+MetricsHostOption = Annotated[str, typer.Option("--metrics-host", help="Address of the metrics server.")]
+EventLogOption = Annotated[Optional[Path], typer.Option("--event-log", help="Append one JSON object per run to this file.")]
 
 
 def _shown(text: Any, limit: int = 2000) -> str:
@@ -166,16 +198,66 @@ def _endpoint_target(fp: Fingerprint, o: Mapping[str, Any]) -> HTTPTarget:
     )
 
 
-def _record(report: Report, protocol: str, history_path: Path | None) -> None:
-    """Write ``report`` to the history after the verdict is out; any failure (or an interrupt) is a warning, never a changed exit code."""
-    from ..served import history
+def _settings(o: Mapping[str, Any], protocol: str) -> Settings:
+    """The session settings from the options' values (``ctx.params`` of verify or watch)."""
+    from ..served.session import Settings
 
+    return Settings(
+        output_spec=o["output_spec"],
+        tolerance=o["tolerance"],
+        allow_weaker_spec=o["allow_weaker_spec"],
+        per_run=o["per_run"],
+        decoys=o["decoys"],
+        allow_repeat=o["allow_repeat"],
+        limit=o.get("limit"),
+        record=not o["no_history"],
+        history_path=o["history_path"],
+        protocol=protocol,
+        hook=o.get("hook"),
+    )
+
+
+def _verify_target(fp: Fingerprint, o: Mapping[str, Any]) -> Target:
+    """``--model`` (a suspect party's file unless ``--trusted-model``) or ``--endpoint``, as a target."""
+    from ..models import load_model, parse_model_args
+    from ..served.targets import LocalTarget
+
+    if o["model"] is None:
+        if o["trusted_model"]:
+            fail("--trusted-model applies to --model: an endpoint is always the party under suspicion")
+        return _endpoint_target(fp, o)
+    dev = use_runtime(o["threads"], o["device"])
+    loaded = load_model(o["model"], o["weights"], model_args=parse_model_args(o["model_arg"]), device=dev)
+    return LocalTarget(loaded, input_spec=fp.input_spec, threads=o["threads"], trusted=o["trusted_model"])
+
+
+def _plain(text: str) -> None:
+    """``text`` as one ASCII line on stdout (else stderr), past any console: the alarm when rich cannot print."""
+    data = (text + "\n").encode("ascii", "backslashreplace")
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+            stream.buffer.write(data)
+            stream.buffer.flush()
+            return
+        except Exception:  # noqa: BLE001, S112 - try the next stream; the exit code and the record follow regardless
+            continue
+
+
+def _show(print_it: Callable[[], None], report: Report) -> None:
+    """Print with ``print_it``; when that fails (a stdout that cannot encode the report, a closed pipe) the verdict as plain ASCII."""
     try:
-        history.record(report, protocol=protocol, path=history_path)
-    except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 - the verdict stands whatever the history does
-        from .._util import one_line
+        print_it()
+    except Exception:  # noqa: BLE001 - whatever broke the console, the alarm is still shown
+        _plain(report.headline())
 
-        _warn(f"the run was not recorded in the history: {one_line(exc, 300) if str(exc) else type(exc).__name__}")
+
+def _show_verify(as_json: bool) -> Callable[[Run], None]:
+    def show(run: Run) -> None:
+        r = run.report
+        _show((lambda: console.print_json(json.dumps(r.to_json()))) if as_json else (lambda: print_report(r)), r)
+
+    return show
 
 
 @contextmanager
@@ -207,13 +289,15 @@ _COLOURS = {"INTACT": "green", "TAMPERED": "red"}
 def verify(
     ctx: typer.Context,
     fp_path: FingerprintArgument,
-    model: Annotated[Optional[str], typer.Option("--model", help="Verify a local model file (or package.module:attribute).")] = None,
+    model: LocalModelOption = None,
+    trusted_model: TrustedModelOption = False,
     weights: WeightsOption = None,
     model_arg: ModelArgOption = None,
     endpoint: EndpointOption = None,
     protocol: ProtocolOption = "kserve",
     model_name: ModelNameOption = None,
     output_spec: VerifySpecOption = None,
+    allow_weaker_spec: AllowWeakerSpecOption = False,
     tolerance: ToleranceOption = None,
     limit: LimitOption = None,
     per_run: PerRunOption = None,
@@ -243,44 +327,23 @@ def verify(
 ) -> None:
     """Verify a model (local file or served endpoint) against a fingerprint.
 
-    An endpoint gets --per-run markers (and --decoys) drawn fresh from the fingerprint's pool,
-    recorded in the history before they are sent and never sent again; a used-up pool is refused
-    (exit 2). A local --model file gets every marker. Exit 0 INTACT, 1 TAMPERED, 2
-    error/INCONCLUSIVE, 3 fingerprint not authentic. The verdict is printed and the exit code
-    fixed before the run is written to the history.
+    An endpoint, or a --model file from the suspect party, gets --per-run markers (and --decoys)
+    drawn fresh from the fingerprint's pool, recorded in the history before they are sent and
+    never sent again; a used-up pool is refused (exit 2). A --model file with --trusted-model gets
+    every marker. Exit 0 INTACT, 1 TAMPERED, 2 error/INCONCLUSIVE, 3 fingerprint not authentic.
+    The verdict is printed and the exit code fixed before the run is written to the history.
     """
     with handled():
-        from ..models import load_model, parse_model_args
-        from ..served import pool
         from ..served.clients import protocol_name
-        from ..served.targets import LocalTarget
-        from ..served.verify import comparison
-        from ..served.verify import verify as run_verify
+        from ..served.session import Session
 
         if (model is None) == (endpoint is None):
             fail("give exactly one of --model or --endpoint")
         fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key)
-        if model is not None:
-            if per_run is not None or decoys is not None or allow_repeat:
-                fail("--per-run, --decoys and --allow-repeat apply to --endpoint: a local model file is checked with every marker")
-            loaded = load_model(model, weights, model_args=parse_model_args(model_arg), device=use_runtime(threads, device))
-            target: Target = LocalTarget(loaded, input_spec=fp.input_spec, threads=threads)
-            report = run_verify(fp, target, output_spec, tolerance=tolerance, limit=limit)
-        else:
-            if limit is not None:
-                fail("--limit applies to --model: an endpoint gets --per-run markers drawn fresh from the pool")
-            target = _endpoint_target(fp, ctx.params)
-            plan = pool.plan(fp, per_run, decoys)
-            comparison(fp, output_spec, tolerance)  # bad options are refused before any marker is drawn
-            pool.check_schedule(target, plan.queries)
-            drawn = pool.draw(fp, plan, path=history_path, record=not no_history, allow_repeat=allow_repeat, target=target.name)
-            report = run_verify(fp, target, output_spec, tolerance=tolerance, draw=drawn)
-        if as_json:
-            console.print_json(json.dumps(report.to_json()))
-        else:
-            print_report(report)
-    if not no_history:
-        _record(report, "local" if model is not None else protocol_name(protocol), history_path)
+        target = _verify_target(fp, ctx.params)
+        settings = _settings(ctx.params, "local" if model is not None else protocol_name(protocol))
+        session = Session(fp, target, settings, fingerprint_file=fp_path, on_run=_show_verify(as_json), on_warning=_warn)
+        report = session.run_once().report
     raise typer.Exit(report.exit_code)
 
 
@@ -538,7 +601,7 @@ def _short_target(row: dict) -> str:
 # --------------------------------------------------------------------------- watch
 
 
-def _print_run(run: WatchRun) -> None:
+def _print_run(run: Run) -> None:
     r = run.report
     colour = {"INTACT": "green", "TAMPERED": "bold red"}.get(r.verdict, "yellow")
     left = "" if r.runs_left is None else f", {r.runs_left} runs left"
@@ -552,11 +615,11 @@ class _RunReporter:
     def __init__(self, endpoint: str, metrics: Any, log: Any, as_json: bool) -> None:
         self.endpoint, self.metrics, self.log, self.as_json = endpoint, metrics, log, as_json
 
-    def __call__(self, run: WatchRun) -> None:
+    def __call__(self, run: Run) -> None:
         if self.as_json:
-            print(json.dumps({"run": run.number, "time": run.time, **run.report.to_json()}, sort_keys=True), flush=True)
+            _show(lambda: print(json.dumps({"run": run.number, "time": run.time, **run.report.to_json()}, sort_keys=True), flush=True), run.report)
         else:
-            _print_run(run)
+            _show(lambda: _print_run(run), run.report)
         if self.metrics is not None:
             self.metrics.update(run, self.endpoint)
         if self.log is not None:
@@ -587,18 +650,31 @@ def _run_reporter(endpoint: str, metrics_port: int | None, metrics_host: str, ev
     return _RunReporter(endpoint, metrics, log, as_json)
 
 
+def _watch_options(o: Mapping[str, Any], protocol: str) -> dict[str, Any]:
+    """``served.watch.watch``'s keyword arguments from the options' values (``ctx.params``)."""
+    s = _settings(o, protocol)
+    stops = {k: o[k] for k in ("every", "count", "max_inconclusive", "hold_tampered", "endpoint")}
+    return {**stops, **{f: getattr(s, f) for f in s.__dataclass_fields__ if f != "limit"}, "fingerprint_file": o["fp_path"]}
+
+
+def _holding(result: WatchResult) -> None:
+    err_console.print(
+        "TAMPERED: holding (metrics keep tamperprobe_tampered at 1) until stopped with SIGTERM or Ctrl-C", style="bold red", highlight=False
+    )
+
+
 def watch_cmd(
     ctx: typer.Context,
     fp_path: FingerprintArgument,
     endpoint: EndpointOption,
     protocol: ProtocolOption = "kserve",
-    every: Annotated[str, typer.Option("--every", help="Interval between runs: 30s, 10m, 1h, 1h30m.")] = "10m",
-    count: Annotated[int, typer.Option("--count", help="Stop after this many runs (0: forever).")] = 0,
+    every: EveryOption = "10m",
+    count: CountOption = 0,
     output_spec: VerifySpecOption = None,
-    hook: Annotated[
-        Optional[str], typer.Option("--hook", help="Shell command run on TAMPERED and when INCONCLUSIVE starts (env TAMPERPROBE_*).")
-    ] = None,
-    max_inconclusive: Annotated[int, typer.Option("--max-inconclusive", help="Exit 2 after this many INCONCLUSIVE runs in a row (0: never).")] = 0,
+    allow_weaker_spec: AllowWeakerSpecOption = False,
+    hook: HookOption = None,
+    max_inconclusive: MaxInconclusiveOption = 0,
+    hold_tampered: HoldTamperedOption = False,
     model_name: ModelNameOption = None,
     tolerance: ToleranceOption = None,
     per_run: PerRunOption = None,
@@ -622,11 +698,9 @@ def watch_cmd(
     decrypt_key: DecryptKeyOption = None,
     history_path: HistoryOption = None,
     no_history: NoHistoryOption = False,
-    metrics_port: Annotated[
-        Optional[int], typer.Option("--metrics-port", help="Serve Prometheus metrics on this port (/metrics; 0 picks a free one).")
-    ] = None,
-    metrics_host: Annotated[str, typer.Option("--metrics-host", help="Address of the metrics server.")] = "127.0.0.1",
-    event_log: Annotated[Optional[Path], typer.Option("--event-log", help="Append one JSON object per run to this file.")] = None,
+    metrics_port: MetricsPortOption = None,
+    metrics_host: MetricsHostOption = "127.0.0.1",
+    event_log: EventLogOption = None,
     as_json: JsonOption = False,
 ) -> None:
     """Re-verify an endpoint on a schedule. Exit 1 on the first TAMPERED; INCONCLUSIVE keeps watching (see --max-inconclusive).
@@ -647,27 +721,10 @@ def watch_cmd(
         fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key)
         target = _endpoint_target(fp, ctx.params)
         on_run = _run_reporter(endpoint or target.name, metrics_port, metrics_host, event_log, as_json)
+        on_pool = lambda state: err_console.print(_shown(state.describe()), highlight=False, soft_wrap=True)  # noqa: E731
         with _sigterm_as_interrupt(), on_run:
             result = watch(
-                fp,
-                target,
-                every=every,
-                count=count,
-                max_inconclusive=max_inconclusive,
-                output_spec=output_spec,
-                tolerance=tolerance,
-                per_run=per_run,
-                decoys=decoys,
-                allow_repeat=allow_repeat,
-                hook=hook,
-                record=not no_history,
-                history_path=history_path,
-                protocol=protocol_name(protocol),
-                endpoint=endpoint,
-                fingerprint_file=fp_path,
-                on_run=on_run,
-                on_warning=_warn,
-                on_pool=lambda state: err_console.print(_shown(state.describe()), highlight=False, soft_wrap=True),
+                fp, target, **_watch_options(ctx.params, protocol_name(protocol)), on_run=on_run, on_warning=_warn, on_pool=on_pool, on_hold=_holding
             )
         if result.interrupted:
             console.print(f"stopped: {_shown(result.reason)}", highlight=False, soft_wrap=True)
