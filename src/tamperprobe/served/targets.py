@@ -65,8 +65,16 @@ class Target(Protocol):
     """What verification talks to; every capability a session uses is declared here (see the module doc)."""
 
     name: str
-    deadline: float | None
-    suspect: bool
+
+    @property
+    def deadline(self) -> float | None:
+        """Seconds a whole query may take, retries and pauses included (None: unbounded)."""
+        ...
+
+    @property
+    def suspect(self) -> bool:
+        """True for the party under suspicion: it gets fresh markers from the pool, never the whole pool."""
+        ...
 
     def query(self, inputs: np.ndarray, spec: OutputSpec) -> QueryResult:
         """Ask for one answer per input, as an API following ``spec`` would give it."""
