@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING
 from .._util import one_line
 from .credentials import redact_urls_in
 from .untrusted import clean
+from .verify import INCONCLUSIVE, TAMPERED
 
 if TYPE_CHECKING:
     from .session import Run
@@ -67,4 +68,4 @@ def hook_environment(run: Run, *, endpoint: str, protocol: str, fingerprint_file
 
 def wants_hook(run: Run) -> bool:
     """Whether ``run`` raises the hook: TAMPERED, or the first INCONCLUSIVE run of a streak."""
-    return run.report.verdict == "TAMPERED" or (run.report.verdict == "INCONCLUSIVE" and run.streak == 1)
+    return run.report.verdict == TAMPERED or (run.report.verdict == INCONCLUSIVE and run.streak == 1)

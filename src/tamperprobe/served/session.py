@@ -162,7 +162,8 @@ class Session:
             self._warn(f"the markers of a run that reached nothing stay spent: {exc}")
             return report
         note = f"nothing reached the target (no connection was made): this run's {report.marker_count} markers and {report.decoy_count} decoys went back to the pool"
-        left = None if report.runs_left is None else report.runs_left + 1
+        # a fresh draw of one run's worth gives back exactly one run; a partly repeated one, less: leave the count as it was
+        left = report.runs_left + 1 if report.runs_left is not None and report.repeated == 0 else report.runs_left
         return dataclasses.replace(report, notes=[*report.notes, note], runs_left=left)
 
     # ------------------------------------------------------------------ a run
