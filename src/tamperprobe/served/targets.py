@@ -89,7 +89,28 @@ class Target(Protocol):
         ...
 
 
-class LocalTarget:
+class TargetBase:
+    """Defaults for a target of one's own: no deadline, no pauses, weights it cannot show, and under suspicion.
+
+    Subclass it and implement ``name`` and ``query``; override what differs. (A target need not
+    subclass it: anything with the members of ``Target`` will do.)
+    """
+
+    name: str = "target"
+    deadline: float | None = None
+    suspect: bool = True
+
+    def query(self, inputs: np.ndarray, spec: OutputSpec) -> QueryResult:
+        raise NotImplementedError
+
+    def pauses(self, n: int) -> float:
+        return 0.0
+
+    def weights_digest(self) -> str | None:
+        return None
+
+
+class LocalTarget(TargetBase):
     """A model run in-process: computes logits and reveals what ``spec`` allows.
 
     ``model`` is a ``Model`` or anything ``load_model`` takes (an ``nn.Module``, a file, a reference).
@@ -97,8 +118,6 @@ class LocalTarget:
     marker; by default a model file is treated as the suspect party's (``suspect``) and gets fresh
     markers drawn from the pool like an endpoint, since whoever handed it over could keep what it saw.
     """
-
-    deadline: float | None = None
 
     def __init__(
         self, model: Any, *, input_spec: InputSpec | None = None, batch_size: int = 64, threads: int | None = None, trusted: bool = False
@@ -109,9 +128,6 @@ class LocalTarget:
         self.threads = threads
         self.suspect = not trusted
         self.name = f"local:{self.model.source}"
-
-    def pauses(self, n: int) -> float:
-        return 0.0
 
     def weights_digest(self) -> str | None:
         return self.model.digest()
