@@ -140,7 +140,7 @@ class Session:
         except history.HistoryError as exc:
             if not s.allow_repeat:
                 raise history.HistoryError(f"cannot read the pool ledger: {exc}; nothing was sent") from None
-            self._warn(f"cannot read the pool ledger ({exc}): runs draw at random without a record (--allow-repeat)")
+            self.warn(f"cannot read the pool ledger ({exc}): runs draw at random without a record (--allow-repeat)")
             return None
         if state.runs_left < 1 and not s.allow_repeat:
             raise pool.PoolExhausted(f"{state.describe()}: nothing to draw; generate a larger pool or pass --allow-repeat")
@@ -159,7 +159,7 @@ class Session:
         try:
             history.release(report.draw, self.settings.history_path)
         except history.HistoryError as exc:
-            self._warn(f"the markers of a run that reached nothing stay spent: {exc}")
+            self.warn(f"the markers of a run that reached nothing stay spent: {exc}")
             return report
         note = f"nothing reached the target (no connection was made): this run's {report.marker_count} markers and {report.decoy_count} decoys went back to the pool"
         # a fresh draw of one run's worth gives back exactly one run; a partly repeated one, less: leave the count as it was
@@ -187,12 +187,12 @@ class Session:
             try:
                 self.on_run(run)
             except Exception as exc:  # noqa: BLE001 - the hook and the record still follow
-                self._warn(f"reporting run {run.number} failed: {one_line(exc, 200, with_type=True)}")
+                self.warn(f"reporting run {run.number} failed: {one_line(exc, 200, with_type=True)}")
         if self.settings.hook and wants_hook(run):
             context = {"endpoint": self.endpoint, "protocol": self.settings.protocol, "fingerprint_file": self.fingerprint_file}
             problem = run_hook(self.settings.hook, hook_environment(run, **context))
             if problem:
-                self._warn(problem)
+                self.warn(problem)
 
     def record(self, run: Run) -> str | None:
         """Write ``run`` to the history (when recording); None, or the one-line reason it was not written."""
@@ -213,10 +213,11 @@ class Session:
         except KeyboardInterrupt:
             problem = "interrupted"
         if problem:
-            self._warn(f"the run was not recorded in the history: {problem}")
+            self.warn(f"the run was not recorded in the history: {problem}")
         return run
 
-    def _warn(self, text: str) -> None:
+    def warn(self, text: str) -> None:
+        """Tell ``on_warning``; a warning that cannot be shown (a broken terminal) is dropped, never raised into the alarm."""
         if self.on_warning is not None:
             try:
                 self.on_warning(text)

@@ -110,6 +110,15 @@ def _stop_rule(run: Run, *, count: int, max_inconclusive: int, allow_repeat: boo
     return None
 
 
+def _warn_after_alarm(session: Session, run: Run, capacity: int | None) -> None:
+    """The watch's warnings between a run's alarm and its record: an INCONCLUSIVE run it goes on after, a pool running out."""
+    report = run.report
+    if report.verdict == INCONCLUSIVE:
+        session.warn(f"no usable answer from the endpoint ({report.first_failure()}); still watching")
+    if report.runs_left is not None and capacity is not None and pool.is_low(report.runs_left, capacity):
+        session.warn(f"the fingerprint's pool is running out: {report.runs_left} runs left (generate a new fingerprint before it ends)")
+
+
 def _hold(result: WatchResult, on_hold: Callable[[WatchResult], None] | None) -> WatchResult:
     """Stay after a TAMPERED verdict until an interrupt, so that its state stays visible; then exit 1 all the same."""
     if on_hold is not None:
@@ -158,16 +167,15 @@ def watch(
     interval = history.parse_duration(every)
     if count < 0 or max_inconclusive < 0:
         raise UsageError("--count and --max-inconclusive must be >= 0")
-    warn = on_warning or (lambda _text: None)
     settings = Settings(output_spec, tolerance, allow_weaker_spec, per_run, decoys, allow_repeat, None, record, history_path, protocol, hook)
 
     def reported(run: Run) -> None:
         if on_run is not None:
             on_run(run)
         for note in run.report.notes:
-            warn(note)
+            session.warn(note)  # through the session, which never lets a failing warning stop the watch
 
-    session = Session(fp, target, settings, endpoint=endpoint, fingerprint_file=fingerprint_file, on_run=reported, on_warning=warn)
+    session = Session(fp, target, settings, endpoint=endpoint, fingerprint_file=fingerprint_file, on_run=reported, on_warning=on_warning)
     state = session.pool_status()
     if state is not None and on_pool is not None:
         on_pool(state)
@@ -189,14 +197,11 @@ def watch(
             report = run.report
             last, last_time = report, run.time
             session.alarm(run)  # 1-2: the alarm, before anything that could fail or stall
-            if report.verdict == INCONCLUSIVE:
-                warn(f"no usable answer from the endpoint ({report.first_failure()}); still watching")
-            if report.runs_left is not None and capacity is not None and pool.is_low(report.runs_left, capacity):
-                warn(f"the fingerprint's pool is running out: {report.runs_left} runs left (generate a new fingerprint before it ends)")
+            _warn_after_alarm(session, run, capacity)
             result = _stop_rule(run, count=count, max_inconclusive=max_inconclusive, allow_repeat=allow_repeat, fp_id=fp.id)  # 3
             problem = session.record(run)  # 4: the record, after the alarm
             if problem:
-                warn(f"run {run.number} not recorded in the history: {problem}")
+                session.warn(f"run {run.number} not recorded in the history: {problem}")
             if result is not None:
                 return _hold(result, on_hold) if hold_tampered and result.exit_code == EXIT_TAMPERED else result
     except KeyboardInterrupt:
