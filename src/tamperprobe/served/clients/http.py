@@ -173,6 +173,7 @@ class HTTPTarget:
     # such an endpoint sets the model name and version unless --model-name is given.
     model_url_pattern: ClassVar[str | None] = None
     default_model_name: ClassVar[str | None] = None
+    suspect: ClassVar[bool] = True  # the party under suspicion: a session draws it fresh markers (targets.Target)
 
     def __init__(
         self,
@@ -270,6 +271,7 @@ class HTTPTarget:
             trust_env=False,
         )
         self._unreachable = False
+        self._reached = False  # some attempt of the current query got past connecting (its bytes may have reached the server)
         self._set_name()
 
     def endpoint_url(self) -> str:
@@ -289,6 +291,14 @@ class HTTPTarget:
         """Seconds of deliberate pauses in a query of ``n`` inputs, at most: the spread plus a delay between requests."""
         return self.spread + self.delay * max(0, self.requests_for(n) - 1)
 
+    def pauses(self, n: int) -> float:
+        """``planned_pauses``, under the name the ``Target`` protocol declares."""
+        return self.planned_pauses(n)
+
+    def weights_digest(self) -> str | None:
+        """An endpoint cannot show its weights."""
+        return None
+
     # ------------------------------------------------------------------ Target protocol
 
     def query(self, inputs: np.ndarray, spec: OutputSpec) -> QueryResult:
@@ -296,11 +306,13 @@ class HTTPTarget:
             spec = OutputSpec.parse(spec)
             x = np.asarray(inputs)
         except Exception as exc:  # noqa: BLE001 - query never raises
-            return QueryResult.failed(len(inputs), self._reason(f"bad query: {one_line(exc)}"))
-        self._unreachable = False
+            return QueryResult.failed(len(inputs), self._reason(f"bad query: {one_line(exc)}"), sent=False)
+        self._unreachable = self._reached = False
         self._clock.run_end = time.monotonic() + self.deadline if self.deadline is not None else math.inf
         try:
-            return self._query(x, spec)
+            result = self._query(x, spec)
+            # nothing reached the server only when every attempt failed before a connection was made
+            return result if self._reached else QueryResult(result.answers, result.latencies, sent=False)
         finally:
             self._clock.run_end = math.inf
 
@@ -459,6 +471,7 @@ class HTTPTarget:
 
         self._clock.attempt_end = time.monotonic() + self.timeout
         cap = self.max_response_bytes
+        connected = True  # unless the attempt fails while connecting (below): then no request byte was written
         try:
             with self._client.stream(method, url, content=content, headers=headers) as resp:
                 declared = resp.headers.get("content-length")
@@ -480,13 +493,15 @@ class HTTPTarget:
                     raise Failure(f"malformed response: unsupported Content-Encoding '{clean(encoding, 40)}'")
                 return HTTPResponse(resp.status_code, resp.headers, body)
         except httpx.TimeoutException as exc:
+            connecting = isinstance(exc, httpx.ConnectTimeout)
+            connected = not connecting
             if self._clock.run_left() <= 0:
                 raise self._deadline_reached() from None
-            connecting = isinstance(exc, httpx.ConnectTimeout)
             raise Failure(
                 f"timed out after {self.timeout:.1f} s" + (" (connecting)" if connecting else ""), retryable=True, unreachable=True
             ) from None
         except httpx.ConnectError as exc:
+            connected = False
             if "refused" in str(exc).lower():
                 raise Failure("connection refused", retryable=True, unreachable=True) from None
             raise Failure(f"cannot connect: {one_line(exc, 120)}", retryable=True, unreachable=True) from None
@@ -496,3 +511,4 @@ class HTTPTarget:
             raise Failure(f"transport error: {one_line(exc, 120)}", retryable=True) from None
         finally:
             self._clock.attempt_end = math.inf
+            self._reached = self._reached or connected
