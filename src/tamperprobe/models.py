@@ -406,79 +406,20 @@ def _load_torchscript(path: Path, device: Any = None) -> Model:
     return ScriptedModel(module, str(path))
 
 
-_PT2_FIXED = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
-
-
 def check_pt2_archive(path: Path) -> None:
-    """Refuse a ``torch.export`` archive that would unpickle anything when loaded, before torch reads it.
+    """Refuse a ``torch.export`` archive holding anything but the plain parts of one program (see ``_pt2``)."""
+    from ._pt2 import approved_parts
 
-    ``torch.export.load`` unpickles weights or constants whose config says ``use_pickle``, custom
-    and opaque objects, legacy ``.pt`` weight files, and falls back to an unrestricted
-    ``torch.load`` for sample inputs that a ``weights_only`` load refuses; AOTInductor packages
-    carry native code. An archive from a suspect party may hold only the plain parts written by
-    ``torch.export.save``: the program JSON, raw tensor payloads described by their configs, and
-    sample inputs that load with ``weights_only=True``. Anything else is refused by name.
-    """
-    import io
-    import json
-
-    import torch
-
-    def refuse(why: str) -> ModelLoadError:
-        return ModelLoadError(
-            f"{path}: refusing a torch.export archive that {why} (it could run code when loaded); re-export it, or verify an ONNX file"
-        )
-
-    with zipfile.ZipFile(path) as zf:
-        names = [n for n in zf.namelist() if not n.endswith("/")]
-        roots = {n.split("/", 1)[0] for n in names}
-        if len(roots) != 1 or any("/" not in n for n in names):
-            raise refuse("does not have the layout torch.export.save writes")
-        root = roots.pop() + "/"
-        payload_folders = ("data/weights/", "data/constants/")
-        for name in names:
-            rel = name[len(root) :]
-            if rel in _PT2_FIXED or (rel.startswith("models/") and rel.endswith(".json") and rel.count("/") == 1):
-                continue
-            if rel.startswith("data/sample_inputs/") and rel.endswith(".pt") and rel.count("/") == 2:
-                try:
-                    torch.load(io.BytesIO(zf.read(name)), weights_only=True)
-                except Exception:
-                    raise refuse(f"holds sample inputs ({rel}) that only a full unpickler can read") from None
-                continue
-            folder, _, leaf = rel.rpartition("/")
-            folder += "/"
-            if folder in payload_folders and leaf.endswith("_config.json"):
-                try:
-                    config = json.loads(zf.read(name)).get("config", {})
-                except (ValueError, AttributeError):
-                    raise refuse(f"has an unreadable {rel}") from None
-                prefix = "weight_" if folder == "data/weights/" else "tensor_"
-                for fqn, meta in config.items():
-                    if not isinstance(meta, dict) or meta.get("use_pickle") or meta.get("tensor_meta") is None:
-                        raise refuse(f"stores {fqn!r} pickled")
-                    if not str(meta.get("path_name", "")).startswith(prefix):
-                        raise refuse(f"stores {fqn!r} as a custom or opaque object")
-                continue
-            if (folder, leaf.split("_", 1)[0]) in (("data/weights/", "weight"), ("data/constants/", "tensor")):
-                continue
-            raise refuse(f"contains {rel}")
+    approved_parts(path, Path(path).read_bytes())
 
 
 def _load_export(path: Path) -> Model:
-    import torch
-
-    from ._torch import quiet
+    """A ``.pt2`` program; torch reads only an archive rebuilt from the parts the check approved (``_pt2``)."""
+    from ._pt2 import load_pt2
 
     if not zipfile.is_zipfile(path):
         raise ModelLoadError(f"{path} is not a torch.export program (not a zip file; damaged or another format)")
-    check_pt2_archive(path)
-    try:
-        with quiet():
-            module = torch.export.load(str(path)).module()
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load torch.export program {path}: {one_line(exc)}") from None
-    return ExportedModel(module, str(path))
+    return ExportedModel(load_pt2(path), str(path))
 
 
 def _load_onnx(path: Path, device: Any = None) -> Model:
