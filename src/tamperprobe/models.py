@@ -44,6 +44,14 @@ def _digest_arrays(items: list[tuple[str, np.ndarray]]) -> str:
     return "sha256:" + h.hexdigest()
 
 
+def _reason(exc: BaseException) -> str:
+    """One line saying why a model failed: TorchScript puts the reason on the last line of its report."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and "TorchScript" in lines[0]:
+        return one_line(lines[-1])
+    return one_line(exc)
+
+
 @runtime_checkable
 class Model(Protocol):
     """What every stage needs of a model: run it, name it, digest its weights.
@@ -138,7 +146,7 @@ class TorchModel:
                     try:
                         out = self.forward(chunk)
                     except Exception as exc:
-                        raise ModelLoadError(f"model {self.source} failed on input of shape {tuple(chunk.shape)}: {one_line(exc)}") from None
+                        raise ModelLoadError(f"model {self.source} failed on input of shape {tuple(chunk.shape)}: {_reason(exc)}") from None
                     outs.append(as_logits(out).float().cpu().numpy())
             if not outs:
                 return np.zeros((0, 0), dtype=np.float32)
@@ -251,18 +259,31 @@ class OnnxModel:
         return np.concatenate(outs).astype(np.float32, copy=False)
 
 
-def load_model(spec: Any, weights: str | os.PathLike | None = None, *, model_args: dict[str, Any] | None = None, device: Any = None) -> Model:
+def load_model(
+    spec: Any, weights: str | os.PathLike | None = None, *, model_args: dict[str, Any] | None = None, device: Any = None, sandbox: bool = False
+) -> Model:
     """Load a model from a file, a ``package.module:attribute`` reference or an ``nn.Module`` (see module doc).
 
     ``device`` (``cpu``, ``cuda``, ``cuda:N`` or a ``torch.device``; default: where the weights are,
     the CPU for files) is where a torch model runs; an unavailable device is a ``UsageError``. An
     ONNX model runs on onnxruntime's CPU provider, or its CUDA provider for a CUDA device. A
     ``Model`` passes through (moved when ``device`` is given; ``weights`` then must be None).
+
+    ``sandbox=True`` is for a file from the party under suspicion: a TorchScript or ``torch.export``
+    file then loads and runs only in a locked-down child process (``_sandbox.SandboxedModel``:
+    logits only, on the CPU); ONNX files and references load as usual (an ONNX file cannot run code,
+    and a reference names the caller's own code).
     """
+    if sandbox and isinstance(spec, (str, os.PathLike)) and Path(spec).suffix.lower() in (*TORCHSCRIPT_SUFFIXES, ".pt2") and Path(spec).is_file():
+        return _load_sandboxed(Path(spec), weights, device)
     if device is not None:
         from ._torch import resolve_device
 
         device = resolve_device(device)
+    if _is_sandboxed(spec):
+        if weights is not None or (device is not None and device.type != "cpu"):
+            raise UsageError(f"{spec.source} runs in a sandbox on the CPU: --weights and --device do not apply")
+        return spec
     if isinstance(spec, (TorchModel, OnnxModel)):
         if weights is not None:
             raise UsageError("weights apply to a model named by file or reference, not to a loaded model")
@@ -315,6 +336,24 @@ def load_model(spec: Any, weights: str | os.PathLike | None = None, *, model_arg
         model.module.eval()
     if device is not None and isinstance(model, TorchModel):
         model.to(device)
+    return model
+
+
+def _is_sandboxed(spec: Any) -> bool:
+    from ._sandbox import SandboxedModel
+
+    return isinstance(spec, SandboxedModel)
+
+
+def _load_sandboxed(path: Path, weights: Any, device: Any) -> Model:
+    """A suspect's TorchScript or ``torch.export`` file, run in ``_sandbox``'s child process."""
+    from ._sandbox import SandboxedModel
+
+    if weights is not None:
+        raise UsageError(f"{path} runs in a sandbox: --weights applies to a package.module:attribute model")
+    if device is not None and str(device) != "cpu":
+        raise UsageError(f"{path} runs in a sandbox on the CPU: use --device cpu")
+    model: Model = SandboxedModel(path)
     return model
 
 

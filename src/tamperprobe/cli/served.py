@@ -263,7 +263,7 @@ def verify(
         if model is not None:
             if per_run is not None or decoys is not None or allow_repeat:
                 fail("--per-run, --decoys and --allow-repeat apply to --endpoint: a local model file is checked with every marker")
-            loaded = load_model(model, weights, model_args=parse_model_args(model_arg), device=use_runtime(threads, device))
+            loaded = load_model(model, weights, model_args=parse_model_args(model_arg), device=use_runtime(threads, device), sandbox=True)
             target: Target = LocalTarget(loaded, input_spec=fp.input_spec, threads=threads)
             report = run_verify(fp, target, output_spec, tolerance=tolerance, limit=limit)
         else:
