@@ -542,10 +542,14 @@ def save_state_dict(module: Any, path: str | os.PathLike) -> Path:
 
 
 def save_model(module: Any, path: str | os.PathLike, example: np.ndarray) -> Path:
-    """Write ``module`` in the format its suffix names (.pt TorchScript, .pt2 export, .onnx, .safetensors)."""
+    """Write ``module`` in the format its suffix names (.pt TorchScript, .pt2 export, .onnx, .safetensors).
+
+    A program (.pt, .pt2, .onnx) returns the logits tensor alone: a model whose output is a dict, a
+    Hugging Face ``ModelOutput`` or a tuple is written as ``_torch.LogitsOnly`` of it.
+    """
     import torch
 
-    from ._torch import module_device, quiet
+    from ._torch import logits_module, module_device, quiet
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -557,6 +561,8 @@ def save_model(module: Any, path: str | os.PathLike, example: np.ndarray) -> Pat
     ex = torch.from_numpy(np.ascontiguousarray(example[:2]).astype(np.float32))
     suffix = p.suffix.lower()
     with quiet():
+        if suffix != ".safetensors":  # a program of the logits alone, for a model returning a dict, ModelOutput or tuple
+            module = logits_module(module, ex)
         if suffix == ".safetensors":
             save_state_dict(module, p)
         elif suffix in TORCHSCRIPT_SUFFIXES:
