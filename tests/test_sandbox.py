@@ -9,6 +9,7 @@ refuses sockets, exec, deleting/renaming, raising limits and signals to other pr
 
 from __future__ import annotations
 
+import errno
 import json
 import subprocess
 import sys
@@ -148,7 +149,10 @@ PROBES = {
     "kill-parent": "os.kill(os.getppid(), 0)",
     "kill-all": "os.kill(-1, 0)",
     "raise-limit": "import resource; resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))",
-    "unshare": "os.unshare(os.CLONE_NEWUSER) if hasattr(os, 'unshare') else (_ for _ in ()).throw(PermissionError())",
+    "unshare": "check(libc.unshare(0x10000000))",  # CLONE_NEWUSER
+    "posix-shm": "from multiprocessing import shared_memory; shared_memory.SharedMemory(create=True, size=8)",
+    "sysv-shm": "check(libc.shmget(0, 4096, 0o1600))",
+    "ioperm": "check(libc.ioperm(0x80, 1, 1))",
 }
 
 
@@ -158,7 +162,10 @@ def test_sandbox_filter_refuses_every_probe_and_still_reads(tmp_path):
     target.write_bytes(ORIGINAL)
     lines = [
         "import json, os, sys",
+        "import ctypes",
         "from tamperprobe._sandbox import _lock_down",
+        "libc = ctypes.CDLL(None, use_errno=True)",
+        "def check(r):\n    if r == -1:\n        raise OSError(ctypes.get_errno(), 'refused')",
         "_lock_down()",
         "out = {}",
         *(
@@ -174,7 +181,8 @@ def test_sandbox_filter_refuses_every_probe_and_still_reads(tmp_path):
     assert r.returncode == 0, r.stderr[-2000:]
     out = json.loads(r.stdout)
     assert out.pop("read") == ORIGINAL.decode()
-    assert all(v != "allowed" for v in out.values()), out
+    assert out.pop("raise-limit") == "ValueError"  # Python's word for EPERM from setrlimit
+    assert out == dict.fromkeys(out, errno.EPERM), out  # the filter's answer, not a missing file or an unknown call
     assert target.read_bytes() == ORIGINAL and sorted(p.name for p in tmp_path.iterdir()) == ["t.bin"]
 
 

@@ -64,7 +64,9 @@ def _targets(doc: Any, found: set[str], depth: int = 0) -> None:
     if depth > 200:
         raise ValueError("nested too deeply")
     if isinstance(doc, dict):
-        if isinstance(doc.get("target"), str) and "inputs" in doc and "outputs" in doc:
+        if "target" in doc:  # a node anywhere (nested graphs included); over-inclusive on purpose
+            if not isinstance(doc["target"], str):
+                raise ValueError("a node target that is not a name")
             found.add(doc["target"])
         for value in doc.values():
             _targets(value, found, depth + 1)

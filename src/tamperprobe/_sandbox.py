@@ -20,7 +20,9 @@ limits (file size 0, no core files, a CPU-time and an address-space bound, few d
 ``no_new_privs`` and installs a seccomp filter that refuses, besides writable opens: every
 namespace, mount, module, reboot, key, BPF, ptrace and io_uring call; creating sockets (no
 network); ``execve``; renaming, linking, deleting, truncating and re-owning files by path;
-raising resource limits; signals to any process but itself; and terminal injection (TIOCSTI).
+raising resource limits; signals to any process but itself, or reading and writing another's
+memory; System V and POSIX IPC objects (which outlive the process); setting the clock, I/O ports;
+and terminal injection (TIOCSTI).
 The filter is x86-64 only: elsewhere ``available()`` says why not and the caller refuses to run
 the file. The parent sends batches as raw float32 over a pipe and reads raw float32 logits back,
 checks their shape, and kills the child when an answer takes longer than its timeout.
@@ -76,6 +78,11 @@ _DENIED = {
     "fsmount": 432, "fspick": 433, "mount_setattr": 442, "execve": 59, "execveat": 322, "acct": 163, "quotactl": 179,
     "setrlimit": 160, "prlimit64": 302, "open_by_handle_at": 304, "name_to_handle_at": 303, "pidfd_getfd": 438,
     "pidfd_send_signal": 424, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297, "copy_file_range": 326,
+    "shmget": 29, "shmat": 30, "shmctl": 31, "semget": 64, "semop": 65, "semctl": 66, "semtimedop": 220, "msgget": 68,
+    "msgsnd": 69, "msgrcv": 70, "msgctl": 71, "mq_open": 240, "mq_unlink": 241, "mq_timedsend": 242, "mq_notify": 244,
+    "process_madvise": 440, "process_mrelease": 448, "move_pages": 279, "migrate_pages": 256, "vhangup": 153, "syslog": 103,
+    "settimeofday": 164, "clock_settime": 227, "adjtimex": 159, "clock_adjtime": 305, "iopl": 172, "ioperm": 173,
+    "quotactl_fd": 443, "uselib": 134,
 }  # fmt: skip
 _OPEN, _OPENAT, _OPENAT2, _CLONE3, _IOCTL, _KILL, _TKILL, _TGKILL = 2, 257, 437, 435, 16, 62, 200, 234
 
