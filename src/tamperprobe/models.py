@@ -12,6 +12,10 @@ module), ``ScriptedModel`` (TorchScript), ``ExportedModel`` (``torch.export``) a
 ``OnnxModel`` implement it; what a stage may do with one is a property of the class
 (``module`` is None for ONNX, ``hookable``), never a string to compare.
 
+A file from the party under suspicion is loaded with ``sandbox=True``: TorchScript and
+``torch.export`` programs then run in a locked-down child process (``_sandbox``), and a ``.pt2``
+archive is only ever read through ``_pt2``'s strict check and rebuild.
+
 A torch model runs on the device its weights live on (``load_model(..., device="cuda")``):
 ``forward`` moves a batch there and ``logits`` hands back CPU float32 arrays, so callers never
 need to know where the model runs.
