@@ -28,7 +28,7 @@ from tamperprobe.errors import ModelLoadError, UsageError
 from tamperprobe.fingerprint import make_fingerprint, save
 from tamperprobe.models import load_model, save_model
 
-pytestmark = pytest.mark.skipif(available() is not None, reason=str(available()))
+needs_sandbox = pytest.mark.skipif(available() is not None, reason=str(available()))
 
 SHAPE = (1, 8, 8)
 X = np.random.default_rng(5).random((6, *SHAPE), dtype=np.float32)
@@ -105,6 +105,7 @@ def test_malicious_torchscript_writes_files_when_run_in_process(files):
     assert files["existing"].read_bytes() == b"B" * 8 + ORIGINAL[8:]
 
 
+@pytest.mark.skipif(sys.platform != "linux", reason="measured on Linux")
 def test_rlimit_fsize_alone_lets_it_create_and_rewrite(files):
     """RLIMIT_FSIZE=0 stops growth only: the new file appears (empty) and the existing one is rewritten."""
     code = (
@@ -119,6 +120,7 @@ def test_rlimit_fsize_alone_lets_it_create_and_rewrite(files):
     assert files["existing"].read_bytes() == b"A" * 8 + ORIGINAL[8:]  # and the mapped write went through
 
 
+@needs_sandbox
 def test_sandbox_stops_writes_in_forward_and_while_loading(files):
     model = SandboxedModel(files["forward"])
     try:
@@ -156,6 +158,7 @@ PROBES = {
 }
 
 
+@needs_sandbox
 def test_sandbox_filter_refuses_every_probe_and_still_reads(tmp_path):
     """The filter itself, probed from Python in a locked-down child: each probe fails, reading still works."""
     target = tmp_path / "t.bin"
@@ -186,6 +189,7 @@ def test_sandbox_filter_refuses_every_probe_and_still_reads(tmp_path):
     assert target.read_bytes() == ORIGINAL and sorted(p.name for p in tmp_path.iterdir()) == ["t.bin"]
 
 
+@needs_sandbox
 def test_sandboxed_models_give_the_in_process_logits(tmp_path):
     m = zoo.build("mlp", SHAPE).eval()
     for suffix in (".pt", ".pt2"):
@@ -201,6 +205,7 @@ def test_sandboxed_models_give_the_in_process_logits(tmp_path):
             sandboxed.close()
 
 
+@needs_sandbox
 def test_a_program_that_never_returns_is_stopped(tmp_path):
     path = tmp_path / "spin.pt"
     torch.jit.save(torch.jit.script(Spin()), str(path))
@@ -210,6 +215,7 @@ def test_a_program_that_never_returns_is_stopped(tmp_path):
     assert model._proc.poll() is not None
 
 
+@needs_sandbox
 def test_verify_runs_a_local_torchscript_in_the_sandbox(files, tmp_path):
     """verify --model: the malicious file writes nothing (exit 2, one line); a plain one still verifies INTACT."""
     good = save_model(zoo.build("mlp", SHAPE).eval(), tmp_path / "good.pt", X)
@@ -222,3 +228,13 @@ def test_verify_runs_a_local_torchscript_in_the_sandbox(files, tmp_path):
     assert bad.exit_code == 2 and "Traceback" not in bad.stderr, (bad.stdout, bad.stderr)
     assert [line for line in bad.stderr.splitlines() if line.strip()] == [bad.stderr.strip()] and "Operation not permitted" in bad.stderr
     assert not files["new"].exists() and files["existing"].read_bytes() == ORIGINAL
+
+
+def test_without_a_usable_sandbox_a_suspect_program_is_refused(tmp_path, monkeypatch):
+    """Where the filter cannot be installed (not Linux on x86-64), the file is refused in one line, never run unsandboxed."""
+    import platform
+
+    path = save_model(zoo.build("mlp", SHAPE).eval(), tmp_path / "m.pt", X)
+    monkeypatch.setattr(platform, "machine", lambda: "aarch64")
+    with pytest.raises(ModelLoadError, match="runs only in a sandbox, and the sandbox's seccomp filter is written for x86-64; this is aarch64"):
+        load_model(path, sandbox=True)
