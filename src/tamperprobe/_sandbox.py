@@ -256,8 +256,15 @@ class SandboxedModel:
             env=env,
             start_new_session=True,  # no controlling terminal
         )
-        info = json.loads(self._answer(b"REDY", "loading", LOAD_TIMEOUT))
-        self._digest = str(info.get("digest", ""))
+        try:
+            info = json.loads(self._answer(b"REDY", "loading", LOAD_TIMEOUT))
+            self._digest = str(info["digest"])
+        except (ValueError, KeyError, TypeError):
+            self.close()
+            raise ModelLoadError(f"the sandboxed model {self.source} broke the answer protocol while loading") from None
+        except ModelLoadError:
+            self.close()
+            raise
 
     def __repr__(self) -> str:
         return f"SandboxedModel({self.source!r})"
