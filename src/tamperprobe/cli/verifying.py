@@ -224,7 +224,8 @@ def _verify_target(fp: Fingerprint, o: Mapping[str, Any]) -> Target:
             fail("--trusted-model applies to --model: an endpoint is always the party under suspicion")
         return _endpoint_target(fp, o)
     dev = use_runtime(o["threads"], o["device"])
-    loaded = load_model(o["model"], o["weights"], model_args=parse_model_args(o["model_arg"]), device=dev)
+    # a program from the suspect party (TorchScript, .pt2) runs in a sandboxed child; the owner's own copy in process
+    loaded = load_model(o["model"], o["weights"], model_args=parse_model_args(o["model_arg"]), device=dev, sandbox=not o["trusted_model"])
     return LocalTarget(loaded, input_spec=fp.input_spec, threads=o["threads"], trusted=o["trusted_model"])
 
 
