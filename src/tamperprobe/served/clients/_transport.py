@@ -127,8 +127,15 @@ class _ResponseStream(httpx.SyncByteStream):
 class BoundedTransport(httpx.BaseTransport):
     """HTTP/1.1 over an httpcore pool whose sockets never wait longer than ``clock`` allows."""
 
-    def __init__(self, clock: Clock, ssl_context: ssl.SSLContext | None) -> None:
-        self._pool = httpcore.ConnectionPool(ssl_context=ssl_context, network_backend=_BoundedBackend(clock), max_connections=4, keepalive_expiry=5.0)
+    def __init__(self, clock: Clock, ssl_context: ssl.SSLContext | None, *, keep_alive: bool = True) -> None:
+        # keep_alive False: a new connection for every request, as a client that opens one per call (requests.post, curl)
+        self._pool = httpcore.ConnectionPool(
+            ssl_context=ssl_context,
+            network_backend=_BoundedBackend(clock),
+            max_connections=4,
+            max_keepalive_connections=4 if keep_alive else 0,
+            keepalive_expiry=5.0,
+        )
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         assert isinstance(request.stream, httpx.SyncByteStream)  # a sync client sends sync streams
@@ -163,3 +170,69 @@ def tls_context(verify: bool, ca_file: str | None = None) -> ssl.SSLContext:
         return ssl.create_default_context(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"cannot read CA certificates from {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
+
+
+# --------------------------------------------------------------------------- response bodies, decoded within a cap
+
+
+def _brotli() -> Any:
+    try:
+        import brotli
+    except ImportError:
+        return None
+    try:  # the output limit (brotli >= 1.2) is what keeps a small body from expanding without bound
+        brotli.Decompressor().process(b"", output_buffer_limit=1)
+    except TypeError:
+        return None
+    return brotli
+
+
+def _zstd() -> Any:
+    for name in ("compression.zstd", "backports.zstd"):
+        try:
+            import importlib
+
+            return importlib.import_module(name)
+        except ImportError:
+            continue
+    return None
+
+
+def decodable(encoding: str) -> bool:
+    """Whether a response in Content-Encoding ``encoding`` can be decoded within a size cap here."""
+    e = encoding.strip().lower()
+    if e in ("gzip", "deflate", "identity"):
+        return True
+    if e == "br":
+        return _brotli() is not None
+    if e == "zstd":
+        return _zstd() is not None
+    return False
+
+
+class TooLarge(Exception):
+    """A decoded body beyond the cap."""
+
+
+def decompress(body: bytes, encoding: str, cap: int) -> bytes:
+    """``body`` decoded from ``encoding`` (gzip, deflate, br, zstd), at most ``cap`` bytes:
+    ``TooLarge`` beyond it, ``ValueError`` for a body that does not decode."""
+    import zlib
+
+    e = encoding.strip().lower()
+    try:
+        if e in ("gzip", "deflate"):
+            out = zlib.decompressobj(16 + zlib.MAX_WBITS if e == "gzip" else zlib.MAX_WBITS).decompress(body, cap + 1)
+        elif e == "br" and _brotli() is not None:
+            out = _brotli().Decompressor().process(body, output_buffer_limit=cap + 1)
+        elif e == "zstd" and _zstd() is not None:
+            out = _zstd().ZstdDecompressor().decompress(body, max_length=cap + 1)
+        else:
+            raise ValueError(f"unsupported Content-Encoding '{encoding}'")
+    except ValueError:
+        raise
+    except Exception as exc:  # zlib.error, brotli.error, ZstdError
+        raise ValueError(f"bad {e} body") from exc
+    if len(out) > cap:
+        raise TooLarge
+    return bytes(out)
