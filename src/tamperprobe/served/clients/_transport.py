@@ -29,11 +29,17 @@ from ...errors import UsageError
 
 
 class Clock:
-    """When the current attempt and the current run end (``time.monotonic`` seconds; ``inf``: no limit)."""
+    """When the current attempt and the current run end (``time.monotonic`` seconds; ``inf``: no limit).
+
+    It also carries the header order of the request being sent (``head_order``): h11 writes Host
+    first whatever the order given, while a client such as tritonclient's writes it after its own
+    headers; the stream puts the head's lines back in the order given (``ordered_head``).
+    """
 
     def __init__(self) -> None:
         self.run_end = math.inf
         self.attempt_end = math.inf
+        self.head_order: list[bytes] | None = None
 
     def left(self) -> float:
         """Seconds left before the earlier of the two ends."""
@@ -59,6 +65,9 @@ class _BoundedStream(httpcore.NetworkStream):
         return self._inner.read(max_bytes, self._clock.bound(timeout, httpcore.ReadTimeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        if self._clock.head_order is not None and buffer.endswith(b"\r\n\r\n"):
+            buffer = ordered_head(buffer, self._clock.head_order)
+            self._clock.head_order = None  # the head goes out once; what follows is the body
         self._inner.write(buffer, self._clock.bound(timeout, httpcore.WriteTimeout))
 
     def close(self) -> None:
@@ -70,6 +79,17 @@ class _BoundedStream(httpcore.NetworkStream):
 
     def get_extra_info(self, info: str) -> Any:
         return self._inner.get_extra_info(info)
+
+
+def ordered_head(head: bytes, order: list[bytes]) -> bytes:
+    """A request head with its header lines in ``order`` (lower-case names); unchanged unless its names are exactly those."""
+    lines = head[:-4].split(b"\r\n")
+    by_name: dict[bytes, bytes] = {}
+    for line in lines[1:]:
+        by_name.setdefault(line.split(b":", 1)[0].strip().lower(), line)
+    if len(by_name) != len(lines) - 1 or sorted(by_name) != sorted(order):
+        return head
+    return b"\r\n".join([lines[0], *(by_name[name] for name in order)]) + b"\r\n\r\n"
 
 
 class _BoundedBackend(httpcore.NetworkBackend):
@@ -128,6 +148,7 @@ class BoundedTransport(httpx.BaseTransport):
     """HTTP/1.1 over an httpcore pool whose sockets never wait longer than ``clock`` allows."""
 
     def __init__(self, clock: Clock, ssl_context: ssl.SSLContext | None, *, keep_alive: bool = True) -> None:
+        self._clock = clock
         # keep_alive False: a new connection for every request, as a client that opens one per call (requests.post, curl)
         self._pool = httpcore.ConnectionPool(
             ssl_context=ssl_context,
@@ -146,8 +167,12 @@ class BoundedTransport(httpx.BaseTransport):
             content=request.stream,
             extensions=request.extensions,
         )
-        with _httpx_errors():
-            resp = self._pool.handle_request(req)
+        self._clock.head_order = [name.lower() for name, _ in request.headers.raw]
+        try:
+            with _httpx_errors():
+                resp = self._pool.handle_request(req)
+        finally:
+            self._clock.head_order = None
         assert isinstance(resp.stream, Iterable)
         return httpx.Response(status_code=resp.status, headers=resp.headers, stream=_ResponseStream(resp.stream), extensions=resp.extensions)
 

@@ -189,7 +189,7 @@ def tritonclient() -> Profile:
         ("User-Agent", f"python/gevent-http-client-{version}"),
         (EXTRA, ""),
         ("Inference-Header-Content-Length", HEADER_LENGTH),
-        ("Authorization", BASIC),
+        ("authorization", BASIC),  # as tritonclient.http.auth.BasicAuth writes it
         ("Host", HOST),
         ("Content-Length", LENGTH),
     )
