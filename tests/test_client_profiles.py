@@ -295,3 +295,163 @@ def test_tritonclient_profile_speaks_kserve_only():
 
     with pytest.raises(UsageError, match="speaks --protocol kserve only"):
         make_client("tfserving", "http://127.0.0.1:9", profile="tritonclient")
+
+
+# --------------------------------------------------------------------------- the operator's router
+
+
+def _skeleton(value):
+    """A JSON value's shape: keys in order, list lengths, number types, strings as they are (names, datatypes)."""
+    if isinstance(value, dict):
+        return ("dict", tuple((k, _skeleton(v)) for k, v in value.items()))
+    if isinstance(value, list):
+        return ("list", len(value), _skeleton(value[0]) if value else None)
+    if isinstance(value, bool) or value is None or isinstance(value, str):
+        return value
+    return type(value).__name__
+
+
+def request_shape(c: Captured) -> tuple:
+    """What a router can key on besides the tensor values: request line (no query), every header name in order
+    and its value (but Host and lengths), the body's JSON skeleton and format (separators), the binary part's size."""
+    lines = c.head.decode("latin-1").split("\r\n")
+    method, target, version = lines[0].split(" ")
+    headers = []
+    for line in lines[1:]:
+        name, _, value = line.partition(":")
+        keep = name.lower() not in ("host", "content-length", "inference-header-content-length")
+        headers.append((name, value.strip() if keep else "*"))
+    n = c.header("Inference-Header-Content-Length")
+    text, raw = (c.body[: int(n)], c.body[int(n) :]) if n else (c.body, b"")
+    body = None
+    if text:
+        doc = json.loads(text)
+        fmt = [seps for seps in ((", ", ": "), (",", ":")) if json.dumps(doc, separators=seps).encode() == text]
+        body = (_skeleton(doc), tuple(fmt), len(raw))
+    return (method, target.split("?")[0], version, tuple(headers), body)
+
+
+def _pool_fingerprint(markers: int, decoys: int):
+    from tamperprobe.data import InputSpec
+    from tamperprobe.fingerprint import make_fingerprint
+
+    rng = np.random.default_rng(11)
+    xm = rng.random((markers, *SHAPE)).astype(np.float32)
+    xd = rng.random((decoys, *SHAPE)).astype(np.float32)
+    return make_fingerprint(
+        xm, _logits(xm), InputSpec(SHAPE), {"method": "natural"}, "test", output_spec="logits", decoy_inputs=xd, decoy_logits=_logits(xd)
+    )
+
+
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_a_router_that_learns_ordinary_requests_flags_none_of_tamperprobes(server, protocol, monkeypatch):
+    """Learn every request shape of a python-requests client sending natural inputs (with and without a token), then run
+    three verifications (markers and decoys, shuffled) under the default profile: no request has an unseen shape."""
+    from tamperprobe.served.pool import Draw
+    from tamperprobe.served.verify import INTACT, verify
+
+    natural = np.random.default_rng(5).random((6, *SHAPE)).astype(np.float32)
+    _requests_script(protocol, server.url, natural, "none")
+    _requests_script(protocol, server.url, natural[:2], "bearer")
+    learned = {request_shape(c) for c in server.take()}
+    fp = _pool_fingerprint(6, 6)
+    monkeypatch.setenv("TP_PROFILE_TOKEN", TOKEN)
+    template = json.dumps(TEMPLATE) if protocol == "json" else None
+    for run, token in enumerate([None, None, "TP_PROFILE_TOKEN"]):
+        client = make_client(
+            protocol, _endpoint(protocol, server.url), model_name="m", template=template, retries=0, classes=CLASSES, token_env=token
+        )
+        order = tuple(np.random.default_rng(run).permutation(4).tolist())
+        draw = Draw((2 * run, 2 * run + 1), (2 * run, 2 * run + 1), order, "fresh")
+        with client:
+            report = verify(fp, client, draw=draw)
+        assert report.verdict == INTACT and report.decoy_count == 2, report.summary()
+    ours = server.take()
+    assert len(ours) == 12 + (3 if protocol == "kserve" else 0)
+    flagged = [c.raw[:300] for c in ours if request_shape(c) not in learned]
+    assert flagged == []
+    assert not any(b"tp-" in c.raw for c in ours)  # no request id: nothing to route on for free
+
+
+def test_the_router_would_flag_a_request_in_another_shape(server, x):
+    """The router is not blind: one extra key in the body, one header in another order, another float format are flagged."""
+    requests.post(f"{server.url}/v1/models/m:predict", json={"instances": [x[0].tolist()]}, timeout=5)
+    (base,) = server.take()
+    learned = {request_shape(base)}
+    requests.post(f"{server.url}/v1/models/m:predict", json={"id": "1", "instances": [x[1].tolist()]}, timeout=5)
+    requests.post(f"{server.url}/v1/models/m:predict", json={"instances": [x[1].tolist()]}, headers={"Accept": "application/json"}, timeout=5)
+    body = json.dumps({"instances": [x[1].tolist()]}, separators=(",", ":"))
+    requests.post(f"{server.url}/v1/models/m:predict", data=body, headers={"Content-Type": "application/json"}, timeout=5)
+    requests.post(f"{server.url}/v1/models/m:predict", json={"instances": [x[1].tolist()]}, timeout=5)  # the same shape
+    shapes = [request_shape(c) in learned for c in server.take()]
+    assert shapes == [False, False, False, True]
+
+
+# --------------------------------------------------------------------------- the owner's own profile
+
+
+def test_an_owner_described_profile_sends_exactly_that(server, x, tmp_path, monkeypatch):
+    """Headers in the file's order with its values, compact JSON, kept alive; ``input`` spares the metadata request."""
+    spec = {
+        "base": "python-requests",
+        "headers": [["Host", "{host}"], ["User-Agent", "shop-frontend/4.2"], ["Accept", "application/json"], ["{extra}", ""],
+                    ["Content-Type", "application/json"], ["Content-Length", "{length}"]],
+        "separators": [",", ":"],
+        "keep_alive": True,
+        "input": {"name": "pixels", "datatype": "fp32"},
+    }  # fmt: skip
+    path = tmp_path / "profile.json"
+    path.write_text(json.dumps(spec))
+    monkeypatch.setenv("TP_PROFILE_TOKEN", TOKEN)
+    _tamperprobe("kserve", f"{server.url}/v2/models/m", x, str(path), token_env="TP_PROFILE_TOKEN")
+    got = server.take()
+    assert len(got) == 3 and len({c.conn for c in got}) == 1  # no metadata request; one connection
+    for c, xi in zip(got, x):
+        body = json.dumps(
+            {"inputs": [{"name": "pixels", "shape": [1, *SHAPE], "datatype": "FP32", "data": xi.ravel().tolist()}]}, separators=(",", ":")
+        )
+        head = (
+            f"POST /v2/models/m/infer HTTP/1.1\r\nHost: 127.0.0.1:{server.port}\r\nUser-Agent: shop-frontend/4.2\r\nAccept: application/json\r\n"
+            f"Authorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        )
+        assert c.raw == head.encode() + body.encode()
+
+
+@pytest.mark.parametrize(
+    "doc, message",
+    [
+        ({"headers": [["User-Agent", "x"]]}, 'needs \\["Host", "\\{host\\}"\\]'),
+        ({"headers": [["Host", "{host}"], ["Content-Length", "{length}"], ["X", "a{host}"]]}, "placeholder must be the whole value"),
+        ({"headers": [["Host", "{host}"], ["Content-Length", "{length}"], ["Bad Name", "v"]]}, "bad header"),
+        ({"headers": [["Host", "{host}"], ["host", "{host}"], ["Content-Length", "{length}"]]}, "listed twice"),
+        ({"separators": [";", "="]}, "separators"),
+        ({"keep_alive": "yes"}, "true or false"),
+        ({"input": {"name": "x"}}, '"input" must be'),
+        ({"base": "wget"}, "unknown client profile"),
+        ({"colour": "red"}, "unknown key"),
+    ],
+)
+def test_a_bad_profile_file_is_a_one_line_usage_error(tmp_path, doc, message):
+    from tamperprobe.errors import UsageError
+
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(doc))
+    with pytest.raises(UsageError, match=message):
+        load_profile(str(path))
+    with pytest.raises(UsageError, match="unknown client profile 'nope'"):
+        load_profile("nope")
+
+
+def test_client_profile_option_reaches_the_client(server, tmp_path):
+    """``verify --client-profile curl`` sends curl's requests."""
+    from typer.testing import CliRunner
+
+    from tamperprobe.cli.app import app
+    from tamperprobe.fingerprint import save
+
+    fp_path = save(_pool_fingerprint(4, 2), tmp_path / "fp.tpf")
+    args = ["verify", str(fp_path), "--endpoint", server.url, "--protocol", "tfserving", "--model-name", "m", "--per-run", "2", "--decoys", "0"]
+    r = CliRunner().invoke(app, [*args, "--history", str(tmp_path / "h.sqlite"), "--client-profile", "curl", "--allow-unsigned"])
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    got = server.take()
+    assert len(got) == 2 and all(c.header("User-Agent").startswith("curl/") and c.header("Accept") == "*/*" for c in got)
