@@ -29,7 +29,6 @@ import requests
 
 from tamperprobe.outputs import OutputSpec
 from tamperprobe.served.clients import make_client
-from tamperprobe.served.clients.profiles import load_profile
 from tamperprobe.served.targets import QueryFailure
 
 SHAPE = (1, 4, 4)
@@ -433,6 +432,7 @@ def test_an_owner_described_profile_sends_exactly_that(server, x, tmp_path, monk
 )
 def test_a_bad_profile_file_is_a_one_line_usage_error(tmp_path, doc, message):
     from tamperprobe.errors import UsageError
+    from tamperprobe.served.clients.profiles import load_profile
 
     path = tmp_path / "p.json"
     path.write_text(json.dumps(doc))

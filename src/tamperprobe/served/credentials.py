@@ -21,12 +21,13 @@ import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import unquote, unquote_plus, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit, urlunsplit
 
 from ..errors import UsageError
 
 REDACTED = "***"
 _CREDENTIAL_HEADER = re.compile(r"auth|token|key|secret|cookie|session|password|credential", re.IGNORECASE)
+_QUERY_SAFE = "!$&'()*+,;=:@/?~"
 _SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
 
 
@@ -98,7 +99,8 @@ def url_secrets(url: str) -> list[str]:
         return []
     found = [parts.password] if parts.password else [parts.username] if parts.username else []  # no password: the user name is the token
     found += [v for p in parts.query.split("&") for v in (p.partition("=")[2] or p,) if v] if parts.query else []
-    return found + [unquote_plus(v) for v in found] + [unquote(v) for v in found]
+    decoded = [unquote_plus(v) for v in found] + [unquote(v) for v in found]
+    return found + decoded + [quote(v, safe=_QUERY_SAFE) for v in decoded]  # and as httpx percent-encodes it on the wire
 
 
 def basic_credentials(user: str, password: str) -> str:

@@ -51,8 +51,8 @@ shape).
 from __future__ import annotations
 
 import functools
-import os
 import json
+import os
 import re
 import shutil
 import subprocess
