@@ -455,3 +455,38 @@ def test_client_profile_option_reaches_the_client(server, tmp_path):
     assert r.exit_code == 0, (r.stdout, r.stderr)
     got = server.take()
     assert len(got) == 2 and all(c.header("User-Agent").startswith("curl/") and c.header("Accept") == "*/*" for c in got)
+
+
+# --------------------------------------------------------------------------- what the profile accepts, it can read
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate", "br"])
+def test_every_encoding_the_profile_accepts_is_decoded_within_the_cap(encoding):
+    """python-requests accepts br when brotli is installed; so must tamperprobe read it, and a bomb stays a bounded failure."""
+    import gzip
+    import zlib
+
+    from fakes import Scripted, reply
+
+    brotli = pytest.importorskip("brotli")
+    compress = {"gzip": gzip.compress, "deflate": zlib.compress, "br": brotli.compress}[encoding]
+    assert encoding in load_profile_accept()
+    good = json.dumps({"predictions": [[0.5, 2.5, -1.0]]}).encode()
+    bomb = b"[" + b" " * (8 << 20) + b"]"
+    for body, expect in [(good, None), (bomb, "response larger than 1 MiB")]:
+        with Scripted(lambda req, out, b=body: reply(out, 200, compress(b), {"Content-Encoding": encoding})) as srv:
+            (a,) = (
+                make_client("tfserving", srv.url, retries=0, classes=CLASSES)
+                .query(np.zeros((1, *SHAPE), np.float32), OutputSpec.parse("logits"))
+                .answers
+            )
+        if expect is None:
+            np.testing.assert_allclose(a.scores, [0.5, 2.5, -1.0])
+        else:
+            assert isinstance(a, QueryFailure) and a.reason == expect, a
+
+
+def load_profile_accept() -> str:
+    from tamperprobe.served.clients.profiles import load_profile
+
+    return dict(load_profile(None).headers)["Accept-Encoding"]

@@ -10,11 +10,15 @@ local one. What it does on each ``query``:
   (sorted; a request that ends after the next one's time delays it, plus ``delay``), so a run is
   not one burst. ``planned_pauses(n)`` is what that adds at most to a run of ``n`` inputs; a
   caller refuses a run whose pauses do not fit in the deadline (``pool.check_schedule``);
-* headers: ``headers`` as given (a mapping, or ``Name:value`` texts), plus
-  ``Authorization: Bearer <token>``, the token read from ``$token_env`` or ``token_file``
-  (``credentials.read_token``: never from the command line, never empty); ``user:password@`` in
-  the URL is sent as HTTP basic authentication and a query string (``?api_key=...``) with every
-  request;
+* every request as an ordinary client sends it (``profile``, ``profiles.py``; default
+  python-requests' ``requests.post(url, json=body)``): that client's headers in its order, its
+  JSON format, its connection reuse, no request id; the head is written exactly (nothing httpx
+  would add, no cookies), and a response is decoded in any Content-Encoding the profile accepts;
+* credentials: ``headers`` as given (a mapping, or ``Name:value`` texts; one the profile has
+  already replaces its value in place), plus ``Authorization: Bearer <token>``, the token read
+  from ``$token_env`` or ``token_file`` (``credentials.read_token``: never from the command
+  line, never empty); ``user:password@`` in the URL is sent as HTTP basic authentication where
+  the profile's client puts it, and a query string (``?api_key=...``) with every request;
 * TLS certificates are verified (against ``ca_file`` when given, else the certifi bundle) unless
   ``verify_tls=False``; redirects are not followed (a redirect would carry the token elsewhere):
   a 3xx is a failure;
@@ -30,8 +34,8 @@ local one. What it does on each ``query``:
   server asked for more time than the run has). Once an endpoint stayed unreachable through all
   retries, later requests of the same query are tried once (no retries) until one gets through,
   so a dead endpoint costs ``timeout * (retries + 1)`` once, not for every marker;
-* the response body is streamed and abandoned beyond ``max_response_bytes``; a gzip or deflate
-  body is decompressed within the same cap;
+* the response body is streamed and abandoned beyond ``max_response_bytes``; a compressed body
+  (gzip, deflate, br, zstd) is decoded within the same cap;
 * names, reports and history show the URL through ``credentials.redact_url`` (no
   ``user:password@``, query values as ``***``); failure reasons hide the client's secrets and
   are made inert by ``untrusted.clean`` (control characters and escape sequences escaped, one

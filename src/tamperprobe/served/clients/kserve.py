@@ -5,14 +5,17 @@ The endpoint is the server's base URL (``http://host:8000``) or a model URL
 model name the client asks ``POST /v2/repository/index`` and takes the only model listed,
 falling back to ``model``.
 
-Before the first marker of each query it reads the model metadata (``GET /v2/models/NAME``):
+Before the first marker it reads the model metadata once (``GET /v2/models/NAME``), unless the
+client profile names the input (``"input": {"name", "datatype"}``, ``profiles.py``):
 the input's name and datatype, the input shape (a mismatch with the fingerprint fails every
 marker with a clear reason instead of sending them), and the class count from a per-class
 output (``[-1, C]``), used to reject answers with another number of classes.
 
-Each request sends ``{"id", "inputs": [{"name", "shape": [B, ...], "datatype", "data"}]}``
-without ``outputs``, so the server returns every output (as JSON, not binary), and each
-output is read by its datatype and name (tensors as ``tamperprobe.oip`` reads them):
+Each request sends ``{"inputs": [{"name", "shape": [B, ...], "datatype", "data"}]}`` (no request
+id: none of the ordinary clients sends one) without ``outputs``, so the server returns every
+output; under a profile with ``binary`` (tritonclient's) the tensor goes in the binary extension
+and binary outputs are asked for, as tritonclient does. Each output, JSON or binary, is read by
+its datatype and name (tensors as ``tamperprobe.oip`` reads them):
 
 * INT/UINT outputs are labels, most likely first (``label``, ``labels``, a Triton ``argmax``);
 * BYTES outputs are the classification extension: ``"score:index[:label]"`` per class, most
