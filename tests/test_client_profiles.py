@@ -490,3 +490,74 @@ def load_profile_accept() -> str:
     from tamperprobe.served.clients.profiles import load_profile
 
     return dict(load_profile(None).headers)["Accept-Encoding"]
+
+
+# --------------------------------------------------------------------------- the TLS ClientHello
+
+
+def _client_hello(send) -> tuple:
+    """What a TLS-terminating proxy can fingerprint (JA3 and more) in the ClientHello ``send(port)`` makes:
+    version, cipher suites, every extension in order with its data (but the key share, PSK and padding, which vary)."""
+    import struct
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    got = {}
+
+    def accept():
+        conn, _ = sock.accept()
+        conn.settimeout(5)
+        data = b""
+        with conn:
+            while len(data) < 5 or len(data) < 5 + struct.unpack(">H", data[3:5])[0]:
+                more = conn.recv(65536)
+                if not more:
+                    break
+                data += more
+        got["hello"] = data
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    try:
+        send(sock.getsockname()[1])
+    except Exception:  # noqa: BLE001, S110 - the server hangs up after the ClientHello: every client fails, as intended
+        pass
+    t.join(10)
+    sock.close()
+    ch = got["hello"]
+    p = 9
+    version = ch[p : p + 2]
+    p += 34
+    p += 1 + ch[p]  # session id
+    n = struct.unpack(">H", ch[p : p + 2])[0]
+    ciphers = ch[p + 2 : p + 2 + n]
+    p += 2 + n
+    p += 1 + ch[p]  # compression methods
+    end = p + 2 + struct.unpack(">H", ch[p : p + 2])[0]
+    p += 2
+    extensions = []
+    while p < end:
+        kind, size = struct.unpack(">HH", ch[p : p + 4])
+        extensions.append((kind, size if kind in (21, 41, 51) else ch[p + 4 : p + 4 + size]))
+        p += 4 + size
+    return version, ciphers, tuple(e if e[0] != 21 else (21,) for e in extensions)
+
+
+def _tamperprobe_tls(profile):
+    def send(port):
+        make_client("kserve", f"https://127.0.0.1:{port}/v2/models/m", profile=profile, retries=0, timeout=3, verify_tls=False).query(
+            np.zeros((1, *SHAPE), np.float32), OutputSpec.parse("top1")
+        )
+
+    return send
+
+
+def test_python_requests_profile_has_requests_tls_client_hello():
+    ordinary = _client_hello(lambda port: requests.post(f"https://127.0.0.1:{port}/x", json={}, timeout=3, verify=False))
+    assert _client_hello(_tamperprobe_tls(None)) == ordinary
+
+
+def test_tritonclient_profile_has_tritonclients_tls_client_hello():
+    import tritonclient.http as th
+
+    ordinary = _client_hello(lambda port: th.InferenceServerClient(f"127.0.0.1:{port}", ssl=True, insecure=True).get_model_metadata("m"))
+    assert _client_hello(_tamperprobe_tls("tritonclient")) == ordinary

@@ -180,10 +180,31 @@ class BoundedTransport(httpx.BaseTransport):
         self._pool.close()
 
 
-def tls_context(verify: bool, ca_file: str | None = None) -> ssl.SSLContext:
-    """The TLS context of a client: certificates checked against ``ca_file`` (else the certifi bundle), or not at all."""
+class _NoALPN(ssl.SSLContext):
+    """A context that offers no ALPN: httpcore sets ``http/1.1`` on every context, a client without ALPN never does."""
+
+    def set_alpn_protocols(self, alpn_protocols: Iterable[str]) -> None:
+        return None
+
+
+TLS_STYLES = ("httpx", "urllib3", "no-alpn")
+
+
+def tls_context(verify: bool, ca_file: str | None = None, style: str = "httpx") -> ssl.SSLContext:
+    """The TLS context of a client: certificates checked against ``ca_file`` (else the certifi bundle), or not at all.
+
+    ``style`` shapes the ClientHello like a known client's: ``httpx`` Python's default context
+    (ALPN ``http/1.1``), ``urllib3`` as requests' urllib3 builds it (no session ticket, post-handshake
+    authentication offered), ``no-alpn`` Python's default context without ALPN (gevent's, tritonclient's).
+    """
+    ref = ssl.create_default_context()
+    ctx = (_NoALPN if style == "no-alpn" else ssl.SSLContext)(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.options, ctx.verify_flags, ctx.minimum_version = ref.options, ref.verify_flags, ref.minimum_version
+    if style == "urllib3":
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.options |= ssl.OP_NO_TICKET
+        ctx.post_handshake_auth = True
     if not verify:
-        ctx = ssl.create_default_context()
         ctx.check_hostname = False
         ctx.verify_mode = ssl.CERT_NONE
         return ctx
@@ -192,9 +213,10 @@ def tls_context(verify: bool, ca_file: str | None = None) -> ssl.SSLContext:
 
         ca_file = certifi.where()
     try:
-        return ssl.create_default_context(cafile=ca_file)
+        ctx.load_verify_locations(cafile=ca_file)
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"cannot read CA certificates from {ca_file}: {getattr(exc, 'strerror', None) or exc}") from None
+    return ctx
 
 
 # --------------------------------------------------------------------------- response bodies, decoded within a cap

@@ -330,7 +330,9 @@ class HTTPTarget:
         if ca_file is not None and not verify_tls:
             raise UsageError("give --ca-cert or --insecure, not both")
         if transport is None:
-            transport = BoundedTransport(self._clock, tls_context(verify_tls, ca_file) if https else None, keep_alive=self.profile.keep_alive)
+            transport = BoundedTransport(
+                self._clock, tls_context(verify_tls, ca_file, self.profile.tls) if https else None, keep_alive=self.profile.keep_alive
+            )
         # the request's headers are the profile's, set in _send_once; the client adds none of its own (no cookies, no auth)
         self._client = httpx.Client(follow_redirects=False, transport=transport, timeout=httpx.Timeout(self.timeout), trust_env=False)
         self._unreachable = False

@@ -11,6 +11,7 @@ ordinary client would not: a ``Profile`` is the exact request of one client, byt
   which ``json``, ``rapidjson`` and a file written by ``json.dump`` share), or the binary tensor
   extension (``binary``, tritonclient's default for the Open Inference Protocol);
 * one connection per request or kept alive (``keep_alive``), as that client does;
+* over TLS, a ClientHello of the same shape (``tls``: cipher list, extensions and their order);
 * no request id (none of these clients sends one).
 
 ==================  ==============================================================================
@@ -22,7 +23,9 @@ ordinary client would not: a ``Profile`` is the exact request of one client, byt
                      the tensor in binary and binary outputs requested, no Content-Type, one kept-alive
                      connection; ``kserve`` only
 ``curl``             ``curl -X POST -H 'Content-Type: application/json' -d @file URL``: the installed curl's
-                     User-Agent (``curl --version``; else curl 7.88.1), a new connection for every request
+                     User-Agent (``curl --version``; else curl 7.88.1), a new connection for every request;
+                     over plain HTTP only: curl's TLS (OpenSSL's cipher list, ALPN h2, then HTTP/2) is not
+                     reproduced
 ==================  ==============================================================================
 
 Only the owner knows what their application's requests look like, so a profile can also be a
@@ -37,7 +40,8 @@ JSON file (``--client-profile FILE``)::
       "input": {"name": "input__0", "datatype": "FP32"}
     }
 
-Every key but ``headers`` is optional (taken from ``base``, default ``python-requests``).
+Every key but ``headers`` is optional (``tls``: the ClientHello's shape, ``httpx``, ``urllib3`` or
+``no-alpn``, ``_transport.tls_context``) (taken from ``base``, default ``python-requests``).
 ``headers`` lists every header in order, values literal or one of the placeholders ``{host}``,
 ``{length}`` (Content-Length; required), ``{basic}`` (HTTP basic credentials of the URL's
 ``user:password@``), ``{header_length}`` (the binary extension's JSON length); the entry
@@ -87,6 +91,7 @@ class Profile:
     source: str = ""  # what it reproduces, with the version it tracks
     input_name: str | None = None  # kserve: the served model's input, known without a metadata request
     input_datatype: str | None = None
+    tls: str = "httpx"  # the ClientHello's shape: _transport.TLS_STYLES
 
     def dumps(self, body: Any) -> bytes:
         """``body`` as this client writes JSON (NaN and infinities refused, ValueError)."""
@@ -179,7 +184,7 @@ def python_requests() -> Profile:
         ("Content-Type", "application/json"),
         ("Authorization", BASIC),
     )
-    return Profile("python-requests", head, source=source)
+    return Profile("python-requests", head, source=source, tls="urllib3")
 
 
 def tritonclient() -> Profile:
@@ -194,7 +199,7 @@ def tritonclient() -> Profile:
         ("Content-Length", LENGTH),
     )
     source = f"tritonclient.http over geventhttpclient {version}"
-    return Profile("tritonclient", head, separators=(",", ":"), keep_alive=True, binary=True, protocols=("kserve",), source=source)
+    return Profile("tritonclient", head, separators=(",", ":"), keep_alive=True, binary=True, protocols=("kserve",), source=source, tls="no-alpn")
 
 
 def curl() -> Profile:
@@ -248,7 +253,7 @@ def _read(path: Path) -> str:
         raise UsageError(f"cannot read client profile {path}: {one_line(getattr(exc, 'strerror', None) or exc)}") from None
 
 
-_KEYS = {"base", "name", "headers", "separators", "keep_alive", "binary", "input"}
+_KEYS = {"base", "name", "headers", "separators", "keep_alive", "binary", "input", "tls"}
 
 
 def _from_doc(doc: Mapping[str, Any]) -> Profile:
@@ -270,6 +275,12 @@ def _from_doc(doc: Mapping[str, Any]) -> Profile:
             if not isinstance(doc[key], bool):
                 raise UsageError(f'client profile: "{key}" must be true or false')
             changes[key] = doc[key]
+    if "tls" in doc:
+        from ._transport import TLS_STYLES
+
+        if doc["tls"] not in TLS_STYLES:
+            raise UsageError(f'client profile: "tls" must be one of {", ".join(TLS_STYLES)}')
+        changes["tls"] = doc["tls"]
     if "input" in doc:
         inp = doc["input"]
         if not (isinstance(inp, Mapping) and isinstance(inp.get("name"), str) and isinstance(inp.get("datatype"), str)):
