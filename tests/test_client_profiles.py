@@ -561,3 +561,17 @@ def test_tritonclient_profile_has_tritonclients_tls_client_hello():
 
     ordinary = _client_hello(lambda port: th.InferenceServerClient(f"127.0.0.1:{port}", ssl=True, insecure=True).get_model_metadata("m"))
     assert _client_hello(_tamperprobe_tls("tritonclient")) == ordinary
+
+
+def test_a_header_given_again_replaces_the_profiles_in_place_and_framing_is_refused(server, x):
+    """``--header User-Agent:...`` takes the profile header's place (as requests merges its headers); Host and lengths are not settable."""
+    from tamperprobe.errors import UsageError
+
+    _tamperprobe("tfserving", server.url, x[:1], None, headers=["User-Agent: shop/1.0", "X-Trace: 7"])
+    (c,) = server.take()
+    names = [line.split(b":")[0] for line in c.head.split(b"\r\n")[1:]]
+    assert names == [b"Host", b"User-Agent", b"Accept-Encoding", b"Accept", b"Connection", b"X-Trace", b"Content-Length", b"Content-Type"]
+    assert c.header("User-Agent") == "shop/1.0"
+    for bad in ("Host: evil", "Content-Length: 5", "Transfer-Encoding: chunked"):
+        with pytest.raises(UsageError, match="framing is the client profile's"):
+            make_client("tfserving", server.url, headers=[bad])

@@ -76,7 +76,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
@@ -84,15 +84,15 @@ from ..._util import one_line
 from ...data import InputSpec
 from ...errors import UsageError
 from ...outputs import Answer, OutputSpec
-from ..credentials import Masker, basic_credentials, is_credential_header, read_token, redact_url, url_secrets
+from ..credentials import Masker, read_token, redact_url
 from ..targets import QueryFailure, QueryResult
 from ..untrusted import clean
+from ._setup import check_limits, check_url, client_credentials, parse_headers, split_url
 from .answers import Failure, check_answer
 from .profiles import Profile, load_profile
 
 DEFAULT_MAX_RESPONSE = 1 << 20
 DEFAULT_DEADLINE = 300.0  # seconds for one verification run
-_TOKEN_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 __all__ = ["DEFAULT_DEADLINE", "DEFAULT_MAX_RESPONSE", "HTTPResponse", "HTTPTarget", "check_url", "nested", "parse_headers", "redact_url"]
 
@@ -103,51 +103,6 @@ def human_size(n: int) -> str:
     if n >= 1024 and n % 1024 == 0:
         return f"{n >> 10} KiB"
     return f"{n} bytes"
-
-
-def check_url(url: str) -> str:
-    try:
-        parts = urlsplit(str(url).strip())
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"bad endpoint URL {redact_url(str(url))!r}: expected http://host:port/... or https://...")
-    return str(url).strip()
-
-
-def _split_url(url: str) -> tuple[str, str, tuple[str, str] | None]:
-    """(the URL without user info, query and fragment; its query; (user, password) or None)."""
-    parts = urlsplit(url)
-    auth = (unquote(parts.username or ""), unquote(parts.password or "")) if parts.username or parts.password else None
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port is not None else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", "")), parts.query, auth
-
-
-def parse_headers(headers: Mapping[str, str] | Iterable[str] | None) -> dict[str, str]:
-    """Extra request headers from a mapping or ``Name:value`` texts (``--header``); UsageError on a bad one.
-
-    A bad header's value is never echoed (it may be a secret).
-    """
-    items: list[tuple[str, str]] = []
-    if isinstance(headers, Mapping):
-        items = [(str(k), str(v)) for k, v in headers.items()]
-    else:
-        for h in headers or []:
-            name, sep, value = str(h).partition(":")
-            if not sep:
-                raise UsageError("bad header: expected Name:value (a --header without ':')")
-            items.append((name, value))
-    out: dict[str, str] = {}
-    for k, v in items:
-        k, v = str(k).strip(), str(v).strip()
-        if not _TOKEN_NAME.fullmatch(k) or any(ch in v for ch in "\r\n\0"):
-            raise UsageError(f"bad header '{clean(k, 60)}': use Name:value with a token name and a one-line value")
-        out[k] = v
-    return out
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -188,59 +143,6 @@ class HTTPResponse:
         except (ValueError, UnicodeDecodeError):
             ctype = self.headers.get("content-type", "?") if self.headers is not None else "?"
             raise Failure(f"malformed response: not JSON ({clean(ctype, 60)}): '{clean(self.body.decode(errors='replace'), 80)}'") from None
-
-
-def _check_limits(
-    timeout: float,
-    deadline: float | None,
-    retries: int,
-    batch_size: int,
-    delay: float,
-    backoff: float,
-    max_retry_after: float,
-    spread: float,
-    max_response_bytes: int,
-) -> None:
-    """UsageError for a client option out of range."""
-    for name, value in (("--timeout", timeout), ("--deadline", math.inf if deadline is None else deadline)):
-        if not value > 0:
-            raise UsageError(f"{name} must be > 0 seconds")
-    if retries < 0:
-        raise UsageError("--retries must be >= 0")
-    if batch_size < 1:
-        raise UsageError("--batch-size must be >= 1")
-    if not (delay >= 0 and backoff >= 0 and max_retry_after >= 0):
-        raise UsageError("--delay, backoff and max_retry_after must be >= 0")
-    if not (0 <= spread < math.inf and delay < math.inf):
-        raise UsageError("--spread and --delay must be finite numbers of seconds >= 0")
-    if max_response_bytes < 1:
-        raise UsageError("the response size cap must be >= 1 byte")
-
-
-def _credentials(
-    raw_url: str, auth: tuple[str, str] | None, headers: Mapping[str, str] | Iterable[str] | None, token: str | None
-) -> tuple[list[tuple[str, str]], str | None, list[str]]:
-    """(the extra headers in order, the basic-auth header value or None, every secret the client knows).
-
-    The secrets are what ``Masker`` hides in any text the client passes on: the URL's user name,
-    password and query values, credential-like headers (and a scheme's value alone), the token, and
-    the basic-auth header value a server might echo back.
-    """
-    secrets = url_secrets(raw_url)
-    extra = list(parse_headers(headers).items())
-    for k, v in extra:
-        if is_credential_header(k):
-            secrets += [v, *v.split(None, 1)[1:]]  # "Bearer X": X alone too
-    basic = None
-    if token is not None:
-        if auth is not None:
-            raise UsageError("give credentials in the URL (user:password@) or a token, not both")
-        extra = [(k, v) for k, v in extra if k.lower() != "authorization"] + [("Authorization", f"Bearer {token}")]
-        secrets.append(token)
-    elif auth is not None:
-        basic = basic_credentials(*auth)
-        secrets += [basic, basic.split(None, 1)[1]]
-    return extra, basic, secrets
 
 
 class HTTPTarget:
@@ -294,7 +196,7 @@ class HTTPTarget:
         from ._transport import BoundedTransport, Clock, tls_context
 
         raw_url = check_url(url)
-        base, self._query_string, auth = _split_url(raw_url)
+        base, self._query_string, auth = split_url(raw_url)
         self.version: str | None = None
         if self.model_url_pattern:
             m = re.match(self.model_url_pattern, base)
@@ -304,7 +206,7 @@ class HTTPTarget:
             base = base.rstrip("/")
         self.url = check_url(base)
         self.model_name = model_name or self.default_model_name
-        _check_limits(timeout, deadline, retries, batch_size, delay, backoff, max_retry_after, spread, max_response_bytes)
+        check_limits(timeout, deadline, retries, batch_size, delay, backoff, max_retry_after, spread, max_response_bytes)
         self.timeout = float(timeout)
         self.deadline = None if deadline is None or math.isinf(deadline) else float(deadline)
         self.retries = int(retries)
@@ -322,7 +224,7 @@ class HTTPTarget:
         self.profile = load_profile(profile)
         if self.profile.protocols is not None and self.protocol not in self.profile.protocols:
             raise UsageError(f"client profile {self.profile.name} speaks --protocol {' or '.join(self.profile.protocols)} only")
-        self._extra, self._basic, secrets = _credentials(raw_url, auth, headers, read_token(token_env, token_file))
+        self._extra, self._basic, secrets = client_credentials(raw_url, auth, headers, read_token(token_env, token_file))
         self._mask = Masker(secrets)
         self._clock = Clock()
         # Redirects are never followed, so a plain-http endpoint never needs TLS: skip loading the CA bundle.
