@@ -575,3 +575,62 @@ def test_a_header_given_again_replaces_the_profiles_in_place_and_framing_is_refu
     for bad in ("Host: evil", "Content-Length: 5", "Transfer-Encoding: chunked"):
         with pytest.raises(UsageError, match="framing is the client profile's"):
             make_client("tfserving", server.url, headers=[bad])
+
+
+# --------------------------------------------------------------------------- against the reference server
+
+
+@pytest.mark.parametrize("profile", ["python-requests", "tritonclient", "curl"])
+def test_every_profile_verifies_against_the_reference_server(profile):
+    """tamperprobe serve under each profile (tritonclient's: binary tensors, binary outputs, labels and
+    classification strings included): every output spec reads INTACT."""
+    import torch
+
+    from tamperprobe import zoo
+    from tamperprobe.data import InputSpec
+    from tamperprobe.fingerprint import make_fingerprint
+    from tamperprobe.models import TorchModel
+    from tamperprobe.served.verify import INTACT, verify
+    from tamperprobe.server.app import ServerThread
+
+    torch.manual_seed(0)
+    model = TorchModel(zoo.build("mlp", SHAPE).eval(), "m")
+    xs = np.random.default_rng(2).random((4, *SHAPE)).astype(np.float32)
+    logits = np.concatenate([model.logits(xs[i : i + 1]) for i in range(len(xs))])
+    for spec in ["top1", "topk:3", "top1-prob:4", "probs:3", "logits"]:
+        fp = make_fingerprint(xs, logits, InputSpec(SHAPE), {"method": "natural"}, "test", output_spec=spec)
+        with ServerThread(model, name="m", input_shape=SHAPE, output_spec=spec) as srv:
+            client = make_client("kserve", srv.url, model_name="m", profile=profile, retries=0, classes=10)
+            with client:
+                report = verify(fp, client)
+        assert report.verdict == INTACT, (spec, report.summary())
+
+
+def test_binary_outputs_are_read_like_json_ones():
+    """A Triton-style binary answer: classification strings (BYTES) and an INT64 label, each in its slice of the body."""
+    import struct
+
+    from fakes import Scripted
+
+    entries = [b"2.5:1", b"0.5:0", b"-1:2"]
+    strings = b"".join(struct.pack("<I", len(e)) + e for e in entries)
+    label = np.array([[1]], "<i8").tobytes()
+    outputs = [
+        {"name": "label", "datatype": "INT64", "shape": [1, 1], "parameters": {"binary_data_size": len(label)}},
+        {"name": "logits", "datatype": "BYTES", "shape": [1, 3], "parameters": {"binary_data_size": len(strings)}},
+    ]
+    head = json.dumps({"model_name": "m", "outputs": outputs}).encode()
+
+    def respond(req, out, tail=b""):
+        body = head + label + strings + tail
+        out.write(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nInference-Header-Content-Length: %d\r\n\r\n" % (len(body), len(head)) + body)
+        out.flush()
+
+    prof = {"base": "tritonclient", "input": {"name": "input", "datatype": "FP32"}}
+    x1 = np.zeros((1, *SHAPE), np.float32)
+    with Scripted(respond) as srv:
+        (a,) = make_client("kserve", f"{srv.url}/v2/models/m", profile=prof, retries=0).query(x1, OutputSpec.parse("topk:3")).answers
+    assert a.labels == (1, 0, 2), a  # three labels: the classification strings were read (the label output has one)
+    with Scripted(lambda req, out: respond(req, out, b"extra")) as srv:
+        (a,) = make_client("kserve", f"{srv.url}/v2/models/m", profile=prof, retries=0).query(x1, OutputSpec.parse("top1")).answers
+    assert isinstance(a, QueryFailure) and a.reason == "malformed response: 5 bytes of binary data no output claims", a
