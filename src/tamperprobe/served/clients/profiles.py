@@ -129,6 +129,7 @@ class Profile:
         return out if placed else out + rest
 
 
+@functools.cache
 def _requests_headers() -> tuple[str, str, str]:
     """(User-Agent, Accept-Encoding, source) of the installed requests, else of requests 2.32.3 without brotli."""
     try:
