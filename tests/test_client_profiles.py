@@ -256,6 +256,20 @@ def test_python_requests_profile_is_byte_equal(server, x, protocol, auth, monkey
     assert len({r.conn for r in ordinary}) == len(ordinary)  # requests.post: a new connection each time
 
 
+@pytest.mark.parametrize("protocol", PROTOCOLS)
+def test_python_requests_session_profile_is_byte_equal(server, x, protocol, monkeypatch):
+    """Through one ``requests.Session()``: the same bytes, on one kept-alive connection."""
+    with requests.Session() as s:
+        for xi in x:
+            url, body = _ordinary_request(protocol, server.url, xi)
+            s.post(url, json=body, timeout=5).raise_for_status()
+    ordinary = server.take()
+    _tamperprobe_with(protocol, server.url, x, "python-requests-session", "none", monkeypatch)
+    ours = [c for c in server.take() if not c.raw.startswith(b"GET ")]  # the kserve client's metadata read: compared above
+    _same(ordinary, ours)
+    assert len({r.conn for r in ordinary}) == 1
+
+
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 @pytest.mark.parametrize("auth", ["none", "bearer", "basic"])
 @pytest.mark.parametrize("protocol", PROTOCOLS)

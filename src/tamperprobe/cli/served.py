@@ -99,7 +99,7 @@ ClientProfileOption = Annotated[
     Optional[str],
     typer.Option(
         "--client-profile",
-        help="Send every request exactly as this client would: python-requests (default), tritonclient, curl, or a profile file (JSON).",
+        help="Send every request exactly as this client would: python-requests (default), python-requests-session, tritonclient, curl, or a profile file (JSON).",
     ),
 ]
 TemplateOption = Annotated[Optional[str], typer.Option("--template", help="Request/response template for --protocol json (a file or inline JSON).")]

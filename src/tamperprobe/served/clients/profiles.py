@@ -19,6 +19,7 @@ ordinary client would not: a ``Profile`` is the exact request of one client, byt
                      and Accept-Encoding (``requests.utils.default_headers()`` at run time: the profile
                      tracks the installed version; without requests, the headers of requests 2.32.3);
                      a new connection for every request
+``python-requests-session``  the same through one ``requests.Session()``: one kept-alive connection
 ``tritonclient``     ``tritonclient.http.InferenceServerClient(...).infer(name, inputs)``: compact JSON,
                      the tensor in binary and binary outputs requested, no Content-Type, one kept-alive
                      connection; ``kserve`` only
@@ -188,6 +189,11 @@ def python_requests() -> Profile:
     return Profile("python-requests", head, source=source, tls="urllib3")
 
 
+def python_requests_session() -> Profile:
+    """``requests.Session().post(url, json=body)``: python-requests' requests on one kept-alive connection."""
+    return replace(python_requests(), name="python-requests-session", keep_alive=True)
+
+
 def tritonclient() -> Profile:
     """``tritonclient.http``'s ``infer`` with its defaults (binary tensors both ways, one kept-alive connection)."""
     version = _geventhttpclient_version()
@@ -218,8 +224,13 @@ def curl() -> Profile:
     return Profile("curl", head, source=f"curl {version}")
 
 
-BUILTIN = {"python-requests": python_requests, "tritonclient": tritonclient, "curl": curl}
-ALIASES = {"requests": "python-requests", "triton": "tritonclient", "tritonclient.http": "tritonclient"}
+BUILTIN = {"python-requests": python_requests, "python-requests-session": python_requests_session, "tritonclient": tritonclient, "curl": curl}
+ALIASES = {
+    "requests": "python-requests",
+    "requests-session": "python-requests-session",
+    "triton": "tritonclient",
+    "tritonclient.http": "tritonclient",
+}
 DEFAULT = "python-requests"
 
 
