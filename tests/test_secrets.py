@@ -25,6 +25,7 @@ from tamperprobe.models import TorchModel
 from tamperprobe.outputs import OutputSpec
 from tamperprobe.served.clients import make_client
 from tamperprobe.served.credentials import read_token, redact_url, redact_urls_in
+from tamperprobe.served.untrusted import env_text
 from tamperprobe.served.verify import verify
 from tamperprobe.server.app import ServerThread
 
@@ -134,7 +135,7 @@ def test_no_credential_in_output_report_history_or_hook(world, tmp_path, credent
     env = {k: v for k, v in json.loads(hook_out.read_text()).items() if k.startswith("TAMPERPROBE_")}
     _assert_no_secret(v.stdout, v.stderr, j.stdout, j.stderr, w.stdout, w.stderr, h.stdout, _everything_stored(hist), json.dumps(env))
     assert "denied POST /predict?api_key=***" in json.loads(j.stdout)["markers"][0]["detail"]  # the echo is there, redacted
-    assert env["TAMPERPROBE_ENDPOINT"] == f"http://{host}/?api_key=***"
+    assert env["TAMPERPROBE_ENDPOINT"] in (f"http://{host}/?api_key=***", env_text(f"http://{host}/?api_key=***"))
     assert json.loads(j.stdout)["target"] == f"json:http://{host}/predict?api_key=***"
     if credentials == "token":
         assert "--header X-Api-Key puts a secret on the command line" in v.stderr
@@ -254,7 +255,23 @@ def test_a_nasty_endpoint_reaches_no_hook_event_metric_or_ledger(world, tmp_path
     for secret in (password, key, "Nasty-Secret-19", "Nasty Secret-20", "Nasty%20Secret-20"):
         for text in [*texts, stored]:
             assert secret not in text, (secret, text[:1500])
-    assert env["TAMPERPROBE_ENDPOINT"] == f"http://{host}/?api_key=***"
+    assert env["TAMPERPROBE_ENDPOINT"] in (f"http://{host}/?api_key=***", env_text(f"http://{host}/?api_key=***"))
+
+
+@pytest.mark.xfail(strict=True, reason="the hook's environment is not passed through untrusted.env_text yet (one line in the hook module)")
+def test_server_text_in_the_hook_environment_holds_nothing_a_shell_acts_on(world, tmp_path):
+    """A server whose error is shell syntax: the hook's TAMPERPROBE_SUMMARY carries it only as safe characters."""
+    from tamperprobe.served.untrusted import ENV_SAFE
+
+    hook_out = tmp_path / "hook.json"
+    hook = f"{sys.executable} -c \"import json, os; json.dump(dict(os.environ), open(r'{hook_out}', 'w'))\""
+    template = json.dumps({"path": "/predict", "request": {"x": "{{input}}"}, "response": {"scores": "scores"}})
+    with Scripted(lambda req, out: reply(out, 500, {"error": "$(touch pwned) `id` *; a|b & c > d"})) as srv:
+        args = ["watch", str(world["fp_path"]), "--endpoint", srv.url, "--protocol", "json", "--template", template, "--retries", "0"]
+        w = CliRunner().invoke(app, [*args, "--per-run", "1", "--no-history", "--allow-repeat", "--every", "0s", "--count", "1", "--hook", hook])
+    assert w.exit_code == 2, (w.stdout, w.stderr)
+    summary = json.loads(hook_out.read_text())["TAMPERPROBE_SUMMARY"]
+    assert "touch pwned" in summary and set(summary) <= ENV_SAFE, summary
 
 
 @pytest.mark.parametrize("echo", ["header", "decoded"])
