@@ -110,6 +110,7 @@ class Profile:
         """The request's headers in order: ``length`` None for a request without a body (no body headers)."""
         values = {HOST: host, LENGTH: None if length is None else str(length), BASIC: basic}
         values[HEADER_LENGTH] = None if header_length is None else str(header_length)
+        extra = list(extra)
         literal = {n.lower() for n, v in self.headers if n != EXTRA and v not in _PLACEHOLDERS}
         replacing = {k.lower(): (k, v) for k, v in extra if k.lower() in literal}  # given again: replaces the client's, in place
         rest = [(k, v) for k, v in extra if k.lower() not in literal]
