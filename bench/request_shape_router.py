@@ -25,17 +25,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from tamperprobe.served.clients import make_client  # noqa: E402
 from tamperprobe.served.pool import Draw  # noqa: E402
 from tamperprobe.served.verify import verify  # noqa: E402
-from test_client_profiles import (  # noqa: E402 - the capture server and shape function the tests use
+from wire import (  # noqa: E402 - the capture server and shape function the tests use
     CLASSES,
     PROTOCOLS,
     SHAPE,
     TEMPLATE,
     TOKEN,
     CaptureServer,
-    _endpoint,
-    _pool_fingerprint,
-    _requests_script,
+    endpoint,
+    pool_fingerprint,
     request_shape,
+    requests_script,
 )
 
 
@@ -45,15 +45,15 @@ def run(protocol: str) -> dict:
     os.environ["TP_BENCH_TOKEN"] = TOKEN
     with CaptureServer() as server:
         natural = np.random.default_rng(5).random((6, *SHAPE)).astype(np.float32)
-        _requests_script(protocol, server.url, natural, "none")
-        _requests_script(protocol, server.url, natural[:2], "bearer")
+        requests_script(protocol, server.url, natural, "none")
+        requests_script(protocol, server.url, natural[:2], "bearer")
         learned = {request_shape(c) for c in server.take()}
-        fp = _pool_fingerprint(6, 6)
+        fp = pool_fingerprint(6, 6)
         template = json.dumps(TEMPLATE) if protocol == "json" else None
         verdicts = []
         for r, token in enumerate([None, None, "TP_BENCH_TOKEN"]):
             client = make_client(
-                protocol, _endpoint(protocol, server.url), model_name="m", template=template, retries=0, classes=CLASSES, token_env=token
+                protocol, endpoint(protocol, server.url), model_name="m", template=template, retries=0, classes=CLASSES, token_env=token
             )
             draw = Draw((2 * r, 2 * r + 1), (2 * r, 2 * r + 1), tuple(np.random.default_rng(r).permutation(4).tolist()), "fresh")
             with client:

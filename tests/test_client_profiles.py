@@ -16,12 +16,8 @@ and decoys) is flagged.
 from __future__ import annotations
 
 import json
-import re
 import shutil
-import socket
 import subprocess
-import threading
-from dataclasses import dataclass
 
 import numpy as np
 import pytest
@@ -30,130 +26,22 @@ import requests
 from tamperprobe.outputs import OutputSpec
 from tamperprobe.served.clients import make_client
 from tamperprobe.served.targets import QueryFailure
-
-SHAPE = (1, 4, 4)
-CLASSES = 3
-TOKEN = "tok-Secret-12345"
-PROTOCOLS = ["kserve", "torchserve", "tfserving", "json"]
-TEMPLATE = {"path": "/predict", "request": {"image": "{{input}}"}, "response": {"scores": "scores"}}
-
-
-@dataclass
-class Captured:
-    conn: int
-    raw: bytes
-
-    @property
-    def head(self) -> bytes:
-        return self.raw.split(b"\r\n\r\n", 1)[0]
-
-    @property
-    def body(self) -> bytes:
-        return self.raw.split(b"\r\n\r\n", 1)[1]
-
-    def header(self, name: str) -> str | None:
-        for line in self.head.split(b"\r\n")[1:]:
-            k, _, v = line.decode("latin-1").partition(":")
-            if k.strip().lower() == name.lower():
-                return v.strip()
-        return None
-
-
-def _logits(x: np.ndarray) -> np.ndarray:
-    flat = x.reshape(len(x), -1).astype(np.float64)
-    return np.stack([flat.sum(1), flat.mean(1), flat.max(1)], axis=1).astype(np.float32)
-
-
-def _answer(c: Captured) -> tuple[bytes, bytes]:
-    """(extra headers, body) of a valid answer to the captured request, in its dialect."""
-    line = c.head.split(b"\r\n", 1)[0].decode()
-    method, target = line.split(" ")[:2]
-    path = target.split("?")[0]
-    if method == "GET":
-        meta = {"name": "m", "inputs": [{"name": "input", "datatype": "FP32", "shape": [-1, *SHAPE]}]}
-        meta["outputs"] = [{"name": "logits", "datatype": "FP32", "shape": [-1, CLASSES]}]
-        return b"", json.dumps(meta).encode()
-    if path.endswith("/infer"):
-        n = c.header("Inference-Header-Content-Length")
-        head = json.loads(c.body[: int(n)] if n else c.body)
-        t = head["inputs"][0]
-        x = np.frombuffer(c.body[int(n) :], np.float32) if n else np.asarray(t["data"], np.float32)
-        z = _logits(x.reshape(t["shape"]))
-        out = {"name": "logits", "datatype": "FP32", "shape": list(z.shape)}
-        if head.get("parameters", {}).get("binary_data_output"):  # as Triton answers tritonclient: binary outputs
-            raw = z.astype("<f4").tobytes()
-            text = json.dumps({"model_name": "m", "outputs": [{**out, "parameters": {"binary_data_size": len(raw)}}]}).encode()
-            return f"Inference-Header-Content-Length: {len(text)}\r\n".encode(), text + raw
-        return b"", json.dumps({"model_name": "m", "outputs": [{**out, "data": z.ravel().tolist()}]}).encode()
-    doc = json.loads(c.body)
-    if path.endswith(":predict"):
-        return b"", json.dumps({"predictions": _logits(np.asarray(doc["instances"], np.float32)).tolist()}).encode()
-    if path.startswith("/predictions/"):
-        return b"", json.dumps(_logits(np.asarray([doc], np.float32))[0].tolist()).encode()
-    return b"", json.dumps({"scores": _logits(np.asarray([doc["image"]], np.float32))[0].tolist()}).encode()
-
-
-class CaptureServer:
-    """A raw TCP server on 127.0.0.1: records each request's bytes and its connection, answers validly."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.sock.settimeout(0.2)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.requests: list[Captured] = []
-        self.connections = 0
-        self._stop = threading.Event()
-        self._lock = threading.Lock()
-
-    def __enter__(self) -> CaptureServer:
-        threading.Thread(target=self._accept, daemon=True).start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self.sock.close()
-
-    def take(self) -> list[Captured]:
-        with self._lock:
-            out, self.requests = self.requests, []
-        return out
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                continue
-            with self._lock:
-                self.connections += 1
-                number = self.connections
-            threading.Thread(target=self._serve, args=(conn, number), daemon=True).start()
-
-    def _serve(self, conn: socket.socket, number: int) -> None:
-        conn.settimeout(5)
-        buf = b""
-        with conn:
-            try:
-                while True:
-                    while b"\r\n\r\n" not in buf:
-                        data = conn.recv(65536)
-                        if not data:
-                            return
-                        buf += data
-                    head, buf = buf.split(b"\r\n\r\n", 1)
-                    m = re.search(rb"\r\ncontent-length:\s*(\d+)", head, re.IGNORECASE)
-                    n = int(m.group(1)) if m else 0
-                    while len(buf) < n:
-                        buf += conn.recv(65536)
-                    c = Captured(number, head + b"\r\n\r\n" + buf[:n])
-                    buf = buf[n:]
-                    with self._lock:
-                        self.requests.append(c)
-                    extra, body = _answer(c)
-                    conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n" + extra + b"Content-Length: %d\r\n\r\n" % len(body) + body)
-            except OSError:
-                return
+from wire import (
+    CLASSES,
+    PROTOCOLS,
+    SHAPE,
+    TEMPLATE,
+    TOKEN,
+    Captured,
+    CaptureServer,
+    client_hello,
+    endpoint,
+    logits,
+    ordinary_request,
+    pool_fingerprint,
+    request_shape,
+    requests_script,
+)
 
 
 @pytest.fixture
@@ -167,10 +55,6 @@ def x():
     return np.random.default_rng(7).random((3, *SHAPE)).astype(np.float32)
 
 
-def _endpoint(protocol: str, base: str) -> str:
-    return {"kserve": f"{base}/v2/models/m", "torchserve": base, "tfserving": base, "json": base}[protocol]
-
-
 def _tamperprobe(protocol: str, url: str, x: np.ndarray, profile: str | None, **kw) -> None:
     """Send ``x`` one input per request, in order, through tamperprobe under ``profile``."""
     template = json.dumps(TEMPLATE) if protocol == "json" else None
@@ -178,31 +62,8 @@ def _tamperprobe(protocol: str, url: str, x: np.ndarray, profile: str | None, **
     with client:
         answers = client.query(x, OutputSpec.parse("logits")).answers
     assert not any(isinstance(a, QueryFailure) for a in answers), [getattr(a, "reason", "") for a in answers]
-    for a, z in zip(answers, _logits(x)):
+    for a, z in zip(answers, logits(x)):
         np.testing.assert_allclose(a.scores, z, rtol=1e-6)
-
-
-def _ordinary_request(protocol: str, base: str, xi: np.ndarray) -> tuple[str, dict]:
-    """(URL, JSON body) an ordinary script posts for one input ``xi`` (shape without the batch axis)."""
-    if protocol == "kserve":
-        return f"{base}/v2/models/m/infer", {"inputs": [{"name": "input", "shape": [1, *xi.shape], "datatype": "FP32", "data": xi.ravel().tolist()}]}
-    if protocol == "torchserve":
-        return f"{base}/predictions/m", xi.tolist()
-    if protocol == "tfserving":
-        return f"{base}/v1/models/m:predict", {"instances": [xi.tolist()]}
-    return f"{base}/predict", {"image": xi.tolist()}
-
-
-def _requests_script(protocol: str, base: str, x: np.ndarray, auth: str) -> None:
-    """What the commonest scripted client does: ``requests.post(url, json=body)`` per input (a metadata GET first for kserve)."""
-    headers = {"Authorization": f"Bearer {TOKEN}"} if auth == "bearer" else None
-    if auth == "basic":
-        base = base.replace("http://", "http://user:pw-Secret@")
-    if protocol == "kserve":
-        requests.get(f"{base}/v2/models/m", headers=headers, timeout=5).raise_for_status()
-    for xi in x:
-        url, body = _ordinary_request(protocol, base, xi)
-        requests.post(url, json=body, headers=headers, timeout=5).raise_for_status()
 
 
 def _curl_script(protocol: str, base: str, x: np.ndarray, auth: str, tmp_path) -> None:
@@ -214,7 +75,7 @@ def _curl_script(protocol: str, base: str, x: np.ndarray, auth: str, tmp_path) -
     if protocol == "kserve":
         subprocess.run([curl, "-sf", *extra, f"{base}/v2/models/m"], check=True, capture_output=True, timeout=10)
     for xi in x:
-        url, body = _ordinary_request(protocol, base, xi)
+        url, body = ordinary_request(protocol, base, xi)
         path = tmp_path / "body.json"
         with open(path, "w") as f:
             json.dump(body, f)
@@ -229,7 +90,7 @@ def _tamperprobe_with(protocol: str, base: str, x: np.ndarray, profile: str, aut
         kw["token_env"] = "TP_PROFILE_TOKEN"
     if auth == "basic":
         base = base.replace("http://", "http://user:pw-Secret@")
-    _tamperprobe(protocol, _endpoint(protocol, base), x, profile, **kw)
+    _tamperprobe(protocol, endpoint(protocol, base), x, profile, **kw)
 
 
 def _same(ordinary: list[Captured], ours: list[Captured]) -> None:
@@ -248,7 +109,7 @@ def _connections(reqs: list[Captured]) -> list[int]:
 @pytest.mark.parametrize("auth", ["none", "bearer", "basic"])
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_python_requests_profile_is_byte_equal(server, x, protocol, auth, monkeypatch):
-    _requests_script(protocol, server.url, x, auth)
+    requests_script(protocol, server.url, x, auth)
     ordinary = server.take()
     _tamperprobe_with(protocol, server.url, x, None, auth, monkeypatch)  # the default profile
     _same(ordinary, server.take())
@@ -261,7 +122,7 @@ def test_python_requests_session_profile_is_byte_equal(server, x, protocol, monk
     """Through one ``requests.Session()``: the same bytes, on one kept-alive connection."""
     with requests.Session() as s:
         for xi in x:
-            url, body = _ordinary_request(protocol, server.url, xi)
+            url, body = ordinary_request(protocol, server.url, xi)
             s.post(url, json=body, timeout=5).raise_for_status()
     ordinary = server.take()
     _tamperprobe_with(protocol, server.url, x, "python-requests-session", "none", monkeypatch)
@@ -295,7 +156,7 @@ def test_tritonclient_profile_is_byte_equal(server, x, auth, monkeypatch):
         inp = th.InferInput("input", [1, *xi.shape], "FP32")
         inp.set_data_from_numpy(xi[None])
         result = client.infer("m", [inp], headers=dict(headers) if headers else None)
-        np.testing.assert_allclose(result.as_numpy("logits"), _logits(xi[None]), rtol=1e-6)
+        np.testing.assert_allclose(result.as_numpy("logits"), logits(xi[None]), rtol=1e-6)
     client.close()
     ordinary = server.take()
     _tamperprobe_with("kserve", server.url, x, "tritonclient", auth, monkeypatch)
@@ -313,49 +174,6 @@ def test_tritonclient_profile_speaks_kserve_only():
 # --------------------------------------------------------------------------- the operator's router
 
 
-def _skeleton(value):
-    """A JSON value's shape: keys in order, list lengths, number types, strings as they are (names, datatypes)."""
-    if isinstance(value, dict):
-        return ("dict", tuple((k, _skeleton(v)) for k, v in value.items()))
-    if isinstance(value, list):
-        return ("list", len(value), _skeleton(value[0]) if value else None)
-    if isinstance(value, bool) or value is None or isinstance(value, str):
-        return value
-    return type(value).__name__
-
-
-def request_shape(c: Captured) -> tuple:
-    """What a router can key on besides the tensor values: request line (no query), every header name in order
-    and its value (but Host and lengths), the body's JSON skeleton and format (separators), the binary part's size."""
-    lines = c.head.decode("latin-1").split("\r\n")
-    method, target, version = lines[0].split(" ")
-    headers = []
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        keep = name.lower() not in ("host", "content-length", "inference-header-content-length")
-        headers.append((name, value.strip() if keep else "*"))
-    n = c.header("Inference-Header-Content-Length")
-    text, raw = (c.body[: int(n)], c.body[int(n) :]) if n else (c.body, b"")
-    body = None
-    if text:
-        doc = json.loads(text)
-        fmt = [seps for seps in ((", ", ": "), (",", ":")) if json.dumps(doc, separators=seps).encode() == text]
-        body = (_skeleton(doc), tuple(fmt), len(raw))
-    return (method, target.split("?")[0], version, tuple(headers), body)
-
-
-def _pool_fingerprint(markers: int, decoys: int):
-    from tamperprobe.data import InputSpec
-    from tamperprobe.fingerprint import make_fingerprint
-
-    rng = np.random.default_rng(11)
-    xm = rng.random((markers, *SHAPE)).astype(np.float32)
-    xd = rng.random((decoys, *SHAPE)).astype(np.float32)
-    return make_fingerprint(
-        xm, _logits(xm), InputSpec(SHAPE), {"method": "natural"}, "test", output_spec="logits", decoy_inputs=xd, decoy_logits=_logits(xd)
-    )
-
-
 @pytest.mark.parametrize("protocol", PROTOCOLS)
 def test_a_router_that_learns_ordinary_requests_flags_none_of_tamperprobes(server, protocol, monkeypatch):
     """Learn every request shape of a python-requests client sending natural inputs (with and without a token), then run
@@ -364,16 +182,14 @@ def test_a_router_that_learns_ordinary_requests_flags_none_of_tamperprobes(serve
     from tamperprobe.served.verify import INTACT, verify
 
     natural = np.random.default_rng(5).random((6, *SHAPE)).astype(np.float32)
-    _requests_script(protocol, server.url, natural, "none")
-    _requests_script(protocol, server.url, natural[:2], "bearer")
+    requests_script(protocol, server.url, natural, "none")
+    requests_script(protocol, server.url, natural[:2], "bearer")
     learned = {request_shape(c) for c in server.take()}
-    fp = _pool_fingerprint(6, 6)
+    fp = pool_fingerprint(6, 6)
     monkeypatch.setenv("TP_PROFILE_TOKEN", TOKEN)
     template = json.dumps(TEMPLATE) if protocol == "json" else None
     for run, token in enumerate([None, None, "TP_PROFILE_TOKEN"]):
-        client = make_client(
-            protocol, _endpoint(protocol, server.url), model_name="m", template=template, retries=0, classes=CLASSES, token_env=token
-        )
+        client = make_client(protocol, endpoint(protocol, server.url), model_name="m", template=template, retries=0, classes=CLASSES, token_env=token)
         order = tuple(np.random.default_rng(run).permutation(4).tolist())
         draw = Draw((2 * run, 2 * run + 1), (2 * run, 2 * run + 1), order, "fresh")
         with client:
@@ -463,7 +279,7 @@ def test_client_profile_option_reaches_the_client(server, tmp_path):
     from tamperprobe.cli.app import app
     from tamperprobe.fingerprint import save
 
-    fp_path = save(_pool_fingerprint(4, 2), tmp_path / "fp.tpf")
+    fp_path = save(pool_fingerprint(4, 2), tmp_path / "fp.tpf")
     args = ["verify", str(fp_path), "--endpoint", server.url, "--protocol", "tfserving", "--model-name", "m", "--per-run", "2", "--decoys", "0"]
     r = CliRunner().invoke(app, [*args, "--history", str(tmp_path / "h.sqlite"), "--client-profile", "curl", "--allow-unsigned"])
     assert r.exit_code == 0, (r.stdout, r.stderr)
@@ -509,53 +325,6 @@ def load_profile_accept() -> str:
 # --------------------------------------------------------------------------- the TLS ClientHello
 
 
-def _client_hello(send) -> tuple:
-    """What a TLS-terminating proxy can fingerprint (JA3 and more) in the ClientHello ``send(port)`` makes:
-    version, cipher suites, every extension in order with its data (but the key share, PSK and padding, which vary)."""
-    import struct
-
-    sock = socket.create_server(("127.0.0.1", 0))
-    got = {}
-
-    def accept():
-        conn, _ = sock.accept()
-        conn.settimeout(5)
-        data = b""
-        with conn:
-            while len(data) < 5 or len(data) < 5 + struct.unpack(">H", data[3:5])[0]:
-                more = conn.recv(65536)
-                if not more:
-                    break
-                data += more
-        got["hello"] = data
-
-    t = threading.Thread(target=accept, daemon=True)
-    t.start()
-    try:
-        send(sock.getsockname()[1])
-    except Exception:  # noqa: BLE001, S110 - the server hangs up after the ClientHello: every client fails, as intended
-        pass
-    t.join(10)
-    sock.close()
-    ch = got["hello"]
-    p = 9
-    version = ch[p : p + 2]
-    p += 34
-    p += 1 + ch[p]  # session id
-    n = struct.unpack(">H", ch[p : p + 2])[0]
-    ciphers = ch[p + 2 : p + 2 + n]
-    p += 2 + n
-    p += 1 + ch[p]  # compression methods
-    end = p + 2 + struct.unpack(">H", ch[p : p + 2])[0]
-    p += 2
-    extensions = []
-    while p < end:
-        kind, size = struct.unpack(">HH", ch[p : p + 4])
-        extensions.append((kind, size if kind in (21, 41, 51) else ch[p + 4 : p + 4 + size]))
-        p += 4 + size
-    return version, ciphers, tuple(e if e[0] != 21 else (21,) for e in extensions)
-
-
 def _tamperprobe_tls(profile):
     def send(port):
         make_client("kserve", f"https://127.0.0.1:{port}/v2/models/m", profile=profile, retries=0, timeout=3, verify_tls=False).query(
@@ -566,15 +335,15 @@ def _tamperprobe_tls(profile):
 
 
 def test_python_requests_profile_has_requests_tls_client_hello():
-    ordinary = _client_hello(lambda port: requests.post(f"https://127.0.0.1:{port}/x", json={}, timeout=3, verify=False))
-    assert _client_hello(_tamperprobe_tls(None)) == ordinary
+    ordinary = client_hello(lambda port: requests.post(f"https://127.0.0.1:{port}/x", json={}, timeout=3, verify=False))
+    assert client_hello(_tamperprobe_tls(None)) == ordinary
 
 
 def test_tritonclient_profile_has_tritonclients_tls_client_hello():
     import tritonclient.http as th
 
-    ordinary = _client_hello(lambda port: th.InferenceServerClient(f"127.0.0.1:{port}", ssl=True, insecure=True).get_model_metadata("m"))
-    assert _client_hello(_tamperprobe_tls("tritonclient")) == ordinary
+    ordinary = client_hello(lambda port: th.InferenceServerClient(f"127.0.0.1:{port}", ssl=True, insecure=True).get_model_metadata("m"))
+    assert client_hello(_tamperprobe_tls("tritonclient")) == ordinary
 
 
 def test_a_header_given_again_replaces_the_profiles_in_place_and_framing_is_refused(server, x):
@@ -610,9 +379,9 @@ def test_every_profile_verifies_against_the_reference_server(profile):
     torch.manual_seed(0)
     model = TorchModel(zoo.build("mlp", SHAPE).eval(), "m")
     xs = np.random.default_rng(2).random((4, *SHAPE)).astype(np.float32)
-    logits = np.concatenate([model.logits(xs[i : i + 1]) for i in range(len(xs))])
+    reference = np.concatenate([model.logits(xs[i : i + 1]) for i in range(len(xs))])
     for spec in ["top1", "topk:3", "top1-prob:4", "probs:3", "logits"]:
-        fp = make_fingerprint(xs, logits, InputSpec(SHAPE), {"method": "natural"}, "test", output_spec=spec)
+        fp = make_fingerprint(xs, reference, InputSpec(SHAPE), {"method": "natural"}, "test", output_spec=spec)
         with ServerThread(model, name="m", input_shape=SHAPE, output_spec=spec) as srv:
             client = make_client("kserve", srv.url, model_name="m", profile=profile, retries=0, classes=10)
             with client:
