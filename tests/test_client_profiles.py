@@ -417,3 +417,26 @@ def test_binary_outputs_are_read_like_json_ones():
     with Scripted(lambda req, out: respond(req, out, b"extra")) as srv:
         (a,) = make_client("kserve", f"{srv.url}/v2/models/m", profile=prof, retries=0).query(x1, OutputSpec.parse("top1")).answers
     assert isinstance(a, QueryFailure) and a.reason == "malformed response: 5 bytes of binary data no output claims", a
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
+def test_curl_profile_expects_100_continue_on_a_large_body_as_curl_does(server, tmp_path, monkeypatch):
+    """Over 1 MiB curl adds ``Expect: 100-continue`` and holds the body back (1 s when the server says nothing): so does the profile."""
+    import time
+
+    big = np.random.default_rng(1).random((1, 3, 140, 140)).astype(np.float32)  # about 1.1 MB of JSON
+    t0 = time.monotonic()
+    _curl_script("json", server.url, big, "none", tmp_path)
+    curl_seconds = time.monotonic() - t0
+    ordinary = server.take()
+    t0 = time.monotonic()
+    template = json.dumps(TEMPLATE)
+    client = make_client("json", server.url, template=template, profile="curl", retries=0, timeout=10, shuffle=False)
+    with client:
+        (a,) = client.query(big, OutputSpec.parse("logits")).answers
+    ours_seconds = time.monotonic() - t0
+    assert not isinstance(a, QueryFailure), a.reason
+    (c,) = server.take()
+    assert len(ordinary[0].body) > 1 << 20 and c.header("Expect") == "100-continue"
+    assert c.raw == ordinary[0].raw
+    assert curl_seconds >= 0.9 and ours_seconds >= 0.9  # both waited for a "100 Continue" that never came

@@ -27,6 +27,8 @@ import httpx
 
 from ...errors import UsageError
 
+EXPECT_WAIT = 1.0  # seconds a client waits for "100 Continue" before sending the body anyway (curl's default)
+
 
 class Clock:
     """When the current attempt and the current run end (``time.monotonic`` seconds; ``inf``: no limit).
@@ -68,7 +70,20 @@ class _BoundedStream(httpcore.NetworkStream):
         if self._clock.head_order is not None and buffer.endswith(b"\r\n\r\n"):
             buffer = ordered_head(buffer, self._clock.head_order)
             self._clock.head_order = None  # the head goes out once; what follows is the body
+            self._inner.write(buffer, self._clock.bound(timeout, httpcore.WriteTimeout))
+            if b"\r\nexpect: 100-continue\r\n" in buffer.lower():
+                self._await_continue()
+            return
         self._inner.write(buffer, self._clock.bound(timeout, httpcore.WriteTimeout))
+
+    def _await_continue(self) -> None:
+        """As curl does after ``Expect: 100-continue``: hold the body until the server says something, at most 1 s."""
+        import select
+
+        sock = self._inner.get_extra_info("socket")
+        wait = min(EXPECT_WAIT, max(0.0, self._clock.left()))
+        if sock is not None and wait > 0:
+            select.select([sock], [], [], wait)
 
     def close(self) -> None:
         self._inner.close()

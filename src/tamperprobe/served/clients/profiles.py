@@ -24,7 +24,8 @@ ordinary client would not: a ``Profile`` is the exact request of one client, byt
                      the tensor in binary and binary outputs requested, no Content-Type, one kept-alive
                      connection; ``kserve`` only
 ``curl``             ``curl -X POST -H 'Content-Type: application/json' -d @file URL``: the installed curl's
-                     User-Agent (``curl --version``; else curl 7.88.1), a new connection for every request;
+                     User-Agent (``curl --version``; else curl 7.88.1), a new connection for every request,
+                     ``Expect: 100-continue`` on a body over 1 MiB (and the body held back up to 1 s);
                      over plain HTTP only: curl's TLS (OpenSSL's cipher list, ALPN h2, then HTTP/2) is not
                      reproduced
 ==================  ==============================================================================
@@ -93,6 +94,7 @@ class Profile:
     input_name: str | None = None  # kserve: the served model's input, known without a metadata request
     input_datatype: str | None = None
     tls: str = "httpx"  # the ClientHello's shape: _transport.TLS_STYLES
+    expect_above: int | None = None  # a body longer than this goes with "Expect: 100-continue" (curl: 1 MiB)
 
     def dumps(self, body: Any) -> bytes:
         """``body`` as this client writes JSON (NaN and infinities refused, ValueError)."""
@@ -128,7 +130,10 @@ class Profile:
                 out.append((name, value))
             elif values[value] is not None:
                 out.append((name, str(values[value])))
-        return out if placed else out + rest
+        out = out if placed else out + rest
+        if self.expect_above is not None and length is not None and length > self.expect_above:
+            out.append(("Expect", "100-continue"))  # the body then waits for the server's "100 Continue", at most 1 s
+        return out
 
 
 @functools.cache
@@ -222,7 +227,7 @@ def curl() -> Profile:
         (EXTRA, ""),
         ("Content-Length", LENGTH),
     )
-    return Profile("curl", head, source=f"curl {version}")
+    return Profile("curl", head, source=f"curl {version}", expect_above=1 << 20)
 
 
 BUILTIN = {"python-requests": python_requests, "python-requests-session": python_requests_session, "tritonclient": tritonclient, "curl": curl}
