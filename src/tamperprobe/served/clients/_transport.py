@@ -7,6 +7,13 @@ connect, read, write and TLS handshake gets at most the time left on a ``Clock``
 the attempt's end and the run's deadline); once none is left, the operation fails with a
 timeout. ``http.HTTPTarget`` sets the clock before each attempt.
 
+The stream also writes each request head exactly as the client profile gave it: h11 puts Host
+first whatever the order given, so the head's lines are put back in the given order
+(``ordered_head``); and after a head with ``Expect: 100-continue`` the body waits, as curl's does,
+until the server says something or ``EXPECT_WAIT`` passes. ``tls_context`` shapes the ClientHello
+like the profile's client's, and ``decompress`` reads every Content-Encoding a profile may accept
+within the response cap.
+
 Only public httpx and httpcore interfaces are used: ``httpx.BaseTransport`` and
 ``httpx.SyncByteStream``, ``httpcore.ConnectionPool(network_backend=...)``,
 ``httpcore.NetworkBackend`` and ``httpcore.NetworkStream``. httpcore's exceptions are raised
