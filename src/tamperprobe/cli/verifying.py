@@ -97,6 +97,13 @@ AllowRepeatOption = Annotated[
 ]
 InsecureOption = Annotated[bool, typer.Option("--insecure", help="Do not verify TLS certificates.")]
 CACertOption = Annotated[Optional[Path], typer.Option("--ca-cert", help="Verify the endpoint's TLS certificate against these CA certificates (PEM).")]
+ClientProfileOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--client-profile",
+        help="Send every request exactly as this client would: python-requests (default), python-requests-session, tritonclient, curl, or a profile file (JSON).",
+    ),
+]
 TemplateOption = Annotated[Optional[str], typer.Option("--template", help="Request/response template for --protocol json (a file or inline JSON).")]
 RequestSeedOption = Annotated[Optional[int], typer.Option("--seed", help="Seed of the request order (default: a fresh order each run).")]
 VerifySpecOption = Annotated[Optional[str], typer.Option("--output-spec", help="What the API reveals (default: the fingerprint's).")]
@@ -189,6 +196,7 @@ def _endpoint_target(fp: Fingerprint, o: Mapping[str, Any]) -> HTTPTarget:
         verify_tls=not o["insecure"],
         ca_file=None if o["ca_cert"] is None else str(o["ca_cert"]),
         template=o["template"],
+        profile=o.get("client_profile"),
         seed=o["seed"],
         input_spec=fp.input_spec,
         classes=fp.classes,
@@ -313,6 +321,7 @@ def verify(
     insecure: InsecureOption = False,
     ca_cert: CACertOption = None,
     template: TemplateOption = None,
+    client_profile: ClientProfileOption = None,
     seed: RequestSeedOption = None,
     threads: ThreadsOption = None,
     device: DeviceOption = None,
@@ -467,6 +476,7 @@ def watch_cmd(
     insecure: InsecureOption = False,
     ca_cert: CACertOption = None,
     template: TemplateOption = None,
+    client_profile: ClientProfileOption = None,
     seed: RequestSeedOption = None,
     trust_key: TrustKeyOption = None,
     allow_unsigned: AllowUnsignedOption = False,
