@@ -361,7 +361,7 @@ def price(ix: _Index, m: str, router: str, spec: str, attacks: list[str] | None 
 
 
 def _breaking_table(ix: _Index, spec: str, attacks: list[str]) -> list[list[Any]]:
-    from tamperprobe.evaluation.adversary import breaking_cell
+    from tamperprobe.evaluation.adversary_report import breaking_cell
 
     routers = [r for r in ("margin-original", "margin-tampered", "gradient", "learned", "near-twin") if r in ix.routers]
     return [[m, a] + [breaking_cell(ix.breaking.get((m, a, spec, r))) for r in routers] for m in ix.methods for a in attacks]

@@ -358,7 +358,7 @@ def test_cli_exits_2_when_nothing_can_be_measured(trained_mlp, digits, tmp_path)
 
 def test_attacks_get_a_bounded_seeded_share_of_the_train_part_and_report_what_attack_run_measures(campaign, loaded_mlp, digits_all):
     from tamperprobe.attacks import get_attack
-    from tamperprobe.evaluation.campaign import attacker_data
+    from tamperprobe.evaluation.runner import attacker_data
 
     p = campaign.params
     train, test = digits_all.split(p["test_fraction"], seed=p["seed"])
@@ -386,3 +386,19 @@ def test_attacks_train_on_attack_data_when_given(loaded_mlp, digits_all):
     assert ev.methods[0]["markers"] == 10  # the owner's markers were generated as before
     plain = run_evaluation(loaded_mlp, digits_all, **common)
     assert not plain.errors and plain.params["attack_data"]["size"] == plain.params["data"]["attack"] and plain.attacks[0]["acc_after"] is not None
+
+
+def test_results_json_reads_back_into_the_same_typed_rows(campaign):
+    from tamperprobe.evaluation.results import Evaluation, MethodRow, TriggerRow
+
+    doc = json.loads(json.dumps(campaign.to_json()))
+    again = Evaluation.from_json(doc)
+    assert again.to_json() == doc
+    assert again.trigger == campaign.trigger and again.detection == campaign.detection and again.key_sizes == campaign.key_sizes
+    assert all(isinstance(r, MethodRow) for r in again.methods) and all(isinstance(r, TriggerRow) for r in again.trigger)
+    (failed,) = [m for m in doc["methods"] if m["error"]]
+    assert failed["method"] == "nope" and "selection" not in failed and "tolerance" not in failed  # not measured: absent, as before
+    with pytest.raises(Exception, match="not a campaign's results"):
+        Evaluation.from_json({**doc, "format": "other"})
+    with pytest.raises(Exception, match="unknown column"):
+        TriggerRow.from_json({**doc["trigger"][0], "extra": 1})

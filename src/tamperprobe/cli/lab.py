@@ -331,7 +331,7 @@ def evaluate(
 def _adversary_options(routers: Optional[str], costs: Optional[str]) -> tuple[list[str] | None, list[float]]:
     """``--adversary`` (``all`` or router names) and ``--adversary-costs`` checked: (routers or None, costs)."""
     from ..errors import UsageError
-    from ..evaluation.adversary import COSTS
+    from ..evaluation.adversary_report import COSTS
 
     if routers is None:
         if costs is not None:
@@ -360,7 +360,8 @@ def _adversary_options(routers: Optional[str], costs: Optional[str]) -> tuple[li
 
 def _run_adversary(model: Any, data: Any, ev: Evaluation, routers: list[str], costs: list[float], out: Path, quiet: bool) -> dict[str, Any]:
     """The adversary measurement with the campaign's settings, written to ``out/adversary``; a summary of it."""
-    from ..evaluation.adversary import run_adversary_for, write_adversary_report
+    from ..evaluation.adversary import run_adversary_for
+    from ..evaluation.adversary_report import write_adversary_report
 
     with progress_bar("adversary", enabled=not quiet) as update:
         aev = run_adversary_for(ev, model, data, routers=routers, costs=costs, progress=update)
@@ -369,7 +370,7 @@ def _run_adversary(model: Any, data: Any, ev: Evaluation, routers: list[str], co
         "report": out / "adversary" / "adversary.md",
         "routers": routers,
         "costs": costs,
-        "errors": aev.errors,
+        "errors": [e.to_json() for e in aev.errors],
         "measured": bool(aev.detection),
         "seconds": aev.seconds,
     }
@@ -389,7 +390,7 @@ def _summary_json(ev: Evaluation, out: Path, plots: list[Path], versus: dict[str
         "ns": list(SUMMARY_NS),
         "detection": {m: {a: rates[(m, a)] for a in attacks if (m, a) in rates} for m in methods},
         "false_alarms": {"flagged": ev.benign_flagged, "checks": ev.benign_checks},
-        "errors": ev.errors,
+        "errors": [e.to_json() for e in ev.errors],
         "measured": ev.measured,
         "seconds": ev.seconds,
     }
@@ -441,7 +442,7 @@ def _summary(ev: Evaluation, out: Path, plots: list[Path], versus: dict[str, Any
     if ev.errors:
         console.print(f"[yellow]{len(ev.errors)} step(s) failed; see the report[/]")
         for e in ev.errors[:8]:
-            console.print(f"  {e['stage']} {e['name']}: {e['error']}", highlight=False, soft_wrap=True, markup=False)
+            console.print(f"  {e.stage} {e.name}: {e.error}", highlight=False, soft_wrap=True, markup=False)
     pictures = f"{len(plots)} PNG plots" if plots else "no plots"
     console.print(f"wrote {out}/report.md, CSV tables, {pictures} and results.json ({ev.seconds:.0f} s)", highlight=False, soft_wrap=True)
     if versus is not None:

@@ -23,16 +23,14 @@ import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .._util import Progress, one_line
 from ..describe import as_image
 from .protocol import MAX_NS
-
-if TYPE_CHECKING:
-    from .campaign import Evaluation
+from .results import Evaluation
 
 FILES = ("detection.png", "trigger.png", "markers.png")
 DPI = 72
