@@ -367,8 +367,8 @@ def _breaking_table(ix: _Index, spec: str, attacks: list[str]) -> list[list[Any]
     return [[m, a] + [breaking_cell(ix.breaking.get((m, a, spec, r))) for r in routers] for m in ix.methods for a in attacks]
 
 
-def _model_section(name: str, doc: dict[str, Any], repeat: dict[str, Any] | None) -> list[str]:
-    ix = _Index(doc)
+def _md_setting(name: str, doc: dict[str, Any], ix: _Index) -> list[str]:
+    """The setting, then the markers as the operator sees them."""
     p, info = doc["params"], doc["model"]
     run = OUT / name / "run.json"
     stamp = json.loads(run.read_text()) if run.exists() else {}
@@ -407,6 +407,11 @@ def _model_section(name: str, doc: dict[str, Any], repeat: dict[str, Any] | None
             for r in doc["methods"]
         ],
     )
+    return lines
+
+
+def _md_costs(ix: _Index) -> list[str]:
+    lines: list[str] = []
     lines += [
         "### What the routers cost",
         "",
@@ -424,6 +429,11 @@ def _model_section(name: str, doc: dict[str, Any], repeat: dict[str, Any] | None
             for r in ix.routers
         ],
     )
+    return lines
+
+
+def _md_attacks(doc: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     lines += ["### Attacks", ""]
     lines += _table(
         [
@@ -450,6 +460,11 @@ def _model_section(name: str, doc: dict[str, Any], repeat: dict[str, Any] | None
             for r in doc["attacks"]
         ],
     )
+    return lines
+
+
+def _md_acceptance(ix: _Index, repeat: dict[str, Any] | None) -> list[str]:
+    lines: list[str] = []
     rows, worst = _acceptance_rows(ix)
     lines += [
         "### Exact-repeat and near-twin routers at ≤ 1 % cost, fresh markers",
@@ -473,6 +488,11 @@ def _model_section(name: str, doc: dict[str, Any], repeat: dict[str, Any] | None
                 for a in rx.attacks
             ],
         )
+    return lines
+
+
+def _md_lines(ix: _Index) -> list[str]:
+    lines: list[str] = []
     for spec in ("top1", "topk:3", "probs:2"):
         lines += [
             f"### The line ({spec}): attacks detected at ≥ 99 % with N_S = {ix.top}",
@@ -482,6 +502,11 @@ def _model_section(name: str, doc: dict[str, Any], repeat: dict[str, Any] | None
             "",
         ]
         lines += _table(["method", "passive"] + ix.routers, _line(ix, spec))
+    return lines
+
+
+def _md_price(ix: _Index) -> list[str]:
+    lines: list[str] = []
     lines += [
         "### The operator's price",
         "",
@@ -493,6 +518,11 @@ def _model_section(name: str, doc: dict[str, Any], repeat: dict[str, Any] | None
     for spec in ("top1", "topk:3", "probs:2"):
         lines += [f"**{spec}**", ""]
         lines += _table(["method"] + ix.routers, [[m] + [price(ix, m, r, spec) for r in ix.routers] for m in ix.methods])
+    return lines
+
+
+def _md_breaking(ix: _Index) -> list[str]:
+    lines: list[str] = []
     lines += [
         f"### Cost at which detection at N_S = {ix.top} falls below 99 %",
         "",
@@ -503,6 +533,11 @@ def _model_section(name: str, doc: dict[str, Any], repeat: dict[str, Any] | None
         lines += [f"**{spec}**", ""]
         routers = [r for r in ("margin-original", "margin-tampered", "gradient", "learned", "near-twin") if r in ix.routers]
         lines += _table(["method", "attack"] + routers, _breaking_table(ix, spec, ix.attacks))
+    return lines
+
+
+def _md_matched(doc: dict[str, Any], ix: _Index) -> list[str]:
+    lines: list[str] = []
     lines += ["### Margin-matched markers against the margin routers (top1), and why", ""]
     need = 1 - 0.01 ** (1 / ix.top)
     lines += [
@@ -540,6 +575,11 @@ def _model_section(name: str, doc: dict[str, Any], repeat: dict[str, Any] | None
             for a in ix.attacks
         ],
     )
+    return lines
+
+
+def _md_pairs(doc: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
     if doc.get("pairs"):
         lines += ["### Pairs: what the label-only guarantee became", ""]
         summed: dict[tuple[str, str], dict[str, int]] = {}
@@ -559,6 +599,21 @@ def _model_section(name: str, doc: dict[str, Any], repeat: dict[str, Any] | None
             ],
         )
     return lines
+
+
+def _model_section(name: str, doc: dict[str, Any], repeat: dict[str, Any] | None) -> list[str]:
+    ix = _Index(doc)
+    return [
+        *_md_setting(name, doc, ix),
+        *_md_costs(ix),
+        *_md_attacks(doc),
+        *_md_acceptance(ix, repeat),
+        *_md_lines(ix),
+        *_md_price(ix),
+        *_md_breaking(ix),
+        *_md_matched(doc, ix),
+        *_md_pairs(doc),
+    ]
 
 
 def write_summary() -> Path:
