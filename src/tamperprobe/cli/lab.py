@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
@@ -398,7 +399,10 @@ SUMMARY_NS = (1, 5, 10)
 
 
 def _summary_json(ev: Evaluation, out: Path, plots: list[Path], versus: dict[str, Any] | None = None) -> dict[str, Any]:
+    from ..evaluation.results import NO_CHANGE
+
     methods, attacks, rates = ev.detection_summary(SUMMARY_NS)
+    quiet = set(ev.no_functional_change())
     return {
         "output": out,
         "files": {"report": out / "report.md", "results": out / "results.json", "plots": plots},
@@ -406,7 +410,7 @@ def _summary_json(ev: Evaluation, out: Path, plots: list[Path], versus: dict[str
         "spec": ev.key_spec,
         "selection": ev.params["select"],
         "ns": list(SUMMARY_NS),
-        "detection": {m: {a: rates[(m, a)] for a in attacks if (m, a) in rates} for m in methods},
+        "detection": {m: {a: rates[(m, a)] if (m, a) in rates else NO_CHANGE for a in attacks if (m, a) in rates or a in quiet} for m in methods},
         "false_alarms": {"flagged": ev.benign_flagged, "checks": ev.benign_checks},
         "errors": [e.to_json() for e in ev.errors],
         "measured": ev.measured,
@@ -414,12 +418,20 @@ def _summary_json(ev: Evaluation, out: Path, plots: list[Path], versus: dict[str
     }
 
 
-def detection_tables(methods: list[str], attacks: list[str], rates: dict[tuple[str, str], list[float]], width: int) -> list[Any]:
+def detection_tables(
+    methods: list[str], attacks: list[str], rates: dict[tuple[str, str], list[float]], width: int, quiet: Sequence[str] = ()
+) -> list[Any]:
     """The detection summary as tables at most ``width`` columns wide: the methods are spread evenly over
-    as few tables as fit (each repeating the attack column), so no number is ever cut."""
+    as few tables as fit (each repeating the attack column), so no number is ever cut. The cells of the
+    ``quiet`` attacks (no functional change) read ``no change``."""
     from rich.table import Table
 
-    cells = {(m, a): "-" if (m, a) not in rates else "/".join(f"{r:.2f}" for r in rates[(m, a)]) for m in methods for a in attacks}
+    def cell(m: str, a: str) -> str:
+        if a in quiet:
+            return "no change"
+        return "-" if (m, a) not in rates else "/".join(f"{r:.2f}" for r in rates[(m, a)])
+
+    cells = {(m, a): cell(m, a) for m in methods for a in attacks}
     first = max([len("attack"), *(len(a) for a in attacks)])
     need = {m: max([len(m), *(len(cells[(m, a)]) for a in attacks)]) for m in methods}
 
@@ -453,8 +465,13 @@ def _summary(ev: Evaluation, out: Path, plots: list[Path], versus: dict[str, Any
     if rates:
         ns = " / ".join(map(str, SUMMARY_NS))
         console.print(f"detection rate ({ev.key_spec}, {ev.params['select']} selection) at N_S = {ns}:", highlight=False, soft_wrap=True)
-        for table in detection_tables(methods, attacks, rates, console.width):
+        quiet = ev.no_functional_change()
+        for table in detection_tables(methods, attacks, rates, console.width, quiet):
             console.print(table)
+        if quiet:
+            console.print(
+                f"no change: {', '.join(quiet)} moved no logit beyond the benign floor (nothing to detect)", highlight=False, soft_wrap=True
+            )
     colour = "green" if ev.benign_flagged == 0 else "bold red"
     console.print(f"[{colour}]false alarms under benign runtimes: {ev.benign_flagged} of {ev.benign_checks} checks[/]", highlight=False)
     if ev.errors:

@@ -26,15 +26,16 @@ campaign:
    noise; a given ``tolerance`` is used as is for every method (the false-alarm check proper).
 4. **Attacks.** Each attack runs on a copy of ``model.module`` with the attacker's data and the
    test part as ``eval_data``. The attacker's data is a seeded subset of at most
-   ``attack_samples`` (default 1,000; None or 0: all) of the training part, or of ``attack_data`` when given (``attacker_data``):
-   the attacks that train (trojans, poisoning, watermarking) take ``epochs`` passes over their
-   data, so without a bound their cost grows with whatever data set the owner evaluates on
-   (7,000 MNIST images made 10 trojan and poisoning runs take 15 of a 17-minute campaign on a
-   681k-parameter CNN). Their accuracy after and success rate are reported, so an attack
-   weakened by the bound shows in the report (``bench/results/evaluate-time.md``). Random attacks (``Attack.random``) get ``trials``
-   instances with different seeds; deterministic ones (quantisation, casts, flooring,
-   magnitude pruning) run once. Accuracy before/after and the attack's own success rate are
-   reported.
+   ``attack_samples`` (default 1,000; None or 0: all) of the training part, or of
+   ``attack_data`` when given (``attacker_data``): the attacks that train take ``epochs``
+   passes over their data, so without a bound their cost grows with the owner's data set
+   (``bench/results/evaluate-time.md``). Random attacks (``Attack.random``) get ``trials``
+   instances with different seeds; deterministic ones run once. Accuracy before/after and the
+   attack's own success rate are reported, so an attack weakened by the bound shows.
+   **Functional change:** every instance records its largest ``|Δlogit|`` on the markers and on
+   the test part against the campaign's benign floor (the largest ``|Δlogit|`` of step 3 over
+   every bag). An attack none of whose instances passes the floor changed nothing a black-box
+   method could see: its cells read "no functional change" instead of a detection rate.
 5. **Trigger ratio.** Per (method, attack instance, spec): the share of the bag's markers
    whose answer under the tampered model no longer matches the intact one
    (``outputs.changed_markers``, the vectorised ``OutputSpec`` comparison). Boundary pairs
@@ -45,24 +46,9 @@ campaign:
    every attack instance and spec (common random numbers), so differences between attacks
    are not sampling noise.
 
-   * ``random``: each resample is a uniformly random ordering of the bag; its first N_S
-     markers are the selection of size N_S. A selection of size N_S is thus a uniform
-     N_S-subset, and the expected rate is exactly ``1 − C(n−m, N_S)/C(n, N_S)`` for ``m``
-     changed markers out of ``n``.
-   * ``manc``: MANC is deterministic on a fixed bag up to tie-breaking, so resampling the
-     selection alone would measure one fingerprint. Each resample instead draws a random
-     sub-bag of ``manc_fraction`` (default half) of the bag and runs MANC on it (the
-     penultimate activations, greedy order; ``protocol.manc_orders`` runs every resample's
-     greedy at once with ``selection.manc_batch``, MANC's one rule); its first N_S
-     picks are the selection of size N_S (greedy coverage is a prefix-consistent order).
-     This measures "an owner who generated a bag of n/2 candidates and kept N_S by MANC".
-   * **Groups** (boundary pairs): a group is picked whole and counts as ``g`` markers (its
-     size, 2 for pairs), so a selection of N_S queries takes ``floor(N_S / g)`` groups and
-     N_S = 1 detects nothing. A group detects when any of its members changed; under MANC a
-     group's activation pattern is the union of its members'.
-
-   Because selections of size N_S are prefixes of the same ordering, the rate is monotone
-   non-decreasing in N_S for every resample. Rates are averaged over attack instances.
+   ``select`` is ``random`` (uniform orderings) or ``manc`` (MANC on random sub-bags of
+   ``manc_fraction``); boundary pairs are picked whole (``tamperprobe.evaluation.protocol``).
+   Rates are averaged over attack instances.
 7. **Key size** (TamperNN): with ``p`` the mean trigger ratio, the number of markers needed to
    detect with confidence ``c`` is the smallest ``s > log(1−c)/log(1−p)``
    (``owner.budget.key_size``); ``p = 0`` needs infinitely many (reported as empty / ``null``).
@@ -99,25 +85,24 @@ from ..owner.calibrate import DEFAULT_RUNTIMES, noise_floor, parse_runtimes, run
 from ..owner.methods import Bag, method_names
 from ..owner.selection import units_of
 from .protocol import CONFIDENCES, MAX_NS, SELECTIONS, detection_curve, empirical_ns, manc_orders, selection_orders, unit_any
-from .results import AttackRow, DetectionRow, ErrorRow, Evaluation, FalseAlarmRow, KeySizeRow, MethodRow, TriggerRow, WarningRow
-from .runner import AttackRun, Steps, attacker_data, instances_of, labelled_entries, machine_info, make_bag, plan_attacks, run_attack
+from .results import (
+    MEASURED,
+    NO_CHANGE,
+    AttackRow,
+    DetectionRow,
+    ErrorRow,
+    Evaluation,
+    FalseAlarmRow,
+    KeySizeRow,
+    MethodRow,
+    TriggerRow,
+    WarningRow,
+)
+from .runner import AttackRun, Steps, attacker_data, labelled_entries, machine_info, make_bag, plan_attacks, run_attack
 
 if TYPE_CHECKING:
     from ..attacks.base import Attack
     from ..owner.methods import Method
-
-__all__ = [
-    "BASELINES",
-    "DEFAULT_SPECS",
-    "RUNTIMES",
-    "Evaluation",
-    "attacker_data",
-    "instances_of",
-    "labelled_entries",
-    "machine_info",
-    "make_bag",
-    "run_evaluation",
-]
 
 DEFAULT_SPECS = ("top1", "topk:3", "topk:5", "top1-prob:2", "probs:1", "probs:2", "logits")
 BASELINES = ("natural", "noise", "rotation", "distortion")
@@ -180,6 +165,8 @@ class _Campaign:
     markers: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))  # every bag's inputs, concatenated
     reference: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))  # the intact logits on them
     curves: dict[tuple[str, str, str], list[np.ndarray]] = field(default_factory=dict)
+    test_logits: np.ndarray | None = None  # the intact logits on the test part (an attack's functional change is measured there too)
+    floor: float | None = None  # the benign floor: the largest |Δlogit| a benign runtime caused on any method's markers
     intact_accuracy: float | None = None  # the intact module's accuracy on the test part, as Attack.run measures it (given to every attack)
 
     def logits_of(self, name: str, logits: np.ndarray) -> np.ndarray:
@@ -376,6 +363,7 @@ def _intact_model(c: _Campaign) -> None:
             acc = module_accuracy(model.module, part.x, part.y) if model.module is not None else accuracy(model.logits(part.x), part.y)
             ev.model[f"acc_{name}"] = acc
     c.intact_accuracy = ev.model.get("acc_test")
+    c.test_logits = model.logits(c.test.x) if len(c.test) else None
     c.steps.step("intact model")
 
 
@@ -499,6 +487,7 @@ def _tolerances(c: _Campaign, observed: list[np.ndarray]) -> None:
                 c.steps.error("tolerance", b.name, exc)
                 b.tolerance = MAX_TOLERANCE
         c.update_method(row.method, tolerance=b.tolerance, benign_floor=floor)
+        c.floor = floor if c.floor is None else max(c.floor, floor)
 
 
 def _benign_rows(c: _Campaign, rt: str, other: np.ndarray | str) -> list[FalseAlarmRow]:
@@ -540,13 +529,22 @@ def _attack(c: _Campaign, run: AttackRun, progress: Progress) -> None:
         c.ev.attacks.append(row.replace(error=c.steps.error("attack", run.name, exc)))
         return
     dmax = float(np.max(np.abs(tampered.astype(np.float64) - c.reference))) if c.reference.size else 0.0
-    row = row.replace(max_abs_dlogit=dmax)
+    row = row.replace(max_abs_dlogit=dmax, **_functional_change(c, attacked.model, dmax))
     if row.changed == 0 or dmax == 0.0:
         c.ev.warnings.append(
             WarningRow("attack", run.name, f"the attack changed {row.changed} weights and moved no logit by more than {dmax:.3g}: nothing to detect")
         )
     c.ev.attacks.append(row)
     _measure(c, run, tampered)
+
+
+def _functional_change(c: _Campaign, attacked: Model, dmax: float) -> dict[str, Any]:
+    """The attacked model's largest |Δlogit| on the test part, the benign floor, and whether either change passes the floor."""
+    dtest = None
+    if c.test_logits is not None:
+        dtest = float(np.max(np.abs(attacked.logits(c.test.x).astype(np.float64) - c.test_logits))) if c.test_logits.size else 0.0
+    floor = c.floor if c.floor is not None else 0.0  # every bag has a floor once the runtimes ran
+    return {"max_abs_dlogit_test": dtest, "benign_floor": floor, "functional_change": max(dmax, dtest or 0.0) > floor}
 
 
 def _measure(c: _Campaign, run: AttackRun, tampered: np.ndarray) -> None:
@@ -574,15 +572,21 @@ def _check_intact(c: _Campaign) -> None:
 
 
 def _aggregate(c: _Campaign) -> None:
-    """Detection rates averaged over attack instances, and key sizes from the mean trigger ratio."""
+    """Detection rates averaged over attack instances, and key sizes from the mean trigger ratio.
+
+    An attack none of whose instances changed the function beyond the benign floor gets no rate:
+    its cells read ``NO_CHANGE`` (nothing to detect), whatever a near-tie marker may have done.
+    """
     ev = c.ev
+    changed_function = {r.attack for r in ev.attacks if r.functional_change}
     for (n, label, spec), curves in c.curves.items():
         mean, lowest = np.mean(curves, axis=0), np.min(curves, axis=0)
-        selection = c.bags[n].selection
+        selection, measured = c.bags[n].selection, label in changed_function
+        status = MEASURED if measured else NO_CHANGE
         for ns in range(1, MAX_NS + 1):
-            ev.detection.append(
-                DetectionRow(n, label, spec, ns, float(mean[ns - 1]), float(lowest[ns - 1]), len(curves), c.settings.resamples, selection)
-            )
+            rate, low = (float(mean[ns - 1]), float(lowest[ns - 1])) if measured else (None, None)
+            ev.detection.append(DetectionRow(n, label, spec, ns, rate, low, len(curves), c.settings.resamples, selection, status))
         p = float(np.mean([r.ratio for r in ev.trigger if (r.method, r.attack, r.spec) == (n, label, spec)]))
         for conf in CONFIDENCES:
-            ev.key_sizes.append(KeySizeRow(n, label, spec, p, conf, key_size_or_none(p, conf), empirical_ns(mean, conf)))
+            s, emp = (key_size_or_none(p, conf), empirical_ns(mean, conf)) if measured else (None, None)
+            ev.key_sizes.append(KeySizeRow(n, label, spec, p, conf, s, emp, status))

@@ -18,15 +18,32 @@ from typing import Any
 
 from .._util import Progress, atomic_write, atomic_write_text
 from .protocol import CONFIDENCES, MAX_NS
-from .results import Evaluation, jsonable
+from .results import NO_CHANGE, Evaluation, jsonable
 
 # file name -> (Evaluation attribute, columns)
 TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "methods.csv": ("methods", ("method", "markers", "groups", "units", "group_size", "selection", "tolerance", "benign_floor", "params", "error")),
-    "attacks.csv": ("attacks", ("attack", "trial", "seed", "acc_before", "acc_after", "success", "max_abs_dlogit", "changed", "params", "error")),
+    "attacks.csv": (
+        "attacks",
+        (
+            "attack",
+            "trial",
+            "seed",
+            "acc_before",
+            "acc_after",
+            "success",
+            "max_abs_dlogit",
+            "max_abs_dlogit_test",
+            "benign_floor",
+            "functional_change",
+            "changed",
+            "params",
+            "error",
+        ),
+    ),
     "trigger.csv": ("trigger", ("method", "attack", "trial", "spec", "changed", "markers", "ratio")),
-    "detection.csv": ("detection", ("method", "attack", "spec", "ns", "rate", "min_trial", "trials", "resamples", "selection")),
-    "key_size.csv": ("key_sizes", ("method", "attack", "spec", "p", "c", "s", "empirical_ns")),
+    "detection.csv": ("detection", ("method", "attack", "spec", "ns", "rate", "min_trial", "trials", "resamples", "selection", "status")),
+    "key_size.csv": ("key_sizes", ("method", "attack", "spec", "p", "c", "s", "empirical_ns", "status")),
     "false_alarms.csv": ("false_alarms", ("method", "runtime", "spec", "flagged", "markers", "max_abs_dlogit", "tolerance", "error")),
     "errors.csv": ("errors", ("stage", "name", "error")),
 }
@@ -149,7 +166,12 @@ def _md_header(ev: Evaluation) -> list[str]:
 
 def _md_methods_and_attacks(ev: Evaluation) -> list[str]:
     methods = [[r.method, r.markers, r.groups, r.selection, json.dumps(jsonable(r.params or {}), sort_keys=True), r.error] for r in ev.methods]
-    attacks = [[r.attack, r.trial, r.acc_before, r.acc_after, r.success, r.max_abs_dlogit, r.error] for r in ev.attacks]
+    attacks = [
+        [r.attack, r.trial, r.acc_before, r.acc_after, r.success, _g(r.max_abs_dlogit), _g(r.max_abs_dlogit_test), _g(r.benign_floor)]
+        + [r.functional_change, r.error]
+        for r in ev.attacks
+    ]
+    header = ["attack", "trial", "acc before", "acc after", "success", "max abs Δlogit (markers)", "(test part)", "benign floor"]
     return [
         "## Methods",
         "",
@@ -157,7 +179,30 @@ def _md_methods_and_attacks(ev: Evaluation) -> list[str]:
         "",
         "## Attacks",
         "",
-        md_table(["attack", "trial", "acc before", "acc after", "success", "max abs Δlogit", "error"], attacks),
+        md_table([*header, "functional change", "error"], attacks),
+        *_md_no_change(ev),
+    ]
+
+
+def _g(v: float | None) -> str | None:
+    return None if v is None else f"{v:.3g}"
+
+
+def _md_no_change(ev: Evaluation) -> list[str]:
+    """The attacks that stayed below the benign floor, and why their cells read NO_CHANGE."""
+    quiet = ev.no_functional_change()
+    if not quiet:
+        return []
+    each = []
+    for a in quiet:
+        rows = [r for r in ev.attacks if r.attack == a and r.max_abs_dlogit is not None]
+        most = max(max(r.max_abs_dlogit or 0.0, r.max_abs_dlogit_test or 0.0) for r in rows)
+        each.append(f"{a} (max |Δlogit| {most:.3g})")
+    return [
+        "",
+        f"**{NO_CHANGE.capitalize()}**: {', '.join(each)}, below the benign floor {ev.benign_floor:.3g} (the largest |Δlogit| a benign "
+        "runtime caused on the markers). The attacked model answers as a benign runtime change of the intact one would; no black-box "
+        f"method can tell them apart, so these attacks get no detection rate: their cells read '{NO_CHANGE}'.",
     ]
 
 
@@ -169,15 +214,21 @@ def _md_detection(ev: Evaluation) -> list[str]:
     det = {(r.method, r.attack, r.spec, r.ns): r.rate for r in ev.detection}
     key_spec = ev.key_spec
     lines = ["", f"## Detection rate vs N_S ({key_spec})", "", "Rows: attack / method; columns: number of queries N_S.", ""]
-    rows = [
-        [a, mth] + [det[(mth, a, key_spec, ns)] for ns in range(1, MAX_NS + 1)] for a in attacks for mth in methods if (mth, a, key_spec, 1) in det
+    quiet = set(ev.no_functional_change())
+    rows: list[list[Any]] = [
+        [a, mth, *(det[(mth, a, key_spec, ns)] for ns in range(1, MAX_NS + 1))]
+        for a in attacks
+        for mth in methods
+        if (mth, a, key_spec, 1) in det and a not in quiet
     ]
+    rows += [[a, "every method", NO_CHANGE] + [""] * (MAX_NS - 1) for a in attacks if a in quiet]
     lines.append(md_table(["attack", "method"] + [str(ns) for ns in range(1, MAX_NS + 1)], rows))
     for ns_show in (1, MAX_NS):
         lines += ["", f"## Detection rate at N_S = {ns_show}, every output spec", "", "Rows: attack; one table per spec, one column per method.", ""]
         for s in specs:
             lines += [f"**{s}**", ""]
-            lines.append(md_table(["attack"] + methods, [[a] + [det.get((mth, a, s, ns_show)) for mth in methods] for a in attacks]))
+            cells: list[list[Any]] = [[a, *(NO_CHANGE if a in quiet else det.get((mth, a, s, ns_show)) for mth in methods)] for a in attacks]
+            lines.append(md_table(["attack"] + methods, cells))
             lines.append("")
     return lines
 
@@ -216,6 +267,8 @@ def _md_key_sizes(ev: Evaluation) -> list[str]:
                 r = ks.get((mth, a, key_spec, c))
                 if r is None:
                     cells.append(None)
+                elif r.status == NO_CHANGE:
+                    cells.append(NO_CHANGE)
                 else:
                     emp = r.empirical_ns
                     cells.append(f"{'–' if r.s is None else r.s} [{'>10' if emp is None else emp}]")

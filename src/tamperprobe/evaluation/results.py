@@ -28,6 +28,8 @@ from .protocol import MAX_NS
 FORMAT = "tamperprobe.evaluation/v1"
 ADVERSARY_FORMAT = "tamperprobe.adversary/v1"
 PASSIVE = "passive"  # the adversary's router name for "no router"
+MEASURED = "measured"
+NO_CHANGE = "no functional change"  # a cell whose attack moved no logit beyond the benign floor: nothing to detect
 
 R = TypeVar("R", bound="Row")
 
@@ -121,9 +123,16 @@ class MethodRow(Row):
 
 @dataclass(frozen=True)
 class AttackRow(Row):
-    """One attack instance: what the attack reported, and how far it moved the logits on the campaign's markers."""
+    """One attack instance: what the attack reported, and how far it moved the logits against the benign floor.
 
-    OPTIONAL = frozenset({"max_abs_dlogit"})
+    ``max_abs_dlogit`` is the largest |Δlogit| on the campaign's markers, ``max_abs_dlogit_test`` on
+    its held-out part; ``benign_floor`` the largest |Δlogit| the benign runtimes caused on the
+    markers (the campaign's floor). ``functional_change`` is false when neither change passes
+    the floor: the attacked model answers as a benign runtime change of the intact one would, and
+    no black-box method can tell them apart.
+    """
+
+    OPTIONAL = frozenset({"max_abs_dlogit", "max_abs_dlogit_test", "benign_floor", "functional_change"})
 
     attack: str
     trial: int
@@ -135,6 +144,9 @@ class AttackRow(Row):
     changed: int | None = None
     error: str | None = None
     max_abs_dlogit: float | None = None
+    max_abs_dlogit_test: float | None = None
+    benign_floor: float | None = None
+    functional_change: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -152,22 +164,30 @@ class TriggerRow(Row):
 
 @dataclass(frozen=True)
 class DetectionRow(Row):
-    """Detection rate at ``ns`` queries (mean and lowest over the attack's trials)."""
+    """Detection rate at ``ns`` queries (mean and lowest over the attack's trials).
+
+    ``status`` is ``NO_CHANGE`` (and the rates None) when no instance of the attack changed the
+    function beyond the benign floor (``AttackRow.functional_change``): there is nothing to detect.
+    """
 
     method: str
     attack: str
     spec: str
     ns: int
-    rate: float
-    min_trial: float
+    rate: float | None
+    min_trial: float | None
     trials: int
     resamples: int
     selection: str
+    status: str = MEASURED
 
 
 @dataclass(frozen=True)
 class KeySizeRow(Row):
-    """TamperNN's key size ``s`` for confidence ``c`` from the mean trigger ratio ``p``, and the measured smallest N_S."""
+    """TamperNN's key size ``s`` for confidence ``c`` from the mean trigger ratio ``p``, and the measured smallest N_S.
+
+    ``status`` as in ``DetectionRow``: ``NO_CHANGE`` (``s`` and ``empirical_ns`` None) when the attack changed nothing to detect.
+    """
 
     method: str
     attack: str
@@ -176,6 +196,7 @@ class KeySizeRow(Row):
     c: float
     s: int | None
     empirical_ns: int | None
+    status: str = MEASURED
 
 
 @dataclass(frozen=True)
@@ -266,15 +287,27 @@ class Evaluation:
         """(method, attack) -> detection rate at N_S = 1..MAX_NS under ``spec``."""
         out: dict[tuple[str, str], list[float]] = {}
         for r in self.detection:
-            if r.spec == spec:
+            if r.spec == spec and r.rate is not None:
                 out.setdefault((r.method, r.attack), [0.0] * MAX_NS)[r.ns - 1] = r.rate
         return out
 
+    def no_functional_change(self) -> list[str]:
+        """The attacks none of whose instances changed the function beyond the benign floor: their cells read ``NO_CHANGE``."""
+        return list(dict.fromkeys(r.attack for r in self.detection if r.status == NO_CHANGE))
+
+    @property
+    def benign_floor(self) -> float | None:
+        """The campaign's benign floor: the largest |Δlogit| the benign runtimes caused on any method's markers."""
+        return max((r.benign_floor for r in self.methods if r.benign_floor is not None), default=None)
+
     def detection_summary(self, ns: Sequence[int] = (1, 5, 10)) -> tuple[list[str], list[str], dict[tuple[str, str], list[float]]]:
-        """(methods, attacks, (method, attack) -> rates at each of ``ns``) under ``key_spec``: the headline table."""
+        """(methods, attacks, (method, attack) -> rates at each of ``ns``) under ``key_spec``: the headline table.
+
+        Attacks with no functional change are listed, without rates.
+        """
         table = self.detection_table(self.key_spec)
-        methods = list(dict.fromkeys(m for m, _ in table))
-        attacks = list(dict.fromkeys(a for _, a in table))
+        methods = list(dict.fromkeys(r.method for r in self.detection if r.spec == self.key_spec))
+        attacks = list(dict.fromkeys(r.attack for r in self.detection if r.spec == self.key_spec))
         return methods, attacks, {k: [curve[n - 1] for n in ns] for k, curve in table.items()}
 
     def mean_trigger(self) -> dict[tuple[str, str, str], tuple[float, float, float]]:
