@@ -77,14 +77,15 @@ from .._util import Progress, derive_seed, one_line
 from ..attacks import attack_names
 from ..data import Dataset
 from ..errors import UsageError
-from ..fingerprint import MAX_TOLERANCE, check_tolerance
+from ..fingerprint import MAX_TOLERANCE
 from ..models import Model
-from ..outputs import DEFAULT_TOLERANCE, OutputSpec, changed_markers
+from ..outputs import DEFAULT_TOLERANCE, changed_markers
 from ..owner.budget import key_size_or_none
-from ..owner.calibrate import DEFAULT_RUNTIMES, noise_floor, parse_runtimes, runtime_logits, tolerance_from_noise
+from ..owner.calibrate import DEFAULT_RUNTIMES, noise_floor, runtime_logits, tolerance_from_noise
 from ..owner.methods import Bag, method_names
 from ..owner.selection import units_of
-from .protocol import CONFIDENCES, MAX_NS, SELECTIONS, detection_curve, empirical_ns, manc_orders, selection_orders, unit_any
+from .backends import Cell, LocalBackend, Outcome, RayBackend, get_backend
+from .protocol import CONFIDENCES, MAX_NS, detection_curve, empirical_ns, manc_orders, selection_orders, unit_any
 from .results import (
     MEASURED,
     NO_CHANGE,
@@ -98,7 +99,8 @@ from .results import (
     TriggerRow,
     WarningRow,
 )
-from .runner import AttackRun, Steps, attacker_data, labelled_entries, machine_info, make_bag, plan_attacks, run_attack
+from .runner import Attacked, AttackRun, Steps, attack_cell, attacker_data, labelled_entries, machine_info, make_bag, plan_attacks
+from .settings import CampaignSettings, campaign_settings
 
 if TYPE_CHECKING:
     from ..attacks.base import Attack
@@ -110,24 +112,6 @@ RUNTIMES = DEFAULT_RUNTIMES
 
 
 # ----------------------------------------------------------------------------- the campaign's state
-
-
-@dataclass(frozen=True)
-class _Settings:
-    """The campaign's arguments, checked."""
-
-    specs: tuple[OutputSpec, ...]
-    trials: int
-    bag: int
-    select: str
-    resamples: int
-    seed: int
-    test_fraction: float
-    runtimes: tuple[str, ...]
-    tolerance: float | None  # None: measured per method, as a fingerprint sets it
-    manc_fraction: float
-    layer: str | None
-    attack_samples: int | None
 
 
 @dataclass
@@ -153,7 +137,7 @@ class _Campaign:
     train: Dataset
     test: Dataset
     attack_data: Dataset
-    settings: _Settings
+    settings: CampaignSettings
     ev: Evaluation
     steps: Steps
     methods: dict[str, str | Method]  # label -> name or instance
@@ -168,6 +152,9 @@ class _Campaign:
     test_logits: np.ndarray | None = None  # the intact logits on the test part (an attack's functional change is measured there too)
     floor: float | None = None  # the benign floor: the largest |Δlogit| a benign runtime caused on any method's markers
     intact_accuracy: float | None = None  # the intact module's accuracy on the test part, as Attack.run measures it (given to every attack)
+    backend: LocalBackend | RayBackend = field(default_factory=LocalBackend)
+    attack_cells: list[Cell] = field(default_factory=list)
+    submitted: Sequence[Any] = ()  # the attack cells as the backend runs them
 
     def logits_of(self, name: str, logits: np.ndarray) -> np.ndarray:
         """The rows of ``logits`` (over every marker) that belong to method ``name``."""
@@ -205,6 +192,8 @@ def run_evaluation(
     layer: str | None = None,
     attack_samples: int | None = 1000,
     attack_data: Dataset | None = None,
+    backend: str | LocalBackend | RayBackend | None = None,
+    address: str | None = None,
 ) -> Evaluation:
     """Run the campaign described in the module docstring and return its measurements.
 
@@ -214,11 +203,30 @@ def run_evaluation(
     ``progress(done, total, what)`` is told of every step. ``attack_data`` (default: the
     training part) is what the attacks train on. ``tolerance`` ``None`` measures each method's
     tolerance as a fingerprint does (module doc, step 3); a number is used for every method.
+    ``backend`` runs the bags and the attacks: ``local`` (default, in this process) or ``ray``
+    (Ray tasks, on the cluster at ``address``; ``tamperprobe.evaluation.backends``); the results
+    are the same.
     """
     t_start = time.monotonic()
-    settings = _settings(specs, trials, bag, select, resamples, seed, test_fraction, runtimes, tolerance, manc_fraction, layer, attack_samples)
+    runner = get_backend(backend, address)
+    settings = campaign_settings(
+        specs, trials, bag, select, resamples, seed, test_fraction, runtimes, tolerance, manc_fraction, layer, attack_samples
+    )
     c = _start(model, data, settings, methods, attacks, baselines, method_params, attack_params, progress, attack_data)
+    c.backend = runner
+    try:
+        _run(c)
+    finally:
+        runner.close()
+    c.ev.seconds = time.monotonic() - t_start
+    c.ev.timings["total"] = c.ev.seconds
+    c.steps.step("done")
+    return c.ev
+
+
+def _run(c: _Campaign) -> None:
     _intact_model(c)
+    _submit_attacks(c)
     _generate_bags(c)
     _reference_logits(c)
     c.steps.step("intact answers")
@@ -227,58 +235,12 @@ def run_evaluation(
     _attacks(c)
     _check_intact(c)
     _aggregate(c)
-    c.ev.seconds = time.monotonic() - t_start
-    c.ev.timings["total"] = c.ev.seconds
-    c.steps.step("done")
-    return c.ev
-
-
-def _settings(
-    specs: Sequence[str],
-    trials: int,
-    bag: int,
-    select: str,
-    resamples: int,
-    seed: int,
-    test_fraction: float,
-    runtimes: Sequence[str],
-    tolerance: float | None,
-    manc_fraction: float,
-    layer: str | None,
-    attack_samples: int | None = None,
-) -> _Settings:
-    """The arguments checked; UsageError for anything out of range."""
-    names = list(dict.fromkeys(str(OutputSpec.parse(s)) for s in specs))
-    if select not in SELECTIONS:
-        raise UsageError(f"unknown selection {select!r}: choose manc or random")
-    if trials < 1 or bag < 1 or resamples < 1:
-        raise UsageError("--trials, --bag and --resamples must be at least 1")
-    if not 0 < test_fraction < 1:
-        raise UsageError(f"--test-fraction must be in (0, 1), got {test_fraction}")
-    if not 0 < manc_fraction <= 1:
-        raise UsageError(f"manc_fraction must be in (0, 1], got {manc_fraction}")
-    if attack_samples is not None and attack_samples < 0:
-        raise UsageError(f"--attack-samples must be at least 0 (0: all), got {attack_samples}")
-    return _Settings(
-        specs=tuple(OutputSpec.parse(s) for s in names),
-        trials=int(trials),
-        bag=int(bag),
-        select=select,
-        resamples=int(resamples),
-        seed=int(seed),
-        test_fraction=float(test_fraction),
-        runtimes=parse_runtimes(runtimes) if runtimes else (),
-        tolerance=None if tolerance is None else check_tolerance(tolerance),
-        manc_fraction=float(manc_fraction),
-        layer=layer,
-        attack_samples=int(attack_samples) if attack_samples else None,
-    )
 
 
 def _start(
     model: Model,
     data: Dataset,
-    s: _Settings,
+    s: CampaignSettings,
     methods: Sequence[str | Method] | None,
     attacks: Sequence[str | Attack] | None,
     baselines: bool,
@@ -368,20 +330,28 @@ def _intact_model(c: _Campaign) -> None:
 
 
 def _generate_bags(c: _Campaign) -> None:
-    """Generate each method's bag of candidate markers from the training part."""
+    """Generate each method's bag of candidate markers from the training part (one cell per method)."""
+    s, model, train = c.settings, c.backend.put(c.model), c.backend.put(c.train)
+    args = [(model, train, entry, c.method_params.get(label, {}), s.bag, s.seed, label) for label, entry in c.methods.items()]
+    cells = [Cell(f"method:{a[-1]}", f"markers: {a[-1]}", make_bag, a) for a in args]
     with c.steps.timed("methods"):
-        for label, entry in c.methods.items():
-            with c.steps.timed(f"method:{label}"):
-                c.ev.methods.append(_generate_bag(c, label, entry, c.steps.within(f"markers: {label}")))
-            c.steps.step(f"markers: {label}")
+        for label, out in zip(c.methods, c.backend.outcomes(cells, c.backend.submit(cells), c.steps)):
+            c.ev.methods.append(_bag_row(c, label, out))
 
 
-def _generate_bag(c: _Campaign, label: str, entry: str | Method, progress: Progress) -> MethodRow:
+def _cell_error(c: _Campaign, stage: str, name: str, error: BaseException | str) -> str:
+    """A failed cell's error, recorded: an exception as the steps record one, a worker's one-line text as it is."""
+    if isinstance(error, BaseException):
+        return c.steps.error(stage, name, error)
+    c.ev.errors.append(ErrorRow(stage, name, error))
+    return error
+
+
+def _bag_row(c: _Campaign, label: str, out: Outcome) -> MethodRow:
     params = c.method_params.get(label, {})
-    try:
-        generated, params = make_bag(c.model, c.train, entry, params, c.settings.bag, c.settings.seed, label, progress=progress)
-    except Exception as exc:
-        return MethodRow(label, params, error=c.steps.error("method", label, exc))
+    if out.error is not None:
+        return MethodRow(label, params, error=_cell_error(c, "method", label, out.error))
+    generated, params = out.value
     c.generated[label] = generated
     groups = None if generated.groups is None else int(len(np.unique(generated.groups)))
     return MethodRow(label, params, markers=len(generated), groups=groups)
@@ -503,25 +473,49 @@ def _benign_rows(c: _Campaign, rt: str, other: np.ndarray | str) -> list[FalseAl
     return rows
 
 
+def _submit_attacks(c: _Campaign) -> None:
+    """Plan one cell per attack instance; a backend that runs cells elsewhere starts them now (they need no bag)."""
+    s, model, data, test = c.settings, c.backend.put(c.model), c.backend.put(c.attack_data), c.backend.put(c.test)
+    c.attack_cells = [
+        Cell(
+            f"attack:{run.name}",
+            f"attack: {run.label} #{run.trial}",
+            attack_cell,
+            (model, run, s.seed, c.attack_params.get(run.label), data, test, c.intact_accuracy),
+        )
+        for run in c.attack_runs
+    ]
+    if c.bags or c.backend.name != "local":
+        c.submitted = c.backend.submit(c.attack_cells)
+
+
 def _attacks(c: _Campaign) -> None:
-    """Run every attack instance and measure every method's markers against it."""
+    """Take every attack instance's outcome and measure every method's markers against it."""
     with c.steps.timed("attacks"):
-        for run in c.attack_runs:
-            with c.steps.timed(f"attack:{run.name}"):
-                _attack(c, run, c.steps.within(f"attack: {run.label} #{run.trial}"))
-            c.steps.step(f"attack: {run.label} #{run.trial}")
+        if not c.bags:  # nothing to measure against: every instance fails alike
+            for run in c.attack_runs:
+                _attack(c, run, Outcome())
+                c.steps.step(f"attack: {run.label} #{run.trial}")
+            return
+        for run, out in zip(c.attack_runs, c.backend.outcomes(c.attack_cells, c.submitted, c.steps)):
+            _attack(c, run, out)
 
 
-def _attack(c: _Campaign, run: AttackRun, progress: Progress) -> None:
+def _attack(c: _Campaign, run: AttackRun, out: Outcome) -> None:
     params = c.attack_params.get(run.label)
     row = AttackRow(run.label, run.trial, run.seed(c.settings.seed), params or {})
     try:
         c.model.require_torch("an attack")
         if not c.bags:
             raise UsageError("no method produced markers")
-        attacked = run_attack(c.model, run, c.settings.seed, params, c.attack_data, eval_data=c.test, progress=progress, acc_before=c.intact_accuracy)
+        if isinstance(out.error, BaseException):
+            raise out.error
+        if out.error is not None:
+            c.ev.attacks.append(row.replace(error=_cell_error(c, "attack", run.name, out.error)))
+            return
+        attacked: Attacked = out.value
         row = AttackRow(run.label, run.trial, **attacked.report())
-        progress(0, 0, "querying the markers")
+        c.steps.within(f"attack: {run.label} #{run.trial}")(0, 0, "querying the markers")
         tampered = attacked.model.logits(c.markers)
         if tampered.shape != c.reference.shape:
             raise UsageError(f"the attacked model returns logits of shape {tampered.shape}, expected {c.reference.shape}")

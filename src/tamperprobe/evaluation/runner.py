@@ -210,6 +210,20 @@ def run_attack(
     )
 
 
+def attack_cell(
+    model: Model,
+    run: AttackRun,
+    seed: int,
+    params: dict[str, Any] | None,
+    data: Dataset,
+    eval_data: Dataset | None,
+    acc_before: float | None,
+    progress: Progress | None = None,
+) -> Attacked:
+    """``run_attack`` with positional arguments, as a backend calls a cell."""
+    return run_attack(model, run, seed, params, data, eval_data=eval_data, progress=progress, acc_before=acc_before)
+
+
 # ----------------------------------------------------------------------------- progress, time, failures
 
 
