@@ -257,6 +257,17 @@ AdversaryCostsOption = Annotated[
     typer.Option("--adversary-costs", help="Operator costs (shares of ordinary traffic routed) the adversary tables show, e.g. 0.01,0.05,0.2."),
 ]
 QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress on stderr.")]
+BackendOption = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="Where the bags and the attacks run: local (this process) or ray (Ray tasks on a cluster; the ray extra). "
+        "Same results for the same seed.",
+    ),
+]
+AddressOption = Annotated[
+    Optional[str], typer.Option("--address", help="Address of the Ray cluster to join (default: RAY_ADDRESS, else start one on this machine).")
+]
 
 
 def evaluate(
@@ -285,6 +296,8 @@ def evaluate(
     adversary: AdversaryOption = None,
     adversary_costs: AdversaryCostsOption = None,
     quiet: QuietOption = False,
+    backend: BackendOption = "local",
+    address: AddressOption = None,
     threads: ThreadsOption = None,
     device: DeviceOption = None,
     as_json: JsonOption = False,
@@ -304,6 +317,7 @@ def evaluate(
             "attack_params": _named_params(attack_param, "--attack-param"),
             **dict(trials=trials, bag=bag, select=select, resamples=resamples, seed=seed, test_fraction=test_fraction),
             **dict(baselines=not no_baselines, tolerance=tolerance, attack_samples=attack_samples),
+            "backend": _backend(backend, address),
         }
         routers, costs = _adversary_options(adversary, adversary_costs)  # checked before the long work
         runtime = use_runtime(threads, device)
@@ -319,6 +333,17 @@ def evaluate(
             _summary(ev, out, plots, versus)
         if not ev.measured:
             fail(f"nothing could be measured ({len(ev.errors)} errors; see {out / 'report.md'})")
+
+
+def _backend(name: str, address: Optional[str]) -> Any:
+    """``--backend`` and ``--address`` checked before the long work (the ray extra installed when asked for)."""
+    from .._extras import available, missing
+    from ..evaluation.backends import get_backend
+
+    chosen = get_backend(name, address)
+    if chosen.name == "ray" and not available("ray"):
+        raise missing("ray", "evaluate --backend ray")
+    return chosen
 
 
 def _warn_without_plots(no_plots: bool) -> None:
