@@ -155,3 +155,24 @@ def test_backend_names_are_checked():
         get_backend("spark")
     with pytest.raises(UsageError, match="--address needs --backend ray"):
         get_backend("local", "127.0.0.1:6379")
+
+
+def test_evaluate_backend_ray_on_a_torchscript_file_writes_the_local_results(cluster, trained_mlp, digits, tmp_path):
+    """The command line: a TorchScript model (sent to the workers as its saved bytes), the same results.json as locally."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from tamperprobe.cli.app import app
+    from tamperprobe.models import save_model
+
+    model = save_model(trained_mlp, tmp_path / "m.pt", digits[1].x[:2])
+    tiny = ["--methods", "natural", "--no-baselines", "--attacks", "noise,prune", "--trials", "2", "--bag", "12", "--resamples", "200"]
+    docs = []
+    for out, backend in ((tmp_path / "local", []), (tmp_path / "ray", ["--backend", "ray"])):
+        r = CliRunner().invoke(
+            app, ["evaluate", str(model), "--data", "digits", "--out", str(out), *tiny, "--specs", "top1,logits", "--no-plots", "--quiet", *backend]
+        )
+        assert r.exit_code == 0, r.output
+        docs.append({k: v for k, v in json.loads((out / "results.json").read_text()).items() if k not in VOLATILE})
+    assert docs[0] == docs[1] and docs[0]["model"]["kind"] == "torchscript" and docs[0]["errors"] == []

@@ -21,12 +21,12 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from .._util import one_line
 from ..errors import UsageError
-from .runner import Steps
+from .runner import Attacked, Steps
 
 BACKENDS = ("local", "ray")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colours in Ray's error texts
@@ -85,9 +85,51 @@ def _in_worker(fn: Callable[..., Any], threads: int, *args: Any) -> Outcome:
     torch.set_num_threads(max(1, threads))
     t0 = time.monotonic()
     try:
-        return Outcome(fn(*args, progress=None), None, time.monotonic() - t0)
+        value = fn(*args, progress=None)
     except Exception as exc:
         return Outcome(None, one_line(exc, with_type=True), time.monotonic() - t0)
+    if isinstance(value, Attacked):
+        value = replace(value, model=portable(value.model))
+    return Outcome(value, None, time.monotonic() - t0)
+
+
+class _ScriptCargo:
+    """A torch model whose module is TorchScript, in a form pickle can carry (``torch.jit.save`` bytes); unpickled, the model."""
+
+    def __init__(self, model: Any) -> None:
+        import io
+
+        import torch
+
+        from .._torch import quiet
+
+        buffer = io.BytesIO()
+        with quiet():
+            torch.jit.save(model.module, buffer)
+        self.kind, self.data, self.source = type(model), buffer.getvalue(), model.source
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (_load_script, (self.kind, self.data, self.source))
+
+
+def _load_script(kind: Any, data: bytes, source: str) -> Any:
+    import io
+
+    import torch
+
+    from .._torch import quiet
+
+    with quiet():
+        return kind(torch.jit.load(io.BytesIO(data)), source)
+
+
+def portable(value: Any) -> Any:
+    """``value`` as Ray can send it: a TorchScript model travels as its ``torch.jit.save`` bytes, anything else as it is."""
+    import torch
+
+    if isinstance(getattr(value, "module", None), torch.jit.ScriptModule):
+        return _ScriptCargo(value)
+    return value
 
 
 class RayBackend:
@@ -124,7 +166,11 @@ class RayBackend:
         return self._ray
 
     def put(self, value: Any) -> Any:
-        return self._start().put(value)
+        ray = self._start()
+        try:
+            return ray.put(portable(value))
+        except Exception as exc:
+            raise UsageError(f"the ray backend cannot send {type(value).__name__} to its workers: {one_line(exc)}") from None
 
     def submit(self, cells: Sequence[Cell]) -> Sequence[Any]:
         self._start()
