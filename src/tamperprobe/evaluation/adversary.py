@@ -61,7 +61,7 @@ from ..models import Model
 from ..outputs import DEFAULT_TOLERANCE, OutputSpec, top_margin
 from .adversary_report import COSTS, breaking_cell, markdown, write_adversary_report
 from .protocol import SELECTIONS
-from .results import PASSIVE, AdversaryEvaluation, Evaluation
+from .results import PASSIVE, AdversaryEvaluation, BreakingRow, ChangedRow, Evaluation, FlaggedRow, PairRow, RoutedDetectionRow, RouterCostRow
 from .routers import Operator, Router, get_router, router_names
 from .routing import Pool, Scores, Traffic, detection_at, make_pool, score
 from .runner import AttackRun, Steps, attacker_data, labelled_entries, machine_info, make_bag, plan_attacks, run_attack
@@ -403,18 +403,14 @@ def _measure(h: _Harness, pool: Pool, run: AttackRun, tampered: np.ndarray, scor
     """One method under one attack instance: the pair guarantee, each router's flags and cost, and every detection curve."""
     s, n = h.settings, len(pool.x)
     if pool.group_size == 2:
-        h.ev.pairs.append(
-            {"method": pool.name, "attack": run.label, "trial": run.trial, **pair_guarantee(pool.reference, tampered, pool.unit_of, s.tolerance)}
-        )
+        h.ev.pairs.append(PairRow(pool.name, run.label, run.trial, **pair_guarantee(pool.reference, tampered, pool.unit_of, s.tolerance)))
     flag_sets = {(r, c): sc.flags(n, c) for r, sc in scores.items() for c in s.costs}
     for (r, c), (fl, cal, meas) in flag_sets.items():
         h.paid.setdefault((r, pool.name, c), []).append((cal, meas))
         h.flagged.setdefault((r, pool.name, c), []).append(float(fl.mean()))
     for spec in s.specs:
         changed = spec.changed(pool.reference, tampered, s.tolerance)
-        h.ev.trigger.append(
-            {"method": pool.name, "attack": run.label, "trial": run.trial, "spec": str(spec), "changed": int(changed.sum()), "markers": n}
-        )
+        h.ev.trigger.append(ChangedRow(pool.name, run.label, run.trial, str(spec), int(changed.sum()), n))
         h.curves.setdefault((pool.name, run.label, str(spec), PASSIVE, 0.0), []).append(
             detection_at(changed, np.zeros((n, 1), dtype=bool), pool, s.budgets)
         )
@@ -472,35 +468,14 @@ def _aggregate(
     for (r, m, c), pairs in paid.items():
         cal, meas = float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs]))
         cost_paid.setdefault((r, c), []).extend(pairs)
-        ev.flagged.append(
-            {"method": m, "router": r, "cost": c, "calibration_cost": cal, "measured_cost": meas, "flagged": float(np.mean(flagged[(r, m, c)]))}
-        )
+        ev.flagged.append(FlaggedRow(m, r, c, cal, meas, float(np.mean(flagged[(r, m, c)]))))
     for (r, c), pairs in cost_paid.items():  # averaged over methods (learned: folds) and attacks (routers on T)
-        ev.routers.append(
-            {
-                "router": r,
-                "cost": c,
-                "calibration_cost": float(np.mean([p[0] for p in pairs])),
-                "measured_cost": float(np.mean([p[1] for p in pairs])),
-            }
-        )
+        ev.routers.append(RouterCostRow(r, c, float(np.mean([p[0] for p in pairs])), float(np.mean([p[1] for p in pairs]))))
     mean_curves = {k: (np.mean(v, axis=0), len(v)) for k, v in curves.items()}
     for (m, a, spec, r, c), (curve, n_trials) in mean_curves.items():
         meas = 0.0 if r == PASSIVE else float(np.mean([p[1] for p in paid[(r, m, c)]]))
         for i, ns in enumerate(s.budgets):
-            ev.detection.append(
-                {
-                    "method": m,
-                    "attack": a,
-                    "spec": spec,
-                    "router": r,
-                    "cost": c,
-                    "measured_cost": meas,
-                    "ns": ns,
-                    "rate": float(curve[i]),
-                    "trials": n_trials,
-                }
-            )
+            ev.detection.append(RoutedDetectionRow(m, a, spec, r, c, meas, ns, float(curve[i]), n_trials))
     top = len(s.budgets) - 1
     for (m, a, spec, r, c), _ in mean_curves.items():
         if r != PASSIVE or c != 0.0:
@@ -509,24 +484,14 @@ def _aggregate(
         for router in dict.fromkeys(k[3] for k in mean_curves if k[3] != PASSIVE):
             sweep = [(cc, float(mean_curves[(m, a, spec, router, cc)][0][top])) for cc in s.costs if (m, a, spec, router, cc) in mean_curves]
             below = [(cc, rate) for cc, rate in sweep if rate < s.target]
-            row = {
-                "method": m,
-                "attack": a,
-                "spec": spec,
-                "router": router,
-                "ns": s.budgets[top],
-                "passive": passive,
-                "cost": None,
-                "measured_cost": None,
-                "rate": None,
-            }
+            row = BreakingRow(m, a, spec, router, s.budgets[top], passive)
             if passive < s.target:
-                row["status"] = "passive below target"
+                row = row.replace(status="passive below target")
             elif not below:
-                row["status"] = "never"
+                row = row.replace(status="never")
             else:
                 cc, rate = below[0]
-                row.update(status="falls", cost=cc, measured_cost=float(np.mean([p[1] for p in paid[(router, m, cc)]])), rate=rate)
+                row = row.replace(status="falls", cost=cc, measured_cost=float(np.mean([p[1] for p in paid[(router, m, cc)]])), rate=rate)
             ev.breaking.append(row)
 
 

@@ -15,7 +15,7 @@ from typing import Any
 
 from .._util import atomic_write_text
 from .report import fmt_cell, md_table, write_csv
-from .results import PASSIVE, AdversaryEvaluation
+from .results import PASSIVE, AdversaryEvaluation, BreakingRow
 
 COSTS = (0.01, 0.05, 0.2)  # the operator costs the tables show
 
@@ -74,8 +74,11 @@ def markdown(ev: AdversaryEvaluation, costs: Sequence[float] = COSTS) -> str:
     return "\n".join(line for section in sections for line in section) + "\n"
 
 
-def breaking_cell(row: dict[str, Any] | None) -> str:
-    """A breaking-cost table cell: the cost asked for (measured) at which detection falls below the target."""
+def breaking_cell(row: BreakingRow | dict[str, Any] | None) -> str:
+    """A breaking-cost table cell: the cost asked for (measured) at which detection falls below the target.
+
+    ``row`` is a ``BreakingRow`` or its JSON object (``adversary.json``), as the benchmarks read it back.
+    """
     if row is None:
         return "–"
     if row["status"] == "passive below target":
@@ -139,11 +142,11 @@ def _md_attacks(ev: AdversaryEvaluation) -> list[str]:
 def _md_router_costs(ev: AdversaryEvaluation) -> list[str]:
     costs = ev.params["costs"]
     _, _, routers = ev.names()
-    cost_of_row = {(r["router"], r["cost"]): r for r in ev.routers}
+    cost_of_row = {(r.router, r.cost): r for r in ev.routers}
 
     def cell(r: str, c: float) -> str | None:
         row = cost_of_row.get((r, c))
-        return None if row is None else f"{row['calibration_cost']:.2%} / {row['measured_cost']:.2%}"
+        return None if row is None else f"{row.calibration_cost:.2%} / {row.measured_cost:.2%}"
 
     return [
         "",
@@ -157,7 +160,7 @@ def _md_router_costs(ev: AdversaryEvaluation) -> list[str]:
 
 def _md_flagged(ev: AdversaryEvaluation, costs: Sequence[float]) -> list[str]:
     methods, _, routers = ev.names()
-    fl = {(r["method"], r["router"], r["cost"]): r["flagged"] for r in ev.flagged}
+    fl = {(r.method, r.router, r.cost): r.flagged for r in ev.flagged}
     header = ["method"] + [f"{r} @{c:.0%}" for r in routers for c in costs]
     return [
         "",
@@ -210,7 +213,7 @@ def _md_pairs(ev: AdversaryEvaluation) -> list[str]:
         return []
     summed: dict[tuple[str, str], dict[str, int]] = {}
     for row in ev.pairs:
-        acc = summed.setdefault((row["method"], row["attack"]), {})
+        acc = summed.setdefault((row.method, row.attack), {})
         for k in PAIR_COUNTS:
             acc[k] = acc.get(k, 0) + int(row[k])
     header = ["method", "attack", "pairs", "shifted", "shifted, opposite signs", "shifted and silent", "shifted, same sign, silent"]
@@ -236,7 +239,7 @@ def _md_breaking(ev: AdversaryEvaluation) -> list[str]:
         "the target; '> sweep': still above it at the largest cost; 'passive x': below it even without a router.",
         "",
     ]
-    br = {(r["method"], r["attack"], r["spec"], r["router"]): r for r in ev.breaking}
+    br: dict[tuple[str, str, str, str], BreakingRow] = {(r.method, r.attack, r.spec, r.router): r for r in ev.breaking}
     for spec in p["specs"]:
         body = [[m, a] + [breaking_cell(br.get((m, a, spec, r))) for r in routers] for m in methods for a in attacks]
         lines += [f"**{spec}**", "", md_table(["method", "attack"] + routers, body), ""]

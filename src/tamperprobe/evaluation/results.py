@@ -233,6 +233,88 @@ class WarningRow(Row):
     warning: str
 
 
+# ----------------------------------------------------------------------------- the adversary harness's rows
+
+
+@dataclass(frozen=True)
+class RouterCostRow(Row):
+    """What a router costs at one asked-for cost: the share of ordinary traffic flagged, on calibration and held-out traffic."""
+
+    router: str
+    cost: float
+    calibration_cost: float
+    measured_cost: float
+
+
+@dataclass(frozen=True)
+class FlaggedRow(Row):
+    """The share of a method's markers a router flags at one cost (and the costs it paid doing so)."""
+
+    method: str
+    router: str
+    cost: float
+    calibration_cost: float
+    measured_cost: float
+    flagged: float
+
+
+@dataclass(frozen=True)
+class ChangedRow(Row):
+    """How many of a method's markers one attack instance changed under one spec (no router)."""
+
+    method: str
+    attack: str
+    trial: int
+    spec: str
+    changed: int
+    markers: int
+
+
+@dataclass(frozen=True)
+class PairRow(Row):
+    """What the label-only guarantee of a method's two-member units became under one attack instance (``adversary.pair_guarantee``)."""
+
+    method: str
+    attack: str
+    trial: int
+    pairs: int
+    shifted: int
+    shifted_opposite: int
+    silent_shifted: int
+    silent_shifted_same_sign: int
+
+
+@dataclass(frozen=True)
+class RoutedDetectionRow(Row):
+    """Detection rate at ``ns`` queries under a router at one cost (``PASSIVE``, cost 0: no router), mean over trials."""
+
+    method: str
+    attack: str
+    spec: str
+    router: str
+    cost: float
+    measured_cost: float
+    ns: int
+    rate: float
+    trials: int
+
+
+@dataclass(frozen=True)
+class BreakingRow(Row):
+    """The smallest cost of the sweep at which detection at ``ns`` falls below the target (``status`` falls), or why none does."""
+
+    method: str
+    attack: str
+    spec: str
+    router: str
+    ns: int
+    passive: float
+    cost: float | None = None
+    measured_cost: float | None = None
+    rate: float | None = None
+    status: str = ""
+
+
 def rows_from_json(cls: type[R], docs: Sequence[dict[str, Any]]) -> list[R]:
     return [cls.from_json(d) for d in docs]
 
@@ -380,7 +462,11 @@ def results_json(ev: Evaluation) -> dict[str, Any]:
 
 @dataclass
 class AdversaryEvaluation:
-    """Everything ``run_adversary`` measured; rows are plain dicts (one CSV line each), errors typed."""
+    """Everything ``run_adversary`` measured: one list of rows per table (one CSV file each).
+
+    ``methods`` and ``attacks`` stay dicts: their columns depend on the run (the specs measured
+    on ordinary traffic, the description of a bag that could be made); every other table is typed.
+    """
 
     params: dict[str, Any]
     machine: dict[str, Any]
@@ -389,12 +475,12 @@ class AdversaryEvaluation:
     model: dict[str, Any] = field(default_factory=dict)
     methods: list[dict] = field(default_factory=list)
     attacks: list[dict] = field(default_factory=list)
-    routers: list[dict] = field(default_factory=list)  # threshold and costs per router, cost (and attack for T routers)
-    flagged: list[dict] = field(default_factory=list)  # share of each method's markers a router flags
-    trigger: list[dict] = field(default_factory=list)  # share of markers whose answer changed (passive)
-    pairs: list[dict] = field(default_factory=list)  # what the label-only guarantee of two-member units became
-    detection: list[dict] = field(default_factory=list)
-    breaking: list[dict] = field(default_factory=list)
+    routers: list[RouterCostRow] = field(default_factory=list)  # costs per router and asked-for cost (mean over methods, attacks)
+    flagged: list[FlaggedRow] = field(default_factory=list)  # share of each method's markers a router flags
+    trigger: list[ChangedRow] = field(default_factory=list)  # markers whose answer changed (passive)
+    pairs: list[PairRow] = field(default_factory=list)  # what the label-only guarantee of two-member units became
+    detection: list[RoutedDetectionRow] = field(default_factory=list)
+    breaking: list[BreakingRow] = field(default_factory=list)
     errors: list[ErrorRow] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     _index: dict[tuple, float] = field(default_factory=dict, repr=False)
@@ -404,15 +490,15 @@ class AdversaryEvaluation:
     def rate(self, method: str, attack: str, spec: str, router: str, cost: float, ns: int) -> float | None:
         """One detection rate (``router="passive"``, cost 0, for no router); None when not measured."""
         if len(self._index) != len(self.detection):
-            self._index = {(r["method"], r["attack"], r["spec"], r["router"], round(r["cost"], 9), r["ns"]): r["rate"] for r in self.detection}
+            self._index = {(r.method, r.attack, r.spec, r.router, round(r.cost, 9), r.ns): r.rate for r in self.detection}
         value = self._index.get((method, attack, spec, router, round(cost, 9), ns))
         return None if value is None else float(value)
 
     def names(self) -> tuple[list[str], list[str], list[str]]:
         """Methods, attacks and routers that were measured, in order."""
-        methods = list(dict.fromkeys(r["method"] for r in self.detection))
-        attacks = list(dict.fromkeys(r["attack"] for r in self.detection))
-        routers = [r for r in dict.fromkeys(r["router"] for r in self.detection) if r != PASSIVE]
+        methods = list(dict.fromkeys(r.method for r in self.detection))
+        attacks = list(dict.fromkeys(r.attack for r in self.detection))
+        routers = [r for r in dict.fromkeys(r.router for r in self.detection) if r != PASSIVE]
         return methods, attacks, routers
 
     def to_json(self) -> dict[str, Any]:
@@ -444,12 +530,12 @@ class AdversaryEvaluation:
             model=doc["model"],
             methods=[dict(r) for r in doc["methods"]],
             attacks=[dict(r) for r in doc["attacks"]],
-            routers=[dict(r) for r in doc["routers"]],
-            flagged=[dict(r) for r in doc["flagged"]],
-            trigger=[dict(r) for r in doc["trigger"]],
-            pairs=[dict(r) for r in doc["pairs"]],
-            detection=[dict(r) for r in doc["detection"]],
-            breaking=[dict(r) for r in doc["breaking"]],
+            routers=rows_from_json(RouterCostRow, doc["routers"]),
+            flagged=rows_from_json(FlaggedRow, doc["flagged"]),
+            trigger=rows_from_json(ChangedRow, doc["trigger"]),
+            pairs=rows_from_json(PairRow, doc["pairs"]),
+            detection=rows_from_json(RoutedDetectionRow, doc["detection"]),
+            breaking=rows_from_json(BreakingRow, doc["breaking"]),
             errors=rows_from_json(ErrorRow, doc["errors"]),
             timings=dict(doc["timings"]),
         )
