@@ -176,3 +176,20 @@ def test_evaluate_backend_ray_on_a_torchscript_file_writes_the_local_results(clu
         assert r.exit_code == 0, r.output
         docs.append({k: v for k, v in json.loads((out / "results.json").read_text()).items() if k not in VOLATILE})
     assert docs[0] == docs[1] and docs[0]["model"]["kind"] == "torchscript" and docs[0]["errors"] == []
+
+
+def test_the_adversary_harness_on_ray_gives_the_local_results(cluster, model_and_data, digits):
+    """Bags and attacked models as Ray tasks, routers fitted on the driver: the adversary.json of the local backend."""
+    from tamperprobe.evaluation import Traffic, run_adversary
+
+    model, _ = model_and_data
+    train, test = digits
+    traffic = Traffic.split(test.x, seen=100, calibration=150, seed=3)
+    common = dict(
+        methods=["natural", "boundary", "nope"], attacks=["fp16", "noise", Boom()], routers=["exact-repeat", "near-twin", "margin-original"]
+    )
+    common |= dict(specs=["top1", "logits"], costs=(0.0, 0.05, 0.2), bag=16, resamples=300, seed=3)
+    local = run_adversary(model, train, traffic, **common)
+    remote = run_adversary(model, train, traffic, backend="ray", **common)
+    assert _document(remote) == _document(local)
+    assert {(e.stage, e.name) for e in local.errors} == {("method", "nope"), ("attack", "boom#0")} and local.detection

@@ -322,11 +322,14 @@ def evaluate(
         routers, costs = _adversary_options(adversary, adversary_costs)  # checked before the long work
         runtime = use_runtime(threads, device)
         _warn_without_plots(no_plots)
-        with progress_bar("evaluate", enabled=not quiet) as update:
-            m, ds, ev = _run_campaign(model, weights, model_arg, data, low, high, runtime, campaign, update)
-        with progress_bar("writing the report", enabled=not quiet) as update:
-            plots = [p for p in write_report(ev, out, plots=not no_plots, progress=update) if p.suffix == ".png"]
-        versus = None if routers is None else _run_adversary(m, ds, ev, routers, costs, out, quiet)
+        try:
+            with progress_bar("evaluate", enabled=not quiet) as update:
+                m, ds, ev = _run_campaign(model, weights, model_arg, data, low, high, runtime, campaign, update)
+            with progress_bar("writing the report", enabled=not quiet) as update:
+                plots = [p for p in write_report(ev, out, plots=not no_plots, progress=update) if p.suffix == ".png"]
+            versus = None if routers is None else _run_adversary(m, ds, ev, routers, costs, out, quiet, campaign["backend"])
+        finally:
+            campaign["backend"].close()
         if as_json:
             print_json(_summary_json(ev, out, plots, versus))
         else:
@@ -402,13 +405,15 @@ def _adversary_options(routers: Optional[str], costs: Optional[str]) -> tuple[li
     return list(chosen), sorted(set(values))
 
 
-def _run_adversary(model: Any, data: Any, ev: Evaluation, routers: list[str], costs: list[float], out: Path, quiet: bool) -> dict[str, Any]:
+def _run_adversary(
+    model: Any, data: Any, ev: Evaluation, routers: list[str], costs: list[float], out: Path, quiet: bool, backend: Any = None
+) -> dict[str, Any]:
     """The adversary measurement with the campaign's settings, written to ``out/adversary``; a summary of it."""
     from ..evaluation.adversary import run_adversary_for
     from ..evaluation.adversary_report import write_adversary_report
 
     with progress_bar("adversary", enabled=not quiet) as update:
-        aev = run_adversary_for(ev, model, data, routers=routers, costs=costs, progress=update)
+        aev = run_adversary_for(ev, model, data, routers=routers, costs=costs, progress=update, backend=backend)
     write_adversary_report(aev, out / "adversary", costs=costs)
     return {
         "report": out / "adversary" / "adversary.md",

@@ -60,11 +60,12 @@ from ..errors import UsageError
 from ..models import Model
 from ..outputs import DEFAULT_TOLERANCE, OutputSpec, top_margin
 from .adversary_report import COSTS, breaking_cell, markdown, write_adversary_report
+from .backends import Cell, LocalBackend, Outcome, RayBackend, get_backend
 from .protocol import SELECTIONS
 from .results import PASSIVE, AdversaryEvaluation, BreakingRow, ChangedRow, Evaluation, FlaggedRow, PairRow, RoutedDetectionRow, RouterCostRow
 from .routers import Operator, Router, get_router, router_names
 from .routing import Pool, Scores, Traffic, detection_at, make_pool, score
-from .runner import AttackRun, Steps, attacker_data, labelled_entries, machine_info, make_bag, plan_attacks, run_attack
+from .runner import Attacked, AttackRun, Steps, attack_cell, attacker_data, labelled_entries, machine_info, make_bag, plan_attacks
 
 if TYPE_CHECKING:
     from ..attacks.base import Attack
@@ -216,6 +217,8 @@ def run_adversary(
     method_params: dict[str, dict] | None = None,
     attack_params: dict[str, dict] | None = None,
     progress: Progress | None = None,
+    backend: str | LocalBackend | RayBackend | None = None,
+    address: str | None = None,
 ) -> AdversaryEvaluation:
     """Measure detection against an operator who routes flagged requests to the original model (module doc).
 
@@ -223,22 +226,33 @@ def run_adversary(
     traffic (disjoint from ``data``). ``routers`` default to every registered one. Methods,
     attacks and routers are names or instances; ``method_params``/``attack_params`` map a name to
     its keyword parameters. A failing method or attack is recorded in ``errors``; the run goes on.
+    ``backend`` runs the bags and the attacked models (``local`` or ``ray``, as ``run_evaluation``);
+    the routers are fitted and scored here.
     """
     t_start = time.monotonic()
+    runner = get_backend(backend, address)
     s = _check(specs, budgets, costs, bag, trials, resamples, select, folds, reuse, seed, tolerance, target)
     router_list = [get_router(r) for r in (router_names() if routers is None else routers)]
     if len({r.name for r in router_list}) != len(router_list):
         raise UsageError("two routers share a name: give each router once")
     h = _start(model, data, traffic, s, methods, attacks, router_list, attack_data, eval_data, method_params, attack_params, progress)
-    with h.steps.timed("methods"):
-        _bags(h)
-    with h.steps.timed("routers"):
-        _fixed_routers(h)
-    h.steps.step("routers")
-    with h.steps.timed("attacks"):
-        for run in h.runs:
-            _attack(h, run)
-            h.steps.step(f"attack: {run.label} #{run.trial}")
+    try:
+        model_ref = runner.put(model)
+        attacks_on, eval_ref = runner.put(attack_data if attack_data is not None else data), runner.put(eval_data)
+        args = [(model_ref, run, s.seed, h.attack_params.get(run.label), attacks_on, eval_ref, None) for run in h.runs]
+        attack_cells = [Cell(f"attack:{a[1].name}", f"attack: {a[1].label} #{a[1].trial}", attack_cell, a) for a in args]
+        submitted = runner.submit(attack_cells)  # elsewhere, the attacks start now: they need no bag
+        with h.steps.timed("methods"):
+            _bags(h, runner, model_ref)
+        with h.steps.timed("routers"):
+            _fixed_routers(h)
+        h.steps.step("routers")
+        with h.steps.timed("attacks"):
+            for run, out in zip(h.runs, runner.outcomes(attack_cells, submitted, h.steps)):
+                _attack(h, run, out)
+    finally:
+        if runner is not backend:
+            runner.close()
     _aggregate(h.ev, s, h.curves, h.paid, h.flagged)
     h.ev.seconds = h.ev.timings["total"] = time.monotonic() - t_start
     return h.ev
@@ -298,19 +312,25 @@ def _start(
     )  # fmt: skip
 
 
-def _bags(h: _Harness) -> None:
-    """Each method's bag, its query units and resampled selections, and how its markers look to the operator."""
-    s = h.settings
-    for label, entry in h.methods.items():
+def _bags(h: _Harness, runner: LocalBackend | RayBackend, model_ref: Any) -> None:
+    """Each method's bag (a cell each), its query units and resampled selections, and how its markers look to the operator."""
+    s, data_ref = h.settings, runner.put(h.data)
+    args = [(model_ref, data_ref, entry, h.method_params.get(label, {}), s.bag, s.seed, label) for label, entry in h.methods.items()]
+    cells = [Cell(f"method:{a[-1]}", f"markers: {a[-1]}", make_bag, a) for a in args]
+    for label, out in zip(h.methods, runner.outcomes(cells, runner.submit(cells), h.steps)):
         row: dict[str, Any] = {"method": label, "markers": 0, "error": None}
         try:
-            generated, row["params"] = make_bag(h.model, h.data, entry, h.method_params.get(label, {}), s.bag, s.seed, label)
-            h.pools[label] = make_pool(h.model, label, generated, budgets=s.budgets, select=s.select, resamples=s.resamples, seed=s.seed)
-            row.update(_describe_bag(h.pools[label], generated, h.ordinary_margin, h.data))
+            if isinstance(out.error, BaseException):
+                raise out.error
+            if out.error is not None:
+                row["error"] = h.steps.fail("method", label, out.error)
+            else:
+                generated, row["params"] = out.value
+                h.pools[label] = make_pool(h.model, label, generated, budgets=s.budgets, select=s.select, resamples=s.resamples, seed=s.seed)
+                row.update(_describe_bag(h.pools[label], generated, h.ordinary_margin, h.data))
         except Exception as exc:
             row["error"] = h.steps.error("method", label, exc)
         h.ev.methods.append(row)
-        h.steps.step(f"markers: {label}")
 
 
 def _fixed_routers(h: _Harness) -> None:
@@ -328,14 +348,18 @@ def _fixed_routers(h: _Harness) -> None:
                 h.steps.error("router", f"{router.name} on {label}", exc)
 
 
-def _attack(h: _Harness, run: AttackRun) -> None:
+def _attack(h: _Harness, run: AttackRun, out: Outcome) -> None:
     """One attack instance: its effect on ordinary traffic, then every method's detection under every router."""
     s, traffic = h.settings, h.traffic
     row: dict[str, Any] = {"attack": run.label, "trial": run.trial, "error": None}
     try:
-        attacked = run_attack(
-            h.model, run, s.seed, h.attack_params.get(run.label), h.attack_data if h.attack_data is not None else h.data, eval_data=h.eval_data
-        )
+        if isinstance(out.error, BaseException):
+            raise out.error
+        if out.error is not None:
+            row["error"] = h.steps.fail("attack", run.name, out.error)
+            h.ev.attacks.append(row)
+            return
+        attacked: Attacked = out.value
         tampered = attacked.model
         row.update(attacked.report())
         row.update(_ordinary_change(s, h.ordinary_logits[len(traffic.calibration) :], tampered.logits(traffic.measure), h.ordinary_margin))
@@ -509,6 +533,7 @@ def run_adversary_for(
     routers: Sequence[str | Router] | None = None,
     costs: Sequence[float] = COSTS,
     progress: Progress | None = None,
+    backend: str | LocalBackend | RayBackend | None = None,
 ) -> AdversaryEvaluation:
     """``run_adversary`` with the settings of a campaign run on ``model`` and ``data`` (``evaluate --adversary``).
 
@@ -544,4 +569,5 @@ def run_adversary_for(
         method_params=p["method_params"],
         attack_params=p["attack_params"],
         progress=progress,
+        backend=backend,
     )

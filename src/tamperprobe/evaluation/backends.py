@@ -203,7 +203,7 @@ class RayBackend:
         """Shut down the cluster this backend started (one it joined keeps running)."""
         if self._started and self._ray is not None:
             self._ray.shutdown()
-            self._started = False
+        self._started, self._ray, self._task = False, None, None
 
 
 def _ray_error(exc: BaseException, retries: int) -> str:
@@ -214,7 +214,11 @@ def _ray_error(exc: BaseException, retries: int) -> str:
 
 
 def get_backend(backend: str | LocalBackend | RayBackend | None, address: str | None = None) -> LocalBackend | RayBackend:
-    """A backend by name (``local``, ``ray``) or as given; ``address`` is the Ray cluster's."""
+    """A backend by name (``local``, ``ray``) or as given; ``address`` is the Ray cluster's.
+
+    A run closes a backend it made from a name when it ends; one given as an object is the
+    caller's to close (``evaluate`` shares one between the campaign and ``--adversary``).
+    """
     if backend is None or backend == "local":
         if address is not None:
             raise UsageError("--address needs --backend ray")

@@ -217,7 +217,8 @@ def run_evaluation(
     try:
         _run(c)
     finally:
-        runner.close()
+        if runner is not backend:
+            runner.close()
     c.ev.seconds = time.monotonic() - t_start
     c.ev.timings["total"] = c.ev.seconds
     c.steps.step("done")
@@ -339,18 +340,10 @@ def _generate_bags(c: _Campaign) -> None:
             c.ev.methods.append(_bag_row(c, label, out))
 
 
-def _cell_error(c: _Campaign, stage: str, name: str, error: BaseException | str) -> str:
-    """A failed cell's error, recorded: an exception as the steps record one, a worker's one-line text as it is."""
-    if isinstance(error, BaseException):
-        return c.steps.error(stage, name, error)
-    c.ev.errors.append(ErrorRow(stage, name, error))
-    return error
-
-
 def _bag_row(c: _Campaign, label: str, out: Outcome) -> MethodRow:
     params = c.method_params.get(label, {})
     if out.error is not None:
-        return MethodRow(label, params, error=_cell_error(c, "method", label, out.error))
+        return MethodRow(label, params, error=c.steps.fail("method", label, out.error))
     generated, params = out.value
     c.generated[label] = generated
     groups = None if generated.groups is None else int(len(np.unique(generated.groups)))
@@ -511,7 +504,7 @@ def _attack(c: _Campaign, run: AttackRun, out: Outcome) -> None:
         if isinstance(out.error, BaseException):
             raise out.error
         if out.error is not None:
-            c.ev.attacks.append(row.replace(error=_cell_error(c, "attack", run.name, out.error)))
+            c.ev.attacks.append(row.replace(error=c.steps.fail("attack", run.name, out.error)))
             return
         attacked: Attacked = out.value
         row = AttackRow(run.label, run.trial, **attacked.report())

@@ -268,3 +268,10 @@ class Steps:
         text = one_line(exc, with_type=True)
         self.errors.append(ErrorRow(stage, name, text))
         return text
+
+    def fail(self, stage: str, name: str, error: BaseException | str) -> str:
+        """A failed cell's error: an exception raised here as ``error`` records it, a worker's one-line text as it is."""
+        if isinstance(error, BaseException):
+            return self.error(stage, name, error)
+        self.errors.append(ErrorRow(stage, name, error))
+        return error
