@@ -23,6 +23,7 @@ results.json), with top1 detection at N_S = 2 / 4 / 6 / 10.
     python bench/cifar10_campaign.py                       # the full campaign (about 2 hours on 2 shared cores)
     python bench/cifar10_campaign.py --trials 2 --bag 60   # smaller; the reductions are recorded in results.json
     python bench/cifar10_campaign.py --methods natural,boundary --attacks prune-grid,int8 --label prune-grid
+    python bench/cifar10_campaign.py ... --backend ray                        # the same campaign as Ray tasks
 
 Torch runs with one thread (``--threads``). Anything smaller than the defaults of ``run_evaluation``
 (3 trials, bag 100, 10,000 resamples) is listed under ``reduced`` in results.json and the summary.
@@ -103,6 +104,7 @@ def run(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         attack_data=attacker,
         attack_params=attack_params,
+        backend=args.backend,
     )
     reduced = [f"{k} {getattr(args, k)} (default {v})" for k, v in FULL.items() if getattr(args, k) < v]
     reduced += [f"{label} trains {p['epochs']} epochs" for label, p in attack_params.items() if "epochs" in p]
@@ -248,6 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", help="comma-separated marker methods (default: every registered one; recorded as a reduction)")
     ap.add_argument("--attacks", help="comma-separated attacks, prune-grid for the pruning grid (default: all; recorded as a reduction)")
     ap.add_argument("--label", help="suffix of the results folder")
+    ap.add_argument("--backend", default="local", choices=["local", "ray"], help="where the bags and attacks run (ray: a local Ray cluster)")
     ap.add_argument("--attack-epochs", nargs="*", metavar="ATTACK=EPOCHS", help="fewer training epochs for an attack (recorded as a reduction)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: 2 shared cores)")
     ap.add_argument("--summary-only", metavar="RUN_DIR", help="rebuild summary.md of a finished run and the results README")

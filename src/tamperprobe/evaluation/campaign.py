@@ -57,8 +57,9 @@ campaign:
 
 Methods and attacks are given by name or as instances (``Method``, ``Attack``). Everything
 random derives from ``seed`` by name (method, attack, trial), so a seed fixes every table
-regardless of which methods or attacks are included. A failing method, runtime or attack is
-recorded in ``errors`` and the campaign goes on.
+regardless of which methods or attacks are included, and of where the cells run: in this process
+or as Ray tasks (``backend``, ``tamperprobe.evaluation.backends``). A failing method, runtime or
+attack is recorded in ``errors`` and the campaign goes on.
 """
 
 from __future__ import annotations

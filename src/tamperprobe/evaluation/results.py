@@ -452,11 +452,6 @@ class Evaluation:
         )
 
 
-def results_json(ev: Evaluation) -> dict[str, Any]:
-    """The ``results.json`` document of a campaign."""
-    return ev.to_json()
-
-
 # ----------------------------------------------------------------------------- the adversary harness
 
 
