@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the test cluster listens on 127.0.0.1 only
 ray = pytest.importorskip("ray")
 
 from tamperprobe.attacks.base import Attack  # noqa: E402
@@ -80,6 +81,7 @@ class KillAlways(Attack):
 @pytest.fixture(scope="session")
 def cluster():
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     yield ray
     ray.shutdown()
 

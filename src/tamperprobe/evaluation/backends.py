@@ -18,7 +18,9 @@ unless a ``RayBackend`` is used.
 
 from __future__ import annotations
 
+import os
 import re
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -29,6 +31,7 @@ from ..errors import UsageError
 from .runner import Attacked, Steps
 
 BACKENDS = ("local", "ray")
+LOOPBACK = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray's single-machine mode, every address the loopback one
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")  # terminal colours in Ray's error texts
 
 
@@ -135,6 +138,10 @@ def portable(value: Any) -> Any:
 class RayBackend:
     """Cells as Ray tasks on a cluster (``address``; None: a local one started here, or the one already initialised).
 
+    A cluster this backend starts itself runs on this machine only and listens on 127.0.0.1
+    (Ray's single-machine mode); to use several machines, start the cluster with ``ray start``
+    and give its address.
+
     ``cpus_per_task`` is what each task asks of the scheduler (with ``threads`` torch threads;
     None: the driver's); ``max_retries`` how often Ray re-runs a task whose worker died.
     """
@@ -156,6 +163,8 @@ class RayBackend:
 
             if not available("ray"):
                 raise missing("ray", "evaluate --backend ray")
+            if self.address is None and not os.environ.get("RAY_ADDRESS") and "ray" not in sys.modules:
+                os.environ.setdefault(LOOPBACK, "0")  # a cluster started here listens on 127.0.0.1 only (read when ray is imported)
             import ray
 
             if not ray.is_initialized():
