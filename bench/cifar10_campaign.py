@@ -182,19 +182,7 @@ def write_summary(out: Path) -> Path:
             if f.get("flagged")
         ),
         "",
-        "## Attacks",
-        "",
-        "Max |Δlogit|: the attacked model's largest logit change on the markers / on the held-out images, against the benign floor "
-        "(the largest change a benign runtime caused on the markers); below it the attack reads 'no functional change'.",
-        "",
-        md_table(
-            ["attack", "trial", "accuracy before", "accuracy after", "success", "weights changed", "max |Δlogit|", "benign floor", "error"],
-            [
-                [a["attack"], a["trial"], a["acc_before"], a["acc_after"], a["success"], a["changed"], _dlogit(a), _g(a.get("benign_floor"))]
-                + [a["error"] or ""]
-                for a in r["attacks"]
-            ],
-        ),
+        *_attacks_section(r),
         "",
         f"## top1 detection rate at N_S = {' / '.join(map(str, ns))}, {params['select']} selection (as measured by the campaign)",
         "",
@@ -228,6 +216,27 @@ def write_summary(out: Path) -> Path:
     path = out / "summary.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _attacks_section(r: dict) -> list[str]:
+    """The attacks table: what each did, and its largest logit change against the benign floor."""
+    from tamperprobe.evaluation.report import md_table
+
+    return [
+        "## Attacks",
+        "",
+        "Max |Δlogit|: the attacked model's largest logit change on the markers / on the held-out images, against the benign floor "
+        "(the largest change a benign runtime caused on the markers); below it the attack reads 'no functional change'.",
+        "",
+        md_table(
+            ["attack", "trial", "accuracy before", "accuracy after", "success", "weights changed", "max |Δlogit|", "benign floor", "error"],
+            [
+                [a["attack"], a["trial"], a["acc_before"], a["acc_after"], a["success"], a["changed"], _dlogit(a), _g(a.get("benign_floor"))]
+                + [a["error"] or ""]
+                for a in r["attacks"]
+            ],
+        ),
+    ]
 
 
 def _g(v: float | None) -> str:
