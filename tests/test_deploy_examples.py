@@ -39,16 +39,15 @@ def queried_metrics(expr: str) -> set[str]:
 
 def check_fleet_command(argv: list[str]) -> None:
     """``argv`` (after the program name) parses as a real ``tamperprobe`` command line, without running it."""
-    import click
     import typer
 
     from tamperprobe.cli.app import app
 
-    command = typer.main.get_command(app)
+    command = typer.main.get_command(app)  # typer may carry its own copy of click: use the command's own context class
     assert argv[:2] == ["fleet", "watch"], argv
-    group = command.get_command(click.Context(command), "fleet")
-    assert isinstance(group, click.MultiCommand)
-    watch = group.get_command(click.Context(group), "watch")
+    group = command.get_command(command.context_class(command), "fleet")  # type: ignore[attr-defined]
+    assert group is not None
+    watch = group.get_command(group.context_class(group), "watch")
     assert watch is not None
     ctx = watch.make_context("watch", argv[2:], resilient_parsing=False)
     assert ctx.params["metrics_port"] == 9108

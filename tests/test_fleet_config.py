@@ -64,9 +64,9 @@ def test_good_file_reads_with_defaults_overridden_and_paths_from_its_folder(tmp_
 BAD = [
     # (edit of GOOD, the text the one-line error must hold)
     (("expect = ", "expcet = "), "endpoint 1 (digits-eu): unknown field 'expcet'"),
-    (('every = 30', 'every = "soon"'), "endpoint 2 (digits-us): field 'every'"),
-    (('every = 30', "every = true"), "endpoint 2 (digits-us): field 'every'"),
-    (('per_run = 4', "per_run = 0"), "endpoint 2 (digits-us): field 'per_run' must be a whole number >= 1"),
+    (("every = 30", 'every = "soon"'), "endpoint 2 (digits-us): field 'every'"),
+    (("every = 30", "every = true"), "endpoint 2 (digits-us): field 'every'"),
+    (("per_run = 4", "per_run = 0"), "endpoint 2 (digits-us): field 'per_run' must be a whole number >= 1"),
     (('output_spec = "top1"', 'output_spec = "top7"'), "endpoint 2 (digits-us): field 'output_spec'"),
     (('protocol = "triton"', 'protocol = "grpc2"'), "[defaults]: field 'protocol' unknown protocol 'grpc2'"),
     (('headers = { "X-Team" = "ml" }', 'headers = { "Authorization" = "Bearer s3cret" }'), "field 'headers' header 'Authorization' holds a secret"),
@@ -81,7 +81,7 @@ BAD = [
     (("[fleet]", "[fleets]"), "unknown table 'fleets'"),
     (('fingerprint = "fp/digits-v3.tpf"\n', ""), "endpoint 2 (digits-us): missing field 'fingerprint'"),
     (("[defaults]", '[defaults]\nname = "x"'), "field 'name' cannot come from [defaults]"),
-    (('url = "https', 'url = https'), "not valid TOML"),
+    (('url = "https', "url = https"), "not valid TOML"),
 ]
 
 

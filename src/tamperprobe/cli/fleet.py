@@ -6,6 +6,8 @@ Each body wires options to ``tamperprobe.fleet``; the fleet file holds everythin
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Optional
 
@@ -66,7 +68,9 @@ def check_cmd(
             record=not no_history,
             history_path=history_path,
             on_outcome=None if as_json else lambda o: console.print(_line(o), highlight=False, soft_wrap=True),
-            on_warning=lambda name, text: err_console.print(f"[yellow]warning:[/] {_shown(name, 128)}: {_shown(text)}", highlight=False, soft_wrap=True),
+            on_warning=lambda name, text: err_console.print(
+                f"[yellow]warning:[/] {_shown(name, 128)}: {_shown(text)}", highlight=False, soft_wrap=True
+            ),
         )
         code = check.worst_exit(outcomes)
         if as_json:
@@ -76,6 +80,74 @@ def check_cmd(
             shown = ", ".join(f"{n} {v}" for v, n in counts.items() if n)
             console.print(f"{len(outcomes)} endpoints: {shown}", highlight=False)
     raise typer.Exit(code)
+
+
+@fleet_app.command("watch")
+def watch_cmd(
+    fleet_file: FleetFileArgument,
+    concurrency: ConcurrencyOption = None,
+    history_path: HistoryOption = None,
+    no_history: NoHistoryOption = False,
+    metrics_port: Annotated[
+        Optional[int], typer.Option("--metrics-port", help="Serve Prometheus metrics of every endpoint on this port (/metrics; 0: a free one).")
+    ] = None,
+    metrics_host: Annotated[str, typer.Option("--metrics-host", help="Address of the metrics server.")] = "127.0.0.1",
+    event_log: Annotated[Optional[Path], typer.Option("--event-log", help="Append one JSON object per run to this file.")] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Watch every endpoint of FLEET_FILE on its own schedule, until SIGTERM or Ctrl-C.
+
+    Each run prints a line (or JSON), updates the metrics (labelled by endpoint name and
+    fingerprint) and the event log, runs the entry's hook, then is recorded. An endpoint that reads
+    TAMPERED is held: its metrics stay at tamperprobe_tampered 1 and it is not run again, while the
+    others go on. SIGHUP, or a change of the file, reloads it (unchanged entries keep their state).
+    On stop: exit 1 if any endpoint read TAMPERED, 2 if any last run was INCONCLUSIVE (or none
+    completed), else 0.
+    """
+    with handled():
+        from .verifying import _run_reporter, _sigterm_as_interrupt
+        from ..errors import UsageError
+        from ..fleet import config
+        from ..fleet.watch import FleetWatch
+
+        fleet = config.load(fleet_file)
+        if concurrency is not None and concurrency < 1:
+            raise UsageError("--concurrency must be at least 1")
+        reporter = _run_reporter("fleet", metrics_port, metrics_host, event_log or fleet.settings.event_log, as_json)
+        warn = lambda name, text: err_console.print(f"[yellow]warning:[/] {_shown(name, 128)}: {_shown(text)}", highlight=False, soft_wrap=True)  # noqa: E731
+        with _sigterm_as_interrupt(), reporter:
+            fw = FleetWatch(
+                fleet,
+                record=not no_history,
+                history_path=history_path,
+                concurrency=concurrency,
+                on_run=lambda e, run: reporter(run, e.name),
+                on_warning=warn,
+            )
+            with _sighup(fw.reload):
+                try:
+                    code = fw.run()
+                except KeyboardInterrupt:
+                    fw.stop()
+                    code = fw.exit_code()
+        console.print(f"stopped: {len(fw.watched)} endpoints, exit {code}", highlight=False)
+    raise typer.Exit(code)
+
+
+@contextmanager
+def _sighup(reload: Callable[[], object]) -> Iterator[None]:
+    """SIGHUP reloads the fleet file (in the main thread, between two scheduler steps)."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or not hasattr(signal, "SIGHUP"):
+        yield
+        return
+    previous = signal.signal(signal.SIGHUP, lambda _s, _f: reload())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGHUP, previous)
 
 
 def register(app: typer.Typer) -> None:

@@ -119,7 +119,9 @@ def expect_problem(fp: Fingerprint, expect: str | None) -> str | None:
     return f"fingerprint {fp.id[:12]} ({shown}) is not the one expected ({expect})"
 
 
-def make_session(e: Endpoint, fp: Fingerprint, settings: Settings, on_run: Callable[[Run], None] | None, on_warning: Callable[[str], None] | None) -> Session:
+def make_session(
+    e: Endpoint, fp: Fingerprint, settings: Settings, on_run: Callable[[Run], None] | None, on_warning: Callable[[str], None] | None
+) -> Session:
     """The session of endpoint ``e``: its client built from the entry's fields, the fleet's history and hook settings."""
     from ..served.clients import make_client
 
@@ -210,7 +212,9 @@ def check(
             verdict = NOT_AUTHENTIC if exc.exit_code == EXIT_UNTRUSTED else ERROR
             return Outcome(e.name, url, verdict, fp_id, problem=one_line(exc, 300), seconds=time.monotonic() - start)
         except Exception as exc:  # noqa: BLE001 - one endpoint's bug must not cost the others their verdicts
-            return Outcome(e.name, url, ERROR, fp_id, problem=f"internal error: {one_line(exc, 300, with_type=True)}", seconds=time.monotonic() - start)
+            return Outcome(
+                e.name, url, ERROR, fp_id, problem=f"internal error: {one_line(exc, 300, with_type=True)}", seconds=time.monotonic() - start
+            )
 
     for e in fleet.endpoints:  # every file read and checked once, before any endpoint is queried
         try:

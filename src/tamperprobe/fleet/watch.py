@@ -246,4 +246,3 @@ class FleetWatch:
         if states and all(w.last == INTACT for w in states):
             return EXIT_INTACT
         return EXIT_ERROR
-
