@@ -13,15 +13,14 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fakes import free_port
 from tamperprobe import zoo
 from tamperprobe.cli.app import app
 from tamperprobe.fingerprint import make_fingerprint, save
-from tamperprobe.fleet import check, config
+from tamperprobe.fleet import config
 from tamperprobe.fleet.watch import FleetWatch
 from tamperprobe.models import TorchModel
 from tamperprobe.server.app import ServerThread
-
-from fakes import free_port
 
 
 @pytest.fixture(scope="module")

@@ -105,10 +105,10 @@ def watch_cmd(
     completed), else 0.
     """
     with handled():
-        from .verifying import _run_reporter, _sigterm_as_interrupt
         from ..errors import UsageError
         from ..fleet import config
         from ..fleet.watch import FleetWatch
+        from .verifying import _run_reporter, _sigterm_as_interrupt
 
         fleet = config.load(fleet_file)
         if concurrency is not None and concurrency < 1:

@@ -274,7 +274,7 @@ def _check_table(table: Any, checks: Mapping[str, Any], base: Path, where: str) 
             elif key == "trust_keys":
                 out[key] = tuple(base / p for p in _paths(key, value))
             else:
-                out[key] = check(key, value)  # type: ignore[operator]
+                out[key] = check(key, value)
         except ValueError as exc:
             raise UsageError(f"{where}: field {key!r} {exc}") from None
     return out
