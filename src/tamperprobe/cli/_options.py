@@ -68,7 +68,11 @@ EncryptKeyOption = Annotated[
 ]
 TrustKeyOption = Annotated[
     Optional[List[Path]],
-    typer.Option("--trust-key", help="Trusted public key (repeatable); also $TAMPERPROBE_TRUST_KEYS and the trusted-keys config folder."),
+    typer.Option(
+        "--trust-key",
+        help="Trust exactly this public key (repeatable), instead of $TAMPERPROBE_TRUST_KEYS or the trusted-keys config folder. "
+        "Key files must be writable only by you or root (as sshd's StrictModes).",
+    ),
 ]
 AllowUnsignedOption = Annotated[
     bool, typer.Option("--allow-unsigned", help="Accept an unsigned (or version 1) fingerprint: anyone could have written it. Warned on every run.")

@@ -35,10 +35,8 @@ def keygen(
         console.print(f"wrote private key {priv_path} (mode 0600{', passphrase-protected' if passphrase else ''}) and public key {pub_path}")
         console.print(f"key id {kid}")
         if trust:
-            folder = signing.trusted_keys_dir()
-            folder.mkdir(parents=True, exist_ok=True)
-            (folder / f"{kid}.pub").write_bytes(pub_path.read_bytes())
-            console.print(f"trusted on this machine: {folder / (kid + '.pub')}; copy {pub_path} to every machine that verifies")
+            trusted = signing.trust_public_key(pub_path)
+            console.print(f"trusted on this machine: {trusted}; copy {pub_path} to every machine that verifies")
 
 
 def sign(

@@ -219,19 +219,25 @@ def _budget(deadline: float) -> Any:
 
 @contextmanager
 def connect(
-    path: str | os.PathLike | None, *, create: bool = True, timeout: float = READ_TIMEOUT, budget: float = BUDGET, what: str = "read the history"
+    path: str | os.PathLike | None,
+    *,
+    create: bool = True,
+    timeout: float = READ_TIMEOUT,
+    budget: float | None = None,
+    what: str = "read the history",
 ) -> Iterator[sqlite3.Connection]:
     """An open, checked connection (autocommit; rows as ``sqlite3.Row``), closed on exit.
 
     Any SQLite failure inside the block, including a statement interrupted by the time limit, is a
     ``HistoryError`` ``cannot <what>: <reason>``; so is a file that cannot be opened or is refused
-    (module docstring). ``create=False`` refuses a file that does not exist.
+    (module docstring). ``create=False`` refuses a file that does not exist. The connection may
+    work ``timeout + budget`` seconds in all (``budget`` default ``BUDGET``).
     """
     p = resolve(path)
     if not create and not p.exists():
         raise HistoryError(f"no history at {p} (nothing recorded yet)")
     _check_regular(p)
-    limit = float(timeout) + float(budget)
+    limit = float(timeout) + float(BUDGET if budget is None else budget)
     try:
         p.parent.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(str(p), timeout=timeout, isolation_level=None)
