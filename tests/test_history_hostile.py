@@ -75,12 +75,16 @@ def _cli(*args, timeout: float = 120):
 
 
 def test_verify_with_a_looping_trigger_in_the_history_prints_tampered_and_exits_1_promptly(world, tmp_path):
+    """A trusted local model draws nothing, so the history is first touched after the verdict: refused at once, a warning."""
     hist = _planted(tmp_path / "h.sqlite", _PLANTS["looping trigger on runs"])
-    proc, _ = _cli("verify", world["fp_path"], "--model", world["model_file"], "--history", hist)
+    proc, _ = _cli("verify", world["fp_path"], "--model", world["model_file"], "--trusted-model", "--history", hist)
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert proc.stdout.strip().splitlines()[-1].startswith("TAMPERED: ")
     (warning,) = proc.stderr.strip().splitlines()
     assert warning.startswith("warning: the run was not recorded in the history") and "trigger hold" in warning
+    # a suspect's model file draws from the pool like an endpoint: the same file refuses the draw, before anything runs
+    proc, _ = _cli("verify", world["fp_path"], "--model", world["model_file"], "--history", hist)
+    assert proc.returncode == 2 and "trigger hold" in proc.stderr and "nothing was sent" in proc.stderr, (proc.stdout, proc.stderr)
 
 
 def test_watch_with_a_looping_trigger_on_the_ledger_stops_with_exit_2_sending_nothing(world, tmp_path):
