@@ -38,17 +38,28 @@ Chooser = Callable[[dict[str, set[int]]], dict[str, list[int]]]
 Digests = Mapping[str, Sequence[str]]
 
 
+def _rows_digests(batch: np.ndarray) -> list[str]:
+    """``content_digest`` of every row of ``batch`` (one header hashed once, then copied per row)."""
+    arr = np.ascontiguousarray(batch)
+    base = hashlib.sha256(f"tamperprobe.query|{arr.dtype.str}|{arr.shape[1:]}\n".encode())
+    flat = arr.reshape(len(arr), -1).view(np.uint8) if arr.size else arr.reshape(len(arr), 0)
+    out = []
+    for row in flat:
+        h = base.copy()
+        h.update(row.data)
+        out.append(h.hexdigest())
+    return out
+
+
 def content_digest(query: np.ndarray) -> str:
     """SHA-256 (hex) of one query as sent: its dtype, shape and bytes, so equal inputs of any fingerprint get equal digests."""
-    arr = np.ascontiguousarray(query)
-    h = hashlib.sha256(f"tamperprobe.query|{arr.dtype.str}|{arr.shape}\n".encode())
-    h.update(arr.tobytes())
-    return h.hexdigest()
+    arr = np.asarray(query)
+    return _rows_digests(arr[None])[0]
 
 
 def digests_of(queries: Mapping[str, np.ndarray]) -> dict[str, list[str]]:
     """``content_digest`` of every row of each kind's inputs (``{"marker": fp.inputs, "decoy": fp.decoy_inputs}``)."""
-    return {kind: [content_digest(row) for row in arr] for kind, arr in queries.items()}
+    return {kind: _rows_digests(arr) for kind, arr in queries.items()}
 
 
 def _used(con: sqlite3.Connection, fingerprint: str, digests: Digests | None) -> dict[str, set[int]]:
