@@ -86,3 +86,21 @@ def test_a_plaintext_file_given_with_a_decryption_key_is_refused(tmp_path, monke
     encrypted = save(_fp(), tmp_path / "enc.tpf", encrypt_key=key)
     assert load(encrypted, secret_key=key).id == _fp().id
     assert load(plain, secret_key=key, require_encrypted=False).id == _fp().id
+
+
+def test_fingerprint_records_the_identity_it_is_given(tmp_path):
+    import torch
+
+    from fakes import confident_mlp
+
+    model = tmp_path / "m.pt"
+    torch.jit.trace(confident_mlp(0).module, torch.zeros(1, 1, 8, 8)).save(str(model))
+    args = ["fingerprint", str(model), "--data", "digits", "--method", "natural", "--select", "random", "--size", "2", "--bag", "4"]
+    args += ["--no-check", "--tolerance", "1e-4", "--out", str(tmp_path / "f.tpf")]
+    r = RUN.invoke(app, [*args, "--model-name", "digits-mlp", "--model-version", "1.0"])
+    assert r.exit_code == 0, r.output
+    fp = load(tmp_path / "f.tpf")
+    assert (fp.model_name, fp.model_version) == ("digits-mlp", "1.0") and fp.id in r.stdout  # the id printed is the file's
+    check_expected(fp, "digits-mlp:1.0")
+    r = RUN.invoke(app, [*args, "--model-name", "digits mlp", "--model-version", "1.0"])
+    assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "--model-name" in r.stderr

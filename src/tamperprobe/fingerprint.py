@@ -41,7 +41,7 @@ import struct
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -183,19 +183,25 @@ def _identity(value: Any, what: str) -> str | None:
     return value
 
 
-def with_identity(fp: Fingerprint, name: str | None, version: str | None) -> Fingerprint:
+@overload
+def with_identity(fp: Fingerprint, name: str | None, version: str | None) -> Fingerprint: ...
+@overload
+def with_identity(fp: None, name: str | None, version: str | None) -> None: ...
+def with_identity(fp: Fingerprint | None, name: str | None, version: str | None) -> Fingerprint | None:
     """``fp`` recording what it vouches for: model ``name`` and ``version`` (both or neither; ``UsageError`` if malformed).
 
     This changes the fingerprint's content, so its id (and any signature) is new: sign after it.
+    ``fp`` None only checks the two values (the CLI does so before generating).
     """
     if (name is None) != (version is None):
         raise UsageError("give --model-name and --model-version together: a fingerprint vouches for one version of one model")
-    if name is None:
-        return fp
     try:
-        return replace(fp, model_name=_identity(name, "--model-name"), model_version=_identity(version, "--model-version"))
+        name, version = _identity(name, "--model-name"), _identity(version, "--model-version")
     except ValueError as exc:
         raise UsageError(str(exc)) from None
+    if name is None or fp is None:
+        return fp
+    return replace(fp, model_name=name, model_version=version)
 
 
 def check_expected(fp: Fingerprint, expect: str | None, what: str = "the fingerprint") -> None:
