@@ -77,7 +77,19 @@ def test_library_default_follows_the_spec_and_warns_about_weak_pairs(trained_cnn
 
 def test_cli_says_why_and_warns_once(trained_cnn, digits, tmp_path):
     save_model(trained_cnn, tmp_path / "m.pt", digits[1].x)
-    base = ["fingerprint", str(tmp_path / "m.pt"), "--data", "digits", "--out", str(tmp_path / "f.tpf"), "--select", "random", "--no-check"]
+    base = [
+        "fingerprint",
+        str(tmp_path / "m.pt"),
+        "--data",
+        "digits",
+        "--out",
+        str(tmp_path / "f.tpf"),
+        "--select",
+        "random",
+        "--no-check",
+        "--seed",
+        "0",
+    ]
     r = CliRunner().invoke(app, [*base, "--output-spec", "top1", "--size", "4", "--bag", "8", "--param", "rounds=1"])
     assert r.exit_code == 0, r.output
     why = [line for line in r.stdout.splitlines() if line.startswith("method ")]

@@ -386,11 +386,12 @@ def print_report(report: Report, max_rows: int = 40) -> None:
 # --------------------------------------------------------------------------- watch
 
 
-def _print_run(run: Run) -> None:
+def _print_run(run: Run, endpoint: str | None = None) -> None:
     r = run.report
     colour = {"INTACT": "green", "TAMPERED": "bold red"}.get(r.verdict, "yellow")
     left = "" if r.runs_left is None else f", {r.runs_left} runs left"
-    console.print(f"{run.time}  [{colour}]{escape(r.headline())}[/]  ({r.seconds:.2f} s{left})", highlight=False, soft_wrap=True)
+    who = "" if endpoint is None else f"{_shown(endpoint, 128)}  "
+    console.print(f"{run.time}  {who}[{colour}]{escape(r.headline())}[/]  ({r.seconds:.2f} s{left})", highlight=False, soft_wrap=True)
 
 
 class _RunReporter:
@@ -400,16 +401,22 @@ class _RunReporter:
     def __init__(self, endpoint: str, metrics: Any, log: Any, as_json: bool) -> None:
         self.endpoint, self.metrics, self.log, self.as_json = endpoint, metrics, log, as_json
 
-    def __call__(self, run: Run) -> None:
+    def __call__(self, run: Run, endpoint: str | None = None) -> None:
+        """Report ``run``; ``endpoint`` (a fleet's entry name) labels the line, the metrics and the event, else the watch's endpoint."""
+        label = endpoint or self.endpoint
+        extra = {} if endpoint is None else {"endpoint": endpoint}
         if self.as_json:
-            _show(lambda: print(json.dumps({"run": run.number, "time": run.time, **run.report.to_json()}, sort_keys=True), flush=True), run.report)
+            _show(
+                lambda: print(json.dumps({"run": run.number, "time": run.time, **extra, **run.report.to_json()}, sort_keys=True), flush=True),
+                run.report,
+            )
         else:
-            _show(lambda: _print_run(run), run.report)
+            _show(lambda: _print_run(run, endpoint), run.report)
         if self.metrics is not None:
-            self.metrics.update(run, self.endpoint)
+            self.metrics.update(run, label)
         if self.log is not None:
             try:
-                self.log.write(run, self.endpoint)
+                self.log.write(run, label)
             except OSError as exc:
                 _warn(f"event log {self.log.path}: {exc.strerror or exc}")
 
