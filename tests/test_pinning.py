@@ -104,3 +104,12 @@ def test_fingerprint_records_the_identity_it_is_given(tmp_path):
     check_expected(fp, "digits-mlp:1.0")
     r = RUN.invoke(app, [*args, "--model-name", "digits mlp", "--model-version", "1.0"])
     assert r.exit_code == 2 and r.stderr.count("\n") == 1 and "--model-name" in r.stderr
+
+
+def test_fleet_entries_pin_by_the_same_rule():
+    from tamperprobe.fleet.check import expect_problem
+
+    v4 = with_identity(_fp(0), "fraud-scorer", "v4")
+    assert expect_problem(v4, None) is None and expect_problem(v4, "fraud-scorer:v4") is None and expect_problem(v4, v4.id) is None
+    assert "not the one expected" in expect_problem(v4, "fraud-scorer:v3")
+    assert "NAME:VERSION" in expect_problem(v4, "fraud-scorer")  # a bare name could be any version: refused, not run
