@@ -22,8 +22,10 @@ redirect (which would echo the Host header), a path with a trailing slash is a 4
 The request and its checks are ``infer.py``'s; the tensors, output names and the
 classification extension ``tamperprobe.oip``'s (clients rely on them); the served model and
 its input spec ``holder.py``'s; connection limits, timeouts and the token check ``guard.py``'s.
-An inference request waits for one of ``max_concurrent`` slots (503 with Retry-After after
-``queue_timeout``), then its body is read (``max_body`` bytes at most) and everything else runs
+An inference request's body is read first (``max_body`` bytes at most, within ``body_timeout``;
+the bytes of all bodies held at once are bounded by ``guard.BodyBudget``, 503 beyond), so that a
+client sending its body slowly or never holds no slot; then the request waits for one of
+``max_concurrent`` slots (503 with Retry-After after ``queue_timeout``) and everything else runs
 off the event loop: a body of ``LARGE_BODY`` bytes or more is parsed in a parser process (one
 ``json.loads`` of megabytes holds the interpreter for hundreds of milliseconds, which no thread
 could hide from the event loop and its health probes), a smaller one on the worker threads, where
@@ -31,7 +33,9 @@ the model runs and the response is written too.
 
 Errors are ``{"error": "..."}``: 400 for bad input (malformed JSON, wrong datatype, shape
 not matching the model's input, batch above the cap, NaN/inf, unknown output, bad
-classification), 401 without the token, 404 for an unknown model, version or path, 413 for a
+classification, an output named twice, a response over ``Limits.max_response``, a request head
+over ``Limits.max_header_bytes``, a chunked body of too many chunks), 401 without the token, 404
+for an unknown model, version or path, 408 for a body not sent within ``body_timeout``, 413 for a
 body above the cap (by Content-Length or by actual size), 503 when busy, 500 if the model
 itself fails. Bad input never takes the server down. An error answered before the body was read
 closes the connection with a lingering close (``guard.py``), so a client still sending reads it.
@@ -49,6 +53,7 @@ import multiprocessing
 import os
 import re
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Callable
@@ -59,6 +64,7 @@ from typing import Any
 
 import numpy as np
 from fastapi import Request  # resolved at module level: the route annotations below refer to it
+from starlette.requests import ClientDisconnect
 
 from .. import oip
 from .._util import one_line
@@ -67,7 +73,7 @@ from ..errors import ModelLoadError, UsageError
 from ..fingerprint import Fingerprint
 from ..models import Model
 from ..outputs import OutputSpec
-from .guard import Limits, TokenGuard, protocol_class, raise_fd_limit
+from .guard import BodyBudget, Limits, TokenGuard, protocol_class, raise_fd_limit
 from .holder import ModelHolder, Shape, make_holder, platform
 from .infer import INPUT_NAME, BadRequest, build_response, decode_inputs, parse_compact, parse_infer_request
 
@@ -119,6 +125,7 @@ def create_app(
     if token is not None:
         app.add_middleware(TokenGuard, token=token.strip())
     slots = asyncio.Semaphore(limits.max_concurrent)
+    budget = BodyBudget(limits.max_concurrent * max_body)
 
     def error(message: str, status: int = 400, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status, headers=headers)
@@ -190,7 +197,8 @@ def create_app(
         check_model(model_name, version)
         return {"name": name, "ready": True}
 
-    async def read_body(request: Request) -> bytes:
+    async def read_body(request: Request, held: list[int]) -> bytes:
+        """The whole body, before the request takes a slot; its bytes count against ``budget`` from the first one read."""
         declared = request.headers.get("content-length")
         if declared is not None:
             try:
@@ -200,11 +208,19 @@ def create_app(
             if too_large:
                 raise BadRequest(f"request body of {int(declared)} bytes exceeds the limit of {max_body}", 413, _CLOSE)
         chunks, size = [], 0
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > max_body:
-                raise BadRequest(f"request body exceeds the limit of {max_body} bytes", 413, _CLOSE)
-            chunks.append(chunk)
+        try:
+            async with asyncio.timeout(limits.body_timeout):  # the guard closes a slow body's connection too; this ends its task
+                async for chunk in request.stream():
+                    size += len(chunk)
+                    if size > max_body:
+                        raise BadRequest(f"request body exceeds the limit of {max_body} bytes", 413, _CLOSE)
+                    if not budget.take(held, len(chunk)):
+                        raise BadRequest("server busy: too many request bodies arriving at once, retry later", 503, {"Retry-After": "1", **_CLOSE})
+                    chunks.append(chunk)
+        except TimeoutError:
+            raise BadRequest(f"request body not received within {limits.body_timeout:g} s", 408, _CLOSE) from None
+        except ClientDisconnect:
+            raise BadRequest("client disconnected", 400, _CLOSE) from None
         return b"".join(chunks)
 
     def run_request(body: bytes | None, header_length: str | None, parsed: tuple[dict, np.ndarray] | None = None) -> tuple[bytes, dict[str, str]]:
@@ -220,14 +236,16 @@ def create_app(
             raise BadRequest(f"model returned shape {list(logits.shape)}, expected [{x.shape[0]}, {holder.classes}]", 500)
         if not np.isfinite(logits).all():
             raise BadRequest("model produced NaN or infinite outputs", 500)
-        return build_response(req, logits, spec, name, VERSION)
+        return build_response(req, logits, spec, name, VERSION, limits.max_response)
 
     @app.post("/v2/models/{model_name}/infer")
     @app.post("/v2/models/{model_name}/versions/{version}/infer")
     async def infer(request: Request, model_name: str, version: str | None = None):
         check_model(model_name, version)
+        held = [0]  # body bytes this request holds in the budget
         acquired = False
         try:
+            body = await read_body(request, held)  # no slot is held while a body arrives: slow senders cannot starve real requests
             try:
                 async with asyncio.timeout(limits.queue_timeout):
                     await slots.acquire()
@@ -235,24 +253,27 @@ def create_app(
             except TimeoutError:
                 if not acquired:
                     return error("server busy: too many requests in progress, retry later", 503, {"Retry-After": "1"})
-            body = await read_body(request)
-            loop = asyncio.get_running_loop()
-            header_length = request.headers.get(oip.HEADER_LENGTH)
-            if len(body) >= LARGE_BODY:
-                try:
-                    parsed = await loop.run_in_executor(parser(), parse_compact, body, header_length, holder.input_shape, max_batch)
-                except BrokenProcessPool:
-                    app.state.parser = None  # a parser that died (killed, out of memory) is started again next time
-                    return error("server busy: the request parser restarted, retry later", 503, {"Retry-After": "1"})
-                del body
-                job = functools.partial(run_request, None, None, parsed)
-            else:
-                job = functools.partial(run_request, body, header_length)
-            content, headers = await loop.run_in_executor(executor(), job)
+            content, headers = await process(request, body)
         finally:
             if acquired:
                 slots.release()
+            budget.give_back(held)
         return Response(content, media_type="application/octet-stream" if headers else "application/json", headers=headers)
+
+    async def process(request: Request, body: bytes) -> tuple[bytes, dict[str, str]]:
+        loop = asyncio.get_running_loop()
+        header_length = request.headers.get(oip.HEADER_LENGTH)
+        if len(body) >= LARGE_BODY:
+            try:
+                parsed = await loop.run_in_executor(parser(), parse_compact, body, header_length, holder.input_shape, max_batch)
+            except BrokenProcessPool:
+                app.state.parser = None  # a parser that died (killed, out of memory) is started again next time
+                raise BadRequest("server busy: the request parser restarted, retry later", 503, {"Retry-After": "1"}) from None
+            del body
+            job = functools.partial(run_request, None, None, parsed)
+        else:
+            job = functools.partial(run_request, body, header_length)
+        return await loop.run_in_executor(executor(), job)
 
     return app
 
@@ -281,37 +302,36 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def _check_tls(tls_cert: str | os.PathLike | None, tls_key: str | os.PathLike | None) -> tuple[str | None, str | None]:
+def _check_tls(tls_cert: str | os.PathLike | None, tls_key: str | os.PathLike | None) -> ssl.SSLContext | None:
+    """The server's TLS context for ``tls_cert``/``tls_key`` (both or neither), or None for plain HTTP."""
     if (tls_cert is None) != (tls_key is None):
         raise UsageError("give both --tls-cert and --tls-key, or neither")
     if tls_cert is None or tls_key is None:
-        return None, None
-    import ssl
-
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     try:
-        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(tls_cert), str(tls_key))
+        context.load_cert_chain(str(tls_cert), str(tls_key))
     except (OSError, ssl.SSLError) as exc:
         raise UsageError(f"cannot load the TLS certificate {tls_cert} and key {tls_key}: {getattr(exc, 'strerror', None) or one_line(exc)}") from None
-    return str(tls_cert), str(tls_key)
+    return context
 
 
-def _uvicorn_config(app: Any, limits: Limits, *, log_level: str, tls: tuple[str | None, str | None], **kw: Any) -> Any:
-    """uvicorn's configuration with the hardening of ``guard.py`` (protocol, timeouts, header cap) and TLS."""
+def _uvicorn_config(app: Any, limits: Limits, *, log_level: str, tls: ssl.SSLContext | None, **kw: Any) -> Any:
+    """uvicorn's configuration with the hardening of ``guard.py`` (protocol, timeouts, header cap); TLS is the guard's
+    protocol's, not uvicorn's (``guard.protocol_class``: connections are counted and timed from accept)."""
     import uvicorn
 
     return uvicorn.Config(
         app,
         log_level=log_level,
         lifespan="off",
-        http=protocol_class(limits),
+        http=protocol_class(limits, tls),
         timeout_keep_alive=limits.idle_timeout,
         h11_max_incomplete_event_size=limits.max_header_bytes,
         server_header=False,
         proxy_headers=False,
         timeout_graceful_shutdown=5,
         backlog=limits.backlog,
-        ssl_certfile=tls[0],
-        ssl_keyfile=tls[1],
         **kw,
     )
 
@@ -362,9 +382,9 @@ def serve(
     if host not in LOCAL_HOSTS:
         if not token:
             warn("listening beyond localhost without a token: anyone who can reach it can query the model")
-        if tls[0] is None:
+        if tls is None:
             warn("listening beyond localhost without TLS: requests, answers and the token travel unencrypted (--tls-cert/--tls-key)")
-    scheme = "https" if tls[0] else "http"
+    scheme = "https" if tls else "http"
     if on_ready is not None:
         shown = f"[{host}]" if ":" in host else host
         on_ready(
@@ -429,10 +449,14 @@ class ServerThread:
 
     @property
     def url(self) -> str:
-        return f"{'https' if self._tls[0] else 'http'}://{self.host}:{self.port}"
+        return f"{'https' if self._tls else 'http'}://{self.host}:{self.port}"
 
     def swap(self, model: Model) -> Model:
         return self.holder.swap(model)
+
+    def open_connections(self) -> int:
+        """Connections the server holds now, TLS handshakes included: what ``Limits.max_connections`` bounds."""
+        return len(self._server.config.http.live) if self._server is not None else 0
 
     def start(self) -> ServerThread:
         import uvicorn

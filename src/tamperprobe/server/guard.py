@@ -44,6 +44,7 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import ssl
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -65,6 +66,8 @@ class Limits:
     idle_timeout: int = 5
     queue_timeout: float = 10.0
     max_header_bytes: int = 16 << 10
+    max_chunks: int = 64  # chunks of a chunked body at most, plus one per KiB of data it carries
+    max_response: int = 32 << 20  # bytes of a response body at most
     linger_timeout: float = 2.0  # lingering close: seconds at most, after an error response, spent discarding a request's rest
     linger_bytes: int = 8 << 20  # ... and bytes at most (as many as the default body cap lets an accepted request send)
 
@@ -94,24 +97,75 @@ class _CloseHook:
         return self._closed or bool(self._transport.is_closing())
 
 
-def protocol_class(limits: Limits) -> type:
-    """uvicorn's h11 protocol with the connection cap, the header/body deadlines and the lingering close of ``limits``."""
+def _connection_class(limits: Limits) -> type:
+    """h11's server connection, refusing what h11 lets through: a request head over ``max_header_bytes`` when it
+    arrives whole (h11 bounds only an incomplete one), and a chunked body of more chunks than ``max_chunks`` plus
+    one per KiB of its data. A refusal is h11's ``RemoteProtocolError``: uvicorn answers it with a 400 and closes."""
+    import h11
+
+    class GuardedConnection(h11.Connection):
+        _chunks = 0
+        _bytes = 0
+
+        def next_event(self) -> Any:
+            event = super().next_event()
+            kind = type(event)
+            if kind is h11.Data and event.chunk_start:
+                self._chunks += 1
+                self._bytes += len(event.data)
+                if self._chunks > limits.max_chunks + self._bytes // 1024:
+                    raise h11.RemoteProtocolError(f"more than {limits.max_chunks} chunks plus one per KiB of data")
+            elif kind is h11.Data:
+                self._bytes += len(event.data)
+            elif kind is h11.Request:
+                self._chunks = self._bytes = 0
+                size = len(event.method) + len(event.target) + 12 + sum(len(k) + len(v) + 4 for k, v in event.headers)
+                if size > limits.max_header_bytes:
+                    raise h11.RemoteProtocolError(f"request head of {size} bytes is over the limit of {limits.max_header_bytes}", 431)
+            return event
+
+    return GuardedConnection
+
+
+def protocol_class(limits: Limits, tls: ssl.SSLContext | None = None) -> Any:
+    """The protocol factory uvicorn runs (its ``http`` setting): uvicorn's h11 protocol with the connection cap, the
+    deadlines, the request-head and chunk bounds and the lingering close of ``limits``; with ``tls``, behind asyncio's
+    TLS protocol made here at accept, so that a connection is counted and its header deadline runs from accept,
+    TLS handshake included (uvicorn's own TLS would create the protocol only once the handshake is done)."""
+    import asyncio.sslproto
+
     import h11
     from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    connection_class = _connection_class(limits)
+    live: set[Any] = set()  # every accepted connection of this server, handshaking or not
 
     class GuardedH11Protocol(H11Protocol):
         _phase: str | None = None  # "headers", "body", "linger" or None (see _watch and _linger)
         _since = 0.0
         _timer: Any = None
-        _raw: Any = None  # the event loop's transport; uvicorn gets it behind a _CloseHook, so that every close comes to _close
+        _tcp: Any = None  # the socket's transport, from accept on (over TLS, below the TLS protocol)
+        _raw: Any = None  # the transport uvicorn talks to; it gets it behind a _CloseHook, so that every close comes to _close
         _drained = 0  # bytes discarded while lingering
 
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.conn = connection_class(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
+
+        def accepted(self, tcp: Any) -> None:
+            """The connection was accepted (before any TLS handshake): counted, and its header deadline starts."""
+            self._tcp = tcp
+            live.add(self)
+            self._set_phase("headers")
+            self._admit()
+
         def connection_made(self, transport: Any) -> None:
+            if self._tcp is None:  # plain TCP: accepted now
+                self.accepted(transport)
             self._raw = transport
             hook: Any = _CloseHook(transport, self._close)  # duck-typed: every other attribute is the transport's
             super().connection_made(hook)
             self._watch()
-            self._admit()
 
         def data_received(self, data: bytes) -> None:
             if self._phase == "linger":  # the answer is out: the rest of the request is read only to be discarded
@@ -127,16 +181,25 @@ def protocol_class(limits: Limits) -> type:
             self._watch()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel()
+            self.gone()
             super().connection_lost(exc)
 
+        def gone(self) -> None:
+            self._cancel()
+            live.discard(self)
+
         def _admit(self) -> None:
-            if len(self.connections) <= limits.max_connections:
+            if len(live) <= limits.max_connections:
                 return
-            waiting: list[Any] = [c for c in self.connections if c is not self and getattr(c, "_phase", None) in ("headers", "linger")]
-            waiting = [c for c in waiting if not c._raw.is_closing()]
+            waiting = [c for c in live if c is not self and c._phase in ("headers", "linger") and not c._tcp.is_closing()]
             victim = min(waiting, key=lambda c: c._since) if waiting else self
-            victim.transport.close()
+            victim._drop()
+
+        def _drop(self) -> None:
+            if self.transport is not None:
+                self.transport.close()
+            else:  # still in its TLS handshake: no response to send
+                self._tcp.abort()
 
         def _close(self) -> None:
             """Every close of the connection, uvicorn's and ours: lingers after an error response sent before the request was read."""
@@ -169,8 +232,10 @@ def protocol_class(limits: Limits) -> type:
                 return
             state = self.conn.their_state
             phase = "headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
-            if phase == self._phase:
-                return
+            if phase != self._phase:
+                self._set_phase(phase)
+
+        def _set_phase(self, phase: str | None) -> None:
             self._cancel()
             self._phase, self._since = phase, self.loop.time()
             if phase is not None:
@@ -183,10 +248,57 @@ def protocol_class(limits: Limits) -> type:
 
         def _expire(self) -> None:
             self._timer = None
-            if not self.transport.is_closing():
+            if self.transport is None:  # the TLS handshake took the whole header deadline
+                self._tcp.abort()
+            elif not self.transport.is_closing():
                 self.transport.close()
 
-    return GuardedH11Protocol
+    class GuardedTLS(asyncio.sslproto.SSLProtocol):
+        """asyncio's server-side TLS protocol, telling the guarded protocol of the accept and of a close before the handshake ended."""
+
+        def __init__(self, loop: Any, app: GuardedH11Protocol) -> None:
+            super().__init__(loop, app, tls, None, server_side=True, ssl_handshake_timeout=limits.header_timeout)
+            self._guarded = app
+
+        def connection_made(self, transport: Any) -> None:
+            self._guarded.accepted(transport)
+            super().connection_made(transport)
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self._guarded.gone()  # the application protocol hears of it only if its handshake ended
+            super().connection_lost(exc)
+
+    def make(*args: Any, **kwargs: Any) -> Any:
+        protocol = GuardedH11Protocol(*args, **kwargs)
+        return protocol if tls is None else GuardedTLS(protocol.loop, protocol)
+
+    make.live = live  # type: ignore[attr-defined]  # for tests and the load test: the count the cap applies to
+    return make
+
+
+class BodyBudget:
+    """Bytes of request bodies the server holds at once, from the first byte read until the response.
+
+    Bodies are read before a request takes one of the ``max_concurrent`` slots (so that a client
+    sending its body slowly holds no slot), so the slots no longer bound the memory bodies take:
+    this does. ``take`` counts bytes into a request's tally (a one-item list), or refuses them when
+    the total would pass ``limit``; ``give_back`` returns a request's tally. Event-loop only.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+
+    def take(self, tally: list[int], n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        tally[0] += n
+        return True
+
+    def give_back(self, tally: list[int]) -> None:
+        self.used -= tally[0]
+        tally[0] = 0
 
 
 class TokenGuard:
