@@ -11,7 +11,6 @@ import datetime
 import ipaddress
 import json
 import socket
-import ssl
 import threading
 import time
 

@@ -108,7 +108,7 @@ def _connection_class(limits: Limits) -> type:
         _bytes = 0
 
         def next_event(self) -> Any:
-            event = super().next_event()
+            event: Any = super().next_event()
             kind = type(event)
             if kind is h11.Data and event.chunk_start:
                 self._chunks += 1
@@ -257,14 +257,15 @@ def protocol_class(limits: Limits, tls: ssl.SSLContext | None = None) -> Any:
         """asyncio's server-side TLS protocol, telling the guarded protocol of the accept and of a close before the handshake ended."""
 
         def __init__(self, loop: Any, app: GuardedH11Protocol) -> None:
-            super().__init__(loop, app, tls, None, server_side=True, ssl_handshake_timeout=limits.header_timeout)
+            options: Any = {"waiter": None, "server_side": True, "ssl_handshake_timeout": limits.header_timeout}  # nothing awaits a handshake
+            super().__init__(loop, app, tls, **options)
             self._guarded = app
 
         def connection_made(self, transport: Any) -> None:
             self._guarded.accepted(transport)
             super().connection_made(transport)
 
-        def connection_lost(self, exc: Exception | None) -> None:
+        def connection_lost(self, exc: BaseException | None) -> None:
             self._guarded.gone()  # the application protocol hears of it only if its handshake ended
             super().connection_lost(exc)
 
