@@ -98,10 +98,11 @@ def _note_closes(phase, what: str, n: int, opened: int, closed: list[float]) -> 
 def _stalled(port: int, first: bytes, seconds: float, n: int, what: str, real_url: str, real_clients: int):
     """``n`` connections that send ``first`` (maybe nothing) and then wait, beside ``real_clients`` real ones."""
 
-    async def one(phase, closed: list[float], opened: list[int], until: float) -> None:
+    async def one(phase, i: int, closed: list[float], opened: list[int], until: float) -> None:
+        await asyncio.sleep(i / 500)  # 500 new connections a second: a flood the listen queue takes, not a SYN storm
         t0 = time.monotonic()
         try:
-            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout=5)
+            reader, writer = await asyncio.wait_for(asyncio.open_connection("127.0.0.1", port), timeout=max(1.0, until - t0))
         except (OSError, TimeoutError) as exc:
             if len(phase.notes) < 3:
                 phase.notes.append(f"attacking connection not opened: {type(exc).__name__}")
@@ -122,7 +123,7 @@ def _stalled(port: int, first: bytes, seconds: float, n: int, what: str, real_ur
         closed: list[float] = []
         opened: list[int] = []
         until = time.monotonic() + seconds
-        attack = [asyncio.create_task(one(phase, closed, opened, until)) for _ in range(n)]
+        attack = [asyncio.create_task(one(phase, i, closed, opened, until)) for i in range(n)]
         await asyncio.sleep(0.5)  # the attack is in place before the real clients start
         real = [asyncio.create_task(real_requests(real_url, phase, until)) for _ in range(real_clients)]
         await asyncio.gather(*attack, *real)

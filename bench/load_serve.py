@@ -41,6 +41,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -290,7 +291,8 @@ def start_server(args: list[str], port: int, env_extra: dict[str, str], log: Pat
     def limit_fds() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
 
-    proc = subprocess.Popen(args, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, preexec_fn=limit_fds)
+    # a session of its own: stop_server ends the server and any worker process it started (granian's), nothing else
+    proc = subprocess.Popen(args, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, preexec_fn=limit_fds, start_new_session=True)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
@@ -311,12 +313,19 @@ def serve_args(model: Path, port: int, tls: tuple[Path, Path] | None = None) -> 
 
 
 def stop_server(proc: subprocess.Popen) -> None:
-    proc.terminate()
+    """SIGTERM to the server's process group (it leads its own session), SIGKILL after 20 s."""
     try:
+        os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+    except ProcessLookupError:
+        pass
+    try:  # a worker that outlived its parent
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
 
 
 def free_port() -> int:

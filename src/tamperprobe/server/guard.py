@@ -254,11 +254,16 @@ def protocol_class(limits: Limits, tls: ssl.SSLContext | None = None) -> Any:
                 self.transport.close()
 
     class GuardedTLS(asyncio.sslproto.SSLProtocol):
-        """asyncio's server-side TLS protocol, telling the guarded protocol of the accept and of a close before the handshake ended."""
+        """asyncio's server-side TLS protocol, telling the guarded protocol of the accept and of a close before the handshake ended.
+
+        Its read buffer is 32 KiB (two TLS records) instead of asyncio's 256 KiB, allocated per connection at accept:
+        a thousand connections that never finish their handshake would otherwise hold 256 MiB."""
+
+        max_size = 32 << 10
 
         def __init__(self, loop: Any, app: GuardedH11Protocol) -> None:
             options: Any = {"waiter": None, "server_side": True, "ssl_handshake_timeout": limits.header_timeout}  # nothing awaits a handshake
-            super().__init__(loop, app, tls, **options)
+            super().__init__(loop, app, tls, **options)  # type: ignore[arg-type]  # tls is set whenever this class is used
             self._guarded = app
 
         def connection_made(self, transport: Any) -> None:

@@ -218,8 +218,8 @@ class Repository:
             raise UsageError(f"model {name!r} failed to load: {self._failed[name]}")
         return self.load(name, entry)
 
-    def load(self, name: str, entry: Entry | None = None) -> Served:
-        """Load ``name`` now (again after a failure); errors are recorded and raised."""
+    def load(self, name: str, entry: Entry | None = None, report: bool = True) -> Served:
+        """Load ``name`` now (again after a failure); errors are recorded, logged if ``report``, and raised."""
         entry = entry or self.entries[name]
         digest = file_digest(entry.path)
         with self._lock:
@@ -232,7 +232,8 @@ class Repository:
             except (TamperprobeError, OSError) as exc:
                 with self._lock:
                     self._failed[name] = one_line(exc)
-                self._say(f"model {name!r} failed to load from {entry.path}: {one_line(exc)}")
+                if report:
+                    self._say(f"model {name!r} failed to load from {entry.path}: {one_line(exc)}")
                 raise UsageError(f"model {name!r} failed to load: {one_line(exc)}") from None
             with self._lock:
                 self._served[name] = model
@@ -274,4 +275,4 @@ class Repository:
     def load_all(self) -> None:
         """Load every model now (``--eager``): the first failure is raised."""
         for name, entry in self.entries.items():
-            self.load(name, entry)
+            self.load(name, entry, report=False)  # the error itself is the report
