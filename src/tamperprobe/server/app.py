@@ -7,11 +7,17 @@ Endpoints
 ``GET  /v2/health/live``                    200 ``{"live": true}``       (always open)
 ``GET  /v2/health/ready``                   200 ``{"ready": true}``      (always open)
 ``GET  /v2``                                server metadata: name, version, extensions
-``POST /v2/repository/index``               ``[{"name", "version", "state"}]`` (one model)
+``POST /v2/repository/index``               ``[{"name", "version", "state"[, "reason"]}]``
+``POST /v2/repository/models/{name}/load``  load a repository's model now (``{}``)
+``POST /v2/repository/models/{name}/unload``  unload it (it loads again on next use)
 ``GET  /v2/models/{name}[/versions/1]``     model metadata: name, versions, platform, inputs, outputs
 ``GET  /v2/models/{name}[/versions/1]/ready``  200 ``{"name", "ready": true}``
 ``POST /v2/models/{name}[/versions/1]/infer``  inference
 ==========================================  ==================================================
+
+One model, or every model of a model repository (``repository.py``: ``DIR/<name>/model.*`` and
+an optional ``config.toml``), each under its own name, loaded on first use (a model's metadata,
+readiness or inference request loads it; 503 with the reason if it cannot load).
 
 With a token (``--token-env`` / ``--token-file``), every path except ``/v2/health/*`` needs
 ``Authorization: Bearer <token>`` and answers 401 otherwise, checked before routing

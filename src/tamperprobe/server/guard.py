@@ -1,20 +1,25 @@
 """What keeps the reference server up under abuse: connection limits, timeouts, authentication first.
 
-``Limits`` holds the knobs (``serve`` exposes each as an option). They are enforced in three places:
+``Limits`` holds the knobs (``serve`` exposes the main ones as options). They are enforced here:
 
-* **Connections** (``protocol_class``, a subclass of uvicorn's h11 protocol): at most
-  ``max_connections`` open at once. A connection beyond that evicts the oldest connection that
-  is only waiting for a request (idle, or sending its headers slowly); if every connection is
-  busy with a request, the new one is closed. So a flood of slow connections cannot lock health
+* **Connections** (``protocol_class``: uvicorn's h11 protocol, subclassed, and over TLS asyncio's
+  TLS protocol, made by the guard at accept instead of by uvicorn): a connection is counted from
+  the moment it is accepted, TLS handshake included, and at most ``max_connections`` are open at
+  once. A connection beyond that evicts the oldest connection that is only waiting for a request
+  (in its TLS handshake, idle, or sending its headers slowly); if every connection is busy with a
+  request, the new one is closed. So a flood of slow or silent connections cannot lock health
   probes or real clients out. The event loop accepts at most ``backlog`` connections in one burst
   before their protocols run, so ``serve`` keeps ``max_connections + backlog`` (and a reserve)
   below the open-file limit, lowering ``max_connections`` if it must: the process never runs out
   of file descriptors (an accept failing with EMFILE would stall every new connection for a second).
-  ``header_timeout``: a connection must deliver a complete request line and headers within this
-  many seconds of opening (or of its previous response); ``body_timeout``: the body within this
-  many seconds of the headers; ``idle_timeout``: a kept-alive connection is closed after this
-  many idle seconds. A connection that misses a deadline is closed. Header size is capped by
-  h11 (``max_header_bytes``).
+  ``header_timeout``: a connection must finish its TLS handshake and deliver a complete request
+  line and headers within this many seconds of its accept (or of its previous response);
+  ``body_timeout``: the body within this many seconds of the headers; ``idle_timeout``: a
+  kept-alive connection is closed after this many idle seconds. A connection that misses a
+  deadline is closed. A request head is at most ``max_header_bytes`` (h11 bounds a head that
+  arrives in pieces, the guard one that arrives whole: 400), and a chunked body has at most
+  ``max_chunks`` chunks plus one per KiB of its data (400): h11 handles each chunk as an event,
+  so a stream of 1-byte chunks would otherwise keep the event loop busy with one connection.
 * **Lingering close** (the same protocol): a connection closed right after an error response
   while the client is still sending its request (413 for a body over the cap, 401 before the
   body, h11's 400 for a malformed request or oversized headers, a 500 before the body was read)
@@ -32,11 +37,18 @@
   path except the health probes answers 401 before the router sees the request, so unknown
   paths, trailing-slash redirects (switched off anyway) or model names reveal nothing and no
   request body of an unauthenticated client is read.
-* **Work** (``app.py``): at most ``max_concurrent`` inference requests are read and processed at
-  once (a request waits up to ``queue_timeout`` seconds for its turn, then gets 503 with
-  Retry-After), so at most ``max_concurrent`` bodies are held in memory; JSON parsing, the model
-  and the response are computed on ``workers`` threads, never on the event loop, so health
-  probes stay fast while large bodies are parsed.
+* **Work** (``app.py``): an inference request's body is read first, then the request waits up to
+  ``queue_timeout`` seconds for one of ``max_concurrent`` slots (503 with Retry-After after
+  that): a client that sends headers and then its body slowly, or never, holds no slot. The
+  bytes of the bodies held at once are bounded by ``BodyBudget`` (``max_concurrent`` bodies of
+  the largest size; 503 beyond). JSON parsing, the model and the response are computed on
+  ``workers`` threads, never on the event loop, so health probes stay fast while large bodies
+  are parsed; a response is at most ``max_response`` bytes and names each output once (400).
+
+Why not another ASGI server: granian and hypercorn, measured under the same attacks, keep their
+own event loop free of 1-byte chunks and refuse large heads, but neither counts connections in
+their TLS handshake nor evicts waiting connections, and both ran out of file descriptors under
+pre-handshake stalls (``bench/results/server-compare.md``).
 """
 
 from __future__ import annotations
