@@ -79,7 +79,7 @@ from ..errors import ModelLoadError, TamperprobeError, UsageError
 from ..fingerprint import Fingerprint
 from ..models import Model
 from ..outputs import OutputSpec
-from .guard import BodyBudget, Limits, TokenGuard, protocol_class, raise_fd_limit
+from .guard import BodyBudget, Limits, TokenGuard, protocol_class, raise_fd_limit, tls_context
 from .holder import ModelHolder, Shape, make_holder, platform
 from .infer import INPUT_NAME, BadRequest, build_response, decode_inputs, parse_compact, parse_infer_request
 from .repository import Repository, Served, Single, rss_mib, served
@@ -110,7 +110,7 @@ def create_app(
     models (``shutdown(app)`` stops them).
     """
     from fastapi import FastAPI
-    from fastapi.responses import JSONResponse, Response
+    from fastapi.responses import JSONResponse
 
     limits = limits or Limits()
     if catalog is None:
@@ -127,11 +127,22 @@ def create_app(
     app.state.limits = limits
     if token is not None:
         app.add_middleware(TokenGuard, token=token.strip())
-    slots = asyncio.Semaphore(limits.max_concurrent)
-    budget = BodyBudget(limits.max_concurrent * max_body)
 
     def error(message: str, status: int = 400, headers: dict[str, str] | None = None) -> JSONResponse:
         return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    resolve = _add_model_routes(app, catalog, error)
+
+    _add_infer_route(app, resolve, error, limits, max_body)
+    return app
+
+
+def _add_infer_route(app: Any, resolve: Callable[..., Any], error: Callable[..., Any], limits: Limits, max_body: int) -> None:
+    """The inference route: the body first (bounded by ``BodyBudget``), then a slot, then the work off the event loop."""
+    from fastapi.responses import Response
+
+    slots = asyncio.Semaphore(limits.max_concurrent)
+    budget = BodyBudget(limits.max_concurrent * max_body)
 
     def executor() -> ThreadPoolExecutor:
         if app.state.executor is None:
@@ -143,51 +154,20 @@ def create_app(
             app.state.parser = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
         return app.state.parser
 
-    resolve = _add_model_routes(app, catalog, error)
-
-    async def read_body(request: Request, held: list[int]) -> bytes:
-        """The whole body, before the request takes a slot; its bytes count against ``budget`` from the first one read."""
-        declared = request.headers.get("content-length")
-        if declared is not None:
+    async def process(m: Served, header_length: str | None, body: bytes) -> tuple[bytes, dict[str, str]]:
+        """Parse (in the parser process for a large body), decode, run and answer, off the event loop."""
+        loop = asyncio.get_running_loop()
+        if len(body) >= LARGE_BODY:
             try:
-                too_large = int(declared) > max_body
-            except ValueError:
-                raise BadRequest("bad Content-Length", 400, _CLOSE) from None
-            if too_large:
-                raise BadRequest(f"request body of {int(declared)} bytes exceeds the limit of {max_body}", 413, _CLOSE)
-        chunks, size = [], 0
-        try:
-            async with asyncio.timeout(limits.body_timeout):  # the guard closes a slow body's connection too; this ends its task
-                async for chunk in request.stream():
-                    size += len(chunk)
-                    if size > max_body:
-                        raise BadRequest(f"request body exceeds the limit of {max_body} bytes", 413, _CLOSE)
-                    if not budget.take(held, len(chunk)):
-                        raise BadRequest("server busy: too many request bodies arriving at once, retry later", 503, {"Retry-After": "1", **_CLOSE})
-                    chunks.append(chunk)
-        except TimeoutError:
-            raise BadRequest(f"request body not received within {limits.body_timeout:g} s", 408, _CLOSE) from None
-        except ClientDisconnect:
-            raise BadRequest("client disconnected", 400, _CLOSE) from None
-        return b"".join(chunks)
-
-    def run_request(
-        m: Served, body: bytes | None, header_length: str | None, parsed: tuple[dict, np.ndarray] | None = None
-    ) -> tuple[bytes, dict[str, str]]:
-        """Everything after the body arrived (or was parsed), on a worker thread: decode, run the model, write the response."""
-        holder = m.holder
-        req, x = parsed if parsed is not None else parse_infer_request(body or b"", header_length, holder.input_shape, m.max_batch)
-        x = decode_inputs(holder.input_spec, x)
-        model = holder.model  # one snapshot for the whole request
-        try:
-            logits = model.logits(x)
-        except ModelLoadError as exc:
-            raise BadRequest(f"model failed: {one_line(exc)}", 500) from None
-        if logits.ndim != 2 or logits.shape != (x.shape[0], holder.classes):
-            raise BadRequest(f"model returned shape {list(logits.shape)}, expected [{x.shape[0]}, {holder.classes}]", 500)
-        if not np.isfinite(logits).all():
-            raise BadRequest("model produced NaN or infinite outputs", 500)
-        return build_response(req, logits, m.spec, m.name, VERSION, limits.max_response)
+                parsed = await loop.run_in_executor(parser(), parse_compact, body, header_length, m.holder.input_shape, m.max_batch)
+            except BrokenProcessPool:
+                app.state.parser = None  # a parser that died (killed, out of memory) is started again next time
+                raise BadRequest("server busy: the request parser restarted, retry later", 503, {"Retry-After": "1"}) from None
+            del body
+            job = functools.partial(_run_request, m, None, None, parsed, limits.max_response)
+        else:
+            job = functools.partial(_run_request, m, body, header_length, None, limits.max_response)
+        return await loop.run_in_executor(executor(), job)
 
     @app.post("/v2/models/{model_name}/infer")
     @app.post("/v2/models/{model_name}/versions/{version}/infer")
@@ -196,7 +176,8 @@ def create_app(
         held = [0]  # body bytes this request holds in the budget
         acquired = False
         try:
-            body = await read_body(request, held)  # no slot is held while a body arrives: slow senders cannot starve real requests
+            # no slot is held while a body arrives: slow senders cannot starve real requests
+            body = await _read_body(request, held, max_body, budget, limits.body_timeout)
             try:
                 async with asyncio.timeout(limits.queue_timeout):
                     await slots.acquire()
@@ -204,38 +185,64 @@ def create_app(
             except TimeoutError:
                 if not acquired:
                     return error("server busy: too many requests in progress, retry later", 503, {"Retry-After": "1"})
-            content, headers = await process(m, request, body)
+            content, headers = await process(m, request.headers.get(oip.HEADER_LENGTH), body)
         finally:
             if acquired:
                 slots.release()
             budget.give_back(held)
         return Response(content, media_type="application/octet-stream" if headers else "application/json", headers=headers)
 
-    async def process(m: Served, request: Request, body: bytes) -> tuple[bytes, dict[str, str]]:
-        loop = asyncio.get_running_loop()
-        header_length = request.headers.get(oip.HEADER_LENGTH)
-        if len(body) >= LARGE_BODY:
-            try:
-                parsed = await loop.run_in_executor(parser(), parse_compact, body, header_length, m.holder.input_shape, m.max_batch)
-            except BrokenProcessPool:
-                app.state.parser = None  # a parser that died (killed, out of memory) is started again next time
-                raise BadRequest("server busy: the request parser restarted, retry later", 503, {"Retry-After": "1"}) from None
-            del body
-            job = functools.partial(run_request, m, None, None, parsed)
-        else:
-            job = functools.partial(run_request, m, body, header_length)
-        return await loop.run_in_executor(executor(), job)
 
-    return app
+async def _read_body(request: Request, held: list[int], max_body: int, budget: BodyBudget, timeout: float) -> bytes:
+    """The whole body, read before the request takes a slot; its bytes count against ``budget`` (``held``) from the first one."""
+    declared = request.headers.get("content-length")
+    if declared is not None:
+        try:
+            too_large = int(declared) > max_body
+        except ValueError:
+            raise BadRequest("bad Content-Length", 400, _CLOSE) from None
+        if too_large:
+            raise BadRequest(f"request body of {int(declared)} bytes exceeds the limit of {max_body}", 413, _CLOSE)
+    chunks, size = [], 0
+    try:
+        async with asyncio.timeout(timeout):  # the guard closes a slow body's connection too; this ends its task
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > max_body:
+                    raise BadRequest(f"request body exceeds the limit of {max_body} bytes", 413, _CLOSE)
+                if not budget.take(held, len(chunk)):
+                    raise BadRequest("server busy: too many request bodies arriving at once, retry later", 503, {"Retry-After": "1", **_CLOSE})
+                chunks.append(chunk)
+    except TimeoutError:
+        raise BadRequest(f"request body not received within {timeout:g} s", 408, _CLOSE) from None
+    except ClientDisconnect:
+        raise BadRequest("client disconnected", 400, _CLOSE) from None
+    return b"".join(chunks)
 
 
-def _add_model_routes(app: Any, catalog: Single | Repository, error: Callable[..., Any]) -> Callable[..., Any]:
-    """The error handlers and every route but inference; returns ``resolve(name, version)``, the served model of a request
-    (loaded on a loader thread if needed: 404 for an unknown name or version, 503 for a model that fails to load)."""
+def _run_request(
+    m: Served, body: bytes | None, header_length: str | None, parsed: tuple[dict, np.ndarray] | None, max_response: int
+) -> tuple[bytes, dict[str, str]]:
+    """Everything after the body arrived (or was parsed), on a worker thread: decode, run the model, write the response."""
+    holder = m.holder
+    req, x = parsed if parsed is not None else parse_infer_request(body or b"", header_length, holder.input_shape, m.max_batch)
+    x = decode_inputs(holder.input_spec, x)
+    model = holder.model  # one snapshot for the whole request
+    try:
+        logits = model.logits(x)
+    except ModelLoadError as exc:
+        raise BadRequest(f"model failed: {one_line(exc)}", 500) from None
+    if logits.ndim != 2 or logits.shape != (x.shape[0], holder.classes):
+        raise BadRequest(f"model returned shape {list(logits.shape)}, expected [{x.shape[0]}, {holder.classes}]", 500)
+    if not np.isfinite(logits).all():
+        raise BadRequest("model produced NaN or infinite outputs", 500)
+    return build_response(req, logits, m.spec, m.name, VERSION, max_response)
+
+
+def _add_error_handlers(app: Any, error: Callable[..., Any]) -> None:
+    """Every error as ``{"error": ...}``: ours (``BadRequest``), the framework's 404/405 and validation errors, and 500."""
     from fastapi.exceptions import RequestValidationError
     from starlette.exceptions import HTTPException as StarletteHTTPException
-
-    from .. import __version__
 
     @app.exception_handler(BadRequest)
     async def _bad(_request, exc: BadRequest):
@@ -253,6 +260,14 @@ def _add_model_routes(app: Any, catalog: Single | Repository, error: Callable[..
     @app.exception_handler(Exception)
     async def _internal(_request, exc: Exception):
         return error(f"internal error: {type(exc).__name__}", 500)
+
+
+def _add_model_routes(app: Any, catalog: Single | Repository, error: Callable[..., Any]) -> Callable[..., Any]:
+    """The error handlers and every route but inference; returns ``resolve(name, version)``, the served model of a request
+    (loaded on a loader thread if needed: 404 for an unknown name or version, 503 for a model that fails to load)."""
+    from .. import __version__
+
+    _add_error_handlers(app, error)
 
     async def load(model_name: str, action: Callable[[str], Any]) -> Any:
         if app.state.loader is None:
@@ -345,20 +360,6 @@ def parse_size(text: str | int) -> int:
     return int(float(m.group(1)) * mult)
 
 
-def _check_tls(tls_cert: str | os.PathLike | None, tls_key: str | os.PathLike | None) -> ssl.SSLContext | None:
-    """The server's TLS context for ``tls_cert``/``tls_key`` (both or neither), or None for plain HTTP."""
-    if (tls_cert is None) != (tls_key is None):
-        raise UsageError("give both --tls-cert and --tls-key, or neither")
-    if tls_cert is None or tls_key is None:
-        return None
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    try:
-        context.load_cert_chain(str(tls_cert), str(tls_key))
-    except (OSError, ssl.SSLError) as exc:
-        raise UsageError(f"cannot load the TLS certificate {tls_cert} and key {tls_key}: {getattr(exc, 'strerror', None) or one_line(exc)}") from None
-    return context
-
-
 def _uvicorn_config(app: Any, limits: Limits, *, log_level: str, tls: ssl.SSLContext | None, **kw: Any) -> Any:
     """uvicorn's configuration with the hardening of ``guard.py`` (protocol, timeouts, header cap); TLS is the guard's
     protocol's, not uvicorn's (``guard.protocol_class``: connections are counted and timed from accept)."""
@@ -420,7 +421,7 @@ def serve(
     if not 0 <= port <= 65535:
         raise UsageError("--port must be between 0 and 65535")
     limits = limits or Limits()
-    tls = _check_tls(tls_cert, tls_key)
+    tls = tls_context(tls_cert, tls_key)
     catalog = _catalog(model, model_repository, eager, on_event, weights, input_spec, input_shape, fingerprint, output_spec, name, max_batch)
     reserve = limits.backlog + 64  # a burst of accepts, the listening socket, logs, worker pipes
     fds = raise_fd_limit(limits.max_connections + reserve + 64)
@@ -517,7 +518,7 @@ class ServerThread:
         self.limits = limits or Limits()
         self.app = create_app(catalog=catalog, token=token, max_body=max_body, limits=self.limits)
         self.host = host
-        self._tls = _check_tls(tls_cert, tls_key)
+        self._tls = tls_context(tls_cert, tls_key)
         self._port = port
         self._log_level = log_level
         self._start_timeout = start_timeout

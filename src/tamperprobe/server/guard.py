@@ -2,7 +2,7 @@
 
 ``Limits`` holds the knobs (``serve`` exposes the main ones as options). They are enforced here:
 
-* **Connections** (``protocol_class``: uvicorn's h11 protocol, subclassed, and over TLS asyncio's
+* **Connections** (``protocol.py``: uvicorn's h11 protocol, subclassed, and over TLS asyncio's
   TLS protocol, made by the guard at accept instead of by uvicorn): a connection is counted from
   the moment it is accepted, TLS handshake included, and at most ``max_connections`` are open at
   once. A connection beyond that evicts the oldest connection that is only waiting for a request
@@ -56,10 +56,12 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import os
 import ssl
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .._util import one_line
 from ..errors import UsageError
 
 HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
@@ -90,208 +92,27 @@ class Limits:
                 raise UsageError(f"server limit {f.name.replace('_', '-')} must be a finite number > 0, got {value!r}")
 
 
-class _CloseHook:
-    """A transport as uvicorn sees it: the transport itself, except that ``close()`` calls ``on_close``."""
-
-    def __init__(self, transport: Any, on_close: Any) -> None:
-        self._transport = transport
-        self._on_close = on_close
-        self._closed = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-    def close(self) -> None:
-        self._closed = True
-        self._on_close()
-
-    def is_closing(self) -> bool:
-        return self._closed or bool(self._transport.is_closing())
-
-
-def _connection_class(limits: Limits) -> type:
-    """h11's server connection, refusing what h11 lets through: a request head over ``max_header_bytes`` when it
-    arrives whole (h11 bounds only an incomplete one), and a chunked body of more chunks than ``max_chunks`` plus
-    one per KiB of its data. A refusal is h11's ``RemoteProtocolError``: uvicorn answers it with a 400 and closes."""
-    import h11
-
-    class GuardedConnection(h11.Connection):
-        _chunks = 0
-        _bytes = 0
-
-        def next_event(self) -> Any:
-            event: Any = super().next_event()
-            kind = type(event)
-            if kind is h11.Data and event.chunk_start:
-                self._chunks += 1
-                self._bytes += len(event.data)
-                if self._chunks > limits.max_chunks + self._bytes // 1024:
-                    raise h11.RemoteProtocolError(f"more than {limits.max_chunks} chunks plus one per KiB of data")
-            elif kind is h11.Data:
-                self._bytes += len(event.data)
-            elif kind is h11.Request:
-                self._chunks = self._bytes = 0
-                size = len(event.method) + len(event.target) + 12 + sum(len(k) + len(v) + 4 for k, v in event.headers)
-                if size > limits.max_header_bytes:
-                    raise h11.RemoteProtocolError(f"request head of {size} bytes is over the limit of {limits.max_header_bytes}", 431)
-            return event
-
-    return GuardedConnection
+def tls_context(tls_cert: str | os.PathLike | None, tls_key: str | os.PathLike | None) -> ssl.SSLContext | None:
+    """The server's TLS context for ``tls_cert``/``tls_key`` (both or neither), or None for plain HTTP."""
+    if (tls_cert is None) != (tls_key is None):
+        raise UsageError("give both --tls-cert and --tls-key, or neither")
+    if tls_cert is None or tls_key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(str(tls_cert), str(tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the TLS certificate {tls_cert} and key {tls_key}: {getattr(exc, 'strerror', None) or one_line(exc)}") from None
+    return context
 
 
 def protocol_class(limits: Limits, tls: ssl.SSLContext | None = None) -> Any:
-    """The protocol factory uvicorn runs (its ``http`` setting): uvicorn's h11 protocol with the connection cap, the
-    deadlines, the request-head and chunk bounds and the lingering close of ``limits``; with ``tls``, behind asyncio's
-    TLS protocol made here at accept, so that a connection is counted and its header deadline runs from accept,
-    TLS handshake included (uvicorn's own TLS would create the protocol only once the handshake is done)."""
-    import asyncio.sslproto
+    """The protocol factory uvicorn runs at every accept (its ``http`` setting): ``protocol.Guard`` (uvicorn's h11
+    protocol with the connection cap, the deadlines, the head and chunk bounds and the lingering close of ``limits``;
+    with ``tls``, behind asyncio's TLS protocol made at accept). Its ``live`` set holds the open connections."""
+    from .protocol import Guard  # imports uvicorn: only when a server starts
 
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
-
-    connection_class = _connection_class(limits)
-    live: set[Any] = set()  # every accepted connection of this server, handshaking or not
-
-    class GuardedH11Protocol(H11Protocol):
-        _phase: str | None = None  # "headers", "body", "linger" or None (see _watch and _linger)
-        _since = 0.0
-        _timer: Any = None
-        _tcp: Any = None  # the socket's transport, from accept on (over TLS, below the TLS protocol)
-        _raw: Any = None  # the transport uvicorn talks to; it gets it behind a _CloseHook, so that every close comes to _close
-        _drained = 0  # bytes discarded while lingering
-
-        def __init__(self, *args: Any, **kwargs: Any) -> None:
-            super().__init__(*args, **kwargs)
-            self.conn = connection_class(h11.SERVER, max_incomplete_event_size=limits.max_header_bytes)
-
-        def accepted(self, tcp: Any) -> None:
-            """The connection was accepted (before any TLS handshake): counted, and its header deadline starts."""
-            self._tcp = tcp
-            live.add(self)
-            self._set_phase("headers")
-            self._admit()
-
-        def connection_made(self, transport: Any) -> None:
-            if self._tcp is None:  # plain TCP: accepted now
-                self.accepted(transport)
-            self._raw = transport
-            hook: Any = _CloseHook(transport, self._close)  # duck-typed: every other attribute is the transport's
-            super().connection_made(hook)
-            self._watch()
-
-        def data_received(self, data: bytes) -> None:
-            if self._phase == "linger":  # the answer is out: the rest of the request is read only to be discarded
-                self._drained += len(data)
-                if self._drained > limits.linger_bytes:
-                    self._raw.abort()
-                return
-            super().data_received(data)
-            self._watch()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._watch()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self.gone()
-            super().connection_lost(exc)
-
-        def gone(self) -> None:
-            self._cancel()
-            live.discard(self)
-
-        def _admit(self) -> None:
-            if len(live) <= limits.max_connections:
-                return
-            waiting = [c for c in live if c is not self and c._phase in ("headers", "linger") and not c._tcp.is_closing()]
-            victim = min(waiting, key=lambda c: c._since) if waiting else self
-            victim._drop()
-
-        def _drop(self) -> None:
-            if self.transport is not None:
-                self.transport.close()
-            else:  # still in its TLS handshake: no response to send
-                self._tcp.abort()
-
-        def _close(self) -> None:
-            """Every close of the connection, uvicorn's and ours: lingers after an error response sent before the request was read."""
-            ours, theirs = self.conn.our_state, self.conn.their_state
-            answered_early = ours in (h11.MUST_CLOSE, h11.CLOSED) and theirs in (h11.SEND_BODY, h11.ERROR)
-            if self._phase != "linger" and answered_early and not self._raw.is_closing():
-                self._linger()
-            else:
-                self._raw.close()  # a second close (server shutdown, eviction) ends a lingering one now
-
-        def _linger(self) -> None:
-            """Stop writing, then discard what arrives until the client closes or a bound of ``limits`` is reached (the module doc)."""
-            self._cancel()
-            if self.cycle is not None and not self.cycle.response_complete:  # h11's 400 answered a request the application still reads:
-                self.cycle.disconnected = True  # it ends now, as at connection_lost, and frees its slot
-                self.cycle.message_event.set()
-            self._phase, self._since = "linger", self.loop.time()
-            self._timer = self.loop.call_later(limits.linger_timeout, self._raw.abort)
-            try:
-                if self._raw.can_write_eof():  # plain TCP: the response is flushed first, then SHUT_WR
-                    self._raw.write_eof()
-            except OSError:  # the client is gone already
-                self._raw.abort()
-                return
-            self._raw.resume_reading()  # uvicorn may have paused reading while the application did not read the body
-
-        def _watch(self) -> None:
-            """Keep one timer for the phase the peer is in: sending headers, sending a body, or neither."""
-            if self._phase == "linger":
-                return
-            state = self.conn.their_state
-            phase = "headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
-            if phase != self._phase:
-                self._set_phase(phase)
-
-        def _set_phase(self, phase: str | None) -> None:
-            self._cancel()
-            self._phase, self._since = phase, self.loop.time()
-            if phase is not None:
-                self._timer = self.loop.call_later(limits.header_timeout if phase == "headers" else limits.body_timeout, self._expire)
-
-        def _cancel(self) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-
-        def _expire(self) -> None:
-            self._timer = None
-            if self.transport is None:  # the TLS handshake took the whole header deadline
-                self._tcp.abort()
-            elif not self.transport.is_closing():
-                self.transport.close()
-
-    class GuardedTLS(asyncio.sslproto.SSLProtocol):
-        """asyncio's server-side TLS protocol, telling the guarded protocol of the accept and of a close before the handshake ended.
-
-        Its read buffer is 32 KiB (two TLS records) instead of asyncio's 256 KiB, allocated per connection at accept:
-        a thousand connections that never finish their handshake would otherwise hold 256 MiB."""
-
-        max_size = 32 << 10
-
-        def __init__(self, loop: Any, app: GuardedH11Protocol) -> None:
-            options: Any = {"waiter": None, "server_side": True, "ssl_handshake_timeout": limits.header_timeout}  # nothing awaits a handshake
-            super().__init__(loop, app, tls, **options)  # type: ignore[arg-type]  # tls is set whenever this class is used
-            self._guarded = app
-
-        def connection_made(self, transport: Any) -> None:
-            self._guarded.accepted(transport)
-            super().connection_made(transport)
-
-        def connection_lost(self, exc: BaseException | None) -> None:
-            self._guarded.gone()  # the application protocol hears of it only if its handshake ended
-            super().connection_lost(exc)
-
-    def make(*args: Any, **kwargs: Any) -> Any:
-        protocol = GuardedH11Protocol(*args, **kwargs)
-        return protocol if tls is None else GuardedTLS(protocol.loop, protocol)
-
-    make.live = live  # type: ignore[attr-defined]  # for tests and the load test: the count the cap applies to
-    return make
+    return Guard(limits, tls)
 
 
 class BodyBudget:
