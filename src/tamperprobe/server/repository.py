@@ -12,8 +12,9 @@ is). Keys left out take the server's defaults (``serve``'s ``--output-spec``, ``
 
 Models load lazily (at their first request, metadata or readiness query) unless ``eager``. Model
 files with the same bytes share one loaded instance, keyed by the SHA-256 of the file: a repository
-of 1,000 names for a few distinct files holds a few models in memory. Every load is logged with the
-server's resident memory before and after (``on_event``). A model that fails to load answers 503
+of 1,000 names for a few distinct files holds a few models in memory. Every load of a file is logged
+with the server's resident memory after it and what it added (``on_event``); a name served by a file
+already loaded takes neither memory nor a log line. A model that fails to load answers 503
 with the reason until it is loaded again (``POST /v2/repository/models/<name>/load``).
 """
 
@@ -246,8 +247,8 @@ class Repository:
         shape = entry.input_shape or self._default_shape
         key = (digest, shape)
         holder = self._holders.get(key)
-        before = rss_mib()
-        if holder is None:
+        if holder is None:  # a name whose file (and shape) is loaded already takes no memory and no log line
+            before = rss_mib()
             shared = next((h for (d, _), h in self._holders.items() if d == digest), None)
             model = shared.model if shared is not None else load_model(entry.path)
             holder = ModelHolder(model, infer_input_spec(model, shape))
@@ -257,8 +258,6 @@ class Repository:
             grew = f"{after - before:+.1f} MiB" if before is not None and after is not None else "n/a"
             how = "shared with an identical file" if shared is not None else "loaded"
             self._say(f"model {entry.name!r}: {how} {entry.path.name} (sha256 {digest[:12]}), RSS {after or 0:.0f} MiB ({grew})")
-        else:
-            self._say(f"model {entry.name!r}: same file as a loaded model (sha256 {digest[:12]}), no new memory")
         return served(entry.name, holder, entry.output_spec or self._default_spec, entry.max_batch or self._max_batch)
 
     def unload(self, name: str) -> None:
