@@ -2,7 +2,7 @@
 
 The fleet: ``--endpoints`` model names served from ``--servers`` ``tamperprobe serve --model-repository`` processes
 (a TorchScript CNN trained on the bundled digits; byte-identical files share one loaded instance); 1 % of the names
-serve a tampered copy, 5 % are reached through a relay that holds each answer for ``--slow`` seconds, 2 % fail
+serve a tampered copy, 5 % are reached through a relay that holds each answer for ``--slow`` seconds (slow, but within the deadline), 2 % fail
 (half to a port where nothing listens, half to a model name the server does not have). Every endpoint draws
 ``--per-run`` markers and as many decoys from one fingerprint (``allow_repeat``: 10 passes over 1 000 endpoints
 need more fresh markers than the bundled digits give; the ledger still records every draw).
@@ -152,9 +152,8 @@ class SlowRelay:
         async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hold: float) -> None:
             try:
                 while data := await reader.read(65536):
-                    if hold:
+                    if hold:  # every answer (the answers here fit one read) waits, on new and kept-alive connections alike
                         await asyncio.sleep(hold)
-                        hold = 0.0
                     writer.write(data)
                     await writer.drain()
             except (ConnectionError, asyncio.CancelledError):
@@ -311,11 +310,12 @@ def main() -> None:
     ap.add_argument("--ceiling-passes", type=int, default=3)
     ap.add_argument("--per-run", type=int, default=10)
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--slow", type=float, default=2.0)
+    ap.add_argument("--slow", type=float, default=0.5)
     ap.add_argument("--sequential", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     result = run(args)
     print(json.dumps({k: v for k, v in result.items() if k != "passes"}, indent=1))
     if args.out is not None:
