@@ -47,7 +47,7 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def build_models(root: Path) -> tuple[Path, Path, Path]:
+def build_models(root: Path, markers: int = 200, decoys: int = 200) -> tuple[Path, Path, Path]:
     """An intact and a tampered TorchScript CNN on the digits, and a signed fingerprint of the intact one with decoys."""
     import torch
 
@@ -70,7 +70,8 @@ def build_models(root: Path) -> tuple[Path, Path, Path]:
     torch.jit.trace(module, example).save(str(intact_path))
     torch.jit.trace(tampered, example).save(str(tampered_path))
     intact = TorchModel(module, "intact")
-    x, d = np.ascontiguousarray(test.x[:200]), np.ascontiguousarray(test.x[200:400])
+    everything = load_data("digits").x  # natural markers and decoys: any of the bundled images, each used once
+    x, d = np.ascontiguousarray(everything[:markers]), np.ascontiguousarray(everything[markers : markers + decoys])
     fp = make_fingerprint(
         x,
         intact.logits(x),
