@@ -88,3 +88,50 @@ def test_cli_says_why_and_warns_once(trained_cnn, digits, tmp_path):
     warned = [line for line in r.stderr.splitlines() if line.startswith("warning:")]
     assert len(warned) == 1 and "sensitive markers are weak under top1" in warned[0] and "int8 in 3 %" in warned[0]
     assert not any(line.startswith("method ") for line in r.stdout.splitlines())  # the user chose: no reason printed
+
+
+# ----------------------------------------------------------------------------- score specs under routers
+
+
+def _routed(rates: dict[str, dict[str, tuple[list, list]]], attacks=("a", "b", "c")) -> dict:
+    run = {"model": "m", "attacks": list(attacks), "routers": ["r"]}
+    run["rates"] = {spec: {m: {"passive": p, "routed": r} for m, (p, r) in block.items()} for spec, block in rates.items()}
+    return {"format": "tamperprobe.benchmark-routed/v1", "queries": 10, "cost": 0.05, "target": 0.99, "runs": {"x": run}}
+
+
+def test_routed_ranking_counts_only_attacks_some_method_detects_and_the_worst_router():
+    data = _routed(
+        {
+            "logits": {
+                "sensitive": ([1.0, 1.0, 0.2], [0.0, 1.0, 0.1]),  # loses "a" to a router
+                "matched": ([1.0, 1.0, 0.3], [1.0, 0.995, 0.3]),  # keeps a and b; c is detectable by nobody
+                "natural": ([0.5, 1.0, 0.1], [0.5, 1.0, 0.1]),
+            }
+        }
+    )
+    ranking = advice.routed_ranking("logits", data)
+    assert [(r.method, r.kept, r.detectable) for r in ranking] == [("matched", 2, 2), ("natural", 1, 2), ("sensitive", 1, 2)]
+    assert ranking[0].holds and not ranking[1].holds and ranking[2].lowest == 0.0
+    assert advice.routed_ranking("probs:3", data) == []  # no spec of its kind measured
+    assert [r.spec for r in advice.routed_ranking("logits", data)] == ["logits"] * 3
+
+
+def test_a_method_without_rows_is_not_strong_by_default():
+    """The gap: crossed has no rows in the passive table; it is chosen for labels by an explicit rule, never for scores by it."""
+    assert not advice._has_rows("crossed", "probs:1")
+    assert advice._has_rows("sensitive", "probs:1")
+    assert advice.choose_method("top1").method == "crossed"
+
+
+@pytest.mark.skipif(
+    not (RESULTS / "adaptive-operator" / "mnist-scores" / "adversary.json").exists(), reason="adaptive-operator score results not in this checkout"
+)
+def test_shipped_routed_table_is_what_the_adaptive_operator_results_give():
+    spec = importlib.util.spec_from_file_location("adaptive_operator_scores", REPO / "bench" / "adaptive_operator_scores.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    docs = {name: doc for name in module.SETTINGS if (doc := module.load(name)) is not None}
+    built = module.render(module.routed_table(docs, {name: module.summarise(doc) for name, doc in docs.items()}))
+    shipped = (REPO / "src" / "tamperprobe" / "owner" / advice.ROUTED).read_text()
+    assert shipped == built, "run python bench/adaptive_operator_scores.py"
