@@ -31,18 +31,25 @@ REGISTERED = {"crossed-gradient": "crossed"}
 # routers shown but left out of "every router": the contrast of a client that no longer exists (today's sends the ordinary shape)
 CONTRAST = ("request-shape-id",)
 
-# What each router needs the operator to run, besides O on the requests it flags (share c of the traffic) and T on the rest.
-# compute: the share of requests on which O runs, as a function of the cost c; motive: which operator it can serve.
-ROUTER_COMPUTE: dict[str, tuple[str, str, str]] = {
-    "exact-repeat": ("c", "a cache of earlier requests (no model)", "cutting cost, planting a trojan"),
-    "near-twin": ("c", "a nearest-neighbour search over earlier requests (no model)", "cutting cost, planting a trojan"),
-    "margin-original": ("1", "O on every request to read its margin, T on the rest", "planting a trojan only (no saving left)"),
-    "margin-tampered": ("c", "T on every request (its own margin), O again on the flagged", "cutting cost, planting a trojan"),
-    "gradient": ("1 (+ a backward pass)", "O forward and backward on every request", "planting a trojan only (no saving left)"),
-    "learned": ("c", "image statistics and a logistic regression (no model)", "cutting cost, planting a trojan"),
-    "request-shape": ("c", "the request's headers and body keys (no model)", "cutting cost, planting a trojan"),
-    "request-shape-id": ("c", "the request's headers and body keys (no model)", "cutting cost, planting a trojan"),
+# What each router needs the operator to run to decide, besides O on the requests it flags (the share c) and T on the rest,
+# and which operator it can serve. Whether O runs on every request is the router class's ``runs_original``.
+ROUTER_COMPUTE: dict[str, tuple[str, str]] = {
+    "exact-repeat": ("a cache of earlier requests (no model)", "cutting cost, planting a trojan"),
+    "near-twin": ("a nearest-neighbour search over earlier requests (no model)", "cutting cost, planting a trojan"),
+    "margin-original": ("O on every request to read its margin", "planting a trojan only: no compute saving left"),
+    "margin-tampered": ("T's own margin (T runs anyway)", "cutting cost, planting a trojan"),
+    "gradient": ("O forward and backward on every request", "planting a trojan only: no compute saving left"),
+    "learned": ("image statistics and a logistic regression (no model)", "cutting cost, planting a trojan"),
+    "request-shape": ("the request's headers, body keys and number format (no model)", "cutting cost, planting a trojan"),
+    "request-shape-id": ("the same, against the client before the profiles", "cutting cost, planting a trojan"),
 }
+
+
+def _runs_original(router: str) -> bool:
+    from tamperprobe.evaluation.routers import ROUTERS, RequestShapeOldClient, RequestShapeRouter
+
+    classes = {**ROUTERS, "request-shape": RequestShapeRouter, "request-shape-id": RequestShapeOldClient}
+    return bool(classes[router].runs_original)
 
 
 def load(name: str) -> dict[str, Any] | None:
@@ -139,10 +146,11 @@ def _md_compute(docs: dict[str, dict[str, Any]]) -> list[str]:
             if abs(r["cost"] - COST) < 1e-9:
                 paid.setdefault(r["router"], []).append(f"{100 * r['measured_cost']:.1f} %")
     rows = []
-    for router, (o_share, runs, motive) in ROUTER_COMPUTE.items():
+    for router, (runs, motive) in ROUTER_COMPUTE.items():
         if router in paid:
+            o_share = "1 (every request)" if _runs_original(router) else "c (the flagged)"
             rows.append([f"`{router}`", motive, runs, o_share, " / ".join(paid[router])])
-    header = ["router", "serves the motive", "what it runs to decide", "share of requests O runs on (cost c)", "paid at c = 5 % (MNIST / CIFAR)"]
+    header = ["router", "serves the motive", "what it runs to decide", "share of requests O runs on", "c paid at 5 % (MNIST / CIFAR)"]
     return _table(header, rows)
 
 

@@ -103,3 +103,32 @@ def test_harness_scores_markers_as_the_verifier_sends_them(setting):
     assert flagged[("request-shape", 0.05)] <= 0.05 + 3 * np.sqrt(0.05 * 0.95 / 24)
     rate = {(r["router"], r["cost"]): r["rate"] for r in ev.detection if r["ns"] == 10}
     assert rate[("request-shape-id", 0.0)] == 0.0 and rate[("request-shape", 0.0)] == rate[(PASSIVE, 0.0)] == 1.0
+
+
+class _Counting:
+    """A model that counts the inputs it answers (to see which routers run O on every request)."""
+
+    def __init__(self, model):
+        self.model, self.rows = model, 0
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def logits(self, x, *args, **kwargs):
+        self.rows += len(x)
+        return self.model.logits(x, *args, **kwargs)
+
+
+@pytest.mark.parametrize("name", ["margin-original", "margin-tampered", "learned", "request-shape", "gradient"])
+def test_which_routers_run_the_original_on_every_request(setting, name):
+    """A router on O's margin (or gradient) runs O on every request it scores, one on T's margin or the request's shape never."""
+    from tamperprobe.evaluation.routers import get_router
+
+    model, train, traffic = setting
+    router = RequestShapeRouter() if name == "request-shape" else get_router(name)
+    original = _Counting(model)
+    router.fit(traffic.seen, operator=Operator(original, model), seen=train.x[:30])  # type: ignore[arg-type]
+    original.rows = 0
+    router.score(traffic.calibration)
+    assert original.rows == (len(traffic.calibration) if router.runs_original else 0)
+    assert router.runs_original == (name in ("margin-original", "gradient"))

@@ -99,6 +99,9 @@ class Router(Configurable, ABC):
     uses_tampered: ClassVar[bool] = False
     #: ``fit`` needs markers the operator saw in earlier runs.
     learns_markers: ClassVar[bool] = False
+    #: To score a request the operator runs the original model on it: O runs on every request, so a cheaper
+    #: tampered model (quantized, pruned) saves nothing; such a router only serves an operator who wants T's answers.
+    runs_original: ClassVar[bool] = False
 
     def fit(self, ordinary: np.ndarray, *, operator: Operator, seen: np.ndarray | None = None) -> Router:
         """Learn from ordinary traffic (and ``seen`` markers); returns the router."""
@@ -236,6 +239,7 @@ class MarginOriginal(_LowMargin):
 
     name = "margin-original"
     on = "original"
+    runs_original = True
 
 
 class MarginTampered(_LowMargin):
@@ -250,6 +254,7 @@ class Gradient(Router):
     """High input gradient on O: ‖∂(z_top1 − z_top2)/∂x‖ (``measure="distance"``: divided by the margin)."""
 
     name = "gradient"
+    runs_original = True
     constraints = {"measure": Options("norm", "distance")}
 
     def __init__(self, *, measure: str = "norm") -> None:
