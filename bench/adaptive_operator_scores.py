@@ -176,6 +176,44 @@ def render(table: dict[str, Any]) -> str:
     return json.dumps(table, indent=1, sort_keys=False) + "\n"
 
 
+def section(settings: list[str] | tuple[str, ...] = SETTINGS) -> list[str]:
+    """The part of ``adaptive-operator.md`` on score APIs: the routers' compute cost and the method each score spec gets."""
+    docs = {name: doc for name in settings if (doc := load(name)) is not None}
+    if not docs:
+        return []
+    summaries = {name: summarise(doc) for name, doc in docs.items()}
+    return [
+        "## Score APIs, the request-shape router, and what each router costs in compute",
+        "",
+        "From the score plan (`python bench/adaptive_operator.py --plan scores`; every table: "
+        "[adaptive-operator-scores.md](adaptive-operator-scores.md)).",
+        "",
+        *_md_compute(docs),
+        "",
+        *_md_choice(routed_table(docs, summaries), summaries),
+    ]
+
+
+def _md_choice(table: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> list[str]:
+    from tamperprobe.owner.advice import routed_ranking
+
+    rows = []
+    for spec in dict.fromkeys(sp for s in summaries.values() for sp in s["specs"]):
+        ranking = routed_ranking(spec, table)
+        cells = [f"{r.method}: {r.kept}/{r.detectable} ({r.lowest:.2f})" for r in ranking]
+        holding = [r.method for r in ranking if r.holds]
+        rows.append([spec, ", ".join(holding) or "none", "; ".join(cells)])
+    return [
+        "### The method each score spec gets (both models, every router at 5 %)",
+        "",
+        *_table(["spec", "methods that keep every attack", "kept / detectable (lowest rate), both models, best first"], rows),
+        "",
+        "The default for each score spec (`tamperprobe.owner.advice.choose_method`) is the first method of "
+        "`ROUTED_PREFERENCE` that keeps every attack, else the best of this ranking.",
+        "",
+    ]
+
+
 def write_scores(settings: list[str] | tuple[str, ...] = SETTINGS) -> Path:
     """``adaptive-operator-scores.md`` and ``benchmark_routed.json`` from the committed score-plan results."""
     docs = {name: doc for name in settings if (doc := load(name)) is not None}
@@ -191,7 +229,7 @@ def write_scores(settings: list[str] | tuple[str, ...] = SETTINGS) -> Path:
         "(`tamperprobe`: the default client profile, the ordinary client's requests; `tamperprobe-id`: the client before the "
         "profiles, with an `id` key and its own `Accept`).",
         "",
-        "## What each router costs the operator",
+        "## What each router costs the operator in compute",
         "",
         "The cost c is the share of ordinary traffic sent to the original model O. A router that must run O on every request "
         "to decide (its margin, its gradient) leaves no compute saving to a cheaper tampered model (quantized, pruned): it only "
@@ -200,19 +238,8 @@ def write_scores(settings: list[str] | tuple[str, ...] = SETTINGS) -> Path:
         *_md_compute(docs),
         "",
     ]
-    from tamperprobe.owner.advice import routed_ranking
-
     table = routed_table(docs, summaries)
-    choice_rows = []
-    for spec in dict.fromkeys(sp for s in summaries.values() for sp in s["specs"]):
-        ranking = routed_ranking(spec, table)
-        cells = [f"{r.method}: {r.kept}/{r.detectable} ({r.lowest:.2f})" for r in ranking]
-        holding = [r.method for r in ranking if r.holds]
-        choice_rows.append([spec, ", ".join(holding) or "none", "; ".join(cells)])
-    lines += ["## The method each spec gets (both models, every router at 5 %)", ""]
-    lines += _table(["spec", "methods that keep every attack", "kept / detectable (lowest rate), both models, best first"], choice_rows)
-    lines += ["", "The default for each score spec (`tamperprobe.owner.advice.choose_method`) is the first method of "
-              "`ROUTED_PREFERENCE` that keeps every attack, else the best of this ranking.", ""]  # fmt: skip
+    lines += _md_choice(table, summaries)
     for name in settings:
         if name not in summaries:
             lines += [f"## {name}: not run", ""]
