@@ -167,9 +167,22 @@ def routed_table(docs: dict[str, dict[str, Any]], summaries: dict[str, dict[str,
             "model": doc["model"]["source"],
             "attacks": s["attacks"],
             "routers": s["routers"],
+            "at_defaults": _at_defaults(doc),
             "rates": spec_rates,
         }
     return {"format": "tamperprobe.benchmark-routed/v1", "queries": NS, "cost": COST, "target": TARGET, "runs": runs}
+
+
+def _at_defaults(doc: dict[str, Any]) -> list[str]:
+    """The methods this run measured with their default parameters (what a fingerprint gets when the advice picks them)."""
+    from tamperprobe.owner.methods import get_method
+
+    out = []
+    for row in doc["methods"]:
+        name = REGISTERED.get(row["method"], row["method"])
+        if not row.get("error") and row["params"] == get_method(name).validated():
+            out.append(name)
+    return sorted(out)
 
 
 def render(table: dict[str, Any]) -> str:

@@ -73,7 +73,7 @@ _WHY = {
         "margin-matched markers have the margins of ordinary inputs, so a server that routes low-margin or unusual "
         "requests to the original model pays for every marker it catches, while the scores the API shows still move"
     ),
-    "natural": "natural inputs are ordinary traffic, so no router can single them out, and the scores the API shows move with the weights",
+    "natural": "natural inputs are ordinary traffic, so no router can single them out (they show the changes ordinary inputs show)",
 }
 
 
@@ -116,6 +116,7 @@ class Routed:
     detectable: int
     lowest: float
     spec: str
+    passive: int = 0  # detectable attacks it detects at >= 99 % without a router
 
     @property
     def holds(self) -> bool:
@@ -150,7 +151,8 @@ def routed_ranking(spec: str | OutputSpec, data: dict[str, Any] | None = None) -
 
     An attack is *detectable* on a model when some method detects it passively at >= the table's
     target; a method *keeps* it when its lowest rate over every router at the table's cost is >= it.
-    Summed over the models; best: most kept, then the highest lowest rate, then ``ROUTED_PREFERENCE``.
+    Summed over the models; best: most kept, then most detected without a router (what is left when no method
+    keeps them all), then the highest lowest rate, then ``ROUTED_PREFERENCE``.
     """
     data = routed_table() if data is None else data
     if data is None:
@@ -168,18 +170,30 @@ def routed_ranking(spec: str | OutputSpec, data: dict[str, Any] | None = None) -
         attacks = run["attacks"]
         detectable = [i for i in range(len(attacks)) if any((row["passive"][i] or 0.0) >= target for row in block.values())]
         for method, row in block.items():
-            got = acc.setdefault(method, [0, 0, 1.0])
+            got = acc.setdefault(method, [0, 0, 1.0, 0])
             routed = [0.0 if row["routed"][i] is None else float(row["routed"][i]) for i in detectable]
             got[0] += sum(r >= target for r in routed)
             got[1] += len(detectable)
             got[2] = min([got[2], *routed])
+            got[3] += sum((row["passive"][i] or 0.0) >= target for i in detectable)
     rank = {m: i for i, m in enumerate(ROUTED_PREFERENCE)}
-    out = [Routed(m, int(k), int(n), float(low), name) for m, (k, n, low) in acc.items()]
-    return sorted(out, key=lambda r: (-r.kept, -r.lowest, rank.get(r.method, len(rank)), r.method))
+    out = [Routed(m, int(k), int(n), float(low), name, int(p)) for m, (k, n, low, p) in acc.items()]
+    return sorted(out, key=lambda r: (-r.kept, -r.passive, -r.lowest, rank.get(r.method, len(rank)), r.method))
+
+
+def _at_defaults() -> set[str] | None:
+    """Methods every routed run measured with their default parameters (None: the table does not say)."""
+    data = routed_table()
+    if data is None or any("at_defaults" not in run for run in data["runs"].values()):
+        return None
+    return set.intersection(*(set(run["at_defaults"]) for run in data["runs"].values()))
 
 
 def _choose_routed(s: OutputSpec, reveals: str) -> Choice | None:
-    ranking = routed_ranking(s)
+    measured = routed_ranking(s)
+    defaults = _at_defaults()
+    # only a method measured as a fingerprint would generate it by default may be chosen (matched was measured 8-bit)
+    ranking = [r for r in measured if defaults is None or r.method in defaults]
     if not ranking:
         return None
     holding = [r for r in ranking if r.holds]
@@ -193,9 +207,14 @@ def _choose_routed(s: OutputSpec, reveals: str) -> Choice | None:
             f"no method kept every attack with every router at 5 % cost; {chosen.method} kept {chosen.kept} of "
             f"{chosen.detectable} detectable attacks at >= 99 % (lowest rate {_pct(chosen.lowest)})"
         )
-    others = [r for r in ranking if r.method != chosen.method][:2]
+    others = [r for r in measured if r.method != chosen.method][:3]
     if others:
         line += "; " + ", ".join(f"{r.method} {r.kept} of {r.detectable}" for r in others)
+    best_passive = max(measured, key=lambda r: r.passive)
+    if best_passive.passive > chosen.passive:
+        line += (
+            f"; without a router {best_passive.method} detects {best_passive.passive} of {best_passive.detectable}, {chosen.method} {chosen.passive}"
+        )
     measured = "" if str(s) == chosen.spec else f" (measured under {chosen.spec})"
     why = _WHY.get(chosen.method, "")
     return Choice(
