@@ -215,12 +215,12 @@ def _choose_routed(s: OutputSpec, reveals: str) -> Choice | None:
         line += (
             f"; without a router {best_passive.method} detects {best_passive.passive} of {best_passive.detectable}, {chosen.method} {chosen.passive}"
         )
-    measured = "" if str(s) == chosen.spec else f" (measured under {chosen.spec})"
+    under = "" if str(s) == chosen.spec else f" (measured under {chosen.spec})"
     why = _WHY.get(chosen.method, "")
     return Choice(
         chosen.method,
         f"{chosen.method} for {s}: the API reveals {reveals}, and {why} "
-        f"(adaptive-operator benchmark{measured}, MNIST CNN and CIFAR-10 ResNet-56, 10 queries: {line})",
+        f"(adaptive-operator benchmark{under}, MNIST CNN and CIFAR-10 ResNet-56, 10 queries: {line})",
     )
 
 
