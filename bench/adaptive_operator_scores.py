@@ -208,21 +208,25 @@ def section(settings: list[str] | tuple[str, ...] = SETTINGS) -> list[str]:
 
 
 def _md_choice(table: dict[str, Any], summaries: dict[str, dict[str, Any]]) -> list[str]:
-    from tamperprobe.owner.advice import routed_ranking
+    from tamperprobe.owner.advice import choose_method, routed_ranking
 
     rows = []
     for spec in dict.fromkeys(sp for s in summaries.values() for sp in s["specs"]):
         ranking = routed_ranking(spec, table)
-        cells = [f"{r.method}: {r.kept}/{r.detectable} ({r.lowest:.2f})" for r in ranking]
+        cells = [f"{r.method}: {r.kept}/{r.detectable} ({r.lowest:.2f}; passive {r.passive})" for r in ranking]
         holding = [r.method for r in ranking if r.holds]
-        rows.append([spec, ", ".join(holding) or "none", "; ".join(cells)])
+        rows.append([spec, ", ".join(holding) or "none", f"`{choose_method(spec).method}`", "; ".join(cells)])
+    at_defaults = sorted(set.intersection(*(set(run["at_defaults"]) for run in table["runs"].values())))
+    header = ["spec", "methods that keep every attack", "default", "kept / detectable (lowest rate; passive: kept without a router), best first"]
     return [
         "### The method each score spec gets (both models, every router at 5 %)",
         "",
-        *_table(["spec", "methods that keep every attack", "kept / detectable (lowest rate), both models, best first"], rows),
+        *_table(header, rows),
         "",
-        "The default for each score spec (`tamperprobe.owner.advice.choose_method`) is the first method of "
-        "`ROUTED_PREFERENCE` that keeps every attack, else the best of this ranking.",
+        "Default (`tamperprobe.owner.advice.choose_method`; label-only specs keep `crossed`): among the methods measured with "
+        f"their default parameters ({', '.join(at_defaults)}; `matched` was measured 8-bit, `crossed` on gradient paths), the "
+        "first of `ROUTED_PREFERENCE` that keeps every attack, else the one that keeps the most, then detects the most without "
+        "a router. Totals over both models (the `request-shape-id` contrast left out of `every router`).",
         "",
     ]
 
@@ -252,6 +256,11 @@ def write_scores(settings: list[str] | tuple[str, ...] = SETTINGS) -> Path:
         "",
     ]
     table = routed_table(docs, summaries)
+    if docs:  # first: the choice column asks the advice, which reads the shipped table
+        from tamperprobe.owner.advice import routed_table as shipped
+
+        TABLE.write_text(render(table), encoding="utf-8")
+        shipped.cache_clear()
     lines += _md_choice(table, summaries)
     for name in settings:
         if name not in summaries:
@@ -265,8 +274,6 @@ def write_scores(settings: list[str] | tuple[str, ...] = SETTINGS) -> Path:
         for spec in summaries[name]["specs"]:
             lines += _md_spec(name, summaries[name], spec)
     SUMMARY.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    if docs:
-        TABLE.write_text(render(table), encoding="utf-8")
     return SUMMARY
 
 
