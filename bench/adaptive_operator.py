@@ -23,6 +23,11 @@ near-twin and learned routers.
     python bench/adaptive_operator.py                 # both models, then the summary
     python bench/adaptive_operator.py --models mnist  # one model
     python bench/adaptive_operator.py --summary-only  # rebuild bench/results/adaptive-operator.md
+    python bench/adaptive_operator.py --plan scores   # score APIs: SCORES methods and specs, + the request-shape routers
+
+The score plan writes ``<model>-scores/`` and, through ``adaptive_operator_scores``,
+``bench/results/adaptive-operator-scores.md`` and ``src/tamperprobe/owner/benchmark_routed.json``
+(the advice's routed table); about 28 minutes for both models on 2 busy cores.
 
 Results: ``bench/results/adaptive-operator/<model>[-repeat]/`` (adversary.md with every table, CSV,
 adversary.json) and the summary ``bench/results/adaptive-operator.md``. Torch runs with one thread

@@ -18,7 +18,13 @@ Routers (``ROUTERS``):
                     margin, the inverse of the linearised distance to the decision boundary)
 ``learned``         logistic regression on image statistics (``image_statistics``), trained on
                     markers the operator saw in earlier runs against its ordinary traffic
+``request-shape``   1 + u for a request whose shape (headers, body keys, number format) the
+                    ordinary traffic never had, else u (uniform): ``RequestShapeRouter``, not
+                    registered; every request carries its sender (``sender=``, ``CLIENTS``)
 ==================  ===========================================================================
+
+``runs_original`` marks the routers that run O on every request (margin-original, gradient): they
+leave a cheaper tampered model no saving, so they serve a trojan, not a cost cut.
 
 Each router follows the plug-in convention of ``tamperprobe._params`` (keyword-only
 hyper-parameters stored by ``__init__``, ``constraints``, ``get_params``/``repr``), and:
@@ -466,8 +472,7 @@ _SHAPES_CACHE: dict[tuple[str, bytes], list[RequestShape]] = {}
 def client_shapes(client: str, requests: np.ndarray) -> list[RequestShape]:
     """The ``RequestShape`` of each request ``client`` sends for these inputs (KServe v2 JSON).
 
-    Building and parsing every request is slow, so the shapes of a batch are remembered by a
-    digest of its bytes (the benchmark scores the same ordinary traffic for every method).
+    Building and parsing every request is slow: a batch's shapes are remembered by a digest of its bytes.
     """
     if client not in CLIENTS:
         raise UsageError(f"unknown client {client!r}: choose one of {', '.join(CLIENTS)}")

@@ -5,8 +5,10 @@ What an API reveals decides which markers can show a change of the weights. A la
 right at a decision boundary: ``crossed`` pairs, whose two halves come from different natural
 seeds, so that a server which sees the queries cannot single out the second half as a near-twin
 of the first as it can with ``boundary`` pairs (``bench/results/adaptive-operator.md``); an API that returns scores (``logits``,
-``probs:N``) shows any change that moves them, and VerIDeep's Sensitive-Samples (``sensitive``)
-are built to move them most.
+``probs:N``) shows any change that moves them. VerIDeep's Sensitive-Samples (``sensitive``) are
+built to move them most, but they are not ordinary inputs, and an operator who routes what it can
+single out to the original model takes them away; natural inputs cannot be singled out, and under
+logits they show every change (the routed benchmark below).
 
 The numbers behind this are the MNIST campaigns committed under ``bench/results`` (three zoo
 models, fourteen attacks, every method and output spec): ``benchmark_detection.json`` next to this
@@ -16,10 +18,9 @@ queries (written by ``bench/method_advice.py``). From it:
 * a method is **weak** under a spec when, on some benchmark model, it detected an attack in fewer
   than ``WEAK`` (50 %) of 10-query fingerprints while another method detected the same attack
   under the same spec in at least ``STRONG`` (90 %): the miss is the method's, not the API's;
-* ``choose_method(spec)`` takes the first method of the spec's preference list that is not weak
-  (label-only specs: crossed, boundary, badv, sensitive; score specs: sensitive, crossed, boundary,
-  badv; the first when all are) and says why. So ``top1-prob:2``, which shows a label and one
-  rounded probability, gets crossed pairs: sensitive missed fp16 there where they caught it;
+* without a routed table, ``choose_method(spec)`` takes the first method of the spec's preference
+  list that is not weak (label-only specs: crossed, boundary, badv, sensitive; score specs:
+  sensitive, crossed, boundary, badv; the first when all are) and says why;
 * ``pairing_warning(method, spec)`` is the one-line warning for a weak pair, with the measured rates.
 
 A spec that was not measured is judged by the measured one of its kind closest to it
@@ -32,11 +33,13 @@ score spec (``top1-prob:N``, ``probs:N``, ``logits``) is chosen first by ``bench
 CNN and the CIFAR-10 ResNet-56): for each method, how many of the attacks some method detects
 passively it still detects in at least ``ROUTED_TARGET`` (99 %) of 10-query fingerprints with
 **every** router at 5 % cost. ``choose_method`` takes the methods that keep every such attack on
-every model (in preference order), else the one that keeps the most (then the highest lowest rate),
-and the reason says which line holds. Methods without rows in the passive table (``crossed``,
-``matched``) are judged by the routed table alone; for label-only specs, ``crossed`` is chosen by
-an explicit rule (the adaptive-operator benchmark: the near-twin router defeats ``boundary`` pairs
-for free), not because the passive table holds no miss of it.
+every model (in ``ROUTED_PREFERENCE`` order), else the one that keeps the most (then the one that
+detects the most without a router, then the highest lowest rate), among the methods the routed runs
+measured with their default parameters (``at_defaults``: what a default fingerprint gets), and the
+reason says which line holds. Methods without rows in the passive table are never strong by that
+table alone; for label-only specs ``crossed`` is chosen by an explicit rule (the adaptive-operator
+benchmark: the near-twin router defeats ``boundary`` pairs for free), not because the passive
+table holds no miss of it.
 """
 
 from __future__ import annotations
