@@ -258,8 +258,8 @@ def _generate(model: TorchModel, data: Dataset, label: str, cfg: dict[str, Any],
 
     seed_label = cfg.get("seed_label", label)
     if cfg["method"] == "code-objective":
-        return make_bag(model, data, CodeObjectiveSamples(**params), {}, bag, seed, seed_label, progress)
-    return make_bag(model, data, cfg["method"], params, bag, seed, seed_label, progress)
+        return make_bag(model, data, CodeObjectiveSamples(**params), {}, bag, seed, seed_label, progress=progress)
+    return make_bag(model, data, cfg["method"], params, bag, seed, seed_label, progress=progress)
 
 
 def load_or_generate(model: TorchModel, data: Dataset, label: str, cfg: dict[str, Any], bag: int, seed: int, cache: Path) -> tuple[Bag, dict]:

@@ -450,7 +450,7 @@ def _pool(model: Model, label: str, generated: Bag, s: _Settings) -> _Pool:
     depth = max(1, max(s.budgets) // g)
     rng = np.random.default_rng(derive_seed(s.seed, "select", s.select, label))
     if s.select == "manc":
-        from ..owner.sensitivity import activations
+        from ..owner.features import activations
 
         active = activations(model, x) > 0
         orders = manc_orders(unit_any(active, unit_of, units).astype(np.float32), depth, s.resamples, rng)

@@ -449,7 +449,7 @@ class _Search:
         """``need`` of the candidates in ``cat``, chosen by MANC over the pair's active neurons (random without activations)."""
         total = len(cat["xa"])
         if self.p.coverage:
-            from ..sensitivity import activations
+            from ..features import activations
 
             try:
                 active = activations(self.model, self._domain(cat["xa"])) > 0

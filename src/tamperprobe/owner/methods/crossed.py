@@ -153,7 +153,7 @@ class Crossed(Method):
 
     def _coverage(self, model: Model, domain: np.ndarray, pairs: list[tuple[int, int]], need: int, rng: np.random.Generator) -> np.ndarray:
         if self.coverage:
-            from ..sensitivity import activations
+            from ..features import activations
 
             first, second = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
             try:
