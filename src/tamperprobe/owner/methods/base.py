@@ -29,6 +29,7 @@ from typing import Any, ClassVar, final
 import numpy as np
 
 from ..._params import Configurable
+from ..._registry import first_line as first_line  # a method's one-line description
 from ..._util import Progress
 from ...data import Dataset
 from ...errors import UsageError
@@ -94,9 +95,3 @@ class Method(Configurable, ABC):
     @abstractmethod
     def _generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress) -> Bag:
         """The method: called by ``generate`` with validated parameters and checked preconditions."""
-
-
-def first_line(doc: str | None) -> str:
-    """The first line of a docstring, without its final full stop ("" for none): a method's one-line description."""
-    lines = (doc or "").strip().splitlines()
-    return lines[0].strip().rstrip(".") if lines else ""
