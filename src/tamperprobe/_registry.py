@@ -25,6 +25,7 @@ import ast
 import importlib
 import importlib.util
 import sys
+import typing
 from collections.abc import Callable, Iterator, Mapping, MutableMapping
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -96,7 +97,7 @@ class Registry(MutableMapping[str, type[T]], Generic[T]):
             loaded = getattr(importlib.import_module(module), attr, None)
             if not isinstance(loaded, type) or not issubclass(loaded, self.base()):
                 raise UsageError(f"{self.kind} {name!r} is registered as {entry}, which is not a {self.base().__name__}")
-            entry = self._entries[name] = loaded
+            self._entries[name] = entry = typing.cast("type[T]", loaded)
         return entry
 
     def __setitem__(self, name: str, entry: str | type[T]) -> None:
@@ -170,7 +171,7 @@ class Registry(MutableMapping[str, type[T]], Generic[T]):
             validated = getattr(entry, "validated", None)
             if callable(validated):
                 validated()
-            return entry  # type: ignore[return-value]
+            return entry
         if not isinstance(entry, str):
             raise UsageError(f"a {self.kind} is a name or a {self.base().__name__} instance, not {type(entry).__name__}")
         built: T = build(self.cls(entry), dict(params or {}))  # type: ignore[arg-type]

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from ..._registry import Registry
-from .base import Bag, Method, first_line
+from .base import Bag, Encoding, Method, first_line
 
 REGISTRY: Registry[Method] = Registry(
     "method",
@@ -58,4 +58,4 @@ def get_method(method: str | Method, **params: Any) -> Method:
     return REGISTRY.build(method, params)
 
 
-__all__ = ["REGISTRY", "Bag", "Method", "first_line", "get_method", "method_class", "method_descriptions", "method_names"]
+__all__ = ["REGISTRY", "Bag", "Encoding", "Method", "first_line", "get_method", "method_class", "method_descriptions", "method_names"]
