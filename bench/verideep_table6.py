@@ -30,6 +30,7 @@ then change one thing at a time to measure what each difference from the paper's
     python bench/verideep_table6.py                     # everything (bags: 1.5 hours of one core under load)
     python bench/verideep_table6.py --variants verideep # one variant (the others come from the cache)
     python bench/verideep_table6.py --report-only       # rebuild the markdown from the JSON
+    python bench/verideep_table6.py --default-from-identity 128   # default-selection column of bags measured before the rule
 
 Bags are cached (``--cache``, npz; never pickle) so that a cut-off run resumes where it stopped.
 Results: ``bench/results/verideep-table6.json`` and ``bench/results/verideep-table6.md`` (the
@@ -61,7 +62,7 @@ from tamperprobe.evaluation.report import md_table
 from tamperprobe.models import Model, TorchModel
 from tamperprobe.outputs import DEFAULT_TOLERANCE, OutputSpec, changed_markers, softmax64
 from tamperprobe.owner.calibrate import runtime_logits
-from tamperprobe.owner.features import activations, penultimate
+from tamperprobe.owner.features import activations, coverage, penultimate
 from tamperprobe.owner.markers import psnr_db
 from tamperprobe.owner.methods import Bag
 from tamperprobe.owner.methods.sensitive import SensitiveSamples
@@ -524,6 +525,14 @@ def write_markdown(doc: dict) -> Path:
         "the 64 pooled features, the default before that rule).",
         "",
     ]
+    ds = doc.get("variants", {}).get("verideep", {}).get("default_selection")
+    if ds:
+        lines += [
+            f"The default-selection column of these bags (generated before the rule) is MANC on layer3's map: the default coverage "
+            f"is that map ({ds['covers']}; max |Δ| {ds['max_abs_diff']:g} against layer3's output on {ds['images']} natural and "
+            "noisy images, `--default-from-identity`), so MANC picks the same markers under the same seed.",
+            "",
+        ]
     attacks = list(doc.get("attacks", {}))
     lines += ["## The 8-bit schemes", ""]
     lines.append(
@@ -553,7 +562,10 @@ def write_markdown(doc: dict) -> Path:
             "Markers changed (of the bag): " + ", ".join(f"{PAPER_NAMES[s]} {_trig(doc, 'verideep', attack, s)}" for s in SPECS) + ".",
         )
         lines.append("")
-    lines += ["## Generation settings: top-1 detection (%) at N_S = 2 / 4 / 6 / 10 and markers changed, per 8-bit scheme", ""]
+    lines += [
+        "## Generation settings: top-1 detection (%) at N_S = 2 / 4 / 6 / 10 (MANC on the penultimate features) and markers changed, per 8-bit scheme",
+        "",
+    ]
     labels = [lab for lab in [*VARIANTS, *W_VARIANTS] if lab in doc.get("variants", {})]
     rows = []
     for lab in labels:
@@ -676,6 +688,37 @@ def write_markdown(doc: dict) -> Path:
     return MD_OUT
 
 
+def default_from_identity(doc: dict[str, Any], images: int, seed: int) -> dict[str, Any]:
+    """Fill the default-selection column of bags measured before the pooled-map rule, where it provably equals MANC on layer3.
+
+    The default selection covers ``owner.features.coverage(model, x)``; on this ResNet that is layer3's ReLU map
+    exactly when the two activation arrays are equal. They are checked equal (max |Δ| and the chosen layer) on
+    ``images`` natural test images and on the same images moved by noise of the preset's ball (rms 10/255, clipped to
+    [0, 1]); with equal activations, ``manc_orders`` under the same seed gives the same orders, so every row's
+    ``manc-default`` curve is its ``manc-layer3`` curve. Rows measured with the rule keep their own.
+    """
+    torch.set_num_threads(1)
+    model = TorchModel(_cifar.load_resnet56(), _cifar.SOURCE)
+    x = _cifar.load_cifar10().x[:images]
+    noisy = np.clip(x + np.random.default_rng(seed).normal(0.0, 10 / 255, x.shape).astype(np.float32), 0.0, 1.0)
+    check = {"images": 2 * images, "max_abs_diff": 0.0, "covers": ""}
+    for batch in (x, noisy):
+        cov = coverage(model, batch)
+        check["max_abs_diff"] = max(check["max_abs_diff"], float(np.abs(cov.values - activations(model, batch, "layer3")).max()))
+        check["covers"] = cov.what
+    _log(f"default coverage vs layer3 on {check['images']} images: max |Δ| {check['max_abs_diff']:g} ({check['covers']})")
+    if check["max_abs_diff"] != 0.0:
+        raise SystemExit("the default coverage is not layer3's map on this model: measure the default column directly")
+    for v in doc.get("variants", {}).values():
+        filled = 0
+        for row in v.get("detection", []):
+            if "manc-default" not in row and "manc-layer3" in row:
+                row["manc-default"], filled = row["manc-layer3"], filled + 1
+        if filled:
+            v["default_selection"] = {"from": "manc-layer3", **check}
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bag", type=int, default=100)
@@ -686,6 +729,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "tamperprobe-verideep-table6"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument(
+        "--default-from-identity",
+        type=int,
+        default=0,
+        metavar="N",
+        help="check on N natural (and N noisy) images that the default coverage is layer3's map, then fill the default column from it",
+    )
     ap.add_argument("--out", default=str(RESULTS / "verideep-table6"), help="output path without suffix (.json and .md are written)")
     ap.add_argument("--smoke", action="store_true", help="a quick check of the script: 5 ascent steps, bags of 6 (not a measurement)")
     args = ap.parse_args(argv)
@@ -693,7 +743,9 @@ def main(argv: list[str] | None = None) -> int:
     JSON_OUT, MD_OUT, SMOKE = Path(args.out).with_suffix(".json"), Path(args.out).with_suffix(".md"), args.smoke
     if args.smoke:
         args.bag, args.resamples, SMALL["bag"] = 6, 50, 4
-    if not args.report_only:
+    if args.default_from_identity:
+        JSON_OUT.write_text(json.dumps(default_from_identity(json.loads(JSON_OUT.read_text()), args.default_from_identity, args.seed), indent=1))
+    elif not args.report_only:
         missing = _cifar.available()
         if missing:
             print(f"CIFAR-10 model or data not found: {missing}", file=sys.stderr)
