@@ -42,14 +42,14 @@ def files(tmp_path_factory, trained_cnn, digits):
 
 def test_verify_intact_exit_0(files):
     d, intact, _ = files
-    r = run("verify", d / "fp.tpf", "--model", intact, "--no-history")
+    r = run("verify", d / "fp.tpf", "--model", intact)  # a model file is the suspect party's by default: a pool draw
     assert r.exit_code == 0, r.stderr
-    assert "INTACT" in r.stdout
+    assert "INTACT" in r.stdout and "pool:" in r.stdout
 
 
 def test_verify_tampered_exit_1(files):
     d, _, bad = files
-    r = run("verify", d / "fp.tpf", "--model", bad, "--no-history")
+    r = run("verify", d / "fp.tpf", "--model", bad, "--trusted-model", "--no-history")
     assert r.exit_code == 1, r.stderr
     assert "TAMPERED" in r.stdout
 
@@ -58,10 +58,11 @@ def test_verify_json(files):
     import json
 
     d, _, bad = files
-    r = run("verify", d / "fp.tpf", "--model", bad, "--no-history", "--json", "--output-spec", "probs:6")
+    r = run("verify", d / "fp.tpf", "--model", bad, "--trusted-model", "--no-history", "--json", "--output-spec", "probs:6", "--allow-weaker-spec")
     assert r.exit_code == 1
     doc = json.loads(r.stdout)
-    assert doc["verdict"] == "TAMPERED" and doc["output_spec"] == "probs:6" and len(doc["markers"]) == 12
+    assert doc["verdict"] == "TAMPERED" and doc["output_spec"] == "probs:6" and len(doc["markers"]) == 12  # trusted: every marker
+    assert any("reveals less than the fingerprint's logits" in n for n in doc["notes"])
 
 
 ERRORS = [

@@ -263,3 +263,50 @@ def test_a_new_method_is_one_class_and_one_registry_line(monkeypatch, cnn, digit
         get_method(Constant(), shift=0.5)  # an instance already holds its parameters
     with pytest.raises(UsageError, match="bag"):
         Constant().generate(cnn, digits[1], 0, np.random.default_rng(0))
+
+
+# --------------------------------------------------------------------------- the result object and the seed
+
+
+def test_the_default_seed_is_drawn_recorded_and_reproduces(cnn, digits):
+    """No seed given: one drawn from the OS CSPRNG, recorded in the file; giving it back reproduces the markers."""
+    from tamperprobe.owner.generate import SEED_BITS, generate_fingerprint
+
+    kwargs = dict(method="natural", select="random", size=3, bag=12, tolerance=1e-4, decoys=0)
+    a, b = generate_fingerprint(cnn, digits[0], **kwargs), generate_fingerprint(cnn, digits[0], **kwargs)
+    assert a.seed != b.seed and 0 <= a.seed < 2**SEED_BITS
+    assert a.fingerprint.generator["seed"] == a.seed and b.fingerprint.generator["seed"] == b.seed
+    again = generate_fingerprint(cnn, digits[0], **kwargs, seed=a.seed)
+    assert again.fingerprint.inputs.tobytes() == a.fingerprint.inputs.tobytes()
+
+
+def test_generated_says_how_it_chose_as_fields(trained_cnn, digits, tmp_path):
+    """The method chosen and why, the selection used and its fallback, the bag: typed fields, nothing to parse back."""
+    from tamperprobe.owner.generate import choose, generate_fingerprint
+
+    ts = load_model(save_model(_Shifted(trained_cnn).eval(), tmp_path / "m.pt", digits[1].x))
+    made = generate_fingerprint(ts, digits[0], size=2, bag=None, seed=0, params={"steps": 2}, tolerance=1e-4, decoys=0)
+    assert made.method == "sensitive" and made.choice.reason is not None and made.choice.reason.startswith("sensitive")
+    assert made.choice.weak is None and made.bag == 100  # the default bag, computed once
+    assert made.selection == "random" and made.selection_fallback is not None and made.selection_fallback.startswith("random (manc unavailable")
+    assert made.fingerprint.generator["selection"] == made.selection_fallback  # the file records the fallback as before
+    weak = choose("top1", "sensitive", {"steps": 2})
+    assert weak.reason is None and weak.weak is not None and "weak under top1" in weak.weak
+    with pytest.raises(UsageError, match="unknown parameter"):
+        choose("logits", "natural", {"bogus": 1})  # refused before any model is needed
+
+
+def test_cli_fingerprint_reports_the_drawn_seed(trained_cnn, digits, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from tamperprobe.cli.app import app
+    from tamperprobe.fingerprint import load
+
+    model = save_model(trained_cnn, tmp_path / "m.pt", digits[1].x[:2])
+    args = ["fingerprint", str(model), "--data", "digits", "--method", "natural", "--select", "random", "--size", "2", "--bag", "4"]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "f.tpf"), "--no-check", "--tolerance", "1e-4", "--json"])
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["seed"] == load(tmp_path / "f.tpf").generator["seed"] and doc["bag"] == 4 and doc["method_reason"] is None

@@ -287,3 +287,90 @@ def test_plain_pt2_still_loads(tmp_path):
     x = np.random.default_rng(0).random((3, 1, 8, 8), dtype=np.float32)
     p = save_model(m, tmp_path / "ok.pt2", x)
     np.testing.assert_allclose(load_model(p).logits(x), TorchModel(m).logits(x), rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- models whose output is not a tensor (issue 17.7)
+
+
+class _Output(dict):
+    """Like Hugging Face's ModelOutput: a dict (here with a loss first) that also exposes fields as attributes."""
+
+    def __getattr__(self, name):
+        return self[name]
+
+
+class _DictNet(torch.nn.Module):
+    def __init__(self, kind):
+        super().__init__()
+        self.kind = kind
+        self.fc = torch.nn.Linear(64, 10)
+
+    def forward(self, x):
+        z = self.fc(x.flatten(1))
+        if self.kind == "tuple":
+            return z, z.sum()
+        return (_Output if self.kind == "model-output" else dict)(loss=z.sum(), logits=z)
+
+
+@pytest.mark.parametrize("kind", ["dict", "model-output", "tuple"])
+@pytest.mark.parametrize("suffix", [".pt", ".pt2", ".onnx"])
+def test_models_returning_dicts_are_written_as_programs_of_their_logits(tmp_path, kind, suffix):
+    m = _DictNet(kind).eval()
+    x = np.random.default_rng(0).random((5, 1, 8, 8), dtype=np.float32)
+    loaded = load_model(save_model(m, tmp_path / f"m{suffix}", x))
+    np.testing.assert_allclose(loaded.logits(x), m(torch.from_numpy(x))[0 if kind == "tuple" else "logits"].detach().numpy(), atol=1e-5)
+    if suffix != ".onnx":
+        assert isinstance(loaded.module(torch.from_numpy(x)), torch.Tensor)  # one tensor out, for any runtime or server
+
+
+def test_tensor_models_are_written_unwrapped(tmp_path, trained_cnn, digits):
+    """Models that already return a tensor keep their parameter names (and weight digest)."""
+    m = load_model(save_model(trained_cnn, tmp_path / "m.pt", digits[1].x))
+    assert m.digest() == TorchModel(trained_cnn).digest()
+
+
+def test_attack_on_a_dict_model_writes_torchscript(tmp_path):
+    from tamperprobe.attacks.io import write_attacked
+    from tamperprobe.data import Dataset
+
+    x = np.random.default_rng(0).random((4, 1, 8, 8), dtype=np.float32)
+    m = _DictNet("model-output").eval()
+    out = write_attacked(m, "int8", "module", tmp_path / "attacked.pt", Dataset(x, np.zeros(4, np.int64), "t", 0.0, 1.0))
+    np.testing.assert_allclose(load_model(out).logits(x), m(torch.from_numpy(x)).logits.detach().numpy(), atol=1e-5)
+
+
+VIT_FACTORY = """
+import torch
+from transformers import ViTConfig, ViTForImageClassification
+
+
+def build():
+    torch.manual_seed(0)
+    cfg = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=32, num_hidden_layers=2,
+                    num_attention_heads=2, intermediate_size=64, num_labels=10)
+    return ViTForImageClassification(cfg).eval()
+"""
+
+
+def test_hugging_face_vit_attack_writes_torchscript_pt2_and_onnx(tmp_path, monkeypatch):
+    """The issue's case: a transformers ViT built by a factory, attacked with --out .pt (and .pt2, .onnx)."""
+    pytest.importorskip("transformers")
+    from typer.testing import CliRunner
+
+    from tamperprobe.cli.app import app
+    from tamperprobe.data import load_data
+
+    (tmp_path / "hfvit.py").write_text(VIT_FACTORY)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    eager = load_model("hfvit:build")
+    save_model(eager.module, tmp_path / "vit.safetensors", np.zeros((2, 1, 8, 8), np.float32))
+    x = load_data("digits").x[:16]
+    want = eager.logits(x)
+    for suffix in (".pt", ".pt2", ".onnx"):
+        r = CliRunner().invoke(
+            app, ["attack", "hfvit:build", "--weights", "vit.safetensors", "--kind", "fp16", "--out", f"attacked{suffix}", "--data", "digits"]
+        )
+        assert r.exit_code == 0, (r.stdout, r.stderr)
+        got = load_model(tmp_path / f"attacked{suffix}").logits(x)
+        assert got.shape == want.shape and 0 < np.abs(got - want).max() < 0.05  # the fp16 copy: close, not equal

@@ -159,7 +159,7 @@ def test_verify_model_reports_the_weight_digest(models, tmp_path):
     x = np.zeros((2, 1, 8, 8), np.float32)
     for module, verdict_code, word in ((intact.module, 0, "matches"), (tampered.module, 1, "differs")):
         path = save_model(module, tmp_path / f"{word}.pt", x)
-        res = CliRunner().invoke(app, ["verify", str(fp_path), "--model", str(path), "--no-history", "--json"])
+        res = CliRunner().invoke(app, ["verify", str(fp_path), "--model", str(path), "--trusted-model", "--no-history", "--json"])
         assert res.exit_code == verdict_code, res.output
         notes = json.loads(res.stdout)["notes"]
         assert any("weights digest" in n and word in n for n in notes), notes

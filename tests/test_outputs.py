@@ -136,3 +136,36 @@ def test_softmax64_matches_definition():
 def test_topk_larger_than_classes_is_usage_error():
     with pytest.raises(UsageError):
         OutputSpec.parse("topk:5").reveal(np.zeros(3))
+
+
+@pytest.mark.parametrize("text", ["probs:0", "top1-prob:0", "probs:0000"])
+def test_zero_decimals_are_refused(text):
+    """Probabilities rounded to 0 decimals are all 0 or 1: an API answering 0.5 everywhere would match them."""
+    with pytest.raises(UsageError, match="0 decimals prove nothing"):
+        OutputSpec.parse(text)
+
+
+COVERS = {  # (what an answer reveals, what the fingerprint was made for): does the first reveal at least the second?
+    ("logits", "probs:3"): True,
+    ("probs:3", "probs:2"): True,
+    ("probs:2", "probs:3"): False,
+    ("probs:2", "topk:5"): True,
+    ("probs:2", "top1-prob:2"): True,
+    ("probs:2", "logits"): False,
+    ("top1-prob:3", "top1-prob:2"): True,
+    ("top1-prob:3", "top1"): True,
+    ("top1-prob:3", "topk:2"): False,
+    ("topk:3", "topk:2"): True,
+    ("topk:2", "topk:3"): False,
+    ("topk:3", "top1-prob:1"): False,
+    ("top1", "top1"): True,
+    ("top1", "topk:2"): False,
+    ("top1", "logits"): False,
+}
+
+
+@pytest.mark.parametrize("pair", COVERS)
+def test_covers_says_whether_a_spec_reveals_at_least_another(pair):
+    answer, made_for = pair
+    assert OutputSpec.parse(answer).covers(made_for) is COVERS[pair]
+    assert OutputSpec.parse(answer).covers(answer)  # every spec covers itself

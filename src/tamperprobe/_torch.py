@@ -115,15 +115,47 @@ def quiet_all() -> Iterator[None]:
         yield
 
 
-def as_logits(out: Any) -> torch.Tensor:
-    """The logits tensor (batch, classes) of a model's output (a tensor, or the first of a tuple or dict)."""
+def _logits_part(out: Any) -> Any:
+    """The part of a model's output that holds the logits: a tensor as it is, the first of a tuple or list,
+    a dict's (or Hugging Face ``ModelOutput``'s) ``logits`` entry, else its first value."""
     if isinstance(out, (tuple, list)):
         out = out[0]
     if isinstance(out, dict):
-        out = next(iter(out.values()))
+        out = out["logits"] if "logits" in out else next(iter(out.values()))
+    return out
+
+
+def as_logits(out: Any) -> torch.Tensor:
+    """The logits tensor (batch, classes) of a model's output (see ``_logits_part``)."""
+    out = _logits_part(out)
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         raise ModelLoadError("the model must return logits of shape (batch, classes)")
     return out
+
+
+class LogitsOnly(nn.Module):
+    """A module whose output is only the logits tensor of ``model``'s (a dict, ``ModelOutput`` or tuple).
+
+    Tracers and exporters write a program with one tensor output, which every runtime and server
+    reads the same way; the wrapped model's parameters keep their names under ``model.``.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _logits_part(self.model(x))
+
+
+def logits_module(module: nn.Module, example: torch.Tensor) -> nn.Module:
+    """``module`` itself when it returns a tensor on ``example``; otherwise ``LogitsOnly(module)`` (checked to give logits)."""
+    with torch.no_grad():
+        out = module(example)
+    if isinstance(out, torch.Tensor):
+        return module
+    as_logits(out)
+    return LogitsOnly(module).eval()
 
 
 def to_tensor(x: np.ndarray) -> torch.Tensor:

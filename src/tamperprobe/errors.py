@@ -50,5 +50,13 @@ class AuthenticityError(TamperprobeError):
     exit_code = EXIT_UNTRUSTED
 
 
+class AlteredFileError(AuthenticityError, FingerprintFormatError):
+    """A signed fingerprint file whose bytes were changed (damaged or altered): not authentic, exit 3.
+
+    A ``FingerprintFormatError`` too, so that callers catching damage still catch it; its exit code
+    is ``AuthenticityError``'s, as for a signature that does not match.
+    """
+
+
 class MissingDependencyError(TamperprobeError):
     """An optional dependency is not installed; the message names the extra that installs it (``_extras``)."""

@@ -43,7 +43,7 @@ import numpy as np
 
 from ._util import atomic_write, one_line
 from .data import InputSpec
-from .errors import AuthenticityError, FingerprintFormatError, UsageError
+from .errors import AlteredFileError, AuthenticityError, FingerprintFormatError, UsageError
 from .outputs import DEFAULT_TOLERANCE, OutputSpec, softmax64
 
 FORMAT = "tamperprobe.fingerprint"
@@ -258,7 +258,9 @@ def load(path: str | os.PathLike, *, trust: Any = None, secret_key: bytes | None
     ``trust`` (a ``signing.Trust``) says which signers to accept and whether an unsigned file
     (or a version 1 file) may be read; ``None`` means the default trusted keys
     (``signing.Trust.from_sources()``) and no unsigned files. Damage gives a
-    ``FingerprintFormatError``; a missing, untrusted or wrong signature an ``AuthenticityError``.
+    ``FingerprintFormatError``; a missing, untrusted or wrong signature an ``AuthenticityError``,
+    and so does any damage to a signed file (``AlteredFileError``, both at once: exit 3, as every
+    altered signed file), but for a newer format version, which an upgrade reads.
     ``secret_key`` decrypts a file encrypted at rest.
     """
     from . import signing
@@ -272,6 +274,28 @@ def load(path: str | os.PathLike, *, trust: Any = None, secret_key: bytes | None
         raise FingerprintFormatError(f"cannot read fingerprint {p}: {exc.strerror or exc}") from None
     if signing.is_encrypted(raw):
         raw = signing.decrypt(raw, secret_key, str(p))
+    try:
+        return _parse(p, raw, trust)
+    except FingerprintFormatError as exc:
+        if isinstance(exc, (AuthenticityError, _NewerVersionError)) or not _looks_signed(raw):
+            raise
+        raise AlteredFileError(f"{exc} (a signed file: it was altered after signing)") from None
+
+
+class _NewerVersionError(FingerprintFormatError):
+    """A file of a newer format: an upgrade reads it, so it is not counted as altered."""
+
+
+def _looks_signed(raw: bytes) -> bool:
+    """Whether the header of ``raw`` carries a signature record (one changed byte cannot hide both words)."""
+    head = raw[: 1 << 20]
+    return b"signature" in head or b"ed25519" in head
+
+
+def _parse(p: Path, raw: bytes, trust: Any) -> Fingerprint:
+    """``load`` of the bytes read (and decrypted): every check of the format, the checksum and the signature."""
+    from . import signing
+
     raw_meta, tensors = _read_archive(p, raw)
     if raw_meta is None:
         raise FingerprintFormatError(f"{p} is a safetensors file but not a tamperprobe fingerprint")
@@ -285,7 +309,7 @@ def load(path: str | os.PathLike, *, trust: Any = None, secret_key: bytes | None
         raise FingerprintFormatError(f"{p}: unknown format {tag[:60]!r}")
     version = int(m.group(2))
     if version > VERSION:
-        raise FingerprintFormatError(f"{p} is fingerprint format v{version}; this tamperprobe reads up to v{VERSION}: upgrade tamperprobe")
+        raise _NewerVersionError(f"{p} is fingerprint format v{version}; this tamperprobe reads up to v{VERSION}: upgrade tamperprobe")
     digest = _content_digest(tensors, meta)
     if digest != meta.get("sha256"):
         raise FingerprintFormatError(f"{p}: contents do not match the recorded checksum (the file was altered or damaged)")

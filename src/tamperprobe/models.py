@@ -12,6 +12,10 @@ module), ``ScriptedModel`` (TorchScript), ``ExportedModel`` (``torch.export``) a
 ``OnnxModel`` implement it; what a stage may do with one is a property of the class
 (``module`` is None for ONNX, ``hookable``), never a string to compare.
 
+A file from the party under suspicion is loaded with ``sandbox=True``: TorchScript and
+``torch.export`` programs then run in a locked-down child process (``_sandbox``), and a ``.pt2``
+archive is only ever read through ``_pt2``'s strict check and rebuild.
+
 A torch model runs on the device its weights live on (``load_model(..., device="cuda")``):
 ``forward`` moves a batch there and ``logits`` hands back CPU float32 arrays, so callers never
 need to know where the model runs.
@@ -42,6 +46,14 @@ def _digest_arrays(items: list[tuple[str, np.ndarray]]) -> str:
         h.update(f"{name}|{arr.dtype.str}|{arr.shape}\n".encode())
         h.update(arr.tobytes())
     return "sha256:" + h.hexdigest()
+
+
+def _reason(exc: BaseException) -> str:
+    """One line saying why a model failed: TorchScript puts the reason on the last line of its report."""
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()]
+    if len(lines) > 1 and "TorchScript" in lines[0]:
+        return one_line(lines[-1])
+    return one_line(exc)
 
 
 @runtime_checkable
@@ -138,7 +150,7 @@ class TorchModel:
                     try:
                         out = self.forward(chunk)
                     except Exception as exc:
-                        raise ModelLoadError(f"model {self.source} failed on input of shape {tuple(chunk.shape)}: {one_line(exc)}") from None
+                        raise ModelLoadError(f"model {self.source} failed on input of shape {tuple(chunk.shape)}: {_reason(exc)}") from None
                     outs.append(as_logits(out).float().cpu().numpy())
             if not outs:
                 return np.zeros((0, 0), dtype=np.float32)
@@ -251,18 +263,31 @@ class OnnxModel:
         return np.concatenate(outs).astype(np.float32, copy=False)
 
 
-def load_model(spec: Any, weights: str | os.PathLike | None = None, *, model_args: dict[str, Any] | None = None, device: Any = None) -> Model:
+def load_model(
+    spec: Any, weights: str | os.PathLike | None = None, *, model_args: dict[str, Any] | None = None, device: Any = None, sandbox: bool = False
+) -> Model:
     """Load a model from a file, a ``package.module:attribute`` reference or an ``nn.Module`` (see module doc).
 
     ``device`` (``cpu``, ``cuda``, ``cuda:N`` or a ``torch.device``; default: where the weights are,
     the CPU for files) is where a torch model runs; an unavailable device is a ``UsageError``. An
     ONNX model runs on onnxruntime's CPU provider, or its CUDA provider for a CUDA device. A
     ``Model`` passes through (moved when ``device`` is given; ``weights`` then must be None).
+
+    ``sandbox=True`` is for a file from the party under suspicion: a TorchScript or ``torch.export``
+    file then loads and runs only in a locked-down child process (``_sandbox.SandboxedModel``:
+    logits only, on the CPU); ONNX files and references load as usual (an ONNX file cannot run code,
+    and a reference names the caller's own code).
     """
+    if sandbox and isinstance(spec, (str, os.PathLike)) and Path(spec).suffix.lower() in (*TORCHSCRIPT_SUFFIXES, ".pt2") and Path(spec).is_file():
+        return _load_sandboxed(Path(spec), weights, device)
     if device is not None:
         from ._torch import resolve_device
 
         device = resolve_device(device)
+    if _is_sandboxed(spec):
+        if weights is not None or (device is not None and device.type != "cpu"):
+            raise UsageError(f"{spec.source} runs in a sandbox on the CPU: --weights and --device do not apply")
+        return spec
     if isinstance(spec, (TorchModel, OnnxModel)):
         if weights is not None:
             raise UsageError("weights apply to a model named by file or reference, not to a loaded model")
@@ -315,6 +340,24 @@ def load_model(spec: Any, weights: str | os.PathLike | None = None, *, model_arg
         model.module.eval()
     if device is not None and isinstance(model, TorchModel):
         model.to(device)
+    return model
+
+
+def _is_sandboxed(spec: Any) -> bool:
+    from ._sandbox import SandboxedModel
+
+    return isinstance(spec, SandboxedModel)
+
+
+def _load_sandboxed(path: Path, weights: Any, device: Any) -> Model:
+    """A suspect's TorchScript or ``torch.export`` file, run in ``_sandbox``'s child process."""
+    from ._sandbox import SandboxedModel
+
+    if weights is not None:
+        raise UsageError(f"{path} runs in a sandbox: --weights applies to a package.module:attribute model")
+    if device is not None and str(device) != "cpu":
+        raise UsageError(f"{path} runs in a sandbox on the CPU: use --device cpu")
+    model: Model = SandboxedModel(path)
     return model
 
 
@@ -406,79 +449,20 @@ def _load_torchscript(path: Path, device: Any = None) -> Model:
     return ScriptedModel(module, str(path))
 
 
-_PT2_FIXED = {"archive_format", "archive_version", "byteorder", ".data/version", ".data/serialization_id"}
-
-
 def check_pt2_archive(path: Path) -> None:
-    """Refuse a ``torch.export`` archive that would unpickle anything when loaded, before torch reads it.
+    """Refuse a ``torch.export`` archive holding anything but the plain parts of one program (see ``_pt2``)."""
+    from ._pt2 import approved_parts
 
-    ``torch.export.load`` unpickles weights or constants whose config says ``use_pickle``, custom
-    and opaque objects, legacy ``.pt`` weight files, and falls back to an unrestricted
-    ``torch.load`` for sample inputs that a ``weights_only`` load refuses; AOTInductor packages
-    carry native code. An archive from a suspect party may hold only the plain parts written by
-    ``torch.export.save``: the program JSON, raw tensor payloads described by their configs, and
-    sample inputs that load with ``weights_only=True``. Anything else is refused by name.
-    """
-    import io
-    import json
-
-    import torch
-
-    def refuse(why: str) -> ModelLoadError:
-        return ModelLoadError(
-            f"{path}: refusing a torch.export archive that {why} (it could run code when loaded); re-export it, or verify an ONNX file"
-        )
-
-    with zipfile.ZipFile(path) as zf:
-        names = [n for n in zf.namelist() if not n.endswith("/")]
-        roots = {n.split("/", 1)[0] for n in names}
-        if len(roots) != 1 or any("/" not in n for n in names):
-            raise refuse("does not have the layout torch.export.save writes")
-        root = roots.pop() + "/"
-        payload_folders = ("data/weights/", "data/constants/")
-        for name in names:
-            rel = name[len(root) :]
-            if rel in _PT2_FIXED or (rel.startswith("models/") and rel.endswith(".json") and rel.count("/") == 1):
-                continue
-            if rel.startswith("data/sample_inputs/") and rel.endswith(".pt") and rel.count("/") == 2:
-                try:
-                    torch.load(io.BytesIO(zf.read(name)), weights_only=True)
-                except Exception:
-                    raise refuse(f"holds sample inputs ({rel}) that only a full unpickler can read") from None
-                continue
-            folder, _, leaf = rel.rpartition("/")
-            folder += "/"
-            if folder in payload_folders and leaf.endswith("_config.json"):
-                try:
-                    config = json.loads(zf.read(name)).get("config", {})
-                except (ValueError, AttributeError):
-                    raise refuse(f"has an unreadable {rel}") from None
-                prefix = "weight_" if folder == "data/weights/" else "tensor_"
-                for fqn, meta in config.items():
-                    if not isinstance(meta, dict) or meta.get("use_pickle") or meta.get("tensor_meta") is None:
-                        raise refuse(f"stores {fqn!r} pickled")
-                    if not str(meta.get("path_name", "")).startswith(prefix):
-                        raise refuse(f"stores {fqn!r} as a custom or opaque object")
-                continue
-            if (folder, leaf.split("_", 1)[0]) in (("data/weights/", "weight"), ("data/constants/", "tensor")):
-                continue
-            raise refuse(f"contains {rel}")
+    approved_parts(path, Path(path).read_bytes())
 
 
 def _load_export(path: Path) -> Model:
-    import torch
-
-    from ._torch import quiet
+    """A ``.pt2`` program; torch reads only an archive rebuilt from the parts the check approved (``_pt2``)."""
+    from ._pt2 import load_pt2
 
     if not zipfile.is_zipfile(path):
         raise ModelLoadError(f"{path} is not a torch.export program (not a zip file; damaged or another format)")
-    check_pt2_archive(path)
-    try:
-        with quiet():
-            module = torch.export.load(str(path)).module()
-    except Exception as exc:
-        raise ModelLoadError(f"cannot load torch.export program {path}: {one_line(exc)}") from None
-    return ExportedModel(module, str(path))
+    return ExportedModel(load_pt2(path), str(path))
 
 
 def _load_onnx(path: Path, device: Any = None) -> Model:
@@ -562,10 +546,14 @@ def save_state_dict(module: Any, path: str | os.PathLike) -> Path:
 
 
 def save_model(module: Any, path: str | os.PathLike, example: np.ndarray) -> Path:
-    """Write ``module`` in the format its suffix names (.pt TorchScript, .pt2 export, .onnx, .safetensors)."""
+    """Write ``module`` in the format its suffix names (.pt TorchScript, .pt2 export, .onnx, .safetensors).
+
+    A program (.pt, .pt2, .onnx) returns the logits tensor alone: a model whose output is a dict, a
+    Hugging Face ``ModelOutput`` or a tuple is written as ``_torch.LogitsOnly`` of it.
+    """
     import torch
 
-    from ._torch import module_device, quiet
+    from ._torch import logits_module, module_device, quiet
 
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
@@ -577,6 +565,8 @@ def save_model(module: Any, path: str | os.PathLike, example: np.ndarray) -> Pat
     ex = torch.from_numpy(np.ascontiguousarray(example[:2]).astype(np.float32))
     suffix = p.suffix.lower()
     with quiet():
+        if suffix != ".safetensors":  # a program of the logits alone, for a model returning a dict, ModelOutput or tuple
+            module = logits_module(module, ex)
         if suffix == ".safetensors":
             save_state_dict(module, p)
         elif suffix in TORCHSCRIPT_SUFFIXES:

@@ -104,6 +104,8 @@ class OutputSpec:
             return cls("top1") if n == 1 else cls("topk", k=n)
         if n > _MAX_DECIMALS:
             raise UsageError(f"bad output spec {text!r}: at most {_MAX_DECIMALS} decimals")
+        if n == 0:  # every probability reads 0 or 1: an API answering 0.5 everywhere would match, so nothing is proven
+            raise UsageError(f"bad output spec {text!r}: probabilities rounded to 0 decimals prove nothing; give 1 to {_MAX_DECIMALS} decimals")
         return cls(kind, decimals=n)
 
     def __str__(self) -> str:
@@ -122,6 +124,23 @@ class OutputSpec:
     def rounding(self) -> float:
         """Half a unit in the last rounded place: the largest rounding error of a probability."""
         return 0.5 * 10.0**-self.places
+
+    def covers(self, other: str | OutputSpec) -> bool:
+        """Does an answer under this spec reveal at least what ``other`` reveals (every label it names, every
+        score to as many decimals)? ``verify`` under a spec that does not cover the fingerprint's is weaker
+        than the markers were made for, and needs the caller's explicit consent (``--allow-weaker-spec``)."""
+        o = OutputSpec.parse(other)
+        if self.kind == "logits" or self == o:
+            return True
+        if o.kind == "logits":
+            return False
+        if self.kind == "probs":  # every probability: any ranking, any rounding to no more decimals
+            return o.kind in ("top1", "topk") or o.places <= self.places
+        if self.kind == "top1-prob":
+            return o.kind == "top1" or (o.kind == "top1-prob" and o.places <= self.places)
+        if self.kind == "topk":
+            return o.kind == "top1" or (o.kind == "topk" and o.k <= self.k)
+        return o.kind == "top1"
 
     @property
     def label_count(self) -> int:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, List, Optional
+from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
 import typer
 from rich.markup import escape
@@ -36,6 +36,10 @@ from ._options import (
     use_runtime,
 )
 
+if TYPE_CHECKING:
+    from ..fingerprint import Fingerprint
+    from ..owner.generate import Generated
+
 
 def _method_help() -> str:
     listed = "; ".join(f"{name}: {text}" for name, text in method_descriptions().items())
@@ -53,6 +57,42 @@ def _warn(text: str) -> None:
     err_console.print(f"[bold yellow]warning:[/] {escape(text)}", highlight=False, soft_wrap=True)
 
 
+SelectOption = Annotated[str, typer.Option("--select", help="Selection from the bag: manc or random.")]
+SizeOption = Annotated[int, typer.Option("--size", help="Number of markers kept: the pool that verification runs draw from.")]
+FingerprintPerRunOption = Annotated[
+    Optional[int], typer.Option("--per-run", help="Markers each verification run draws (the query budget; default on the served side: 10).")
+]
+FingerprintDecoysOption = Annotated[
+    Optional[int],
+    typer.Option("--decoys", help="Natural inputs with known answers to mix into runs (default: as many as markers, as the data allows; 0: none)."),
+]
+BagOption = Annotated[
+    Optional[int], typer.Option("--bag", help="Number of candidates generated before selection (default: 100, or --size if larger).")
+]
+GenerationSeedOption = Annotated[
+    Optional[int],
+    typer.Option(
+        "--seed", help="Seed of the generation (default: drawn from the OS CSPRNG and recorded in the fingerprint; a given one reproduces it)."
+    ),
+]
+FingerprintToleranceOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--tolerance",
+        help="Benign numerical noise accepted (logit units). Default: measured on the markers and decoys "
+        "(batch sizes, threads, TorchScript, ONNX Runtime), twice the largest deviation, at least 3e-5.",
+        show_default=False,
+    ),
+]
+LayerOption = Annotated[
+    Optional[str], typer.Option("--layer", help="Layer whose active neurons MANC covers (default: input of the last linear layer).")
+]
+NoiseOption = Annotated[
+    Optional[Path], typer.Option("--noise", help="Noise report from `tamperprobe calibrate`: sets the boundary margin and refuses one below it.")
+]
+CheckOption = Annotated[bool, typer.Option("--check/--no-check", help="Estimate detection against simulated int8, fp16, flooring and weight noise.")]
+
+
 def fingerprint(
     model: ModelArgument,
     data: DataOption,
@@ -60,44 +100,20 @@ def fingerprint(
     weights: WeightsOption = None,
     model_arg: ModelArgOption = None,
     method: MethodOption = None,
-    select: Annotated[str, typer.Option("--select", help="Selection from the bag: manc or random.")] = "manc",
-    size: Annotated[int, typer.Option("--size", help="Number of markers kept: the pool that verification runs draw from.")] = 10,
-    per_run: Annotated[
-        Optional[int], typer.Option("--per-run", help="Markers each verification run draws (the query budget; default on the served side: 10).")
-    ] = None,
-    decoys: Annotated[
-        Optional[int],
-        typer.Option(
-            "--decoys", help="Natural inputs with known answers to mix into runs (default: as many as markers, as the data allows; 0: none)."
-        ),
-    ] = None,
-    bag: Annotated[
-        Optional[int], typer.Option("--bag", help="Number of candidates generated before selection (default: 100, or --size if larger).")
-    ] = None,
-    seed: SeedOption = 0,
+    select: SelectOption = "manc",
+    size: SizeOption = 10,
+    per_run: FingerprintPerRunOption = None,
+    decoys: FingerprintDecoysOption = None,
+    bag: BagOption = None,
+    seed: GenerationSeedOption = None,
     output_spec: OutputSpecOption = "logits",
-    tolerance: Annotated[
-        Optional[float],
-        typer.Option(
-            "--tolerance",
-            help="Benign numerical noise accepted (logit units). Default: measured on the markers and decoys "
-            "(batch sizes, threads, TorchScript, ONNX Runtime), twice the largest deviation, at least 3e-5.",
-            show_default=False,
-        ),
-    ] = None,
-    layer: Annotated[
-        Optional[str], typer.Option("--layer", help="Layer whose active neurons MANC covers (default: input of the last linear layer).")
-    ] = None,
+    tolerance: FingerprintToleranceOption = None,
+    layer: LayerOption = None,
     low: LowOption = None,
     high: HighOption = None,
-    noise: Annotated[
-        Optional[Path],
-        typer.Option("--noise", help="Noise report from `tamperprobe calibrate`: sets the boundary margin and refuses one below it."),
-    ] = None,
+    noise: NoiseOption = None,
     param: ParamOption = None,
-    check: Annotated[
-        bool, typer.Option("--check/--no-check", help="Estimate detection against simulated int8, fp16, flooring and weight noise.")
-    ] = True,
+    check: CheckOption = True,
     sign_key: SignKeyOption = None,
     unsigned: UnsignedOption = False,
     passphrase_env: PassphraseEnvOption = None,
@@ -108,132 +124,137 @@ def fingerprint(
 ) -> None:
     """Generate a fingerprint from the real weights (owner side), signed with your key."""
     with handled():
-        import warnings
-
         from .._params import parse_kv
         from ..data import load_data
-        from ..describe import tolerance_note
         from ..models import load_model, parse_model_args
-        from ..outputs import DEFAULT_TOLERANCE, OutputSpec
-        from ..owner.advice import choose_method, pairing_warning
-        from ..owner.calibrate import load_noise, noise_settings
-        from ..owner.generate import MarginWarning, WeakPairingWarning, create_fingerprint
-        from ..owner.methods import get_method
-        from ..served import pool
+        from ..owner.calibrate import load_noise
+        from ..owner.generate import choose, generate_fingerprint
 
-        spec = OutputSpec.parse(output_spec)
-        choice = choose_method(spec) if method is None else None
-        name = choice.method if choice is not None else str(method)
-        params = parse_kv(param)
-        at_least = DEFAULT_TOLERANCE
-        if noise is not None:
-            params, at_least = noise_settings(load_noise(noise), name, params, DEFAULT_TOLERANCE if tolerance is None else tolerance)
-            tolerance = None if tolerance is None else at_least
-        get_method(name, **params)  # bad parameters are refused before the model and data load
+        # the method, its parameters and why: settled (and bad parameters refused) before the model and data load
+        choice = choose(output_spec, method, parse_kv(param), noise=None if noise is None else load_noise(noise), tolerance=tolerance)
         m = load_model(model, weights, model_args=parse_model_args(model_arg), device=use_runtime(threads, device))
         ds = load_data(data, low=low, high=high)
-        notes: list[str] = []
-        weak = pairing_warning(name, spec) if choice is None else None  # the user's own pairing, measured weak
-        if weak is not None:
-            notes.append(weak)
-        if choice is not None and not as_json:
+        if choice.reason is not None and not as_json:
             console.print(f"method {escape(choice.reason)}", highlight=False, soft_wrap=True)
-        for w in notes:
-            _warn(w)
-        with progress_bar(f"generating {name} markers") as update, warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("ignore", WeakPairingWarning)  # printed above, once
-            warnings.simplefilter("always", MarginWarning)
-            fp = create_fingerprint(
+        notes = _noted([] if choice.weak is None else [choice.weak])
+        with progress_bar(f"generating {choice.name} markers") as update:
+            made = generate_fingerprint(
                 m,
                 ds,
-                method=name,  # by name, with params: so that create_fingerprint may widen a margin the user did not set
-                params=params,
+                method=choice,
                 select=select,
                 size=size,
-                bag=max(100, size) if bag is None else bag,
+                bag=bag,
                 seed=seed,
-                output_spec=str(spec),
-                tolerance=tolerance,
-                min_tolerance=at_least,
+                output_spec=output_spec,
                 layer=layer,
                 progress=update,
                 decoys=decoys,
                 per_run=per_run,
             )
-        for record in caught:
-            if issubclass(record.category, MarginWarning):
-                notes.append(str(record.message))
-                _warn(notes[-1])
-            else:
-                warnings.warn_explicit(record.message, record.category, record.filename, record.lineno)
+        fp = made.fingerprint
+        notes += _noted(made.margin_warnings)
         how = save_fingerprint_from_options(fp, out, sign_key, unsigned, passphrase_env, encrypt_key)
-        plan = pool.plan(fp)
-        runs = pool.capacity(fp, plan)
-        if decoys is None and fp.decoys < len(fp):
-            notes.append(
-                f"only {fp.decoys} decoys (the data holds no more natural inputs that fed no marker): runs get {plan.decoys} "
-                f"a run by default, so that they last as long as the markers; more data gives more decoys"
-            )
-            _warn(notes[-1])
-        chosen = fp.generator["selection"]
-        if chosen != select:
-            notes.append(chosen)
-            _warn(chosen)
+        notes += _noted(_pool_notes(fp, decoys) + ([made.selection_fallback] if made.selection_fallback else []))
         if not as_json:
-            console.print(
-                f"wrote {out}: {len(fp)} markers and {fp.decoys} decoys ({name}, {chosen.split(' ')[0]} of {max(100, size) if bag is None else bag}), "
-                f"id {fp.id}, output spec {fp.output_spec}, {how}",
-                highlight=False,
-                soft_wrap=True,
-            )
-            console.print(f"comparison tolerance: {tolerance_note(fp)}", highlight=False)  # wrapped: the note is long
-            raised = fp.extra.get("delta_raised")
-            if raised:
-                console.print(
-                    f"margin: delta raised from {raised['from']:g} to {raised['to']:g} ({raised['safety']:g}x the benign floor "
-                    f"{raised['floor']:.3g} measured on the first markers; they were made again with it)",
-                    highlight=False,
-                )
-            with_decoys = f" + {plan.decoys} decoys" if plan.decoys else ""
-            console.print(
-                f"query budget: {plan.markers} markers{with_decoys} a run, each sent once: {runs} runs in the pool",
-                highlight=False,
-                soft_wrap=True,
-            )
-        rows = None
-        if check:
-            from ..owner.budget import detection_confidence, self_check
-
-            with progress_bar("self-check: simulated tamperings") as update:
-                rows = self_check(m, fp, progress=update)
-            rows = [{**r, "confidence_per_run": detection_confidence(r["p"], plan.markers // plan.unit)} for r in rows]
+            _print_generated(made, out, how)
+        rows = _self_check(m, fp) if check else None
         if as_json:
-            print_json(
-                {
-                    "file": out,
-                    "id": fp.id,
-                    "markers": len(fp),
-                    "method": name,
-                    "method_reason": None if choice is None else choice.reason,
-                    "params": fp.generator["params"],
-                    "selection": chosen,
-                    "bag": max(100, size) if bag is None else bag,
-                    "seed": seed,
-                    "output_spec": fp.output_spec,
-                    "tolerance": fp.tolerance,
-                    "benign_noise": fp.extra.get("benign_noise"),
-                    "query_budget": plan.markers,
-                    "decoys": fp.decoys,
-                    "decoys_per_run": plan.decoys,
-                    "runs": runs,
-                    "signing": how,
-                    "warnings": notes,
-                    "self_check": rows,
-                }
-            )
-            return
-        if rows is not None:
-            _print_self_check(fp, rows, plan.markers // plan.unit)
+            print_json(_generated_json(made, out, how, notes, rows))
+        elif rows is not None:
+            _print_self_check(fp, rows, _units_per_run(fp))
+
+
+def _noted(texts: Any) -> list[str]:
+    """Each text warned about on stderr, in order; returned for the JSON output's ``warnings``."""
+    for text in texts:
+        _warn(text)
+    return list(texts)
+
+
+def _units_per_run(fp: Fingerprint) -> int:
+    from ..served import pool
+
+    plan = pool.plan(fp)
+    return plan.markers // plan.unit
+
+
+def _pool_notes(fp: Fingerprint, decoys: int | None) -> list[str]:
+    """The note on a fingerprint that got fewer decoys than markers by default (the data had no more)."""
+    from ..served import pool
+
+    if decoys is not None or fp.decoys >= len(fp):
+        return []
+    return [
+        f"only {fp.decoys} decoys (the data holds no more natural inputs that fed no marker): runs get {pool.plan(fp).decoys} "
+        f"a run by default, so that they last as long as the markers; more data gives more decoys"
+    ]
+
+
+def _print_generated(made: Generated, out: Path, how: str) -> None:
+    """What was written, its tolerance, a raised margin and the query budget (each field of ``made`` printed, nothing recomputed)."""
+    from ..describe import tolerance_note
+    from ..served import pool
+
+    fp = made.fingerprint
+    plan = pool.plan(fp)
+    console.print(
+        f"wrote {out}: {len(fp)} markers and {fp.decoys} decoys ({made.method}, {made.selection} of {made.bag}), "
+        f"id {fp.id}, output spec {fp.output_spec}, {how}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    console.print(f"comparison tolerance: {tolerance_note(fp)}", highlight=False)  # wrapped: the note is long
+    raised = made.margin_raised
+    if raised is not None:
+        console.print(
+            f"margin: delta raised from {raised.before:g} to {raised.to:g} ({raised.safety:g}x the benign floor "
+            f"{raised.floor:.3g} measured on the first markers; they were made again with it)",
+            highlight=False,
+        )
+    with_decoys = f" + {plan.decoys} decoys" if plan.decoys else ""
+    console.print(
+        f"query budget: {plan.markers} markers{with_decoys} a run, each sent once: {pool.capacity(fp, plan)} runs in the pool",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
+def _self_check(model: Any, fp: Fingerprint) -> list[dict]:
+    from ..owner.budget import detection_confidence, self_check
+
+    with progress_bar("self-check: simulated tamperings") as update:
+        rows = self_check(model, fp, progress=update)
+    units = _units_per_run(fp)
+    return [{**r, "confidence_per_run": detection_confidence(r["p"], units)} for r in rows]
+
+
+def _generated_json(made: Generated, out: Path, how: str, notes: list[str], rows: list[dict] | None) -> dict[str, Any]:
+    from ..served import pool
+
+    fp = made.fingerprint
+    plan = pool.plan(fp)
+    return {
+        "file": out,
+        "id": fp.id,
+        "markers": len(fp),
+        "method": made.method,
+        "method_reason": made.choice.reason,
+        "params": fp.generator["params"],
+        "selection": fp.generator["selection"],
+        "bag": made.bag,
+        "seed": made.seed,
+        "output_spec": fp.output_spec,
+        "tolerance": fp.tolerance,
+        "benign_noise": fp.extra.get("benign_noise"),
+        "query_budget": plan.markers,
+        "decoys": fp.decoys,
+        "decoys_per_run": plan.decoys,
+        "runs": pool.capacity(fp, plan),
+        "signing": how,
+        "warnings": notes,
+        "self_check": rows,
+    }
 
 
 def _print_self_check(fp, rows: list[dict], units_per_run: int) -> None:

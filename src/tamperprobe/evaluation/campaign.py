@@ -2,77 +2,18 @@
 
 ``run_evaluation`` runs a whole campaign on one white-box model and ``write_report``
 (``tamperprobe.evaluation.report``) writes it out (markdown, CSV, PNG, ``results.json``). The
-campaign:
+steps: split the data (seeded) into the marker seeds' part and the accuracy part; generate a bag
+of candidate markers per method and record the intact logits, as a fingerprint would; re-run the
+bags under the benign runtimes of ``owner.calibrate`` to set each method's tolerance and count
+false alarms (expected 0); run every attack on a copy of the model with the attacker's bounded data;
+measure each marker's trigger ratio per output spec; estimate the detection rate against the number
+of queries N_S over resampled selections (``evaluation.protocol``: random orderings, or MANC on
+random half-bags, pairs picked whole), and the TamperNN key size.
 
-1. **Split** the data (seeded) into a training part (marker seeds, the attacker's data) and a
-   test part (accuracy before/after each attack). ``attack_data``, when given, is the
-   attacker's data instead, so that the attacker need not hold the owner's marker seeds.
-2. **Bags.** For each method, generate a bag of ``bag`` candidate markers from the training
-   part and record the intact model's logits on them (default runtime: batch 256, default
-   threads), exactly as a fingerprint would. The baselines natural (TamperNN's SM) and
-   VerIDeep's noise / rotation / distortion are always included unless ``baselines=False``.
-3. **Benign runtimes.** The same markers are run under each benign runtime of
-   ``owner.calibrate.runtime_logits`` (default: batch size 1 and 64 in a rotated order, 1 and
-   2 threads, TorchScript and ONNX Runtime); every marker's answer is compared with the
-   intact one under every output spec with the fingerprint's tolerance. A benign runtime
-   must flag nothing: the report counts flagged markers over all these benign
-   re-verifications (expected 0) and the largest ``|Δlogit|``. The tolerance is the one a
-   fingerprint of the method carries by default (``tolerance=None``): ``max(3e-5, 2 × the
-   largest deviation)`` measured on the method's bag under these runtimes
-   (``owner.calibrate.tolerance_from_noise``), recorded per method; it is used for the
-   attacks too. A bag's floor is at least that of any fingerprint drawn from it, so the
-   tolerance is at least the fingerprint's and the detection measured is not flattered. Since
-   it covers the runtimes it is measured on, a flag here is a defect of the comparison, not
-   noise; a given ``tolerance`` is used as is for every method (the false-alarm check proper).
-4. **Attacks.** Each attack runs on a copy of ``model.module`` with the attacker's data and the
-   test part as ``eval_data``. The attacker's data is a seeded subset of at most
-   ``attack_samples`` (default 1,000; None or 0: all) of the training part, or of ``attack_data`` when given (``attacker_data``):
-   the attacks that train (trojans, poisoning, watermarking) take ``epochs`` passes over their
-   data, so without a bound their cost grows with whatever data set the owner evaluates on
-   (7,000 MNIST images made 10 trojan and poisoning runs take 15 of a 17-minute campaign on a
-   681k-parameter CNN). Their accuracy after and success rate are reported, so an attack
-   weakened by the bound shows in the report (``bench/results/evaluate-time.md``). Random attacks (``Attack.random``) get ``trials``
-   instances with different seeds; deterministic ones (quantisation, casts, flooring,
-   magnitude pruning) run once. Accuracy before/after and the attack's own success rate are
-   reported.
-5. **Trigger ratio.** Per (method, attack instance, spec): the share of the bag's markers
-   whose answer under the tampered model no longer matches the intact one
-   (``outputs.changed_markers``, the vectorised ``OutputSpec`` comparison). Boundary pairs
-   count as two markers.
-6. **Detection rate vs N_S** (a fingerprint of N_S queries detects the attack when at least
-   one of its markers changed), estimated over ``resamples`` (default 10 000) resampled
-   selections per method (``tamperprobe.evaluation.protocol``); the same selections serve
-   every attack instance and spec (common random numbers), so differences between attacks
-   are not sampling noise.
-
-   * ``random``: each resample is a uniformly random ordering of the bag; its first N_S
-     markers are the selection of size N_S. A selection of size N_S is thus a uniform
-     N_S-subset, and the expected rate is exactly ``1 − C(n−m, N_S)/C(n, N_S)`` for ``m``
-     changed markers out of ``n``.
-   * ``manc``: MANC is deterministic on a fixed bag up to tie-breaking, so resampling the
-     selection alone would measure one fingerprint. Each resample instead draws a random
-     sub-bag of ``manc_fraction`` (default half) of the bag and runs MANC on it (the
-     penultimate activations, greedy order; ``protocol.manc_orders`` runs every resample's
-     greedy at once with ``selection.manc_batch``, MANC's one rule); its first N_S
-     picks are the selection of size N_S (greedy coverage is a prefix-consistent order).
-     This measures "an owner who generated a bag of n/2 candidates and kept N_S by MANC".
-   * **Groups** (boundary pairs): a group is picked whole and counts as ``g`` markers (its
-     size, 2 for pairs), so a selection of N_S queries takes ``floor(N_S / g)`` groups and
-     N_S = 1 detects nothing. A group detects when any of its members changed; under MANC a
-     group's activation pattern is the union of its members'.
-
-   Because selections of size N_S are prefixes of the same ordering, the rate is monotone
-   non-decreasing in N_S for every resample. Rates are averaged over attack instances.
-7. **Key size** (TamperNN): with ``p`` the mean trigger ratio, the number of markers needed to
-   detect with confidence ``c`` is the smallest ``s > log(1−c)/log(1−p)``
-   (``owner.budget.key_size``); ``p = 0`` needs infinitely many (reported as empty / ``null``).
-   The report also gives the empirical smallest N_S <= 10 whose measured detection rate
-   reaches ``c``.
-
-Methods and attacks are given by name or as instances (``Method``, ``Attack``). Everything
-random derives from ``seed`` by name (method, attack, trial), so a seed fixes every table
-regardless of which methods or attacks are included. A failing method, runtime or attack is
-recorded in ``errors`` and the campaign goes on.
+Everything random derives from ``seed`` by name (method, attack, trial), so a seed fixes every
+table whichever methods or attacks are included; a failing method, runtime or attack is recorded in
+``errors`` and the campaign goes on. The design, step by step, is in ``docs/design/campaign.md``;
+what it costs is measured in ``bench/results``.
 """
 
 from __future__ import annotations

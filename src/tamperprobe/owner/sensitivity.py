@@ -1,44 +1,22 @@
 """VerIDeep's sensitivity of a model's output to its weights.
 
-For an input ``x`` and parameters ``W`` of interest, the sensitivity is
-
-    S(x) = sum_i || d f_i(W, x) / dW ||_F^2
-
-where ``f`` is the softmax of the logits (or the logits themselves) and the norm runs over
-every chosen parameter tensor. A *sensitive sample* maximises S: a small change of ``W``
-then moves the output a lot, so tampering shows in the answers.
+For an input ``x`` and parameters ``W`` of interest, ``S(x) = sum_i ||d f_i(W, x) / dW||_F^2``, where
+``f`` is the softmax of the logits (or the logits). A *sensitive sample* maximises S: a small change
+of ``W`` then moves the output a lot, so tampering shows in the answers.
 
 Two routes, the same on every model format (``nn.Module``, TorchScript, ``torch.export``):
 
-* **Output layer** (the default W: the last layer's weight and/or bias). When the logits are
-  ``z = W h + b``, ``df_i/dW_kl = J_ik h_l`` and ``df_i/db_k = J_ik`` with ``J = df/dz``, so
+* **Output layer** (the default W): with ``z = W h + b`` and ``J = df/dz``,
+  ``S = ||J||_F^2 * (||h||^2 + 1)``; the penultimate vectors ``h`` come from a forward pre-hook on an
+  ``nn.Linear`` or off one batched backward through the last matmul (the same values, bit for bit),
+  and ``||J||_F^2`` is computed in float64 without cancellation (``jacobian_norm``), so confident
+  predictions keep full precision;
+* **Any parameters** (``--param params=...``): per sample, in chunks of classes of at most
+  ``CHUNK_ELEMENTS`` gradient numbers, so memory stays bounded whatever the number of classes.
 
-      S = ||J||_F^2 * (||h||^2 [if W is chosen] + 1 [if b is chosen]).
-
-  The penultimate vectors ``h`` are read off one backward pass: ``dz/dW`` under a cotangent
-  that gives sample ``b`` the class ``b mod C`` of batch entry ``b div C`` has ``h_b`` in that
-  row (``dL/dW = G^T h``). With ``K = ceil(B / C)`` batched cotangents this costs one backward
-  through the last matmul only and ``K·C·H ≈ (B + C)·H`` numbers, never ``C^2`` (a bag runs in
-  pieces of ``RECOVERY_ROWS`` samples, so the batched matmuls stay linear in the bag); ``h`` keeps
-  its graph back to the input. On an ``nn.Module`` whose W belongs to an ``nn.Linear``, ``h`` is
-  simply that layer's input, read by a forward pre-hook: the same values bit for bit, without
-  the extra backward and in one piece (on a tiny network the batched backward was a tenth of a
-  step). The route checks ``W h + b == z`` (to the rounding of the logits' dtype; once per
-  ``Sensitivity``) and is not taken when the logits are not that layer's output.
-  ``||J||_F^2`` and its gradient are computed in float64 from the logits in a form without
-  cancellation (``jacobian_norm``), so confident predictions (top probability near 1) keep full
-  precision. ``sensitivity`` makes S one autograd node with that closed-form backward;
-  ``value_and_grad`` hands the same cotangents for ``z`` and ``h`` straight to one backward pass.
-* **Any parameters** (``--param params=...``): one sample at a time, the gradients of the
-  output under the cotangents ``J_i`` (row ``i`` of ``J``, computed in float64 like above; the
-  identity for logits) in chunks of classes sized so that a chunk's gradients hold at most
-  ``CHUNK_ELEMENTS`` numbers. ``sensitivity_and_grad`` differentiates each chunk as soon as it
-  is summed, so memory stays bounded by one sample's forward pass plus one chunk whatever the
-  number of classes; ``sensitivity`` keeps every chunk's graph for a later backward.
-
-``naive_sensitivity`` is the reference the tests compare against: a float64 copy of the model,
-one plain backward per sample and per class. ``Sensitivity.penultimate`` also gives MANC the
-output layer's input on every format (``features``).
+``naive_sensitivity`` is the float64 reference the tests compare against; ``Sensitivity.penultimate``
+also gives MANC the output layer's input on every format (``features``). The derivation is in
+``docs/design/sensitivity.md``.
 """
 
 from __future__ import annotations

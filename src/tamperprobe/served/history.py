@@ -412,3 +412,24 @@ def markers(run_id: int, path: str | os.PathLike | None = None) -> list[dict]:
 
 def _like_escape(text: str) -> str:
     return str(text).replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+
+
+def release(draw_id: str, path: str | os.PathLike | None = None, *, timeout: float = WRITE_TIMEOUT) -> int:
+    """Return the markers and decoys of draw ``draw_id`` to the pool: its ledger rows are deleted; returns how many.
+
+    Only for a draw of which nothing can have reached the target (no connection was made:
+    ``targets.QueryResult.sent``); anything that may have been sent stays spent. A database
+    failure is a ``HistoryError`` (the markers then stay spent, the safe side).
+    """
+    with closing(_connect(path, timeout=timeout)) as con:
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            cur = con.execute("DELETE FROM drawn WHERE draw = ?", (str(draw_id),))
+            con.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                con.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            raise HistoryError(f"cannot return the draw to the pool: {one_line(exc)}") from None
+    return int(cur.rowcount)

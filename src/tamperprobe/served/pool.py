@@ -304,16 +304,13 @@ def everything(fp: Fingerprint, limit: int | None = None) -> Draw:
     return Draw(tuple(range(max(0, n))), (), tuple(range(max(0, n))), "all")
 
 
-def pauses(target: Any, n: int) -> float:
-    """Seconds a run of ``n`` queries spends in deliberate pauses on ``target`` (``--delay``, ``--spread``), at most."""
-    planned = getattr(target, "planned_pauses", None)
-    return float(planned(n)) if callable(planned) else 0.0
-
-
 def check_schedule(target: Any, n: int) -> None:
-    """Refuse (``UsageError``) a run of ``n`` queries whose pauses alone would not end within the target's deadline."""
-    deadline = getattr(target, "deadline", None)
-    wait = pauses(target, n)
+    """Refuse (``UsageError``) a run of ``n`` queries whose pauses alone would not end within the target's deadline.
+
+    ``target`` declares both (``targets.Target``: ``deadline``, ``pauses(n)``).
+    """
+    deadline = target.deadline
+    wait = float(target.pauses(n))
     if deadline is not None and wait > 0 and wait >= float(deadline):
         raise UsageError(
             f"--delay/--spread would spend {wait:g} s pausing between the {n} queries of a run, "

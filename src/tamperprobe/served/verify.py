@@ -1,13 +1,14 @@
 """Compare a target's answers with a fingerprint and decide: INTACT, TAMPERED or INCONCLUSIVE.
 
-Fail closed: a run is INTACT only if every marker got a well-formed answer and every answer
-matched. Any failed or malformed answer makes the run INCONCLUSIVE (even if other markers
-mismatched: the report still counts them), a mismatch among complete answers TAMPERED.
+Fail closed, and say what was proven: a run is INTACT only if every marker got a well-formed
+answer and every answer matched; a well-formed answer that does not match is proof of tampering,
+so any mismatch makes the run TAMPERED, even when other queries failed (the report counts both);
+a run with failed or malformed answers and no mismatch is INCONCLUSIVE.
 
 Which inputs a run sends is a ``pool.Draw``: for an endpoint, a fresh set of markers and decoys
 (natural inputs with known answers) drawn from the fingerprint's pool and never sent before
-(``served.pool``), in a random order; without one, every marker of the fingerprint (a local
-model file, which is not the party under suspicion). A decoy is compared like a marker: a changed
+(``served.pool``), in a random order; without one, every marker of the fingerprint (a model
+file the owner trusts: ``Target.suspect`` False). A decoy is compared like a marker: a changed
 decoy answer is evidence of tampering too, and the report counts it apart.
 
 A target is the party under suspicion: its name is shown without URL secrets and every failure
@@ -15,7 +16,8 @@ reason it gives is made inert (``untrusted.clean``) before it enters the report,
 server says can reach a terminal, the history or a hook as control characters. ``Report.headline``
 is the verdict in words chosen here alone (no remote text); ``summary`` adds the first failure.
 The report also says whether the fingerprint was signed (``signer``, a key id) and carries
-``notes`` such as an accepted unsigned fingerprint.
+``notes`` such as an accepted unsigned fingerprint, or an output spec weaker than the fingerprint's
+(``weaker_note``: on every run).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from ..fingerprint import Fingerprint, check_tolerance
 from ..outputs import Answer, OutputSpec
 from .credentials import redact_urls_in
 from .pool import Draw, check_schedule, everything
-from .targets import LocalTarget, QueryFailure, Target
+from .targets import QueryFailure, Target
 from .untrusted import clean
 
 INTACT, TAMPERED, INCONCLUSIVE = "INTACT", "TAMPERED", "INCONCLUSIVE"
@@ -71,6 +73,7 @@ class Report:
     repeated: int | None = 0  # markers and decoys of this run sent before (None: unknown, drawn without a ledger)
     draw: str | None = None  # id of the draw in the history's pool ledger
     runs_left: int | None = None  # runs the pool can still supply after this one (None: not drawn from a pool)
+    sent: bool = True  # False: nothing can have reached the target (no connection made; targets.QueryResult.sent)
 
     @property
     def exit_code(self) -> int:
@@ -101,14 +104,18 @@ class Report:
             if self.verdict == INCONCLUSIVE:
                 return f"INCONCLUSIVE: {self.failed} of {n} markers got no usable answer ({self.mismatched} mismatched)"
             if self.verdict == TAMPERED:
-                return f"TAMPERED: {self.mismatched} of {n} markers changed under {self.output_spec}"
+                return f"TAMPERED: {self.mismatched} of {n} markers changed under {self.output_spec}{self._also_failed()}"
             return f"INTACT: all {n} markers match under {self.output_spec}"
         if self.verdict == INCONCLUSIVE:
             return f"INCONCLUSIVE: {self.failed} of {n + d} queries ({n} markers, {d} decoys) got no usable answer ({self.mismatched} mismatched)"
         if self.verdict == TAMPERED:
             changed = sum(1 for m in self.markers if m.kind == "decoy" and not m.ok)
-            return f"TAMPERED: {self.mismatched - changed} of {n} markers and {changed} of {d} decoys changed under {self.output_spec}"
+            return f"TAMPERED: {self.mismatched - changed} of {n} markers and {changed} of {d} decoys changed under {self.output_spec}{self._also_failed()}"
         return f"INTACT: all {n} markers and {d} decoys match under {self.output_spec}"
+
+    def _also_failed(self) -> str:
+        """For TAMPERED: the queries that got no usable answer besides the proven changes (nothing when none)."""
+        return f" ({self.failed} more got no usable answer)" if self.failed else ""
 
     def first_failure(self) -> str | None:
         """``marker I: reason`` (or ``decoy I: ...``) of the first query without a usable answer (its reason made inert), or None."""
@@ -116,8 +123,8 @@ class Report:
         return None if first is None else f"{first.kind} {first.index}: {first.failure}"
 
     def summary(self) -> str:
-        """The headline, and for INCONCLUSIVE the first failure (``; marker I: reason``)."""
-        why = self.first_failure() if self.verdict == INCONCLUSIVE else None
+        """The headline, and when a query failed (INCONCLUSIVE, or TAMPERED with failures too) the first failure (``; marker I: reason``)."""
+        why = self.first_failure() if self.verdict != INTACT else None
         return self.headline() + (f"; {why}" if why else "")
 
     def to_json(self) -> dict[str, Any]:
@@ -161,9 +168,29 @@ def weights_note(expected: str, actual: str) -> str:
     )
 
 
-def comparison(fp: Fingerprint, output_spec: str | OutputSpec | None, tolerance: float | None) -> tuple[OutputSpec, float]:
-    """The output spec and tolerance a run compares under, checked (``UsageError``): callers check them before drawing markers."""
+def weaker_note(fp: Fingerprint, spec: OutputSpec) -> str | None:
+    """The note of a run under ``spec`` when it reveals less than the fingerprint's output spec (``OutputSpec.covers``), else None."""
+    if spec.covers(fp.output_spec):
+        return None
+    return (
+        f"verified under {spec}, which reveals less than the fingerprint's {fp.output_spec} its markers were made for: "
+        "tampering that only shows in what this spec hides goes unseen (--allow-weaker-spec)"
+    )
+
+
+def comparison(
+    fp: Fingerprint, output_spec: str | OutputSpec | None, tolerance: float | None, *, allow_weaker: bool = True
+) -> tuple[OutputSpec, float]:
+    """The output spec and tolerance a run compares under, checked (``UsageError``): callers check them before drawing markers.
+
+    A spec weaker than the fingerprint's (``weaker_note``) is refused unless ``allow_weaker``.
+    """
     spec = OutputSpec.parse(output_spec or fp.output_spec)
+    if not allow_weaker and weaker_note(fp, spec) is not None:
+        raise UsageError(
+            f"--output-spec {spec} reveals less than the fingerprint's {fp.output_spec}, which its markers were made for: "
+            "verify under the fingerprint's spec, or pass --allow-weaker-spec to accept detecting less (warned on every run)"
+        )
     tol = check_tolerance(fp.tolerance if tolerance is None else tolerance, "the tolerance" if tolerance is None else "--tolerance")
     if spec.label_count > fp.classes:
         raise UsageError(f"output spec {spec} asks for {spec.label_count} labels; the model has {fp.classes} classes")
@@ -183,8 +210,10 @@ def verify(
 
     ``draw`` (``pool.draw``: fresh markers and decoys, never sent before) is what an endpoint
     should get. Without it every marker is sent (``limit``: only the first N), the right thing
-    for a local model file; sent to anything else, the report carries a note that markers sent
-    every run can be recognised (``REPEAT_NOTE``).
+    for a model file the owner trusts; sent to a suspect target, the report carries a note that
+    markers sent every run can be recognised (``REPEAT_NOTE``). A spec weaker than the
+    fingerprint's is compared under and noted (``weaker_note``); refusing it is the caller's choice
+    (``comparison(..., allow_weaker=False)``, as ``session.Session`` does).
     """
     spec, tol = comparison(fp, output_spec, tolerance)
     if draw is not None and limit is not None:
@@ -220,21 +249,17 @@ def verify(
         match = spec.compare(logits, got, tol)
         results.append(MarkerResult(i, expected, got, match.ok, detail=match.detail, latency=latency, kind=kind))
     results.sort(key=lambda r: (r.kind == "decoy", r.index))  # the report's order; the sending order was random
-    if any(r.failure for r in results):
-        verdict = INCONCLUSIVE
-    elif all(r.ok for r in results):
-        verdict = INTACT
-    else:
-        verdict = TAMPERED
     notes = [] if fp.signer is not None else [UNSIGNED_NOTE]
-    notes += list(draw.notes)
-    if isinstance(target, LocalTarget):
-        notes.append(weights_note(fp.model_digest, target.model.digest()))
-    elif draw.mode == "all":
+    weaker = weaker_note(fp, spec)
+    notes += ([weaker] if weaker else []) + list(draw.notes)
+    digest = target.weights_digest()
+    if digest is not None:
+        notes.append(weights_note(fp.model_digest, digest))
+    if draw.mode == "all" and target.suspect:
         notes.append(REPEAT_NOTE)
     name = clean(redact_urls_in(str(target.name)), 300)
     return Report(
-        verdict,
+        decide(results),
         name,
         str(spec),
         fp.id,
@@ -247,4 +272,13 @@ def verify(
         repeated=draw.repeated,
         draw=draw.draw_id,
         runs_left=draw.runs_left,
+        sent=result.sent,
     )
+
+
+def decide(results: list[MarkerResult]) -> str:
+    """The verdict of a run: TAMPERED on any proven change (a well-formed answer that does not match), else
+    INCONCLUSIVE on any query without a usable answer, else INTACT."""
+    if any(not r.ok and r.failure is None for r in results):
+        return TAMPERED
+    return INCONCLUSIVE if any(r.failure for r in results) else INTACT

@@ -23,12 +23,17 @@ Stop rules:
   *complete* run's: 0 if it was INTACT, 1 if TAMPERED (its alarm was raised already), 2 if it was
   INCONCLUSIVE or no run had completed (nothing was verified).
 
+With ``hold_tampered``, a TAMPERED watch does not return after its alarm: it stays (``on_hold`` hears
+it once) so that whatever serves its state (the metrics' ``tamperprobe_tampered == 1``) stays visible to
+a scraper until someone acts, and ends with exit code 1 on an interrupt (SIGTERM or Ctrl-C).
+
 Runs start every ``every`` seconds (a run that takes longer delays the next one, it never
 doubles up). Each run is bounded by the client's deadline (``HTTPTarget(deadline=...)``).
 
 Each run draws fresh markers (and decoys) from the fingerprint's pool (``served.pool``),
-recorded in the history before they are sent, and never re-sends one (a ``LocalTarget``, a
-model file, gets every marker every run: it is not the party under suspicion). ``on_pool`` hears the
+recorded in the history before they are sent, and never re-sends one (a target the owner trusts,
+``Target.suspect`` False, gets every marker every run). The markers of a run that reached nothing (no
+connection was made) go back to the pool; anything that may have been sent stays spent. ``on_pool`` hears the
 pool's state before the first run; each report carries the runs left, and a warning says when
 few are left (``pool.Status.low``). When the pool cannot supply a run, the watch stops with exit
 code 2 (``exhausted``) right after the run that used it up (or, should another process have
@@ -37,45 +42,31 @@ without a history (``record=False``), is refused before anything is sent, unless
 ``allow_repeat``. A draw that fails for another reason (the history locked or damaged) also
 stops the watch with 2: without the record, the markers could not be kept from repeating.
 
-The hook is a shell command run with these environment variables, every value made inert by
-``untrusted.clean`` and the endpoint shown without credentials or query values:
-``TAMPERPROBE_VERDICT``, ``TAMPERPROBE_SUMMARY``, ``TAMPERPROBE_ENDPOINT``,
-``TAMPERPROBE_PROTOCOL``, ``TAMPERPROBE_FINGERPRINT`` (id), ``TAMPERPROBE_FINGERPRINT_FILE``,
-``TAMPERPROBE_SIGNER`` (key id, empty when unsigned), ``TAMPERPROBE_MARKERS`` and
-``TAMPERPROBE_DECOYS`` (sent in the run), ``TAMPERPROBE_MISMATCHED`` and ``TAMPERPROBE_FAILED``
-(markers and decoys), ``TAMPERPROBE_RUN`` (1, 2, ... within this watch), ``TAMPERPROBE_TIME``
-(UTC ISO) and ``TAMPERPROBE_RUNS_LEFT`` (runs the pool can still supply; empty when unknown). The hook runs before the history write, so it gets no
-history run id. A failing hook is reported as a warning and does not stop the watch.
+The hook (``hooks``: its environment is documented there) runs on TAMPERED and on the first
+INCONCLUSIVE run of a streak, before the history write. A failing hook is reported as a warning and
+does not stop the watch. Every run goes through a ``session.Session``, the flow ``verify`` shares.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
-import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
-from .._util import one_line
 from ..errors import EXIT_ERROR, EXIT_INTACT, EXIT_TAMPERED, UsageError
 from ..fingerprint import Fingerprint
 from ..outputs import OutputSpec
 from . import history, pool
-from .credentials import redact_urls_in
-from .targets import LocalTarget, Target
-from .untrusted import clean
-from .verify import EXIT_CODES, INCONCLUSIVE, INTACT, TAMPERED, Report, comparison, verify
+from .hooks import hook_environment, run_hook  # noqa: F401 - their home before hooks.py; kept importable from here
+from .session import Run, Session, Settings
+from .targets import Target
+from .verify import EXIT_CODES, INCONCLUSIVE, INTACT, TAMPERED, Report
 
+WatchRun = Run  # one run of a watch, as ``on_run`` sees it (the session's run)
 
-@dataclass(frozen=True)
-class WatchRun:
-    """One run of a watch, as ``on_run`` sees it."""
-
-    number: int  # 1, 2, ... within this watch
-    report: Report
-    time: str  # UTC ISO, seconds
-    streak: int  # INCONCLUSIVE runs in a row, this one included (0 after any other verdict)
+HOLD_POLL = 0.2  # seconds between two looks at the clock while a TAMPERED watch holds its state
 
 
 @dataclass(frozen=True)
@@ -96,45 +87,47 @@ class WatchResult:
     exhausted: bool = False
 
 
-def run_hook(command: str, env_vars: dict[str, str], timeout: float = 60.0) -> str | None:
-    """Run the hook through the shell with ``env_vars`` added; None on success, else a one-line problem."""
-    try:
-        proc = subprocess.run(command, shell=True, env={**os.environ, **env_vars}, timeout=timeout, stdin=subprocess.DEVNULL)
-    except subprocess.TimeoutExpired:
-        return f"hook timed out after {timeout:g} s"
-    except OSError as exc:
-        return f"hook could not start: {one_line(exc)}"
-    return None if proc.returncode == 0 else f"hook exited with status {proc.returncode}"
-
-
-def hook_environment(run: WatchRun, *, endpoint: str, protocol: str, fingerprint_file: str) -> dict[str, str]:
-    """The ``TAMPERPROBE_*`` variables a hook sees for ``run`` (see the module doc), secrets removed, text made inert."""
-    r = run.report
-    values = {
-        "TAMPERPROBE_VERDICT": r.verdict,
-        "TAMPERPROBE_SUMMARY": r.summary(),
-        "TAMPERPROBE_ENDPOINT": redact_urls_in(endpoint),
-        "TAMPERPROBE_PROTOCOL": protocol,
-        "TAMPERPROBE_FINGERPRINT": r.fingerprint_id,
-        "TAMPERPROBE_FINGERPRINT_FILE": fingerprint_file,
-        "TAMPERPROBE_SIGNER": r.signer or "",
-        "TAMPERPROBE_MARKERS": str(r.marker_count),
-        "TAMPERPROBE_DECOYS": str(r.decoy_count),
-        "TAMPERPROBE_MISMATCHED": str(r.mismatched),
-        "TAMPERPROBE_FAILED": str(r.failed),
-        "TAMPERPROBE_RUN": str(run.number),
-        "TAMPERPROBE_TIME": run.time,
-        "TAMPERPROBE_RUNS_LEFT": "" if r.runs_left is None else str(r.runs_left),
-    }
-    return {k: clean(v, 1000) for k, v in values.items()}
-
-
 def _interrupted(runs: int, last: Report | None, last_time: str) -> WatchResult:
     """The result of a watch stopped by an interrupt: judged by the last complete run, never by the one in progress."""
     if last is None:
         return WatchResult(EXIT_ERROR, runs, None, "watch interrupted before any run completed: nothing verified", interrupted=True)
     reason = f"watch interrupted after {runs} complete run(s); the last complete run ({last_time}) was {last.verdict}"
     return WatchResult(EXIT_CODES[last.verdict], runs, last, reason, interrupted=True)
+
+
+def _stop_rule(run: Run, *, count: int, max_inconclusive: int, allow_repeat: bool, fp_id: str) -> WatchResult | None:
+    """The result that ends the watch after ``run`` (the module doc's stop rules), or None to go on."""
+    report, number = run.report, run.number
+    if report.verdict == TAMPERED:
+        return WatchResult(EXIT_TAMPERED, number, report, "TAMPERED")
+    if report.verdict == INCONCLUSIVE and max_inconclusive and run.streak >= max_inconclusive:
+        return WatchResult(EXIT_ERROR, number, report, f"{run.streak} INCONCLUSIVE runs in a row", gave_up=True)
+    if count and number >= count:
+        return WatchResult(EXIT_INTACT if report.verdict == INTACT else EXIT_ERROR, number, report, f"{number} runs done")
+    if report.runs_left == 0 and not allow_repeat:  # stop now rather than wait an interval to be refused
+        reason = f"watch stopped after run {number}: the pool of fingerprint {fp_id} is used up (every marker was sent once)"
+        return WatchResult(EXIT_ERROR, number, report, reason + "; generate a new fingerprint", gave_up=True, exhausted=True)
+    return None
+
+
+def _warn_after_alarm(session: Session, run: Run, capacity: int | None) -> None:
+    """The watch's warnings between a run's alarm and its record: an INCONCLUSIVE run it goes on after, a pool running out."""
+    report = run.report
+    if report.verdict == INCONCLUSIVE:
+        session.warn(f"no usable answer from the endpoint ({report.first_failure()}); still watching")
+    if report.runs_left is not None and capacity is not None and pool.is_low(report.runs_left, capacity):
+        session.warn(f"the fingerprint's pool is running out: {report.runs_left} runs left (generate a new fingerprint before it ends)")
+
+
+def _hold(result: WatchResult, on_hold: Callable[[WatchResult], None] | None) -> WatchResult:
+    """Stay after a TAMPERED verdict until an interrupt, so that its state stays visible; then exit 1 all the same."""
+    if on_hold is not None:
+        on_hold(result)
+    try:
+        while True:
+            time.sleep(HOLD_POLL)
+    except KeyboardInterrupt:
+        return dataclasses.replace(result, reason=f"{result.reason}; held until interrupted", interrupted=True)
 
 
 def watch(
@@ -146,6 +139,7 @@ def watch(
     max_inconclusive: int = 0,
     output_spec: str | OutputSpec | None = None,
     tolerance: float | None = None,
+    allow_weaker_spec: bool = False,
     per_run: int | None = None,
     decoys: float | None = None,
     allow_repeat: bool = False,
@@ -155,46 +149,37 @@ def watch(
     protocol: str = "",
     endpoint: str | None = None,
     fingerprint_file: str | os.PathLike = "",
+    hold_tampered: bool = False,
     on_run: Callable[[WatchRun], None] | None = None,
     on_warning: Callable[[str], None] | None = None,
     on_pool: Callable[[pool.Status], None] | None = None,
+    on_hold: Callable[[WatchResult], None] | None = None,
 ) -> WatchResult:
     """Verify ``target`` against ``fp`` every ``every`` seconds (or a duration such as ``10m``) until
     a stop rule of the module doc applies; returns how it ended.
 
-    ``output_spec`` and ``tolerance`` are ``verify``'s; ``per_run``, ``decoys`` and ``allow_repeat``
-    say what each run draws (``pool.plan``, ``pool.draw``). ``protocol`` is recorded in the
-    history; ``endpoint`` (default: the target's name; shown without secrets), ``protocol`` and
-    ``fingerprint_file`` are passed to the hook. ``on_run`` hears about each run before its hook
-    runs and before it is recorded; ``on_warning`` about notes, a failing hook, each INCONCLUSIVE
-    run and a history that could not be written.
+    The settings are a ``session.Settings``'s (``output_spec`` … ``hook``); ``endpoint`` (default: the
+    target's name; shown without secrets), ``protocol`` and ``fingerprint_file`` are passed to the hook.
+    ``on_run`` hears about each run before its hook runs and before it is recorded; ``on_warning``
+    about notes, a failing hook, each INCONCLUSIVE run and a history that could not be written;
+    ``on_hold`` that a TAMPERED watch holds (``hold_tampered``).
     """
     interval = history.parse_duration(every)
     if count < 0 or max_inconclusive < 0:
         raise UsageError("--count and --max-inconclusive must be >= 0")
-    warn = on_warning or (lambda _text: None)
-    context = {"endpoint": endpoint or target.name, "protocol": protocol, "fingerprint_file": str(fingerprint_file)}
-    comparison(fp, output_spec, tolerance)  # bad options are refused before any marker is drawn
-    local = isinstance(target, LocalTarget)  # not the party under suspicion: every marker, every run
-    plan = pool.plan(fp, per_run, decoys)
-    capacity = pool.capacity(fp, plan)
-    pool.check_schedule(target, plan.queries)
-    if not record and not allow_repeat and not local:
-        pool.draw(fp, plan, record=False)  # refused: the same one-line reason as verify's
-    state = None
-    if record and not local:
-        try:
-            state = pool.status(fp, plan, history_path)
-        except history.HistoryError as exc:
-            if not allow_repeat:
-                raise history.HistoryError(f"cannot read the pool ledger: {exc}; nothing was sent") from None
-            warn(f"cannot read the pool ledger ({exc}): runs draw at random without a record (--allow-repeat)")
-    if state is not None:
-        if on_pool is not None:
-            on_pool(state)
-        if state.runs_left < 1 and not allow_repeat:
-            raise pool.PoolExhausted(f"{state.describe()}: nothing to draw; generate a larger pool or pass --allow-repeat")
-    number, streak = 0, 0
+    settings = Settings(output_spec, tolerance, allow_weaker_spec, per_run, decoys, allow_repeat, None, record, history_path, protocol, hook)
+
+    def reported(run: Run) -> None:
+        if on_run is not None:
+            on_run(run)
+        for note in run.report.notes:
+            session.warn(note)  # through the session, which never lets a failing warning stop the watch
+
+    session = Session(fp, target, settings, endpoint=endpoint, fingerprint_file=fingerprint_file, on_run=reported, on_warning=on_warning)
+    state = session.pool_status()
+    if state is not None and on_pool is not None:
+        on_pool(state)
+    capacity = session.capacity
     last: Report | None = None
     last_time = ""
     next_start = time.monotonic()
@@ -205,50 +190,19 @@ def watch(
                 time.sleep(pause)
             next_start = max(next_start + interval, time.monotonic())
             try:
-                drawn = (
-                    None
-                    if local
-                    else pool.draw(fp, plan, path=history_path, record=record, allow_repeat=allow_repeat, target=str(context["endpoint"]))
-                )
+                run = session.next_run()
             except (pool.PoolExhausted, history.HistoryError) as exc:
-                reason = f"watch stopped before run {number + 1}: {exc}"
-                return WatchResult(EXIT_ERROR, number, last, reason, gave_up=True, exhausted=isinstance(exc, pool.PoolExhausted))
-            report = verify(fp, target, output_spec, tolerance=tolerance, draw=drawn)
-            number += 1
-            last, last_time = report, datetime.now(UTC).isoformat(timespec="seconds")
-            streak = streak + 1 if report.verdict == INCONCLUSIVE else 0
-            run = WatchRun(number, report, last_time, streak)
-            # 1-2: the alarm, before anything that could fail or stall
-            if on_run is not None:
-                on_run(run)
-            for note in report.notes:
-                warn(note)
-            if hook and (report.verdict == TAMPERED or (report.verdict == INCONCLUSIVE and streak == 1)):
-                problem = run_hook(hook, hook_environment(run, **context))
-                if problem:
-                    warn(problem)
-            if report.verdict == INCONCLUSIVE:
-                warn(f"no usable answer from the endpoint ({report.first_failure()}); still watching")
-            if report.runs_left is not None and pool.is_low(report.runs_left, capacity):
-                warn(f"the fingerprint's pool is running out: {report.runs_left} runs left (generate a new fingerprint before it ends)")
-            # 3: the exit code
-            result: WatchResult | None = None
-            if report.verdict == TAMPERED:
-                result = WatchResult(EXIT_TAMPERED, number, report, "TAMPERED")
-            elif report.verdict == INCONCLUSIVE and max_inconclusive and streak >= max_inconclusive:
-                result = WatchResult(EXIT_ERROR, number, report, f"{streak} INCONCLUSIVE runs in a row", gave_up=True)
-            elif count and number >= count:
-                result = WatchResult(EXIT_INTACT if report.verdict == INTACT else EXIT_ERROR, number, report, f"{number} runs done")
-            elif report.runs_left == 0 and not allow_repeat:  # stop now rather than wait an interval to be refused
-                reason = f"watch stopped after run {number}: the pool of fingerprint {fp.id} is used up (every marker was sent once)"
-                result = WatchResult(EXIT_ERROR, number, report, reason + "; generate a new fingerprint", gave_up=True, exhausted=True)
-            # 4: the record, after the alarm
-            if record:
-                try:
-                    history.record(report, protocol=protocol or None, path=history_path)
-                except Exception as exc:  # noqa: BLE001 - a history problem never costs the verdict
-                    warn(f"run {number} not recorded in the history: {one_line(exc, 300)}")
+                reason = f"watch stopped before run {session.number + 1}: {exc}"
+                return WatchResult(EXIT_ERROR, session.number, last, reason, gave_up=True, exhausted=isinstance(exc, pool.PoolExhausted))
+            report = run.report
+            last, last_time = report, run.time
+            session.alarm(run)  # 1-2: the alarm, before anything that could fail or stall
+            _warn_after_alarm(session, run, capacity)
+            result = _stop_rule(run, count=count, max_inconclusive=max_inconclusive, allow_repeat=allow_repeat, fp_id=fp.id)  # 3
+            problem = session.record(run)  # 4: the record, after the alarm
+            if problem:
+                session.warn(f"run {run.number} not recorded in the history: {problem}")
             if result is not None:
-                return result
+                return _hold(result, on_hold) if hold_tampered and result.exit_code == EXIT_TAMPERED else result
     except KeyboardInterrupt:
-        return _interrupted(number, last, last_time)
+        return _interrupted(session.number, last, last_time)

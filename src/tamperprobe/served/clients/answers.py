@@ -230,13 +230,17 @@ def to_answer(parts: Parts, spec: OutputSpec, classes: int | None = None) -> Ans
     if spec.kind == "logits":
         if p.logits is not None:
             return spec.reveal(np.asarray(p.logits, dtype=np.float64))
-        raise Failure(f"the endpoint reveals {p.describe()}, not logits: verify with a weaker --output-spec")
+        raise Failure(
+            f"the endpoint reveals {p.describe()}, not the logits the output spec asks for: this endpoint does not serve what the fingerprint was made for"
+        )
     if spec.kind == "probs":
         if p.probs is not None:
             return Answer(scores=tuple(float(v) for v in p.probs))
         if p.logits is not None:
             return spec.reveal(np.asarray(p.logits, dtype=np.float64))
-        raise Failure(f"the endpoint reveals {p.describe()}, not every class probability: verify with a weaker --output-spec")
+        raise Failure(
+            f"the endpoint reveals {p.describe()}, not every class probability as the output spec asks: this endpoint does not serve what the fingerprint was made for"
+        )
     if spec.kind == "top1-prob":
         if p.labels is not None and p.probability is not None:
             return Answer(labels=(p.labels[0],), scores=(float(p.probability),))

@@ -1,62 +1,17 @@
 """The HTTP transport every endpoint client shares: ``HTTPTarget``.
 
 An ``HTTPTarget`` implements the ``Target`` protocol, so ``verify`` treats a served model like a
-local one. What it does on each ``query``:
-
-* one marker per request by default (``batch_size``), in a shuffled order (``shuffle``, ``seed``;
-  seed ``None`` draws a fresh order each run), so verification traffic looks like ordinary
-  traffic; ``delay`` seconds of pause after each request before the next, and with ``spread``
-  the requests of one query start at times drawn uniformly at random over ``spread`` seconds
-  (sorted; a request that ends after the next one's time delays it, plus ``delay``), so a run is
-  not one burst. ``planned_pauses(n)`` is what that adds at most to a run of ``n`` inputs; a
-  caller refuses a run whose pauses do not fit in the deadline (``pool.check_schedule``);
-* headers: ``headers`` as given (a mapping, or ``Name:value`` texts), plus
-  ``Authorization: Bearer <token>``, the token read from ``$token_env`` or ``token_file``
-  (``credentials.read_token``: never from the command line, never empty); ``user:password@`` in
-  the URL is sent as HTTP basic authentication and a query string (``?api_key=...``) with every
-  request;
-* TLS certificates are verified (against ``ca_file`` when given, else the certifi bundle) unless
-  ``verify_tls=False``; redirects are not followed (a redirect would carry the token elsewhere):
-  a 3xx is a failure;
-* ``timeout`` seconds for each attempt as a whole: connecting, sending and receiving the complete
-  answer (every socket operation is bounded by what is left, so a server that drips one byte a
-  second is cut off, in the headers as in the body);
-* ``deadline`` seconds for the whole query (a verification run): retries, backoff, Retry-After
-  waits and ``delay`` pauses all fit inside it; once it has passed, every marker still waiting
-  fails with ``deadline of D s reached``;
-* up to ``retries`` retries with exponential backoff (``backoff * 2**attempt`` seconds) on
-  connection errors, timeouts, 5xx and 429; a 429/503 ``Retry-After`` is waited for when it is at
-  most ``max_retry_after`` seconds and fits in the deadline, and ends the retries otherwise (the
-  server asked for more time than the run has). Once an endpoint stayed unreachable through all
-  retries, later requests of the same query are tried once (no retries) until one gets through,
-  so a dead endpoint costs ``timeout * (retries + 1)`` once, not for every marker;
-* the response body is streamed and abandoned beyond ``max_response_bytes``; a gzip or deflate
-  body is decompressed within the same cap;
-* names, reports and history show the URL through ``credentials.redact_url`` (no
-  ``user:password@``, query values as ``***``); failure reasons hide the client's secrets and
-  are made inert by ``untrusted.clean`` (control characters and escape sequences escaped, one
-  line, bounded), since much of their text is the server's.
+local one. On each ``query`` it sends one marker per request in a shuffled order (paced by ``delay``
+and ``spread``; ``planned_pauses`` says what that adds), with the configured headers, bearer token
+(``credentials.read_token``) and verified TLS, never following redirects; ``timeout`` bounds each
+attempt as a whole, ``deadline`` the whole query (retries, backoff and Retry-After waits included),
+and a body is cut off beyond ``max_response_bytes``. URLs are shown through
+``credentials.redact_url`` and server text is made inert by ``untrusted.clean``.
 
 Nothing raises out of ``query``: each marker gets an ``Answer`` or a ``QueryFailure`` whose reason
-starts with one of:
-
-=====================================  =========================================================
-``connection refused``                 nothing listens at the endpoint
-``cannot connect: ...``                DNS, TLS or another connection error
-``timed out after T s``                no (complete) answer within the timeout
-``deadline of D s reached``            the run's overall deadline passed
-``connection closed by the server``    the server hung up without an answer
-``HTTP 500: <error>``                  any non-2xx status (after retries for 5xx/429)
-``response larger than 1 MiB``         the body exceeded ``max_response_bytes``
-``malformed response: ...``            not JSON, a missing output, a wrong shape, an unknown label
-``NaN in response``                    a NaN score (``infinite value in response`` likewise)
-``wrong number of classes: ...``       a score vector whose length is not the model's class count
-``the endpoint reveals ...``           the API's answers cannot answer the requested output spec
-=====================================  =========================================================
-
-with `` (after N attempts)`` appended when retries were spent. ``verify`` turns any of them into
-INCONCLUSIVE: a bad answer is never silently accepted. How a response becomes an answer is
-``answers.py``'s.
+names what went wrong (``connection refused``, ``timed out after T s``, ``deadline of D s reached``,
+``HTTP 500: ...``, ``malformed response: ...`` and the others listed in ``docs/design/http-client.md``);
+``verify`` turns any of them into INCONCLUSIVE. How a response becomes an answer is ``answers.py``'s.
 """
 
 from __future__ import annotations
@@ -218,6 +173,7 @@ class HTTPTarget:
     # such an endpoint sets the model name and version unless --model-name is given.
     model_url_pattern: ClassVar[str | None] = None
     default_model_name: ClassVar[str | None] = None
+    suspect: ClassVar[bool] = True  # the party under suspicion: a session draws it fresh markers (targets.Target)
 
     def __init__(
         self,
@@ -315,6 +271,7 @@ class HTTPTarget:
             trust_env=False,
         )
         self._unreachable = False
+        self._reached = False  # some attempt of the current query got past connecting (its bytes may have reached the server)
         self._set_name()
 
     def endpoint_url(self) -> str:
@@ -334,6 +291,14 @@ class HTTPTarget:
         """Seconds of deliberate pauses in a query of ``n`` inputs, at most: the spread plus a delay between requests."""
         return self.spread + self.delay * max(0, self.requests_for(n) - 1)
 
+    def pauses(self, n: int) -> float:
+        """``planned_pauses``, under the name the ``Target`` protocol declares."""
+        return self.planned_pauses(n)
+
+    def weights_digest(self) -> str | None:
+        """An endpoint cannot show its weights."""
+        return None
+
     # ------------------------------------------------------------------ Target protocol
 
     def query(self, inputs: np.ndarray, spec: OutputSpec) -> QueryResult:
@@ -341,11 +306,13 @@ class HTTPTarget:
             spec = OutputSpec.parse(spec)
             x = np.asarray(inputs)
         except Exception as exc:  # noqa: BLE001 - query never raises
-            return QueryResult.failed(len(inputs), self._reason(f"bad query: {one_line(exc)}"))
-        self._unreachable = False
+            return QueryResult.failed(len(inputs), self._reason(f"bad query: {one_line(exc)}"), sent=False)
+        self._unreachable = self._reached = False
         self._clock.run_end = time.monotonic() + self.deadline if self.deadline is not None else math.inf
         try:
-            return self._query(x, spec)
+            result = self._query(x, spec)
+            # nothing reached the server only when every attempt failed before a connection was made
+            return result if self._reached else QueryResult(result.answers, result.latencies, sent=False)
         finally:
             self._clock.run_end = math.inf
 
@@ -504,6 +471,7 @@ class HTTPTarget:
 
         self._clock.attempt_end = time.monotonic() + self.timeout
         cap = self.max_response_bytes
+        connected = True  # unless the attempt fails while connecting (below): then no request byte was written
         try:
             with self._client.stream(method, url, content=content, headers=headers) as resp:
                 declared = resp.headers.get("content-length")
@@ -525,13 +493,15 @@ class HTTPTarget:
                     raise Failure(f"malformed response: unsupported Content-Encoding '{clean(encoding, 40)}'")
                 return HTTPResponse(resp.status_code, resp.headers, body)
         except httpx.TimeoutException as exc:
+            connecting = isinstance(exc, httpx.ConnectTimeout)
+            connected = not connecting
             if self._clock.run_left() <= 0:
                 raise self._deadline_reached() from None
-            connecting = isinstance(exc, httpx.ConnectTimeout)
             raise Failure(
                 f"timed out after {self.timeout:.1f} s" + (" (connecting)" if connecting else ""), retryable=True, unreachable=True
             ) from None
         except httpx.ConnectError as exc:
+            connected = False
             if "refused" in str(exc).lower():
                 raise Failure("connection refused", retryable=True, unreachable=True) from None
             raise Failure(f"cannot connect: {one_line(exc, 120)}", retryable=True, unreachable=True) from None
@@ -541,3 +511,4 @@ class HTTPTarget:
             raise Failure(f"transport error: {one_line(exc, 120)}", retryable=True) from None
         finally:
             self._clock.attempt_end = math.inf
+            self._reached = self._reached or connected
