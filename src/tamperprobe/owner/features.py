@@ -36,6 +36,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .._torch import layer_activations, quiet, to_tensor
+from .._util import one_line
 from ..errors import UsageError
 from ..models import Model
 from .sensitivity import Sensitivity, resolve_params
@@ -87,16 +88,20 @@ def _torch_penultimate(model: Model, xt: torch.Tensor, batch_size: int) -> np.nd
 
 
 def _torch_last_wide(model: Model, xt: torch.Tensor, width: int, batch_size: int) -> np.ndarray | None:
+    """The last wide map (N, ...) of every batch, or None when a batch has none or the watched run fails (``h`` stays)."""
     rows = []
-    with torch.no_grad(), quiet():
-        for i in range(0, xt.shape[0], max(1, batch_size)):
-            chunk = xt[i : i + batch_size].contiguous().to(model.device)
-            watch = _LastWide(chunk.shape[0], width)
-            with watch:
-                model.forward(chunk)
-            if watch.last is None:
-                return None
-            rows.append(watch.last.detach().float().cpu().numpy())
+    try:
+        with torch.no_grad(), quiet():
+            for i in range(0, xt.shape[0], max(1, batch_size)):
+                chunk = xt[i : i + batch_size].contiguous().to(model.device)
+                watch = _LastWide(chunk.shape[0], width)
+                with watch:
+                    model.forward(chunk)
+                if watch.last is None:
+                    return None
+                rows.append(watch.last.detach().float().cpu().numpy())
+    except Exception:  # an operator the dispatch mode cannot watch: the rule falls back to h, which was read without it
+        return None
     return np.concatenate(rows) if rows else None
 
 
@@ -138,7 +143,10 @@ class _OnnxTaps:
         graph.output.extend(onnx.helper.make_empty_tensor_value_info(n) for n in wanted if n not in existing)
         opts = ort.SessionOptions()
         opts.log_severity_level = 3
-        self.session = ort.InferenceSession(proto.SerializeToString(), sess_options=opts, providers=model.session.get_providers())
+        try:
+            self.session = ort.InferenceSession(proto.SerializeToString(), sess_options=opts, providers=model.session.get_providers())
+        except Exception as exc:
+            raise UsageError(f"cannot read activations of this onnx model ({one_line(exc)}): use --select random") from None
         self.input = self.session.get_inputs()[0].name
         self.names = [o.name for o in self.session.get_outputs()]
 
@@ -162,7 +170,11 @@ class _OnnxTaps:
         """``h`` (N, H) and ``A`` (N, ...) as float32, None for the ones this graph does not have."""
         hs, maps = [], []
         for i in range(0, len(x), max(1, batch_size)):
-            outs = dict(zip(self.names, self.session.run(None, {self.input: np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)})))
+            try:
+                got = self.session.run(None, {self.input: np.ascontiguousarray(x[i : i + batch_size], dtype=np.float32)})
+            except Exception as exc:
+                raise UsageError(f"cannot read activations of this onnx model ({one_line(exc)}): use --select random") from None
+            outs = dict(zip(self.names, got))
             if self.h_name:
                 hs.append(np.asarray(outs[self.h_name], dtype=np.float32))
             if self.a_name:
