@@ -234,3 +234,12 @@ def test_layer_activations_refuse_a_layer_run_twice() -> None:
     with pytest.raises(UsageError, match="once per forward pass"):
         layer_activations(module, _x(3), "head")
     assert layer_activations(module, _x(3), "body.1").shape == (3, 6)
+
+
+@pytest.mark.parametrize("fmt", ["torchscript", "onnx"])
+def test_select_manc_picks_the_same_markers_on_every_format(fmt: str, tmp_path: Path) -> None:
+    module = _Pooled().eval()
+    x = _x(12)
+    bag = Bag(x, x.copy(), None)
+    expect = select("manc", TorchModel(module, "pooled"), bag, 5, np.random.default_rng(4))
+    assert select("manc", _as(fmt, module, x, tmp_path), bag, 5, np.random.default_rng(4)).tolist() == expect.tolist()
