@@ -12,7 +12,8 @@ random half of the bag, as the campaign and ``verideep_table6.py`` do) under thr
 Models:
 
 * ``resnet56``: the pretrained CIFAR-10 ResNet-56 (``bench/_cifar.py``); its bag is the one
-  ``verideep_table6.py`` caches (same label, seed and size), so the numbers line up with that page.
+  ``verideep_table6.py`` caches (same label, seed and size), or the one ``verideep_bag_halves.py`` writes there
+  (the same seeds, climbed in two processes; the committed row is that one).
 * ``vgg``: a small VGG-style CNN (3×3 convolutions with batch norm and max pools down to 2×2, a
   last max pool to 1×1, one linear layer, as the CIFAR VGGs) trained here on 800 of the shared 1,017 CIFAR-10 test
   images (a few epochs on one core; its accuracy on the 217 others is reported, it is not a good
