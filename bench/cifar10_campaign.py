@@ -12,13 +12,18 @@ the machine, so the 1,017 images are split once (seeded):
   attacker never holds the owner's marker seeds.
 
 ``run_evaluation`` (``tamperprobe.evaluation.campaign``) then runs as in ``bench/mnist_campaign.py``:
-all methods, all attacks, all output specs, benign runtimes for false alarms. Results go to
-``bench/results/<date>-cifar10-resnet56/`` (report.md, summary.md, CSV, PNG, results.json) and a line to the
+all methods, all attacks, all output specs, benign runtimes for false alarms. Pruning runs as a
+grid (``PRUNE_GRID``: global L1 pruning of 10 % to 50 % of the weights, labelled ``prune-10%`` …),
+since a small ratio may leave the function within the benign floor: such an attack reads "no
+functional change" in the report instead of a detection rate. Results go to
+``bench/results/<date>-cifar10-resnet56[-label]/`` (report.md, summary.md, CSV, PNG, results.json) and a line to the
 summary ``bench/results/README.md`` (rebuilt by ``mnist_campaign.write_readme`` from every
 results.json), with top1 detection at N_S = 2 / 4 / 6 / 10.
 
     python bench/cifar10_campaign.py                       # the full campaign (about 2 hours on 2 shared cores)
     python bench/cifar10_campaign.py --trials 2 --bag 60   # smaller; the reductions are recorded in results.json
+    python bench/cifar10_campaign.py --methods natural,boundary --attacks prune-grid,int8 --label prune-grid
+    python bench/cifar10_campaign.py ... --backend ray                        # the same campaign as Ray tasks
 
 Torch runs with one thread (``--threads``). Anything smaller than the defaults of ``run_evaluation``
 (3 trials, bag 100, 10,000 resamples) is listed under ``reduced`` in results.json and the summary.
@@ -34,12 +39,32 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import _cifar
-from mnist_campaign import RESULTS, write_readme
+from mnist_campaign import NO_CHANGE, RESULTS, write_readme
 
 ATTACKER_IMAGES = 700
 BUDGET_SECONDS = 2 * 3600
 SUMMARY_NS = (2, 4, 6, 10)
 FULL = {"trials": 3, "bag": 100, "resamples": 10_000}  # run_evaluation's defaults
+PRUNE_GRID = (0.1, 0.2, 0.3, 0.4, 0.5)  # global L1 pruning ratios, in place of the single default ratio
+
+
+def campaign_attacks(names: str | None = None) -> tuple[list[tuple[str, str]], dict[str, dict[str, float]]]:
+    """The attacks as (label, name) pairs and the pruning grid's parameters: every registered attack (or ``names``,
+    comma-separated; ``prune-grid`` stands for the grid), with ``prune`` replaced by one instance per ratio of ``PRUNE_GRID``."""
+    from tamperprobe.attacks import attack_names
+
+    chosen = attack_names() if names is None else [n.strip() for n in names.split(",") if n.strip()]
+    entries: list[tuple[str, str]] = []
+    params: dict[str, dict[str, float]] = {}
+    for name in chosen:
+        if name in ("prune", "prune-grid"):
+            for ratio in PRUNE_GRID:
+                label = f"prune-{ratio:.0%}"
+                entries.append((label, "prune"))
+                params[label] = {"ratio": ratio}
+        else:
+            entries.append((name, name))
+    return entries, params
 
 
 def _log(msg: str) -> None:
@@ -57,7 +82,9 @@ def run(args: argparse.Namespace) -> int:
     attacker.name, owner.name = "cifar10[attacker]", "cifar10[owner]"
     _log(f"CIFAR-10: {len(data)} images -> {len(attacker)} attacker / {len(owner)} owner (marker seeds + accuracy)")
     model = TorchModel(_cifar.load_resnet56(), _cifar.SOURCE)
-    attack_params = {label: {"epochs": int(epochs)} for label, epochs in (kv.split("=", 1) for kv in args.attack_epochs or [])}
+    attacks, attack_params = campaign_attacks(args.attacks)
+    for label, epochs in (kv.split("=", 1) for kv in args.attack_epochs or []):
+        attack_params.setdefault(label, {})["epochs"] = int(epochs)
     t0 = time.monotonic()
 
     def progress(done: int, total: int, what: str = "") -> None:
@@ -66,8 +93,8 @@ def run(args: argparse.Namespace) -> int:
     ev = run_evaluation(
         model,
         owner,
-        methods=None,
-        attacks=None,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()] if args.methods else None,
+        attacks=attacks,
         trials=args.trials,
         bag=args.bag,
         select=args.select,
@@ -77,9 +104,14 @@ def run(args: argparse.Namespace) -> int:
         test_fraction=args.test_fraction,
         attack_data=attacker,
         attack_params=attack_params,
+        backend=args.backend,
     )
     reduced = [f"{k} {getattr(args, k)} (default {v})" for k, v in FULL.items() if getattr(args, k) < v]
-    reduced += [f"{label} trains {p['epochs']} epochs" for label, p in attack_params.items()]
+    reduced += [f"{label} trains {p['epochs']} epochs" for label, p in attack_params.items() if "epochs" in p]
+    if args.methods:
+        reduced.append(f"methods {args.methods} only")
+    if args.attacks:
+        reduced.append(f"attacks {args.attacks} only")
     ev.model.update(
         {
             "architecture": "resnet56 (pretrained, CIFAR-10)",
@@ -93,7 +125,7 @@ def run(args: argparse.Namespace) -> int:
             "reduced": reduced,
         }
     )
-    out = RESULTS / f"{datetime.now(UTC).strftime('%Y-%m-%d')}-cifar10-resnet56"
+    out = RESULTS / f"{datetime.now(UTC).strftime('%Y-%m-%d')}-cifar10-resnet56{'-' + args.label if args.label else ''}"
     write_report(ev, out)
     write_summary(out)
     _log(
@@ -121,6 +153,7 @@ def write_summary(out: Path) -> Path:
     r = json.loads((out / "results.json").read_text())
     m, params = r["model"], r["params"]
     det = {(d["method"], d["attack"], d["ns"]): d["rate"] for d in r["detection"] if d["spec"] == "top1"}
+    quiet = {d["attack"] for d in r["detection"] if d.get("status") == NO_CHANGE}
     methods = list(dict.fromkeys(d[0] for d in det))
     attacks = list(dict.fromkeys(d[1] for d in det))
     ns = m.get("summary_ns", list(SUMMARY_NS))
@@ -149,16 +182,14 @@ def write_summary(out: Path) -> Path:
             if f.get("flagged")
         ),
         "",
-        "## Attacks",
-        "",
-        md_table(
-            ["attack", "trial", "accuracy before", "accuracy after", "success", "weights changed", "error"],
-            [[a["attack"], a["trial"], a["acc_before"], a["acc_after"], a["success"], a["changed"], a["error"] or ""] for a in r["attacks"]],
-        ),
+        *_attacks_section(r),
         "",
         f"## top1 detection rate at N_S = {' / '.join(map(str, ns))}, {params['select']} selection (as measured by the campaign)",
         "",
-        md_table(["attack", *methods], [[a, *(" / ".join(f"{det.get((mm, a, n), 0):.2f}" for n in ns) for mm in methods)] for a in attacks]),
+        md_table(
+            ["attack", *methods],
+            [[a, *(NO_CHANGE if a in quiet else " / ".join(f"{det.get((mm, a, n), 0):.2f}" for n in ns) for mm in methods)] for a in attacks],
+        ),
         "",
         f"## top1 detection rate at N_S = {' / '.join(map(str, ns))}, uniform random selection (exact, from each trial's changed markers)",
         "",
@@ -172,6 +203,9 @@ def write_summary(out: Path) -> Path:
     for a in attacks:
         cells = []
         for mm in methods:
+            if a in quiet:
+                cells.append(NO_CHANGE)
+                continue
             if mm in grouped:  # a pair is one query unit: the per-marker counts cannot give its rate
                 cells.append("pairs: see above")
                 continue
@@ -184,6 +218,36 @@ def write_summary(out: Path) -> Path:
     return path
 
 
+def _attacks_section(r: dict) -> list[str]:
+    """The attacks table: what each did, and its largest logit change against the benign floor."""
+    from tamperprobe.evaluation.report import md_table
+
+    return [
+        "## Attacks",
+        "",
+        "Max |Δlogit|: the attacked model's largest logit change on the markers / on the held-out images, against the benign floor "
+        "(the largest change a benign runtime caused on the markers); below it the attack reads 'no functional change'.",
+        "",
+        md_table(
+            ["attack", "trial", "accuracy before", "accuracy after", "success", "weights changed", "max |Δlogit|", "benign floor", "error"],
+            [
+                [a["attack"], a["trial"], a["acc_before"], a["acc_after"], a["success"], a["changed"], _dlogit(a), _g(a.get("benign_floor"))]
+                + [a["error"] or ""]
+                for a in r["attacks"]
+            ],
+        ),
+    ]
+
+
+def _g(v: float | None) -> str:
+    return "–" if v is None else f"{v:.2g}"
+
+
+def _dlogit(a: dict) -> str:
+    """An attack row's largest logit change: on the markers / on the held-out images (the latter absent before 2026-12)."""
+    return f"{_g(a.get('max_abs_dlogit'))} / {_g(a.get('max_abs_dlogit_test'))}"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--trials", type=int, default=FULL["trials"])
@@ -192,6 +256,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--select", default="manc", choices=["manc", "random"])
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--test-fraction", type=float, default=0.3, help="share of the owner's 317 images kept for accuracy")
+    ap.add_argument("--methods", help="comma-separated marker methods (default: every registered one; recorded as a reduction)")
+    ap.add_argument("--attacks", help="comma-separated attacks, prune-grid for the pruning grid (default: all; recorded as a reduction)")
+    ap.add_argument("--label", help="suffix of the results folder")
+    ap.add_argument("--backend", default="local", choices=["local", "ray"], help="where the bags and attacks run (ray: a local Ray cluster)")
     ap.add_argument("--attack-epochs", nargs="*", metavar="ATTACK=EPOCHS", help="fewer training epochs for an attack (recorded as a reduction)")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (default 1: 2 shared cores)")
     ap.add_argument("--summary-only", metavar="RUN_DIR", help="rebuild summary.md of a finished run and the results README")

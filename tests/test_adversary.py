@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from tamperprobe.errors import UsageError
-from tamperprobe.evaluation.adversary import PASSIVE, Traffic, markdown, run_adversary, write_adversary_report
+from tamperprobe.evaluation.adversary import PASSIVE, Traffic, run_adversary
+from tamperprobe.evaluation.adversary_report import markdown, write_adversary_report
 from tamperprobe.evaluation.protocol import exact_random_detection
 from tamperprobe.evaluation.routers import (
     ExactRepeat,
@@ -227,7 +228,7 @@ def test_measured_cost_is_the_held_out_share_above_the_calibrated_threshold(eval
 def test_detection_under_a_router_is_detection_over_the_unflagged_markers(evaluation, setting, trained_cnn):
     """badv markers stand alone and are picked uniformly: the rate is 1 − C(n−m, k)/C(n, k), m = changed and unflagged."""
     from tamperprobe.attacks import run_attack
-    from tamperprobe.evaluation.campaign import make_bag
+    from tamperprobe.evaluation.runner import make_bag
 
     model, train, traffic = setting
     bag, _ = make_bag(model, train, "badv", {}, 24, 0, "badv")
@@ -333,3 +334,14 @@ def test_pair_guarantee_counts_shifted_and_silent_pairs():
     apart[1, 1] += 1e-3
     counts = pair_guarantee(intact, apart, unit_of)
     assert counts == {"pairs": 2, "shifted": 1, "shifted_opposite": 1, "silent_shifted": 1, "silent_shifted_same_sign": 0}
+
+
+def test_adversary_json_reads_back_to_the_same_document(evaluation):
+    import json
+
+    from tamperprobe.evaluation.results import AdversaryEvaluation
+
+    doc = json.loads(json.dumps(evaluation.to_json()))
+    again = AdversaryEvaluation.from_json(doc)
+    assert again.to_json() == doc
+    assert again.rate("boundary", "noise", "top1", PASSIVE, 0.0, 10) == evaluation.rate("boundary", "noise", "top1", PASSIVE, 0.0, 10) is not None

@@ -225,7 +225,7 @@ def test_kserve_triton_style_outputs(model, x):
     def plain(body):
         t = body["inputs"][0]
         z = model.logits(np.asarray(t["data"], np.float32).reshape(t["shape"]))
-        return 200, {}, {"id": body["id"], "outputs": [{"name": "OUTPUT__0", "datatype": "FP32", "shape": list(z.shape), "data": z.ravel().tolist()}]}
+        return 200, {}, {"outputs": [{"name": "OUTPUT__0", "datatype": "FP32", "shape": list(z.shape), "data": z.ravel().tolist()}]}
 
     def classification(body):
         t = body["inputs"][0]

@@ -7,9 +7,12 @@ import math
 
 import numpy as np
 import pytest
+import torch
 
+from tamperprobe.attacks.base import Attack
 from tamperprobe.evaluation import run_evaluation, write_report
 from tamperprobe.evaluation.protocol import MAX_NS, detection_curve, exact_random_detection, selection_orders
+from tamperprobe.evaluation.results import NO_CHANGE
 from tamperprobe.models import TorchModel
 from tamperprobe.outputs import OutputSpec, compare_many
 from tamperprobe.owner.budget import key_size_or_none as key_size  # the key size the evaluation reports
@@ -356,7 +359,7 @@ def test_cli_exits_2_when_nothing_can_be_measured(trained_mlp, digits, tmp_path)
 
 def test_attacks_get_a_bounded_seeded_share_of_the_train_part_and_report_what_attack_run_measures(campaign, loaded_mlp, digits_all):
     from tamperprobe.attacks import get_attack
-    from tamperprobe.evaluation.campaign import attacker_data
+    from tamperprobe.evaluation.runner import attacker_data
 
     p = campaign.params
     train, test = digits_all.split(p["test_fraction"], seed=p["seed"])
@@ -384,3 +387,100 @@ def test_attacks_train_on_attack_data_when_given(loaded_mlp, digits_all):
     assert ev.methods[0]["markers"] == 10  # the owner's markers were generated as before
     plain = run_evaluation(loaded_mlp, digits_all, **common)
     assert not plain.errors and plain.params["attack_data"]["size"] == plain.params["data"]["attack"] and plain.attacks[0]["acc_after"] is not None
+
+
+def test_results_json_reads_back_into_the_same_typed_rows(campaign):
+    from tamperprobe.evaluation.results import Evaluation, MethodRow, TriggerRow
+
+    doc = json.loads(json.dumps(campaign.to_json()))
+    again = Evaluation.from_json(doc)
+    assert again.to_json() == doc
+    assert again.trigger == campaign.trigger and again.detection == campaign.detection and again.key_sizes == campaign.key_sizes
+    assert all(isinstance(r, MethodRow) for r in again.methods) and all(isinstance(r, TriggerRow) for r in again.trigger)
+    (failed,) = [m for m in doc["methods"] if m["error"]]
+    assert failed["method"] == "nope" and "selection" not in failed and "tolerance" not in failed  # not measured: absent, as before
+    with pytest.raises(Exception, match="not a campaign's results"):
+        Evaluation.from_json({**doc, "format": "other"})
+    with pytest.raises(Exception, match="unknown column"):
+        TriggerRow.from_json({**doc["trigger"][0], "extra": 1})
+
+
+# ----------------------------------------------------------------------------- attacks below the benign floor
+
+
+class Nudge(Attack):
+    """Scale one weight by (1 + 1e-6): a tampering whose logit change stays far below any benign runtime's."""
+
+    name = "nudge"
+
+    def apply(self, model, ctx):
+        with torch.no_grad():
+            next(model.parameters()).view(-1)[0] *= 1 + 1e-6
+        return model
+
+
+@pytest.fixture(scope="module")
+def below_floor(loaded_mlp, digits_all):
+    return run_evaluation(
+        loaded_mlp,
+        digits_all,
+        methods=["natural", "boundary"],
+        attacks=[Nudge(), "fp16"],
+        specs=["top1", "logits"],
+        bag=30,
+        resamples=500,
+        select="random",
+        baselines=False,
+        runtimes=("batch1", "onnx"),
+    )
+
+
+def test_an_attack_below_the_benign_floor_reads_no_functional_change(below_floor):
+    ev = below_floor
+    nudge, fp16 = ev.attacks
+    floor = max(m.benign_floor for m in ev.methods)
+    assert ev.benign_floor == floor and floor >= ev.max_benign_dlogit > 0  # the floor is what the benign runtimes moved
+    assert nudge.changed == 1 and nudge.benign_floor == fp16.benign_floor == floor
+    assert max(nudge.max_abs_dlogit, nudge.max_abs_dlogit_test) <= floor and nudge.functional_change is False
+    assert min(fp16.max_abs_dlogit, fp16.max_abs_dlogit_test) > floor and fp16.functional_change is True
+    assert ev.no_functional_change() == ["nudge"]
+    rows = {(r.method, r.attack, r.spec, r.ns): r for r in ev.detection}
+    assert len(rows) == 2 * 2 * 2 * MAX_NS
+    for r in rows.values():
+        if r.attack == "nudge":
+            assert (r.status, r.rate, r.min_trial) == (NO_CHANGE, None, None)
+        else:
+            assert r.status == "measured" and 0.0 <= r.rate <= 1.0
+    assert all((k.status, k.s, k.empirical_ns) == (NO_CHANGE, None, None) for k in ev.key_sizes if k.attack == "nudge")
+    assert ("natural", "nudge") not in ev.detection_table("top1") and ("natural", "fp16") in ev.detection_table("top1")
+    methods, attacks, rates = ev.detection_summary()
+    assert attacks == ["nudge", "fp16"] and set(rates) == {(m, "fp16") for m in methods}
+
+
+def test_the_report_and_results_json_say_no_functional_change(below_floor, tmp_path):
+    write_report(below_floor, tmp_path, plots=False)
+    doc = json.loads((tmp_path / "results.json").read_text())
+    nudge = [d for d in doc["detection"] if d["attack"] == "nudge"]
+    assert nudge and all(d["rate"] is None and d["status"] == NO_CHANGE for d in nudge)
+    (row,) = [a for a in doc["attacks"] if a["attack"] == "nudge"]
+    assert row["functional_change"] is False and row["max_abs_dlogit"] <= row["benign_floor"]
+    md = (tmp_path / "report.md").read_text()
+    assert "| nudge | every method | no functional change |" in md
+    assert f"below the benign floor {below_floor.benign_floor:.3g}" in md
+    header, *lines = (tmp_path / "detection.csv").read_text().splitlines()
+    assert header.endswith(",status") and all(line.endswith(",no functional change") for line in lines if line.split(",")[1] == "nudge")
+
+
+def test_the_cli_summary_says_no_change_for_attacks_below_the_floor(below_floor, tmp_path):
+    from rich.console import Console
+
+    from tamperprobe.cli.lab import _summary_json, detection_tables
+
+    summary = _summary_json(below_floor, tmp_path, [])
+    assert all(per["nudge"] == NO_CHANGE and len(per["fp16"]) == 3 for per in summary["detection"].values())
+    methods, attacks, rates = below_floor.detection_summary()
+    console = Console(width=200, record=True)
+    for table in detection_tables(methods, attacks, rates, 200, below_floor.no_functional_change()):
+        console.print(table)
+    nudge_line = next(line for line in console.export_text().splitlines() if "nudge" in line)
+    assert nudge_line.count("no change") == len(methods)

@@ -153,6 +153,8 @@ def test_adversary_runs_with_the_campaign_settings_and_writes_its_report(model_f
         (["--adversary", "all", "--adversary-costs", "cheap"], "bad --adversary-costs 'cheap'"),
         (["--adversary-costs", "0.1"], "--adversary-costs needs --adversary"),
         (["--attack-samples", "-1"], "--attack-samples must be at least 0"),
+        (["--backend", "spark"], "unknown backend 'spark': choose local or ray"),
+        (["--address", "127.0.0.1:6379"], "--address needs --backend ray"),
     ],
 )
 def test_bad_adversary_options_are_one_line_errors_before_any_work(model_file, tmp_path, options, message):

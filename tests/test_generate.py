@@ -162,6 +162,8 @@ def test_fingerprint_uses_calibrated_noise_and_refuses_delta_below_it(tmp_path, 
         "--noise",
         tmp_path / "n.json",
         "--no-check",
+        "--seed",
+        "0",
     )
     assert r.exit_code == 0, r.output
     from tamperprobe.fingerprint import load

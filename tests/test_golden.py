@@ -249,3 +249,32 @@ def test_make_fingerprint_reproduces_golden(key):
 def test_version_constant():
     """Bumping VERSION means a new format: add new golden files, keep these (old files must still load)."""
     assert VERSION == 2
+
+
+# ----------------------------------------------------------------------------- evaluation documents
+
+
+def _make_evaluation_golden():
+    spec = importlib.util.spec_from_file_location("make_evaluation_golden", GOLDEN / "make_evaluation_golden.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_evaluation_golden_comparison_sees_keys_order_types_and_values():
+    differences = _make_evaluation_golden().differences
+    doc = {"a": 1, "b": [{"x": 0.5, "s": "measured", "f": True}], "c": None}
+    assert differences(doc, json.loads(json.dumps(doc))) == []
+    assert differences(doc, {"b": doc["b"], "a": 1, "c": None})  # key order is part of the document
+    assert differences(doc, {**doc, "a": 1.0})  # an int became a float
+    assert differences(doc, {**doc, "b": [{"x": 0.5, "s": "measured", "f": 1}]})  # a bool became an int
+    assert differences(doc, {**doc, "b": [{"x": 0.5001, "s": "measured", "f": True}]})
+    assert differences(doc, {**doc, "b": [{"x": 0.5 + 1e-9, "s": "measured", "f": True}]}) == []  # last digits of a float
+
+
+def test_campaign_and_adversary_documents_match_the_golden_ones(trained_mlp):
+    """``results.json`` and ``adversary.json`` of a small run: keys, order, rows and statuses as committed (make_evaluation_golden.py)."""
+    mod = _make_evaluation_golden()
+    for name, doc in mod.documents(trained_mlp).items():
+        expected = json.loads((GOLDEN / "evaluation" / name).read_text(encoding="utf-8"))
+        assert mod.differences(expected, doc) == [], name

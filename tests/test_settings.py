@@ -9,7 +9,7 @@ import pytest
 
 from tamperprobe._params import Interval, Options, Settings
 from tamperprobe.errors import UsageError
-from tamperprobe.evaluation.campaign import _settings
+from tamperprobe.evaluation.settings import campaign_settings as _settings
 
 
 @dataclass(frozen=True)

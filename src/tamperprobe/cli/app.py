@@ -79,9 +79,9 @@ def _root(
     """Prove, through its prediction API alone, that a served classifier is still the one you shipped."""
 
 
-from . import keys, lab, owner, served  # noqa: E402
+from . import fleet, keys, lab, owner, served  # noqa: E402
 
-for _module in (owner, served, lab, keys):
+for _module in (owner, served, lab, keys, fleet):
     _module.register(app)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
@@ -202,71 +203,101 @@ def _named_params(items: list[str] | None, option: str) -> dict[str, dict[str, s
     return out
 
 
+MethodsOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--methods",
+        help=f"Comma-separated marker methods from {', '.join(method_names())} (default: all). "
+        "The baselines natural, noise, rotation, distortion are always added.",
+    ),
+]
+AttacksOption = Annotated[Optional[str], typer.Option("--attacks", help=f"Comma-separated attacks from {', '.join(attack_names())} (default: all).")]
+TrialsOption = Annotated[int, typer.Option("--trials", help="Random instances (seeds) per random attack; deterministic attacks run once.")]
+BagOption = Annotated[int, typer.Option("--bag", help="Candidate markers generated per method.")]
+SpecsOption = Annotated[str, typer.Option("--specs", help="Comma-separated output specs to measure under.")]
+SelectOption = Annotated[str, typer.Option("--select", help="Selection protocol for the detection rate: manc or random.")]
+ResamplesOption = Annotated[int, typer.Option("--resamples", help="Resampled selections per method for the detection rate.")]
+TestFractionOption = Annotated[float, typer.Option("--test-fraction", help="Share of the data held out to measure accuracy.")]
+EvalToleranceOption = Annotated[
+    Optional[float],
+    typer.Option(
+        "--tolerance",
+        help="Comparison tolerance (logit units) for every method. Default: as a fingerprint sets it, "
+        "twice the benign floor measured on each method's markers under the benign runtimes, at least 3e-5.",
+        show_default=False,
+    ),
+]
+NoBaselinesOption = Annotated[bool, typer.Option("--no-baselines", help="Do not add the baseline methods.")]
+AttackSamplesOption = Annotated[
+    int,
+    typer.Option(
+        "--attack-samples",
+        help="Training samples the attacks get: a seeded subset of the train part (0: all of it). "
+        "Trojans and poisoning train 10 epochs over them, so their time grows with it.",
+    ),
+]
+MethodParamOption = Annotated[
+    Optional[List[str]], typer.Option("--method-param", help="METHOD:key=value hyper-parameter (repeatable), e.g. sensitive:steps=100.")
+]
+AttackParamOption = Annotated[
+    Optional[List[str]], typer.Option("--attack-param", help="ATTACK:key=value parameter (repeatable), e.g. prune:ratio=0.2.")
+]
+NoPlotsOption = Annotated[bool, typer.Option("--no-plots", help="Write no PNG plots (tables, CSV and JSON only).")]
+AdversaryOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--adversary",
+        help="Also measure against an operator who routes suspected markers to the original model: "
+        f"'all' or comma-separated routers ({', '.join(router_names())}); "
+        "writes adversary/adversary.md, CSV and JSON into --out.",
+    ),
+]
+AdversaryCostsOption = Annotated[
+    Optional[str],
+    typer.Option("--adversary-costs", help="Operator costs (shares of ordinary traffic routed) the adversary tables show, e.g. 0.01,0.05,0.2."),
+]
+QuietOption = Annotated[bool, typer.Option("--quiet", help="No progress on stderr.")]
+BackendOption = Annotated[
+    str,
+    typer.Option(
+        "--backend",
+        help="Where the bags and the attacks run: local (this process) or ray (Ray tasks on a cluster; the ray extra). "
+        "Same results for the same seed.",
+    ),
+]
+AddressOption = Annotated[
+    Optional[str], typer.Option("--address", help="Address of the Ray cluster to join (default: RAY_ADDRESS, else start one on this machine).")
+]
+
+
 def evaluate(
     model: ModelArgument,
     data: DataOption,
     out: Annotated[Path, typer.Option("--out", help="Folder for report.md, CSV tables, PNG plots and results.json.")],
     weights: WeightsOption = None,
     model_arg: ModelArgOption = None,
-    methods: Annotated[
-        Optional[str],
-        typer.Option(
-            "--methods",
-            help=f"Comma-separated marker methods from {', '.join(method_names())} (default: all). "
-            "The baselines natural, noise, rotation, distortion are always added.",
-        ),
-    ] = None,
-    attacks: Annotated[
-        Optional[str], typer.Option("--attacks", help=f"Comma-separated attacks from {', '.join(attack_names())} (default: all).")
-    ] = None,
-    trials: Annotated[int, typer.Option("--trials", help="Random instances (seeds) per random attack; deterministic attacks run once.")] = 3,
-    bag: Annotated[int, typer.Option("--bag", help="Candidate markers generated per method.")] = 100,
-    specs: Annotated[str, typer.Option("--specs", help="Comma-separated output specs to measure under.")] = ",".join(DEFAULT_SPECS),
-    select: Annotated[str, typer.Option("--select", help="Selection protocol for the detection rate: manc or random.")] = "manc",
-    resamples: Annotated[int, typer.Option("--resamples", help="Resampled selections per method for the detection rate.")] = 10_000,
+    methods: MethodsOption = None,
+    attacks: AttacksOption = None,
+    trials: TrialsOption = 3,
+    bag: BagOption = 100,
+    specs: SpecsOption = ",".join(DEFAULT_SPECS),
+    select: SelectOption = "manc",
+    resamples: ResamplesOption = 10_000,
     seed: SeedOption = 0,
-    test_fraction: Annotated[float, typer.Option("--test-fraction", help="Share of the data held out to measure accuracy.")] = 0.3,
-    tolerance: Annotated[
-        Optional[float],
-        typer.Option(
-            "--tolerance",
-            help="Comparison tolerance (logit units) for every method. Default: as a fingerprint sets it, "
-            "twice the benign floor measured on each method's markers under the benign runtimes, at least 3e-5.",
-            show_default=False,
-        ),
-    ] = None,
-    no_baselines: Annotated[bool, typer.Option("--no-baselines", help="Do not add the baseline methods.")] = False,
-    attack_samples: Annotated[
-        int,
-        typer.Option(
-            "--attack-samples",
-            help="Training samples the attacks get: a seeded subset of the train part (0: all of it). "
-            "Trojans and poisoning train 10 epochs over them, so their time grows with it.",
-        ),
-    ] = 1000,
-    method_param: Annotated[
-        Optional[List[str]], typer.Option("--method-param", help="METHOD:key=value hyper-parameter (repeatable), e.g. sensitive:steps=100.")
-    ] = None,
-    attack_param: Annotated[
-        Optional[List[str]], typer.Option("--attack-param", help="ATTACK:key=value parameter (repeatable), e.g. prune:ratio=0.2.")
-    ] = None,
+    test_fraction: TestFractionOption = 0.3,
+    tolerance: EvalToleranceOption = None,
+    no_baselines: NoBaselinesOption = False,
+    attack_samples: AttackSamplesOption = 1000,
+    method_param: MethodParamOption = None,
+    attack_param: AttackParamOption = None,
     low: LowOption = None,
     high: HighOption = None,
-    no_plots: Annotated[bool, typer.Option("--no-plots", help="Write no PNG plots (tables, CSV and JSON only).")] = False,
-    adversary: Annotated[
-        Optional[str],
-        typer.Option(
-            "--adversary",
-            help="Also measure against an operator who routes suspected markers to the original model: "
-            f"'all' or comma-separated routers ({', '.join(router_names())}); "
-            "writes adversary/adversary.md, CSV and JSON into --out.",
-        ),
-    ] = None,
-    adversary_costs: Annotated[
-        Optional[str],
-        typer.Option("--adversary-costs", help="Operator costs (shares of ordinary traffic routed) the adversary tables show, e.g. 0.01,0.05,0.2."),
-    ] = None,
-    quiet: Annotated[bool, typer.Option("--quiet", help="No progress on stderr.")] = False,
+    no_plots: NoPlotsOption = False,
+    adversary: AdversaryOption = None,
+    adversary_costs: AdversaryCostsOption = None,
+    quiet: QuietOption = False,
+    backend: BackendOption = "local",
+    address: AddressOption = None,
     threads: ThreadsOption = None,
     device: DeviceOption = None,
     as_json: JsonOption = False,
@@ -276,50 +307,29 @@ def evaluate(
     Exit 0 when something was measured (the report lists what failed), 2 when nothing could be.
     """
     with handled():
-        from ..data import load_data
-        from ..evaluation import run_evaluation, write_report
-        from ..evaluation.plots import plots_unavailable
-        from ..models import load_model, parse_model_args
+        from ..evaluation import write_report
 
-        method_list = _names(methods, method_names(), "method")
-        attack_list = _names(attacks, attack_names(), "attack")
-        spec_list = [s.strip() for s in specs.split(",") if s.strip()] or list(DEFAULT_SPECS)
-        method_params = _named_params(method_param, "--method-param")
-        attack_params = _named_params(attack_param, "--attack-param")
+        campaign = {
+            "methods": _names(methods, method_names(), "method"),
+            "attacks": _names(attacks, attack_names(), "attack"),
+            "specs": [s.strip() for s in specs.split(",") if s.strip()] or list(DEFAULT_SPECS),
+            "method_params": _named_params(method_param, "--method-param"),
+            "attack_params": _named_params(attack_param, "--attack-param"),
+            **dict(trials=trials, bag=bag, select=select, resamples=resamples, seed=seed, test_fraction=test_fraction),
+            **dict(baselines=not no_baselines, tolerance=tolerance, attack_samples=attack_samples),
+            "backend": _backend(backend, address),
+        }
         routers, costs = _adversary_options(adversary, adversary_costs)  # checked before the long work
         runtime = use_runtime(threads, device)
-        no_plot_reason = None if no_plots else plots_unavailable()
-        if no_plot_reason:
-            err_console.print(f"[yellow]plots skipped:[/] {escape(no_plot_reason)}", highlight=False, soft_wrap=True)
-        with progress_bar("evaluate", enabled=not quiet) as update:
-            update(0, 0, "loading the model")
-            m = load_model(model, weights, model_args=parse_model_args(model_arg), device=runtime)
-            update(0, 0, "loading the data")
-            ds = load_data(data, low=low, high=high)
-            if ds.y is None:
-                fail(f"{data} has no labels: the evaluation needs labelled data (accuracy, attacks)")
-            ev = run_evaluation(
-                m,
-                ds,
-                methods=method_list,
-                attacks=attack_list,
-                specs=spec_list,
-                trials=trials,
-                bag=bag,
-                select=select,
-                resamples=resamples,
-                seed=seed,
-                progress=update,
-                test_fraction=test_fraction,
-                baselines=not no_baselines,
-                tolerance=tolerance,
-                method_params=method_params,
-                attack_params=attack_params,
-                attack_samples=attack_samples,
-            )
-        with progress_bar("writing the report", enabled=not quiet) as update:
-            plots = [p for p in write_report(ev, out, plots=not no_plots, progress=update) if p.suffix == ".png"]
-        versus = None if routers is None else _run_adversary(m, ds, ev, routers, costs, out, quiet)
+        _warn_without_plots(no_plots)
+        try:
+            with progress_bar("evaluate", enabled=not quiet) as update:
+                m, ds, ev = _run_campaign(model, weights, model_arg, data, low, high, runtime, campaign, update)
+            with progress_bar("writing the report", enabled=not quiet) as update:
+                plots = [p for p in write_report(ev, out, plots=not no_plots, progress=update) if p.suffix == ".png"]
+            versus = None if routers is None else _run_adversary(m, ds, ev, routers, costs, out, quiet, campaign["backend"])
+        finally:
+            campaign["backend"].close()
         if as_json:
             print_json(_summary_json(ev, out, plots, versus))
         else:
@@ -328,10 +338,47 @@ def evaluate(
             fail(f"nothing could be measured ({len(ev.errors)} errors; see {out / 'report.md'})")
 
 
+def _backend(name: str, address: Optional[str]) -> Any:
+    """``--backend`` and ``--address`` checked before the long work (the ray extra installed when asked for)."""
+    from .._extras import available, missing
+    from ..evaluation.backends import get_backend
+
+    chosen = get_backend(name, address)
+    if chosen.name == "ray" and not available("ray"):
+        raise missing("ray", "evaluate --backend ray")
+    return chosen
+
+
+def _warn_without_plots(no_plots: bool) -> None:
+    """Say on stderr, before the long work, why no plots will be drawn (matplotlib missing)."""
+    from ..evaluation.plots import plots_unavailable
+
+    reason = None if no_plots else plots_unavailable()
+    if reason:
+        err_console.print(f"[yellow]plots skipped:[/] {escape(reason)}", highlight=False, soft_wrap=True)
+
+
+def _run_campaign(
+    model: str, weights: Any, model_arg: Any, data: str, low: Any, high: Any, runtime: Any, campaign: dict[str, Any], update: Any
+) -> tuple[Any, Any, Evaluation]:
+    """Load the model and the labelled data, then run the campaign: (model, data, evaluation)."""
+    from ..data import load_data
+    from ..evaluation import run_evaluation
+    from ..models import load_model, parse_model_args
+
+    update(0, 0, "loading the model")
+    m = load_model(model, weights, model_args=parse_model_args(model_arg), device=runtime)
+    update(0, 0, "loading the data")
+    ds = load_data(data, low=low, high=high)
+    if ds.y is None:
+        fail(f"{data} has no labels: the evaluation needs labelled data (accuracy, attacks)")
+    return m, ds, run_evaluation(m, ds, progress=update, **campaign)
+
+
 def _adversary_options(routers: Optional[str], costs: Optional[str]) -> tuple[list[str] | None, list[float]]:
     """``--adversary`` (``all`` or router names) and ``--adversary-costs`` checked: (routers or None, costs)."""
     from ..errors import UsageError
-    from ..evaluation.adversary import COSTS
+    from ..evaluation.adversary_report import COSTS
 
     if routers is None:
         if costs is not None:
@@ -358,18 +405,21 @@ def _adversary_options(routers: Optional[str], costs: Optional[str]) -> tuple[li
     return list(chosen), sorted(set(values))
 
 
-def _run_adversary(model: Any, data: Any, ev: Evaluation, routers: list[str], costs: list[float], out: Path, quiet: bool) -> dict[str, Any]:
+def _run_adversary(
+    model: Any, data: Any, ev: Evaluation, routers: list[str], costs: list[float], out: Path, quiet: bool, backend: Any = None
+) -> dict[str, Any]:
     """The adversary measurement with the campaign's settings, written to ``out/adversary``; a summary of it."""
-    from ..evaluation.adversary import run_adversary_for, write_adversary_report
+    from ..evaluation.adversary import run_adversary_for
+    from ..evaluation.adversary_report import write_adversary_report
 
     with progress_bar("adversary", enabled=not quiet) as update:
-        aev = run_adversary_for(ev, model, data, routers=routers, costs=costs, progress=update)
+        aev = run_adversary_for(ev, model, data, routers=routers, costs=costs, progress=update, backend=backend)
     write_adversary_report(aev, out / "adversary", costs=costs)
     return {
         "report": out / "adversary" / "adversary.md",
         "routers": routers,
         "costs": costs,
-        "errors": aev.errors,
+        "errors": [e.to_json() for e in aev.errors],
         "measured": bool(aev.detection),
         "seconds": aev.seconds,
     }
@@ -379,7 +429,10 @@ SUMMARY_NS = (1, 5, 10)
 
 
 def _summary_json(ev: Evaluation, out: Path, plots: list[Path], versus: dict[str, Any] | None = None) -> dict[str, Any]:
+    from ..evaluation.results import NO_CHANGE
+
     methods, attacks, rates = ev.detection_summary(SUMMARY_NS)
+    quiet = set(ev.no_functional_change())
     return {
         "output": out,
         "files": {"report": out / "report.md", "results": out / "results.json", "plots": plots},
@@ -387,20 +440,28 @@ def _summary_json(ev: Evaluation, out: Path, plots: list[Path], versus: dict[str
         "spec": ev.key_spec,
         "selection": ev.params["select"],
         "ns": list(SUMMARY_NS),
-        "detection": {m: {a: rates[(m, a)] for a in attacks if (m, a) in rates} for m in methods},
+        "detection": {m: {a: rates[(m, a)] if (m, a) in rates else NO_CHANGE for a in attacks if (m, a) in rates or a in quiet} for m in methods},
         "false_alarms": {"flagged": ev.benign_flagged, "checks": ev.benign_checks},
-        "errors": ev.errors,
+        "errors": [e.to_json() for e in ev.errors],
         "measured": ev.measured,
         "seconds": ev.seconds,
     }
 
 
-def detection_tables(methods: list[str], attacks: list[str], rates: dict[tuple[str, str], list[float]], width: int) -> list[Any]:
+def detection_tables(
+    methods: list[str], attacks: list[str], rates: dict[tuple[str, str], list[float]], width: int, quiet: Sequence[str] = ()
+) -> list[Any]:
     """The detection summary as tables at most ``width`` columns wide: the methods are spread evenly over
-    as few tables as fit (each repeating the attack column), so no number is ever cut."""
+    as few tables as fit (each repeating the attack column), so no number is ever cut. The cells of the
+    ``quiet`` attacks (no functional change) read ``no change``."""
     from rich.table import Table
 
-    cells = {(m, a): "-" if (m, a) not in rates else "/".join(f"{r:.2f}" for r in rates[(m, a)]) for m in methods for a in attacks}
+    def cell(m: str, a: str) -> str:
+        if a in quiet:
+            return "no change"
+        return "-" if (m, a) not in rates else "/".join(f"{r:.2f}" for r in rates[(m, a)])
+
+    cells = {(m, a): cell(m, a) for m in methods for a in attacks}
     first = max([len("attack"), *(len(a) for a in attacks)])
     need = {m: max([len(m), *(len(cells[(m, a)]) for a in attacks)]) for m in methods}
 
@@ -434,14 +495,19 @@ def _summary(ev: Evaluation, out: Path, plots: list[Path], versus: dict[str, Any
     if rates:
         ns = " / ".join(map(str, SUMMARY_NS))
         console.print(f"detection rate ({ev.key_spec}, {ev.params['select']} selection) at N_S = {ns}:", highlight=False, soft_wrap=True)
-        for table in detection_tables(methods, attacks, rates, console.width):
+        quiet = ev.no_functional_change()
+        for table in detection_tables(methods, attacks, rates, console.width, quiet):
             console.print(table)
+        if quiet:
+            console.print(
+                f"no change: {', '.join(quiet)} moved no logit beyond the benign floor (nothing to detect)", highlight=False, soft_wrap=True
+            )
     colour = "green" if ev.benign_flagged == 0 else "bold red"
     console.print(f"[{colour}]false alarms under benign runtimes: {ev.benign_flagged} of {ev.benign_checks} checks[/]", highlight=False)
     if ev.errors:
         console.print(f"[yellow]{len(ev.errors)} step(s) failed; see the report[/]")
         for e in ev.errors[:8]:
-            console.print(f"  {e['stage']} {e['name']}: {e['error']}", highlight=False, soft_wrap=True, markup=False)
+            console.print(f"  {e.stage} {e.name}: {e.error}", highlight=False, soft_wrap=True, markup=False)
     pictures = f"{len(plots)} PNG plots" if plots else "no plots"
     console.print(f"wrote {out}/report.md, CSV tables, {pictures} and results.json ({ev.seconds:.0f} s)", highlight=False, soft_wrap=True)
     if versus is not None:

@@ -38,6 +38,7 @@ from ._options import (
     AllowUnsignedOption,
     DecryptKeyOption,
     DeviceOption,
+    ExpectOption,
     FingerprintArgument,
     HistoryOption,
     JsonOption,
@@ -97,6 +98,13 @@ AllowRepeatOption = Annotated[
 ]
 InsecureOption = Annotated[bool, typer.Option("--insecure", help="Do not verify TLS certificates.")]
 CACertOption = Annotated[Optional[Path], typer.Option("--ca-cert", help="Verify the endpoint's TLS certificate against these CA certificates (PEM).")]
+ClientProfileOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--client-profile",
+        help="Send every request exactly as this client would: python-requests (default), python-requests-session, tritonclient, curl, or a profile file (JSON).",
+    ),
+]
 TemplateOption = Annotated[Optional[str], typer.Option("--template", help="Request/response template for --protocol json (a file or inline JSON).")]
 RequestSeedOption = Annotated[Optional[int], typer.Option("--seed", help="Seed of the request order (default: a fresh order each run).")]
 VerifySpecOption = Annotated[Optional[str], typer.Option("--output-spec", help="What the API reveals (default: the fingerprint's).")]
@@ -169,8 +177,8 @@ def _endpoint_target(fp: Fingerprint, o: Mapping[str, Any]) -> HTTPTarget:
     The fingerprint's input spec and class count go with it, so answers with another number of
     classes are failures.
     """
+    from .._util import parse_duration
     from ..served.clients import make_client
-    from ..served.history import parse_duration
 
     _warn_secrets_on_argv(o)
     return make_client(
@@ -189,6 +197,7 @@ def _endpoint_target(fp: Fingerprint, o: Mapping[str, Any]) -> HTTPTarget:
         verify_tls=not o["insecure"],
         ca_file=None if o["ca_cert"] is None else str(o["ca_cert"]),
         template=o["template"],
+        profile=o.get("client_profile"),
         seed=o["seed"],
         input_spec=fp.input_spec,
         classes=fp.classes,
@@ -313,12 +322,14 @@ def verify(
     insecure: InsecureOption = False,
     ca_cert: CACertOption = None,
     template: TemplateOption = None,
+    client_profile: ClientProfileOption = None,
     seed: RequestSeedOption = None,
     threads: ThreadsOption = None,
     device: DeviceOption = None,
     trust_key: TrustKeyOption = None,
     allow_unsigned: AllowUnsignedOption = False,
     decrypt_key: DecryptKeyOption = None,
+    expect: ExpectOption = None,
     history_path: HistoryOption = None,
     no_history: NoHistoryOption = False,
     as_json: JsonOption = False,
@@ -337,7 +348,7 @@ def verify(
 
         if (model is None) == (endpoint is None):
             fail("give exactly one of --model or --endpoint")
-        fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key)
+        fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key, expect)
         target = _verify_target(fp, ctx.params)
         settings = _settings(ctx.params, "local" if model is not None else protocol_name(protocol))
         session = Session(fp, target, settings, fingerprint_file=fp_path, on_run=_show_verify(as_json), on_warning=_warn)
@@ -349,7 +360,8 @@ def print_report(report: Report, max_rows: int = 40) -> None:
     """The per-marker table, the first failure, and last the verdict in tamperprobe's own words (no remote text)."""
     from rich.table import Table
 
-    table = Table(title=_shown(f"{report.target} · {report.output_spec} · fingerprint {report.fingerprint_id}"))
+    vouched = f"signed by key {report.signer}" if report.signer else "UNSIGNED"
+    table = Table(title=_shown(f"{report.target} · {report.output_spec} · fingerprint {report.fingerprint_id} · {vouched}"))
     for col in ("#", "expected", "observed", "status", "detail"):
         table.add_column(col)
     # the report's order (markers by index, then decoys, shown as d3), failures and mismatches first when cut
@@ -376,11 +388,12 @@ def print_report(report: Report, max_rows: int = 40) -> None:
 # --------------------------------------------------------------------------- watch
 
 
-def _print_run(run: Run) -> None:
+def _print_run(run: Run, endpoint: str | None = None) -> None:
     r = run.report
     colour = {"INTACT": "green", "TAMPERED": "bold red"}.get(r.verdict, "yellow")
     left = "" if r.runs_left is None else f", {r.runs_left} runs left"
-    console.print(f"{run.time}  [{colour}]{escape(r.headline())}[/]  ({r.seconds:.2f} s{left})", highlight=False, soft_wrap=True)
+    who = "" if endpoint is None else f"{_shown(endpoint, 128)}  "
+    console.print(f"{run.time}  {who}[{colour}]{escape(r.headline())}[/]  ({r.seconds:.2f} s{left})", highlight=False, soft_wrap=True)
 
 
 class _RunReporter:
@@ -390,16 +403,22 @@ class _RunReporter:
     def __init__(self, endpoint: str, metrics: Any, log: Any, as_json: bool) -> None:
         self.endpoint, self.metrics, self.log, self.as_json = endpoint, metrics, log, as_json
 
-    def __call__(self, run: Run) -> None:
+    def __call__(self, run: Run, endpoint: str | None = None) -> None:
+        """Report ``run``; ``endpoint`` (a fleet's entry name) labels the line, the metrics and the event, else the watch's endpoint."""
+        label = endpoint or self.endpoint
+        extra = {} if endpoint is None else {"endpoint": endpoint}
         if self.as_json:
-            _show(lambda: print(json.dumps({"run": run.number, "time": run.time, **run.report.to_json()}, sort_keys=True), flush=True), run.report)
+            _show(
+                lambda: print(json.dumps({"run": run.number, "time": run.time, **extra, **run.report.to_json()}, sort_keys=True), flush=True),
+                run.report,
+            )
         else:
-            _show(lambda: _print_run(run), run.report)
+            _show(lambda: _print_run(run, endpoint), run.report)
         if self.metrics is not None:
-            self.metrics.update(run, self.endpoint)
+            self.metrics.update(run, label)
         if self.log is not None:
             try:
-                self.log.write(run, self.endpoint)
+                self.log.write(run, label)
             except OSError as exc:
                 _warn(f"event log {self.log.path}: {exc.strerror or exc}")
 
@@ -467,10 +486,12 @@ def watch_cmd(
     insecure: InsecureOption = False,
     ca_cert: CACertOption = None,
     template: TemplateOption = None,
+    client_profile: ClientProfileOption = None,
     seed: RequestSeedOption = None,
     trust_key: TrustKeyOption = None,
     allow_unsigned: AllowUnsignedOption = False,
     decrypt_key: DecryptKeyOption = None,
+    expect: ExpectOption = None,
     history_path: HistoryOption = None,
     no_history: NoHistoryOption = False,
     metrics_port: MetricsPortOption = None,
@@ -493,7 +514,7 @@ def watch_cmd(
         from ..served.clients import protocol_name
         from ..served.watch import watch
 
-        fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key)
+        fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key, expect)
         target = _endpoint_target(fp, ctx.params)
         on_run = _run_reporter(endpoint or target.name, metrics_port, metrics_host, event_log, as_json)
         on_pool = lambda state: err_console.print(_shown(state.describe()), highlight=False, soft_wrap=True)  # noqa: E731

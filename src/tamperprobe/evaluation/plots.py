@@ -1,7 +1,8 @@
 """The campaign's figures (matplotlib, Agg backend): three PNG files, drawn cheaply.
 
 * ``detection.png``: detection rate vs N_S for the headline spec (``Evaluation.key_spec``), one
-  panel per attack, one line per method (VerIDeep Fig. 8/10/12 style). The other specs' curves
+  panel per attack, one line per method (VerIDeep Fig. 8/10/12 style); an attack with no
+  functional change gets an empty panel that says so. The other specs' curves
   are in ``detection.csv`` and the report's tables.
 * ``trigger.png``: the mean trigger ratio as one heat map per output spec (methods × attacks).
 * ``markers.png``: every method's first seeds above the markers generated from them, as one
@@ -23,16 +24,14 @@ import math
 from collections.abc import Callable, Sequence
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 
 from .._util import Progress, one_line
 from ..describe import as_image
 from .protocol import MAX_NS
-
-if TYPE_CHECKING:
-    from .campaign import Evaluation
+from .results import NO_CHANGE, Evaluation
 
 FILES = ("detection.png", "trigger.png", "markers.png")
 DPI = 72
@@ -94,6 +93,7 @@ def _plot_detection(ev: Evaluation, s: str, methods: list[str], attacks: list[st
     if not (table and attacks):
         return False
     colours = _colours(methods, plt)
+    quiet = set(ev.no_functional_change())
     ns = np.arange(1, MAX_NS + 1)
     cols = min(4, len(attacks))
     rows = int(math.ceil(len(attacks) / cols))
@@ -105,6 +105,8 @@ def _plot_detection(ev: Evaluation, s: str, methods: list[str], attacks: list[st
         for m in methods:
             if (m, a) in table:
                 ax.plot(ns, table[(m, a)], lw=1.2, label=m, color=colours[m])
+        if a in quiet:
+            ax.text(0.5, 0.5, NO_CHANGE, ha="center", va="center", fontsize=7, transform=ax.transAxes)
         ax.set_title(a, fontsize=8, pad=2)
         ax.grid(alpha=0.3)
     axes[0][0].set_ylim(-0.03, 1.03)

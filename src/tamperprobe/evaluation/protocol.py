@@ -6,6 +6,22 @@ of N_S queries. Because every selection of size N_S is a prefix of the same orde
 resample's detection is monotone in N_S, and the same orderings serve every attack instance
 and output spec (common random numbers). See ``tamperprobe.evaluation.campaign`` for the
 whole campaign.
+
+* ``random``: each resample is a uniformly random ordering of the bag; its first N_S
+  markers are the selection of size N_S. A selection of size N_S is thus a uniform
+  N_S-subset, and the expected rate is exactly ``1 − C(n−m, N_S)/C(n, N_S)`` for ``m``
+  changed markers out of ``n``.
+* ``manc``: MANC is deterministic on a fixed bag up to tie-breaking, so resampling the
+  selection alone would measure one fingerprint. Each resample instead draws a random
+  sub-bag of ``manc_fraction`` (default half) of the bag and runs MANC on it (the
+  penultimate activations, greedy order; ``manc_orders`` runs every resample's
+  greedy at once with ``selection.manc_batch``, MANC's one rule); its first N_S
+  picks are the selection of size N_S (greedy coverage is a prefix-consistent order).
+  This measures "an owner who generated a bag of n/2 candidates and kept N_S by MANC".
+* **Groups** (boundary pairs): a group is picked whole and counts as ``g`` markers (its
+  size, 2 for pairs), so a selection of N_S queries takes ``floor(N_S / g)`` groups and
+  N_S = 1 detects nothing. A group detects when any of its members changed; under MANC a
+  group's activation pattern is the union of its members'.
 """
 
 from __future__ import annotations

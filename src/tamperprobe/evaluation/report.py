@@ -1,91 +1,52 @@
 """Writing a campaign out: ``report.md``, one CSV file per table, ``results.json`` and the plots.
 
 ``write_report(evaluation, out_dir)`` is the entry point (``plots=False``, or matplotlib missing:
-no PNG files, and the report says why); ``results_json`` is the JSON document
-(``tamperprobe.evaluation/v1``) and ``jsonable`` the one conversion of measured values (numpy
-scalars, arrays, tensors, NaN) into JSON-safe ones that every table goes through.
+no PNG files, and the report says why). The JSON document is ``Evaluation.to_json``
+(``tamperprobe.evaluation.results``); ``write_csv``, ``md_table`` and ``fmt_cell`` also serve the
+adversary's report.
 """
 
 from __future__ import annotations
 
 import csv
 import json
-import math
 import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-import numpy as np
+from typing import Any
 
 from .._util import Progress, atomic_write, atomic_write_text
 from .protocol import CONFIDENCES, MAX_NS
-
-if TYPE_CHECKING:
-    from .campaign import Evaluation
-
-FORMAT = "tamperprobe.evaluation/v1"
+from .results import NO_CHANGE, Evaluation, jsonable
 
 # file name -> (Evaluation attribute, columns)
 TABLES: dict[str, tuple[str, tuple[str, ...]]] = {
     "methods.csv": ("methods", ("method", "markers", "groups", "units", "group_size", "selection", "tolerance", "benign_floor", "params", "error")),
-    "attacks.csv": ("attacks", ("attack", "trial", "seed", "acc_before", "acc_after", "success", "max_abs_dlogit", "changed", "params", "error")),
+    "attacks.csv": (
+        "attacks",
+        (
+            "attack",
+            "trial",
+            "seed",
+            "acc_before",
+            "acc_after",
+            "success",
+            "max_abs_dlogit",
+            "max_abs_dlogit_test",
+            "benign_floor",
+            "functional_change",
+            "changed",
+            "params",
+            "error",
+        ),
+    ),
     "trigger.csv": ("trigger", ("method", "attack", "trial", "spec", "changed", "markers", "ratio")),
-    "detection.csv": ("detection", ("method", "attack", "spec", "ns", "rate", "min_trial", "trials", "resamples", "selection")),
-    "key_size.csv": ("key_sizes", ("method", "attack", "spec", "p", "c", "s", "empirical_ns")),
+    "detection.csv": ("detection", ("method", "attack", "spec", "ns", "rate", "min_trial", "trials", "resamples", "selection", "status")),
+    "key_size.csv": ("key_sizes", ("method", "attack", "spec", "p", "c", "s", "empirical_ns", "status")),
     "false_alarms.csv": ("false_alarms", ("method", "runtime", "spec", "flagged", "markers", "max_abs_dlogit", "tolerance", "error")),
     "errors.csv": ("errors", ("stage", "name", "error")),
 }
-
-
-# ----------------------------------------------------------------------------- JSON
-
-
-def jsonable(v: Any) -> Any:
-    """A JSON-safe copy of a measured value: NaN/inf become None, numpy and torch values plain numbers or lists."""
-    if v is None or isinstance(v, (bool, str)):
-        return v
-    if isinstance(v, (int, np.integer)):
-        return int(v)
-    if isinstance(v, (float, np.floating)):
-        f = float(v)
-        return f if math.isfinite(f) else None
-    if isinstance(v, np.ndarray):
-        return jsonable(v.tolist()) if v.size <= 64 else f"array{tuple(v.shape)}"
-    if isinstance(v, dict):
-        return {str(k): jsonable(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [jsonable(x) for x in v]
-    import torch
-
-    if isinstance(v, torch.Tensor):
-        return jsonable(v.detach().cpu().numpy())
-    return str(v)
-
-
-def results_json(ev: Evaluation) -> dict[str, Any]:
-    """The ``results.json`` document of a campaign (timings rounded to milliseconds)."""
-    return jsonable(
-        {
-            "format": FORMAT,
-            "params": ev.params,
-            "machine": ev.machine,
-            "started": ev.started,
-            "seconds": round(ev.seconds, 3),
-            "model": ev.model,
-            "methods": ev.methods,
-            "attacks": ev.attacks,
-            "trigger": ev.trigger,
-            "detection": ev.detection,
-            "key_size": ev.key_sizes,
-            "false_alarms": ev.false_alarms,
-            "false_alarm_summary": {"flagged": ev.benign_flagged, "checks": ev.benign_checks, "max_abs_dlogit": ev.max_benign_dlogit},
-            "errors": ev.errors,
-            "warnings": ev.warnings,
-            "timings": {k: round(v, 3) for k, v in ev.timings.items()},
-        }
-    )
 
 
 # ----------------------------------------------------------------------------- files
@@ -119,7 +80,9 @@ def write_report(evaluation: Evaluation, out_dir: str | os.PathLike, *, plots: b
     return written
 
 
-def write_csv(path: Path, rows: list[dict], columns: Sequence[str]) -> Path:
+def write_csv(path: Path, rows: Sequence[Any], columns: Sequence[str]) -> Path:
+    """One CSV file: a header of ``columns``, then each row's values for them (rows are typed rows or dicts; absent: empty)."""
+
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             w = csv.writer(f)
@@ -202,14 +165,13 @@ def _md_header(ev: Evaluation) -> list[str]:
 
 
 def _md_methods_and_attacks(ev: Evaluation) -> list[str]:
-    methods = [
-        [r["method"], r["markers"], r.get("groups"), r.get("selection"), json.dumps(jsonable(r.get("params", {})), sort_keys=True), r.get("error")]
-        for r in ev.methods
-    ]
+    methods = [[r.method, r.markers, r.groups, r.selection, json.dumps(jsonable(r.params or {}), sort_keys=True), r.error] for r in ev.methods]
     attacks = [
-        [r["attack"], r["trial"], r.get("acc_before"), r.get("acc_after"), r.get("success"), r.get("max_abs_dlogit"), r.get("error")]
+        [r.attack, r.trial, r.acc_before, r.acc_after, r.success, _g(r.max_abs_dlogit), _g(r.max_abs_dlogit_test), _g(r.benign_floor)]
+        + [r.functional_change, r.error]
         for r in ev.attacks
     ]
+    header = ["attack", "trial", "acc before", "acc after", "success", "max abs Δlogit (markers)", "(test part)", "benign floor"]
     return [
         "## Methods",
         "",
@@ -217,7 +179,30 @@ def _md_methods_and_attacks(ev: Evaluation) -> list[str]:
         "",
         "## Attacks",
         "",
-        md_table(["attack", "trial", "acc before", "acc after", "success", "max abs Δlogit", "error"], attacks),
+        md_table([*header, "functional change", "error"], attacks),
+        *_md_no_change(ev),
+    ]
+
+
+def _g(v: float | None) -> str | None:
+    return None if v is None else f"{v:.3g}"
+
+
+def _md_no_change(ev: Evaluation) -> list[str]:
+    """The attacks that stayed below the benign floor, and why their cells read NO_CHANGE."""
+    quiet = ev.no_functional_change()
+    if not quiet:
+        return []
+    each = []
+    for a in quiet:
+        rows = [r for r in ev.attacks if r.attack == a and r.max_abs_dlogit is not None]
+        most = max(max(r.max_abs_dlogit or 0.0, r.max_abs_dlogit_test or 0.0) for r in rows)
+        each.append(f"{a} (max |Δlogit| {most:.3g})")
+    return [
+        "",
+        f"**{NO_CHANGE.capitalize()}**: {', '.join(each)}, below the benign floor {ev.benign_floor:.3g} (the largest |Δlogit| a benign "
+        "runtime caused on the markers). The attacked model answers as a benign runtime change of the intact one would; no black-box "
+        f"method can tell them apart, so these attacks get no detection rate: their cells read '{NO_CHANGE}'.",
     ]
 
 
@@ -226,18 +211,24 @@ def _md_detection(ev: Evaluation) -> list[str]:
         return []
     methods, attacks = ev.measured_names()
     specs = ev.params["specs"]
-    det = {(r["method"], r["attack"], r["spec"], r["ns"]): r["rate"] for r in ev.detection}
+    det = {(r.method, r.attack, r.spec, r.ns): r.rate for r in ev.detection}
     key_spec = ev.key_spec
     lines = ["", f"## Detection rate vs N_S ({key_spec})", "", "Rows: attack / method; columns: number of queries N_S.", ""]
-    rows = [
-        [a, mth] + [det[(mth, a, key_spec, ns)] for ns in range(1, MAX_NS + 1)] for a in attacks for mth in methods if (mth, a, key_spec, 1) in det
+    quiet = set(ev.no_functional_change())
+    rows: list[list[Any]] = [
+        [a, mth, *(det[(mth, a, key_spec, ns)] for ns in range(1, MAX_NS + 1))]
+        for a in attacks
+        for mth in methods
+        if (mth, a, key_spec, 1) in det and a not in quiet
     ]
+    rows += [[a, "every method", NO_CHANGE] + [""] * (MAX_NS - 1) for a in attacks if a in quiet]
     lines.append(md_table(["attack", "method"] + [str(ns) for ns in range(1, MAX_NS + 1)], rows))
     for ns_show in (1, MAX_NS):
         lines += ["", f"## Detection rate at N_S = {ns_show}, every output spec", "", "Rows: attack; one table per spec, one column per method.", ""]
         for s in specs:
             lines += [f"**{s}**", ""]
-            lines.append(md_table(["attack"] + methods, [[a] + [det.get((mth, a, s, ns_show)) for mth in methods] for a in attacks]))
+            cells: list[list[Any]] = [[a, *(NO_CHANGE if a in quiet else det.get((mth, a, s, ns_show)) for mth in methods)] for a in attacks]
+            lines.append(md_table(["attack"] + methods, cells))
             lines.append("")
     return lines
 
@@ -259,7 +250,7 @@ def _md_key_sizes(ev: Evaluation) -> list[str]:
     if not ev.key_sizes:
         return []
     methods, attacks = ev.measured_names()
-    ks = {(r["method"], r["attack"], r["spec"], r["c"]): r for r in ev.key_sizes}
+    ks = {(r.method, r.attack, r.spec, r.c): r for r in ev.key_sizes}
     key_spec = ev.key_spec
     lines = [
         f"## Key size for confidence c ({key_spec})",
@@ -276,12 +267,14 @@ def _md_key_sizes(ev: Evaluation) -> list[str]:
                 r = ks.get((mth, a, key_spec, c))
                 if r is None:
                     cells.append(None)
+                elif r.status == NO_CHANGE:
+                    cells.append(NO_CHANGE)
                 else:
-                    emp = r["empirical_ns"]
-                    cells.append(f"{'–' if r['s'] is None else r['s']} [{'>10' if emp is None else emp}]")
+                    emp = r.empirical_ns
+                    cells.append(f"{'–' if r.s is None else r.s} [{'>10' if emp is None else emp}]")
             if any(cell is not None for cell in cells):
-                p_ = ks.get((mth, a, key_spec, CONFIDENCES[0]), {}).get("p")
-                rows.append([a, mth, p_, *cells])
+                first = ks.get((mth, a, key_spec, CONFIDENCES[0]))
+                rows.append([a, mth, None if first is None else first.p, *cells])
     lines.append(md_table(["attack", "method", "p"] + [f"c={c}" for c in CONFIDENCES], rows))
     lines.append("")
     return lines
@@ -291,7 +284,7 @@ def _tolerance_text(ev: Evaluation) -> str:
     """The comparison tolerance: the given one, or each method's as a fingerprint measures it."""
     if ev.params["tolerance"] is not None:
         return f"tolerance {ev.params['tolerance']:g}"
-    each = ", ".join(f"{r['method']} {r['tolerance']:.2g}" for r in ev.methods if r.get("tolerance") is not None)
+    each = ", ".join(f"{r.method} {r.tolerance:.2g}" for r in ev.methods if r.tolerance is not None)
     return f"tolerance as a fingerprint sets it, max(3e-05, 2 × the benign floor measured on the method's bag): {each or '-'}"
 
 
@@ -304,12 +297,12 @@ def _md_false_alarms(ev: Evaluation) -> list[str]:
     ]
     rt_rows = []
     for rt in ev.params["runtimes"]:
-        rows = [r for r in ev.false_alarms if r["runtime"] == rt]
-        err = next((r["error"] for r in rows if r.get("error")), None)
-        flagged = None if err else sum(r["flagged"] for r in rows)
-        checks = None if err else sum(r["markers"] for r in rows)
-        dmax = max((r["max_abs_dlogit"] for r in rows if r.get("max_abs_dlogit") is not None), default=None)
-        share = max((r["max_abs_dlogit"] / r["tolerance"] for r in rows if r.get("max_abs_dlogit") is not None and r.get("tolerance")), default=None)
+        rows = [r for r in ev.false_alarms if r.runtime == rt]
+        err = next((r.error for r in rows if r.error), None)
+        flagged = None if err else sum(r.flagged or 0 for r in rows)
+        checks = None if err else sum(r.markers for r in rows)
+        dmax = max((r.max_abs_dlogit for r in rows if r.max_abs_dlogit is not None), default=None)
+        share = max((r.max_abs_dlogit / r.tolerance for r in rows if r.max_abs_dlogit is not None and r.tolerance), default=None)
         rt_rows.append([rt, flagged, checks, None if dmax is None else f"{dmax:.3g}", None if share is None else f"{share:.2f}", err])
     lines.append(md_table(["runtime", "flagged", "checks", "max abs Δlogit", "largest Δlogit / tolerance", "error"], rt_rows))
     lines.append("")
@@ -320,11 +313,11 @@ def _md_errors_and_timings(ev: Evaluation) -> list[str]:
     lines = []
     if ev.errors:
         lines += ["## Errors (the campaign continued)", ""]
-        lines.append(md_table(["stage", "name", "error"], [[e["stage"], e["name"], e["error"]] for e in ev.errors]))
+        lines.append(md_table(["stage", "name", "error"], [[e.stage, e.name, e.error] for e in ev.errors]))
         lines.append("")
     if ev.warnings:
         lines += ["## Warnings", ""]
-        lines.append(md_table(["stage", "name", "warning"], [[w["stage"], w["name"], w["warning"]] for w in ev.warnings]))
+        lines.append(md_table(["stage", "name", "warning"], [[w.stage, w.name, w.warning] for w in ev.warnings]))
         lines.append("")
     lines += ["## Timings (seconds)", ""]
     lines.append(md_table(["phase", "seconds"], [[k, v] for k, v in ev.timings.items() if ":" not in k]))

@@ -4,30 +4,36 @@ Tokens (a client's bearer token, ``serve``'s required token) come from an enviro
 (``--token-env VAR``) or a file (``--token-file FILE``), never from the command line, where any
 user of the machine can read them (``ps``, shell history). An empty or multi-line token is refused.
 
-Whatever names an endpoint (a target name, a report, a history row, a hook's
-``TAMPERPROBE_ENDPOINT``) shows its URL through ``redact_url``: no ``user:password@``, every
-query value replaced by ``***`` (``?api_key=***``), no fragment. ``Masker`` hides the secrets a
-client knows (its token, the URL's password and query values, credential-like headers) in any
-text it passes on, such as a server's error message that echoes a request back.
+Whatever names an endpoint (a target name, a report, a history row, a metric label, an event, a
+hook's ``TAMPERPROBE_ENDPOINT``) shows its URL through ``redact_url``: parsed with
+``urllib.parse``, never cut out of the text by a pattern, and shown with no ``user:password@``,
+every query value replaced by ``***`` (``?api_key=***``), no fragment. In free text
+(``redact_urls_in``) every piece that parses as a URL with a scheme is shown so, and anything like
+``userinfo@`` is masked. ``Masker`` hides the secrets a client knows (its token, the URL's
+password or token user name and its query values, credential-like headers, the basic-auth header
+value) in any text it passes on, such as a server's error message that echoes a request back.
 """
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 from collections.abc import Iterable
 from pathlib import Path
-from urllib.parse import parse_qsl, urlsplit, urlunsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit, urlunsplit
 
 from ..errors import UsageError
 
 REDACTED = "***"
 _CREDENTIAL_HEADER = re.compile(r"auth|token|key|secret|cookie|session|password|credential", re.IGNORECASE)
-_URL = re.compile(r"\b[a-z][a-z0-9+.-]*://[^\s'\"<>]*[^\s'\"<>,.;:!?)\]]", re.IGNORECASE)
+_QUERY_SAFE = "!$&'()*+,;=:@/?~"
+_SCHEME_CHARS = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789+.-")
 
 
 def redact_url(url: str) -> str:
-    """``url`` without ``user:password@``, with every query value shown as ``***`` and no fragment."""
+    """``url`` without ``user:password@``, with every query value shown as ``***`` (a bare query
+    word too: ``?sk-123`` shows as ``?***``) and no fragment; ``(unparsable URL)`` when it does not parse."""
     try:
         parts = urlsplit(str(url).strip())
         host = parts.hostname or ""
@@ -37,26 +43,74 @@ def redact_url(url: str) -> str:
     if ":" in host:
         host = f"[{host}]"
     netloc = f"{host}:{port}" if port is not None else host
-    query = "&".join(f"{k}={REDACTED}" if v else k for k, v in parse_qsl(parts.query, keep_blank_values=True))
-    if parts.query and not query:
-        query = REDACTED
+    pairs = [p.partition("=") for p in parts.query.split("&")] if parts.query else []
+    query = "&".join(f"{k}={REDACTED}" if sep else REDACTED for k, sep, _ in pairs)
     return urlunsplit((parts.scheme, netloc, parts.path, query, ""))
 
 
+def _url_start(token: str) -> int:
+    """Where a URL with a scheme (``scheme://``) starts in ``token``, or -1."""
+    at = token.find("://")
+    if at <= 0:
+        return -1
+    start = at
+    while start > 0 and token[start - 1] in _SCHEME_CHARS:
+        start -= 1
+    while start < at and not token[start].isalpha():  # a scheme starts with a letter
+        start += 1
+    return start if start < at else -1
+
+
+def _redact_token(token: str) -> str:
+    """One white-space-free piece of free text: a URL in it redacted, anything like ``userinfo@`` masked."""
+    start = _url_start(token)
+    if start >= 0:
+        return token[:start] + redact_url(token[start:])
+    if "@" in token:  # user:password@host, or the rest of a URL whose password held a space
+        return REDACTED + token[token.rindex("@") :]
+    return token
+
+
 def redact_urls_in(text: str) -> str:
-    """``text`` with every URL in it shown through ``redact_url``."""
-    return _URL.sub(lambda m: redact_url(m.group(0)), text)
+    """``text`` with its URLs redacted by structure (``redact_url``), never by a pattern over the text.
+
+    A text that is one URL as a whole (an endpoint, even one whose password holds a quote or a
+    space) is parsed whole. Otherwise each white-space-separated piece is looked at: one that holds
+    a URL with a scheme has that URL (to the piece's end) redacted, and one that holds ``@``
+    (``user:password@host``, or the tail of a URL cut by a space) shows ``***`` up to its last ``@``.
+    """
+    text = str(text)
+    whole = text.strip()
+    if _url_start(whole) == 0:
+        try:
+            if urlsplit(whole).netloc:
+                text = text.replace(whole, redact_url(whole))  # its path may hold more text: the pieces are looked at too
+        except ValueError:
+            pass
+    return re.sub(r"\S+", lambda m: _redact_token(m.group(0)), text)  # white-space-separated pieces, each parsed
 
 
 def url_secrets(url: str) -> list[str]:
-    """The secret parts of a URL: the password of its user info and its query values."""
+    """The secret parts of a URL: its password (its user name when it has none: a token given as
+    the user name) and its query values (a bare query word too), as written and percent-decoded."""
     try:
         parts = urlsplit(str(url).strip())
     except ValueError:
         return []
-    found = [parts.password] if parts.password else []
-    found += [v for _, v in parse_qsl(parts.query, keep_blank_values=True) if v]
-    return found
+    found = [parts.password] if parts.password else [parts.username] if parts.username else []  # no password: the user name is the token
+    found += [v for p in parts.query.split("&") for v in (p.partition("=")[2] or p,) if v] if parts.query else []
+    decoded = [unquote_plus(v) for v in found] + [unquote(v) for v in found]
+    return found + decoded + [quote(v, safe=_QUERY_SAFE) for v in decoded]  # and as httpx percent-encodes it on the wire
+
+
+def basic_credentials(user: str, password: str) -> str:
+    """The ``Authorization`` value of HTTP basic authentication, as requests writes it (Latin-1 when it can, else UTF-8)."""
+    pair = f"{user}:{password}"
+    try:
+        raw = pair.encode("latin-1")
+    except UnicodeEncodeError:
+        raw = pair.encode("utf-8")
+    return "Basic " + base64.b64encode(raw).decode("ascii")
 
 
 def is_credential_header(name: str) -> bool:
@@ -108,7 +162,6 @@ class Masker:
         self._secrets = sorted(values, key=len, reverse=True)  # longest first: a secret containing another is hidden whole
 
     def __call__(self, text: str) -> str:
-        text = redact_urls_in(text)
-        for s in self._secrets:
+        for s in self._secrets:  # the known secrets first, whole; then whatever a URL in the text holds
             text = text.replace(s, REDACTED)
-        return text
+        return redact_urls_in(text)

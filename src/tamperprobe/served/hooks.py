@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 
 from .._util import one_line
 from .credentials import redact_urls_in
-from .untrusted import clean
+from .untrusted import clean, env_text
 from .verify import INCONCLUSIVE, TAMPERED
 
 if TYPE_CHECKING:
@@ -63,7 +63,9 @@ def hook_environment(run: Run, *, endpoint: str, protocol: str, fingerprint_file
         "TAMPERPROBE_TIME": run.time,
         "TAMPERPROBE_RUNS_LEFT": "" if r.runs_left is None else str(r.runs_left),
     }
-    return {k: clean(v, 1000) for k, v in values.items()}
+    # the endpoint and the file name are the user's own text (shown without secrets); anything else may carry the server's words:
+    # only characters no shell acts on
+    return {k: (clean if k in ("TAMPERPROBE_ENDPOINT", "TAMPERPROBE_FINGERPRINT_FILE") else env_text)(v, 1000) for k, v in values.items()}
 
 
 def wants_hook(run: Run) -> bool:

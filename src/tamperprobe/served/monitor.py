@@ -12,6 +12,7 @@ a watch checks, labelled ``fingerprint`` (id) and ``endpoint`` (shown without cr
 ``tamperprobe_markers_failed``              markers and decoys that got no usable answer in the last run
 ``tamperprobe_markers``                     markers sent in the last run (decoys not counted)
 ``tamperprobe_decoys``                      decoys (natural inputs with known answers) sent among them
+``tamperprobe_pool_runs_left``              runs of fresh markers the fingerprint's pool can still supply
 ``tamperprobe_run_seconds``                 how long the last run took
 ``tamperprobe_last_run_timestamp_seconds``  when the last run ended (Unix time)
 ``tamperprobe_runs_total``                  runs so far (label ``verdict``)
@@ -51,6 +52,7 @@ class Metrics:
         self.failed = prom.Gauge("tamperprobe_markers_failed", "markers and decoys without a usable answer in the last run", labels, registry=r)
         self.markers = prom.Gauge("tamperprobe_markers", "markers sent in the last run (decoys not counted)", labels, registry=r)
         self.decoys = prom.Gauge("tamperprobe_decoys", "decoys (natural inputs with known answers) sent in the last run", labels, registry=r)
+        self.runs_left = prom.Gauge("tamperprobe_pool_runs_left", "runs of fresh markers the fingerprint's pool can still supply", labels, registry=r)
         self.seconds = prom.Gauge("tamperprobe_run_seconds", "duration of the last run", labels, registry=r)
         self.when = prom.Gauge("tamperprobe_last_run_timestamp_seconds", "end of the last run (Unix time)", labels, registry=r)
         self.runs = prom.Counter("tamperprobe_runs", "verification runs", [*labels, "verdict"], registry=r)
@@ -71,6 +73,8 @@ class Metrics:
         self.failed.labels(**key).set(r.failed)
         self.markers.labels(**key).set(r.marker_count)
         self.decoys.labels(**key).set(r.decoy_count)
+        if r.runs_left is not None:
+            self.runs_left.labels(**key).set(r.runs_left)
         self.seconds.labels(**key).set(r.seconds)
         self.when.labels(**key).set(time.time())
         self.runs.labels(**key, verdict=r.verdict).inc()

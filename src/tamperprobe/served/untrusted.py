@@ -66,3 +66,19 @@ def clean(text: object, limit: int = 300) -> str:
 def is_clean(text: str) -> bool:
     """True when ``text`` holds no character ``clean`` would escape (tests and assertions)."""
     return not any(ch in _NAMED or unicodedata.category(ch) in _UNSAFE for ch in text)
+
+
+# Characters a hook's environment may carry: nothing a shell gives a meaning to, even unquoted
+# or under eval (no $ ` \ " ' ; & | < > ( ) { } [ ] * ? ! ~ # and no line breaks).
+ENV_SAFE = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789 _.,:/=+@%-")
+
+
+def env_text(text: object, limit: int = 1000) -> str:
+    """``text`` for a hook's environment: ``clean``, then every character outside ``ENV_SAFE`` as ``_``.
+
+    What a hook does with a variable is not ours to know (``echo $TAMPERPROBE_SUMMARY`` unquoted
+    globs ``*`` and ``?``; ``eval`` runs ``$(...)``), and a server's words reach the summary, so
+    only letters, digits, space and ``_.,:/=+@%-`` pass (a redacted ``***`` shows as ``___``).
+    """
+    line = clean(text, limit)
+    return "".join(ch if ch in ENV_SAFE else "_" for ch in line)

@@ -58,7 +58,8 @@ def make_client(protocol: str, url: str, *, template: Any = None, **options: Any
 
     ``options`` are the client's keyword arguments (``http.HTTPTarget``: ``model_name``,
     ``headers``, ``token_env``, ``token_file``, ``timeout``, ``deadline``, ``retries``,
-    ``batch_size``, ``delay``, ``spread``, ``seed``, ``verify_tls``, ``ca_file``, ``classes``, ...). ``template`` (for a dialect described by one, ``json``) is
+    ``batch_size``, ``delay``, ``spread``, ``seed``, ``verify_tls``, ``ca_file``, ``classes``,
+    ``profile``: the client whose requests to reproduce, ``profiles.load_profile``, ...). ``template`` (for a dialect described by one, ``json``) is
     a dict, inline JSON or a file path. ``classes`` (e.g. the fingerprint's) makes answers with
     another number of classes failures even when the server's metadata does not tell. Bad
     options raise ``UsageError``; ``query`` itself never raises.

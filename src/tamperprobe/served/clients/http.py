@@ -2,10 +2,12 @@
 
 An ``HTTPTarget`` implements the ``Target`` protocol, so ``verify`` treats a served model like a
 local one. On each ``query`` it sends one marker per request in a shuffled order (paced by ``delay``
-and ``spread``; ``planned_pauses`` says what that adds), with the configured headers, bearer token
-(``credentials.read_token``) and verified TLS, never following redirects; ``timeout`` bounds each
-attempt as a whole, ``deadline`` the whole query (retries, backoff and Retry-After waits included),
-and a body is cut off beyond ``max_response_bytes``. URLs are shown through
+and ``spread``; ``planned_pauses`` says what that adds), each request exactly as an ordinary client
+sends it (``profile``, ``profiles.py``; default python-requests' ``requests.post(url, json=body)``:
+that client's headers in its order, its JSON format, its connection reuse, no request id), with the
+configured headers, bearer token (``credentials.read_token``) and verified TLS, never following
+redirects; ``timeout`` bounds each attempt as a whole, ``deadline`` the whole query (retries,
+backoff and Retry-After waits included), and a body is cut off beyond ``max_response_bytes``. URLs are shown through
 ``credentials.redact_url`` and server text is made inert by ``untrusted.clean``.
 
 Nothing raises out of ``query``: each marker gets an ``Answer`` or a ``QueryFailure`` whose reason
@@ -16,6 +18,7 @@ names what went wrong (``connection refused``, ``timed out after T s``, ``deadli
 
 from __future__ import annotations
 
+import contextlib
 import email.utils
 import json
 import math
@@ -26,7 +29,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, ClassVar
-from urllib.parse import unquote, urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit
 
 import numpy as np
 
@@ -34,18 +37,17 @@ from ..._util import one_line
 from ...data import InputSpec
 from ...errors import UsageError
 from ...outputs import Answer, OutputSpec
-from ..credentials import Masker, is_credential_header, read_token, redact_url, url_secrets
+from ..credentials import Masker, read_token, redact_url
 from ..targets import QueryFailure, QueryResult
 from ..untrusted import clean
+from ._setup import check_limits, check_url, client_credentials, parse_headers, split_url
 from .answers import Failure, check_answer
+from .profiles import Profile, load_profile
 
 DEFAULT_MAX_RESPONSE = 1 << 20
 DEFAULT_DEADLINE = 300.0  # seconds for one verification run
-_TOKEN_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 
 __all__ = ["DEFAULT_DEADLINE", "DEFAULT_MAX_RESPONSE", "HTTPResponse", "HTTPTarget", "check_url", "nested", "parse_headers", "redact_url"]
-
-ORDINARY_USER_AGENT = "python-requests/2.32.3"  # what the commonest scripted client sends; override with --header
 
 
 def human_size(n: int) -> str:
@@ -54,51 +56,6 @@ def human_size(n: int) -> str:
     if n >= 1024 and n % 1024 == 0:
         return f"{n >> 10} KiB"
     return f"{n} bytes"
-
-
-def check_url(url: str) -> str:
-    try:
-        parts = urlsplit(str(url).strip())
-        parts.port  # noqa: B018 - raises ValueError for a bad port
-    except ValueError:
-        parts = None
-    if parts is None or parts.scheme not in ("http", "https") or not parts.hostname:
-        raise UsageError(f"bad endpoint URL {redact_url(str(url))!r}: expected http://host:port/... or https://...")
-    return str(url).strip()
-
-
-def _split_url(url: str) -> tuple[str, str, tuple[str, str] | None]:
-    """(the URL without user info, query and fragment; its query; (user, password) or None)."""
-    parts = urlsplit(url)
-    auth = (unquote(parts.username or ""), unquote(parts.password or "")) if parts.username or parts.password else None
-    host = parts.hostname or ""
-    if ":" in host:
-        host = f"[{host}]"
-    netloc = f"{host}:{parts.port}" if parts.port is not None else host
-    return urlunsplit((parts.scheme, netloc, parts.path, "", "")), parts.query, auth
-
-
-def parse_headers(headers: Mapping[str, str] | Iterable[str] | None) -> dict[str, str]:
-    """Extra request headers from a mapping or ``Name:value`` texts (``--header``); UsageError on a bad one.
-
-    A bad header's value is never echoed (it may be a secret).
-    """
-    items: list[tuple[str, str]] = []
-    if isinstance(headers, Mapping):
-        items = [(str(k), str(v)) for k, v in headers.items()]
-    else:
-        for h in headers or []:
-            name, sep, value = str(h).partition(":")
-            if not sep:
-                raise UsageError("bad header: expected Name:value (a --header without ':')")
-            items.append((name, value))
-    out: dict[str, str] = {}
-    for k, v in items:
-        k, v = str(k).strip(), str(v).strip()
-        if not _TOKEN_NAME.fullmatch(k) or any(ch in v for ch in "\r\n\0"):
-            raise UsageError(f"bad header '{clean(k, 60)}': use Name:value with a token name and a one-line value")
-        out[k] = v
-    return out
 
 
 def retry_after_seconds(value: str | None) -> float | None:
@@ -123,19 +80,6 @@ def nested(x: np.ndarray) -> list:
     """Inputs as nested JSON lists of exact values: integers for an integer array, else float64 of the (float32) values."""
     arr = np.asarray(x)
     return arr.astype(np.int64 if arr.dtype.kind in "iu" else np.float64).tolist()
-
-
-def _decompress(body: bytes, encoding: str, cap: int) -> bytes:
-    import zlib
-
-    d = zlib.decompressobj(16 + zlib.MAX_WBITS if encoding == "gzip" else zlib.MAX_WBITS)
-    try:
-        out = d.decompress(body, cap + 1)
-    except zlib.error:
-        raise Failure(f"malformed response: bad {encoding} body") from None
-    if len(out) > cap:
-        raise Failure(f"response larger than {human_size(cap)}")
-    return out
 
 
 @dataclass
@@ -198,6 +142,7 @@ class HTTPTarget:
         classes: int | None = None,
         max_retry_after: float = 10.0,
         deadline: float | None = DEFAULT_DEADLINE,
+        profile: str | os.PathLike | Mapping[str, Any] | Profile | None = None,
         transport: Any = None,
     ) -> None:
         import httpx
@@ -205,8 +150,7 @@ class HTTPTarget:
         from ._transport import BoundedTransport, Clock, tls_context
 
         raw_url = check_url(url)
-        secrets = url_secrets(raw_url)
-        base, self._query_string, auth = _split_url(raw_url)
+        base, self._query_string, auth = split_url(raw_url)
         self.version: str | None = None
         if self.model_url_pattern:
             m = re.match(self.model_url_pattern, base)
@@ -216,19 +160,7 @@ class HTTPTarget:
             base = base.rstrip("/")
         self.url = check_url(base)
         self.model_name = model_name or self.default_model_name
-        for name, value in (("--timeout", timeout), ("--deadline", math.inf if deadline is None else deadline)):
-            if not value > 0:
-                raise UsageError(f"{name} must be > 0 seconds")
-        if retries < 0:
-            raise UsageError("--retries must be >= 0")
-        if batch_size < 1:
-            raise UsageError("--batch-size must be >= 1")
-        if not (delay >= 0 and backoff >= 0 and max_retry_after >= 0):
-            raise UsageError("--delay, backoff and max_retry_after must be >= 0")
-        if not (0 <= spread < math.inf and delay < math.inf):
-            raise UsageError("--spread and --delay must be finite numbers of seconds >= 0")
-        if max_response_bytes < 1:
-            raise UsageError("the response size cap must be >= 1 byte")
+        check_limits(timeout, deadline, retries, batch_size, delay, backoff, max_retry_after, spread, max_response_bytes)
         self.timeout = float(timeout)
         self.deadline = None if deadline is None or math.isinf(deadline) else float(deadline)
         self.retries = int(retries)
@@ -243,33 +175,22 @@ class HTTPTarget:
         self.max_retry_after = float(max_retry_after)
         self.input_spec = input_spec  # the fingerprint's: markers are sent as they are stored (8-bit ones as integers)
         self.classes = classes
-        # a name of our own would tell the operator which requests to answer with the original model
-        hdrs = {"User-Agent": ORDINARY_USER_AGENT, "Accept": "application/json", "Accept-Encoding": "gzip, deflate"}
-        extra = parse_headers(headers)
-        hdrs.update(extra)
-        for k, v in extra.items():
-            if is_credential_header(k):
-                secrets += [v, *v.split(None, 1)[1:]]  # "Bearer X": X alone too
-        token = read_token(token_env, token_file)
-        if token is not None:
-            if auth is not None:
-                raise UsageError("give credentials in the URL (user:password@) or a token, not both")
-            hdrs["Authorization"] = f"Bearer {token}"
-            secrets.append(token)
+        self.profile = load_profile(profile)
+        if self.profile.protocols is not None and self.protocol not in self.profile.protocols:
+            raise UsageError(f"client profile {self.profile.name} speaks --protocol {' or '.join(self.profile.protocols)} only")
+        self._extra, self._basic, secrets = client_credentials(raw_url, auth, headers, read_token(token_env, token_file))
         self._mask = Masker(secrets)
         self._clock = Clock()
         # Redirects are never followed, so a plain-http endpoint never needs TLS: skip loading the CA bundle.
         https = urlsplit(self.url).scheme == "https"
         if ca_file is not None and not verify_tls:
             raise UsageError("give --ca-cert or --insecure, not both")
-        self._client = httpx.Client(
-            headers=hdrs,
-            auth=auth,
-            follow_redirects=False,
-            transport=transport if transport is not None else BoundedTransport(self._clock, tls_context(verify_tls, ca_file) if https else None),
-            timeout=httpx.Timeout(self.timeout),
-            trust_env=False,
-        )
+        if transport is None:
+            transport = BoundedTransport(
+                self._clock, tls_context(verify_tls, ca_file, self.profile.tls) if https else None, keep_alive=self.profile.keep_alive
+            )
+        # the request's headers are the profile's, set in _send_once; the client adds none of its own (no cookies, no auth)
+        self._client = httpx.Client(follow_redirects=False, transport=transport, timeout=httpx.Timeout(self.timeout), trust_env=False)
         self._unreachable = False
         self._reached = False  # some attempt of the current query got past connecting (its bytes may have reached the server)
         self._set_name()
@@ -398,18 +319,22 @@ class HTTPTarget:
         *,
         json_body: Any = None,
         content: bytes | None = None,
-        headers: dict[str, str] | None = None,
+        header_length: int | None = None,
         ok_statuses: tuple[int, ...] = (),
     ) -> HTTPResponse:
-        """Send with retries; return a 2xx response (or one in ``ok_statuses``); raise Failure otherwise."""
+        """Send with retries; return a 2xx response (or one in ``ok_statuses``); raise Failure otherwise.
+
+        The body is ``json_body`` written as the profile's client writes JSON, or ``content``
+        (``header_length``: the JSON part of a binary-extension body); the headers are the profile's.
+        """
         import httpx
 
         if json_body is not None:
             try:
-                content = json.dumps(json_body, allow_nan=False).encode()
+                content = self.profile.dumps(json_body)
             except ValueError:
                 raise Failure("cannot send NaN or infinite inputs as JSON") from None
-            headers = {"Content-Type": "application/json", **(headers or {})}
+        headers = self._headers(url, content, header_length)
         if self._query_string:
             url += ("&" if "?" in url else "?") + self._query_string
         attempts = 1 if self._unreachable else self.retries + 1
@@ -465,15 +390,31 @@ class HTTPTarget:
             text = next((doc[k] for k in ("error", "message") if isinstance(doc.get(k), str)), text)
         return clean(text, 200) or "(empty body)"
 
-    def _send_once(self, method: str, url: str, content: bytes | None, headers: dict[str, str] | None) -> HTTPResponse:
+    def _headers(self, url: str, content: bytes | None, header_length: int | None) -> list[tuple[str, str]]:
+        """Every header of a request to ``url``, in the profile's order (Host as the client writes it)."""
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        if ":" in host:
+            host = f"[{host}]"
+        default = 443 if parts.scheme == "https" else 80
+        if parts.port is not None and parts.port != default:
+            host = f"{host}:{parts.port}"
+        length = None if content is None else len(content)
+        return self.profile.head(host=host, length=length, extra=self._extra, basic=self._basic, header_length=header_length)
+
+    def _send_once(self, method: str, url: str, content: bytes | None, headers: list[tuple[str, str]]) -> HTTPResponse:
         """One attempt, bounded as a whole by the timeout and the deadline (``_transport.Clock``)."""
         import httpx
 
+        from ._transport import TooLarge, decompress
+
         self._clock.attempt_end = time.monotonic() + self.timeout
         cap = self.max_response_bytes
+        request = self._client.build_request(method, url, content=content)
+        request.headers = httpx.Headers(headers)  # exactly these, in this order: nothing httpx would add
         connected = True  # unless the attempt fails while connecting (below): then no request byte was written
         try:
-            with self._client.stream(method, url, content=content, headers=headers) as resp:
+            with contextlib.closing(self._client.send(request, stream=True)) as resp:
                 declared = resp.headers.get("content-length")
                 if declared is not None and declared.isdigit() and int(declared) > cap:
                     raise Failure(f"response larger than {human_size(cap)}")
@@ -486,11 +427,14 @@ class HTTPTarget:
                         raise httpx.ReadTimeout("no time left for this request")
                     chunks.append(chunk)
                 body = b"".join(chunks)
-                encoding = resp.headers.get("content-encoding", "").lower()
-                if encoding in ("gzip", "deflate"):
-                    body = _decompress(body, encoding, cap)
-                elif encoding not in ("", "identity"):
-                    raise Failure(f"malformed response: unsupported Content-Encoding '{clean(encoding, 40)}'")
+                encoding = resp.headers.get("content-encoding", "").strip().lower()
+                if encoding not in ("", "identity"):
+                    try:
+                        body = decompress(body, encoding, cap)
+                    except TooLarge:
+                        raise Failure(f"response larger than {human_size(cap)}") from None
+                    except ValueError as exc:
+                        raise Failure(f"malformed response: {clean(exc, 80)}") from None
                 return HTTPResponse(resp.status_code, resp.headers, body)
         except httpx.TimeoutException as exc:
             connecting = isinstance(exc, httpx.ConnectTimeout)

@@ -5,14 +5,17 @@ The endpoint is the server's base URL (``http://host:8000``) or a model URL
 model name the client asks ``POST /v2/repository/index`` and takes the only model listed,
 falling back to ``model``.
 
-Before the first marker of each query it reads the model metadata (``GET /v2/models/NAME``):
+Before the first marker it reads the model metadata once (``GET /v2/models/NAME``), unless the
+client profile names the input (``"input": {"name", "datatype"}``, ``profiles.py``):
 the input's name and datatype, the input shape (a mismatch with the fingerprint fails every
 marker with a clear reason instead of sending them), and the class count from a per-class
 output (``[-1, C]``), used to reject answers with another number of classes.
 
-Each request sends ``{"id", "inputs": [{"name", "shape": [B, ...], "datatype", "data"}]}``
-without ``outputs``, so the server returns every output (as JSON, not binary), and each
-output is read by its datatype and name (tensors as ``tamperprobe.oip`` reads them):
+Each request sends ``{"inputs": [{"name", "shape": [B, ...], "datatype", "data"}]}`` (no request
+id: none of the ordinary clients sends one) without ``outputs``, so the server returns every
+output; under a profile with ``binary`` (tritonclient's) the tensor goes in the binary extension
+and binary outputs are asked for, as tritonclient does. Each output, JSON or binary, is read by
+its datatype and name (tensors as ``tamperprobe.oip`` reads them):
 
 * INT/UINT outputs are labels, most likely first (``label``, ``labels``, a Triton ``argmax``);
 * BYTES outputs are the classification extension: ``"score:index[:label]"`` per class, most
@@ -29,6 +32,7 @@ are reduced as ``OutputSpec.reveal`` would, e.g. full logits while verifying ``t
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 from urllib.parse import quote
@@ -36,10 +40,11 @@ from urllib.parse import quote
 import numpy as np
 
 from ... import oip
+from ...errors import UsageError
 from ...outputs import Answer, OutputSpec
 from ..targets import QueryFailure
 from .answers import Failure, Parts, as_label, as_number, guess_kind, to_answer
-from .http import HTTPTarget
+from .http import HTTPResponse, HTTPTarget
 
 
 @dataclass(frozen=True)
@@ -58,7 +63,11 @@ class KServeClient(HTTPTarget):
     def __init__(self, url: str, **kw: Any) -> None:
         super().__init__(url, **kw)
         self._meta: _Metadata | None = None
-        self._counter = 0
+        if self.profile.input_name is not None:  # the owner named the input: no metadata request
+            datatype = self.profile.input_datatype
+            if not oip.is_numeric(datatype):
+                raise UsageError(f"client profile: input datatype {datatype!r} is not a numeric Open Inference Protocol datatype")
+            self._meta = _Metadata(self.profile.input_name, datatype, None)
 
     def _model_url(self) -> str:
         url = f"{self.url}/v2/models/{quote(self.model_name or 'model', safe='')}"
@@ -109,29 +118,46 @@ class KServeClient(HTTPTarget):
                 self.classes = _class_count(out)
         return _Metadata(inp["name"], datatype, input_shape)
 
-    def _query_batch(self, x: np.ndarray, spec: OutputSpec) -> list[Answer | QueryFailure]:
+    def _send(self, x: np.ndarray) -> HTTPResponse:
+        """One infer request for ``x``, as the profile's client writes it: JSON ``data``, or the binary extension."""
         meta = self._meta or _Metadata("input", oip.datatype_of(x.dtype), None)
         try:
-            data = oip.json_data(x, meta.datatype, "the markers")
+            data = oip.json_data(x, meta.datatype, "the markers")  # also checks that integers fit the datatype
         except oip.ProtocolError as exc:
             raise Failure(f"cannot send the markers as the served model's input: {exc}") from None
-        self._counter += 1
-        req_id = f"tp-{self._counter}"
-        body = {"id": req_id, "inputs": [{"name": meta.input_name, "shape": [int(s) for s in x.shape], "datatype": meta.datatype, "data": data}]}
-        doc = self.request("POST", f"{self._model_url()}/infer", json_body=body).json()
+        tensor: dict[str, Any] = {"name": meta.input_name, "shape": [int(s) for s in x.shape], "datatype": meta.datatype}
+        url = f"{self._model_url()}/infer"
+        if not self.profile.binary:
+            return self.request("POST", url, json_body={"inputs": [{**tensor, "data": data}]})
+        raw = oip.binary_data(x, meta.datatype)
+        head = {"inputs": [{**tensor, "parameters": {"binary_data_size": len(raw)}}], "parameters": {"binary_data_output": True}}
+        try:
+            text = self.profile.dumps(head)
+        except ValueError:
+            raise Failure("cannot send NaN or infinite inputs as JSON") from None
+        return self.request("POST", url, content=text + raw, header_length=len(text))
+
+    def _query_batch(self, x: np.ndarray, spec: OutputSpec) -> list[Answer | QueryFailure]:
+        resp = self._send(x)
+        try:
+            head, raw = oip.split_body(resp.body, resp.headers.get(oip.HEADER_LENGTH))
+        except oip.ProtocolError as exc:
+            raise Failure(f"malformed response: {exc}") from None
+        doc = HTTPResponse(resp.status, resp.headers, head).json()
         if not isinstance(doc, dict):
             raise Failure("malformed response: expected a JSON object")
-        if "id" in doc and doc["id"] != req_id:
-            raise Failure(f"malformed response: id {doc['id']!r} does not echo the request's {req_id!r}")
         outputs = doc.get("outputs")
         if not isinstance(outputs, list) or not outputs:
             raise Failure("malformed response: no outputs")
         parts = [Parts() for _ in range(len(x))]
+        offset = 0
         for out in outputs:
             try:
-                self._read_output(out, parts)
+                offset = self._read_output(out, parts, raw, offset)
             except oip.ProtocolError as exc:
                 raise Failure(f"malformed response: {exc}") from None
+        if offset != len(raw):
+            raise Failure(f"malformed response: {len(raw) - offset} bytes of binary data no output claims")
         answers: list[Answer | QueryFailure] = []
         for p in parts:
             if p.empty():
@@ -139,18 +165,37 @@ class KServeClient(HTTPTarget):
             answers.append(to_answer(p, spec, self.classes))
         return answers
 
-    def _read_output(self, out: Any, parts: list[Parts]) -> None:
+    def _read_output(self, out: Any, parts: list[Parts], raw: bytes, offset: int) -> int:
+        """Read one output into ``parts``; its binary data (if any) starts at ``offset`` of ``raw``: the offset after it."""
         if not isinstance(out, dict) or not isinstance(out.get("name"), str):
             raise oip.ProtocolError("output without a name")
         name, datatype = out["name"], out.get("datatype")
         what = f"output '{name}'"
         shape = oip.read_shape(out.get("shape"), what)
-        if "data" not in out:
-            raise oip.ProtocolError(f"{what} has no data (binary data was not requested)")
         batch = len(parts)
         if shape[0] != batch:
             raise oip.ProtocolError(f"{what} has shape {shape}, expected a batch of {batch}")
-        flat = oip.decode_json(out["data"], datatype, shape, what, finite=False)
+        params = out.get("parameters")
+        size = params.get("binary_data_size") if isinstance(params, dict) else None
+        if size is not None:  # the binary extension (tritonclient's default): the bytes follow the JSON
+            if not (isinstance(size, int) and not isinstance(size, bool) and 0 <= size <= len(raw) - offset):
+                raise oip.ProtocolError(f"{what} has a binary_data_size out of range")
+            chunk, offset = raw[offset : offset + size], offset + size
+            if datatype == oip.BYTES:
+                flat = np.array(_byte_strings(chunk, math.prod(shape), what), dtype=object)
+            elif oip.is_numeric(datatype):
+                flat = oip.decode_binary(chunk, datatype, shape, what, finite=False)
+            else:
+                return offset  # BOOL or an unknown type: not something tamperprobe reads
+        elif "data" in out:
+            flat = oip.decode_json(out["data"], datatype, shape, what, finite=False)
+        else:
+            raise oip.ProtocolError(f"{what} has no data")
+        self._use_output(name, datatype, flat, parts, what)
+        return offset
+
+    def _use_output(self, name: str, datatype: Any, flat: np.ndarray, parts: list[Parts], what: str) -> None:
+        batch = len(parts)
         rows = flat.reshape(batch, -1).tolist() if batch else []
         lname = name.lower()
         if datatype == oip.BYTES:
@@ -179,6 +224,23 @@ class KServeClient(HTTPTarget):
                 p.probs = row
             elif kind == "logits" and p.logits is None:
                 p.logits = row
+
+
+def _byte_strings(raw: bytes, count: int, what: str) -> list[str]:
+    """``count`` BYTES elements in binary form (each a 4-byte little-endian length and the bytes), as text."""
+    out: list[str] = []
+    pos = 0
+    for _ in range(count):
+        if pos + 4 > len(raw):
+            raise oip.ProtocolError(f"binary {what} ends inside an element")
+        n = int.from_bytes(raw[pos : pos + 4], "little")
+        if pos + 4 + n > len(raw):
+            raise oip.ProtocolError(f"binary {what} ends inside an element")
+        out.append(raw[pos + 4 : pos + 4 + n].decode("utf-8", errors="replace"))
+        pos += 4 + n
+    if pos != len(raw):
+        raise oip.ProtocolError(f"binary {what} has {len(raw) - pos} bytes beyond its elements")
+    return out
 
 
 def _ranked_entry(value: Any, what: str) -> tuple[int, float]:
