@@ -59,6 +59,12 @@ class Coverage:
 class _LastWide(TorchDispatchMode):
     """Keeps the result of the last aten operation with rank ≥ 3, ``batch`` rows and more than ``width`` numbers per row."""
 
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # torch wraps a mode's __torch_dispatch__ to keep Dynamo out of it, importing torch._dynamo (seconds of start-up)
+        # on the first operation; nothing is compiled here, so the wrap is declined (tests/test_startup.py)
+        return False
+
     def __init__(self, batch: int, width: int) -> None:
         super().__init__()
         self.batch, self.width = batch, width
