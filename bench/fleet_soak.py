@@ -160,7 +160,8 @@ def analyse(events: Path, windows: list[list[float]], tampered_name: str, tamper
         # a run's time is when it ended; it began at most its seconds earlier
         began = t - float(r.get("seconds") or 0)
         down = next((i for i, w in enumerate(windows) if began < w[1] and t > w[0] - 1), None)
-        whole = down is not None and began >= windows[down][0] and t <= windows[down][1]  # the run lay wholly inside the outage
+        # wholly inside the outage; a window ends when the loop *saw* the server ready (an upper bound), and event times are to the second
+        whole = down is not None and began >= windows[down][0] and t <= windows[down][1] - 1
         if down is not None:
             served = "down" if whole else "edge"  # edge: the run overlapped a kill or a restart (answers may have come while up)
         else:
