@@ -8,6 +8,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from tamperprobe._util import parse_duration
 from tamperprobe.errors import UsageError
 from tamperprobe.outputs import Answer
 from tamperprobe.served import history
@@ -114,15 +115,15 @@ def test_newer_schema_is_refused(tmp_path):
 
 
 def test_parse_duration():
-    assert history.parse_duration("30s") == 30
-    assert history.parse_duration("10m") == 600
-    assert history.parse_duration("1h30m") == 5400
-    assert history.parse_duration("1.5h") == 5400
-    assert history.parse_duration("90") == 90
-    assert history.parse_duration("250ms") == 0.25
+    assert parse_duration("30s") == 30
+    assert parse_duration("10m") == 600
+    assert parse_duration("1h30m") == 5400
+    assert parse_duration("1.5h") == 5400
+    assert parse_duration("90") == 90
+    assert parse_duration("250ms") == 0.25
     for bad in ("", "10x", "m", "-5s", "1h 30"):
         with pytest.raises(UsageError):
-            history.parse_duration(bad)
+            parse_duration(bad)
 
 
 _V1_SCHEMA = """
@@ -145,7 +146,7 @@ def test_a_version_1_history_is_upgraded_in_place(tmp_path):
     assert (old["target"], old["signer"], old["notes"]) == ("kserve:http://old", None, None)
     assert new["id"] == rid and new["verdict"] == TAMPERED
     with sqlite3.connect(path) as con:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == history.SCHEMA_VERSION == 3
+        assert con.execute("PRAGMA user_version").fetchone()[0] == history.SCHEMA_VERSION == 4
 
 
 def test_record_stores_inert_redacted_text_and_the_signer(tmp_path):

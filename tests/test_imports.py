@@ -184,3 +184,16 @@ def test_evaluation_types_make_no_cycle_either():
     }
     found = [sorted(c) for c in cycles(evaluation)]
     assert found == [], f"import cycles (type-only imports counted): {found}"
+
+
+def test_the_history_and_the_ledger_sit_below_what_verifies():
+    """``served.history`` (runs), ``served.ledger`` (the pool ledger) and ``served._db`` (their file) import neither the pool nor
+    verify nor the session, and not even type-only imports make a cycle among them (main had history -> verify -> pool -> history)."""
+    low = {"tamperprobe.served.history", "tamperprobe.served.ledger", "tamperprobe.served._db"}
+    graph, typed = import_graph(), import_graph(type_checking=True)
+    assert "tamperprobe.served.ledger" in graph["tamperprobe.served.pool"] and "tamperprobe.served._db" in graph["tamperprobe.served.ledger"]
+    for module in low:
+        assert not graph[module] & {"tamperprobe.served.pool", "tamperprobe.served.verify", "tamperprobe.served.session"}, module
+    assert "tamperprobe.served.verify" in typed["tamperprobe.served.history"]  # Report, for type checking only
+    found = [sorted(c) for c in cycles(typed) if c & (low | {"tamperprobe.served.pool"})]
+    assert found == [], f"import cycles (type-only imports counted): {found}"

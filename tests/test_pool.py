@@ -24,7 +24,7 @@ from tamperprobe.data import InputSpec
 from tamperprobe.errors import UsageError
 from tamperprobe.fingerprint import load, make_fingerprint, save
 from tamperprobe.models import TorchModel
-from tamperprobe.served import history, pool
+from tamperprobe.served import history, ledger, pool
 from tamperprobe.served.clients import make_client
 from tamperprobe.served.verify import INCONCLUSIVE, INTACT, TAMPERED, verify
 from tamperprobe.server.app import ServerThread
@@ -125,7 +125,7 @@ def test_no_marker_is_sent_twice_across_runs_and_a_used_up_pool_is_refused(world
     for r in runs:
         idx = [m["index"] for m in history.markers(r["id"], hist) if m["kind"] == "marker"]
         assert len(idx) == 2 and idx[0] // 2 == idx[1] // 2 and idx[0] != idx[1]  # both halves of one pair
-    (usage,) = history.pool_usage(hist)
+    (usage,) = ledger.pool_usage(hist)
     assert (usage["fingerprint"], usage["markers"], usage["decoys"], usage["draws"]) == (fp.id, 12, 12, 6)
     h = run("history", "--pool", "--history", hist)
     assert h.exit_code == 0 and fp.id in h.stdout
@@ -207,7 +207,7 @@ def test_a_draw_is_recorded_before_sending_so_an_interrupted_run_wastes_rather_t
     fp, hist = world["fp"], tmp_path / "h.sqlite"
     p = pool.plan(fp, per_run=2, decoys=1)
     lost = pool.draw(fp, p, path=hist)  # ... and the process dies before sending anything
-    assert history.drawn(fp.id, hist) == {"marker": set(lost.markers), "decoy": set(lost.decoys)}
+    assert ledger.drawn(fp.id, hist) == {"marker": set(lost.markers), "decoy": set(lost.decoys)}
     later = [pool.draw(fp, p, path=hist) for _ in range(5)]
     assert not {i for d in later for i in d.markers} & set(lost.markers)
     assert not {j for d in later for j in d.decoys} & set(lost.decoys)
@@ -350,7 +350,7 @@ def test_a_spread_longer_than_the_deadline_is_a_usage_error_before_any_draw(worl
         assert res.exit_code == 2, (res.stdout, res.stderr)
         (line,) = res.stderr.strip().splitlines()
         assert "not within the --deadline of 5 s" in line
-    assert history.drawn(world["fp"].id, hist) == {}  # nothing drawn, nothing burnt
+    assert ledger.drawn(world["fp"].id, hist) == {}  # nothing drawn, nothing burnt
 
 
 def test_a_spread_run_that_overruns_its_deadline_fails_closed(world, tmp_path):
@@ -431,7 +431,7 @@ def test_a_version_2_history_is_upgraded_in_place_keeping_its_rows(world, tmp_pa
         report = verify(fp, make_client("kserve", srv.url, model_name="m", retries=0), draw=d)
     rid = history.record(report, path=path)
     with sqlite3.connect(path) as con:
-        assert con.execute("PRAGMA user_version").fetchone()[0] == history.SCHEMA_VERSION == 3
+        assert con.execute("PRAGMA user_version").fetchone()[0] == history.SCHEMA_VERSION == 4
     old, new = sorted(history.runs(path), key=lambda r: r["id"])
     assert (old["verdict"], old["signer"], old["markers"], old["decoys"], old["pool"], old["draw"]) == ("TAMPERED", "k3y", 2, None, None, None)
     assert [(m["kind"], m["index"], m["status"], m["observed"]) for m in history.markers(1, path)] == [
@@ -441,7 +441,7 @@ def test_a_version_2_history_is_upgraded_in_place_keeping_its_rows(world, tmp_pa
     assert (new["id"], new["pool"], new["markers"], new["decoys"], new["draw"]) == (rid, "fresh", 2, 2, d.draw_id)
     kinds = [(m["kind"], m["index"]) for m in history.markers(rid, path)]
     assert kinds == [("marker", i) for i in d.markers] + [("decoy", j) for j in d.decoys]  # a decoy may share a marker's index
-    assert history.drawn(fp.id, path) == {"marker": set(d.markers), "decoy": set(d.decoys)}
+    assert ledger.drawn(fp.id, path) == {"marker": set(d.markers), "decoy": set(d.decoys)}
 
 
 def test_requests_do_not_name_tamperprobe(world, tmp_path):

@@ -222,9 +222,9 @@ def test_verify_runs_a_local_torchscript_in_the_sandbox(files, tmp_path):
     fp = save(
         make_fingerprint(X, load_model(good).logits(X), InputSpec(SHAPE), {"method": "natural"}, "t", output_spec="logits"), tmp_path / "fp.tpf"
     )
-    ok = CliRunner().invoke(app, ["verify", str(fp), "--model", str(good), "--no-history"])
+    ok = CliRunner().invoke(app, ["verify", str(fp), "--model", str(good), "--no-history", "--allow-repeat"])
     assert ok.exit_code == 0, (ok.stdout, ok.stderr)
-    bad = CliRunner().invoke(app, ["verify", str(fp), "--model", str(files["forward"]), "--no-history"])
+    bad = CliRunner().invoke(app, ["verify", str(fp), "--model", str(files["forward"]), "--no-history", "--allow-repeat"])
     assert bad.exit_code == 2 and "Traceback" not in bad.stderr, (bad.stdout, bad.stderr)
     assert [line for line in bad.stderr.splitlines() if line.strip()] == [bad.stderr.strip()] and "Operation not permitted" in bad.stderr
     assert not files["new"].exists() and files["existing"].read_bytes() == ORIGINAL

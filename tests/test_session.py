@@ -28,7 +28,7 @@ from tamperprobe.data import InputSpec
 from tamperprobe.errors import UsageError
 from tamperprobe.fingerprint import load, make_fingerprint, save
 from tamperprobe.models import save_model
-from tamperprobe.served import history
+from tamperprobe.served import history, ledger
 from tamperprobe.served.targets import QueryResult
 from tamperprobe.server.app import ServerThread
 
@@ -257,14 +257,14 @@ def test_markers_of_a_run_that_reached_nothing_go_back_to_the_pool(world, tmp_pa
     dead = f"http://127.0.0.1:{free_port()}"  # nothing listens: every attempt is refused before a connection
     r = run("verify", world["fp_path"], "--endpoint", dead, "--model-name", "m", "--retries", "1", "--per-run", "4", "--history", hist)
     assert r.exit_code == 2 and "went back to the pool" in r.stdout, (r.stdout, r.stderr)
-    assert history.pool_usage(hist) == []  # nothing spent
+    assert ledger.pool_usage(hist) == []  # nothing spent
     (row,) = history.runs(hist)
     assert row["verdict"] == "INCONCLUSIVE"
     # a server that answered (even with an error) may have seen the markers: they stay spent
     with Scripted(lambda req, out: reply(out, 503, {"error": "down"})) as srv:
         r = run("verify", world["fp_path"], "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--per-run", "4", "--history", hist)
     assert r.exit_code == 2 and "went back" not in r.stdout
-    (usage,) = history.pool_usage(hist)
+    (usage,) = ledger.pool_usage(hist)
     assert usage["markers"] == 4
 
 
@@ -290,7 +290,7 @@ def test_a_watch_through_an_outage_spends_no_markers(world, tmp_path):
         hist,
     )
     assert r.exit_code == 2 and r.stdout.count("INCONCLUSIVE") == 6  # 6 runs from a pool of 5: none of them spent anything
-    assert history.pool_usage(hist) == []
+    assert ledger.pool_usage(hist) == []
 
 
 # --------------------------------------------------------------------------- the session as a library object
@@ -325,7 +325,7 @@ def test_a_session_draws_for_a_suspect_target_and_sends_everything_to_a_trusted_
     session = Session(fp, suspect, Settings(per_run=4, history_path=hist), on_run=runs.append)
     first, second = session.run_once(), session.run_once()
     assert suspect.sizes == [4, 4] and [r.number for r in runs] == [1, 2] and first.report.verdict == "INTACT"
-    assert second.report.runs_left == N // 4 - 2 and history.pool_usage(hist)[0]["markers"] == 8
+    assert second.report.runs_left == N // 4 - 2 and ledger.pool_usage(hist)[0]["markers"] == 8
     trusted = _Plain(world["tampered"], suspect=False)
     report = Session(fp, trusted, Settings(record=False)).run_once().report
     assert trusted.sizes == [N] and report.verdict == "TAMPERED" and report.pool == "all"
@@ -373,7 +373,7 @@ def test_a_model_file_draws_from_the_pool_unless_the_owner_trusts_it(world, tmp_
     assert r.exit_code == 0, r.stderr
     doc = json.loads(r.stdout)
     assert len(doc["markers"]) == 4 and doc["pool"] == "fresh" and doc["runs_left"] == N // 4 - 1
-    assert history.pool_usage(hist)[0]["markers"] == 4
+    assert ledger.pool_usage(hist)[0]["markers"] == 4
     t = run("verify", world["fp_path"], "--model", world["tampered_file"], "--trusted-model", "--no-history", "--json")
     assert t.exit_code == 1 and len(json.loads(t.stdout)["markers"]) == N and json.loads(t.stdout)["pool"] == "all"
     for args, message in (

@@ -102,6 +102,7 @@ def test_a_signed_fingerprint_records_its_signer(world, tmp_path):
     assert r.exit_code == 0 and r.stderr == "", r.stderr
     (row,) = history.runs(hist)
     assert row["signer"] == load(world["signed"]).signer and row["notes"] is None
+    assert f"signed by key {row['signer']}" in " ".join(r.stdout.split())  # the printed verdict names the key that vouched
 
 
 def test_an_unsigned_fingerprint_needs_the_opt_out_warns_every_run_and_is_recorded(world, tmp_path):

@@ -1,4 +1,4 @@
-"""Small helpers with no heavy imports: one-line error text, atomic file writes, stable seeds."""
+"""Small helpers with no heavy imports: one-line error text, atomic file writes, stable seeds, durations."""
 
 from __future__ import annotations
 
@@ -68,4 +68,29 @@ def env_secret(variable: str, option: str = "--token-env") -> str:
     value = os.environ.get(variable)
     if not value:
         raise UsageError(f"environment variable {variable} is not set or empty ({option})")
+    return value
+
+
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str | float | int) -> float:
+    """``30s``, ``10m``, ``1h30m``, ``1.5h``, ``2d``, ``500ms`` or plain seconds (``90``) -> seconds; anything else is a UsageError."""
+    from .errors import UsageError
+
+    if isinstance(text, (int, float)) and not isinstance(text, bool):
+        value = float(text)
+    else:
+        s = str(text).strip().lower().replace(" ", "")
+        try:
+            value = float(s)
+        except ValueError:
+            import re
+
+            pieces = re.findall(r"(\d+(?:\.\d+)?)(ms|s|m|h|d|w)", s)
+            if not s or "".join(a + b for a, b in pieces) != s:
+                raise UsageError(f"bad duration {text!r}: use e.g. 30s, 10m, 1h, 1h30m") from None
+            value = sum(float(a) * _UNITS[b] for a, b in pieces)
+    if not value >= 0 or value == float("inf"):
+        raise UsageError(f"bad duration {text!r}: must be a finite number of seconds >= 0")
     return value

@@ -9,7 +9,9 @@ queries are markers (``served.pool``). The header
 metadata key ``tamperprobe`` holds JSON: the format tag ``tamperprobe.fingerprint/v2``, the
 input spec, the generator with every parameter and the seed, the digest of the model weights,
 the intended output spec, the comparison tolerance, the creation time, optionally ``per_run`` (the
-markers a verification run draws from the pool by default), ``sha256`` (the *content
+markers a verification run draws from the pool by default), optionally ``model_name`` and
+``model_version`` (what the fingerprint vouches for, with the weight digest: ``verify --expect
+NAME:VERSION`` refuses any other fingerprint, ``check_expected``), ``sha256`` (the *content
 digest*: SHA-256 over the canonical JSON of every other metadata field and over every tensor's
 name, dtype, shape and bytes) and ``signature``: an Ed25519 signature of the content digest
 (``tamperprobe.signing``). Anyone can recompute a checksum; only the holder of the private key
@@ -17,7 +19,9 @@ can sign, so ``load`` accepts a file only when a trusted public key verifies its
 (or, on explicit request, an unsigned file). The fingerprint id is the first 16 hex digits of
 the content digest, so it changes with any tensor or any metadata field. The decoy tensors and
 ``per_run`` are written only when set, so a file without them (every file written before they
-existed) reads, verifies and keeps its id exactly as before: it simply has no decoys.
+existed) reads, verifies and keeps its id exactly as before: it simply has no decoys. The same
+holds for ``model_name`` and ``model_version``: optional keys of the v2 payload, absent in older
+files (whose ids are unchanged), covered by the digest and the signature when present.
 
 Version 1 files (no signature; the id covered the tensors only) are still read, as unsigned
 files. A file may also be encrypted at rest (``signing.encrypt``): then the whole archive is an
@@ -37,7 +41,7 @@ import struct
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import numpy as np
 
@@ -81,6 +85,8 @@ class Fingerprint:
     decoy_inputs: np.ndarray | None = None  # (d, *input_spec.shape), dtype input_spec.dtype: natural inputs
     decoy_logits: np.ndarray | None = None  # (d, C) float32, the intact model's logits on them
     per_run: int | None = None  # markers a verification run draws by default (None: the served side's default)
+    model_name: str | None = None  # the model this fingerprint vouches for (with model_digest), e.g. "fraud-scorer"
+    model_version: str | None = None  # its version, e.g. "2025-03" or "v4.1"
     version: int = field(default=VERSION, compare=False)  # the format version it was read from (or will be written as)
     signer: str | None = field(default=None, compare=False)  # key id whose signature was verified on reading
 
@@ -144,6 +150,10 @@ class Fingerprint:
         }
         if self.per_run is not None:
             meta["per_run"] = int(self.per_run)
+        if self.model_name is not None:
+            meta["model_name"] = self.model_name
+        if self.model_version is not None:
+            meta["model_version"] = self.model_version
         return json.loads(json.dumps(meta, default=_json_default))
 
     def subset(self, idx: Any) -> Fingerprint:
@@ -158,6 +168,62 @@ class Fingerprint:
             seeds=None if self.seeds is None else self.seeds[idx],
             groups=None if self.groups is None else self.groups[idx],
         )
+
+
+_IDENTITY = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+/@-]{0,127}")
+_FP_ID = re.compile(r"[0-9a-f]{16}")
+
+
+def _identity(value: Any, what: str) -> str | None:
+    """A model name or version as recorded: None, or 1-128 characters of letters, digits and ``._+/@-`` (no ``:``, no spaces)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not _IDENTITY.fullmatch(value):
+        raise ValueError(f"{what} must be 1-128 letters, digits or ._+/@- starting with a letter or digit, got {str(value)[:40]!r}")
+    return value
+
+
+@overload
+def with_identity(fp: Fingerprint, name: str | None, version: str | None) -> Fingerprint: ...
+@overload
+def with_identity(fp: None, name: str | None, version: str | None) -> None: ...
+def with_identity(fp: Fingerprint | None, name: str | None, version: str | None) -> Fingerprint | None:
+    """``fp`` recording what it vouches for: model ``name`` and ``version`` (both or neither; ``UsageError`` if malformed).
+
+    This changes the fingerprint's content, so its id (and any signature) is new: sign after it.
+    ``fp`` None only checks the two values (the CLI does so before generating).
+    """
+    if (name is None) != (version is None):
+        raise UsageError("give --model-name and --model-version together: a fingerprint vouches for one version of one model")
+    try:
+        name, version = _identity(name, "--model-name"), _identity(version, "--model-version")
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if name is None or fp is None:
+        return fp
+    return replace(fp, model_name=name, model_version=version)
+
+
+def check_expected(fp: Fingerprint, expect: str | None, what: str = "the fingerprint") -> None:
+    """Refuse (``AuthenticityError``, exit 3) a fingerprint that is not the one expected; ``expect`` None checks nothing.
+
+    ``expect`` is a fingerprint id (16 hex digits) or ``NAME:VERSION`` of the model it must vouch
+    for. A validly signed fingerprint of the same owner for another model or an older version is
+    exactly what a swapped file would be, so the check is on what the file says it vouches for.
+    """
+    if expect is None:
+        return
+    want = str(expect).strip()
+    have = f"{fp.id}" + (f" for {fp.model_name}:{fp.model_version}" if fp.model_name is not None else " (no model name or version recorded)")
+    if _FP_ID.fullmatch(want.lower()):
+        if fp.id != want.lower():
+            raise AuthenticityError(f"{what} is not the fingerprint expected: it is {have}, --expect {want}")
+        return
+    name, sep, version = want.partition(":")
+    if not sep or not name or not version:
+        raise UsageError(f"--expect {want[:60]!r}: give a fingerprint id (16 hex digits) or NAME:VERSION")
+    if (fp.model_name, fp.model_version) != (name, version):
+        raise AuthenticityError(f"{what} is not the fingerprint expected: it is {have}, --expect {want[:140]}")
 
 
 def make_fingerprint(inputs: np.ndarray, logits: np.ndarray, input_spec: InputSpec, generator: dict, model_digest: str, **kw: Any) -> Fingerprint:
@@ -252,7 +318,7 @@ def _read_archive(p: Path, raw: bytes) -> tuple[str | None, dict[str, np.ndarray
     return raw_meta, tensors
 
 
-def load(path: str | os.PathLike, *, trust: Any = None, secret_key: bytes | None = None) -> Fingerprint:
+def load(path: str | os.PathLike, *, trust: Any = None, secret_key: bytes | None = None, require_encrypted: bool | None = None) -> Fingerprint:
     """Read a fingerprint back bit-exactly and check that it is authentic.
 
     ``trust`` (a ``signing.Trust``) says which signers to accept and whether an unsigned file
@@ -261,7 +327,10 @@ def load(path: str | os.PathLike, *, trust: Any = None, secret_key: bytes | None
     ``FingerprintFormatError``; a missing, untrusted or wrong signature an ``AuthenticityError``,
     and so does any damage to a signed file (``AlteredFileError``, both at once: exit 3, as every
     altered signed file), but for a newer format version, which an upgrade reads.
-    ``secret_key`` decrypts a file encrypted at rest.
+    ``secret_key`` decrypts a file encrypted at rest. A plaintext file is refused
+    (``AuthenticityError``) when ``require_encrypted``, by default whenever a ``secret_key`` is
+    given: whoever gives a key expects an encrypted file, and a plaintext one in its place may be a
+    swap (``require_encrypted=False`` reads both, as ``tamperprobe sign`` does).
     """
     from . import signing
 
@@ -274,6 +343,11 @@ def load(path: str | os.PathLike, *, trust: Any = None, secret_key: bytes | None
         raise FingerprintFormatError(f"cannot read fingerprint {p}: {exc.strerror or exc}") from None
     if signing.is_encrypted(raw):
         raw = signing.decrypt(raw, secret_key, str(p))
+    elif require_encrypted or (require_encrypted is None and secret_key is not None):
+        raise AuthenticityError(
+            f"{p} is not encrypted, but a decryption key was given (--decrypt-key or ${signing.SECRET_ENV}): refusing it, "
+            "an encrypted fingerprint may have been swapped for a plaintext one (give no key to read a plaintext file)"
+        )
     try:
         return _parse(p, raw, trust)
     except FingerprintFormatError as exc:
@@ -344,6 +418,8 @@ def _parse(p: Path, raw: bytes, trust: Any) -> Fingerprint:
             decoy_inputs=tensors.get("decoy_inputs"),
             decoy_logits=tensors.get("decoy_logits"),
             per_run=None if meta.get("per_run") is None else int(meta["per_run"]),
+            model_name=_identity(meta.get("model_name"), "model_name"),
+            model_version=_identity(meta.get("model_version"), "model_version"),
             version=version,
             signer=signer,
         )

@@ -19,9 +19,18 @@ Key files:
 * secret (encryption) key: 32 random bytes, stored as 64 hex digits (mode 0600), or given as
   64 hex digits in an environment variable.
 
-Trusted public keys come from ``--trust-key FILE`` (repeatable), the environment variable
-``TAMPERPROBE_TRUST_KEYS`` (files separated by ``:``), or every ``*.pub`` file in the trusted-keys
-folder (``trusted_keys_dir()``, under the user's config folder).
+Trusted public keys come from exactly one source, the first given of: ``--trust-key FILE``
+(repeatable), the environment variable ``TAMPERPROBE_TRUST_KEYS`` (files separated by ``:``), or
+every ``*.pub`` file in the trusted-keys folder (``trusted_keys_dir()``, under the user's config
+folder). Naming keys means exactly these keys: the folder's are not added to them.
+
+Whoever can write a trusted key can forge any fingerprint, so trusted keys are checked as sshd's
+``StrictModes`` checks ``authorized_keys`` (``check_key_file``): a key file and every folder above
+it up to the home folder (or up to a root-owned sticky folder such as ``/tmp``) must be owned by
+the user or root and not writable by group or others; in the trusted-keys folder the folder itself
+and its key files must not be symbolic links (a link could point anywhere). Anything else is
+refused with a one-line error naming the path. Folders and key files tamperprobe creates get
+modes 0700 and 0644, whatever the umask.
 """
 
 from __future__ import annotations
@@ -30,6 +39,7 @@ import base64
 import hashlib
 import os
 import secrets
+import stat
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,11 +83,31 @@ def ensure_signing_key(passphrase: bytes | None = None) -> tuple[Path, bool]:
     if path.exists():
         return path, False
     _, pub = generate_keypair(path, path.with_suffix(".pub"), passphrase=passphrase)
-    folder = trusted_keys_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    kid = key_id(load_public_key(pub))
-    (folder / f"{kid}.pub").write_bytes(pub.read_bytes())
+    trust_public_key(pub)
     return path, True
+
+
+def _private_dir(folder: Path) -> None:
+    """Create ``folder`` (and missing parents) with mode 0700: a folder only its owner can write, whatever the umask."""
+    missing = [f for f in (folder, *folder.parents) if not f.exists()]
+    folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for f in missing:
+        f.chmod(0o700)
+
+
+def trust_public_key(public_path: str | os.PathLike) -> Path:
+    """Copy a public key into the trusted-keys folder as ``<key id>.pub`` (mode 0644; the folder 0700 when created); returns the copy."""
+    pub = Path(public_path)
+    kid = key_id(load_public_key(pub))
+    folder = trusted_keys_dir()
+    _private_dir(folder)
+    target = folder / f"{kid}.pub"
+    data = pub.read_bytes()
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_NOFOLLOW", 0), 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    target.chmod(0o644)
+    return target
 
 
 # ------------------------------------------------------------------------ key files
@@ -85,7 +115,8 @@ def ensure_signing_key(passphrase: bytes | None = None) -> tuple[Path, bool]:
 
 def _write_private(path: Path, data: bytes) -> None:
     """Create ``path`` with mode 0600 before any secret byte is written; refuse to overwrite."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not path.parent.exists():
+        _private_dir(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
@@ -185,19 +216,95 @@ class Trust:
 
     @classmethod
     def from_sources(cls, files: Iterable[str | os.PathLike] | None = None, *, allow_unsigned: bool = False, use_defaults: bool = True) -> Trust:
-        """Keys from ``files``, ``$TAMPERPROBE_TRUST_KEYS`` and the trusted-keys folder (the last two when ``use_defaults``)."""
+        """Exactly the keys in ``files`` when any is given; else (when ``use_defaults``) those of ``$TAMPERPROBE_TRUST_KEYS``
+        when set, else those of the trusted-keys folder. Every key file is checked (``check_key_file``) before it is read."""
         paths: list[Path] = [Path(f) for f in files or []]
-        if use_defaults:
+        if not paths and use_defaults:
             env = os.environ.get(TRUST_ENV, "")
-            paths += [Path(p) for p in env.split(os.pathsep) if p.strip()]
-            folder = trusted_keys_dir()
-            if folder.is_dir():
-                paths += sorted(folder.glob("*.pub"))
-        keys = tuple(load_public_key(p) for p in dict.fromkeys(paths))
-        return cls(keys, allow_unsigned, tuple(str(p) for p in dict.fromkeys(paths)))
+            paths = [Path(p) for p in env.split(os.pathsep) if p.strip()]
+            if not paths:
+                paths = folder_keys(trusted_keys_dir())
+        paths = list(dict.fromkeys(paths))
+        for p in paths:
+            check_key_file(p)
+        keys = tuple(load_public_key(p) for p in paths)
+        return cls(keys, allow_unsigned, tuple(str(p) for p in paths))
 
     def key_ids(self) -> list[str]:
         return [key_id(k) for k in self.keys]
+
+    def source_of(self, kid: str) -> str | None:
+        """The file the trusted key ``kid`` was read from (None when unknown: a key given as an object)."""
+        for key, source in zip(self.keys, self.sources, strict=False):
+            if key_id(key) == kid:
+                return source
+        return None
+
+
+def folder_keys(folder: Path) -> list[Path]:
+    """The ``*.pub`` files of the trusted-keys ``folder`` (none when it does not exist); a folder or key file that is a
+    symbolic link, or a ``*.pub`` that is not a regular file, is refused (``UsageError``)."""
+    if not os.path.lexists(folder):
+        return []
+    if folder.is_symlink():
+        raise UsageError(f"trusted-keys folder {folder} is a symbolic link: refusing it (make it a real folder)")
+    if not folder.is_dir():
+        raise UsageError(f"trusted-keys folder {folder} is not a folder")
+    out = []
+    for p in sorted(folder.glob("*.pub")):
+        if p.is_symlink():
+            raise UsageError(f"trusted key {p} is a symbolic link: refusing it (copy the key file into the folder instead)")
+        if not p.is_file():
+            raise UsageError(f"trusted key {p} is not a regular file")
+        out.append(p)
+    return out
+
+
+def _unsafe(st: os.stat_result, uid: int) -> str | None:
+    """Why a file or folder with status ``st`` could be changed by someone else than ``uid`` and root, or None."""
+    if st.st_uid not in (uid, 0):
+        return f"is owned by uid {st.st_uid}, not by you (uid {uid}) or root"
+    if st.st_mode & 0o022:
+        who = "group and others" if st.st_mode & 0o022 == 0o022 else ("group" if st.st_mode & 0o020 else "others")
+        return f"is writable by {who} (mode {stat.S_IMODE(st.st_mode):04o})"
+    return None
+
+
+def check_key_file(path: str | os.PathLike) -> None:
+    """Refuse (``UsageError``, naming the path) a trusted key that someone else than the user or root could have written.
+
+    Checked as sshd's ``StrictModes``: the key file (a link followed to its target) and every
+    folder above it, up to and including the home folder, or up to a root-owned folder with the
+    sticky bit (``/tmp``: nobody else can replace entries there), must be owned by the user or root
+    and not writable by group or others. Not on systems without POSIX owners (Windows).
+    """
+    if os.name != "posix":
+        return
+    uid = os.geteuid()
+    p = Path(path)
+    try:
+        real = p.resolve(strict=True)
+        st = real.stat()
+    except OSError as exc:
+        raise UsageError(f"cannot read public key {p}: {exc.strerror or exc}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"trusted key {p} is not a regular file")
+    why = _unsafe(st, uid)
+    if why:
+        raise UsageError(f"trusted key {p} {why}: refusing it (chown/chmod go-w it, as sshd's StrictModes would ask)")
+    try:
+        home: Path | None = Path.home().resolve()
+    except (RuntimeError, KeyError, OSError):
+        home = None
+    for folder in real.parents:
+        st = folder.stat()
+        if st.st_uid == 0 and st.st_mode & stat.S_ISVTX:
+            return  # /tmp and the like: entries below cannot be replaced by others
+        why = _unsafe(st, uid)
+        if why:
+            raise UsageError(f"folder {folder} above trusted key {p} {why}: refusing the key (chown/chmod go-w the folder)")
+        if folder == home:
+            return
 
 
 def check_signature(digest: bytes, record: Any, trust: Trust, what: str) -> str:

@@ -68,13 +68,32 @@ EncryptKeyOption = Annotated[
 ]
 TrustKeyOption = Annotated[
     Optional[List[Path]],
-    typer.Option("--trust-key", help="Trusted public key (repeatable); also $TAMPERPROBE_TRUST_KEYS and the trusted-keys config folder."),
+    typer.Option(
+        "--trust-key",
+        help="Trust exactly this public key (repeatable), instead of $TAMPERPROBE_TRUST_KEYS or the trusted-keys config folder. "
+        "Key files must be writable only by you or root (as sshd's StrictModes).",
+    ),
 ]
 AllowUnsignedOption = Annotated[
     bool, typer.Option("--allow-unsigned", help="Accept an unsigned (or version 1) fingerprint: anyone could have written it. Warned on every run.")
 ]
 DecryptKeyOption = Annotated[
     Optional[Path], typer.Option("--decrypt-key", help="Secret key of an encrypted fingerprint (default: $TAMPERPROBE_FINGERPRINT_KEY).")
+]
+
+ExpectOption = Annotated[
+    Optional[str],
+    typer.Option(
+        "--expect",
+        help="Refuse any fingerprint but this one: its id (16 hex digits) or the NAME:VERSION of the model it vouches for "
+        "(recorded with fingerprint/sign --model-name --model-version). Exit 3 otherwise.",
+    ),
+]
+VouchNameOption = Annotated[
+    Optional[str], typer.Option("--model-name", help="Name of the model the fingerprint vouches for (recorded and signed; with --model-version).")
+]
+VouchVersionOption = Annotated[
+    Optional[str], typer.Option("--model-version", help="Version of the model the fingerprint vouches for (recorded and signed; with --model-name).")
 ]
 
 
@@ -103,14 +122,22 @@ def passphrase_from_env(var: str | None) -> bytes | None:
     return value.encode()
 
 
-def load_fingerprint_from_options(path: Path, trust_key: list[Path] | None, allow_unsigned: bool, decrypt_key: Path | None) -> Any:
-    """Read and authenticate a fingerprint as the trust options say; an accepted unsigned file is warned about."""
+def load_fingerprint_from_options(
+    path: Path, trust_key: list[Path] | None, allow_unsigned: bool, decrypt_key: Path | None, expect: str | None = None
+) -> Any:
+    """Read and authenticate a fingerprint as the trust options say, and check it is the one expected (``--expect``).
+
+    A decryption key (``--decrypt-key`` or ``$TAMPERPROBE_FINGERPRINT_KEY``) means the file must be
+    encrypted; a fingerprint that is not the one ``expect`` names (id or ``NAME:VERSION``,
+    ``fingerprint.check_expected``) exits 3 like any other inauthentic file. An accepted unsigned file is warned about.
+    """
     from .. import signing
-    from ..fingerprint import load
+    from ..fingerprint import check_expected, load
     from ._common import err_console
 
     trust = signing.Trust.from_sources(trust_key, allow_unsigned=allow_unsigned)
     fp = load(path, trust=trust, secret_key=signing.load_secret_key(decrypt_key))
+    check_expected(fp, expect, str(path))
     if fp.signer is None:
         err_console.print(
             f"[bold yellow]warning:[/] {path} is not signed (--allow-unsigned): anyone who could write it could have chosen its expected answers",

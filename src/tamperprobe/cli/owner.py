@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
@@ -30,6 +31,8 @@ from ._options import (
     ThreadsOption,
     TrustKeyOption,
     UnsignedOption,
+    VouchNameOption,
+    VouchVersionOption,
     WeightsOption,
     load_fingerprint_from_options,
     save_fingerprint_from_options,
@@ -118,6 +121,8 @@ def fingerprint(
     unsigned: UnsignedOption = False,
     passphrase_env: PassphraseEnvOption = None,
     encrypt_key: EncryptKeyOption = None,
+    model_name: VouchNameOption = None,
+    model_version: VouchVersionOption = None,
     threads: ThreadsOption = None,
     device: DeviceOption = None,
     as_json: JsonOption = False,
@@ -126,10 +131,12 @@ def fingerprint(
     with handled():
         from .._params import parse_kv
         from ..data import load_data
+        from ..fingerprint import with_identity
         from ..models import load_model, parse_model_args
         from ..owner.calibrate import load_noise
         from ..owner.generate import choose, generate_fingerprint
 
+        with_identity(None, model_name, model_version)  # malformed or half-given identities refused before any work
         # the method, its parameters and why: settled (and bad parameters refused) before the model and data load
         choice = choose(output_spec, method, parse_kv(param), noise=None if noise is None else load_noise(noise), tolerance=tolerance)
         m = load_model(model, weights, model_args=parse_model_args(model_arg), device=use_runtime(threads, device))
@@ -152,6 +159,7 @@ def fingerprint(
                 decoys=decoys,
                 per_run=per_run,
             )
+        made = dataclasses.replace(made, fingerprint=with_identity(made.fingerprint, model_name, model_version))
         fp = made.fingerprint
         notes += _noted(made.margin_warnings)
         how = save_fingerprint_from_options(fp, out, sign_key, unsigned, passphrase_env, encrypt_key)

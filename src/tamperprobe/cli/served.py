@@ -131,7 +131,7 @@ def history_cmd(
 ) -> None:
     """List past verifications recorded by verify and watch (or, with --pool, what each fingerprint's pool has used)."""
     with handled():
-        from ..served import history
+        from ..served import history, ledger
         from ..served.untrusted import clean
 
         if verdict and verdict.upper() not in ("INTACT", "TAMPERED", "INCONCLUSIVE"):
@@ -139,7 +139,7 @@ def history_cmd(
         if pool_use:
             if run is not None:
                 fail("give --pool or --run, not both")
-            rows = history.pool_usage(history_path, fingerprint)
+            rows = ledger.pool_usage(history_path, fingerprint)
             if as_json:
                 console.print_json(json.dumps(rows))
             elif rows:

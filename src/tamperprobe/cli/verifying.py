@@ -176,8 +176,8 @@ def _endpoint_target(fp: Fingerprint, o: Mapping[str, Any]) -> HTTPTarget:
     The fingerprint's input spec and class count go with it, so answers with another number of
     classes are failures.
     """
+    from .._util import parse_duration
     from ..served.clients import make_client
-    from ..served.history import parse_duration
 
     _warn_secrets_on_argv(o)
     return make_client(
@@ -358,7 +358,8 @@ def print_report(report: Report, max_rows: int = 40) -> None:
     """The per-marker table, the first failure, and last the verdict in tamperprobe's own words (no remote text)."""
     from rich.table import Table
 
-    table = Table(title=_shown(f"{report.target} · {report.output_spec} · fingerprint {report.fingerprint_id}"))
+    vouched = f"signed by key {report.signer}" if report.signer else "UNSIGNED"
+    table = Table(title=_shown(f"{report.target} · {report.output_spec} · fingerprint {report.fingerprint_id} · {vouched}"))
     for col in ("#", "expected", "observed", "status", "detail"):
         table.add_column(col)
     # the report's order (markers by index, then decoys, shown as d3), failures and mismatches first when cut

@@ -106,17 +106,16 @@ class _Fingerprints:
 
 
 def expect_problem(fp: Fingerprint, expect: str | None) -> str | None:
-    """Why ``fp`` is not the fingerprint ``expect`` names (its id, an id prefix of 8+ characters, or model name:version); None if it is."""
-    if not expect:
-        return None
-    if fp.id == expect or (len(expect) >= 8 and fp.id.startswith(expect)):
-        return None
-    model = (fp.extra or {}).get("model") or {}
-    name, version = model.get("name"), model.get("version")
-    if name and f"{name}:{version}" == expect or (name and version is None and name == expect):
-        return None
-    shown = f"{name}:{version}" if name else "no model name"
-    return f"fingerprint {fp.id[:12]} ({shown}) is not the one expected ({expect})"
+    """Why ``fp`` is not the fingerprint ``expect`` names (its id or the model ``NAME:VERSION`` it vouches for, the one rule of
+    ``fingerprint.check_expected``); None if it is. A malformed ``expect`` is a problem too: the entry is refused, never run."""
+    from ..fingerprint import check_expected
+
+    try:
+        check_expected(fp, expect)
+    except TamperprobeError as exc:
+        shown = f"{fp.model_name}:{fp.model_version}" if fp.model_name is not None else "no model name or version"
+        return f"fingerprint {fp.id[:12]} ({shown}) is not the one expected ({expect}): {one_line(exc)}"
+    return None
 
 
 def make_session(

@@ -35,12 +35,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from .._util import parse_duration
 from ..errors import UsageError
-
-try:  # moving to _util (issue 17); TODO(lead): keep only the first import after the history branch lands
-    from .._util import parse_duration  # type: ignore[attr-defined]
-except ImportError:  # pragma: no cover
-    from ..served.history import parse_duration
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 

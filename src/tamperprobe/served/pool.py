@@ -9,12 +9,13 @@ run it changes nothing. So a fingerprint is a *pool*, and each run draws what it
 * **Units.** Markers that share a group id (the two halves of a boundary pair) form one unit,
   drawn whole: both halves go in the same run (``owner.selection.units_of``). ``per_run``
   counts markers and must be a whole number of units.
-* **Never twice.** A marker or decoy is drawn at most once per fingerprint, whatever the
-  endpoint (the same operator may serve several). The ledger is the history's ``drawn`` table
-  (``history.claim``): what was used is read and the new draw written in one write
-  transaction, so two processes sharing a history file never draw the same marker, and the draw
-  is committed **before** anything is sent, so a crash or an interrupted run wastes markers
-  rather than re-sending them.
+* **Never twice.** A marker or decoy is drawn at most once, whatever the endpoint (the same
+  operator may serve several) and whatever fingerprint holds it: the ledger (``ledger.claim``)
+  remembers every query by its content, so a fingerprint regenerated with an old seed cannot
+  send old markers again under its new id. What was used is read and the new draw written in one
+  write transaction, so two processes sharing a history file never draw the same marker, and the
+  draw is committed (and read back) **before** anything is sent, so a crash or an interrupted run
+  wastes markers rather than re-sending them.
 * **Unpredictable.** The units, the decoys and the sending order are chosen with the operating
   system's CSPRNG (``secrets.SystemRandom``), never with a seed the operator could learn.
 * **Refused, not reused.** When the pool cannot supply a run, the draw raises
@@ -43,7 +44,7 @@ from typing import Any
 from ..errors import UsageError
 from ..fingerprint import Fingerprint
 from ..owner.selection import units_of
-from . import history
+from . import ledger
 
 DEFAULT_PER_RUN = 10  # markers per run when neither the caller nor the fingerprint says
 KINDS = ("marker", "decoy")
@@ -184,7 +185,7 @@ def _free_units(members: list[list[int]], used: set[int]) -> list[int]:
 def status(fp: Fingerprint, p: Plan, path: str | os.PathLike | None = None) -> Status:
     """The pool's use as recorded in the history at ``path`` (read only; an absent history: nothing used)."""
     members, _ = _units(fp)
-    used = history.drawn(fp.id, path)
+    used = ledger.drawn(fp.id, path, _digests(fp))
     free_units = _free_units(members, used.get("marker", set()))
     free_decoys = fp.decoys - len(used.get("decoy", set()))
     return Status(
@@ -200,6 +201,11 @@ def status(fp: Fingerprint, p: Plan, path: str | os.PathLike | None = None) -> S
     )
 
 
+def _digests(fp: Fingerprint) -> dict[str, list[str]]:
+    """The content digest of every marker and decoy (``ledger.content_digest``): what the ledger knows a query by."""
+    return ledger.digests_of({kind: fp.queries(kind)[0] for kind in KINDS})
+
+
 def _exhausted(fp: Fingerprint, p: Plan, free_units: int, free_decoys: int, unit_count: int) -> PoolExhausted:
     per_unit = p.markers // p.unit
     if free_units < per_unit:
@@ -207,8 +213,9 @@ def _exhausted(fp: Fingerprint, p: Plan, free_units: int, free_decoys: int, unit
     else:
         left = f"{free_decoys} of its {fp.decoys} decoys are unused and this run needs {p.decoys} (--decoys 0 runs without)"
     return PoolExhausted(
-        f"the pool of fingerprint {fp.id} is used up: {left}; nothing was sent. Generate a larger pool "
-        "(tamperprobe fingerprint --size N --per-run K), or pass --allow-repeat to re-send markers an operator may have kept"
+        f"the pool of fingerprint {fp.id} is used up: {left}; nothing was sent. Generate a new fingerprint with a fresh seed "
+        "(tamperprobe fingerprint --size N, never with the seed of an old one: its markers would be the old ones, which are never sent "
+        "again), or pass --allow-repeat to re-send markers an operator may have kept"
     )
 
 
@@ -255,7 +262,7 @@ def draw(
 
     draw_id = secrets.token_hex(8)
     notes: list[str] = []
-    ledger = record
+    kept = record
     if not record and not allow_repeat:
         raise UsageError(
             "without a history (--no-history) nothing records which markers were sent, so they would be sent again: "
@@ -264,12 +271,12 @@ def draw(
     chosen: dict[str, list[int]] | None = None
     if record:
         try:
-            chosen = history.claim(fp.id, choose, draw=draw_id, target=target, path=path)
-        except history.HistoryError as exc:
+            chosen = ledger.claim(fp.id, choose, draw=draw_id, digests=_digests(fp), target=target, path=path)
+        except ledger.HistoryError as exc:
             if not allow_repeat:
-                raise history.HistoryError(f"cannot draw fresh markers: {exc}; nothing was sent") from None
+                raise ledger.HistoryError(f"cannot draw fresh markers: {exc}; nothing was sent") from None
             notes.append(f"the pool ledger could not be used ({exc}): markers drawn at random without a record, any of them may repeat")
-            ledger = False
+            kept = False
     if chosen is None:
         chosen = choose({})
         if not notes:
@@ -277,7 +284,7 @@ def draw(
     mode = "fresh"
     if allow_repeat:
         mode = "repeat"
-        if ledger:
+        if kept:
             r = counts["repeated"]
             notes.append(
                 f"--allow-repeat: {r} of this run's {p.queries} queries were sent before (an operator who keeps past queries recognises those)"
@@ -291,9 +298,9 @@ def draw(
         tuple(chosen["decoy"]),
         order,
         mode,
-        repeated=counts["repeated"] if ledger else None,
-        draw_id=draw_id if ledger else None,
-        runs_left=_runs(counts["units"], counts["decoys"], p) if ledger else None,
+        repeated=counts["repeated"] if kept else None,
+        draw_id=draw_id if kept else None,
+        runs_left=_runs(counts["units"], counts["decoys"], p) if kept else None,
         notes=tuple(notes),
     )
 

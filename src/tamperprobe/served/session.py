@@ -11,7 +11,7 @@ The flow every served-side command shares lives here, once:
    endpoint, or a model file from the suspect party); a target the owner trusts gets every marker;
 3. **query and compare** (``verify.verify``): the verdict; a run of which nothing can have reached
    the target (``QueryResult.sent`` False: no connection was made) returns its markers to the pool
-   (``history.release``), anything that may have been sent stays spent;
+   (``ledger.release``), anything that may have been sent stays spent;
 4. **alarm** (``alarm``): ``on_run`` hears the run (a CLI prints it, an exporter updates its
    metrics), then the hook runs on TAMPERED and on the first INCONCLUSIVE run of a streak
    (``hooks``). A callback that raises costs a warning, never the hook, the record or the verdict;
@@ -36,7 +36,7 @@ from .._util import one_line
 from ..errors import UsageError
 from ..fingerprint import Fingerprint
 from ..outputs import OutputSpec
-from . import history, pool
+from . import history, ledger, pool
 from .hooks import hook_environment, run_hook, wants_hook
 from .targets import Target
 from .verify import INCONCLUSIVE, Report, comparison, verify
@@ -153,11 +153,11 @@ class Session:
         return pool.draw(self.fp, self.plan, path=s.history_path, record=s.record, allow_repeat=s.allow_repeat, target=self.endpoint)
 
     def _give_back(self, report: Report) -> Report:
-        """Return the markers of a run that reached nothing to the pool (``history.release``); anything else stays spent."""
+        """Return the markers of a run that reached nothing to the pool (``ledger.release``); anything else stays spent."""
         if report.sent or report.draw is None:
             return report
         try:
-            history.release(report.draw, self.settings.history_path)
+            ledger.release(report.draw, self.settings.history_path)
         except history.HistoryError as exc:
             self.warn(f"the markers of a run that reached nothing stay spent: {exc}")
             return report

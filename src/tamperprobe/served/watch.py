@@ -55,6 +55,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from .._util import parse_duration
 from ..errors import EXIT_ERROR, EXIT_INTACT, EXIT_TAMPERED, UsageError
 from ..fingerprint import Fingerprint
 from ..outputs import OutputSpec
@@ -164,7 +165,7 @@ def watch(
     about notes, a failing hook, each INCONCLUSIVE run and a history that could not be written;
     ``on_hold`` that a TAMPERED watch holds (``hold_tampered``).
     """
-    interval = history.parse_duration(every)
+    interval = parse_duration(every)
     if count < 0 or max_inconclusive < 0:
         raise UsageError("--count and --max-inconclusive must be >= 0")
     settings = Settings(output_spec, tolerance, allow_weaker_spec, per_run, decoys, allow_repeat, None, record, history_path, protocol, hook)
