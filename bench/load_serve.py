@@ -1,4 +1,4 @@
-"""Load test of ``tamperprobe serve``: concurrency, 1,100 slow connections, 16 clients sending 8 MB bodies.
+"""Load test of ``tamperprobe serve``: concurrency, 1,100 slow connections, 8 MB bodies, and the attacks of issue 18.
 
 Starts the real ``serve`` command as a child process on 127.0.0.1 (a zoo CNN saved as TorchScript,
 ``--output-spec top1``) with its open-file limit set to 1024 soft and hard (a stock Linux
@@ -10,15 +10,21 @@ asyncio and httpx:
 2. **slow connections**: 1,100 connections that send a request line and then one header byte
    per second (slowloris), while 8 connections send valid requests;
 3. **large bodies**: 16 clients sending 8 MB JSON bodies (a flat ``data`` list of ~900 000
-   numbers: read, parsed and refused as 400) back to back, in three rounds.
+   numbers: read, parsed and refused as 400) back to back, in three rounds;
+4. **the attacks of issue 18** (``_attacks.py``): 40 connections sending infer headers and no
+   body beside 4 real clients; 1 and 4 connections of 1-byte chunks; 4 clients posting 0.25 MB
+   requests of repeated ``outputs``; 4 clients sending ~100 KB of headers; and, on a second
+   server started with a self-signed certificate, 1,100 connections that never send a TLS
+   ClientHello beside 2 real clients.
 
 During every phase a probe opens a fresh connection every 100 ms and asks ``GET
 /v2/health/ready`` (timeout 5 s; a failure counts as 5 s), and the server's resident memory is
 sampled from ``/proc/PID/status`` every 250 ms (the process and its children, the parser
 process included). Every loop is bounded in time and in count.
 
-Goals (issue 9): zero 5xx anywhere, health p99 under 1 s in every phase, memory flat (the RSS
-after each large-body round no higher than after the first, within 10%).
+Goals (issues 9 and 18): zero 5xx anywhere (health probes, real requests and attacking ones), health
+p99 under 1 s and no failed probe in every phase, memory flat (the RSS after each large-body round
+no higher than after the first, within 10%).
 
     python bench/load_serve.py                      # writes bench/results/load-serve.md (+ .json)
     python bench/load_serve.py --pythonpath /tmp/old-src --out /tmp/before.md   # another source tree's server
@@ -35,6 +41,7 @@ import json
 import os
 import platform
 import resource
+import signal
 import socket
 import subprocess
 import sys
@@ -47,11 +54,14 @@ from pathlib import Path
 import httpx
 import numpy as np
 
+import _attacks as attacks
+
 ROOT = Path(__file__).resolve().parents[1]
 SHAPE = (1, 8, 8)
 BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, *SHAPE], "datatype": "FP32", "data": [0.5] * 64}]}).encode()
 INFER = "/v2/models/model/infer"
 FD_LIMIT = 1024
+ALL_PHASES = ("concurrency", "slow", "bodies", "no-body", "chunks", "duplicates", "headers", "tls-stall")
 
 
 # --------------------------------------------------------------------------- measurements
@@ -139,7 +149,7 @@ async def sample_rss(pid: int, phase: Phase, stop: asyncio.Event) -> None:
 def probe_process(url: str, stop, results) -> None:
     """Runs in its own process (so the load generator's busy event loop cannot delay it): a fresh connection
     every 100 ms, as an orchestrator's probe would open; puts (latency, failure or None) on ``results``."""
-    with httpx.Client(timeout=5.0, limits=httpx.Limits(max_keepalive_connections=0)) as client:
+    with httpx.Client(timeout=5.0, verify=False, limits=httpx.Limits(max_keepalive_connections=0)) as client:
         while not stop.is_set():
             t0 = time.monotonic()
             failure = None
@@ -274,20 +284,19 @@ def large_bodies(url: str, clients: int, size: int, seconds: float):
 # --------------------------------------------------------------------------- the server
 
 
-def start_server(model: Path, port: int, pythonpath: str | None, log: Path) -> subprocess.Popen:
-    env = dict(os.environ)
-    if pythonpath:
-        env["PYTHONPATH"] = pythonpath
-    args = [sys.executable, "-m", "tamperprobe", "serve", str(model), "--input-shape", "1,8,8", "--port", str(port), "--output-spec", "top1"]
+def start_server(args: list[str], port: int, env_extra: dict[str, str], log: Path, scheme: str = "http") -> subprocess.Popen:
+    """Start a server command (``args``) with an open-file limit of ``FD_LIMIT``; returns once its health probe answers."""
+    env = dict(os.environ, **env_extra)
 
     def limit_fds() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (FD_LIMIT, FD_LIMIT))
 
-    proc = subprocess.Popen(args, env=env, stdout=log.open("wb"), stderr=subprocess.STDOUT, preexec_fn=limit_fds)
+    # a session of its own: stop_server ends the server and any worker process it started (granian's), nothing else
+    proc = subprocess.Popen(args, env=env, stdout=log.open("ab"), stderr=subprocess.STDOUT, preexec_fn=limit_fds, start_new_session=True)
     deadline = time.monotonic() + 90
     while time.monotonic() < deadline:
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/v2/health/ready", timeout=1).status_code == 200:
+            if httpx.get(f"{scheme}://127.0.0.1:{port}/v2/health/ready", timeout=1, verify=False).status_code == 200:
                 return proc
         except httpx.HTTPError:
             pass
@@ -296,6 +305,33 @@ def start_server(model: Path, port: int, pythonpath: str | None, log: Path) -> s
         time.sleep(0.2)
     proc.kill()
     raise SystemExit("the server did not start")
+
+
+def serve_args(model: Path, port: int, tls: tuple[Path, Path] | None = None) -> list[str]:
+    args = [sys.executable, "-m", "tamperprobe", "serve", str(model), "--input-shape", "1,8,8", "--port", str(port), "--output-spec", "top1"]
+    return args + (["--tls-cert", str(tls[0]), "--tls-key", str(tls[1])] if tls else [])
+
+
+def stop_server(proc: subprocess.Popen) -> None:
+    """SIGTERM to the server's process group (it leads its own session), SIGKILL after 20 s."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+    try:  # a worker that outlived its parent
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 def make_model(d: Path) -> Path:
@@ -309,17 +345,33 @@ def make_model(d: Path) -> Path:
 
 
 async def main_async(args: argparse.Namespace, pid: int, url: str, port: int) -> list[Phase]:
+    """The phases on a plain-HTTP server (the TLS stall runs on its own server: ``tls_phase``)."""
     phases = []
-    if "concurrency" in args.phases:
+    want = args.phases.split(",")
+    if "concurrency" in want:
         for n in (8, 32, 128):
             phases.append(await run_phase(pid, url, f"{n} concurrent connections", concurrency(url, n, args.seconds)))
-    if "slow" in args.phases:
+    if "slow" in want:
         work = slow_connections(url, port, args.slow, args.slow_seconds)
         phases.append(await run_phase(pid, url, f"{args.slow} slow connections + 8 clients", work))
-    if "bodies" in args.phases:
+    if "bodies" in want:
         for round_ in (1, 2, 3):
             phases.append(await run_phase(pid, url, f"16 clients x 8 MB bodies, round {round_}", large_bodies(url, 16, 8_000_000, args.seconds)))
+    if "no-body" in want:
+        phases.append(await run_phase(pid, url, "40 headers-then-no-body + 4 clients", attacks.headers_no_body(url, port, 40, args.attack_seconds)))
+    if "chunks" in want:
+        for n in (1, 4):
+            phases.append(await run_phase(pid, url, f"{n} x 1-byte chunks + 1 client", attacks.tiny_chunks(url, port, n, args.attack_seconds)))
+    if "duplicates" in want:
+        phases.append(await run_phase(pid, url, "4 x duplicate outputs + 1 client", attacks.duplicate_outputs(url, 4, args.attack_seconds)))
+    if "headers" in want:
+        phases.append(await run_phase(pid, url, "4 x 100 KB headers + 1 client", attacks.big_headers(url, 4, args.attack_seconds)))
     return phases
+
+
+async def tls_phase(args: argparse.Namespace, pid: int, url: str, port: int) -> list[Phase]:
+    work = attacks.tls_stall(url, port, args.slow, args.slow_seconds)
+    return [await run_phase(pid, url, f"TLS: {args.slow} pre-handshake stalls + 2 clients", work)]
 
 
 def write_report(phases: list[Phase], out: Path, meta: dict) -> bool:
@@ -382,33 +434,36 @@ def write_report(phases: list[Phase], out: Path, meta: dict) -> bool:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--seconds", type=float, default=8.0, help="length of each concurrency and large-body phase")
-    p.add_argument("--slow", type=int, default=1100, help="slow connections")
-    p.add_argument("--slow-seconds", type=float, default=25.0, help="length of the slow-connection phase")
+    p.add_argument("--slow", type=int, default=1100, help="slow connections (and pre-handshake TLS stalls)")
+    p.add_argument("--slow-seconds", type=float, default=25.0, help="length of the slow-connection and TLS-stall phases")
+    p.add_argument("--attack-seconds", type=float, default=12.0, help="length of each other attack phase")
     p.add_argument("--pythonpath", default=None, help="run the server from this source tree")
-    p.add_argument("--phases", default="concurrency,slow,bodies", help="which phases to run (comma-separated)")
+    p.add_argument("--phases", default=",".join(ALL_PHASES), help="which phases to run (comma-separated)")
     p.add_argument("--note", default="", help="a line for the report (e.g. which commit the server came from)")
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "load-serve.md")
     args = p.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(hard, 8192)), hard))  # the client side needs ~1,200
     load_start = [round(v, 2) for v in os.getloadavg()]
+    env = {"PYTHONPATH": args.pythonpath} if args.pythonpath else {}
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         model = make_model(d)
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
         log = d / "server.log"
-        proc = start_server(model, port, args.pythonpath, log)
         started = datetime.now(UTC).isoformat(timespec="seconds")
+        port = free_port()
+        proc = start_server(serve_args(model, port), port, env, log)
         try:
             phases = asyncio.run(main_async(args, proc.pid, f"http://127.0.0.1:{port}", port))
         finally:
-            proc.terminate()
+            stop_server(proc)
+        if "tls-stall" in args.phases.split(","):
+            port = free_port()
+            proc = start_server(serve_args(model, port, attacks.make_certificate(d)), port, env, log, "https")
             try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
+                phases += asyncio.run(tls_phase(args, proc.pid, f"https://127.0.0.1:{port}", port))
+            finally:
+                stop_server(proc)
         text = log.read_text(errors="replace")
         meta = {
             "started": started,

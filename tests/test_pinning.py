@@ -113,3 +113,14 @@ def test_fleet_entries_pin_by_the_same_rule():
     assert expect_problem(v4, None) is None and expect_problem(v4, "fraud-scorer:v4") is None and expect_problem(v4, v4.id) is None
     assert "not the one expected" in expect_problem(v4, "fraud-scorer:v3")
     assert "NAME:VERSION" in expect_problem(v4, "fraud-scorer")  # a bare name could be any version: refused, not run
+
+
+def test_verify_and_watch_refuse_a_swapped_fingerprint_before_sending_anything(tmp_path):
+    """A validly signed fingerprint of another deployment (the owner's, for an older model) is refused by --expect: exit 3."""
+    v3 = save(with_identity(_fp(1), "fraud-scorer", "v3"), tmp_path / "v3.tpf")
+    dead = "http://127.0.0.1:9/v2/models/m"  # nothing is sent: the refusal comes first
+    for cmd in (["verify", str(v3), "--endpoint", dead], ["watch", str(v3), "--endpoint", dead, "--count", "1"]):
+        r = RUN.invoke(app, [*cmd, "--expect", "fraud-scorer:v4"])
+        assert r.exit_code == EXIT_UNTRUSTED and "not the fingerprint expected" in r.stderr, (cmd, r.output)
+        assert "Traceback" not in r.output
+    assert RUN.invoke(app, ["verify", str(v3), "--endpoint", dead, "--expect", "fraud-scorer:v3", "--retries", "0", "--timeout", "1"]).exit_code == 2

@@ -23,7 +23,6 @@ from ._options import (
     HistoryOption,
     JsonOption,
     ModelArgOption,
-    ModelArgument,
     ThreadsOption,
     TrustKeyOption,
     WeightsOption,
@@ -36,7 +35,10 @@ from .verifying import _COLOURS, _warn, verify, watch_cmd
 
 
 def serve_cmd(
-    model: ModelArgument,
+    model: Annotated[
+        Optional[str],
+        typer.Argument(help="Model: .pt (TorchScript), .pt2 (torch.export), .onnx, or package.module:attribute (none with --model-repository)."),
+    ] = None,
     host: Annotated[str, typer.Option("--host", help="Address to listen on (0.0.0.0 exposes it to the network).")] = "127.0.0.1",
     port: Annotated[int, typer.Option("--port", help="Port to listen on.")] = 8080,
     name: Annotated[str, typer.Option("--name", help="Model name in the URLs (/v2/models/NAME/infer).")] = "model",
@@ -69,20 +71,36 @@ def serve_cmd(
     tls_key: Annotated[Optional[Path], typer.Option("--tls-key", help="Private key of --tls-cert (PEM).")] = None,
     threads: ThreadsOption = None,
     device: DeviceOption = None,
+    model_repository: Annotated[
+        Optional[Path],
+        typer.Option(
+            "--model-repository",
+            help="Serve every model of this folder (DIR/<name>/model.pt|pt2|onnx, optional config.toml) at /v2/models/<name>.",
+        ),
+    ] = None,
+    eager: Annotated[bool, typer.Option("--eager", help="With --model-repository: load every model at start, not on first use.")] = False,
 ) -> None:
     """Serve a model over the Open Inference Protocol (KServe v2 REST, as Triton and MLServer do).
 
     Input shape: --input-shape, else the fingerprint's, else the ONNX/.pt2 file's; a TorchScript
-    file or module:attr needs one of the first two.
+    file or module:attr needs one of the first two. With --model-repository, each model's
+    config.toml may set output_spec, input_shape and max_batch (the options are the defaults).
     """
     with handled():
         from ..models import load_model, parse_model_args
         from ..served.credentials import read_token
         from ..server.app import serve
         from ..server.guard import Limits
+        from ._common import err_console
 
         if token is not None:
             fail("--token is not accepted: a token on the command line is visible to every user (ps); use --token-env VAR or --token-file FILE")
+        if (model is None) == (model_repository is None):
+            fail("give a model to serve or --model-repository DIR (one of them)")
+        if model_repository is not None and (fingerprint or weights or model_arg):
+            fail("--model-repository takes no --fingerprint, --weights or --model-arg: each model is DIR/<name>/model.pt|pt2|onnx")
+        if eager and model_repository is None:
+            fail("--eager applies to --model-repository only")
         fp = None if fingerprint is None else load_fingerprint_from_options(fingerprint, trust_key, allow_unsigned, decrypt_key)
         limits = Limits(
             max_connections=max_connections,
@@ -93,7 +111,7 @@ def serve_cmd(
         )
         # with a factory's arguments or a device the model is loaded here; the server takes a loaded model as it is
         dev = use_runtime(threads, device)
-        preload = bool(model_arg) or device is not None
+        preload = model is not None and (bool(model_arg) or device is not None)
         to_serve: Any = load_model(model, weights, model_args=parse_model_args(model_arg), device=dev) if preload else model
         serve(
             to_serve,
@@ -110,8 +128,11 @@ def serve_cmd(
             limits=limits,
             tls_cert=tls_cert,
             tls_key=tls_key,
-            on_ready=lambda text: console.print(escape(text), highlight=False),
+            on_ready=lambda text: console.print(escape(text), highlight=False, soft_wrap=True),
             on_warning=_warn,
+            model_repository=model_repository,
+            eager=eager,
+            on_event=lambda text: err_console.print(escape(text), highlight=False, soft_wrap=True),
         )
 
 

@@ -38,6 +38,7 @@ from ._options import (
     AllowUnsignedOption,
     DecryptKeyOption,
     DeviceOption,
+    ExpectOption,
     FingerprintArgument,
     HistoryOption,
     JsonOption,
@@ -328,6 +329,7 @@ def verify(
     trust_key: TrustKeyOption = None,
     allow_unsigned: AllowUnsignedOption = False,
     decrypt_key: DecryptKeyOption = None,
+    expect: ExpectOption = None,
     history_path: HistoryOption = None,
     no_history: NoHistoryOption = False,
     as_json: JsonOption = False,
@@ -346,7 +348,7 @@ def verify(
 
         if (model is None) == (endpoint is None):
             fail("give exactly one of --model or --endpoint")
-        fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key)
+        fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key, expect)
         target = _verify_target(fp, ctx.params)
         settings = _settings(ctx.params, "local" if model is not None else protocol_name(protocol))
         session = Session(fp, target, settings, fingerprint_file=fp_path, on_run=_show_verify(as_json), on_warning=_warn)
@@ -489,6 +491,7 @@ def watch_cmd(
     trust_key: TrustKeyOption = None,
     allow_unsigned: AllowUnsignedOption = False,
     decrypt_key: DecryptKeyOption = None,
+    expect: ExpectOption = None,
     history_path: HistoryOption = None,
     no_history: NoHistoryOption = False,
     metrics_port: MetricsPortOption = None,
@@ -511,7 +514,7 @@ def watch_cmd(
         from ..served.clients import protocol_name
         from ..served.watch import watch
 
-        fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key)
+        fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key, expect)
         target = _endpoint_target(fp, ctx.params)
         on_run = _run_reporter(endpoint or target.name, metrics_port, metrics_host, event_log, as_json)
         on_pool = lambda state: err_console.print(_shown(state.describe()), highlight=False, soft_wrap=True)  # noqa: E731

@@ -1,20 +1,25 @@
 """What keeps the reference server up under abuse: connection limits, timeouts, authentication first.
 
-``Limits`` holds the knobs (``serve`` exposes each as an option). They are enforced in three places:
+``Limits`` holds the knobs (``serve`` exposes the main ones as options). They are enforced here:
 
-* **Connections** (``protocol_class``, a subclass of uvicorn's h11 protocol): at most
-  ``max_connections`` open at once. A connection beyond that evicts the oldest connection that
-  is only waiting for a request (idle, or sending its headers slowly); if every connection is
-  busy with a request, the new one is closed. So a flood of slow connections cannot lock health
+* **Connections** (``protocol.py``: uvicorn's h11 protocol, subclassed, and over TLS asyncio's
+  TLS protocol, made by the guard at accept instead of by uvicorn): a connection is counted from
+  the moment it is accepted, TLS handshake included, and at most ``max_connections`` are open at
+  once. A connection beyond that evicts the oldest connection that is only waiting for a request
+  (in its TLS handshake, idle, or sending its headers slowly); if every connection is busy with a
+  request, the new one is closed. So a flood of slow or silent connections cannot lock health
   probes or real clients out. The event loop accepts at most ``backlog`` connections in one burst
   before their protocols run, so ``serve`` keeps ``max_connections + backlog`` (and a reserve)
   below the open-file limit, lowering ``max_connections`` if it must: the process never runs out
   of file descriptors (an accept failing with EMFILE would stall every new connection for a second).
-  ``header_timeout``: a connection must deliver a complete request line and headers within this
-  many seconds of opening (or of its previous response); ``body_timeout``: the body within this
-  many seconds of the headers; ``idle_timeout``: a kept-alive connection is closed after this
-  many idle seconds. A connection that misses a deadline is closed. Header size is capped by
-  h11 (``max_header_bytes``).
+  ``header_timeout``: a connection must finish its TLS handshake and deliver a complete request
+  line and headers within this many seconds of its accept (or of its previous response);
+  ``body_timeout``: the body within this many seconds of the headers; ``idle_timeout``: a
+  kept-alive connection is closed after this many idle seconds. A connection that misses a
+  deadline is closed. A request head is at most ``max_header_bytes`` (h11 bounds a head that
+  arrives in pieces, the guard one that arrives whole: 400), and a chunked body has at most
+  ``max_chunks`` chunks plus one per KiB of its data (400): h11 handles each chunk as an event,
+  so a stream of 1-byte chunks would otherwise keep the event loop busy with one connection.
 * **Lingering close** (the same protocol): a connection closed right after an error response
   while the client is still sending its request (413 for a body over the cap, 401 before the
   body, h11's 400 for a malformed request or oversized headers, a 500 before the body was read)
@@ -32,11 +37,18 @@
   path except the health probes answers 401 before the router sees the request, so unknown
   paths, trailing-slash redirects (switched off anyway) or model names reveal nothing and no
   request body of an unauthenticated client is read.
-* **Work** (``app.py``): at most ``max_concurrent`` inference requests are read and processed at
-  once (a request waits up to ``queue_timeout`` seconds for its turn, then gets 503 with
-  Retry-After), so at most ``max_concurrent`` bodies are held in memory; JSON parsing, the model
-  and the response are computed on ``workers`` threads, never on the event loop, so health
-  probes stay fast while large bodies are parsed.
+* **Work** (``app.py``): an inference request's body is read first, then the request waits up to
+  ``queue_timeout`` seconds for one of ``max_concurrent`` slots (503 with Retry-After after
+  that): a client that sends headers and then its body slowly, or never, holds no slot. The
+  bytes of the bodies held at once are bounded by ``BodyBudget`` (``max_concurrent`` bodies of
+  the largest size; 503 beyond). JSON parsing, the model and the response are computed on
+  ``workers`` threads, never on the event loop, so health probes stay fast while large bodies
+  are parsed; a response is at most ``max_response`` bytes and names each output once (400).
+
+Why not another ASGI server: granian and hypercorn, measured under the same attacks, keep their
+own event loop free of 1-byte chunks and refuse large heads, but neither counts connections in
+their TLS handshake nor evicts waiting connections, and both ran out of file descriptors under
+pre-handshake stalls (``bench/results/server-compare.md``).
 """
 
 from __future__ import annotations
@@ -44,9 +56,12 @@ from __future__ import annotations
 import hmac
 import json
 import math
+import os
+import ssl
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .._util import one_line
 from ..errors import UsageError
 
 HEALTH_PATHS = frozenset({"/v2/health/live", "/v2/health/ready"})
@@ -65,6 +80,8 @@ class Limits:
     idle_timeout: int = 5
     queue_timeout: float = 10.0
     max_header_bytes: int = 16 << 10
+    max_chunks: int = 64  # chunks of a chunked body at most, plus one per KiB of data it carries
+    max_response: int = 32 << 20  # bytes of a response body at most
     linger_timeout: float = 2.0  # lingering close: seconds at most, after an error response, spent discarding a request's rest
     linger_bytes: int = 8 << 20  # ... and bytes at most (as many as the default body cap lets an accepted request send)
 
@@ -75,118 +92,52 @@ class Limits:
                 raise UsageError(f"server limit {f.name.replace('_', '-')} must be a finite number > 0, got {value!r}")
 
 
-class _CloseHook:
-    """A transport as uvicorn sees it: the transport itself, except that ``close()`` calls ``on_close``."""
-
-    def __init__(self, transport: Any, on_close: Any) -> None:
-        self._transport = transport
-        self._on_close = on_close
-        self._closed = False
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._transport, name)
-
-    def close(self) -> None:
-        self._closed = True
-        self._on_close()
-
-    def is_closing(self) -> bool:
-        return self._closed or bool(self._transport.is_closing())
+def tls_context(tls_cert: str | os.PathLike | None, tls_key: str | os.PathLike | None) -> ssl.SSLContext | None:
+    """The server's TLS context for ``tls_cert``/``tls_key`` (both or neither), or None for plain HTTP."""
+    if (tls_cert is None) != (tls_key is None):
+        raise UsageError("give both --tls-cert and --tls-key, or neither")
+    if tls_cert is None or tls_key is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    try:
+        context.load_cert_chain(str(tls_cert), str(tls_key))
+    except (OSError, ssl.SSLError) as exc:
+        raise UsageError(f"cannot load the TLS certificate {tls_cert} and key {tls_key}: {getattr(exc, 'strerror', None) or one_line(exc)}") from None
+    return context
 
 
-def protocol_class(limits: Limits) -> type:
-    """uvicorn's h11 protocol with the connection cap, the header/body deadlines and the lingering close of ``limits``."""
-    import h11
-    from uvicorn.protocols.http.h11_impl import H11Protocol
+def protocol_class(limits: Limits, tls: ssl.SSLContext | None = None) -> Any:
+    """The protocol factory uvicorn runs at every accept (its ``http`` setting): ``protocol.Guard`` (uvicorn's h11
+    protocol with the connection cap, the deadlines, the head and chunk bounds and the lingering close of ``limits``;
+    with ``tls``, behind asyncio's TLS protocol made at accept). Its ``live`` set holds the open connections."""
+    from .protocol import Guard  # imports uvicorn: only when a server starts
 
-    class GuardedH11Protocol(H11Protocol):
-        _phase: str | None = None  # "headers", "body", "linger" or None (see _watch and _linger)
-        _since = 0.0
-        _timer: Any = None
-        _raw: Any = None  # the event loop's transport; uvicorn gets it behind a _CloseHook, so that every close comes to _close
-        _drained = 0  # bytes discarded while lingering
+    return Guard(limits, tls)
 
-        def connection_made(self, transport: Any) -> None:
-            self._raw = transport
-            hook: Any = _CloseHook(transport, self._close)  # duck-typed: every other attribute is the transport's
-            super().connection_made(hook)
-            self._watch()
-            self._admit()
 
-        def data_received(self, data: bytes) -> None:
-            if self._phase == "linger":  # the answer is out: the rest of the request is read only to be discarded
-                self._drained += len(data)
-                if self._drained > limits.linger_bytes:
-                    self._raw.abort()
-                return
-            super().data_received(data)
-            self._watch()
+class BodyBudget:
+    """Bytes of request bodies the server holds at once, from the first byte read until the response.
 
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            self._watch()
+    Bodies are read before a request takes one of the ``max_concurrent`` slots (so that a client
+    sending its body slowly holds no slot), so the slots no longer bound the memory bodies take:
+    this does. ``take`` counts bytes into a request's tally (a one-item list), or refuses them when
+    the total would pass ``limit``; ``give_back`` returns a request's tally. Event-loop only.
+    """
 
-        def connection_lost(self, exc: Exception | None) -> None:
-            self._cancel()
-            super().connection_lost(exc)
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
 
-        def _admit(self) -> None:
-            if len(self.connections) <= limits.max_connections:
-                return
-            waiting: list[Any] = [c for c in self.connections if c is not self and getattr(c, "_phase", None) in ("headers", "linger")]
-            waiting = [c for c in waiting if not c._raw.is_closing()]
-            victim = min(waiting, key=lambda c: c._since) if waiting else self
-            victim.transport.close()
+    def take(self, tally: list[int], n: int) -> bool:
+        if self.used + n > self.limit:
+            return False
+        self.used += n
+        tally[0] += n
+        return True
 
-        def _close(self) -> None:
-            """Every close of the connection, uvicorn's and ours: lingers after an error response sent before the request was read."""
-            ours, theirs = self.conn.our_state, self.conn.their_state
-            answered_early = ours in (h11.MUST_CLOSE, h11.CLOSED) and theirs in (h11.SEND_BODY, h11.ERROR)
-            if self._phase != "linger" and answered_early and not self._raw.is_closing():
-                self._linger()
-            else:
-                self._raw.close()  # a second close (server shutdown, eviction) ends a lingering one now
-
-        def _linger(self) -> None:
-            """Stop writing, then discard what arrives until the client closes or a bound of ``limits`` is reached (the module doc)."""
-            self._cancel()
-            if self.cycle is not None and not self.cycle.response_complete:  # h11's 400 answered a request the application still reads:
-                self.cycle.disconnected = True  # it ends now, as at connection_lost, and frees its slot
-                self.cycle.message_event.set()
-            self._phase, self._since = "linger", self.loop.time()
-            self._timer = self.loop.call_later(limits.linger_timeout, self._raw.abort)
-            try:
-                if self._raw.can_write_eof():  # plain TCP: the response is flushed first, then SHUT_WR
-                    self._raw.write_eof()
-            except OSError:  # the client is gone already
-                self._raw.abort()
-                return
-            self._raw.resume_reading()  # uvicorn may have paused reading while the application did not read the body
-
-        def _watch(self) -> None:
-            """Keep one timer for the phase the peer is in: sending headers, sending a body, or neither."""
-            if self._phase == "linger":
-                return
-            state = self.conn.their_state
-            phase = "headers" if state is h11.IDLE else "body" if state is h11.SEND_BODY else None
-            if phase == self._phase:
-                return
-            self._cancel()
-            self._phase, self._since = phase, self.loop.time()
-            if phase is not None:
-                self._timer = self.loop.call_later(limits.header_timeout if phase == "headers" else limits.body_timeout, self._expire)
-
-        def _cancel(self) -> None:
-            if self._timer is not None:
-                self._timer.cancel()
-                self._timer = None
-
-        def _expire(self) -> None:
-            self._timer = None
-            if not self.transport.is_closing():
-                self.transport.close()
-
-    return GuardedH11Protocol
+    def give_back(self, tally: list[int]) -> None:
+        self.used -= tally[0]
+        tally[0] = 0
 
 
 class TokenGuard:

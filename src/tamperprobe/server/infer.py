@@ -10,7 +10,8 @@ cast to float32 as they are (no rescaling); integer data must hold integers in r
 and BYTES are rejected. The binary tensor extension is supported both ways (``binary_data_size``
 on the input, ``binary_data`` / ``binary_data_output`` for the outputs), as tritonclient uses it
 by default. ``id`` is echoed. Without ``outputs`` every output is returned; naming an unknown
-output is a 400.
+output, or one output twice (a short request could otherwise ask for a response many times its
+size), is a 400, and so is a response over the server's cap (``build_response``'s ``limit``).
 """
 
 from __future__ import annotations
@@ -159,12 +160,16 @@ def requested_outputs(req: dict, available: dict[str, oip.Tensor]) -> list[tuple
     if not isinstance(wanted, list):
         raise BadRequest("'outputs' must be a list")
     out: list[tuple[str, bool, int]] = []
+    seen: set[str] = set()
     for o in wanted:
         if not isinstance(o, dict) or not isinstance(o.get("name"), str):
             raise BadRequest("each requested output needs a 'name'")
         name = o["name"]
         if name not in available:
             raise BadRequest(f"unknown output {name!r}: this server returns {', '.join(available)}")
+        if name in seen:
+            raise BadRequest(f"output {name!r} is requested more than once")
+        seen.add(name)
         params = o.get("parameters") or {}
         if not isinstance(params, dict):
             raise BadRequest("output 'parameters' must be an object")
@@ -175,8 +180,11 @@ def requested_outputs(req: dict, available: dict[str, oip.Tensor]) -> list[tuple
     return out
 
 
-def build_response(req: dict, logits: np.ndarray, spec: OutputSpec, model_name: str, version: str) -> tuple[bytes, dict[str, str]]:
-    """The response body for ``logits`` (B, C) and its extra HTTP headers (the header length when binary data follows)."""
+def build_response(
+    req: dict, logits: np.ndarray, spec: OutputSpec, model_name: str, version: str, limit: int | None = None
+) -> tuple[bytes, dict[str, str]]:
+    """The response body for ``logits`` (B, C) and its extra HTTP headers (the header length when binary data follows);
+    a body over ``limit`` bytes is a 400 (the request asks for more than the server sends at once)."""
     available = {t.name: t for t in oip.reveal_outputs(logits, spec)}
     head: dict[str, Any] = {"model_name": model_name, "model_version": version}
     if "id" in req:
@@ -195,6 +203,9 @@ def build_response(req: dict, logits: np.ndarray, spec: OutputSpec, model_name: 
             blobs.append(blob)
     head["outputs"] = entries
     text = json.dumps(head, allow_nan=False).encode()
+    size = len(text) + sum(len(b) for b in blobs)
+    if limit is not None and size > limit:
+        raise BadRequest(f"the response would be {size} bytes, over the server's limit of {limit}: ask for a smaller batch")
     if not blobs:
         return text, {}
     return text + b"".join(blobs), {oip.HEADER_LENGTH: str(len(text))}
