@@ -419,3 +419,13 @@ def test_cli_reference_is_rendered_from_the_app() -> None:
         for param in command.params:
             for opt in param.opts if param.param_type_name == "option" else []:
                 assert f"`{opt}" in section or f", {opt}" in section, f"{name} {opt}"
+
+
+def test_fleet_page_names_every_field_of_the_fleet_file() -> None:
+    """The fleet page lists every field a fleet file may hold: a new field cannot go undocumented."""
+    from tamperprobe.fleet import config
+
+    page = (DOCS / "guide" / "fleet.md").read_text(encoding="utf-8")
+    shown = set(re.findall(r"`([a-z_]+)`", page))
+    assert set(config.ENDPOINT_FIELDS) - shown == set()
+    assert set(config.SETTINGS_FIELDS) - shown == set()
