@@ -23,6 +23,11 @@ near-twin and learned routers.
     python bench/adaptive_operator.py                 # both models, then the summary
     python bench/adaptive_operator.py --models mnist  # one model
     python bench/adaptive_operator.py --summary-only  # rebuild bench/results/adaptive-operator.md
+    python bench/adaptive_operator.py --plan scores   # score APIs: SCORES methods and specs, + the request-shape routers
+
+The score plan writes ``<model>-scores/`` and, through ``adaptive_operator_scores``,
+``bench/results/adaptive-operator-scores.md`` and ``src/tamperprobe/owner/benchmark_routed.json``
+(the advice's routed table); about 28 minutes for both models on 2 busy cores.
 
 Results: ``bench/results/adaptive-operator/<model>[-repeat]/`` (adversary.md with every table, CSV,
 adversary.json) and the summary ``bench/results/adaptive-operator.md``. Torch runs with one thread
@@ -45,7 +50,10 @@ import _cifar
 from adaptive_operator_summary import write_summary
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+# ../shared next to the repository; from a git worktree under /work/wt, next to the main checkout
+SHARED = next((p for p in (REPO.parent / "shared", REPO.parent.parent / "shared") if p.is_dir()), REPO.parent / "shared")
+if not _cifar.SHARED.is_dir():
+    _cifar.MODEL_DIR, _cifar.DATA_FILE = SHARED / _cifar.MODEL_DIR.relative_to(_cifar.SHARED), SHARED / _cifar.DATA_FILE.relative_to(_cifar.SHARED)
 MNIST = SHARED / "data" / "mnist"
 OUT = REPO / "bench" / "results" / "adaptive-operator"
 LINF = 8 / 255
@@ -54,6 +62,7 @@ LARGE = ("trojan", "poison-generic", "finetune")  # the attacks margin-matched m
 
 # label -> (registered method, parameters): the same recipe on both models unless overridden below
 METHODS: dict[str, tuple[str, dict[str, Any]]] = {
+    "sensitive": ("sensitive", {}),  # VerIDeep's Sensitive-Samples: the default for score APIs
     "natural": ("natural", {}),
     "badv": ("badv", {}),
     "boundary": ("boundary", {}),
@@ -82,7 +91,7 @@ METHODS: dict[str, tuple[str, dict[str, Any]]] = {
 
 CONFIG: dict[str, dict[str, Any]] = {
     "mnist": {
-        "methods": list(METHODS),
+        "methods": [m for m in METHODS if m != "sensitive"],
         "attacks": ["trojan", "poison-generic", "finetune", "fp16", "int8", "noise", "prune"],
         "attack_params": {},
         "bag": 100,
@@ -93,7 +102,7 @@ CONFIG: dict[str, dict[str, Any]] = {
         "once or twice, so its bag holds what that yields",
     },
     "cifar": {
-        "methods": list(METHODS),
+        "methods": [m for m in METHODS if m != "sensitive"],
         "attacks": ["trojan", "poison-generic", "finetune", "fp16", "int8", "noise"],
         "attack_params": {"trojan": {"epochs": 3}, "poison-generic": {"epochs": 3}},
         "bag": 60,
@@ -111,6 +120,13 @@ CONFIG: dict[str, dict[str, Any]] = {
             "matched": {"oversample": 3},
         },
     },
+}
+# The score-API plan (``--plan scores``): the methods a score spec could default to, under every score spec (and top-3
+# labels), against every router and the request-shape routers, with the fingerprint's default selection (manc).
+SCORES = {
+    "methods": ["sensitive", "natural", "badv", "crossed-gradient", "matched"],
+    "specs": ("topk:3", "top1-prob:2", "probs:1", "probs:2", "logits"),
+    "select": "manc",
 }
 REPEAT = {"methods": ["boundary", "matched"], "attacks": ["fp16", "finetune"], "routers": ["exact-repeat", "near-twin", "learned"]}
 
@@ -192,6 +208,49 @@ SETTINGS = {"mnist": mnist_setting, "cifar": cifar_setting}
 # ----------------------------------------------------------------------------- runs
 
 
+def run_scores(name: str, args: argparse.Namespace) -> None:
+    """The score-API plan (``SCORES``) on one model: every registered router plus the two request-shape routers."""
+    from tamperprobe.evaluation.adversary import run_adversary, write_adversary_report
+    from tamperprobe.evaluation.routers import RequestShapeOldClient, RequestShapeRouter, get_router, router_names
+
+    t0 = time.monotonic()
+    setting = SETTINGS[name](args.seed)
+    cfg = CONFIG[name]
+    _log(f"{name} (scores): {setting['info']}")
+    labels = SCORES["methods"]
+    method_params = {label: {**METHODS[label][1], **cfg["overrides"].get(label, {})} for label in labels}
+    routers = [get_router(r) for r in router_names()] + [RequestShapeRouter(), RequestShapeOldClient()]
+
+    def progress(done: int, total: int, what: str = "") -> None:
+        _log(f"{name} (scores): {done}/{total} {what} ({time.monotonic() - t0:.0f} s)")
+
+    ev = run_adversary(
+        setting["model"],
+        setting["owner"],
+        setting["traffic"],
+        methods=[(label, METHODS[label][0]) for label in labels],
+        attacks=cfg["attacks"],
+        routers=routers,
+        attack_data=setting["attack_data"],
+        eval_data=setting["eval_data"],
+        specs=SCORES["specs"],
+        bag=cfg["bag"],
+        trials=cfg["trials"],
+        resamples=cfg["resamples"],
+        select=SCORES["select"],
+        seed=args.seed,
+        method_params=method_params,
+        attack_params=cfg["attack_params"],
+        progress=progress,
+    )
+    ev.model.update(setting["info"])
+    write_adversary_report(ev, OUT / f"{name}-scores")
+    stamp = {"model": name, "plan": "scores", "seconds_total": round(time.monotonic() - t0, 1), "seconds_run": round(ev.seconds, 1)}
+    stamp["finished"] = datetime.now(UTC).isoformat(timespec="seconds")
+    (OUT / f"{name}-scores" / "run.json").write_text(json.dumps(stamp, indent=1))
+    _log(f"{name} (scores): {ev.seconds:.0f} s, {len(ev.errors)} errors")
+
+
 def run_model(name: str, args: argparse.Namespace) -> None:
     from tamperprobe.evaluation.adversary import run_adversary, write_adversary_report
 
@@ -252,6 +311,7 @@ def main() -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--summary-only", action="store_true")
+    ap.add_argument("--plan", choices=("all", "scores"), default="all", help="scores: the score-API plan only (SCORES)")
     args = ap.parse_args()
     if not args.summary_only:
         import torch
@@ -261,7 +321,12 @@ def main() -> int:
             if name not in SETTINGS:
                 print(f"unknown model {name!r}: choose from {', '.join(SETTINGS)}", file=sys.stderr)
                 return 2
-            run_model(name, args)
+            (run_scores if args.plan == "scores" else run_model)(name, args)
+    if args.plan == "scores":
+        from adaptive_operator_scores import write_scores
+
+        _log(f"wrote {write_scores(list(SETTINGS))}")
+        return 0
     _log(f"wrote {write_summary(list(SETTINGS), {name: CONFIG[name]['reduced'] for name in SETTINGS})}")
     return 0
 

@@ -406,6 +406,9 @@ def write_summary(settings: list[str], reduced: dict[str, str]) -> Path:
     ]
     if NOTES.exists():
         lines += [NOTES.read_text(encoding="utf-8").strip(), ""]
+    from adaptive_operator_scores import section
+
+    lines += section()
     for name in settings:
         doc = _load(name)
         if doc is None:

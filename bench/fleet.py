@@ -2,7 +2,7 @@
 
 The fleet: ``--endpoints`` model names served from ``--servers`` ``tamperprobe serve --model-repository`` processes
 (a TorchScript CNN trained on the bundled digits; byte-identical files share one loaded instance); 1 % of the names
-serve a tampered copy, 5 % are reached through a relay that holds each answer for ``--slow`` seconds, 2 % fail
+serve a tampered copy, 5 % are reached through a relay that holds each answer for ``--slow`` seconds (slow, but within the deadline), 2 % fail
 (half to a port where nothing listens, half to a model name the server does not have). Every endpoint draws
 ``--per-run`` markers and as many decoys from one fingerprint (``allow_repeat``: 10 passes over 1 000 endpoints
 need more fresh markers than the bundled digits give; the ledger still records every draw).
@@ -47,7 +47,7 @@ def rss_mib() -> float:
     return float("nan")
 
 
-def build_models(root: Path) -> tuple[Path, Path, Path]:
+def build_models(root: Path, markers: int = 200, decoys: int = 200) -> tuple[Path, Path, Path]:
     """An intact and a tampered TorchScript CNN on the digits, and a signed fingerprint of the intact one with decoys."""
     import torch
 
@@ -70,7 +70,8 @@ def build_models(root: Path) -> tuple[Path, Path, Path]:
     torch.jit.trace(module, example).save(str(intact_path))
     torch.jit.trace(tampered, example).save(str(tampered_path))
     intact = TorchModel(module, "intact")
-    x, d = np.ascontiguousarray(test.x[:200]), np.ascontiguousarray(test.x[200:400])
+    everything = load_data("digits").x  # natural markers and decoys: any of the bundled images, each used once
+    x, d = np.ascontiguousarray(everything[:markers]), np.ascontiguousarray(everything[markers : markers + decoys])
     fp = make_fingerprint(
         x,
         intact.logits(x),
@@ -152,9 +153,8 @@ class SlowRelay:
         async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, hold: float) -> None:
             try:
                 while data := await reader.read(65536):
-                    if hold:
+                    if hold:  # every answer (the answers here fit one read) waits, on new and kept-alive connections alike
                         await asyncio.sleep(hold)
-                        hold = 0.0
                     writer.write(data)
                     await writer.drain()
             except (ConnectionError, asyncio.CancelledError):
@@ -311,11 +311,12 @@ def main() -> None:
     ap.add_argument("--ceiling-passes", type=int, default=3)
     ap.add_argument("--per-run", type=int, default=10)
     ap.add_argument("--concurrency", type=int, default=64)
-    ap.add_argument("--slow", type=float, default=2.0)
+    ap.add_argument("--slow", type=float, default=0.5)
     ap.add_argument("--sequential", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
-    resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     result = run(args)
     print(json.dumps({k: v for k, v in result.items() if k != "passes"}, indent=1))
     if args.out is not None:

