@@ -113,11 +113,7 @@ def test_threads_changes_no_result(files, restore_threads):
     """The same fingerprint whatever the thread count, up to float rounding (sums split over threads
     round differently): ``--threads`` is a speed setting only."""
     d, model = files
-<<<<<<< HEAD
-    common = ["fingerprint", model, "--data", d / "data.npz", "--size", "3", "--bag", "6", "--param", "steps=4", "--no-check", "--seed", "0"]
-=======
-    common = ["fingerprint", model, "--data", d / "data.npz", "--size", "3", "--bag", "6", "--no-check", *SENSITIVE]
->>>>>>> routers
+    common = ["fingerprint", model, "--data", d / "data.npz", "--size", "3", "--bag", "6", "--no-check", "--seed", "0", *SENSITIVE]
     for n in (1, 2):
         r = run(*common, "--out", d / f"t{n}.tpf", "--threads", n)
         assert r.exit_code == 0, r.stderr
@@ -131,11 +127,7 @@ def test_threads_changes_no_result(files, restore_threads):
 
 def test_fingerprint_with_device_cpu_is_the_default_fingerprint(files):
     d, model = files
-<<<<<<< HEAD
-    common = ["fingerprint", model, "--data", d / "data.npz", "--size", "3", "--bag", "6", "--param", "steps=4", "--no-check", "--seed", "0"]
-=======
-    common = ["fingerprint", model, "--data", d / "data.npz", "--size", "3", "--bag", "6", "--no-check", *SENSITIVE]
->>>>>>> routers
+    common = ["fingerprint", model, "--data", d / "data.npz", "--size", "3", "--bag", "6", "--no-check", "--seed", "0", *SENSITIVE]
     r = run(*common, "--out", d / "cpu.tpf", "--device", "cpu")
     assert r.exit_code == 0, r.stderr
     r = run(*common, "--out", d / "default.tpf")

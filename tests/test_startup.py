@@ -37,7 +37,22 @@ def model_file(tmp_path_factory, trained_cnn, digits):
 @pytest.mark.parametrize(
     "args",
     [
-        ["fingerprint", "{model}", "--data", "digits", "--out", "{tmp}/x.tpf", "--size", "8", "--method", "sensitive", "--param", "steps=3", "--seed", "0"],
+        [
+            "fingerprint",
+            "{model}",
+            "--data",
+            "digits",
+            "--out",
+            "{tmp}/x.tpf",
+            "--size",
+            "8",
+            "--method",
+            "sensitive",
+            "--param",
+            "steps=3",
+            "--seed",
+            "0",
+        ],
         ["fingerprint", "{model}", "--data", "digits", "--out", "{tmp}/y.tpf", "--size", "4", "--output-spec", "top1", "--seed", "0"],
         ["train", "cnn", "--data", "digits", "--out", "{tmp}/t.pt", "--epochs", "1"],
     ],
