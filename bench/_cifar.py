@@ -8,6 +8,7 @@ and the images are uint8, divided by 255 for the model (its normalisation is ins
 from __future__ import annotations
 
 import importlib.util
+import os
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +17,7 @@ from torch import nn
 from tamperprobe.data import Dataset
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
+SHARED = Path(os.environ.get("TAMPERPROBE_SHARED", REPO.parent / "shared"))  # $TAMPERPROBE_SHARED: from a git worktree elsewhere
 MODEL_DIR = SHARED / "models" / "cifar10_resnet56"
 DATA_FILE = SHARED / "data" / "cifar10" / "test1017_uint8.npz"
 SOURCE = "cifar10_resnet56"  # the model's name in reports

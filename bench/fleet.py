@@ -266,7 +266,7 @@ def run(args: argparse.Namespace) -> dict:
             print(json.dumps(row), flush=True)
             for o in bad[:5]:
                 print(f"  wrong: {o.endpoint} ({names[o.endpoint]}) read {o.verdict}: {o.summary()}", flush=True)
-        seq = sequential(fleet, args.sequential, root)
+        seq = sequential(fleet, [n for n, k in names.items() if k == "intact"], args.sequential, root)
         return {
             "endpoints": args.endpoints,
             "servers": args.servers,
@@ -284,10 +284,10 @@ def run(args: argparse.Namespace) -> dict:
             p.wait(30)
 
 
-def sequential(fleet, n: int, root: Path) -> dict:
+def sequential(fleet, intact: list[str], n: int, root: Path) -> dict:
     """``n`` intact endpoints verified one ``tamperprobe verify`` process after another; scaled to the whole fleet."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TAMPERPROBE_HISTORY": str(root / "seq.sqlite")}
-    picked = [e for e in fleet.endpoints if "127.0.0.1" in e.url][:n]
+    picked = [e for e in fleet.endpoints if e.name in set(intact)][:n]
     t = time.perf_counter()
     codes = []
     for e in picked:

@@ -160,11 +160,11 @@ def analyse(events: Path, windows: list[list[float]], tampered_name: str, tamper
         # a run's time is when it ended; it began at most its seconds earlier
         began = t - float(r.get("seconds") or 0)
         down = next((i for i, w in enumerate(windows) if began < w[1] and t > w[0] - 1), None)
-        served = (
-            "down"
-            if down is not None
-            else ("tampered" if tampered_since and r["endpoint"] == tampered_name and began >= tampered_since else "intact")
-        )
+        whole = down is not None and began >= windows[down][0] and t <= windows[down][1]  # the run lay wholly inside the outage
+        if down is not None:
+            served = "down" if whole else "edge"  # edge: the run overlapped a kill or a restart (answers may have come while up)
+        else:
+            served = "tampered" if tampered_since and r["endpoint"] == tampered_name and began >= tampered_since else "intact"
         rows.append({"endpoint": r["endpoint"], "t": round(t - start, 1), "served": served, "verdict": r["verdict"]})
         if down is not None:
             o = outages[down]
@@ -174,7 +174,7 @@ def analyse(events: Path, windows: list[list[float]], tampered_name: str, tamper
             o["returned" if returned else "spent"] += sent
     wrong = [x for x in rows if (x["served"] == "intact" and x["verdict"] != "INTACT") or (x["served"] == "tampered" and x["verdict"] != "TAMPERED")]
     false_alarms = [x for x in rows if x["verdict"] == "TAMPERED" and x["served"] != "tampered"]
-    intact_when_not = [x for x in rows if x["verdict"] == "INTACT" and x["served"] != "intact"]
+    intact_when_not = [x for x in rows if x["verdict"] == "INTACT" and x["served"] in ("down", "tampered")]
     return {
         "minutes": args.minutes,
         "endpoints": args.endpoints,
@@ -182,7 +182,7 @@ def analyse(events: Path, windows: list[list[float]], tampered_name: str, tamper
         "runs": len(rows),
         "by_served_and_verdict": {
             f"{s}->{v}": sum(x["served"] == s and x["verdict"] == v for x in rows)
-            for s in ("intact", "down", "tampered")
+            for s in ("intact", "edge", "down", "tampered")
             for v in ("INTACT", "TAMPERED", "INCONCLUSIVE")
         },
         "false_alarms": len(false_alarms),
@@ -191,11 +191,16 @@ def analyse(events: Path, windows: list[list[float]], tampered_name: str, tamper
         "tampered_endpoint": tampered_name,
         "tampered_at_s": None if tampered_since is None else round(tampered_since - start, 1),
         "exit_code": code,
-        "rss_mib_first_last_max": [samples[0]["rss_mib"], samples[-1]["rss_mib"], max(s["rss_mib"] for s in samples)] if samples else None,
-        "fds_first_last_max": [samples[0]["fds"], samples[-1]["fds"], max(s["fds"] for s in samples)] if samples else None,
+        # after the first minute (imports and the first runs done): flat means the last is no more than the first
+        "rss_mib_at_1min_last_max": _first_last_max([x["rss_mib"] for x in samples if x["t"] >= 60]),
+        "fds_at_1min_last_max": _first_last_max([x["fds"] for x in samples if x["t"] >= 60]),
         "outages": outages,
         "samples": samples,
     }
+
+
+def _first_last_max(values: list) -> list | None:
+    return [values[0], values[-1], max(values)] if values else None
 
 
 if __name__ == "__main__":

@@ -30,6 +30,7 @@ then change one thing at a time to measure what each difference from the paper's
     python bench/verideep_table6.py                     # everything (bags: 1.5 hours of one core under load)
     python bench/verideep_table6.py --variants verideep # one variant (the others come from the cache)
     python bench/verideep_table6.py --report-only       # rebuild the markdown from the JSON
+    python bench/verideep_table6.py --default-from-identity 128   # default-selection column of bags measured before the rule
 
 Bags are cached (``--cache``, npz; never pickle) so that a cut-off run resumes where it stopped.
 Results: ``bench/results/verideep-table6.json`` and ``bench/results/verideep-table6.md`` (the
@@ -61,10 +62,11 @@ from tamperprobe.evaluation.report import md_table
 from tamperprobe.models import Model, TorchModel
 from tamperprobe.outputs import DEFAULT_TOLERANCE, OutputSpec, changed_markers, softmax64
 from tamperprobe.owner.calibrate import runtime_logits
+from tamperprobe.owner.features import activations, coverage, penultimate
 from tamperprobe.owner.markers import psnr_db
 from tamperprobe.owner.methods import Bag
 from tamperprobe.owner.methods.sensitive import SensitiveSamples
-from tamperprobe.owner.sensitivity import Sensitivity, activations
+from tamperprobe.owner.sensitivity import Sensitivity
 from tamperprobe.train import accuracy
 
 RESULTS = _cifar.REPO / "bench" / "results"
@@ -258,8 +260,8 @@ def _generate(model: TorchModel, data: Dataset, label: str, cfg: dict[str, Any],
 
     seed_label = cfg.get("seed_label", label)
     if cfg["method"] == "code-objective":
-        return make_bag(model, data, CodeObjectiveSamples(**params), {}, bag, seed, seed_label, progress)
-    return make_bag(model, data, cfg["method"], params, bag, seed, seed_label, progress)
+        return make_bag(model, data, CodeObjectiveSamples(**params), {}, bag, seed, seed_label, progress=progress)
+    return make_bag(model, data, cfg["method"], params, bag, seed, seed_label, progress=progress)
 
 
 def load_or_generate(model: TorchModel, data: Dataset, label: str, cfg: dict[str, Any], bag: int, seed: int, cache: Path) -> tuple[Bag, dict]:
@@ -362,12 +364,18 @@ def marker_stats(model: TorchModel, b: Bag, logits: np.ndarray) -> dict[str, flo
 
 
 def selections(model: TorchModel, x: np.ndarray, resamples: int, seed: int, fraction: float) -> dict[str, np.ndarray]:
-    """Orders (resamples, MAX_NS) for MANC on the penultimate features, MANC on layer3's ReLU map, and random."""
+    """Orders (resamples, MAX_NS) for MANC on the penultimate features, on layer3's ReLU map, by default selection, and random.
+
+    ``manc`` keeps its meaning in the JSON (the penultimate features, the default before the
+    pooled-map rule); ``manc-default`` is what ``select`` now covers by default (``owner.features``).
+    """
     n = len(x)
     depth = min(MAX_NS, n)
     out = {}
-    for name, layer in (("manc", None), ("manc-layer3", "layer3")):
-        active = activations(model, x, layer) > 0
+    h = penultimate(model, x)
+    assert h is not None
+    for name, acts in (("manc", h), ("manc-layer3", activations(model, x, "layer3")), ("manc-default", activations(model, x))):
+        active = acts > 0
         out[name] = manc_orders(active.astype(np.float32), depth, resamples, np.random.default_rng(seed), fraction)
         out[f"{name}:active_units"] = np.array([float(active.sum(1).mean()), float(active.shape[1])])
     out["random"] = selection_orders(n, depth, resamples, np.random.default_rng(seed + 1))
@@ -435,7 +443,7 @@ def measure_bag(model: TorchModel, tampered: dict[str, TorchModel], b: Bag, meta
     ref = model.logits(x)
     orders = selections(model, x, args.resamples, args.seed, args.manc_fraction)
     out: dict[str, Any] = {**meta, "stats": marker_stats(model, b, ref), "active_units": {}}
-    for k in ("manc", "manc-layer3"):
+    for k in ("manc", "manc-layer3", "manc-default"):
         mean_active, units = orders.pop(f"{k}:active_units")
         out["active_units"][k] = {"mean_active": float(mean_active), "units": int(units)}
     specs = [OutputSpec.parse(s) for s in SPECS]
@@ -511,7 +519,20 @@ def write_markdown(doc: dict) -> Path:
         "The paper's numbers: only top-1 at N_S = 6 (99.5 %) and N_S = 10 (> 99.9 %) could be checked (quoted in issue 11); "
         "the paper's full text was not reachable from this machine, so the other cells of its table are not given here.",
         "",
+        "**Default selection** (`--select manc` without `--layer`): MANC covers the map pooled into the output layer when the "
+        "output layer reads globally pooled features (`owner.features`; here layer3's 64×8×8 ReLU map), else the output "
+        "layer's input. The columns marked *MANC penultimate* keep the selection this page was first measured with (MANC over "
+        "the 64 pooled features, the default before that rule).",
+        "",
     ]
+    ds = doc.get("variants", {}).get("verideep", {}).get("default_selection")
+    if ds:
+        lines += [
+            f"The default-selection column of these bags (generated before the rule) is MANC on layer3's map: the default coverage "
+            f"is that map ({ds['covers']}; max |Δ| {ds['max_abs_diff']:g} against layer3's output on {ds['images']} natural and "
+            "noisy images, `--default-from-identity`), so MANC picks the same markers under the same seed.",
+            "",
+        ]
     attacks = list(doc.get("attacks", {}))
     lines += ["## The 8-bit schemes", ""]
     lines.append(
@@ -523,10 +544,12 @@ def write_markdown(doc: dict) -> Path:
     lines.append("")
     for attack in attacks:
         lines += [f"## Table VI, side by side: `preset=verideep` against `{attack}`, detection rate (%) by N_S", ""]
-        header = ["N_S", "top-1 (paper)"] + [f"{PAPER_NAMES[s]} (ours)" for s in SPECS] + ["top-1, random", "top-1, MANC on layer3"]
+        header = ["N_S", "top-1 (paper)", "top-1, default selection"]
+        header += [f"{PAPER_NAMES[s]} (ours, MANC penultimate)" for s in SPECS] + ["top-1, random", "top-1, MANC on layer3"]
         rows = []
         for ns in range(1, MAX_NS + 1):
-            row: list[Any] = [ns, PAPER.get(("top1", ns), "")]
+            default = _det(doc, "verideep", attack, "top1", "manc-default")
+            row: list[Any] = [ns, PAPER.get(("top1", ns), ""), _pct(default[ns - 1]) if default else "–"]
             for s in SPECS:
                 c = _det(doc, "verideep", attack, s)
                 row.append(_pct(c[ns - 1]) if c else "–")
@@ -539,7 +562,10 @@ def write_markdown(doc: dict) -> Path:
             "Markers changed (of the bag): " + ", ".join(f"{PAPER_NAMES[s]} {_trig(doc, 'verideep', attack, s)}" for s in SPECS) + ".",
         )
         lines.append("")
-    lines += ["## Generation settings: top-1 detection (%) at N_S = 2 / 4 / 6 / 10 and markers changed, per 8-bit scheme", ""]
+    lines += [
+        "## Generation settings: top-1 detection (%) at N_S = 2 / 4 / 6 / 10 (MANC on the penultimate features) and markers changed, per 8-bit scheme",
+        "",
+    ]
     labels = [lab for lab in [*VARIANTS, *W_VARIANTS] if lab in doc.get("variants", {})]
     rows = []
     for lab in labels:
@@ -614,7 +640,10 @@ def write_markdown(doc: dict) -> Path:
             ]
         )
     lines += [md_table(["variant", *attacks], rows), ""]
-    lines += ["## Selection: MANC (penultimate, 64 units) vs MANC (layer3 ReLU map, 4,096 units) vs random — top-1, `preset=verideep`", ""]
+    lines += [
+        "## Selection: default (the rule) vs MANC (penultimate, 64 units) vs MANC (layer3 ReLU map, 4,096 units) vs random — top-1, `preset=verideep`",
+        "",
+    ]
     v = doc.get("variants", {}).get("verideep", {})
     au = v.get("active_units", {})
     if au:
@@ -626,7 +655,7 @@ def write_markdown(doc: dict) -> Path:
         lines.append("")
     rows = []
     for a in attacks:
-        for sel in ("manc", "manc-layer3", "random", "random_exact"):
+        for sel in ("manc-default", "manc", "manc-layer3", "random", "random_exact"):
             c = _det(doc, "verideep", a, "top1", sel)
             if c:
                 rows.append([a, sel, *(_pct(c[n - 1]) for n in ns_cols)])
@@ -659,6 +688,37 @@ def write_markdown(doc: dict) -> Path:
     return MD_OUT
 
 
+def default_from_identity(doc: dict[str, Any], images: int, seed: int) -> dict[str, Any]:
+    """Fill the default-selection column of bags measured before the pooled-map rule, where it provably equals MANC on layer3.
+
+    The default selection covers ``owner.features.coverage(model, x)``; on this ResNet that is layer3's ReLU map
+    exactly when the two activation arrays are equal. They are checked equal (max |Δ| and the chosen layer) on
+    ``images`` natural test images and on the same images moved by noise of the preset's ball (rms 10/255, clipped to
+    [0, 1]); with equal activations, ``manc_orders`` under the same seed gives the same orders, so every row's
+    ``manc-default`` curve is its ``manc-layer3`` curve. Rows measured with the rule keep their own.
+    """
+    torch.set_num_threads(1)
+    model = TorchModel(_cifar.load_resnet56(), _cifar.SOURCE)
+    x = _cifar.load_cifar10().x[:images]
+    noisy = np.clip(x + np.random.default_rng(seed).normal(0.0, 10 / 255, x.shape).astype(np.float32), 0.0, 1.0)
+    check = {"images": 2 * images, "max_abs_diff": 0.0, "covers": ""}
+    for batch in (x, noisy):
+        cov = coverage(model, batch)
+        check["max_abs_diff"] = max(check["max_abs_diff"], float(np.abs(cov.values - activations(model, batch, "layer3")).max()))
+        check["covers"] = cov.what
+    _log(f"default coverage vs layer3 on {check['images']} images: max |Δ| {check['max_abs_diff']:g} ({check['covers']})")
+    if check["max_abs_diff"] != 0.0:
+        raise SystemExit("the default coverage is not layer3's map on this model: measure the default column directly")
+    for v in doc.get("variants", {}).values():
+        filled = 0
+        for row in v.get("detection", []):
+            if "manc-default" not in row and "manc-layer3" in row:
+                row["manc-default"], filled = row["manc-layer3"], filled + 1
+        if filled:
+            v["default_selection"] = {"from": "manc-layer3", **check}
+    return doc
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bag", type=int, default=100)
@@ -669,6 +729,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "tamperprobe-verideep-table6"))
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument(
+        "--default-from-identity",
+        type=int,
+        default=0,
+        metavar="N",
+        help="check on N natural (and N noisy) images that the default coverage is layer3's map, then fill the default column from it",
+    )
     ap.add_argument("--out", default=str(RESULTS / "verideep-table6"), help="output path without suffix (.json and .md are written)")
     ap.add_argument("--smoke", action="store_true", help="a quick check of the script: 5 ascent steps, bags of 6 (not a measurement)")
     args = ap.parse_args(argv)
@@ -676,7 +743,9 @@ def main(argv: list[str] | None = None) -> int:
     JSON_OUT, MD_OUT, SMOKE = Path(args.out).with_suffix(".json"), Path(args.out).with_suffix(".md"), args.smoke
     if args.smoke:
         args.bag, args.resamples, SMALL["bag"] = 6, 50, 4
-    if not args.report_only:
+    if args.default_from_identity:
+        JSON_OUT.write_text(json.dumps(default_from_identity(json.loads(JSON_OUT.read_text()), args.default_from_identity, args.seed), indent=1))
+    elif not args.report_only:
         missing = _cifar.available()
         if missing:
             print(f"CIFAR-10 model or data not found: {missing}", file=sys.stderr)

@@ -185,14 +185,16 @@ def test_boundary_single_sided_markers(model, test_set):
 def test_uint8_markers_are_exact_and_survive_a_round_trip(model, test_set):
     bag = _gen(model, test_set, "boundary", {"uint8": True, "delta": DELTA}, bag=30)
     assert bag.inputs.dtype == np.uint8 and len(bag) == 30
-    enc = bag.info["input_encoding"]
-    assert enc["dtype"] == "uint8" and (enc["low"], enc["high"]) == (test_set.low, test_set.high)
+    enc = bag.encoding
+    assert enc is not None and enc.dtype == "uint8" and (enc.low, enc.high) == (test_set.low, test_set.high)
+    assert "input_encoding" not in bag.info  # a typed field, not an info entry
+    np.testing.assert_array_equal(bag.decoded(), decode_uint8(bag.inputs, test_set.low, test_set.high))
     # through JSON (a list of ints, as an HTTP API would carry it) and through raw bytes
     via_json = np.asarray(json.loads(json.dumps(bag.inputs.tolist())), dtype=np.uint8)
     via_bytes = np.frombuffer(bag.inputs.tobytes(), dtype=np.uint8).reshape(bag.inputs.shape)
     assert np.array_equal(via_json, bag.inputs) and np.array_equal(via_bytes, bag.inputs)
     assert json.loads(json.dumps(bag.inputs.tolist())) == bag.inputs.astype(int).tolist()
-    x = decode_uint8(via_json, enc["low"], enc["high"])
+    x = decode_uint8(via_json, enc.low, enc.high)
     assert np.array_equal(x, decode_uint8(bag.inputs, test_set.low, test_set.high))
     assert np.array_equal(encode_uint8(x, test_set.low, test_set.high), bag.inputs)
     for batch in (1, 64, 256):

@@ -18,11 +18,10 @@ from torch import nn
 from tamperprobe.errors import UsageError
 from tamperprobe.models import ExportedModel, Model, OnnxModel, ScriptedModel, TorchModel
 from tamperprobe.owner import sensitivity as sens
+from tamperprobe.owner.features import penultimate
 from tamperprobe.owner.sensitivity import (
-    activations,
     jacobian_norm,
     naive_sensitivity,
-    penultimate,
     resolve_params,
     sensitivity,
     sensitivity_and_grad,
@@ -315,42 +314,6 @@ def test_bad_output_and_onnx_are_usage_errors() -> None:
         sensitivity(OnnxModel(object(), "m.onnx"), _x(), ["5.weight"])
     with pytest.raises(UsageError):
         sensitivity_and_grad(OnnxModel(object(), "m.onnx"), _x(), ["5.weight"])
-
-
-# ---------------------------------------------------------------------------- activations for MANC
-
-
-def test_activations_default_layer_and_named_layer() -> None:
-    m = TorchModel(_cnn(), "cnn")
-    x = _x(7).numpy()
-    acts = activations(m, x)
-    assert acts.shape == (7, 10)  # input of the last Linear: the Softplus output
-    with torch.no_grad():
-        expect = m.module[:6](torch.from_numpy(x)).numpy()
-    np.testing.assert_allclose(acts, expect, rtol=1e-6)
-    conv = activations(m, x, "1", batch_size=3)
-    assert conv.shape == (7, 3 * 6 * 6)
-    with pytest.raises(UsageError, match="valid names"):
-        activations(m, x, "nope")
-
-
-@pytest.mark.parametrize("fmt", ["torchscript", "export"])
-def test_activations_on_every_format(fmt: str) -> None:
-    module = _cnn()
-    x = _x(23).numpy()
-    got = activations(_as(fmt, module, _x(2)), x, batch_size=9)
-    np.testing.assert_allclose(got, activations(TorchModel(module, "cnn"), x), rtol=1e-6, atol=1e-7)
-    with pytest.raises(UsageError, match="--select random"):
-        activations(_as(fmt, module, _x(2)), x, "1")  # a named layer needs hooks
-
-
-def test_activations_without_a_linear_output_or_hooks_is_a_usage_error() -> None:
-    module = _Scaled().eval()
-    np.testing.assert_allclose(
-        activations(TorchModel(module, "scaled"), _x().numpy()), module.body(_x()).detach().numpy(), rtol=1e-6
-    )  # hookable: the input of the last nn.Linear
-    with pytest.raises(UsageError, match="--select random"):
-        activations(_as("torchscript", module, _x(2)), _x().numpy())
 
 
 def test_output_layer_route_in_pieces(monkeypatch) -> None:

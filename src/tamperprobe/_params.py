@@ -15,10 +15,15 @@ only stores each under its own name (``self.epsilon = epsilon``). Everything els
 * ``parse_params(cls, ["key=value", ...])`` turns command-line text into keyword arguments,
   coercing each value by the constructor's annotation (``float``, ``int``, ``bool``, ``str``,
   ``list[str]``, optional types), so every command shares one parser.
+
+Settings objects (a campaign's settings, a retry policy, a connection, a schedule) use the same
+machinery without being plug-ins: a frozen dataclass deriving from ``Settings`` declares its
+fields' types and ``constraints``, and every instance is coerced and checked when it is built.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import math
@@ -40,6 +45,7 @@ class Interval:
     high: float | None = None
     closed: str = "both"  # both | left | right | neither
     integer: bool = False
+    text: str = ""  # how messages say the range, when the symbols would not ("at least 0 (0: all)")
 
     def check(self, name: str, value: Any) -> float | int:
         if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -56,6 +62,8 @@ class Interval:
         return int(v) if self.integer else v
 
     def describe(self) -> str:
+        if self.text:
+            return self.text
         lo = "" if self.low is None else ("[" if self.closed in ("both", "left") else "(") + f"{self.low:g}"
         hi = "" if self.high is None else f"{self.high:g}" + ("]" if self.closed in ("both", "right") else ")")
         if lo and hi:
@@ -240,3 +248,46 @@ def build(cls: type[Configurable], params: dict[str, Any] | None = None) -> Any:
     obj = cls(**kwargs)
     obj.validated()
     return obj
+
+
+class Settings:
+    """Base of settings objects: a frozen dataclass whose fields are coerced and checked when an instance is built.
+
+    A subclass is declared ``@dataclass(frozen=True)`` with typed fields and, as a plug-in does,
+    ``constraints`` (field -> ``Interval``, ``Options`` or anything with ``check(name, value)``).
+    ``labels`` names a field in messages (e.g. its command-line option), ``_check_together`` ties
+    several fields together. Simple annotations (``int``, ``float``, ``bool``, ``str``, optional
+    ones) are coerced as ``--param`` values are; other fields are left as given. Anything wrong
+    raises ``UsageError`` from the constructor, so an object that exists is valid.
+    """
+
+    constraints: ClassVar[dict[str, Any]] = {}
+    labels: ClassVar[dict[str, str]] = {}
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):  # type: ignore[arg-type]
+            name = self.labels.get(f.name, f.name)
+            value = getattr(self, f.name)
+            if _simple(hints.get(f.name, Any)):
+                value = coerce(name, value, hints[f.name])
+            rule = self.constraints.get(f.name)
+            if rule is not None and value is not None:
+                value = rule.check(name, value)
+            object.__setattr__(self, f.name, value)
+        self._check_together()
+
+    def _check_together(self) -> None:
+        """Rules that tie several (checked) fields together; raise UsageError. None by default."""
+
+    def to_json(self) -> dict[str, Any]:
+        """The fields as a dict (what a result records)."""
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
+def _simple(tp: Any) -> bool:
+    """Whether ``coerce`` handles annotation ``tp`` as a scalar: int, float, bool, str, or an optional one of them."""
+    origin, args = _origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        return all(a is type(None) or a in (int, float, bool, str) for a in args)
+    return tp in (int, float, bool, str)

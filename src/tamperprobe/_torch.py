@@ -227,53 +227,80 @@ def last_linear(module: nn.Module) -> tuple[str, nn.Linear] | None:
     return found
 
 
+def _first_tensor(value: object) -> torch.Tensor | None:
+    """The tensor a hook sees: ``value`` itself, or the first item of a (nested) tuple or list."""
+    while isinstance(value, (tuple, list)) and value:
+        value = value[0]
+    return value if isinstance(value, torch.Tensor) else None
+
+
+@contextmanager
+def recording(layer: nn.Module, read: str = "input") -> Iterator[list[torch.Tensor | None]]:
+    """Record, for every call of ``layer`` inside the block, the tensor it reads (``input``) or returns (``output``).
+
+    The one forward-hook helper: the output-layer route of the sensitivity and ``layer_activations``
+    both read layers through it, with the same rule (``only_call``). The tensors keep their graph.
+    Raises ``UsageError`` when the layer cannot be hooked.
+    """
+    seen: list[torch.Tensor | None] = []
+    try:
+        if read == "input":
+            handle = layer.register_forward_pre_hook(lambda _m, args: seen.append(_first_tensor(args)))
+        else:
+            handle = layer.register_forward_hook(lambda _m, _a, out: seen.append(_first_tensor(out)))
+    except Exception:
+        raise UsageError("this layer cannot be hooked: use --select random") from None
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def only_call(seen: list[torch.Tensor | None], batch: int) -> torch.Tensor | None:
+    """The capture rule: the tensor of the layer's only call, when it has ``batch`` rows; None otherwise.
+
+    A layer called several times in one forward pass (shared weights, a recurrence) has no single
+    activation per sample, and one that saw no per-sample tensor has none either.
+    """
+    if len(seen) != 1 or seen[0] is None or seen[0].dim() == 0 or seen[0].shape[0] != batch:
+        return None
+    return seen[0]
+
+
 def layer_activations(module: nn.Module, x: np.ndarray | torch.Tensor, layer: str | None = None, *, batch_size: int = 256) -> np.ndarray:
     """Activations (N, units) of a layer, flattened per sample, as float32.
 
     ``layer=None`` takes the *input* of the last ``nn.Linear`` (the penultimate features);
-    otherwise ``layer`` names a submodule whose *output* is taken. Raises ``UsageError`` when
-    the module has no such layer or it cannot be hooked (TorchScript, ``torch.export``).
+    otherwise ``layer`` names a submodule whose *output* is taken. Read with ``recording`` under
+    the ``only_call`` rule. Raises ``UsageError`` when the module has no such layer, it cannot be
+    hooked (TorchScript, ``torch.export``), or it does not run exactly once per forward pass.
     """
     if layer is None:
         last = last_linear(module) if isinstance(module, nn.Module) and not isinstance(module, torch.jit.ScriptModule) else None
         if last is None:
             raise UsageError("cannot find a layer to read activations from (no hookable nn.Linear): pass a layer or use --select random")
-        target, pre = last[1], True
+        target, read = last[1], "input"
     else:
         subs = dict(module.named_modules())
         if layer not in subs or layer == "":
             names = [n for n in subs if n]
             raise UsageError(f"unknown layer {layer!r}: valid names are {', '.join(names) or '(none)'}; or use --select random")
-        target, pre = subs[layer], False
-    grabbed: list[torch.Tensor] = []
-
-    def take(value: object) -> None:
-        while isinstance(value, (tuple, list)) and value:
-            value = value[0]
-        if isinstance(value, torch.Tensor):
-            grabbed.append(value.detach().reshape(value.shape[0], -1).float())
-
-    try:
-        if pre:
-            handle = target.register_forward_pre_hook(lambda _m, args: take(args))
-        else:
-            handle = target.register_forward_hook(lambda _m, _a, out: take(out))
-    except Exception:
-        raise UsageError(f"cannot hook layer {layer!r} of this model: use --select random") from None
+        target, read = subs[layer], "output"
     xt = x.detach() if isinstance(x, torch.Tensor) else to_tensor(np.asarray(x))
     device = module_device(module)
     rows = []
-    try:
-        with torch.no_grad(), quiet():
-            for i in range(0, xt.shape[0], max(1, batch_size)):
-                grabbed.clear()
-                chunk = xt[i : i + batch_size].contiguous().to(device)
-                module(chunk)
-                if not grabbed or grabbed[-1].shape[0] != chunk.shape[0]:
-                    raise UsageError(f"layer {layer!r} yields no per-sample activations in this model: pick another layer or use --select random")
-                rows.append(grabbed[-1].cpu().numpy())
-    finally:
-        handle.remove()
+    with recording(target, read) as seen, torch.no_grad(), quiet():
+        for i in range(0, xt.shape[0], max(1, batch_size)):
+            seen.clear()
+            chunk = xt[i : i + batch_size].contiguous().to(device)
+            module(chunk)
+            got = only_call(seen, chunk.shape[0])
+            if got is None:
+                raise UsageError(
+                    f"layer {layer!r} yields no per-sample activations in this model (it must run once per forward pass): "
+                    "pick another layer or use --select random"
+                )
+            rows.append(got.detach().reshape(got.shape[0], -1).float().cpu().numpy())
     if not rows:
         return np.zeros((0, 0), dtype=np.float32)
     return np.concatenate(rows).astype(np.float32, copy=False)

@@ -6,18 +6,16 @@
 >>> result = run_attack(Trojan(epochs=5), module, data, seed=0)         # the same, as an instance  # doctest: +SKIP
 >>> result.acc_before, result.acc_after, result.success, result.changed   # doctest: +SKIP
 
-``REGISTRY`` maps each name to its class, imported on first use (so listing the names imports
-no torch). Adding an attack is one new module with an ``Attack`` subclass plus one line in
-``_BUILTIN``. See ``base`` for the data split and the meaning of each result field.
+``REGISTRY`` (a ``_registry.Registry``) maps each name to its class, imported on first use (so
+listing the names imports no torch). Adding an attack is one new module with an ``Attack``
+subclass plus one line in ``REGISTRY``. See ``base`` for the data split and the meaning of each result field.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Iterator, MutableMapping
 from typing import TYPE_CHECKING, Any
 
-from ..errors import UsageError
+from .._registry import Registry
 
 if TYPE_CHECKING:
     from torch import nn
@@ -26,86 +24,52 @@ if TYPE_CHECKING:
     from ..data import Dataset
     from .base import Attack, AttackResult
 
-# name -> "module:Class" in this package, in the documented order
-_BUILTIN: dict[str, str] = {
-    "trojan": "trojan:Trojan",
-    "trojan-neuron": "trojan:TrojanNeuron",
-    "poison-generic": "poison:PoisonGeneric",
-    "poison-specific": "poison:PoisonSpecific",
-    "int8": "quantize:Int8",
-    "int8-channel": "quantize:Int8Channel",
-    "dynamic-int8": "quantize:DynamicInt8",
-    "fp16": "quantize:FP16",
-    "bf16": "quantize:BF16",
-    "floor": "sparsify:Floor",
-    "prune": "sparsify:Prune",
-    "finetune": "finetune:Finetune",
-    "watermark": "finetune:Watermark",
-    "noise": "noise:Noise",
-}
-
-
-class _Registry(MutableMapping[str, "type[Attack]"]):
-    """Attack classes by name; an entry given as ``"module:Class"`` is imported when first read."""
-
-    def __init__(self, entries: dict[str, Any]) -> None:
-        self._entries: dict[str, Any] = dict(entries)
-
-    def __getitem__(self, name: str) -> type[Attack]:
-        entry = self._entries[name]
-        if isinstance(entry, str):
-            module, _, cls = entry.partition(":")
-            entry = self._entries[name] = getattr(importlib.import_module(f"{__name__}.{module}"), cls)
-        return entry
-
-    def __setitem__(self, name: str, cls: type[Attack]) -> None:
-        self._entries[name] = cls
-
-    def __delitem__(self, name: str) -> None:
-        del self._entries[name]
-
-    def __iter__(self) -> Iterator[str]:
-        return iter(self._entries)
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-
-REGISTRY: MutableMapping[str, type[Attack]] = _Registry(_BUILTIN)
+REGISTRY: Registry[Attack] = Registry(
+    "attack",
+    {  # name -> "module:Class", in the documented order
+        "trojan": "tamperprobe.attacks.trojan:Trojan",
+        "trojan-neuron": "tamperprobe.attacks.trojan:TrojanNeuron",
+        "poison-generic": "tamperprobe.attacks.poison:PoisonGeneric",
+        "poison-specific": "tamperprobe.attacks.poison:PoisonSpecific",
+        "int8": "tamperprobe.attacks.quantize:Int8",
+        "int8-channel": "tamperprobe.attacks.quantize:Int8Channel",
+        "dynamic-int8": "tamperprobe.attacks.quantize:DynamicInt8",
+        "fp16": "tamperprobe.attacks.quantize:FP16",
+        "bf16": "tamperprobe.attacks.quantize:BF16",
+        "floor": "tamperprobe.attacks.sparsify:Floor",
+        "prune": "tamperprobe.attacks.sparsify:Prune",
+        "finetune": "tamperprobe.attacks.finetune:Finetune",
+        "watermark": "tamperprobe.attacks.finetune:Watermark",
+        "noise": "tamperprobe.attacks.noise:Noise",
+    },
+    base="tamperprobe.attacks.base:Attack",
+    summary=lambda cls: cls.summary(),
+)
 
 
 def attack_names() -> list[str]:
     """Every attack name, in the documented order."""
-    return list(REGISTRY)
+    return REGISTRY.names()
 
 
 def attack_class(name: str) -> type[Attack]:
     """The class registered as ``name``; UsageError naming the choices when there is none."""
-    if name not in REGISTRY:
-        raise UsageError(f"unknown attack {name!r}: choose one of {', '.join(REGISTRY)}")
-    return REGISTRY[name]
+    return REGISTRY.cls(name)
 
 
 def describe_attacks() -> dict[str, str]:
     """Each attack's one-line description, by name (imports the attack modules)."""
-    return {name: cls.summary() for name, cls in REGISTRY.items()}
+    return REGISTRY.describe()
 
 
 def get_attack(attack: str | Attack, params: dict[str, Any] | None = None) -> Attack:
-    """An attack instance: ``attack`` itself, or the class named ``attack`` built from ``params``.
+    """A validated attack: ``attack`` itself, or the class named ``attack`` built from ``params``.
 
-    Text values (from the command line) are coerced by the constructor's annotations; unknown
-    keys are refused. An instance takes no ``params``: they belong in its constructor.
+    Text values (from the command line) are coerced by the constructor's annotations, unknown
+    keys are refused and every value is checked by the class's ``constraints``, for a name and
+    an instance alike. An instance takes no ``params``: they belong in its constructor.
     """
-    from .._params import parse_params
-    from .base import Attack
-
-    if isinstance(attack, Attack):
-        if params:
-            raise UsageError(f"{attack!r} is already built: give its parameters to the constructor, not as {', '.join(params)}")
-        return attack
-    cls = attack_class(attack)
-    return cls(**parse_params(cls, dict(params or {})))
+    return REGISTRY.build(attack, params)
 
 
 def run_attack(

@@ -350,7 +350,7 @@ def _select(c: _Campaign, b: _Bag) -> None:
     try:
         rng = np.random.default_rng(derive_seed(s.seed, "select", s.select, b.name))
         if s.select == "manc":
-            from ..owner.sensitivity import activations
+            from ..owner.features import activations
 
             active = activations(c.model, c.logits_of(b.name, c.markers), s.layer) > 0
             b.orders = manc_orders(unit_any(active, b.unit_of, b.units).astype(np.float32), depth, s.resamples, rng, s.manc_fraction)

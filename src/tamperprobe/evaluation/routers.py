@@ -55,7 +55,8 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from .._params import Configurable, Interval, Options, build
+from .._params import Configurable, Interval, Options
+from .._registry import Registry
 from ..errors import UsageError
 from ..models import Model
 from ..outputs import top_margin
@@ -547,32 +548,28 @@ class RequestShapeOldClient(RequestShapeRouter):
 
 # ----------------------------------------------------------------------------- registry
 
-ROUTERS: dict[str, type[Router]] = {
-    "exact-repeat": ExactRepeat,
-    "near-twin": NearTwin,
-    "margin-original": MarginOriginal,
-    "margin-tampered": MarginTampered,
-    "gradient": Gradient,
-    "learned": Learned,
-}
+ROUTERS: Registry[Router] = Registry(
+    "router",
+    {
+        "exact-repeat": ExactRepeat,
+        "near-twin": NearTwin,
+        "margin-original": MarginOriginal,
+        "margin-tampered": MarginTampered,
+        "gradient": Gradient,
+        "learned": Learned,
+    },
+    base=Router,
+)
 
 
 def router_names() -> list[str]:
     """Every router name, in registry order."""
-    return list(ROUTERS)
+    return ROUTERS.names()
 
 
 def get_router(router: str | Router, **params: Any) -> Router:
     """A validated router: a registered name built with ``params`` (text or typed), or a ``Router`` instance as is."""
-    if isinstance(router, Router):
-        if params:
-            raise UsageError(f"parameters {', '.join(params)} given with a {type(router).__name__} instance: set them in its constructor")
-        router.validated()
-        return router
-    if router not in ROUTERS:
-        raise UsageError(f"unknown router {router!r}: choose one of {', '.join(ROUTERS)}")
-    built: Router = build(ROUTERS[router], params)
-    return built
+    return ROUTERS.build(router, params)
 
 
 __all__ = [

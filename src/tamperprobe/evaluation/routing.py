@@ -106,7 +106,7 @@ def make_pool(model: Model, label: str, generated: Bag, *, budgets: Sequence[int
     depth = max(1, max(budgets) // g)
     rng = np.random.default_rng(derive_seed(seed, "select", select, label))
     if select == "manc":
-        from ..owner.sensitivity import activations
+        from ..owner.features import activations
 
         active = activations(model, x) > 0
         orders = manc_orders(unit_any(active, unit_of, units).astype(np.float32), depth, resamples, rng)

@@ -22,7 +22,7 @@ import numpy as np
 
 from .._util import Progress, derive_seed, one_line
 from ..attacks import attack_class, get_attack
-from ..data import Dataset, InputSpec
+from ..data import Dataset
 from ..errors import UsageError
 from ..models import Model, TorchModel
 from ..owner.methods import Bag, get_method
@@ -150,10 +150,8 @@ def make_bag(
     generated = method.generate(model, data, bag, rng, progress)
     if len(generated) == 0:
         raise UsageError("the method produced no markers")
-    encoding = generated.info.get("input_encoding")
-    if encoding:
-        spec = InputSpec(tuple(generated.inputs.shape[1:]), str(encoding["dtype"]), float(encoding["low"]), float(encoding["high"]))
-        generated = Bag(spec.decode(generated.inputs), spec.decode(generated.seeds), generated.groups, generated.info)
+    if generated.encoding is not None:
+        generated = Bag(generated.decoded(), generated.encoding.decode(generated.seeds), generated.groups, generated.info)
     x = np.ascontiguousarray(generated.inputs, dtype=np.float32)
     if x.shape[1:] != data.x.shape[1:]:
         raise UsageError(f"markers have shape {x.shape[1:]}, inputs {data.x.shape[1:]}")

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any, ClassVar
 
-from ..errors import UsageError
+from .._params import Interval, Options, Settings
 from ..fingerprint import check_tolerance
 from ..outputs import OutputSpec
 from ..owner.calibrate import parse_runtimes
@@ -18,8 +19,8 @@ from .protocol import SELECTIONS
 
 
 @dataclass(frozen=True)
-class CampaignSettings:
-    """The campaign's arguments, checked."""
+class CampaignSettings(Settings):
+    """The campaign's arguments, checked when built (``_params.Settings``: the constraints below)."""
 
     specs: tuple[OutputSpec, ...]
     trials: int
@@ -32,7 +33,25 @@ class CampaignSettings:
     tolerance: float | None  # None: measured per method, as a fingerprint sets it
     manc_fraction: float
     layer: str | None
-    attack_samples: int | None
+    attack_samples: int | None  # None: all of the training data
+
+    constraints: ClassVar[dict[str, Any]] = {
+        "trials": Interval(1, None, integer=True),
+        "bag": Interval(1, None, integer=True),
+        "select": Options(*SELECTIONS),
+        "resamples": Interval(1, None, integer=True),
+        "test_fraction": Interval(0, 1, closed="neither"),
+        "manc_fraction": Interval(0, 1, closed="right"),
+        "attack_samples": Interval(0, None, integer=True, text="at least 0 (0: all)"),
+    }
+    labels: ClassVar[dict[str, str]] = {
+        "trials": "--trials",
+        "bag": "--bag",
+        "select": "selection",
+        "resamples": "--resamples",
+        "test_fraction": "--test-fraction",
+        "attack_samples": "--attack-samples",
+    }
 
 
 def campaign_settings(
@@ -49,29 +68,19 @@ def campaign_settings(
     layer: str | None,
     attack_samples: int | None = None,
 ) -> CampaignSettings:
-    """The arguments checked; UsageError for anything out of range."""
+    """The arguments checked (``CampaignSettings`` declares the ranges); UsageError for anything out of range."""
     names = list(dict.fromkeys(str(OutputSpec.parse(s)) for s in specs))
-    if select not in SELECTIONS:
-        raise UsageError(f"unknown selection {select!r}: choose manc or random")
-    if trials < 1 or bag < 1 or resamples < 1:
-        raise UsageError("--trials, --bag and --resamples must be at least 1")
-    if not 0 < test_fraction < 1:
-        raise UsageError(f"--test-fraction must be in (0, 1), got {test_fraction}")
-    if not 0 < manc_fraction <= 1:
-        raise UsageError(f"manc_fraction must be in (0, 1], got {manc_fraction}")
-    if attack_samples is not None and attack_samples < 0:
-        raise UsageError(f"--attack-samples must be at least 0 (0: all), got {attack_samples}")
     return CampaignSettings(
         specs=tuple(OutputSpec.parse(s) for s in names),
-        trials=int(trials),
-        bag=int(bag),
+        trials=trials,
+        bag=bag,
         select=select,
-        resamples=int(resamples),
-        seed=int(seed),
-        test_fraction=float(test_fraction),
+        resamples=resamples,
+        seed=seed,
+        test_fraction=test_fraction,
         runtimes=parse_runtimes(runtimes) if runtimes else (),
         tolerance=None if tolerance is None else check_tolerance(tolerance),
-        manc_fraction=float(manc_fraction),
+        manc_fraction=manc_fraction,
         layer=layer,
-        attack_samples=int(attack_samples) if attack_samples else None,
+        attack_samples=attack_samples or None,
     )

@@ -303,10 +303,9 @@ def _make(
     if len(candidates) < size:
         raise UsageError(f"method {gen.name} produced {len(candidates)} candidates, fewer than --size {size}")
     input_spec = data.input_spec
-    encoding = candidates.info.get("input_encoding")
-    if encoding:  # markers in the 8-bit domain: sent as uint8, decoded by the served model's preprocessing
-        input_spec = InputSpec(input_spec.shape, str(encoding["dtype"]), float(encoding["low"]), float(encoding["high"]))
-    decoded = Bag(input_spec.decode(candidates.inputs), candidates.seeds, candidates.groups, candidates.info)
+    if candidates.encoding is not None:  # markers in the 8-bit domain: sent as uint8, decoded by the served model's preprocessing
+        input_spec = candidates.encoding.spec(input_spec.shape)
+    decoded = Bag(candidates.decoded(), candidates.seeds, candidates.groups, candidates.info)
     selection = select
     try:
         chosen = select_markers(select, model, decoded, size, rng, layer=layer)
@@ -322,6 +321,8 @@ def _make(
     if not np.isfinite(logits).all():
         raise UsageError("the model returns NaN or infinite logits on the markers")
     extra = {k: v for k, v in kept.info.items() if not isinstance(v, np.ndarray)}
+    if kept.encoding is not None:
+        extra["input_encoding"] = kept.encoding.record()
     decoy_x = pick_decoys(data, kept, size if decoys is None else decoys, rng, required=decoys is not None)
     decoy_inputs = _as_sent(decoy_x, input_spec) if len(decoy_x) else None
     decoy_logits = None

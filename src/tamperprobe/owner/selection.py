@@ -238,7 +238,8 @@ def select(kind: Selection | str, model: Model | None, bag: Bag, k: int, rng: np
     """Indices into ``bag`` of the markers to keep, by ``manc`` or ``random``, respecting ``bag.groups``.
 
     ``layer`` names the module whose activations MANC covers (default: the input of the output
-    layer, read on every model format, see ``sensitivity.activations``). Without groups, ``random`` is
+    layer, or the map it pools when it reads globally pooled features; read on every model
+    format, see ``features``). Without groups, ``random`` is
     ``random_selection``; with groups, it picks uniformly among the groups that fit.
     """
     if kind not in SELECTIONS:
@@ -251,7 +252,7 @@ def select(kind: Selection | str, model: Model | None, bag: Bag, k: int, rng: np
     if kind == "manc":
         if model is None:
             raise UsageError("MANC selection needs the model: use --select random")
-        from .sensitivity import activations
+        from .features import activations
 
         active = activations(model, bag.inputs, layer) > 0
     else:  # random over groups: no coverage, so every pick is a uniform tie among the groups that fit

@@ -1,4 +1,4 @@
-"""VerIDeep's sensitivity of a model's output to its weights, and the penultimate activations for MANC.
+"""VerIDeep's sensitivity of a model's output to its weights.
 
 For an input ``x`` and parameters ``W`` of interest, ``S(x) = sum_i ||d f_i(W, x) / dW||_F^2``, where
 ``f`` is the softmax of the logits (or the logits). A *sensitive sample* maximises S: a small change
@@ -14,8 +14,9 @@ Two routes, the same on every model format (``nn.Module``, TorchScript, ``torch.
 * **Any parameters** (``--param params=...``): per sample, in chunks of classes of at most
   ``CHUNK_ELEMENTS`` gradient numbers, so memory stays bounded whatever the number of classes.
 
-``naive_sensitivity`` is the float64 reference the tests compare against; ``activations`` gives
-MANC the penultimate vectors on every format. The derivation is in ``docs/design/sensitivity.md``.
+``naive_sensitivity`` is the float64 reference the tests compare against; ``Sensitivity.penultimate``
+also gives MANC the output layer's input on every format (``features``). The derivation is in
+``docs/design/sensitivity.md``.
 """
 
 from __future__ import annotations
@@ -26,11 +27,10 @@ from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, NamedTuple
 
-import numpy as np
 import torch
 from torch import nn
 
-from .._torch import as_logits, last_linear, layer_activations, quiet, to_tensor
+from .._torch import as_logits, last_linear, only_call, quiet, recording
 from ..errors import UsageError
 from ..models import Model
 
@@ -340,21 +340,16 @@ class Sensitivity:
         return self._cotangents[key]
 
     def _hooked(self, x: torch.Tensor, autocast: str | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """Logits and the input of the output ``nn.Linear`` read by a forward pre-hook; None unless it ran once on (B, H).
+        """Logits and the input of the output ``nn.Linear`` (``_torch.recording``, ``only_call`` rule); None unless it is (B, H).
 
         ``h`` is the tensor the network computed, with its graph: no backward pass is needed to
         read it. It is returned as the layer multiplied it (autocast rounds it to the logits'
         dtype) in W's dtype, as the backward route gives it.
         """
         assert self._linear is not None and self.weight is not None
-        seen: list[object] = []
-        handle = self._linear.register_forward_pre_hook(lambda _m, args: seen.append(args[0] if args else None))
-        try:
-            with _autocast(x, autocast):
-                z = as_logits(self.model.forward(x))
-        finally:
-            handle.remove()
-        h = seen[0] if len(seen) == 1 else None
+        with recording(self._linear, "input") as seen, _autocast(x, autocast):
+            z = as_logits(self.model.forward(x))
+        h = only_call(seen, z.shape[0])
         if not isinstance(h, torch.Tensor) or h.shape != (z.shape[0], self.weight.shape[1]) or z.shape[1] != self.weight.shape[0]:
             return None
         return z, h.to(z.dtype).to(self.weight.dtype)
@@ -556,48 +551,3 @@ def naive_sensitivity(model: Model, x: torch.Tensor, params: Sequence[str], outp
                 total = total + sum((g.square().sum() for g in grads if g is not None), z.new_zeros(()))
             out.append(total)
     return torch.stack(out) if out else x.new_zeros((0,), dtype=torch.float64)
-
-
-# ---------------------------------------------------------------------------- activations
-
-
-def penultimate(model: Model, x: np.ndarray | torch.Tensor, *, batch_size: int = 256) -> np.ndarray | None:
-    """The input ``h`` (N, H) of the output layer ``z = W h + b`` as float32, on any format; None if there is none.
-
-    The output layer is the default sensitivity layer (``resolve_params(module, None)``); ``h``
-    comes from the output-layer route's backward pass, so no hook is needed.
-    """
-    module = model.require_torch("activation-based selection")
-    try:
-        route = Sensitivity(model, resolve_params(module, None))
-    except UsageError:
-        return None
-    xt = x.detach() if isinstance(x, torch.Tensor) else to_tensor(np.asarray(x))
-    rows = []
-    with torch.enable_grad(), quiet():
-        for i in range(0, xt.shape[0], max(1, batch_size)):
-            found = route.penultimate(xt[i : i + batch_size].contiguous(), create_graph=False)
-            if found is None:
-                return None
-            rows.append(found[1].detach().float().cpu().numpy())
-    return np.concatenate(rows) if rows else np.zeros((0, 0), dtype=np.float32)
-
-
-def activations(model: Model, x: np.ndarray | torch.Tensor, layer: str | None = None, *, batch_size: int = 256) -> np.ndarray:
-    """Activations (B, units) of a layer, for MANC.
-
-    By default the input of the output layer (the penultimate features, ``penultimate``), on
-    every model format; a hookable model whose logits are not a linear layer's output gives the
-    input of its last ``nn.Linear`` instead (``_torch.layer_activations``). ``layer`` names a
-    submodule whose *output* is taken (flattened per sample), for hookable models only.
-    Raises ``UsageError`` when neither applies.
-    """
-    module = model.require_torch("activation-based selection")
-    if layer is None:
-        found = penultimate(model, x, batch_size=batch_size)
-        if found is not None:
-            return found
-    if not model.hookable:
-        what = "the output is not a linear layer's" if layer is None else f"layer {layer!r} cannot be hooked"
-        raise UsageError(f"cannot read layer activations of this {model.format} model ({what}): use --select random")
-    return layer_activations(module, x, layer, batch_size=batch_size)

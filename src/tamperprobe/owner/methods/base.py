@@ -29,10 +29,38 @@ from typing import Any, ClassVar, final
 import numpy as np
 
 from ..._params import Configurable
+from ..._registry import first_line as first_line  # a method's one-line description
 from ..._util import Progress
-from ...data import Dataset
+from ...data import Dataset, InputSpec
 from ...errors import UsageError
 from ...models import Model
+
+
+@dataclass(frozen=True)
+class Encoding:
+    """How a bag's inputs (and seeds) are sent when they are not the model's float inputs: 8-bit pixels over ``[low, high]``.
+
+    A value u decodes to ``u / 255 · (high − low) + low`` in float32 (``InputSpec.decode``); the
+    fingerprint records it (``record``) so that the served side sends the same bytes.
+    """
+
+    dtype: str
+    low: float
+    high: float
+
+    def spec(self, shape: tuple[int, ...]) -> InputSpec:
+        """The ``InputSpec`` of one input of ``shape`` sent this way."""
+        return InputSpec(tuple(shape), self.dtype, float(self.low), float(self.high))
+
+    def decode(self, x: np.ndarray) -> np.ndarray:
+        """The model-domain float32 inputs for a batch ``x`` as sent."""
+        return self.spec(tuple(np.shape(x)[1:])).decode(x)
+
+    def record(self) -> dict[str, Any]:
+        """The fingerprint's ``input_encoding`` entry."""
+        from ..markers import UINT8_DECODE
+
+        return {"dtype": self.dtype, "low": float(self.low), "high": float(self.high), "decode": UINT8_DECODE}
 
 
 @dataclass
@@ -42,21 +70,30 @@ class Bag:
     ``groups`` ties markers that must be kept together (e.g. the two halves of a boundary
     pair): selection keeps or drops a group whole. ``None`` means every marker stands alone.
     ``info`` holds per-candidate statistics (arrays of length len(inputs)) and summaries.
+    ``encoding`` says how ``inputs`` are sent when they are not float model inputs (``None``:
+    they are); ``decoded()`` gives the model-domain inputs either way.
     """
 
     inputs: np.ndarray
     seeds: np.ndarray
     groups: np.ndarray | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    encoding: Encoding | None = None
 
     def __len__(self) -> int:
         return len(self.inputs)
+
+    def decoded(self) -> np.ndarray:
+        """The inputs in the model's domain (float32): decoded when the bag has an ``encoding``."""
+        if self.encoding is not None:
+            return self.encoding.decode(self.inputs)
+        return np.asarray(self.inputs, dtype=np.float32)
 
     def take(self, idx: np.ndarray) -> Bag:
         idx = np.asarray(idx, dtype=np.int64)
         info = {k: (v[idx] if isinstance(v, np.ndarray) and len(v) == len(self.inputs) else v) for k, v in self.info.items()}
         groups = None if self.groups is None else self.groups[idx]
-        return Bag(self.inputs[idx], self.seeds[idx], groups, info)
+        return Bag(self.inputs[idx], self.seeds[idx], groups, info, self.encoding)
 
 
 def _no_progress(done: int, total: int, what: str = "", /) -> None:
@@ -94,9 +131,3 @@ class Method(Configurable, ABC):
     @abstractmethod
     def _generate(self, model: Model, data: Dataset, bag: int, rng: np.random.Generator, progress: Progress) -> Bag:
         """The method: called by ``generate`` with validated parameters and checked preconditions."""
-
-
-def first_line(doc: str | None) -> str:
-    """The first line of a docstring, without its final full stop ("" for none): a method's one-line description."""
-    lines = (doc or "").strip().splitlines()
-    return lines[0].strip().rstrip(".") if lines else ""

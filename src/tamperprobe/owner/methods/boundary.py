@@ -51,7 +51,7 @@ made (at least one). ``info`` holds per marker ``margin`` (the smallest over the
 ``label``, ``psnr`` and ``snr`` (dB, against the seed, in the model's domain), ``linf_to_seed`` (max per-pixel
 distance to the seed over the input range), ``t``, ``side``
 (0: seed side, 1: far side), ``seed_index`` and ``partner_index`` (blend), and the scalars
-``delta``, ``k``, ``pairs``, ``path``, ``linf``, ``uint8`` and, in the 8-bit domain, ``input_encoding``.
+``delta``, ``k``, ``pairs``, ``path``, ``linf`` and ``uint8``; in the 8-bit domain the bag's ``encoding`` is set.
 """
 
 from __future__ import annotations
@@ -67,9 +67,9 @@ from ...data import Dataset
 from ...errors import UsageError
 from ...models import Model
 from ...outputs import signed_margin
-from ..markers import UINT8_DECODE, checked_margins, decode_uint8, encode_uint8, psnr_db, sample_indices, snr_db
+from ..markers import checked_margins, decode_uint8, encode_uint8, psnr_db, sample_indices, snr_db
 from ..selection import manc
-from .base import Bag, Method
+from .base import Bag, Encoding, Method
 
 DEFAULT_DELTA = 1e-4
 PATHS = ("blend", "gradient")
@@ -449,7 +449,7 @@ class _Search:
         """``need`` of the candidates in ``cat``, chosen by MANC over the pair's active neurons (random without activations)."""
         total = len(cat["xa"])
         if self.p.coverage:
-            from ..sensitivity import activations
+            from ..features import activations
 
             try:
                 active = activations(self.model, self._domain(cat["xa"])) > 0
@@ -500,6 +500,5 @@ class _Search:
             "linf": self.p.linf,
             "uint8": self.p.uint8,
         }
-        if self.p.uint8:
-            info["input_encoding"] = {"dtype": "uint8", "low": self.low, "high": self.high, "decode": UINT8_DECODE}
-        return Bag(np.ascontiguousarray(inputs), np.ascontiguousarray(seeds), groups, info)
+        encoding = Encoding("uint8", self.low, self.high) if self.p.uint8 else None
+        return Bag(np.ascontiguousarray(inputs), np.ascontiguousarray(seeds), groups, info, encoding)

@@ -51,7 +51,6 @@ from ..._util import Progress
 from ...data import Dataset
 from ...errors import UsageError
 from ...models import Model
-from ..markers import decode_uint8
 from ..selection import manc
 from .base import Bag, Method
 from .boundary import DEFAULT_DELTA, PATHS, Boundary
@@ -153,7 +152,7 @@ class Crossed(Method):
 
     def _coverage(self, model: Model, domain: np.ndarray, pairs: list[tuple[int, int]], need: int, rng: np.random.Generator) -> np.ndarray:
         if self.coverage:
-            from ..sensitivity import activations
+            from ..features import activations
 
             first, second = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
             try:
@@ -174,7 +173,7 @@ def _concat(bags: list[Bag]) -> Bag:
         offset += int(b.groups.max()) + 1
     info = {k: np.concatenate([b.info[k] for b in bags]) for k in _PER_MARKER}
     info.update({k: v for k, v in bags[0].info.items() if not isinstance(v, np.ndarray)})
-    return Bag(np.concatenate([b.inputs for b in bags]), np.concatenate([b.seeds for b in bags]), np.concatenate(groups), info)
+    return Bag(np.concatenate([b.inputs for b in bags]), np.concatenate([b.seeds for b in bags]), np.concatenate(groups), info, bags[0].encoding)
 
 
 def _cross(paths: Bag, rng: np.random.Generator) -> list[tuple[int, int]]:
@@ -205,10 +204,7 @@ def _cross(paths: Bag, rng: np.random.Generator) -> list[tuple[int, int]]:
 
 
 def _domain(paths: Bag, data: Dataset) -> np.ndarray:
-    encoding = paths.info.get("input_encoding")
-    if encoding:
-        return decode_uint8(paths.inputs, float(encoding["low"]), float(encoding["high"]))
-    return np.asarray(paths.inputs, dtype=np.float32)
+    return paths.decoded()
 
 
 def _bag(paths: Bag, domain: np.ndarray, pairs: list[tuple[int, int]]) -> Bag:
@@ -223,4 +219,4 @@ def _bag(paths: Bag, domain: np.ndarray, pairs: list[tuple[int, int]]) -> Bag:
         source_path=paths.groups[idx] if paths.groups is not None else idx,
         twin_distance=np.repeat(twin, 2),
     )
-    return Bag(np.ascontiguousarray(out.inputs), np.ascontiguousarray(out.seeds), np.repeat(np.arange(n, dtype=np.int64), 2), info)
+    return Bag(np.ascontiguousarray(out.inputs), np.ascontiguousarray(out.seeds), np.repeat(np.arange(n, dtype=np.int64), 2), info, out.encoding)

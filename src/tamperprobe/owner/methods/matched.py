@@ -52,8 +52,8 @@ from ...data import Dataset
 from ...errors import UsageError
 from ...models import Model
 from ...outputs import signed_margin, top_margin
-from ..markers import UINT8_DECODE, decode_uint8, encode_uint8, psnr_db, sample_indices, snr_db
-from .base import Bag, Method
+from ..markers import decode_uint8, encode_uint8, psnr_db, sample_indices, snr_db
+from .base import Bag, Encoding, Method
 
 SOURCES = ("natural", "grid")
 _BISECT = 40
@@ -154,8 +154,6 @@ class MarginMatched(Method):
             "targets": int(bag),
             "reached": int(keep.sum()),
         }
-        if self.uint8:
-            info["input_encoding"] = {"dtype": "uint8", "low": low, "high": high, "decode": UINT8_DECODE}
         progress(3, 3)
         order = rng.permutation(len(cand))  # no order by margin: a fingerprint's prefix is margin-matched too
         return Bag(
@@ -163,6 +161,7 @@ class MarginMatched(Method):
             np.ascontiguousarray(seeds_sent[order]),
             None,
             {k: (v[order] if isinstance(v, np.ndarray) else v) for k, v in info.items()},
+            Encoding("uint8", low, high) if self.uint8 else None,
         )
 
 

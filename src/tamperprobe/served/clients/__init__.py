@@ -19,17 +19,24 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..._registry import Registry
 from ...errors import UsageError
 from . import jsonapi, kserve, tfserving, torchserve
 from .answers import Failure
 from .http import DEFAULT_DEADLINE, DEFAULT_MAX_RESPONSE, HTTPTarget
 
-PROTOCOLS: dict[str, type[HTTPTarget]] = {
-    "kserve": kserve.KServeClient,
-    "torchserve": torchserve.TorchServeClient,
-    "tfserving": tfserving.TFServingClient,
-    "json": jsonapi.JSONAPIClient,
-}
+PROTOCOLS: Registry[HTTPTarget] = Registry(
+    "protocol",
+    {
+        "kserve": kserve.KServeClient,
+        "torchserve": torchserve.TorchServeClient,
+        "tfserving": tfserving.TFServingClient,
+        "json": jsonapi.JSONAPIClient,
+    },
+    base=HTTPTarget,
+    summary=lambda cls: cls.summary,
+    aliases="aliases",
+)
 
 
 def protocol_name(protocol: str) -> str:
