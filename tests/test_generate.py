@@ -287,8 +287,8 @@ def test_generated_says_how_it_chose_as_fields(trained_cnn, digits, tmp_path):
     from tamperprobe.owner.generate import choose, generate_fingerprint
 
     ts = load_model(save_model(_Shifted(trained_cnn).eval(), tmp_path / "m.pt", digits[1].x))
-    made = generate_fingerprint(ts, digits[0], size=2, bag=None, seed=0, params={"steps": 2}, tolerance=1e-4, decoys=0)
-    assert made.method == "sensitive" and made.choice.reason is not None and made.choice.reason.startswith("sensitive")
+    made = generate_fingerprint(ts, digits[0], size=2, bag=None, seed=0, tolerance=1e-4, decoys=0)
+    assert made.method == "natural" and made.choice.reason is not None and made.choice.reason.startswith("natural")  # logits: advice
     assert made.choice.weak is None and made.bag == 100  # the default bag, computed once
     assert made.selection == "random" and made.selection_fallback is not None and made.selection_fallback.startswith("random (manc unavailable")
     assert made.fingerprint.generator["selection"] == made.selection_fallback  # the file records the fallback as before

@@ -97,9 +97,7 @@ def run_demo(fresh: bool = False, seed: int = 0, console: Console | None = None,
     from ._torch import resolve_device, use_threads
     from .attacks import run_attack
     from .cli._common import progress_bar
-    from .fingerprint import save
     from .models import Model, TorchModel, load_model, save_model
-    from .owner.generate import create_fingerprint
     from .served.clients import make_client
     from .served.verify import INTACT, TAMPERED, verify
     from .server.app import ServerThread
@@ -117,14 +115,7 @@ def run_demo(fresh: bool = False, seed: int = 0, console: Console | None = None,
     console.print(f"model: {sum(p.numel() for p in module.parameters())} weights, test accuracy {base_acc:.3f}")
 
     intact = TorchModel(module, "demo-cnn")
-    prints = []
-    for plan in DEMO_FINGERPRINTS:
-        with progress_bar(f"generating {plan.method} markers") as update:
-            fp = create_fingerprint(
-                intact, train, method=plan.method, size=plan.size, bag=plan.bag, seed=seed, output_spec=plan.spec, params=plan.params, progress=update
-            )
-        prints.append((plan, fp))
-        console.print(f"fingerprint: {plan.title}: {len(fp)} markers, id {fp.id}")
+    prints = _fingerprints(intact, train, seed, console)
 
     table = Table(title="verification through the Open Inference Protocol API")
     table.add_column("served model")
@@ -163,10 +154,35 @@ def run_demo(fresh: bool = False, seed: int = 0, console: Console | None = None,
         console.print("[bold green]as expected:[/] the intact model verifies INTACT, every tampered copy TAMPERED")
     else:
         console.print("[bold yellow]some verdicts differ from the expected ones (see the table)[/]")
-    keep = cache_dir() / "demo"
-    model_file = save_model(module, keep / "digits_cnn.pt", test.x[:2])
-    fp_file = save(prints[-1][1], keep / f"digits_cnn.{prints[-1][0].method}.tpf")
-    console.print("try it yourself with the demo's files:", highlight=False)
-    console.print(f"  tamperprobe serve {model_file} --fingerprint {fp_file} --output-spec {prints[-1][0].spec}", highlight=False, soft_wrap=True)
-    console.print(f"  tamperprobe verify {fp_file} --endpoint http://127.0.0.1:8080 --protocol kserve", highlight=False, soft_wrap=True)
+    _keep(module, test.x[:2], prints[-1], console)
     return all_ok
+
+
+def _fingerprints(intact: Any, train: Any, seed: int, console: Console) -> list[tuple[Any, Any]]:
+    """One fingerprint per plan of ``DEMO_FINGERPRINTS``, with its progress bar and a line each."""
+    from .cli._common import progress_bar
+    from .owner.generate import create_fingerprint
+
+    prints = []
+    for plan in DEMO_FINGERPRINTS:
+        with progress_bar(f"generating {plan.method} markers") as update:
+            fp = create_fingerprint(
+                intact, train, method=plan.method, size=plan.size, bag=plan.bag, seed=seed, output_spec=plan.spec, params=plan.params, progress=update
+            )
+        prints.append((plan, fp))
+        console.print(f"fingerprint: {plan.title}: {len(fp)} markers, id {fp.id}")
+    return prints
+
+
+def _keep(module: Any, example: Any, last: tuple[Any, Any], console: Console) -> None:
+    """Keep the demo's model and its last fingerprint in the cache, and say how to try them."""
+    from .fingerprint import save
+    from .models import save_model
+
+    plan, fp = last
+    keep = cache_dir() / "demo"
+    model_file = save_model(module, keep / "digits_cnn.pt", example)
+    fp_file = save(fp, keep / f"digits_cnn.{plan.method}.tpf")
+    console.print("try it yourself with the demo's files:", highlight=False)
+    console.print(f"  tamperprobe serve {model_file} --fingerprint {fp_file} --output-spec {plan.spec}", highlight=False, soft_wrap=True)
+    console.print(f"  tamperprobe verify {fp_file} --endpoint http://127.0.0.1:8080 --protocol kserve", highlight=False, soft_wrap=True)

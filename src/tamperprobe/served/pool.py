@@ -219,6 +219,32 @@ def _exhausted(fp: Fingerprint, p: Plan, free_units: int, free_decoys: int, unit
     )
 
 
+def _chooser(fp: Fingerprint, p: Plan, members: list[list[int]], allow_repeat: bool, rand: Any, counts: dict[str, int]) -> Any:
+    """The function that picks a run's markers and decoys given what the ledger says was used (``ledger.claim``'s ``choose``);
+    it fills ``counts`` with the free units and decoys left and the queries repeated."""
+    per_unit = p.markers // p.unit
+
+    def choose(used: dict[str, set[int]]) -> dict[str, list[int]]:
+        free_u = _free_units(members, used.get("marker", set()))
+        used_d = used.get("decoy", set())
+        free_d = [j for j in range(fp.decoys) if j not in used_d]
+        short_u, short_d = max(0, per_unit - len(free_u)), max(0, p.decoys - len(free_d))
+        if (short_u or short_d) and not allow_repeat:
+            raise _exhausted(fp, p, len(free_u), len(free_d), len(members))
+        units = rand.sample(free_u, per_unit - short_u)
+        decoys = rand.sample(free_d, p.decoys - short_d)
+        if short_u:  # allow_repeat: fill up with units sent before
+            fresh = set(free_u)
+            units += rand.sample([u for u in range(len(members)) if u not in fresh], short_u)
+        if short_d:
+            decoys += rand.sample(sorted(used_d & set(range(fp.decoys))), short_d)
+        counts.update(units=len(free_u) - (per_unit - short_u), decoys=len(free_d) - (p.decoys - short_d))
+        counts["repeated"] = short_u * p.unit + short_d
+        return {"marker": sorted(i for u in units for i in members[u]), "decoy": sorted(decoys)}
+
+    return choose
+
+
 def draw(
     fp: Fingerprint,
     p: Plan,
@@ -239,27 +265,8 @@ def draw(
     """
     rand = rng if rng is not None else secrets.SystemRandom()
     members, _ = _units(fp)
-    per_unit = p.markers // p.unit
     counts = {"units": 0, "decoys": 0, "repeated": 0}
-
-    def choose(used: dict[str, set[int]]) -> dict[str, list[int]]:
-        free_u = _free_units(members, used.get("marker", set()))
-        used_d = used.get("decoy", set())
-        free_d = [j for j in range(fp.decoys) if j not in used_d]
-        short_u, short_d = max(0, per_unit - len(free_u)), max(0, p.decoys - len(free_d))
-        if (short_u or short_d) and not allow_repeat:
-            raise _exhausted(fp, p, len(free_u), len(free_d), len(members))
-        units = rand.sample(free_u, per_unit - short_u)
-        decoys = rand.sample(free_d, p.decoys - short_d)
-        if short_u:  # allow_repeat: fill up with units sent before
-            fresh = set(free_u)
-            units += rand.sample([u for u in range(len(members)) if u not in fresh], short_u)
-        if short_d:
-            decoys += rand.sample(sorted(used_d & set(range(fp.decoys))), short_d)
-        counts.update(units=len(free_u) - (per_unit - short_u), decoys=len(free_d) - (p.decoys - short_d))
-        counts["repeated"] = short_u * p.unit + short_d
-        return {"marker": sorted(i for u in units for i in members[u]), "decoy": sorted(decoys)}
-
+    choose = _chooser(fp, p, members, allow_repeat, rand, counts)
     draw_id = secrets.token_hex(8)
     notes: list[str] = []
     kept = record
