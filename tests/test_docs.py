@@ -10,7 +10,8 @@ made once by the blocks marked ``setup``):
   replaces the block's ``--port`` in every block of the page), once per distinct command for the session;
 * ``<!-- run: setup -->``: run once, in page order, to make the shared workspace;
 * ``<!-- run: needs=MODULE -->``: the page is skipped, with the reason, when MODULE cannot be imported;
-* ``<!-- file: NAME -->``: the block is written to NAME in the page's workspace before its commands run;
+* ``<!-- file: NAME -->``: the block (``bash``, ``python`` or ``toml``) is written to NAME in the page's
+  workspace before its commands run, with the background servers' ports put in as in commands;
 * ``<!-- demo-command -->`` / ``<!-- test-command -->``: the README's quick start (CI runs the test
   command; ``tests/test_demo.py`` the demo); a copy elsewhere must equal the README's.
 
@@ -39,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 BIN = Path(sys.executable).parent
 DOC_PORTS = ("8080", "9100")
-BLOCK = re.compile(r"(?:<!--\s*(?P<marker>[^>]*?)\s*-->\s*\n)?```(?P<lang>bash|python)\n(?P<body>.*?)```", re.S)
+BLOCK = re.compile(r"(?:<!--\s*(?P<marker>[^>]*?)\s*-->\s*\n)?```(?P<lang>bash|python|toml)\n(?P<body>.*?)```", re.S)
 QUICK_START = ("demo-command", "test-command")
 
 
@@ -187,6 +188,14 @@ def _in_process(argv: list[str] | None, code: str | None, cwd: Path, env: dict[s
     return rc
 
 
+def _with_ports(body: str, ports: dict[str, str]) -> str:
+    """``body`` with each documented port (in a URL, ``--port`` or ``--metrics-port``) replaced by the one in use."""
+    for old, new in ports.items():
+        body = body.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}").replace(f"--port {old}", f"--port {new}")
+        body = body.replace(f"--metrics-port {old}", f"--metrics-port {new}")
+    return body
+
+
 def _run(block: Block, cwd: Path, ports: dict[str, str], timeout: float = 300) -> Result:
     """Run a block as ``bash -e`` would: command by command, stopping at the first that fails.
 
@@ -195,10 +204,7 @@ def _run(block: Block, cwd: Path, ports: dict[str, str], timeout: float = 300) -
     """
     import shlex
 
-    body = block.body
-    for old, new in ports.items():
-        body = body.replace(f"127.0.0.1:{old}", f"127.0.0.1:{new}").replace(f"--port {old}", f"--port {new}")
-        body = body.replace(f"--metrics-port {old}", f"--metrics-port {new}")
+    body = _with_ports(block.body, ports)
     env, result = _env(cwd), Result()
     if block.lang == "python":
         result.returncode = _in_process(None, body, cwd, env, result)
@@ -301,15 +307,17 @@ def test_page_commands_run(path: Path, workspace: Path, servers: Callable[[str, 
                 pytest.skip(f"{module} is not installed")
     cwd = tmp_path / "ws"
     shutil.copytree(workspace, cwd, symlinks=True, ignore=shutil.ignore_patterns("server-*.log"))
-    for block in blocks(path):
-        if block.marker.startswith("file:"):
-            (cwd / block.marker.split(":", 1)[1].strip()).write_text(block.body, encoding="utf-8")
+    files = [b for b in blocks(path) if b.marker.startswith("file:")]
+    for block in files:  # before any server starts: a served factory module may be one
+        (cwd / block.marker.split(":", 1)[1].strip()).write_text(block.body, encoding="utf-8")
     ports = {p: str(_free_port()) for p in DOC_PORTS}
     for block in todo:
         if block.kind == "background":
             port = re.search(r"--port (\d+)", block.body)
             assert port is not None
             ports[port.group(1)] = servers(block.body, cwd)
+            for file in files:  # again, with the server's port in the URLs
+                (cwd / file.marker.split(":", 1)[1].strip()).write_text(_with_ports(file.body, ports), encoding="utf-8")
         else:
             _check(block, _run(block, cwd, ports))
 
@@ -404,9 +412,20 @@ def test_cli_reference_is_rendered_from_the_app() -> None:
     spec.loader.exec_module(hook)
     page = hook.render_cli()
     group: Any = typer.main.get_command(app)
-    assert list(group.commands)
-    for name, command in group.commands.items():
+    commands = hook._commands(group)
+    assert "fleet check" in dict(commands), "sub-commands of a group are rendered too"
+    for name, command in commands:
         section = page.split(f"## `{name}`\n", 1)[1].split("\n## `", 1)[0]
         for param in command.params:
             for opt in param.opts if param.param_type_name == "option" else []:
                 assert f"`{opt}" in section or f", {opt}" in section, f"{name} {opt}"
+
+
+def test_fleet_page_names_every_field_of_the_fleet_file() -> None:
+    """The fleet page lists every field a fleet file may hold: a new field cannot go undocumented."""
+    from tamperprobe.fleet import config
+
+    page = (DOCS / "guide" / "fleet.md").read_text(encoding="utf-8")
+    shown = set(re.findall(r"`([a-z_]+)`", page))
+    assert set(config.ENDPOINT_FIELDS) - shown == set()
+    assert set(config.SETTINGS_FIELDS) - shown == set()

@@ -4,6 +4,8 @@
   tree (``typer.main.get_command``), so it always matches ``tamperprobe COMMAND --help``.
 * ``benchmarks/results/**``: the committed benchmark results (``bench/results``), copied into the
   site as they are, so the docs link to the result files themselves instead of quoting copies.
+* ``deployment/files/**``: the deployment examples (``deploy/``), copied as they are for download; the
+  deployment page shows them with ``pymdownx.snippets`` from the same files.
 
 Nothing here touches the network; the site is built from the work tree alone.
 """
@@ -22,6 +24,8 @@ ROOT = Path(__file__).resolve().parents[2]
 RESULTS = ROOT / "bench" / "results"
 CLI_PAGE = "reference/cli.md"
 RESULTS_PREFIX = "benchmarks/results"
+DEPLOY = ROOT / "deploy"
+DEPLOY_PREFIX = "deployment/files"
 
 
 def _inline(text: str) -> str:
@@ -45,6 +49,19 @@ def _param_line(param: Any, ctx: Any) -> str:
     return f"- `{names}`" + (f": {_inline(' '.join(help_text.split()))}" if help_text else "")
 
 
+def _commands(group: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Every visible command as (its name after ``tamperprobe``, the click command), sub-commands of a group
+    (``fleet check``) in their group's place, in the app's order."""
+    out: list[tuple[str, Any]] = []
+    for name, command in group.commands.items():
+        if command.hidden:
+            continue
+        full = f"{prefix}{name}"
+        sub = getattr(command, "commands", None)
+        out += _commands(command, full + " ") if sub else [(full, command)]
+    return out
+
+
 def render_cli() -> str:
     """The whole command line as one Markdown page: the group's help, then every command's."""
     import typer.main
@@ -63,10 +80,8 @@ def render_cli() -> str:
         _paragraphs(group.help or ""),
         "",
     ]
-    for name, command in sorted(group.commands.items(), key=lambda kv: list(group.commands).index(kv[0])):
-        if command.hidden:
-            continue
-        sub = command.make_context(name, [], parent=ctx, resilient_parsing=True)
+    for name, command in _commands(group):
+        sub = command.make_context(name.split()[-1], [], parent=ctx, resilient_parsing=True)
         usage = " ".join(["tamperprobe", name, *command.collect_usage_pieces(sub)])
         out += [f"## `{name}`", "", f"```text\n{usage}\n```", "", _paragraphs(command.help or ""), ""]
         params = [p for p in command.get_params(sub) if not getattr(p, "hidden", False) and p.name != "help"]
@@ -91,6 +106,10 @@ def on_files(files: Files, config: Any) -> Files:
     for path in sorted(RESULTS.rglob("*")):
         if path.is_file():
             uri = f"{RESULTS_PREFIX}/{path.relative_to(RESULTS).as_posix()}"
+            files.append(File.generated(config, uri, abs_src_path=str(path)))
+    for path in sorted(DEPLOY.rglob("*")):
+        if path.is_file():
+            uri = f"{DEPLOY_PREFIX}/{path.relative_to(DEPLOY).as_posix()}"
             files.append(File.generated(config, uri, abs_src_path=str(path)))
     return files
 
