@@ -295,7 +295,7 @@ def test_threads_creating_a_new_history_at_once_all_accept_it(tmp_path):
         errors: list[BaseException] = []
         start = threading.Barrier(8)
 
-        def open_it() -> None:
+        def open_it(path=path, start=start, errors=errors) -> None:
             start.wait()
             try:
                 with _db.connect(path):
