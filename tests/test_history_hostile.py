@@ -281,3 +281,31 @@ def test_release_forgets_a_draw_that_reached_no_server(world, tmp_path):
     assert dropped.draw_id is not None and ledger.release(dropped.draw_id, hist) == 2
     assert ledger.drawn(fp.id, hist) == {"marker": set(kept.markers)}
     assert ledger.release("no-such-draw", hist) == 0
+
+
+def test_threads_creating_a_new_history_at_once_all_accept_it(tmp_path):
+    """A fleet's endpoints open a history that does not exist yet from several threads: none may take the schema another
+    thread has just created for a foreign one (found by the fleet docs page: "holds index drawn_digest it did not create")."""
+    import threading
+
+    from tamperprobe.served import _db
+
+    for attempt in range(5):
+        path = tmp_path / f"h{attempt}.sqlite"
+        errors: list[BaseException] = []
+        start = threading.Barrier(8)
+
+        def open_it(path=path, start=start, errors=errors) -> None:
+            start.wait()
+            try:
+                with _db.connect(path):
+                    pass
+            except BaseException as exc:  # noqa: BLE001 - collected for the assertion
+                errors.append(exc)
+
+        threads = [threading.Thread(target=open_it) for _ in range(8)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert errors == [], errors

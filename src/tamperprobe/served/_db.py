@@ -272,7 +272,8 @@ def _open(con: sqlite3.Connection, p: Path, timeout: float) -> None:
     if version > SCHEMA_VERSION:
         raise HistoryError(f"{p} was written by a newer tamperprobe (history schema v{version}); upgrade tamperprobe")
     if version < SCHEMA_VERSION:
-        _check_old_schema(con, p)
+        # the old-schema check runs inside _upgrade's transaction, after the version is read again: checked here, another
+        # connection could complete the creation between the two reads and its new schema would look foreign
         _upgrade(con, p)
     check_schema(con, p)
     con.execute("PRAGMA foreign_keys = ON")
