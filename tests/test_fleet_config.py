@@ -113,3 +113,22 @@ def test_missing_file_and_no_endpoints_are_errors(tmp_path: Path) -> None:
 def test_every_endpoint_field_can_be_a_default() -> None:
     # the two tables share one list of fields: a field an endpoint takes can be given once for all (but its name)
     assert set(config.ENDPOINT_FIELDS) >= {"expect", "token_env", "trust_keys", "hook", "output_spec", "per_run", "decoys", "timeout", "retries"}
+
+
+def test_an_entrys_client_profile_reaches_its_client(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each endpoint sends its requests as the ordinary client its entry names (an ignored profile would send another shape)."""
+    import numpy as np
+
+    from tamperprobe.data import InputSpec
+    from tamperprobe.fingerprint import make_fingerprint
+    from tamperprobe.fleet.check import make_session
+    from tamperprobe.served.session import Settings
+
+    monkeypatch.setenv("EU_TOKEN", "t0ken")
+    text = GOOD.replace('name = "digits-us"', 'name = "digits-us"\nclient_profile = "curl"')
+    fleet = config.load(write(tmp_path, text))
+    x = np.zeros((4, 1, 8, 8), dtype=np.float32)
+    fp = make_fingerprint(x, np.eye(4, 3, dtype=np.float32), InputSpec((1, 8, 8)), {"method": "natural"}, "sha256:w")
+    eu, us = (make_session(e, fp, Settings(allow_repeat=True, record=False), None, None) for e in fleet.endpoints)
+    assert us.target.profile.name == "curl"
+    assert eu.target.profile.name == "python-requests"

@@ -140,6 +140,7 @@ def make_session(
         verify_tls=not e.insecure,
         ca_file=None if e.ca_cert is None else str(e.ca_cert),
         template=None if e.template is None else str(e.template),
+        profile=e.client_profile,
         input_spec=fp.input_spec,
         classes=fp.classes,
     )
