@@ -15,6 +15,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -162,6 +163,13 @@ def test_a_locked_history_waits_a_bounded_time(tmp_path):
 # --------------------------------------------------------------------------- Ctrl-C and SIGTERM on watch
 
 
+def _signal_main_thread(signum):
+    """``signum`` to the main thread itself: a blocking read there returns EINTR and the handler runs at once.
+    (``os.kill`` lets the kernel pick any thread, often this server thread; the main thread then only sees the signal
+    after its read returns, and a full suite once saw the interrupt land a run later than the test expects.)"""
+    signal.pthread_kill(threading.main_thread().ident, signum)
+
+
 def _interrupting_server(model, signum, at_request):
     """An OIP server answering with ``model`` that sends ``signum`` to this process when the ``at_request``-th
     inference request arrives (so the signal lands while a run is in progress, deterministically)."""
@@ -172,7 +180,7 @@ def _interrupting_server(model, signum, at_request):
         if req.path.endswith("/infer"):
             seen.append(req)
             if len(seen) == at_request:
-                os.kill(os.getpid(), signum)
+                _signal_main_thread(signum)
         answer(req, out)
 
     return Scripted(respond)
