@@ -5,7 +5,7 @@ pooled-map rule, by identity (the default coverage equals layer3's map on this R
 script measures it without that step: it makes a fingerprint exactly as a user would,
 ``create_fingerprint(model, data, method="sensitive", params={"preset": "verideep"},
 output_spec="top1", seed=S)`` — default ``select`` (MANC), no ``layer``, the default bag of 100 —
-which is what ``tamperprobe generate ... --method sensitive --param preset=verideep --output-spec top1
+which is what ``tamperprobe fingerprint ... --method sensitive --param preset=verideep --output-spec top1
 --seed S`` runs. The bag the method generated inside that call is kept (the method's ``generate`` is
 wrapped to hold on to its result; nothing it returns is changed), and then:
 
@@ -220,7 +220,7 @@ def write_markdown(doc: dict) -> Path:
         f"{m.get('torch_threads')} torch thread, torch {m.get('torch')}). The CIFAR-10 ResNet-56 and the 1,017 test images of "
         "`bench/verideep_table6.py`. Each bag below was made **through the default path**: `create_fingerprint(model, data, "
         'method="sensitive", params={"preset": "verideep"}, output_spec="top1", seed=S)` with the default selection '
-        "(MANC, no layer) and the default bag of 100 — what `tamperprobe generate --method sensitive --param preset=verideep "
+        "(MANC, no layer) and the default bag of 100 — what `tamperprobe fingerprint --method sensitive --param preset=verideep "
         "--output-spec top1 --seed S` runs. The bag the call generated is kept and measured as the Table VI page measures "
         f"every bag: detection at N_S = the share of {p.get('resamples')} resampled fingerprints (MANC with the default "
         f"coverage on a random {p.get('manc_fraction')} of the bag) holding at least one changed top-1 answer. "
