@@ -44,6 +44,7 @@ from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
 OUT = REPO / "bench" / "results"
+NOTES = OUT / "ray-campaign-notes.md"  # the hand-written reading of the tables, appended to the page
 VOLATILE = ("machine", "started", "seconds", "timings")
 DIGITS = {
     "methods": ["natural", "boundary", "badv", "sensitive"],
@@ -68,18 +69,31 @@ CIFAR_REDUCED = {
 # Full-size CIFAR-10 campaigns whose cell times the projection also reads (local backend, committed results).
 COMMITTED = ("2026-11-22-cifar10-resnet56", "2026-12-06-cifar10-resnet56-prune-grid")
 
+# A second reduced CIFAR-10 campaign whose cells are attacks that train (and so run in parallel): one method,
+# fine-tuning and weight noise (2 instances each), int8 and two pruning ratios.
+CIFAR_ATTACKS = {
+    "methods": ["natural"],
+    "attacks": [("finetune", "finetune"), ("noise", "noise"), ("int8", "int8"), ("prune-10%", "prune"), ("prune-30%", "prune")],
+    "attack_params": {"prune-10%": {"ratio": 0.1}, "prune-30%": {"ratio": 0.3}},
+    "bag": 30,
+    "resamples": 2000,
+    "trials": 2,
+}
+
 
 def _log(msg: str) -> None:
     print(f"[{datetime.now().strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
-def projection(pre: float, bags: list[float], attacks: list[float], driver: float, measure: float, workers: int, overhead: float = 0.0) -> float:
+def projection(
+    pre: float, bags: list[float], attacks: list[float], driver: float, measure: float, workers: int, overhead: float = 0.0, bags_first: bool = True
+) -> float:
     """Projected wall time of a campaign on ``workers`` workers, from measured cell costs.
 
     The model follows the campaign's order: after the driver's first part ``pre`` (intact model),
-    every attack cell and then every bag cell is submitted; a free worker takes the next cell in that
-    order (FIFO list scheduling), each costing its measured seconds plus ``overhead`` (Ray's per-task
-    cost). The driver waits for the last bag, then does its own work ``driver`` (reference logits,
+    every bag cell and then every attack cell is submitted (``bags_first``; the other way round
+    before the campaign changed its order); a free worker takes the next cell in that order (FIFO
+    list scheduling), each costing its measured seconds plus ``overhead`` (Ray's per-task cost). The driver waits for the last bag, then does its own work ``driver`` (reference logits,
     selections, benign runtimes), then waits for the last attack and measures the markers against
     every attacked model (``measure``). So the wall time is
     ``pre + max(t_bags + driver, t_all) + measure``, where ``t_bags`` is when the last bag finishes
@@ -89,7 +103,8 @@ def projection(pre: float, bags: list[float], attacks: list[float], driver: floa
     free = [(0.0, w) for w in range(max(1, workers))]
     heapq.heapify(free)
     t_bags = t_all = 0.0
-    for kind, cost in [*(("attack", c) for c in attacks), *(("bag", c) for c in bags)]:
+    cells = [*(("bag", c) for c in bags), *(("attack", c) for c in attacks)]
+    for kind, cost in cells if bags_first else cells[len(bags) :] + cells[: len(bags)]:
         start, w = heapq.heappop(free)
         end = start + cost + overhead
         heapq.heappush(free, (end, w))
@@ -149,20 +164,20 @@ def ray_costs(ray: Any, model: Any, data: Any, attack_data: Any) -> dict[str, An
     return out
 
 
-def warm_up(ray: Any, cpus: int) -> float:
-    """Seconds until every worker has run a task that imports torch and tamperprobe (the workers' cold start)."""
+def warm_up(ray: Any, cpus: int) -> tuple[float, list[int]]:
+    """Seconds until every worker has run a task that imports torch and tamperprobe (the workers' cold start), and their niceness."""
 
     def touch(i: int) -> int:
-        import torch
+        import torch  # noqa: F401
 
         import tamperprobe.evaluation.campaign  # noqa: F401
 
         time.sleep(0.5)  # hold the worker so that the next task lands on another one
-        return int(torch.get_num_threads()) + 0 * i
+        return os.nice(0) + 0 * i
 
     t0 = time.monotonic()
-    ray.get([ray.remote(touch).options(num_cpus=1).remote(i) for i in range(cpus)])
-    return time.monotonic() - t0
+    nice = ray.get([ray.remote(touch).options(num_cpus=1).remote(i) for i in range(cpus)])
+    return time.monotonic() - t0, [int(n) for n in nice]
 
 
 def digits_campaign() -> tuple[Any, Any, dict[str, Any]]:
@@ -181,8 +196,8 @@ def digits_campaign() -> tuple[Any, Any, dict[str, Any]]:
     return model, data, {**DIGITS, "seed": 0}
 
 
-def cifar_campaign() -> tuple[Any, Any, dict[str, Any]]:
-    """The pretrained CIFAR-10 ResNet-56, the owner's images, and the reduced campaign (the attacker's 700 images as in cifar10_campaign)."""
+def cifar_campaign(reduced: dict[str, Any] | None = None) -> tuple[Any, Any, dict[str, Any]]:
+    """The pretrained CIFAR-10 ResNet-56, the owner's images, and a reduced campaign (the attacker's 700 images as in cifar10_campaign)."""
     import _cifar
     from cifar10_campaign import ATTACKER_IMAGES
     from tamperprobe.models import TorchModel
@@ -191,7 +206,10 @@ def cifar_campaign() -> tuple[Any, Any, dict[str, Any]]:
     attacker, owner = data.split(1 - ATTACKER_IMAGES / len(data), seed=0)
     attacker.name, owner.name = "cifar10[attacker]", "cifar10[owner]"
     model = TorchModel(_cifar.load_resnet56(), _cifar.SOURCE)
-    return model, owner, {**CIFAR_REDUCED, "seed": 0, "attack_data": attacker, "test_fraction": 0.3}
+    return model, owner, {**(reduced or CIFAR_REDUCED), "seed": 0, "attack_data": attacker, "test_fraction": 0.3}
+
+
+CAMPAIGNS = {"digits": digits_campaign, "cifar": cifar_campaign, "cifar-attacks": lambda: cifar_campaign(CIFAR_ATTACKS)}
 
 
 def _stable(ev: Any) -> str:
@@ -235,15 +253,20 @@ def summarise(camp: dict[str, Any], costs: dict[str, Any], cpus: int) -> dict[st
     walls = {b: [r["wall"] for r in camp["runs"] if r["backend"] == b] for b in ("local", "ray")}
     loc, ray_ = _median_cells(camp["runs"], "local"), _median_cells(camp["runs"], "ray")
     bags = {k: v for k, v in loc.items() if k.startswith("method:")}
-    attacks_worker = {k: ray_.get(k, loc[k]) for k in loc if k.startswith("attack:")}
+    # an attack's cost: its time in a worker (the training alone), unless the local one (training + the driver's measuring) is
+    # smaller, as when the workers got less than a core; what the local attack cells hold beyond that is the measuring
+    attacks_worker = {k: min(ray_.get(k, loc[k]), loc[k]) for k in loc if k.startswith("attack:")}
     measure = max(0.0, sum(loc[k] for k in attacks_worker) - sum(attacks_worker.values()))
     driver = loc.get("selections", 0.0) + loc.get("runtimes", 0.0)
     pre = max(0.0, loc["total"] - loc.get("methods", 0.0) - driver - loc.get("attacks", 0.0))
     overhead = costs.get("empty_task_round_trip_s", 0.0)
     model = {"pre": pre, "bags": bags, "attacks": attacks_worker, "driver": driver, "measure": measure, "overhead": overhead}
+    measured_order = camp.get("bags_first", False)
     proj = projections(pre, list(bags.values()), list(attacks_worker.values()), driver, measure, overhead)
+    other = projections(pre, list(bags.values()), list(attacks_worker.values()), driver, measure, overhead, bags_first=False)
     bags_worker = [ray_.get(k, v) for k, v in bags.items()]
-    contended = projections(pre, bags_worker, list(attacks_worker.values()), driver, measure, overhead)
+    contended = projections(pre, bags_worker, list(attacks_worker.values()), driver, measure, overhead, bags_first=measured_order)
+    as_run = projections(pre, list(bags.values()), list(attacks_worker.values()), driver, measure, overhead, bags_first=measured_order)
     return {
         "walls": walls,
         "min": {b: min(w) for b, w in walls.items()},
@@ -257,15 +280,29 @@ def summarise(camp: dict[str, Any], costs: dict[str, Any], cpus: int) -> dict[st
         "model": model,
         "projection": proj,
         "projection_contended": contended,
+        "projection_attacks_first": other,
+        "projection_as_run": as_run,
+        "bags_first": measured_order,
     }
 
 
-def projections(pre: float, bags: list[float], attacks: list[float], driver: float, measure: float, overhead: float) -> dict[str, float]:
+def projections(
+    pre: float, bags: list[float], attacks: list[float], driver: float, measure: float, overhead: float, bags_first: bool = True
+) -> dict[str, float]:
     """``projection`` for 1, 2, 4, ... 32 workers (as far as there are cells) and for one worker per cell ("unbounded")."""
     cells = len(bags) + len(attacks)
-    out = {str(n): projection(pre, bags, attacks, driver, measure, n, overhead) for n in (1, 2, 4, 8, 16, 32) if n < cells}
-    out["unbounded"] = projection(pre, bags, attacks, driver, measure, cells, overhead)
+    out = {str(n): projection(pre, bags, attacks, driver, measure, n, overhead, bags_first) for n in (1, 2, 4, 8, 16, 32) if n < cells}
+    out["unbounded"] = projection(pre, bags, attacks, driver, measure, cells, overhead, bags_first)
     return out
+
+
+def bags_first() -> bool:
+    """Whether this campaign code submits the bag cells before the attack cells (it submitted the attacks first until 2026-12-06)."""
+    import inspect
+
+    from tamperprobe.evaluation import campaign
+
+    return "_submit_attacks" not in inspect.getsource(campaign._run)
 
 
 def committed_projection(path: Path, overhead: float) -> dict[str, Any]:
@@ -293,6 +330,40 @@ def committed_projection(path: Path, overhead: float) -> dict[str, Any]:
     }
 
 
+def write_outputs(doc: dict[str, Any], out: Path) -> None:
+    """Every campaign's summary again from its runs (the summary may have grown since an earlier session), the JSON, the page."""
+    for camp in doc["campaigns"].values():
+        camp["summary"] = summarise(camp, camp["ray_costs"], doc["cpus"])
+    out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
+    out.with_suffix(".md").write_text(report_md(doc))
+
+
+def start_cluster(ray: Any, cpus: int) -> dict[str, Any]:
+    """Start the cluster and warm both sides; every step's seconds (the cold start, apart from the campaigns).
+
+    Warm-up: each worker runs a first task (imports), then one digits campaign runs through Ray
+    (fresh workers pay the first use of torch's optimisers, TorchScript, ... inside their first
+    cells) and one in this process (the local backend's first attack training, ONNX export, ...
+    happen here): so that the interleaved runs compare warm with warm.
+    """
+    from tamperprobe.evaluation import run_evaluation
+    from tamperprobe.evaluation.backends import RayBackend
+
+    _log(f"starting a Ray cluster of {cpus} CPUs")
+    t0 = time.monotonic()
+    ray.init(num_cpus=cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    init = time.monotonic() - t0
+    first, nice = warm_up(ray, cpus)
+    cold: dict[str, Any] = {"ray_init_s": init, "workers_first_task_s": first, "worker_niceness": nice, "driver_niceness": os.nice(0)}
+    model, data, settings = digits_campaign()
+    for key, backend in (("first_digits_campaign_s", RayBackend()), ("first_local_digits_campaign_s", "local")):
+        t0 = time.monotonic()
+        run_evaluation(model, data, backend=backend, **settings)
+        cold[key] = time.monotonic() - t0
+    _log(f"cold start: {cold}")
+    return cold
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cpus", type=int, default=2)
@@ -302,10 +373,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cifar-bag", type=int, default=CIFAR_REDUCED["bag"], help="bag size of the CIFAR campaign")
     ap.add_argument("--out", default=str(OUT / "ray-campaign"), help="output path without suffix")
     ap.add_argument("--report-only", action="store_true")
+    ap.add_argument("--merge", action="store_true", help="keep the campaigns of the existing JSON (one redone is kept as '<name> [session N]')")
+    ap.add_argument("--tag", default="", help="a label for this session's campaigns (e.g. the worker niceness)")
     args = ap.parse_args(argv)
     out = Path(args.out)
     if args.report_only:
-        out.with_suffix(".md").write_text(report_md(json.loads(out.with_suffix(".json").read_text())))
+        write_outputs(json.loads(out.with_suffix(".json").read_text()), out)
         return 0
     CIFAR_REDUCED["bag"] = args.cifar_bag
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the cluster listens on 127.0.0.1 only
@@ -315,47 +388,49 @@ def main(argv: list[str] | None = None) -> int:
     from tamperprobe.evaluation.runner import machine_info
 
     torch.set_num_threads(max(1, args.threads))
-    _log(f"starting a Ray cluster of {args.cpus} CPUs")
-    t0 = time.monotonic()
-    ray.init(num_cpus=args.cpus, include_dashboard=False, log_to_driver=False, configure_logging=False)
-    cold = {"ray_init_s": time.monotonic() - t0, "workers_first_task_s": warm_up(ray, args.cpus)}
-    model, data, settings = digits_campaign()
-    from tamperprobe.evaluation import run_evaluation
-    from tamperprobe.evaluation.backends import RayBackend
-
-    t0 = time.monotonic()
-    run_evaluation(model, data, backend=RayBackend(), **settings)
-    cold["first_digits_campaign_s"] = time.monotonic() - t0  # fresh workers: first use of torch's optimisers, TorchScript, ...
-    _log(
-        f"cold start: ray.init {cold['ray_init_s']:.1f} s, workers' first task {cold['workers_first_task_s']:.1f} s, "
-        f"a first digits campaign {cold['first_digits_campaign_s']:.1f} s"
-    )
+    cold = start_cluster(ray, args.cpus)
     capacity = ray.cluster_resources().get("object_store_memory", 0.0) / 2**20
-    doc: dict[str, Any] = {
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": machine_info(),
-        "cpus": args.cpus,
-        "threads": {"local": torch.get_num_threads(), "ray_driver": torch.get_num_threads(), "ray_task": torch.get_num_threads()},
-        "repeats": args.repeats,
-        "cold_start": cold,
-        "campaigns": {},
-    }
+    doc: dict[str, Any] = json.loads(out.with_suffix(".json").read_text()) if args.merge and out.with_suffix(".json").exists() else {}
+    if "cold_start" in doc and "sessions" not in doc:  # a JSON written before sessions were recorded: its one session
+        first = {
+            "date": doc["date"],
+            "cold_start": doc.pop("cold_start"),
+            "campaigns": ",".join(doc["campaigns"]),
+            "repeats": doc.pop("repeats", None),
+        }
+        doc["sessions"] = [first]
+    doc.update(
+        {
+            "date": datetime.now(UTC).isoformat(timespec="seconds"),
+            "machine": machine_info(),
+            "cpus": args.cpus,
+            "threads": {"local": torch.get_num_threads(), "ray_driver": torch.get_num_threads(), "ray_task": torch.get_num_threads()},
+        }
+    )
+    doc.setdefault("campaigns", {})
+    session = {"date": doc["date"], "cold_start": cold, "campaigns": args.campaigns, "repeats": args.repeats, "tag": args.tag}
+    session["env"] = {k: v for k, v in os.environ.items() if k.startswith("RAY_") and "TOKEN" not in k and "AUTH" not in k}
+    doc.setdefault("sessions", []).append(session)
     try:
         for name in args.campaigns.split(","):
-            model, data, settings = (digits_campaign if name == "digits" else cifar_campaign)()
+            model, data, settings = CAMPAIGNS[name]()
             camp = interleaved(name, model, data, settings, args.repeats)
+            key = f"{name} [{args.tag}]" if args.tag else name
+            if key in doc["campaigns"]:  # measured in an earlier session: kept under that session's number
+                old = doc["campaigns"].pop(key)
+                doc["campaigns"][f"{key} [session {old.get('session', 0) + 1}]"] = old
+            camp["session"] = len(doc["sessions"]) - 1
+            camp["bags_first"] = bags_first()
             camp["ray_costs"] = ray_costs(ray, model, data, settings.get("attack_data"))
             camp["store"] = store_use(camp, settings, camp["ray_costs"], data)
             camp["store_capacity_mib"] = capacity
             camp["summary"] = summarise(camp, camp["ray_costs"], args.cpus)
-            doc["campaigns"][name] = camp
-            out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
-            out.with_suffix(".md").write_text(report_md(doc))
+            doc["campaigns"][key] = camp
+            write_outputs(doc, out)
             _log(f"{name}: speed-up (median) {camp['summary']['speedup_median']:.2f}; wrote {out.with_suffix('.md')}")
-        overhead = next(iter(doc["campaigns"].values()))["ray_costs"]["empty_task_round_trip_s"] if doc["campaigns"] else 0.0
+        overhead = statistics.median(c["ray_costs"]["empty_task_round_trip_s"] for c in doc["campaigns"].values())
         doc["committed"] = [committed_projection(OUT / run / "results.json", overhead) for run in COMMITTED if (OUT / run / "results.json").exists()]
-        out.with_suffix(".json").write_text(json.dumps(doc, indent=1, default=str) + "\n")
-        out.with_suffix(".md").write_text(report_md(doc))
+        write_outputs(doc, out)
     finally:
         ray.shutdown()
     same = all(c["summary"]["all_same"] for c in doc["campaigns"].values())
@@ -367,28 +442,29 @@ def _f(v: float) -> str:
 
 
 def report_md(doc: dict[str, Any]) -> str:
-    m, cold, th = doc["machine"], doc["cold_start"], doc["threads"]
+    m, th = doc["machine"], doc["threads"]
     lines = [
         "# Campaigns through the Ray backend, side by side with the local one",
         "",
         f"`python bench/ray_campaign.py` ({doc['date']}; {m.get('nproc')} usable cores, {m.get('cpu')}, torch {m.get('torch')}). "
         f"One local Ray cluster of {doc['cpus']} CPUs (127.0.0.1) is started once; then each campaign runs **interleaved**, "
-        f"local, Ray, local, Ray, … ({doc['repeats']} runs each), so that both backends see the same load: the 2 cores were "
+        f"local, Ray, local, Ray, … (every run is listed), so that both backends see the same load: the 2 cores were "
         "shared with other jobs (the load average before and after each run is in the tables), so the absolute seconds are upper "
         "bounds and only the side-by-side ratios are the measurement.",
         "",
         f"- **Torch threads**: local = one process with {th['local']} torch thread; Ray = the driver ({th['ray_driver']} thread) "
         f"plus {doc['cpus']} workers running one task each with {th['ray_task']} thread (a task takes the driver's number).",
-        f"- **Cold start**, apart from every campaign time below: `ray.init` {_f(cold['ray_init_s'])} s, then "
-        f"{_f(cold['workers_first_task_s'])} s until each worker has run its first task (importing torch and tamperprobe), "
-        f"then one untimed-for-the-table digits campaign on the fresh workers ({_f(cold['first_digits_campaign_s'])} s, against the "
-        "warm Ray runs of the same campaign below: a fresh worker pays the first use of torch's optimisers, TorchScript, ... "
-        "inside its first cells). Paid once per session, not per campaign.",
+        "- **Cold start**, apart from every campaign time below (each session started its own cluster): "
+        + "; ".join(_cold_md(i, sess) for i, sess in enumerate(doc.get("sessions", [{"cold_start": doc.get("cold_start", {})}])))
+        + ". Paid once per session, not per campaign.",
         "",
     ]
+    lines += _overview_md(doc)
     for name, camp in doc["campaigns"].items():
         lines += _campaign_md(name, camp, doc["cpus"])
     lines += _committed_md(doc.get("committed", []))
+    if NOTES.exists():
+        lines += [NOTES.read_text().rstrip(), ""]
     lines += [
         "## Earlier single runs (not a speed-up measurement)",
         "",
@@ -401,6 +477,70 @@ def report_md(doc: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def _overview_md(doc: dict[str, Any]) -> list[str]:
+    """The speed-up table: one row per campaign and session, wall times local vs Ray (min, median) and their ratio."""
+    from tamperprobe.evaluation.report import md_table
+
+    rows = []
+    for name, camp in doc["campaigns"].items():
+        s = camp["summary"]
+        sess = doc.get("sessions", [{}])[camp.get("session", 0)] if doc.get("sessions") else {}
+        nice = sess.get("cold_start", {}).get("worker_niceness", "15 (Ray's default; seen in ps)")
+        rows.append(
+            [
+                name.split(" [")[0],
+                camp.get("session", 0) + 1,
+                "bags" if camp.get("bags_first") else "attacks",
+                nice if isinstance(nice, str) else ", ".join(map(str, sorted(set(nice)))),
+                len(s["walls"]["local"]),
+                f"{_f(s['min']['local'])} / {_f(s['median']['local'])}",
+                f"{_f(s['min']['ray'])} / {_f(s['median']['ray'])}",
+                f"**{s['speedup_min']:.2f}× / {s['speedup_median']:.2f}×**",
+                ", ".join(f"{x:.2f}" for x in s["pair_ratios"]),
+                "yes" if s["all_same"] else "**NO**",
+            ]
+        )
+    return [
+        "## The speed-up table",
+        "",
+        "Local backend against Ray with 2 workers on the same 2 cores; seconds per campaign, the cluster already started and warm. "
+        "Speed-up = local / Ray (of the minima / of the medians; per pair: each local run against the Ray run after it). "
+        "'First submitted': which cells the campaign hands to the workers first. 'Worker niceness': Ray starts its workers at "
+        "niceness 15 unless `RAY_worker_niceness` says otherwise, so on a shared machine they yield the cores to every ordinary "
+        "process, the local backend's included.",
+        "",
+        md_table(
+            [
+                "campaign",
+                "session",
+                "first submitted",
+                "worker niceness",
+                "pairs",
+                "local s (min / median)",
+                "Ray s (min / median)",
+                "speed-up",
+                "per pair",
+                "results equal",
+            ],
+            rows,
+        ),
+        "",
+    ]
+
+
+def _cold_md(i: int, sess: dict[str, Any]) -> str:
+    c = sess["cold_start"]
+    text = f"session {i + 1} ({sess.get('campaigns', '')}, {sess.get('date', '')}): `ray.init` {_f(c['ray_init_s'])} s, each worker's first task "
+    text += (
+        f"(imports) {_f(c['workers_first_task_s'])} s, a first digits campaign through Ray on the fresh workers {_f(c['first_digits_campaign_s'])} s"
+    )
+    if "first_local_digits_campaign_s" in c:
+        text += f" and one in the local process {_f(c['first_local_digits_campaign_s'])} s (untimed warm-ups of both sides)"
+    if "worker_niceness" in c:
+        text += f"; Ray workers at niceness {', '.join(map(str, sorted(set(c['worker_niceness']))))}, the driver and the local backend at {c['driver_niceness']}"
+    return text
+
+
 def _campaign_md(name: str, camp: dict[str, Any], cpus: int) -> list[str]:
     from tamperprobe.evaluation.report import md_table
 
@@ -409,7 +549,7 @@ def _campaign_md(name: str, camp: dict[str, Any], cpus: int) -> list[str]:
     runs = camp["runs"]
     what = "; ".join(f"{k} {v}" for k, v in st.items())
     lines = [
-        f"## {name}: {camp['model']} on {camp['data']}",
+        f"## {name}: {camp['model']} on {camp['data']} (session {camp.get('session', 0) + 1})",
         "",
         f"Campaign (`run_evaluation`, three baseline methods added as always, every output spec and benign runtime): {what}.",
         "",
@@ -503,30 +643,35 @@ def _projection_md(s: dict[str, Any], mdl: dict[str, Any], cpus: int) -> list[st
     longest = max([*mdl["bags"].items(), *mdl["attacks"].items()], key=lambda kv: kv[1])
     cells_total = sum(mdl["bags"].values()) + sum(mdl["attacks"].values())
     floor = mdl["pre"] + mdl["driver"] + mdl["measure"]
+    order = "bags first" if s.get("bags_first") else "attacks first"
+    p, other, contended, as_run = s["projection"], s["projection_attacks_first"], s["projection_contended"], s["projection_as_run"]
     return [
         "### Projection for N workers",
         "",
         "Model (`projection` in the script): the driver's first part (intact model: "
-        f"{_f(mdl['pre'])} s), then the cells scheduled first-come first-served in the campaign's order (every attack, then every bag) "
-        f"on N workers, each costing its measured time plus Ray's round trip ({1000 * mdl['overhead']:.1f} ms); the driver waits for "
+        f"{_f(mdl['pre'])} s), then the cells scheduled first-come first-served in the order the campaign submits them on N "
+        f"workers, each costing its measured time plus Ray's round trip ({1000 * mdl['overhead']:.1f} ms); the driver waits for "
         f"the last bag, does its own work (reference logits, selections, benign runtimes: {_f(mdl['driver'])} s), then waits for the "
-        f"last attack and measures the markers against each attacked model ({_f(mdl['measure'])} s, the local attack cells minus the "
-        "same cells in the workers). Not modelled: the driver competing with the "
-        "workers for cores, shipping models to and from workers.",
+        f"last attack and measures the markers against each attacked model ({_f(mdl['measure'])} s, the local attack cells minus the attack "
+        "cells' costs). Cell costs: the local bag times (a worker with a core of its own) and, per attack, its time in a worker "
+        "or its local time (which includes the driver's measuring) when smaller. Not modelled: the driver competing with the workers for cores, shipping models to and from workers.",
         "",
-        "Two inputs: the cells' times in the local process (a worker with a core of its own), and the bag cells' times in the Ray "
-        "workers here (2 workers and the driver sharing 2 busy cores: what contention does).",
+        f"These runs used the order **{order}**. The campaign submitted every attack before every bag until this benchmark; it "
+        "now submits the bags first, so that with fewer workers than cells the driver's own work, which waits for the bags, "
+        "overlaps with the attacks' training (the results are the same: every cell is seeded by its coordinates).",
         "",
         md_table(
-            ["workers", "projected s (local cell times)", "speed-up vs 1", "projected s (in-worker cell times)"],
-            [[n, _f(v), f"{s['projection']['1'] / v:.2f}×", _f(s["projection_contended"].get(n, float("nan")))] for n, v in s["projection"].items()],
+            ["workers", "bags first (now)", "speed-up vs 1", "attacks first (before)", f"{order}, bag times in the workers"],
+            [[n, _f(v), f"{p['1'] / v:.2f}×", _f(other.get(n, float("nan"))), _f(contended.get(n, float("nan")))] for n, v in p.items()],
         ),
         "",
-        f"- Check of the model: projected at {cpus} workers {_f(s['projection'].get(str(cpus), float('nan')))} s against the measured "
-        f"Ray median {_f(s['median']['ray'])} s ({_f(s['projection_contended'].get(str(cpus), float('nan')))} s from the in-worker "
-        f"cell times); at 1 worker {_f(s['projection']['1'])} s against the local median {_f(s['median']['local'])} s.",
+        f"- Check of the model against these runs ({order}): projected at {cpus} workers {_f(as_run.get(str(cpus), float('nan')))} s "
+        f"({_f(contended.get(str(cpus), float('nan')))} s with the bag times in the workers) against the measured Ray median "
+        f"{_f(s['median']['ray'])} s; at 1 worker {_f(p['1'])} s against the local median {_f(s['median']['local'])} s. Where the "
+        "measured Ray time is above the projection, the workers and the driver got less than a core each (the in-worker cell "
+        "times above against the local ones show by how much).",
         f"- The cells sum to {_f(cells_total)} s; the driver's serial work to {_f(floor)} s. The longest cell is `{longest[0]}` "
-        f"({_f(longest[1])} s). With a worker per cell the model gives {_f(s['projection']['unbounded'])} s = intact model + "
+        f"({_f(longest[1])} s). With a worker per cell the model gives {_f(p['unbounded'])} s = intact model + "
         "max(longest bag + driver work, longest attack) + measuring: past that, more workers do nothing; splitting the longest "
         "cell or the driver's serial work is what would.",
         "",
