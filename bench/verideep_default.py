@@ -209,6 +209,76 @@ def _curve(v: dict, attack: str, sel: str) -> list[float] | None:
     return None
 
 
+def _bag_md(seed: str, v: dict, p: dict) -> list[str]:
+    """One bag's section: detection by N_S per scheme, other selections, the first picks, the fingerprint itself, false alarms."""
+    lines: list[str] = []
+    au = v.get("active_units", {}).get("manc-default", {})
+    lines += [
+        f"## Seed {seed} (bag made {v.get('made_at', '')}, measured {v.get('measured_at', '')}): bag of {v.get('bag')} in {v.get('seconds', 0):.0f} s, selection recorded in the fingerprint: `{v.get('selection')}` "
+        f"(layer {v.get('layer')}; default coverage {au.get('mean_active', float('nan')):.0f} of {au.get('units')} units active per marker)",
+        "",
+        "Detection rate (%) by N_S, top-1, default selection (resampled); the paper: 99.5 at 6, > 99.9 at 10.",
+        "",
+    ]
+    attacks = list(v.get("margins", {}))
+    rows = []
+    for n in range(1, MAX_NS + 1):
+        row: list[Any] = [n, t6.PAPER.get(("top1", n), "")]
+        for a in attacks:
+            c = _curve(v, a, "manc-default")
+            row.append(t6._pct(c[n - 1]) if c else "–")
+        rows.append(row)
+    lines += [md_table(["N_S", "paper", *attacks], rows), ""]
+    lines.append(
+        "Markers changed (top-1, of the bag): " + ", ".join(f"{a} {t6._trig({'variants': {'x': v}}, 'x', a, 'top1')}" for a in attacks) + "."
+    )
+    lines.append("")
+    lines += ["Same bag, other selections, N_S = 6 / 10 (%):", ""]
+    rows = []
+    for sel in ("manc-default", "manc-layer3", "manc", "random"):
+        cells = []
+        for a in attacks:
+            c = _curve(v, a, sel)
+            cells.append(f"{t6._pct(c[5])} / {t6._pct(c[9])}" if c else "–")
+        rows.append([sel, *cells])
+    lines += [md_table(["selection", *attacks], rows), ""]
+    fp1 = v.get("first_picks")
+    if fp1:
+        lines.append(
+            f"The default selection's first pick, over the {p.get('resamples')} resamples: {fp1['distinct']} distinct markers; the most "
+            "frequent: "
+            + "; ".join(
+                f"marker {t['marker']} in {100 * t['share']:.1f} % ({t['units']} units active, median {fp1['median_units']:.0f}; "
+                f"changed by {', '.join(t['changed_by']) or 'no scheme'})"
+                for t in fp1["top"]
+            )
+            + ". The rate at small N_S is mostly whether these few wide-coverage markers change."
+        )
+        lines.append("")
+    fpd = v.get("fingerprint", {})
+    if fpd:
+        lines += [
+            f"The fingerprint the call made (its 10 markers, bag indices {v.get('fingerprint_markers_in_bag')}, in MANC's order): "
+            "markers that change top-1, and the first N_S at which its first N_S markers detect.",
+            "",
+            md_table(
+                ["scheme", "markers changed (of 10)", "first detecting N_S"],
+                [[a, sum(d["changed"]), next((i + 1 for i, x in enumerate(d["detected_at"]) if x), "none")] for a, d in fpd.items()],
+            ),
+            "",
+        ]
+    fa = v.get("false_alarms", [])
+    if fa:
+        top = [r for r in fa if r["spec"] == "top1"]
+        lines.append(
+            "Benign re-runs (batch 1, batch 64, TorchScript), top-1 markers flagged: "
+            + ", ".join(f"{r['runtime']} {r['ours']}" for r in top)
+            + f" (max |Δlogit| {max(r['max_abs_dlogit'] for r in fa):.2g})."
+        )
+        lines.append("")
+    return lines
+
+
 def write_markdown(doc: dict) -> Path:
     p = doc.get("params", {})
     m = doc.get("machine", {})
@@ -228,70 +298,7 @@ def write_markdown(doc: dict) -> Path:
         "",
     ]
     for seed, v in bags.items():
-        au = v.get("active_units", {}).get("manc-default", {})
-        lines += [
-            f"## Seed {seed} (bag made {v.get('made_at', '')}, measured {v.get('measured_at', '')}): bag of {v.get('bag')} in {v.get('seconds', 0):.0f} s, selection recorded in the fingerprint: `{v.get('selection')}` "
-            f"(layer {v.get('layer')}; default coverage {au.get('mean_active', float('nan')):.0f} of {au.get('units')} units active per marker)",
-            "",
-            "Detection rate (%) by N_S, top-1, default selection (resampled); the paper: 99.5 at 6, > 99.9 at 10.",
-            "",
-        ]
-        attacks = list(v.get("margins", {}))
-        rows = []
-        for n in range(1, MAX_NS + 1):
-            row: list[Any] = [n, t6.PAPER.get(("top1", n), "")]
-            for a in attacks:
-                c = _curve(v, a, "manc-default")
-                row.append(t6._pct(c[n - 1]) if c else "–")
-            rows.append(row)
-        lines += [md_table(["N_S", "paper", *attacks], rows), ""]
-        lines.append(
-            "Markers changed (top-1, of the bag): " + ", ".join(f"{a} {t6._trig({'variants': {'x': v}}, 'x', a, 'top1')}" for a in attacks) + "."
-        )
-        lines.append("")
-        lines += ["Same bag, other selections, N_S = 6 / 10 (%):", ""]
-        rows = []
-        for sel in ("manc-default", "manc-layer3", "manc", "random"):
-            cells = []
-            for a in attacks:
-                c = _curve(v, a, sel)
-                cells.append(f"{t6._pct(c[5])} / {t6._pct(c[9])}" if c else "–")
-            rows.append([sel, *cells])
-        lines += [md_table(["selection", *attacks], rows), ""]
-        fp1 = v.get("first_picks")
-        if fp1:
-            lines.append(
-                f"The default selection's first pick, over the {p.get('resamples')} resamples: {fp1['distinct']} distinct markers; the most "
-                "frequent: "
-                + "; ".join(
-                    f"marker {t['marker']} in {100 * t['share']:.1f} % ({t['units']} units active, median {fp1['median_units']:.0f}; "
-                    f"changed by {', '.join(t['changed_by']) or 'no scheme'})"
-                    for t in fp1["top"]
-                )
-                + ". The rate at small N_S is mostly whether these few wide-coverage markers change."
-            )
-            lines.append("")
-        fpd = v.get("fingerprint", {})
-        if fpd:
-            lines += [
-                f"The fingerprint the call made (its 10 markers, bag indices {v.get('fingerprint_markers_in_bag')}, in MANC's order): "
-                "markers that change top-1, and the first N_S at which its first N_S markers detect.",
-                "",
-                md_table(
-                    ["scheme", "markers changed (of 10)", "first detecting N_S"],
-                    [[a, sum(d["changed"]), next((i + 1 for i, x in enumerate(d["detected_at"]) if x), "none")] for a, d in fpd.items()],
-                ),
-                "",
-            ]
-        fa = v.get("false_alarms", [])
-        if fa:
-            top = [r for r in fa if r["spec"] == "top1"]
-            lines.append(
-                "Benign re-runs (batch 1, batch 64, TorchScript), top-1 markers flagged: "
-                + ", ".join(f"{r['runtime']} {r['ours']}" for r in top)
-                + f" (max |Δlogit| {max(r['max_abs_dlogit'] for r in fa):.2g})."
-            )
-            lines.append("")
+        lines += _bag_md(seed, v, p)
     MD_OUT.write_text("\n".join(lines) + "\n")
     return MD_OUT
 
