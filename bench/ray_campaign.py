@@ -1,32 +1,38 @@
 """Campaigns through the Ray backend beside the local one, side by side: same results, speed-up, what the cells cost.
 
-One Ray cluster of ``--cpus`` CPUs is started on this machine (127.0.0.1) and warmed (each worker
-imports torch and tamperprobe once); then the same campaign (``run_evaluation``) runs
-**interleaved** — local, Ray, local, Ray, ... ``--repeats`` times each — so that both backends see
-the same load on the shared machine. Recorded, per campaign:
+One Ray cluster of ``--cpus`` CPUs is started on this machine (127.0.0.1) and warmed (``start_cluster``:
+each worker's first task, then one digits campaign through Ray and one in this process, all timed
+as the cold start); then each campaign (``run_evaluation``) runs **interleaved** — local, Ray,
+local, Ray, ... ``--repeats`` times each — so that both backends see the same load on the shared
+machine. Recorded, per campaign:
 
-* whether every Ray run's ``results.json`` equals the local run's before it (timings, machine and
+* whether every Ray run's ``results.json`` equals the first local run's (timings, machine and
   start time aside);
-* wall time of each run, min and median per backend and their ratio (the speed-up); the cluster's
-  cold start (``ray.init``, then the workers' first task) apart from the campaign time;
+* wall time of each run and the load average around it; min and median per backend and their
+  ratio (the speed-up);
 * each cell's seconds (``method:*``, ``attack:*``: in-process for local — an attack's includes the
   driver measuring the markers against it — and in the worker for Ray);
 * Ray's own cost per task (round trip of an empty task, one at a time and many at once) and what
   ``ray.put`` of the model and data costs;
-* the object store's use (sampled every second during the Ray runs from Ray's memory summary);
-* a projection for N workers from the measured cells (``projection``; its model is in its docstring).
+* the object store's use, from the sizes of the objects a run puts and gets back (``store_use``:
+  this Ray install has no memory summary);
+* a projection for N workers from the measured cells (``projection``; its model is in its docstring),
+  also for the committed full-size CIFAR-10 campaigns (``committed_projection``).
 
 Torch threads: the driver runs with ``--threads`` (1); a Ray task runs with the driver's number,
 so local = one process, one thread; Ray = the driver (one thread) plus ``--cpus`` workers of one
-thread each.
+thread each. Ray starts its workers at the niceness of ``RAY_worker_niceness`` (its default: 15,
+below every ordinary process); the session records what the workers got.
 
-Campaigns: ``digits`` (the zoo CNN trained on the bundled 8x8 digits) and ``cifar`` (the pretrained
-CIFAR-10 ResNet-56 of ``bench/_cifar.py``, reduced to fit a shared 2-core machine: see
-``CIFAR_REDUCED``). Results: ``bench/results/ray-campaign.json`` and ``ray-campaign.md``.
+Campaigns (``CAMPAIGNS``): ``digits`` (the zoo CNN trained on the bundled 8x8 digits), ``cifar`` and
+``cifar-attacks`` (the pretrained CIFAR-10 ResNet-56 of ``bench/_cifar.py``, reduced to fit a shared
+2-core machine: ``CIFAR_REDUCED``, ``CIFAR_ATTACKS``). Results: ``bench/results/ray-campaign.json``
+and ``ray-campaign.md`` (with ``ray-campaign-notes.md``); ``--merge`` adds a session's campaigns to
+the existing JSON (a campaign measured again keeps its earlier runs as ``<name> [session N]``).
 
-    python bench/ray_campaign.py                              # both campaigns, 2 repeats, 2 CPUs
-    python bench/ray_campaign.py --campaigns digits --repeats 3
-    python bench/ray_campaign.py --report-only
+    python bench/ray_campaign.py --repeats 3                                   # digits and cifar
+    RAY_worker_niceness=0 python bench/ray_campaign.py --campaigns cifar-attacks --repeats 2 --merge --tag "workers nice 0"
+    python bench/ray_campaign.py --report-only                                 # the page again from the JSON
 """
 
 from __future__ import annotations

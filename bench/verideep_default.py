@@ -19,7 +19,8 @@ wrapped to hold on to its result; nothing it returns is changed), and then:
 Results: ``bench/results/verideep-table6-default.json`` and ``.md``. Bags and fingerprints are cached
 (npz and the fingerprint file; never pickle) under ``--cache``.
 
-    python bench/verideep_default.py --seeds 0        # one bag (about 10-30 min of one core, 1,000 ascent steps)
+    python bench/verideep_default.py --seeds 0        # one bag (1,000 ascent steps per marker: the slow part)
+    python bench/verideep_default.py --seeds 0,1 --reuse   # measure the cached bags again
     python bench/verideep_default.py --report-only
 """
 
