@@ -228,6 +228,23 @@ def test_an_interrupt_a_finalizer_swallowed_still_stops_the_watch_and_drops_the_
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
 
 
+def test_only_the_first_interrupt_raises_the_others_are_latched():
+    """`timeout` sends SIGTERM to the command and then to its process group: the second one must not break the clean
+    stop the first began (a docs run saw "error: interrupted", exit 2). Both handlers are put back on exit."""
+    from tamperprobe.served.watch import interrupted, interrupts
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    with interrupts():
+        handler = signal.getsignal(signal.SIGTERM)
+        assert signal.getsignal(signal.SIGINT) is handler and not interrupted()
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGTERM, None)
+        handler(signal.SIGTERM, None)  # latched, not raised
+        handler(signal.SIGINT, None)
+        assert interrupted()
+    assert not interrupted() and {s: signal.getsignal(s) for s in before} == before
+
+
 def test_sigterm_before_any_run_completes_exits_2_nothing_verified(world, tmp_path):
     before = signal.getsignal(signal.SIGTERM)
     with _interrupting_server(world["intact"], signal.SIGTERM, at_request=2) as srv:

@@ -108,6 +108,7 @@ def watch_cmd(
         from ..errors import UsageError
         from ..fleet import config
         from ..fleet.watch import FleetWatch
+        from ..served.watch import interrupted
         from .verifying import _run_reporter, _sigterm_as_interrupt
 
         fleet = config.load(fleet_file)
@@ -126,7 +127,7 @@ def watch_cmd(
             )
             with _sighup(fw.reload):
                 try:
-                    code = fw.run()
+                    code = fw.run(until=interrupted)  # an interrupt a finalizer swallowed still stops it
                 except KeyboardInterrupt:
                     fw.stop()
                     code = fw.exit_code()

@@ -84,15 +84,21 @@ def interrupts() -> Iterator[None]:
     Python runs a signal handler wherever the main thread happens to be; when that is inside an object's finalizer
     (a garbage collection at the wrong moment), the ``KeyboardInterrupt`` is printed as ignored and lost. The
     watch looks at the latch between runs, so such an interrupt still stops it, one run late at worst, with the
-    run in progress dropped as ever. Outside the main thread this does nothing.
+    run in progress dropped as ever. Only the first signal raises: a second one (``timeout`` sends SIGTERM to the
+    command and then to its process group) is latched and cannot break the clean stop the first one began.
+    Outside the main thread this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    raised = False
 
     def interrupt(signum: int, _frame: Any) -> None:
+        nonlocal raised
         _latched.append(signum)
-        raise KeyboardInterrupt
+        if not raised:
+            raised = True
+            raise KeyboardInterrupt
 
     previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -101,6 +107,11 @@ def interrupts() -> Iterator[None]:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
         _latched.clear()
+
+
+def interrupted() -> bool:
+    """Whether an interrupt was latched and not yet acted on (a loop that waits can stop on it)."""
+    return bool(_latched)
 
 
 def _raise_latched() -> None:

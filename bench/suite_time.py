@@ -1,0 +1,78 @@
+"""Wall time of the whole test suite as CI runs it (``python -m pytest``), repeated: min and median, with the load.
+
+Each round runs the suite in a fresh process from the repository root with the pyproject's options
+(``-n logical``: one xdist worker per logical CPU, at most 4); ``--serial`` rounds add ``-p no:xdist``
+and alternate with the parallel ones, so both see the same machine. The load average before and
+after each round is recorded: the 2 cores here are shared.
+
+    python bench/suite_time.py --rounds 3 --out bench/results/suite-time.md
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _round(extra: list[str]) -> dict:
+    load0 = os.getloadavg()[0]
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *extra], cwd=ROOT, capture_output=True, text=True)
+    wall = time.perf_counter() - start
+    last = proc.stdout.strip().splitlines()[-1] if proc.stdout.strip() else ""
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|errors?)", last)}
+    return {"wall": wall, "exit": proc.returncode, "summary": last, "counts": counts, "load_before": load0, "load_after": os.getloadavg()[0]}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--serial", action="store_true", help="also time one-process rounds (-p no:xdist), interleaved")
+    ap.add_argument("--out", type=Path, default=ROOT / "bench/results/suite-time.md")
+    args = ap.parse_args()
+    kinds = {"parallel (-n logical)": []} | ({"serial (-p no:xdist)": ["-p", "no:xdist"]} if args.serial else {})
+    rows: dict[str, list[dict]] = {k: [] for k in kinds}
+    for i in range(args.rounds):
+        for kind, extra in kinds.items():
+            r = _round(extra)
+            rows[kind].append(r)
+            print(
+                f"round {i + 1} {kind}: {r['wall']:.1f} s, exit {r['exit']}, load {r['load_before']:.2f}->{r['load_after']:.2f}: {r['summary']}",
+                flush=True,
+            )
+    lines = [
+        "# The test suite's wall time",
+        "",
+        f"`python bench/suite_time.py --rounds {args.rounds}{' --serial' if args.serial else ''}` "
+        f"({dt.datetime.now(dt.UTC).isoformat(timespec='seconds')}; {os.cpu_count()} logical CPUs; commit "
+        f"{subprocess.run(['git', 'rev-parse', '--short', 'HEAD'], cwd=ROOT, capture_output=True, text=True).stdout.strip()}). "
+        "Each round is `python -m pytest` from the repository root, as `.ci/run` runs it after the install.",
+        "",
+        "| how | min (s) | median (s) | max (s) | rounds | every round green |",
+        "|---|---|---|---|---|---|",
+    ]
+    for kind, rs in rows.items():
+        walls = [r["wall"] for r in rs]
+        green = all(r["exit"] == 0 for r in rs)
+        lines.append(f"| {kind} | {min(walls):.1f} | {statistics.median(walls):.1f} | {max(walls):.1f} | {len(rs)} | {'yes' if green else 'NO'} |")
+    lines += ["", "| round | how | wall (s) | load average before → after | result |", "|---|---|---|---|---|"]
+    for kind, rs in rows.items():
+        for i, r in enumerate(rs, 1):
+            lines.append(f"| {i} | {kind} | {r['wall']:.1f} | {r['load_before']:.2f} → {r['load_after']:.2f} | {r['summary']} |")
+    args.out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=1) + "\n", encoding="utf-8")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
