@@ -163,3 +163,40 @@ def test_a_well_formed_expect_that_does_not_match_refuses_that_entry_only(world,
     assert [r["verdict"] for r in rows] == ["INTACT", "NOT AUTHENTIC", "INTACT"]
     assert "not the one expected (digits:v3)" in rows[1]["problem"]
     assert relay.accepted == 2  # the two others were verified on one kept-alive connection each; nothing went to e1
+
+
+def test_a_pass_whose_history_writes_fail_keeps_its_verdicts_and_its_markers_spent(world, tmp_path, monkeypatch):
+    """The runs of a pass are written in batches after their verdicts; their draws were committed before sending (fail closed)."""
+    from tamperprobe.fingerprint import load
+    from tamperprobe.fleet import check, config
+    from tamperprobe.served import history, ledger
+
+    def broken(*_a, **_k):
+        raise history.HistoryError("disk full")
+
+    monkeypatch.setattr(history, "record_many", broken)  # as if the process died before the pass's records were written
+    url = world["server"].url + "/v2/models/model"
+    fleet = config.load(fleet_file(tmp_path, world, url, 4, limit=4))
+    warnings: list[tuple[str, str]] = []
+    hist = tmp_path / "h.sqlite"
+    outcomes = check.check(fleet, history_path=hist, on_warning=lambda name, text: warnings.append((name, text)))
+    assert [o.verdict for o in outcomes] == ["INTACT"] * 4
+    assert sorted(name for name, _ in warnings) == ["e0", "e1", "e2", "e3"]
+    assert all("not recorded in the history: disk full" in text for _, text in warnings)
+    assert history.runs(hist) == []  # nothing said about the runs...
+    spent = ledger.drawn(load(world["fp"], trust=None).id, hist)["marker"]
+    assert len(spent) == 4 * 3  # ...but every marker they sent is spent, so none is sent again
+
+
+def test_a_pass_records_every_run_once(world, tmp_path):
+    from tamperprobe.fleet import check, config
+    from tamperprobe.served import history
+
+    url = world["server"].url + "/v2/models/model"
+    fleet = config.load(fleet_file(tmp_path, world, url, 6, limit=3))
+    hist = tmp_path / "h.sqlite"
+    outcomes = check.check(fleet, history_path=hist)
+    runs = history.runs(hist, limit=None)
+    assert sorted(r["draw"] for r in runs) == sorted(o.run.report.draw for o in outcomes if o.run is not None)
+    assert len(runs) == 6 and {r["verdict"] for r in runs} == {"INTACT"}
+    assert all(len(history.markers(r["id"], path=hist)) == 3 for r in runs)

@@ -25,6 +25,9 @@ logic of its own. What the fleet adds:
   fingerprint was not authentic or not the one expected, else 2 if any is INCONCLUSIVE or could not
   be checked, else 0.
 
+Each run is recorded in the history after its alarm, as ``verify`` does, but in batches written by
+one thread (``records.Recorder``): its draw was committed to the ledger before anything was sent.
+
 The queries run on a thread pool: each endpoint's client is the synchronous ``HTTPTarget`` whose
 deadline, retry and bounded-transport rules verify already relies on; a thread per concurrent
 endpoint is what those rules need, and the work per request is parsing and comparing, not waiting.
@@ -49,6 +52,7 @@ from ..served.credentials import redact_url
 from ..served.session import Run, Session, Settings
 from ..served.verify import INCONCLUSIVE, INTACT, TAMPERED
 from .config import Endpoint, Fleet
+from .records import Recorder
 
 FLEET_PROFILE = "python-requests-session"  # an entry without client_profile: requests.Session(), kept alive
 NOT_AUTHENTIC = "NOT AUTHENTIC"
@@ -249,7 +253,9 @@ def check(
             session = make_session(e, fp, settings, locked(on_run, e), locked(on_warning, e.name), default_profile=FLEET_PROFILE)
             with slots.held(e.url):  # before the draw: waiting for a slot spends no marker and none of the deadline
                 try:
-                    run = session.run_once()
+                    run = session.next_run()  # drawn (committed to the ledger before sending), queried, compared
+                    session.alarm(run)
+                    recorder.add(session, run)  # then recorded, in a batch (records.py)
                 finally:  # inside the slot: its connection is closed before another entry may open one
                     session.target.close() if hasattr(session.target, "close") else None
             return Outcome(e.name, url, run.report.verdict, fp_id, run=run, seconds=time.monotonic() - start)
@@ -268,11 +274,16 @@ def check(
             pass  # kept in the cache: that endpoint's outcome says why
     workers = max(1, min(concurrency or fleet.settings.concurrency, len(fleet.endpoints)))
     outcomes: dict[str, Outcome] = {}
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleet") as pool:
-        for future in as_completed([pool.submit(one, e) for e in fleet.endpoints]):
-            outcome = future.result()
-            outcomes[outcome.endpoint] = outcome
-            if on_outcome is not None:
-                with lock:
-                    on_outcome(outcome)
+    warn = locked(on_warning) or (lambda _name, _text: None)
+    recorder = Recorder(history_path, warn)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleet") as pool:
+            for future in as_completed([pool.submit(one, e) for e in fleet.endpoints]):
+                outcome = future.result()
+                outcomes[outcome.endpoint] = outcome
+                if on_outcome is not None:
+                    with lock:
+                        on_outcome(outcome)
+    finally:
+        recorder.close()  # every run of the pass is in the history (or warned about) before check returns
     return [outcomes[e.name] for e in fleet.endpoints]
