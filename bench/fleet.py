@@ -25,6 +25,7 @@ import json
 import os
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -228,6 +229,8 @@ def plain_httpx(urls: list[str], body: bytes, requests: int, concurrency: int, *
     """
     import httpx
 
+    tls = ssl.create_default_context()  # made once: every client would otherwise load the CA bundle again (plain http needs none)
+
     async def main() -> None:
         sem = asyncio.Semaphore(concurrency)
         limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
@@ -245,7 +248,7 @@ def plain_httpx(urls: list[str], body: bytes, requests: int, concurrency: int, *
                     if shared:
                         await send(common, url)
                     else:
-                        async with httpx.AsyncClient(timeout=30) as own:
+                        async with httpx.AsyncClient(timeout=30, verify=tls) as own:
                             await send(own, url)
 
             await asyncio.gather(*(one(u) for u in urls))
