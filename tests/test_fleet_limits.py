@@ -200,3 +200,30 @@ def test_a_pass_records_every_run_once(world, tmp_path):
     assert sorted(r["draw"] for r in runs) == sorted(o.run.report.draw for o in outcomes if o.run is not None)
     assert len(runs) == 6 and {r["verdict"] for r in runs} == {"INTACT"}
     assert all(len(history.markers(r["id"], path=hist)) == 3 for r in runs)
+
+
+def test_fleet_watch_keeps_to_the_connection_limit_too(world, tmp_path):
+    import time
+
+    from tamperprobe.fleet import config
+    from tamperprobe.fleet.watch import FleetWatch
+
+    upstream = int(world["server"].url.rsplit(":", 1)[1].split("/")[0])
+    relay = CountingRelay(upstream, hold=0.05)
+    counts: dict[str, int] = {}
+    try:
+        path = fleet_file(tmp_path, world, f"http://127.0.0.1:{relay.port}/v2/models/model", 6, limit=2, extra="every = 0.3")
+        fw = FleetWatch(
+            config.load(path), history_path=tmp_path / "h.sqlite", on_run=lambda e, run: counts.update({e.name: counts.get(e.name, 0) + 1})
+        )
+        worker = threading.Thread(target=fw.run, kwargs={"poll": 0.2}, daemon=True)
+        worker.start()
+        deadline = time.monotonic() + 30
+        while (len(counts) < 6 or min(counts.values()) < 2) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        fw.stop()
+        worker.join(30)
+    finally:
+        relay.close()
+    assert len(counts) == 6 and min(counts.values()) >= 2, counts
+    assert relay.most == 2  # six entries due at once, never more than two connections to their server
