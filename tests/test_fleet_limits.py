@@ -227,3 +227,56 @@ def test_fleet_watch_keeps_to_the_connection_limit_too(world, tmp_path):
         relay.close()
     assert len(counts) == 6 and min(counts.values()) >= 2, counts
     assert relay.most == 2  # six entries due at once, never more than two connections to their server
+
+
+def test_claim_many_draws_in_order_in_one_transaction_and_keeps_a_failing_claim_apart(tmp_path):
+    """Each claim of a batch sees what those before it took; one whose choose raises writes nothing; the rest are committed."""
+    from tamperprobe.served import ledger
+
+    hist = tmp_path / "h.sqlite"
+
+    def take(n):
+        def choose(used):
+            free = [i for i in range(10) if i not in used.get("marker", set())]
+            if len(free) < n:
+                raise ValueError("used up")
+            return {"marker": free[:n], "decoy": []}
+
+        return choose
+
+    claims = [ledger.Claim("fp", take(4), draw=f"d{i}") for i in range(3)]
+    got = ledger.claim_many(claims, path=hist)
+    assert got[0] == {"marker": [0, 1, 2, 3], "decoy": []} and got[1] == {"marker": [4, 5, 6, 7], "decoy": []}
+    assert isinstance(got[2], ValueError)  # two left, four asked: refused, and only this claim
+    assert ledger.drawn("fp", hist)["marker"] == set(range(8))
+
+
+def test_claims_of_concurrent_sessions_are_committed_before_they_return_and_never_overlap(tmp_path, monkeypatch):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tamperprobe.fleet.records import Claims
+    from tamperprobe.served import ledger
+
+    hist = tmp_path / "h.sqlite"
+    batches: list[int] = []
+    real = ledger.claim_many
+    # counted by this test's fingerprint: another test's watch may still be finishing a run in the background
+    monkeypatch.setattr(ledger, "claim_many", lambda claims, **k: batches.append(sum(c.fingerprint == "fp" for c in claims)) or real(claims, **k))
+    claims = Claims(hist)
+
+    def one(i):
+        def choose(used):
+            return {"marker": sorted(set(range(64)) - used.get("marker", set()))[:2], "decoy": []}
+
+        got = claims("fp", choose, draw=f"d{i}", path=hist)
+        assert set(got["marker"]) <= ledger.drawn("fp", hist)["marker"]  # committed before it returned
+        return got["marker"]
+
+    try:
+        with ThreadPoolExecutor(16) as pool:
+            picks = list(pool.map(one, range(32)))
+    finally:
+        claims.close()
+    flat = [i for p in picks for i in p]
+    assert sorted(flat) == list(range(64))  # every marker once: no two sessions got the same
+    assert sum(batches) == 32

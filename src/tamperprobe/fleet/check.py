@@ -26,7 +26,8 @@ logic of its own. What the fleet adds:
   be checked, else 0.
 
 Each run is recorded in the history after its alarm, as ``verify`` does, but in batches written by
-one thread (``records.Recorder``): its draw was committed to the ledger before anything was sent.
+one thread (``records.Recorder``); its draw was committed to the ledger before anything was sent,
+in one transaction with the draws of the entries that asked at the same time (``records.Claims``).
 
 The queries run on a thread pool: each endpoint's client is the synchronous ``HTTPTarget`` whose
 deadline, retry and bounded-transport rules verify already relies on; a thread per concurrent
@@ -52,7 +53,7 @@ from ..served.credentials import redact_url
 from ..served.session import Run, Session, Settings
 from ..served.verify import INCONCLUSIVE, INTACT, TAMPERED
 from .config import Endpoint, Fleet
-from .records import Recorder
+from .records import Claims, Recorder
 
 FLEET_PROFILE = "python-requests-session"  # an entry without client_profile: requests.Session(), kept alive
 NOT_AUTHENTIC = "NOT AUTHENTIC"
@@ -165,6 +166,7 @@ def make_session(
     on_warning: Callable[[str], None] | None,
     *,
     default_profile: str | None = None,
+    claim: Callable[..., dict[str, list[int]]] | None = None,
 ) -> Session:
     """The session of endpoint ``e``: its client built from the entry's fields, the fleet's history and hook settings.
 
@@ -191,7 +193,7 @@ def make_session(
         input_spec=fp.input_spec,
         classes=fp.classes,
     )
-    return Session(fp, client, settings, endpoint=e.name, fingerprint_file=e.fingerprint, on_run=on_run, on_warning=on_warning)
+    return Session(fp, client, settings, endpoint=e.name, fingerprint_file=e.fingerprint, on_run=on_run, on_warning=on_warning, claim=claim)
 
 
 def session_settings(e: Endpoint, *, record: bool, history_path: str | Path | None) -> Settings:
@@ -250,7 +252,7 @@ def check(
             if problem:
                 return Outcome(e.name, url, NOT_AUTHENTIC, fp_id, problem=problem, seconds=time.monotonic() - start)
             settings = session_settings(e, record=record, history_path=history_path)
-            session = make_session(e, fp, settings, locked(on_run, e), locked(on_warning, e.name), default_profile=FLEET_PROFILE)
+            session = make_session(e, fp, settings, locked(on_run, e), locked(on_warning, e.name), default_profile=FLEET_PROFILE, claim=claims)
             with slots.held(e.url):  # before the draw: waiting for a slot spends no marker and none of the deadline
                 try:
                     run = session.next_run()  # drawn (committed to the ledger before sending), queried, compared
@@ -275,7 +277,7 @@ def check(
     workers = max(1, min(concurrency or fleet.settings.concurrency, len(fleet.endpoints)))
     outcomes: dict[str, Outcome] = {}
     warn = locked(on_warning) or (lambda _name, _text: None)
-    recorder = Recorder(history_path, warn)
+    recorder, claims = Recorder(history_path, warn), Claims(history_path)
     try:
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleet") as pool:
             for future in as_completed([pool.submit(one, e) for e in fleet.endpoints]):
@@ -285,5 +287,6 @@ def check(
                     with lock:
                         on_outcome(outcome)
     finally:
+        claims.close()
         recorder.close()  # every run of the pass is in the history (or warned about) before check returns
     return [outcomes[e.name] for e in fleet.endpoints]
