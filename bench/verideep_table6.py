@@ -544,7 +544,7 @@ def write_markdown(doc: dict) -> Path:
     lines.append("")
     for attack in attacks:
         lines += [f"## Table VI, side by side: `preset=verideep` against `{attack}`, detection rate (%) by N_S", ""]
-        header = ["N_S", "top-1 (paper)", "top-1, default selection"]
+        header = ["N_S", "top-1 (paper)", "top-1, default selection (by identity; measured directly: verideep-table6-default.md)"]
         header += [f"{PAPER_NAMES[s]} (ours, MANC penultimate)" for s in SPECS] + ["top-1, random", "top-1, MANC on layer3"]
         rows = []
         for ns in range(1, MAX_NS + 1):

@@ -52,23 +52,37 @@ def digits():
     return load_data("digits").split(0.3, seed=0)
 
 
-@pytest.fixture(scope="session")
-def trained_cnn(digits):
+def _trained(kind, digits, tmp_path_factory):
+    """The zoo model ``kind`` fitted to the digits (seeded), trained once per test run: with several xdist workers the
+    first one to get here trains it and saves its weights for the others (a lock file orders them)."""
+    import fcntl
+    import os
+
     from tamperprobe import zoo
     from tamperprobe.train import fit
 
-    train, _ = digits
-    torch.manual_seed(0)
-    m = zoo.build("cnn", (1, 8, 8))
-    return fit(m, train.x, train.y, epochs=8, lr=3e-3, seed=0)
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, shared by its workers (each has a folder of its own inside)
+    path = root / f"trained-{kind}.pt"
+    with open(root / f"trained-{kind}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        m = zoo.build(kind, (1, 8, 8))
+        if path.exists():
+            m.load_state_dict(torch.load(path, weights_only=True))
+            return m.eval()
+        train, _ = digits
+        torch.manual_seed(0)
+        m = fit(m, train.x, train.y, epochs=8, lr=3e-3, seed=0)
+        torch.save(m.state_dict(), path)
+        return m
 
 
 @pytest.fixture(scope="session")
-def trained_mlp(digits):
-    from tamperprobe import zoo
-    from tamperprobe.train import fit
+def trained_cnn(digits, tmp_path_factory):
+    return _trained("cnn", digits, tmp_path_factory)
 
-    train, _ = digits
-    torch.manual_seed(0)
-    m = zoo.build("mlp", (1, 8, 8))
-    return fit(m, train.x, train.y, epochs=8, lr=3e-3, seed=0)
+
+@pytest.fixture(scope="session")
+def trained_mlp(digits, tmp_path_factory):
+    return _trained("mlp", digits, tmp_path_factory)

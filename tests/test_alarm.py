@@ -15,6 +15,7 @@ import os
 import signal
 import sqlite3
 import sys
+import threading
 
 import numpy as np
 import pytest
@@ -162,6 +163,13 @@ def test_a_locked_history_waits_a_bounded_time(tmp_path):
 # --------------------------------------------------------------------------- Ctrl-C and SIGTERM on watch
 
 
+def _signal_main_thread(signum):
+    """``signum`` to the main thread itself: a blocking read there returns EINTR and the handler runs at once.
+    (``os.kill`` lets the kernel pick any thread, often this server thread; the main thread then only sees the signal
+    after its read returns, and a full suite once saw the interrupt land a run later than the test expects.)"""
+    signal.pthread_kill(threading.main_thread().ident, signum)
+
+
 def _interrupting_server(model, signum, at_request):
     """An OIP server answering with ``model`` that sends ``signum`` to this process when the ``at_request``-th
     inference request arrives (so the signal lands while a run is in progress, deterministically)."""
@@ -172,7 +180,7 @@ def _interrupting_server(model, signum, at_request):
         if req.path.endswith("/infer"):
             seen.append(req)
             if len(seen) == at_request:
-                os.kill(os.getpid(), signum)
+                _signal_main_thread(signum)
         answer(req, out)
 
     return Scripted(respond)
@@ -189,6 +197,35 @@ def test_ctrl_c_after_an_intact_run_is_a_clean_stop_exit_0(world, tmp_path):
     assert lines[-1].startswith("stopped: watch interrupted after 1 complete run(s)") and lines[-1].endswith("was INTACT")
     assert [row["verdict"] for row in history.runs(hist)] == ["INTACT"]
     assert "Traceback" not in r.stderr and "error" not in r.stderr
+
+
+def test_an_interrupt_a_finalizer_swallowed_still_stops_the_watch_and_drops_the_run(world, tmp_path):
+    """Python runs a signal handler wherever the main thread is; raised inside a finalizer, the KeyboardInterrupt is lost.
+    Simulated: at run 3's first marker the SIGINT handler runs and its exception is swallowed. The latch still stops
+    the watch when run 3 ends, and run 3 is dropped as an interrupted run is."""
+    seen = []
+    answer = kserve(world["intact"].logits)
+
+    def respond(req, out):
+        if req.path.endswith("/infer"):
+            seen.append(req)
+            if len(seen) == 5:
+                try:
+                    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+                except KeyboardInterrupt:
+                    pass  # what a finalizer does with it
+        answer(req, out)
+
+    hist = tmp_path / "h.sqlite"
+    with Scripted(respond) as srv:
+        args = ["--every", "0s", "--retries", "0", "--history", hist, "--per-run", "2", "--count", "3"]
+        r = run("watch", world["fp"], "--endpoint", srv.url, "--model-name", "m", *args)
+    assert r.exit_code == 0, (r.stdout, r.stderr)
+    lines = r.stdout.strip().splitlines()
+    assert sum("INTACT: all 2 markers match" in line for line in lines) == 2  # runs 1 and 2; run 3 (in progress) dropped
+    assert lines[-1].startswith("stopped: watch interrupted after 2 complete run(s)"), lines
+    assert len(seen) == 6 and [row["verdict"] for row in history.runs(hist)] == ["INTACT", "INTACT"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
 
 
 def test_sigterm_before_any_run_completes_exits_2_nothing_verified(world, tmp_path):

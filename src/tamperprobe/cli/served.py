@@ -35,6 +35,7 @@ from .verifying import _COLOURS, _warn, verify, watch_cmd
 
 
 def serve_cmd(
+    ctx: typer.Context,
     model: Annotated[
         Optional[str],
         typer.Argument(help="Model: .pt (TorchScript), .pt2 (torch.export), .onnx, or package.module:attribute (none with --model-repository)."),
@@ -87,53 +88,44 @@ def serve_cmd(
     config.toml may set output_spec, input_shape and max_batch (the options are the defaults).
     """
     with handled():
-        from ..models import load_model, parse_model_args
-        from ..served.credentials import read_token
-        from ..server.app import serve
-        from ..server.guard import Limits
-        from ._common import err_console
+        _serve(ctx.params)
 
-        if token is not None:
-            fail("--token is not accepted: a token on the command line is visible to every user (ps); use --token-env VAR or --token-file FILE")
-        if (model is None) == (model_repository is None):
-            fail("give a model to serve or --model-repository DIR (one of them)")
-        if model_repository is not None and (fingerprint or weights or model_arg):
-            fail("--model-repository takes no --fingerprint, --weights or --model-arg: each model is DIR/<name>/model.pt|pt2|onnx")
-        if eager and model_repository is None:
-            fail("--eager applies to --model-repository only")
-        fp = None if fingerprint is None else load_fingerprint_from_options(fingerprint, trust_key, allow_unsigned, decrypt_key)
-        limits = Limits(
-            max_connections=max_connections,
-            max_concurrent=max_concurrent,
-            header_timeout=header_timeout,
-            body_timeout=body_timeout,
-            idle_timeout=idle_timeout,
-        )
-        # with a factory's arguments or a device the model is loaded here; the server takes a loaded model as it is
-        dev = use_runtime(threads, device)
-        preload = model is not None and (bool(model_arg) or device is not None)
-        to_serve: Any = load_model(model, weights, model_args=parse_model_args(model_arg), device=dev) if preload else model
-        serve(
-            to_serve,
-            host=host,
-            port=port,
-            name=name,
-            output_spec=output_spec,
-            token=read_token(token_env, token_file),
-            weights=None if preload else weights,
-            input_shape=input_shape,
-            fingerprint=fp,
-            max_batch=max_batch,
-            max_body=max_body,
-            limits=limits,
-            tls_cert=tls_cert,
-            tls_key=tls_key,
-            on_ready=lambda text: console.print(escape(text), highlight=False, soft_wrap=True),
-            on_warning=_warn,
-            model_repository=model_repository,
-            eager=eager,
-            on_event=lambda text: err_console.print(escape(text), highlight=False, soft_wrap=True),
-        )
+
+def _serve(p: dict[str, Any]) -> None:
+    """``serve`` with its checked options: one model, or a model repository."""
+    from ..models import load_model, parse_model_args
+    from ..served.credentials import read_token
+    from ..server.app import serve
+    from ..server.guard import Limits
+    from ._common import err_console
+
+    model, model_repository, fingerprint, weights, model_arg = p["model"], p["model_repository"], p["fingerprint"], p["weights"], p["model_arg"]
+    if p["token"] is not None:
+        fail("--token is not accepted: a token on the command line is visible to every user (ps); use --token-env VAR or --token-file FILE")
+    if (model is None) == (model_repository is None):
+        fail("give a model to serve or --model-repository DIR (one of them)")
+    if model_repository is not None and (fingerprint or weights or model_arg):
+        fail("--model-repository takes no --fingerprint, --weights or --model-arg: each model is DIR/<name>/model.pt|pt2|onnx")
+    if p["eager"] and model_repository is None:
+        fail("--eager applies to --model-repository only")
+    fp = None if fingerprint is None else load_fingerprint_from_options(fingerprint, p["trust_key"], p["allow_unsigned"], p["decrypt_key"])
+    limits = Limits(**{k: p[k] for k in ("max_connections", "max_concurrent", "header_timeout", "body_timeout", "idle_timeout")})
+    # with a factory's arguments or a device the model is loaded here; the server takes a loaded model as it is
+    dev = use_runtime(p["threads"], p["device"])
+    preload = model is not None and (bool(model_arg) or p["device"] is not None)
+    to_serve: Any = load_model(model, weights, model_args=parse_model_args(model_arg), device=dev) if preload else model
+    serve(
+        to_serve,
+        **{k: p[k] for k in ("host", "port", "name", "output_spec", "input_shape", "max_batch", "max_body", "tls_cert", "tls_key", "eager")},
+        token=read_token(p["token_env"], p["token_file"]),
+        weights=None if preload else weights,
+        fingerprint=fp,
+        limits=limits,
+        on_ready=lambda text: console.print(escape(text), highlight=False, soft_wrap=True),
+        on_warning=_warn,
+        model_repository=model_repository,
+        on_event=lambda text: err_console.print(escape(text), highlight=False, soft_wrap=True),
+    )
 
 
 # --------------------------------------------------------------------------- history

@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
@@ -267,24 +267,11 @@ def _show_verify(as_json: bool) -> Callable[[Run], None]:
     return show
 
 
-@contextmanager
-def _sigterm_as_interrupt() -> Iterator[None]:
-    """SIGTERM (a service manager stopping ``watch``) handled like Ctrl-C: a clean stop."""
-    import signal
-    import threading
+def _sigterm_as_interrupt() -> AbstractContextManager[None]:
+    """SIGTERM (a service manager stopping ``watch``) handled like Ctrl-C, and neither lost (``served.watch.interrupts``)."""
+    from ..served.watch import interrupts
 
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-
-    def interrupt(_signum: int, _frame: Any) -> None:
-        raise KeyboardInterrupt
-
-    previous = signal.signal(signal.SIGTERM, interrupt)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
+    return interrupts()
 
 
 _COLOURS = {"INTACT": "green", "TAMPERED": "red"}

@@ -183,8 +183,7 @@ def run_evaluation(
 
 def _run(c: _Campaign) -> None:
     _intact_model(c)
-    _submit_attacks(c)
-    _generate_bags(c)
+    _generate_bags(c)  # submits the bag cells, then the attack cells, then waits for the bags
     _reference_logits(c)
     c.steps.step("intact answers")
     _selections(c)
@@ -291,8 +290,12 @@ def _generate_bags(c: _Campaign) -> None:
     s, model, train = c.settings, c.backend.put(c.model), c.backend.put(c.train)
     args = [(model, train, entry, c.method_params.get(label, {}), s.bag, s.seed, label) for label, entry in c.methods.items()]
     cells = [Cell(f"method:{a[-1]}", f"markers: {a[-1]}", make_bag, a) for a in args]
+    submitted = c.backend.submit(cells)
+    # the attacks after the bags: with fewer workers than cells, a free worker takes a bag first, so the driver's own
+    # work (selections, benign runtimes), which waits for the bags, overlaps with the attacks' training
+    _submit_attacks(c)
     with c.steps.timed("methods"):
-        for label, out in zip(c.methods, c.backend.outcomes(cells, c.backend.submit(cells), c.steps)):
+        for label, out in zip(c.methods, c.backend.outcomes(cells, submitted, c.steps)):
             c.ev.methods.append(_bag_row(c, label, out))
 
 

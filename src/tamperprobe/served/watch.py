@@ -51,9 +51,13 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 from .._util import parse_duration
 from ..errors import EXIT_ERROR, EXIT_INTACT, EXIT_TAMPERED, UsageError
@@ -68,6 +72,41 @@ from .verify import EXIT_CODES, INCONCLUSIVE, INTACT, TAMPERED, Report
 WatchRun = Run  # one run of a watch, as ``on_run`` sees it (the session's run)
 
 HOLD_POLL = 0.2  # seconds between two looks at the clock while a TAMPERED watch holds its state
+
+_latched: list[int] = []  # interrupts received under ``interrupts()`` and not yet acted on
+
+
+@contextmanager
+def interrupts() -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``KeyboardInterrupt`` (a service manager stopping a watch is a clean stop, as Ctrl-C),
+    and are also latched until a watch acts on them.
+
+    Python runs a signal handler wherever the main thread happens to be; when that is inside an object's finalizer
+    (a garbage collection at the wrong moment), the ``KeyboardInterrupt`` is printed as ignored and lost. The
+    watch looks at the latch between runs, so such an interrupt still stops it, one run late at worst, with the
+    run in progress dropped as ever. Outside the main thread this does nothing.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def interrupt(signum: int, _frame: Any) -> None:
+        _latched.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {signum: signal.signal(signum, interrupt) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        _latched.clear()
+
+
+def _raise_latched() -> None:
+    """Raise the interrupt a finalizer swallowed, if any."""
+    if _latched:
+        raise KeyboardInterrupt
 
 
 @dataclass(frozen=True)
@@ -126,8 +165,10 @@ def _hold(result: WatchResult, on_hold: Callable[[WatchResult], None] | None) ->
         on_hold(result)
     try:
         while True:
+            _raise_latched()
             time.sleep(HOLD_POLL)
     except KeyboardInterrupt:
+        _latched.clear()
         return dataclasses.replace(result, reason=f"{result.reason}; held until interrupted", interrupted=True)
 
 
@@ -195,6 +236,9 @@ def watch(
             except (pool.PoolExhausted, history.HistoryError) as exc:
                 reason = f"watch stopped before run {session.number + 1}: {exc}"
                 return WatchResult(EXIT_ERROR, session.number, last, reason, gave_up=True, exhausted=isinstance(exc, pool.PoolExhausted))
+            if _latched:  # an interrupt during this run that a finalizer swallowed: the run is dropped all the same
+                _latched.clear()
+                return _interrupted(session.number - 1, last, last_time)
             report = run.report
             last, last_time = report, run.time
             session.alarm(run)  # 1-2: the alarm, before anything that could fail or stall
@@ -206,4 +250,5 @@ def watch(
             if result is not None:
                 return _hold(result, on_hold) if hold_tampered and result.exit_code == EXIT_TAMPERED else result
     except KeyboardInterrupt:
+        _latched.clear()
         return _interrupted(session.number, last, last_time)
