@@ -13,6 +13,8 @@ processes (one endpoint each, scaled to the fleet); and the ceiling, a plain asy
 same number of requests of the same body to the same endpoints without drawing, comparing or recording.
 
     python bench/fleet.py --endpoints 1000 --passes 10 --out bench/results/fleet
+
+Each pass also records the two servers' CPU seconds and the 1-minute load average at its start and end.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import json
 import os
 import resource
 import socket
+import ssl
 import subprocess
 import sys
 import tempfile
@@ -179,11 +182,14 @@ class SlowRelay:
         self.loop.run_until_complete(main())
 
 
-def fleet_toml(path: Path, fp: Path, names: dict[str, str], ports: list[int], relays: list[int], per_run: int, concurrency: int) -> Path:
+def fleet_toml(
+    path: Path, fp: Path, names: dict[str, str], ports: list[int], relays: list[int], per_run: int, concurrency: int, per_server: int
+) -> Path:
     dead = free_port()
     lines = [
         "[fleet]",
         f"concurrency = {concurrency}",
+        f"per_endpoint_connections = {per_server}",
         "",
         "[defaults]",
         f'fingerprint = "{fp}"',
@@ -206,22 +212,44 @@ def fleet_toml(path: Path, fp: Path, names: dict[str, str], ports: list[int], re
     return path
 
 
-def plain_httpx(urls: list[str], body: bytes, requests: int, concurrency: int) -> float:
-    """The ceiling: ``requests`` POSTs of ``body`` to each URL's infer route, ``concurrency`` endpoints at once; wall seconds."""
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) process ``pid`` has used so far."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def plain_httpx(urls: list[str], body: bytes, requests: int, concurrency: int, *, shared: bool = True) -> float:
+    """The ceiling: ``requests`` POSTs of ``body`` to each URL's infer route, ``concurrency`` endpoints at once; wall seconds.
+
+    Kept-alive connections (as the fleet's default profile keeps them), no drawing, comparing,
+    recording or metadata request. ``shared``: one ``httpx.AsyncClient`` for every endpoint (its pool
+    of ``2 * concurrency`` connections); else a client per endpoint, opened and closed around its
+    requests (less work per request in httpx's pool: the faster of the two here).
+    """
     import httpx
+
+    tls = ssl.create_default_context()  # made once: every client would otherwise load the CA bundle again (plain http needs none)
 
     async def main() -> None:
         sem = asyncio.Semaphore(concurrency)
         limits = httpx.Limits(max_connections=concurrency * 2, max_keepalive_connections=concurrency * 2)
-        async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+        async with httpx.AsyncClient(limits=limits, timeout=30) as common:
+
+            async def send(client: httpx.AsyncClient, url: str) -> None:
+                for _ in range(requests):
+                    try:
+                        await client.post(url + "/infer", content=body, headers={"Content-Type": "application/json"})
+                    except httpx.HTTPError:
+                        pass
 
             async def one(url: str) -> None:
                 async with sem:
-                    for _ in range(requests):
-                        try:
-                            await client.post(url + "/infer", content=body, headers={"Content-Type": "application/json"})
-                        except httpx.HTTPError:
-                            pass
+                    if shared:
+                        await send(common, url)
+                    else:
+                        async with httpx.AsyncClient(timeout=30, verify=tls) as own:
+                            await send(own, url)
 
             await asyncio.gather(*(one(u) for u in urls))
 
@@ -240,28 +268,41 @@ def run(args: argparse.Namespace) -> dict:
     procs, ports = start_servers(repos)
     relays = [SlowRelay(p, args.slow).port for p in ports]
     try:
-        path = fleet_toml(root / "fleet.toml", fp, names, ports, relays, args.per_run, args.concurrency)
+        path = fleet_toml(root / "fleet.toml", fp, names, ports, relays, args.per_run, args.concurrency, args.per_server)
         fleet = config.load(path)
         expected = {"intact": "INTACT", "slow": "INTACT", "tampered": "TAMPERED", "refused": "INCONCLUSIVE", "missing": "INCONCLUSIVE"}
         body = json.dumps({"inputs": [{"name": "input-0", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": np.zeros(64).tolist()}]}).encode()
-        passes, wrong = [], 0
+        passes, wrong, began = [], 0, time.monotonic()
+
+        def servers_cpu() -> float:
+            return sum(proc_cpu(p.pid) for p in procs)
+
         for i in range(args.passes):
-            cpu0, t0 = time.process_time(), time.perf_counter()
+            if i and time.monotonic() - began > args.budget:
+                print(f"time budget of {args.budget:g} s spent: {i} passes", flush=True)
+                break
+            load0, srv0, cpu0, t0 = os.getloadavg()[0], servers_cpu(), time.process_time(), time.perf_counter()
             outcomes = check.check(fleet, history_path=root / "history.sqlite")
             wall = time.perf_counter() - t0
-            cpu = time.process_time() - cpu0
+            cpu, srv = time.process_time() - cpu0, servers_cpu() - srv0
+            row = {
+                "pass": i + 1,
+                "wall_s": round(wall, 2),
+                "client_cpu_s": round(cpu, 2),
+                "servers_cpu_s": round(srv, 2),
+                "rss_mib": round(rss_mib(), 1),
+            }
             bad = [o for o in outcomes if o.verdict != expected[names[o.endpoint]]]
             wrong += len(bad)
             sent = sum(o.run.report.marker_count + o.run.report.decoy_count for o in outcomes if o.run is not None)
-            ceiling = plain_httpx([e.url for e in fleet.endpoints], body, 2 * args.per_run, args.concurrency) if i < args.ceiling_passes else None
-            row = {"pass": i + 1, "wall_s": round(wall, 2), "client_cpu_s": round(cpu, 2), "rss_mib": round(rss_mib(), 1), "requests": sent}
-            row.update(
-                {
-                    "requests_per_s": round(sent / wall, 1),
-                    "wrong_verdicts": len(bad),
-                    "ceiling_wall_s": None if ceiling is None else round(ceiling, 2),
-                }
-            )
+            row.update({"requests": sent, "requests_per_s": round(sent / wall, 1), "wrong_verdicts": len(bad)})
+            row["load_1min"] = [round(load0, 2), round(os.getloadavg()[0], 2)]  # at the start and the end of the pass
+            for shared, key in ((True, "ceiling"), (False, "ceiling_per_endpoint")) if i < args.ceiling_passes else ():
+                srv0, cpu0 = servers_cpu(), time.process_time()
+                urls = [e.url for e in fleet.endpoints]
+                row[f"{key}_wall_s"] = round(plain_httpx(urls, body, 2 * args.per_run, args.concurrency, shared=shared), 2)
+                row[f"{key}_client_cpu_s"] = round(time.process_time() - cpu0, 2)
+                row[f"{key}_servers_cpu_s"] = round(servers_cpu() - srv0, 2)
             passes.append(row)
             print(json.dumps(row), flush=True)
             for o in bad[:5]:
@@ -272,6 +313,8 @@ def run(args: argparse.Namespace) -> dict:
             "servers": args.servers,
             "per_run": args.per_run,
             "concurrency": args.concurrency,
+            "per_endpoint_connections": args.per_server,
+            "client_profile": "python-requests-session (fleet check's default)",
             "kinds": {k: sum(v == k for v in names.values()) for k in expected},
             "passes": passes,
             "wrong_verdicts": wrong,
@@ -311,6 +354,8 @@ def main() -> None:
     ap.add_argument("--ceiling-passes", type=int, default=3)
     ap.add_argument("--per-run", type=int, default=10)
     ap.add_argument("--concurrency", type=int, default=64)
+    ap.add_argument("--per-server", type=int, default=32, help="the fleet file's per_endpoint_connections")
+    ap.add_argument("--budget", type=float, default=1e9, help="seconds: no new pass starts after this")
     ap.add_argument("--slow", type=float, default=0.5)
     ap.add_argument("--sequential", type=int, default=20)
     ap.add_argument("--out", type=Path, default=None)

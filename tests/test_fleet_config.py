@@ -78,6 +78,13 @@ BAD = [
     (('token_env = "EU_TOKEN"', 'token_env = "EU_TOKEN"\ntoken_file = "t"'), "give token_env or token_file, not both"),
     (('spread = "50m"', 'spread = "2h"'), "field 'spread' must not exceed 'deadline'"),
     (("concurrency = 8", "concurrency = -1"), "[fleet]: field 'concurrency'"),
+    (
+        ('expect = "digits:v3"', 'expect = "digits-v3"'),
+        "endpoint 1 (digits-eu): field 'expect' must be a fingerprint id (16 hex digits) or NAME:VERSION",
+    ),
+    (('expect = "digits:v3"', 'expect = ":v3"'), "endpoint 1 (digits-eu): field 'expect' must be a fingerprint id"),
+    (('expect = "digits:v3"', "expect = 3"), "endpoint 1 (digits-eu): field 'expect' must be a non-empty string"),
+    (("concurrency = 8", "concurrency = 8\nper_endpoint_connections = 0"), "[fleet]: field 'per_endpoint_connections' must be a whole number >= 1"),
     (("[fleet]", "[fleets]"), "unknown table 'fleets'"),
     (('fingerprint = "fp/digits-v3.tpf"\n', ""), "endpoint 2 (digits-us): missing field 'fingerprint'"),
     (("[defaults]", '[defaults]\nname = "x"'), "field 'name' cannot come from [defaults]"),
@@ -121,7 +128,7 @@ def test_an_entrys_client_profile_reaches_its_client(tmp_path: Path, monkeypatch
 
     from tamperprobe.data import InputSpec
     from tamperprobe.fingerprint import make_fingerprint
-    from tamperprobe.fleet.check import make_session
+    from tamperprobe.fleet.check import FLEET_PROFILE, make_session
     from tamperprobe.served.session import Settings
 
     monkeypatch.setenv("EU_TOKEN", "t0ken")
@@ -129,6 +136,8 @@ def test_an_entrys_client_profile_reaches_its_client(tmp_path: Path, monkeypatch
     fleet = config.load(write(tmp_path, text))
     x = np.zeros((4, 1, 8, 8), dtype=np.float32)
     fp = make_fingerprint(x, np.eye(4, 3, dtype=np.float32), InputSpec((1, 8, 8)), {"method": "natural"}, "sha256:w")
-    eu, us = (make_session(e, fp, Settings(allow_repeat=True, record=False), None, None) for e in fleet.endpoints)
+    eu, us = (make_session(e, fp, Settings(allow_repeat=True, record=False), None, None, default_profile=FLEET_PROFILE) for e in fleet.endpoints)
     assert us.target.profile.name == "curl"
-    assert eu.target.profile.name == "python-requests"
+    assert eu.target.profile.name == "python-requests-session"  # fleet check's default: requests.Session(), kept alive
+    watched = make_session(fleet.endpoints[0], fp, Settings(allow_repeat=True, record=False), None, None)
+    assert watched.target.profile.name == "python-requests"  # fleet watch's (verify's): a new connection per request

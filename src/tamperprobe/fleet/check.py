@@ -8,13 +8,26 @@ logic of its own. What the fleet adds:
   trust settings), not once per endpoint; an endpoint whose fingerprint does not carry what its
   ``expect`` names is refused (NOT AUTHENTIC, exit 3 for that entry) while the others are verified;
 * **concurrency**: at most ``concurrency`` endpoints are queried at once, each on its own HTTP client
-  (its own connection pool: the per-endpoint connection limit) and bounded by its own ``deadline``,
-  so a slow or dead endpoint never delays the others beyond the slot it holds;
+  and bounded by its own ``deadline``, so a slow or dead endpoint never delays the others beyond the
+  slot it holds;
+* **a connection limit per server** (``per_endpoint_connections``, ``Slots``): at most that many
+  entries served from one address (scheme, host and port) run at once. An entry waits for a slot
+  before it draws anything, so waiting never spends markers nor any of its deadline; a running
+  entry's client sends one request at a time and so holds at most one connection, so the server
+  never sees more than that many connections from the fleet;
+* **kept-alive connections by default**: in a pass, an entry without ``client_profile`` sends its
+  requests as ``requests.Session()`` does (``python-requests-session``: the same bytes as
+  ``requests.post``, on one kept-alive connection, closed at the end of the entry's run), an
+  ordinary client's way of sending several requests in a row;
 * **endpoints that share a fingerprint share its pool**: their draws go through the one ledger, so
   no marker is sent to two endpoints (the operator may see all of them);
 * the outcome per endpoint and the exit code of the worst: 1 if any is TAMPERED, else 3 if any
   fingerprint was not authentic or not the one expected, else 2 if any is INCONCLUSIVE or could not
   be checked, else 0.
+
+Each run is recorded in the history after its alarm, as ``verify`` does, but in batches written by
+one thread (``records.Recorder``); its draw was committed to the ledger before anything was sent,
+in one transaction with the draws of the entries that asked at the same time (``records.Claims``).
 
 The queries run on a thread pool: each endpoint's client is the synchronous ``HTTPTarget`` whose
 deadline, retry and bounded-transport rules verify already relies on; a thread per concurrent
@@ -25,11 +38,13 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from .._util import one_line
 from ..errors import EXIT_ERROR, EXIT_INTACT, EXIT_TAMPERED, EXIT_UNTRUSTED, TamperprobeError
@@ -38,7 +53,9 @@ from ..served.credentials import redact_url
 from ..served.session import Run, Session, Settings
 from ..served.verify import INCONCLUSIVE, INTACT, TAMPERED
 from .config import Endpoint, Fleet
+from .records import Claims, Recorder
 
+FLEET_PROFILE = "python-requests-session"  # an entry without client_profile: requests.Session(), kept alive
 NOT_AUTHENTIC = "NOT AUTHENTIC"
 ERROR = "ERROR"
 EXIT_OF = {INTACT: EXIT_INTACT, TAMPERED: EXIT_TAMPERED, INCONCLUSIVE: EXIT_ERROR, ERROR: EXIT_ERROR, NOT_AUTHENTIC: EXIT_UNTRUSTED}
@@ -105,6 +122,29 @@ class _Fingerprints:
         return got
 
 
+class Slots:
+    """At most ``per_server`` entries of one server address (scheme, host, port) run at once: ``with slots.held(url):``."""
+
+    def __init__(self, per_server: int) -> None:
+        self.per_server = per_server
+        self._lock = threading.Lock()
+        self._by_origin: dict[tuple[str, str, int | None], threading.BoundedSemaphore] = {}
+
+    @staticmethod
+    def origin(url: str) -> tuple[str, str, int | None]:
+        parts = urlsplit(url)
+        port = parts.port if parts.port is not None else (443 if parts.scheme == "https" else 80)
+        return (parts.scheme, (parts.hostname or "").lower(), port)
+
+    @contextmanager
+    def held(self, url: str) -> Iterator[None]:
+        key = self.origin(url)
+        with self._lock:
+            sem = self._by_origin.setdefault(key, threading.BoundedSemaphore(self.per_server))
+        with sem:
+            yield
+
+
 def expect_problem(fp: Fingerprint, expect: str | None) -> str | None:
     """Why ``fp`` is not the fingerprint ``expect`` names (its id or the model ``NAME:VERSION`` it vouches for, the one rule of
     ``fingerprint.check_expected``); None if it is. A malformed ``expect`` is a problem too: the entry is refused, never run."""
@@ -119,9 +159,18 @@ def expect_problem(fp: Fingerprint, expect: str | None) -> str | None:
 
 
 def make_session(
-    e: Endpoint, fp: Fingerprint, settings: Settings, on_run: Callable[[Run], None] | None, on_warning: Callable[[str], None] | None
+    e: Endpoint,
+    fp: Fingerprint,
+    settings: Settings,
+    on_run: Callable[[Run], None] | None,
+    on_warning: Callable[[str], None] | None,
+    *,
+    default_profile: str | None = None,
+    claim: Callable[..., dict[str, list[int]]] | None = None,
 ) -> Session:
-    """The session of endpoint ``e``: its client built from the entry's fields, the fleet's history and hook settings."""
+    """The session of endpoint ``e``: its client built from the entry's fields, the fleet's history and hook settings.
+
+    ``default_profile`` is the client profile of an entry that names none (None: ``verify``'s default)."""
     from ..served.clients import make_client
 
     client = make_client(
@@ -140,11 +189,11 @@ def make_session(
         verify_tls=not e.insecure,
         ca_file=None if e.ca_cert is None else str(e.ca_cert),
         template=None if e.template is None else str(e.template),
-        profile=e.client_profile,
+        profile=e.client_profile or default_profile,
         input_spec=fp.input_spec,
         classes=fp.classes,
     )
-    return Session(fp, client, settings, endpoint=e.name, fingerprint_file=e.fingerprint, on_run=on_run, on_warning=on_warning)
+    return Session(fp, client, settings, endpoint=e.name, fingerprint_file=e.fingerprint, on_run=on_run, on_warning=on_warning, claim=claim)
 
 
 def session_settings(e: Endpoint, *, record: bool, history_path: str | Path | None) -> Settings:
@@ -179,6 +228,7 @@ def check(
     """
     history_path = history_path if history_path is not None else fleet.settings.history
     fingerprints = _Fingerprints()
+    slots = Slots(fleet.settings.per_endpoint_connections)
     lock = threading.Lock()  # callbacks are called one at a time
 
     def locked(fn: Callable[..., None] | None, *head: Any) -> Callable[..., None] | None:
@@ -202,11 +252,14 @@ def check(
             if problem:
                 return Outcome(e.name, url, NOT_AUTHENTIC, fp_id, problem=problem, seconds=time.monotonic() - start)
             settings = session_settings(e, record=record, history_path=history_path)
-            session = make_session(e, fp, settings, locked(on_run, e), locked(on_warning, e.name))
-            try:
-                run = session.run_once()
-            finally:
-                session.target.close() if hasattr(session.target, "close") else None
+            session = make_session(e, fp, settings, locked(on_run, e), locked(on_warning, e.name), default_profile=FLEET_PROFILE, claim=claims)
+            with slots.held(e.url):  # before the draw: waiting for a slot spends no marker and none of the deadline
+                try:
+                    run = session.next_run()  # drawn (committed to the ledger before sending), queried, compared
+                    session.alarm(run)
+                    recorder.add(session, run)  # then recorded, in a batch (records.py)
+                finally:  # inside the slot: its connection is closed before another entry may open one
+                    session.target.close() if hasattr(session.target, "close") else None
             return Outcome(e.name, url, run.report.verdict, fp_id, run=run, seconds=time.monotonic() - start)
         except TamperprobeError as exc:
             verdict = NOT_AUTHENTIC if exc.exit_code == EXIT_UNTRUSTED else ERROR
@@ -223,11 +276,17 @@ def check(
             pass  # kept in the cache: that endpoint's outcome says why
     workers = max(1, min(concurrency or fleet.settings.concurrency, len(fleet.endpoints)))
     outcomes: dict[str, Outcome] = {}
-    with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleet") as pool:
-        for future in as_completed([pool.submit(one, e) for e in fleet.endpoints]):
-            outcome = future.result()
-            outcomes[outcome.endpoint] = outcome
-            if on_outcome is not None:
-                with lock:
-                    on_outcome(outcome)
+    warn = locked(on_warning) or (lambda _name, _text: None)
+    recorder, claims = Recorder(history_path, warn), Claims(history_path)
+    try:
+        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="fleet") as pool:
+            for future in as_completed([pool.submit(one, e) for e in fleet.endpoints]):
+                outcome = future.result()
+                outcomes[outcome.endpoint] = outcome
+                if on_outcome is not None:
+                    with lock:
+                        on_outcome(outcome)
+    finally:
+        claims.close()
+        recorder.close()  # every run of the pass is in the history (or warned about) before check returns
     return [outcomes[e.name] for e in fleet.endpoints]

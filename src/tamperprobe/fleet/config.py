@@ -39,6 +39,7 @@ from .._util import parse_duration
 from ..errors import UsageError
 
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_FP_ID = re.compile(r"[0-9a-f]{16}")  # a fingerprint id, as ``fingerprint.check_expected`` reads one
 
 
 def _positive(name: str, v: Any) -> float:
@@ -139,6 +140,17 @@ def _spec(name: str, v: Any) -> str:
     return text
 
 
+def _expect(name: str, v: Any) -> str:
+    """A fingerprint id (16 hex digits) or ``NAME:VERSION``: the two forms ``fingerprint.check_expected`` compares against."""
+    text = _text(name, v).strip()
+    if _FP_ID.fullmatch(text.lower()):
+        return text
+    model, sep, version = text.partition(":")
+    if not (sep and model and version):
+        raise ValueError(f"must be a fingerprint id (16 hex digits) or NAME:VERSION, got {text[:60]!r}")
+    return text
+
+
 def _protocol(name: str, v: Any) -> str:
     from ..served.clients import protocol_name
 
@@ -189,7 +201,7 @@ class Settings:
     """The fleet process's own settings (the ``[fleet]`` table)."""
 
     concurrency: int = 32
-    per_endpoint_connections: int = 2
+    per_endpoint_connections: int = 4
     history: Path | None = None
     event_log: Path | None = None
 
@@ -216,7 +228,7 @@ ENDPOINT_FIELDS: dict[str, Callable[[str, Any], Any] | str] = {
     "name": _text,
     "url": _url,
     "fingerprint": _PATH,
-    "expect": _text,
+    "expect": _expect,
     "protocol": _protocol,
     "model_name": _text,
     "output_spec": _spec,

@@ -3,8 +3,11 @@
 One process watches the whole fleet: each endpoint is a ``served.session.Session`` run every
 ``every`` seconds, its first run at a random offset within its first interval (so a thousand
 endpoints do not start together) and each later one jittered by up to 5 % of ``every``; at most
-``concurrency`` runs are in flight at once, and a run that takes longer than ``every`` delays that
-endpoint's next run, never another endpoint's.
+``concurrency`` runs are in flight at once, at most ``per_endpoint_connections`` of them to one server
+address (``check.Slots``), and a run that takes longer than ``every`` delays that endpoint's next run,
+never another endpoint's. Each run opens a new connection per request (``verify``'s default profile,
+``python-requests``) unless its entry names a ``client_profile``: a run every hour or so would
+otherwise leave a kept-alive connection idle between runs.
 
 What ``watch`` guarantees per endpoint holds here per endpoint: the alarm first (``on_run`` —
 metrics, event log, printed line — then the hook, then the history), fresh markers from the
@@ -40,7 +43,7 @@ from ..errors import EXIT_ERROR, EXIT_INTACT, EXIT_TAMPERED, TamperprobeError
 from ..served.session import Run, Session
 from ..served.verify import INCONCLUSIVE, INTACT, TAMPERED
 from . import config
-from .check import _Fingerprints, expect_problem, make_session, session_settings
+from .check import Slots, _Fingerprints, expect_problem, make_session, session_settings
 
 JITTER = 0.05  # of ``every``, each way
 
@@ -83,6 +86,7 @@ class FleetWatch:
         self._wake = threading.Event()
         self._jobs: queue.Queue[_Watched | None] = queue.Queue()
         self._file_state = self._stat()
+        self._slots = Slots(fleet.settings.per_endpoint_connections)
         self.watched: dict[str, _Watched] = {}
         self._apply(fleet, first=True)
 
@@ -168,7 +172,8 @@ class FleetWatch:
         assert session is not None
         start = time.monotonic()
         try:
-            run = session.next_run()
+            with self._slots.held(e.url):  # before the draw: waiting for a slot spends no marker
+                run = session.next_run()
         except TamperprobeError as exc:  # the pool cannot supply a run (used up, or the ledger unreadable): this endpoint stops
             with self._lock:
                 w.stopped = one_line(exc, 300)

@@ -30,6 +30,7 @@ database is a ``HistoryError`` the caller reports as a warning.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -49,47 +50,61 @@ def record(report: Report, protocol: str | None = None, path: str | os.PathLike 
     Waits at most ``timeout`` seconds for another writer's lock; any failure (locked, damaged,
     not a database, a folder that cannot be created) is a ``HistoryError``.
     """
-    rows = [
-        (m.kind, int(m.index), m.status, text(m.expected, 4000), text(m.observed, 4000), text(m.failure or m.detail), m.latency)
-        for m in report.markers
-    ]
+    return record_many([(report, protocol)], path, timeout=timeout)[0]
+
+
+def record_many(reports: Sequence[tuple[Report, str | None]], path: str | os.PathLike | None = None, *, timeout: float = WRITE_TIMEOUT) -> list[int]:
+    """Store several ``(report, protocol)`` runs in one transaction (all or none, as ``record`` stores one); their run ids.
+
+    A fleet's pass writes its runs in a few transactions instead of one per endpoint; the draws
+    those runs sent are in the ledger already (``ledger.claim`` commits each before sending).
+    """
     with connect(path, timeout=timeout, what="record the run in the history") as con:
         try:
             con.execute("BEGIN IMMEDIATE")
-            cur = con.execute(
-                "INSERT INTO runs (time, target, protocol, fingerprint, output_spec, verdict, markers, mismatched, failed, seconds, tolerance,"
-                " summary, signer, notes, decoys, pool, repeated, draw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    now(),
-                    clean(redact_urls_in(report.target), 300),
-                    protocol,
-                    report.fingerprint_id,
-                    report.output_spec,
-                    report.verdict,
-                    report.marker_count,
-                    report.mismatched,
-                    report.failed,
-                    float(report.seconds),
-                    float(report.tolerance),
-                    text(report.summary(), 600),
-                    text(report.signer, 64),
-                    "\n".join(clean(n, 300) for n in report.notes) or None,
-                    report.decoy_count,
-                    text(report.pool, 16),
-                    report.repeated,
-                    text(report.draw, 64),
-                ),
-            )
-            assert cur.lastrowid is not None  # set by every INSERT
-            run_id = cur.lastrowid
-            con.executemany(
-                "INSERT INTO markers (run_id, kind, idx, status, expected, observed, detail, latency) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                [(run_id, *r) for r in rows],
-            )
+            ids = [_insert(con, report, protocol) for report, protocol in reports]
             con.execute("COMMIT")
         except BaseException:
             rollback(con)
             raise
+    return ids
+
+
+def _insert(con: Any, report: Report, protocol: str | None) -> int:
+    rows = [
+        (m.kind, int(m.index), m.status, text(m.expected, 4000), text(m.observed, 4000), text(m.failure or m.detail), m.latency)
+        for m in report.markers
+    ]
+    cur = con.execute(
+        "INSERT INTO runs (time, target, protocol, fingerprint, output_spec, verdict, markers, mismatched, failed, seconds, tolerance,"
+        " summary, signer, notes, decoys, pool, repeated, draw) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            now(),
+            clean(redact_urls_in(report.target), 300),
+            protocol,
+            report.fingerprint_id,
+            report.output_spec,
+            report.verdict,
+            report.marker_count,
+            report.mismatched,
+            report.failed,
+            float(report.seconds),
+            float(report.tolerance),
+            text(report.summary(), 600),
+            text(report.signer, 64),
+            "\n".join(clean(n, 300) for n in report.notes) or None,
+            report.decoy_count,
+            text(report.pool, 16),
+            report.repeated,
+            text(report.draw, 64),
+        ),
+    )
+    assert cur.lastrowid is not None  # set by every INSERT
+    run_id = int(cur.lastrowid)
+    con.executemany(
+        "INSERT INTO markers (run_id, kind, idx, status, expected, observed, detail, latency) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        [(run_id, *r) for r in rows],
+    )
     return run_id
 
 
@@ -159,4 +174,15 @@ def markers(run_id: int, path: str | os.PathLike | None = None) -> list[dict]:
         return [dict(r) for r in rows]
 
 
-__all__ = ("READ_TIMEOUT", "SCHEMA_VERSION", "WRITE_TIMEOUT", "HistoryError", "default_path", "markers", "parse_duration", "record", "runs")
+__all__ = (
+    "READ_TIMEOUT",
+    "SCHEMA_VERSION",
+    "WRITE_TIMEOUT",
+    "HistoryError",
+    "default_path",
+    "markers",
+    "parse_duration",
+    "record",
+    "record_many",
+    "runs",
+)

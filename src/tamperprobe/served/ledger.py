@@ -26,6 +26,7 @@ import hashlib
 import os
 import sqlite3
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -64,15 +65,29 @@ def digests_of(queries: Mapping[str, np.ndarray]) -> dict[str, list[str]]:
 
 def _used(con: sqlite3.Connection, fingerprint: str, digests: Digests | None) -> dict[str, set[int]]:
     """Per kind, the indices drawn for ``fingerprint`` or whose content any draw holds."""
+    return _with_content(_rows_of(con, fingerprint), digests, _sent(con) if digests else set())
+
+
+def _rows_of(con: sqlite3.Connection, fingerprint: str) -> dict[str, set[int]]:
+    """Per kind, the indices drawn for ``fingerprint``."""
     used: dict[str, set[int]] = {}
     for kind, idx in con.execute("SELECT kind, idx FROM drawn WHERE fingerprint = ?", (fingerprint,)):
         used.setdefault(str(kind), set()).add(int(idx))
-    if digests:
-        sent = {str(d) for (d,) in con.execute("SELECT digest FROM drawn WHERE digest IS NOT NULL")}
-        for kind, ds in digests.items():
-            hits = {i for i, d in enumerate(ds) if d in sent}
-            if hits:
-                used.setdefault(kind, set()).update(hits)
+    return used
+
+
+def _sent(con: sqlite3.Connection) -> set[str]:
+    """The content digest of every query any draw holds."""
+    return {str(d) for (d,) in con.execute("SELECT digest FROM drawn WHERE digest IS NOT NULL")}
+
+
+def _with_content(rows: dict[str, set[int]], digests: Digests | None, sent: set[str]) -> dict[str, set[int]]:
+    """``rows`` (a copy) and, per kind, the indices whose digest is in ``sent``."""
+    used = {kind: set(ids) for kind, ids in rows.items()}
+    for kind, ds in (digests or {}).items():
+        hits = {i for i, d in enumerate(ds) if d in sent}
+        if hits:
+            used.setdefault(kind, set()).update(hits)
     return used
 
 
@@ -82,6 +97,17 @@ def _backfill(con: sqlite3.Connection, fingerprint: str, digests: Digests) -> No
     fill = [(digests[str(k)][int(i)], fingerprint, str(k), int(i)) for k, i in rows if str(k) in digests and 0 <= int(i) < len(digests[str(k)])]
     if fill:
         con.executemany("UPDATE drawn SET digest = ? WHERE fingerprint = ? AND kind = ? AND idx = ?", fill)
+
+
+@dataclass(frozen=True)
+class Claim:
+    """One draw to record: what ``claim`` takes, for ``claim_many``."""
+
+    fingerprint: str
+    choose: Chooser
+    draw: str
+    digests: Digests | None = None
+    target: str = ""
 
 
 def claim(
@@ -103,34 +129,72 @@ def claim(
     exception from ``choose`` rolls back and propagates; a database failure, or a draw whose rows
     cannot all be read back after the commit, is a ``HistoryError``.
     """
-    where = clean(redact_urls_in(target), 300)
+    got = claim_many([Claim(fingerprint, choose, draw, digests, target)], path=path, timeout=timeout)[0]
+    if isinstance(got, BaseException):
+        raise got
+    return got
+
+
+def claim_many(
+    claims: Sequence[Claim], *, path: str | os.PathLike | None = None, timeout: float = WRITE_TIMEOUT
+) -> list[dict[str, list[int]] | Exception]:
+    """Several draws in one write transaction, in order, each as ``claim`` makes one: each sees what those before it chose.
+
+    Per claim, what its ``choose`` picked, or the exception it raised (that claim writes nothing;
+    the others are kept) or a ``HistoryError`` if its rows cannot all be read back after the
+    commit. Every draw is committed before this returns. A database failure fails them all: it is
+    raised (``HistoryError``) and nothing is written.
+    """
+    results: list[dict[str, list[int]] | Exception] = []
+    wanted: list[set[tuple[str, str, int, str | None]]] = []
     with connect(path, timeout=timeout, what="record the draw in the history") as con:
         try:
             con.execute("BEGIN IMMEDIATE")
-            if digests:
-                _backfill(con, fingerprint, digests)
-            used = _used(con, fingerprint, digests)
-            chosen = choose(used)
-            stamp = now()
-            new = [
-                (fingerprint, kind, int(i), stamp, draw, where, digests[kind][int(i)] if digests and kind in digests else None)
-                for kind, ids in chosen.items()
-                for i in ids
-                if int(i) not in used.get(kind, set())
-            ]
-            con.executemany("INSERT INTO drawn (fingerprint, kind, idx, time, draw, target, digest) VALUES (?, ?, ?, ?, ?, ?, ?)", new)
+            for c in claims:
+                if c.digests:
+                    _backfill(con, c.fingerprint, c.digests)
+            # read once, then kept up to date with each claim's rows: what _used would read again inside this transaction
+            sent = _sent(con) if any(c.digests for c in claims) else set()
+            rows: dict[str, dict[str, set[int]]] = {}
+            for c in claims:
+                if c.fingerprint not in rows:
+                    rows[c.fingerprint] = _rows_of(con, c.fingerprint)
+                used = _with_content(rows[c.fingerprint], c.digests, sent)
+                try:
+                    chosen = c.choose(used)
+                except Exception as exc:  # noqa: BLE001 - that claim's answer; the others go on
+                    results.append(exc)
+                    wanted.append(set())
+                    continue
+                where, stamp = clean(redact_urls_in(c.target), 300), now()
+                new = [
+                    (c.fingerprint, kind, int(i), stamp, c.draw, where, c.digests[kind][int(i)] if c.digests and kind in c.digests else None)
+                    for kind, ids in chosen.items()
+                    for i in ids
+                    if int(i) not in used.get(kind, set())
+                ]
+                con.executemany("INSERT INTO drawn (fingerprint, kind, idx, time, draw, target, digest) VALUES (?, ?, ?, ?, ?, ?, ?)", new)
+                for _, kind, i, _, _, _, d in new:
+                    rows[c.fingerprint].setdefault(kind, set()).add(i)
+                    if d is not None:
+                        sent.add(d)
+                results.append(chosen)
+                wanted.append({(f, k, i, d) for f, k, i, _, _, _, d in new})
             con.execute("COMMIT")
         except BaseException:
             rollback(con)
             raise
-        kept = {(str(f), str(k), int(i), d) for f, k, i, d in con.execute("SELECT fingerprint, kind, idx, digest FROM drawn WHERE draw = ?", (draw,))}
-    wanted = {(f, k, i, d) for f, k, i, _, _, _, d in new}
-    if kept != wanted:
-        raise HistoryError(
-            f"the pool ledger kept {len(kept & wanted)} of the {len(wanted)} queries just drawn: something in the history file removed or "
-            "changed them, so it cannot keep markers from being sent twice"
-        )
-    return chosen
+        for n, c in enumerate(claims):
+            if isinstance(results[n], Exception):
+                continue
+            sql = "SELECT fingerprint, kind, idx, digest FROM drawn WHERE draw = ?"
+            kept = {(str(f), str(k), int(i), d) for f, k, i, d in con.execute(sql, (c.draw,))}
+            if kept != wanted[n]:
+                results[n] = HistoryError(
+                    f"the pool ledger kept {len(kept & wanted[n])} of the {len(wanted[n])} queries just drawn: something in the history file "
+                    "removed or changed them, so it cannot keep markers from being sent twice"
+                )
+    return results
 
 
 def drawn(fingerprint: str, path: str | os.PathLike | None = None, digests: Digests | None = None) -> dict[str, set[int]]:
@@ -162,4 +226,4 @@ def release(draw_id: str, path: str | os.PathLike | None = None, *, timeout: flo
         return int(con.execute("DELETE FROM drawn WHERE draw = ?", (str(draw_id),)).rowcount)
 
 
-__all__: Sequence[str] = ("Chooser", "HistoryError", "claim", "content_digest", "digests_of", "drawn", "pool_usage", "release")
+__all__: Sequence[str] = ("Chooser", "Claim", "HistoryError", "claim", "claim_many", "content_digest", "digests_of", "drawn", "pool_usage", "release")

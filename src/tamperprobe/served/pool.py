@@ -254,6 +254,7 @@ def draw(
     allow_repeat: bool = False,
     target: str = "",
     rng: Any = None,
+    claim: Any = None,
 ) -> Draw:
     """Draw one run's markers and decoys, recorded as used in the history at ``path`` before it returns.
 
@@ -261,7 +262,8 @@ def draw(
     ``allow_repeat``), ``UsageError`` when there is no ledger (``record=False``) and
     ``HistoryError`` when the ledger cannot be read or written (both unless ``allow_repeat``, which
     then draws at random without a record and says so in the draw's notes). ``rng`` (tests only)
-    replaces the CSPRNG; it needs ``sample``.
+    replaces the CSPRNG; it needs ``sample``. ``claim`` replaces ``ledger.claim`` by a function of
+    the same signature and promise (committed before it returns): a fleet's batch of claims.
     """
     rand = rng if rng is not None else secrets.SystemRandom()
     members, _ = _units(fp)
@@ -278,7 +280,7 @@ def draw(
     chosen: dict[str, list[int]] | None = None
     if record:
         try:
-            chosen = ledger.claim(fp.id, choose, draw=draw_id, digests=_digests(fp), target=target, path=path)
+            chosen = (claim or ledger.claim)(fp.id, choose, draw=draw_id, digests=_digests(fp), target=target, path=path)
         except ledger.HistoryError as exc:
             if not allow_repeat:
                 raise ledger.HistoryError(f"cannot draw fresh markers: {exc}; nothing was sent") from None

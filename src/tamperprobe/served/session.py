@@ -94,8 +94,10 @@ class Session:
         fingerprint_file: str | os.PathLike = "",
         on_run: Callable[[Run], None] | None = None,
         on_warning: Callable[[str], None] | None = None,
+        claim: Callable[..., dict[str, list[int]]] | None = None,
     ) -> None:
         self.fp, self.target = fp, target
+        self.claim = claim  # replaces ledger.claim (pool.draw): a fleet records the draws of many sessions in one transaction
         self.settings = s = settings or Settings()
         self.endpoint = endpoint or target.name
         self.fingerprint_file = str(fingerprint_file)
@@ -150,7 +152,9 @@ class Session:
         s = self.settings
         if self.plan is None:
             return None
-        return pool.draw(self.fp, self.plan, path=s.history_path, record=s.record, allow_repeat=s.allow_repeat, target=self.endpoint)
+        return pool.draw(
+            self.fp, self.plan, path=s.history_path, record=s.record, allow_repeat=s.allow_repeat, target=self.endpoint, claim=self.claim
+        )
 
     def _give_back(self, report: Report) -> Report:
         """Return the markers of a run that reached nothing to the pool (``ledger.release``); anything else stays spent."""

@@ -191,6 +191,7 @@ class HTTPTarget:
             )
         # the request's headers are the profile's, set in _send_once; the client adds none of its own (no cookies, no auth)
         self._client = httpx.Client(follow_redirects=False, transport=transport, timeout=httpx.Timeout(self.timeout), trust_env=False)
+        self._transport = transport  # requests go to it directly: no redirects, cookies, auth or proxies to apply on the way
         self._unreachable = False
         self._reached = False  # some attempt of the current query got past connecting (its bytes may have reached the server)
         self._set_name()
@@ -414,7 +415,7 @@ class HTTPTarget:
         request.headers = httpx.Headers(headers)  # exactly these, in this order: nothing httpx would add
         connected = True  # unless the attempt fails while connecting (below): then no request byte was written
         try:
-            with contextlib.closing(self._client.send(request, stream=True)) as resp:
+            with contextlib.closing(self._transport.handle_request(request)) as resp:
                 declared = resp.headers.get("content-length")
                 if declared is not None and declared.isdigit() and int(declared) > cap:
                     raise Failure(f"response larger than {human_size(cap)}")
