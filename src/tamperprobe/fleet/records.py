@@ -19,13 +19,36 @@ from __future__ import annotations
 import os
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TypeVar
 
 from .._util import one_line
 from ..served import history, ledger
 from ..served.session import Run, Session
 
-BATCH = 200  # runs at most in one transaction
+BATCH = 200  # runs (or draws) at most in one transaction
+
+T = TypeVar("T")
+
+
+def _batches(q: queue.Queue[T | None]) -> Iterator[list[T]]:
+    """What has come in on ``q`` since the last batch (at least one item, at most ``BATCH``), until a None arrives."""
+    done = False
+    while not done:
+        first = q.get()
+        batch = [] if first is None else [first]
+        done = first is None
+        while not done and len(batch) < BATCH:
+            try:
+                item = q.get_nowait()
+            except queue.Empty:
+                break
+            if item is None:
+                done = True
+            else:
+                batch.append(item)
+        if batch:
+            yield batch
 
 
 class Recorder:
@@ -51,22 +74,8 @@ class Recorder:
         self._thread.join()
 
     def _work(self) -> None:
-        done = False
-        while not done:
-            first = self._queue.get()
-            batch = [] if first is None else [first]
-            done = first is None
-            while not done and len(batch) < BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    done = True
-                else:
-                    batch.append(item)
-            if batch:
-                self._write(batch)
+        for batch in _batches(self._queue):
+            self._write(batch)
 
     def _write(self, batch: list[tuple[Session, Run]]) -> None:
         try:
@@ -120,22 +129,8 @@ class Claims:
         self._thread.join()
 
     def _work(self) -> None:
-        done = False
-        while not done:
-            first = self._queue.get()
-            batch = [] if first is None else [first]
-            done = first is None
-            while not done and len(batch) < BATCH:
-                try:
-                    item = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if item is None:
-                    done = True
-                else:
-                    batch.append(item)
-            if batch:
-                self._claim(batch)
+        for batch in _batches(self._queue):
+            self._claim(batch)
 
     def _claim(self, batch: list[_Pending]) -> None:
         results: list[dict[str, list[int]] | Exception] | list[BaseException]
