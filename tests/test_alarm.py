@@ -199,17 +199,17 @@ def test_ctrl_c_after_an_intact_run_is_a_clean_stop_exit_0(world, tmp_path):
     assert "Traceback" not in r.stderr and "error" not in r.stderr
 
 
-def test_an_interrupt_a_finalizer_swallowed_still_stops_the_watch_and_drops_the_run(world, tmp_path):
+def test_an_interrupt_a_finalizer_swallowed_still_stops_the_watch_after_that_run(world, tmp_path):
     """Python runs a signal handler wherever the main thread is; raised inside a finalizer, the KeyboardInterrupt is lost.
-    Simulated: at run 3's first marker the SIGINT handler runs and its exception is swallowed. The latch still stops
-    the watch when run 3 ends, and run 3 is dropped as an interrupted run is."""
+    Simulated: at run 2's first marker the SIGINT handler runs and its exception is swallowed. The latch still stops
+    the watch when run 2 ends; run 2 completed, so it is reported and recorded (a TAMPERED one must never be dropped)."""
     seen = []
     answer = kserve(world["intact"].logits)
 
     def respond(req, out):
         if req.path.endswith("/infer"):
             seen.append(req)
-            if len(seen) == 5:
+            if len(seen) == 3:
                 try:
                     signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
                 except KeyboardInterrupt:
@@ -218,14 +218,35 @@ def test_an_interrupt_a_finalizer_swallowed_still_stops_the_watch_and_drops_the_
 
     hist = tmp_path / "h.sqlite"
     with Scripted(respond) as srv:
-        args = ["--every", "0s", "--retries", "0", "--history", hist, "--per-run", "2", "--count", "3"]
+        args = ["--every", "0s", "--retries", "0", "--history", hist, "--per-run", "2", "--count", "5"]
         r = run("watch", world["fp"], "--endpoint", srv.url, "--model-name", "m", *args)
     assert r.exit_code == 0, (r.stdout, r.stderr)
     lines = r.stdout.strip().splitlines()
-    assert sum("INTACT: all 2 markers match" in line for line in lines) == 2  # runs 1 and 2; run 3 (in progress) dropped
+    assert sum("INTACT: all 2 markers match" in line for line in lines) == 2  # runs 1 and 2; no run 3
     assert lines[-1].startswith("stopped: watch interrupted after 2 complete run(s)"), lines
-    assert len(seen) == 6 and [row["verdict"] for row in history.runs(hist)] == ["INTACT", "INTACT"]
+    assert len(seen) == 4 and [row["verdict"] for row in history.runs(hist)] == ["INTACT"] * 2
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are put back
+
+
+def test_a_tampered_run_during_which_an_interrupt_was_swallowed_still_alarms_and_exits_1(world, tmp_path):
+    """The latch never drops a completed verdict: the tampered model's run alarms, is recorded, and the exit is 1."""
+    answer = kserve(world["tampered"].logits)
+
+    def respond(req, out):
+        if req.path.endswith("/infer") and not getattr(respond, "fired", False):
+            respond.fired = True
+            try:
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+            except KeyboardInterrupt:
+                pass  # lost, as in a finalizer
+        answer(req, out)
+
+    hist = tmp_path / "h.sqlite"
+    with Scripted(respond) as srv:
+        args = ["--every", "0s", "--retries", "0", "--history", hist, "--per-run", "2", "--hold-tampered"]
+        r = run("watch", world["fp"], "--endpoint", srv.url, "--model-name", "m", *args)
+    assert r.exit_code == 1, (r.stdout, r.stderr)
+    assert "TAMPERED" in r.stdout and [row["verdict"] for row in history.runs(hist)] == ["TAMPERED"]
 
 
 def test_only_the_first_interrupt_raises_the_others_are_latched():

@@ -21,7 +21,8 @@ Stop rules:
 * an interrupt (Ctrl-C, or SIGTERM where the CLI maps it to one) is a clean stop, not an error:
   the run in progress is dropped (never reported, never INTACT) and the exit code is the last
   *complete* run's: 0 if it was INTACT, 1 if TAMPERED (its alarm was raised already), 2 if it was
-  INCONCLUSIVE or no run had completed (nothing was verified).
+  INCONCLUSIVE or no run had completed (nothing was verified). An interrupt Python delivered late (lost in a
+  finalizer, see ``interrupts``) stops the watch after the run it arrived in, which completed and counts.
 
 With ``hold_tampered``, a TAMPERED watch does not return after its alarm: it stays (``on_hold`` hears
 it once) so that whatever serves its state (the metrics' ``tamperprobe_tampered == 1``) stays visible to
@@ -83,8 +84,9 @@ def interrupts() -> Iterator[None]:
 
     Python runs a signal handler wherever the main thread happens to be; when that is inside an object's finalizer
     (a garbage collection at the wrong moment), the ``KeyboardInterrupt`` is printed as ignored and lost. The
-    watch looks at the latch between runs, so such an interrupt still stops it, one run late at worst, with the
-    run in progress dropped as ever. Only the first signal raises: a second one (``timeout`` sends SIGTERM to the
+    watch looks at the latch after each run, so such an interrupt still stops it once the run it arrived in has
+    completed; that run counts (its alarm, record and verdict stand: a TAMPERED one is never dropped for being
+    interrupted late). Only the first signal raises: a second one (``timeout`` sends SIGTERM to the
     command and then to its process group) is latched and cannot break the clean stop the first one began.
     Outside the main thread this does nothing.
     """
@@ -247,9 +249,6 @@ def watch(
             except (pool.PoolExhausted, history.HistoryError) as exc:
                 reason = f"watch stopped before run {session.number + 1}: {exc}"
                 return WatchResult(EXIT_ERROR, session.number, last, reason, gave_up=True, exhausted=isinstance(exc, pool.PoolExhausted))
-            if _latched:  # an interrupt during this run that a finalizer swallowed: the run is dropped all the same
-                _latched.clear()
-                return _interrupted(session.number - 1, last, last_time)
             report = run.report
             last, last_time = report, run.time
             session.alarm(run)  # 1-2: the alarm, before anything that could fail or stall
@@ -260,6 +259,7 @@ def watch(
                 session.warn(f"run {run.number} not recorded in the history: {problem}")
             if result is not None:
                 return _hold(result, on_hold) if hold_tampered and result.exit_code == EXIT_TAMPERED else result
+            _raise_latched()  # an interrupt a finalizer swallowed during this run, which completed: it counts, then the stop
     except KeyboardInterrupt:
         _latched.clear()
         return _interrupted(session.number, last, last_time)
