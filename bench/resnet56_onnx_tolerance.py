@@ -19,30 +19,13 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import importlib.util
 import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-
-
-def _resnet56():
-    from tamperprobe.data import Dataset
-
-    folder = SHARED / "models" / "cifar10_resnet56"
-    spec = importlib.util.spec_from_file_location("cifar10_resnet56_def", folder / "model_def.py")
-    assert spec is not None and spec.loader is not None
-    definition = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(spec.name, definition)
-    spec.loader.exec_module(definition)
-    with np.load(SHARED / "data" / "cifar10" / "test1017_uint8.npz") as f:
-        x, y = f["x"][:200].astype(np.float32) / np.float32(255.0), f["y"][:200].astype(np.int64)
-    return definition.load(str(folder / "resnet56_cifar10.pt")), Dataset(x, y, "cifar10[200]", 0.0, 1.0)
+import _cifar
 
 
 def main() -> int:
@@ -53,6 +36,7 @@ def main() -> int:
     import torch
 
     from tamperprobe.attacks import get_attack
+    from tamperprobe.data import Dataset
     from tamperprobe.models import TorchModel, save_model
     from tamperprobe.owner import calibrate as cal
     from tamperprobe.owner.generate import create_fingerprint
@@ -60,7 +44,12 @@ def main() -> int:
     from tamperprobe.served.verify import INTACT, TAMPERED, verify
 
     torch.set_num_threads(1)
-    module, data = _resnet56()
+    missing = _cifar.available()
+    if missing:
+        print(f"CIFAR-10 model or data not found: {missing}", file=sys.stderr)
+        return 2
+    module, full = _cifar.load_resnet56(), _cifar.load_cifar10()
+    data = Dataset(full.x[:200], full.y[:200], "cifar10[200]", 0.0, 1.0)
     start = time.perf_counter()
     fp = create_fingerprint(TorchModel(module), data, method="boundary", select="random", size=10, bag=10, decoys=10, seed=0)
     made = time.perf_counter() - start
