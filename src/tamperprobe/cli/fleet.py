@@ -108,15 +108,15 @@ def watch_cmd(
         from ..errors import UsageError
         from ..fleet import config
         from ..fleet.watch import FleetWatch
-        from ..served.watch import interrupted
-        from .verifying import _run_reporter, _sigterm_as_interrupt
+        from ..served.watch import interrupted, interrupts
+        from .verifying import _run_reporter
 
         fleet = config.load(fleet_file)
         if concurrency is not None and concurrency < 1:
             raise UsageError("--concurrency must be at least 1")
         reporter = _run_reporter("fleet", metrics_port, metrics_host, event_log or fleet.settings.event_log, as_json)
         warn = lambda name, text: err_console.print(f"[yellow]warning:[/] {_shown(name, 128)}: {_shown(text)}", highlight=False, soft_wrap=True)  # noqa: E731
-        with _sigterm_as_interrupt(), reporter:
+        with interrupts(), reporter:
             fw = FleetWatch(
                 fleet,
                 record=not no_history,

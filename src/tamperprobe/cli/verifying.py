@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, List, Optional
 
@@ -267,13 +266,6 @@ def _show_verify(as_json: bool) -> Callable[[Run], None]:
     return show
 
 
-def _sigterm_as_interrupt() -> AbstractContextManager[None]:
-    """SIGTERM (a service manager stopping ``watch``) handled like Ctrl-C, and neither lost (``served.watch.interrupts``)."""
-    from ..served.watch import interrupts
-
-    return interrupts()
-
-
 _COLOURS = {"INTACT": "green", "TAMPERED": "red"}
 
 
@@ -499,13 +491,13 @@ def watch_cmd(
     """
     with handled():
         from ..served.clients import protocol_name
-        from ..served.watch import watch
+        from ..served.watch import interrupts, watch
 
         fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key, expect)
         target = _endpoint_target(fp, ctx.params)
         on_run = _run_reporter(endpoint or target.name, metrics_port, metrics_host, event_log, as_json)
         on_pool = lambda state: err_console.print(_shown(state.describe()), highlight=False, soft_wrap=True)  # noqa: E731
-        with _sigterm_as_interrupt(), on_run:
+        with interrupts(), on_run:  # SIGTERM (a service manager stopping it) is a clean stop, as Ctrl-C
             result = watch(
                 fp, target, **_watch_options(ctx.params, protocol_name(protocol)), on_run=on_run, on_warning=_warn, on_pool=on_pool, on_hold=_holding
             )
