@@ -1,7 +1,7 @@
 """Wall time of the whole test suite as CI runs it (``python -m pytest``), repeated: min and median, with the load.
 
 Each round runs the suite in a fresh process from the repository root with the pyproject's options
-(``-n logical``: one xdist worker per logical CPU, at most 4); ``--serial`` rounds add ``-p no:xdist``
+(``-n logical``: one xdist worker per logical CPU, at most 4); ``--serial`` rounds add ``-n 0``
 and alternate with the parallel ones, so both see the same machine. The load average before and
 after each round is recorded: the 2 cores here are shared.
 
@@ -37,10 +37,10 @@ def _round(extra: list[str]) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--serial", action="store_true", help="also time one-process rounds (-p no:xdist), interleaved")
+    ap.add_argument("--serial", action="store_true", help="also time one-process rounds (-n 0), interleaved")
     ap.add_argument("--out", type=Path, default=ROOT / "bench/results/suite-time.md")
     args = ap.parse_args()
-    kinds = {"parallel (-n logical)": []} | ({"serial (-p no:xdist)": ["-p", "no:xdist"]} if args.serial else {})
+    kinds = {"parallel (-n logical)": []} | ({"serial (-n 0)": ["-n", "0"]} if args.serial else {})
     rows: dict[str, list[dict]] = {k: [] for k in kinds}
     for i in range(args.rounds):
         for kind, extra in kinds.items():
