@@ -8,7 +8,10 @@ A child reaped later (a server of a module fixture, Ray's workers) is counted ag
 ends, so per-module totals are right and per-test figures for children are not always.
 
     CPUPROBE_DIR=/tmp/probe PYTHONPATH=bench python -m pytest -p cpuprobe tests/... (-n 0 for one process)
-    python bench/cpuprobe.py /tmp/probe [--top 40]
+    python bench/cpuprobe.py /tmp/probe [--top 40] [--module-times tests/module-times.json]
+
+``--module-times`` writes each module's wall seconds, which ``tests/conftest.py`` reads to hand the longest modules
+to the xdist workers first.
 
 Each process (xdist worker or the controller) writes ``rows-<worker>.json`` into ``$CPUPROBE_DIR`` at its end.
 """
@@ -55,7 +58,8 @@ def pytest_sessionfinish(session):  # type: ignore[no-untyped-def]
     (folder / f"rows-{worker}.json").write_text(json.dumps(record), encoding="utf-8")
 
 
-def report(folder: Path, top: int) -> str:
+def _rows(folder: Path) -> tuple[list[dict], float]:
+    """Every test's record, and the workers' CPU outside any test."""
     rows: list[dict] = []
     outside = 0.0
     for path in sorted(folder.glob("rows-*.json")):
@@ -64,6 +68,19 @@ def report(folder: Path, top: int) -> str:
         if record["rows"]:  # a worker: its CPU outside any test (imports, collection, session teardown)
             outside += record["process_cpu"] - sum(r["self"] for r in record["rows"])
             outside += record["children_cpu"] - sum(r["kids"] for r in record["rows"])
+    return rows, outside
+
+
+def module_times(folder: Path) -> dict[str, float]:
+    """Wall seconds per test module (file name), longest first."""
+    per: dict[str, float] = collections.Counter()
+    for r in _rows(folder)[0]:
+        per[Path(r["id"].split("::")[0]).name] += r["wall"]
+    return {name: round(t, 1) for name, t in sorted(per.items(), key=lambda kv: -kv[1])}
+
+
+def report(folder: Path, top: int) -> str:
+    rows, outside = _rows(folder)
     per: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
     for r in rows:
         p = per[r["id"].split("::")[0]]
@@ -90,8 +107,11 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("folder", type=Path)
     ap.add_argument("--top", type=int, default=40)
+    ap.add_argument("--module-times", type=Path, help="write each module's wall seconds to this JSON file")
     args = ap.parse_args()
     print(report(args.folder, args.top))
+    if args.module_times:
+        args.module_times.write_text(json.dumps(module_times(args.folder), indent=0) + "\n", encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -86,3 +88,31 @@ def trained_cnn(digits, tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_mlp(digits, tmp_path_factory):
     return _trained("mlp", digits, tmp_path_factory)
+
+
+# --- how the suite is spread over xdist workers ---------------------------------------------------------------------
+
+MODULE_TIMES = Path(__file__).with_name("module-times.json")
+
+
+def pytest_xdist_auto_num_workers(config):
+    """Workers for ``-n logical``: three halves of the logical CPUs (3 on 2 cores), at most the pyproject's
+    ``--maxprocesses``. Many tests spend their time waiting on servers, timeouts and child processes; an extra worker
+    uses a core while another waits (``bench/cpuprobe.py`` measures both)."""
+    import os
+
+    return max(1, (3 * (os.cpu_count() or 1) + 1) // 2)
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest modules first (their wall seconds in ``tests/module-times.json``, written by ``bench/cpuprobe.py
+    --module-times``), so that none of them starts last and keeps one worker busy alone at the end. Unknown modules
+    keep their place after the known ones; the order of tests within a module is never changed. Stale times only make
+    the spread less even."""
+    import json
+
+    try:
+        times = json.loads(MODULE_TIMES.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    items.sort(key=lambda item: -float(times.get(item.path.name, 0.0)))
