@@ -58,7 +58,7 @@ def pytest_sessionfinish(session):  # type: ignore[no-untyped-def]
     (folder / f"rows-{worker}.json").write_text(json.dumps(record), encoding="utf-8")
 
 
-def _rows(folder: Path) -> tuple[list[dict], float]:
+def _load_rows(folder: Path) -> tuple[list[dict], float]:
     """Every test's record, and the workers' CPU outside any test."""
     rows: list[dict] = []
     outside = 0.0
@@ -74,13 +74,13 @@ def _rows(folder: Path) -> tuple[list[dict], float]:
 def module_times(folder: Path) -> dict[str, float]:
     """Wall seconds per test module (file name), longest first."""
     per: dict[str, float] = collections.Counter()
-    for r in _rows(folder)[0]:
+    for r in _load_rows(folder)[0]:
         per[Path(r["id"].split("::")[0]).name] += r["wall"]
     return {name: round(t, 1) for name, t in sorted(per.items(), key=lambda kv: -kv[1])}
 
 
 def report(folder: Path, top: int) -> str:
-    rows, outside = _rows(folder)
+    rows, outside = _load_rows(folder)
     per: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0, 0.0, 0.0])
     for r in rows:
         p = per[r["id"].split("::")[0]]

@@ -57,10 +57,10 @@ def _dripping(where: str):
 @pytest.mark.parametrize("where", ["headers", "body"])
 def test_a_dripping_server_cannot_stretch_a_run_past_the_deadline(fp_path, where):
     with _dripping(where) as srv:
-        r = CliRunner().invoke(app, ["verify", str(fp_path), "--endpoint", srv.url, "--protocol", "tfserving", "--deadline", "2s", "--timeout", "60"])
+        r = CliRunner().invoke(app, ["verify", str(fp_path), "--endpoint", srv.url, "--protocol", "tfserving", "--deadline", "1s", "--timeout", "60"])
     assert r.exit_code == 2, (r.stdout, r.stderr)
     assert r.stdout.strip().splitlines()[-1].startswith("INCONCLUSIVE: 3 of 3 markers got no usable answer")
-    assert "deadline of 2 s reached" in r.stdout
+    assert "deadline of 1 s reached" in r.stdout
 
 
 def test_the_timeout_bounds_a_whole_attempt_not_each_read():
