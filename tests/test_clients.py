@@ -592,3 +592,62 @@ def test_local_target_takes_a_module_and_answers_a_query_result(model, x):
     assert len(result.answers) == len(x) and result.latencies == (None,) * len(x)
     _check(result.answers, _rows(model, x), "top1")
     assert verify(_fp(model, x, "logits"), direct).verdict == INTACT
+
+
+# --- the client's and the watch's settings objects -------------------------------------------------------------------
+
+
+def test_a_client_keeps_its_settings_as_checked_settings_objects():
+    from tamperprobe._params import Settings
+    from tamperprobe.served.clients._setup import Connection, Pacing, RetryPolicy
+
+    c = make_client("kserve", "http://127.0.0.1:9/v2/models/m", timeout="2.5", retries=2.0, deadline=float("inf"), spread=3, shuffle="false")
+    assert c.retry_policy == RetryPolicy(timeout=2.5, retries=2, backoff=0.2, max_retry_after=10.0, deadline=None)
+    assert c.pacing == Pacing(batch_size=1, delay=0.0, spread=3.0, shuffle=False)
+    assert c.connection == Connection()
+    assert all(isinstance(s, Settings) for s in (c.retry_policy, c.pacing, c.connection))
+    assert (c.timeout, c.retries, c.deadline, c.spread, c.shuffle) == (2.5, 2, None, 3.0, False)  # what the client runs on
+    assert c.retry_policy.to_json() == {"timeout": 2.5, "retries": 2, "backoff": 0.2, "max_retry_after": 10.0, "deadline": None}
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"timeout": 0}, "--timeout must be > 0, got 0.0"),
+        ({"deadline": -1.0}, "--deadline must be > 0, got -1.0"),
+        ({"retries": -1}, "--retries must be >= 0, got -1"),
+        ({"retries": 1.5}, "--retries must be a whole number, got 1.5"),
+        ({"backoff": -0.1}, "backoff must be >= 0, got -0.1"),
+        ({"max_retry_after": float("nan")}, "max_retry_after must be a finite number, got nan"),
+        ({"batch_size": 0}, "--batch-size must be >= 1, got 0"),
+        ({"delay": -1}, "--delay must be >= 0, got -1.0"),
+        ({"spread": float("inf")}, "--spread must be a finite number, got inf"),
+        ({"max_response_bytes": 0}, "the response size cap must be >= 1 byte, got 0"),
+        ({"ca_file": "ca.pem", "verify_tls": False}, "give --ca-cert or --insecure, not both"),
+    ],
+)
+def test_a_client_setting_out_of_range_is_one_usage_error(kwargs, message):
+    with pytest.raises(UsageError) as info:
+        make_client("kserve", "http://127.0.0.1:9/v2/models/m", **kwargs)
+    assert str(info.value) == message
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"every": "-1s"}, None),  # parse_duration's own message
+        ({"count": -1}, "--count must be >= 0, got -1"),
+        ({"max_inconclusive": 2.5}, "--max-inconclusive must be a whole number, got 2.5"),
+    ],
+)
+def test_a_watch_schedule_out_of_range_is_one_usage_error_before_any_run(kwargs, message, tmp_path):
+    from tamperprobe.served.watch import Schedule, watch
+
+    assert Schedule(every="90", count="3") == Schedule(90.0, 3, 0)  # coerced as command-line text is
+    x = np.zeros((2, 1, 8, 8), np.float32)
+    fp = make_fingerprint(x, np.zeros((2, 10), np.float32), InputSpec((1, 8, 8)), {"method": "natural"}, "test", output_spec="logits")
+    target = LocalTarget(TorchModel(zoo.build("mlp", (1, 8, 8))))
+    with pytest.raises(UsageError) as info:
+        watch(fp, target, history_path=tmp_path / "h.sqlite", **kwargs)
+    assert message is None or str(info.value) == message
+    assert not (tmp_path / "h.sqlite").exists()  # nothing ran, nothing was recorded

@@ -58,10 +58,11 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
+from .. import _params
 from .._util import parse_duration
-from ..errors import EXIT_ERROR, EXIT_INTACT, EXIT_TAMPERED, UsageError
+from ..errors import EXIT_ERROR, EXIT_INTACT, EXIT_TAMPERED
 from ..fingerprint import Fingerprint
 from ..outputs import OutputSpec
 from . import history, pool
@@ -120,6 +121,23 @@ def _raise_latched() -> None:
     """Raise the interrupt a finalizer swallowed, if any."""
     if _latched:
         raise KeyboardInterrupt
+
+
+@dataclass(frozen=True)
+class Schedule(_params.Settings):
+    """When a watch runs and when it stops: a run every ``every`` seconds, at most ``count`` runs (0: no limit),
+    and a stop after ``max_inconclusive`` INCONCLUSIVE runs in a row (0: never). Checked when built."""
+
+    every: float = 600.0
+    count: int = 0
+    max_inconclusive: int = 0
+
+    constraints: ClassVar[dict[str, Any]] = {
+        "every": _params.Interval(0, None),
+        "count": _params.Interval(0, None, integer=True),
+        "max_inconclusive": _params.Interval(0, None, integer=True),
+    }
+    labels: ClassVar[dict[str, str]] = {"every": "--every", "count": "--count", "max_inconclusive": "--max-inconclusive"}
 
 
 @dataclass(frozen=True)
@@ -219,9 +237,8 @@ def watch(
     about notes, a failing hook, each INCONCLUSIVE run and a history that could not be written;
     ``on_hold`` that a TAMPERED watch holds (``hold_tampered``).
     """
-    interval = parse_duration(every)
-    if count < 0 or max_inconclusive < 0:
-        raise UsageError("--count and --max-inconclusive must be >= 0")
+    schedule = Schedule(parse_duration(every), count, max_inconclusive)
+    interval, count, max_inconclusive = schedule.every, schedule.count, schedule.max_inconclusive
     settings = Settings(output_spec, tolerance, allow_weaker_spec, per_run, decoys, allow_repeat, None, record, history_path, protocol, hook)
 
     def reported(run: Run) -> None:

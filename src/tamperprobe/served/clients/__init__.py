@@ -41,16 +41,12 @@ PROTOCOLS: Registry[HTTPTarget] = Registry(
 
 def protocol_name(protocol: str) -> str:
     """The registered protocol name for ``protocol`` or one of its aliases (triton, mlserver, v1, ...)."""
-    key = str(protocol).strip().lower()
-    for name, cls in PROTOCOLS.items():
-        if key == name or key in cls.aliases:
-            return name
-    raise UsageError(f"unknown protocol {protocol!r}: choose one of {', '.join(PROTOCOLS)}")
+    return PROTOCOLS.canonical(str(protocol).strip())
 
 
 def protocol_help() -> str:
     """One line describing every registered protocol (the ``--protocol`` help)."""
-    return "; ".join(f"{name}: {cls.summary}" if cls.summary else name for name, cls in PROTOCOLS.items())
+    return PROTOCOLS.help()
 
 
 def make_client(protocol: str, url: str, *, template: Any = None, **options: Any) -> HTTPTarget:

@@ -1,19 +1,26 @@
-"""What an endpoint client is built from: its URL, its extra headers and credentials, its limits.
+"""What an endpoint client is built from: its URL, its extra headers and credentials, its settings.
 
 ``HTTPTarget.__init__`` calls these; each raises ``UsageError`` with a one-line message for a bad
-option and never echoes a value that may be a secret.
+option and never echoes a value that may be a secret. The settings objects (``RetryPolicy``,
+``Pacing``, ``Connection``) are ``_params.Settings``: checked by the plug-ins' constraint machinery.
 """
 
 from __future__ import annotations
 
-import math
+import os
 import re
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
 from urllib.parse import unquote, urlsplit, urlunsplit
 
+from ..._params import Interval, Settings
 from ...errors import UsageError
 from ..credentials import basic_credentials, is_credential_header, redact_url, url_secrets
 from ..untrusted import clean
+
+DEFAULT_MAX_RESPONSE = 1 << 20  # bytes of one answer
+DEFAULT_DEADLINE = 300.0  # seconds for one verification run
 
 _TOKEN_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _FRAMING = frozenset({"host", "content-length", "transfer-encoding", "inference-header-content-length"})
@@ -66,31 +73,57 @@ def parse_headers(headers: Mapping[str, str] | Iterable[str] | None) -> dict[str
     return out
 
 
-def check_limits(
-    timeout: float,
-    deadline: float | None,
-    retries: int,
-    batch_size: int,
-    delay: float,
-    backoff: float,
-    max_retry_after: float,
-    spread: float,
-    max_response_bytes: int,
-) -> None:
-    """UsageError for a client option out of range."""
-    for name, value in (("--timeout", timeout), ("--deadline", math.inf if deadline is None else deadline)):
-        if not value > 0:
-            raise UsageError(f"{name} must be > 0 seconds")
-    if retries < 0:
-        raise UsageError("--retries must be >= 0")
-    if batch_size < 1:
-        raise UsageError("--batch-size must be >= 1")
-    if not (delay >= 0 and backoff >= 0 and max_retry_after >= 0):
-        raise UsageError("--delay, backoff and max_retry_after must be >= 0")
-    if not (0 <= spread < math.inf and delay < math.inf):
-        raise UsageError("--spread and --delay must be finite numbers of seconds >= 0")
-    if max_response_bytes < 1:
-        raise UsageError("the response size cap must be >= 1 byte")
+@dataclass(frozen=True)
+class RetryPolicy(Settings):
+    """How long a client waits and how often it tries again: ``timeout`` per attempt, ``retries`` after the first,
+    ``backoff`` before the first retry (doubled each time), a server's ``Retry-After`` honoured up to
+    ``max_retry_after``, and the whole run bounded by ``deadline`` (None: no bound). Checked when built."""
+
+    timeout: float = 10.0
+    retries: int = 3
+    backoff: float = 0.2
+    max_retry_after: float = 10.0
+    deadline: float | None = DEFAULT_DEADLINE
+
+    constraints: ClassVar[dict[str, Any]] = {
+        "timeout": Interval(0, None, closed="neither"),
+        "retries": Interval(0, None, integer=True),
+        "backoff": Interval(0, None),
+        "max_retry_after": Interval(0, None),
+        "deadline": Interval(0, None, closed="neither"),
+    }
+    labels: ClassVar[dict[str, str]] = {"timeout": "--timeout", "retries": "--retries", "deadline": "--deadline"}
+
+
+@dataclass(frozen=True)
+class Pacing(Settings):
+    """How a run's queries go out: ``batch_size`` inputs per request, ``delay`` seconds between requests, their
+    times scattered at random over ``spread`` seconds, in a shuffled order unless ``shuffle`` is off."""
+
+    batch_size: int = 1
+    delay: float = 0.0
+    spread: float = 0.0
+    shuffle: bool = True
+
+    constraints: ClassVar[dict[str, Any]] = {"batch_size": Interval(1, None, integer=True), "delay": Interval(0, None), "spread": Interval(0, None)}
+    labels: ClassVar[dict[str, str]] = {"batch_size": "--batch-size", "delay": "--delay", "spread": "--spread"}
+
+
+@dataclass(frozen=True)
+class Connection(Settings):
+    """How a client talks to its server: TLS checked (``verify_tls``, against ``ca_file`` or the system's CAs) and
+    answers cut at ``max_response_bytes``."""
+
+    verify_tls: bool = True
+    ca_file: str | os.PathLike | None = None
+    max_response_bytes: int = DEFAULT_MAX_RESPONSE
+
+    constraints: ClassVar[dict[str, Any]] = {"max_response_bytes": Interval(1, None, integer=True, text=">= 1 byte")}
+    labels: ClassVar[dict[str, str]] = {"max_response_bytes": "the response size cap", "ca_file": "--ca-cert"}
+
+    def _check_together(self) -> None:
+        if self.ca_file is not None and not self.verify_tls:
+            raise UsageError("give --ca-cert or --insecure, not both")
 
 
 def client_credentials(

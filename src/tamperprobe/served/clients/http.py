@@ -40,12 +40,9 @@ from ...outputs import Answer, OutputSpec
 from ..credentials import Masker, read_token, redact_url
 from ..targets import QueryFailure, QueryResult
 from ..untrusted import clean
-from ._setup import check_limits, check_url, client_credentials, parse_headers, split_url
+from ._setup import DEFAULT_DEADLINE, DEFAULT_MAX_RESPONSE, Connection, Pacing, RetryPolicy, check_url, client_credentials, parse_headers, split_url
 from .answers import Failure, check_answer
 from .profiles import Profile, load_profile
-
-DEFAULT_MAX_RESPONSE = 1 << 20
-DEFAULT_DEADLINE = 300.0  # seconds for one verification run
 
 __all__ = ["DEFAULT_DEADLINE", "DEFAULT_MAX_RESPONSE", "HTTPResponse", "HTTPTarget", "check_url", "nested", "parse_headers", "redact_url"]
 
@@ -160,19 +157,16 @@ class HTTPTarget:
             base = base.rstrip("/")
         self.url = check_url(base)
         self.model_name = model_name or self.default_model_name
-        check_limits(timeout, deadline, retries, batch_size, delay, backoff, max_retry_after, spread, max_response_bytes)
-        self.timeout = float(timeout)
-        self.deadline = None if deadline is None or math.isinf(deadline) else float(deadline)
-        self.retries = int(retries)
-        self.backoff = float(backoff)
-        self.batch_size = int(batch_size) if self.max_batch is None else min(int(batch_size), self.max_batch)
-        self.delay = float(delay)
-        self.spread = float(spread)
-        self.shuffle = shuffle
+        no_deadline = deadline is None or (isinstance(deadline, float | int) and math.isinf(deadline))
+        self.retry_policy = RetryPolicy(timeout, retries, backoff, max_retry_after, None if no_deadline else deadline)
+        self.pacing = Pacing(batch_size, delay, spread, shuffle)
+        self.connection = Connection(verify_tls, ca_file, max_response_bytes)
+        self.timeout, self.retries, self.backoff = self.retry_policy.timeout, self.retry_policy.retries, self.retry_policy.backoff
+        self.max_retry_after, self.deadline = self.retry_policy.max_retry_after, self.retry_policy.deadline
+        self.batch_size = self.pacing.batch_size if self.max_batch is None else min(self.pacing.batch_size, self.max_batch)
+        self.delay, self.spread, self.shuffle = self.pacing.delay, self.pacing.spread, self.pacing.shuffle
         self.seed = seed
-        self.verify_tls = verify_tls
-        self.max_response_bytes = int(max_response_bytes)
-        self.max_retry_after = float(max_retry_after)
+        self.verify_tls, self.max_response_bytes = verify_tls, self.connection.max_response_bytes
         self.input_spec = input_spec  # the fingerprint's: markers are sent as they are stored (8-bit ones as integers)
         self.classes = classes
         self.profile = load_profile(profile)
@@ -183,8 +177,6 @@ class HTTPTarget:
         self._clock = Clock()
         # Redirects are never followed, so a plain-http endpoint never needs TLS: skip loading the CA bundle.
         https = urlsplit(self.url).scheme == "https"
-        if ca_file is not None and not verify_tls:
-            raise UsageError("give --ca-cert or --insecure, not both")
         if transport is None:
             transport = BoundedTransport(
                 self._clock, tls_context(verify_tls, ca_file, self.profile.tls) if https else None, keep_alive=self.profile.keep_alive
