@@ -17,14 +17,15 @@ So the child (``python -m tamperprobe._sandbox``, started by ``SandboxedModel``)
 needs, then, before it reads the model file: moves the answer channel off stdout (TorchScript's
 ``print`` writes there), starts a session of its own (no controlling terminal), sets resource
 limits (file size 0, no core files, a CPU-time and an address-space bound, few descriptors), sets
-``no_new_privs`` and installs a seccomp filter that refuses, besides writable opens: every
+``no_new_privs`` and installs a seccomp filter, built by libseccomp (its Python binding, or ``pyseccomp``
+over the system's ``libseccomp.so``), that refuses, besides writable opens: every
 namespace, mount, module, reboot, key, BPF, ptrace and io_uring call; creating sockets (no
 network); ``execve``; renaming, linking, deleting, truncating and re-owning files by path;
 raising resource limits; signals to any process but itself, or reading and writing another's
 memory; System V and POSIX IPC objects (which outlive the process); setting the clock, I/O ports;
-and terminal injection (TIOCSTI).
-The filter is x86-64 only: elsewhere ``available()`` says why not and the caller refuses to run
-the file. The parent sends batches as raw float32 over a pipe and reads raw float32 logits back,
+and terminal injection (TIOCSTI). A system call through another ABI (i386, x32) kills the child.
+The filter is written for x86-64 and needs libseccomp: elsewhere ``available()`` says why not and
+the caller refuses to run the file. The parent sends batches as raw float32 over a pipe and reads raw float32 logits back,
 checks their shape, and kills the child when an answer takes longer than its timeout.
 
 What it does not stop: reading any file the user can read (the program can only return what it
@@ -60,31 +61,35 @@ CPU_SECONDS = 3600
 ADDRESS_SPACE = 32 << 30
 MAX_OPEN_FILES = 64
 
-_WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_APPEND
-_AUDIT_ARCH_X86_64 = 0xC000003E
+_WRITE_FLAGS = (os.O_WRONLY, os.O_RDWR, os.O_CREAT, os.O_TRUNC, os.O_APPEND)
 _TIOCSTI, _TIOCLINUX = 0x5412, 0x541C
-# x86-64 system call numbers the filter refuses outright (EPERM)
-_DENIED = {
-    "creat": 85, "truncate": 76, "rename": 82, "renameat": 264, "renameat2": 316, "mkdir": 83, "mkdirat": 258, "rmdir": 84,
-    "link": 86, "linkat": 265, "unlink": 87, "unlinkat": 263, "symlink": 88, "symlinkat": 266, "chmod": 90, "fchmod": 91,
-    "fchmodat": 268, "fchmodat2": 452, "chown": 92, "fchown": 93, "lchown": 94, "fchownat": 260, "utime": 132, "utimes": 235,
-    "utimensat": 280, "futimesat": 261, "mknod": 133, "mknodat": 259, "setxattr": 188, "lsetxattr": 189, "fsetxattr": 190,
-    "removexattr": 197, "lremovexattr": 198, "fremovexattr": 199, "mount": 165, "umount2": 166, "pivot_root": 155, "chroot": 161,
-    "swapon": 167, "swapoff": 168, "reboot": 169, "sethostname": 170, "setdomainname": 171, "init_module": 175,
-    "delete_module": 176, "finit_module": 313, "kexec_load": 246, "kexec_file_load": 320, "bpf": 321, "perf_event_open": 298,
-    "userfaultfd": 323, "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "socket": 41, "socketpair": 53,
-    "io_uring_setup": 425, "io_uring_enter": 426, "io_uring_register": 427, "setns": 308, "unshare": 272, "keyctl": 250,
-    "add_key": 248, "request_key": 249, "fanotify_init": 300, "open_tree": 428, "move_mount": 429, "fsopen": 430, "fsconfig": 431,
-    "fsmount": 432, "fspick": 433, "mount_setattr": 442, "execve": 59, "execveat": 322, "acct": 163, "quotactl": 179,
-    "setrlimit": 160, "prlimit64": 302, "open_by_handle_at": 304, "name_to_handle_at": 303, "pidfd_getfd": 438,
-    "pidfd_send_signal": 424, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297, "copy_file_range": 326,
-    "shmget": 29, "shmat": 30, "shmctl": 31, "semget": 64, "semop": 65, "semctl": 66, "semtimedop": 220, "msgget": 68,
-    "msgsnd": 69, "msgrcv": 70, "msgctl": 71, "mq_open": 240, "mq_unlink": 241, "mq_timedsend": 242, "mq_notify": 244,
-    "process_madvise": 440, "process_mrelease": 448, "move_pages": 279, "migrate_pages": 256, "vhangup": 153, "syslog": 103,
-    "settimeofday": 164, "clock_settime": 227, "adjtimex": 159, "clock_adjtime": 305, "iopl": 172, "ioperm": 173,
-    "quotactl_fd": 443, "uselib": 134,
-}  # fmt: skip
-_OPEN, _OPENAT, _OPENAT2, _CLONE3, _IOCTL, _KILL, _TKILL, _TGKILL = 2, 257, 437, 435, 16, 62, 200, 234
+# system calls the filter refuses outright (EPERM)
+_DENIED = (
+    "creat truncate rename renameat renameat2 mkdir mkdirat rmdir link linkat unlink unlinkat symlink symlinkat chmod fchmod "
+    "fchmodat fchmodat2 chown fchown lchown fchownat utime utimes utimensat futimesat mknod mknodat setxattr lsetxattr fsetxattr "
+    "removexattr lremovexattr fremovexattr mount umount2 pivot_root chroot swapon swapoff reboot sethostname setdomainname "
+    "init_module delete_module finit_module kexec_load kexec_file_load bpf perf_event_open userfaultfd ptrace process_vm_readv "
+    "process_vm_writev socket socketpair io_uring_setup io_uring_enter io_uring_register setns unshare keyctl add_key "
+    "request_key fanotify_init open_tree move_mount fsopen fsconfig fsmount fspick mount_setattr execve execveat acct quotactl "
+    "setrlimit prlimit64 open_by_handle_at name_to_handle_at pidfd_getfd pidfd_send_signal rt_sigqueueinfo rt_tgsigqueueinfo "
+    "copy_file_range shmget shmat shmctl semget semop semctl semtimedop msgget msgsnd msgrcv msgctl mq_open mq_unlink "
+    "mq_timedsend mq_notify process_madvise process_mrelease move_pages migrate_pages vhangup syslog settimeofday clock_settime "
+    "adjtimex clock_adjtime iopl ioperm quotactl_fd uselib tkill"
+).split()
+# system calls whose arguments sit in a struct a seccomp filter cannot read: ENOSYS makes the C library use the plain call
+_NOT_IMPLEMENTED = ("openat2", "clone3")
+
+
+def _seccomp() -> Any:
+    """libseccomp's Python interface (the official ``seccomp`` binding, else ``pyseccomp``); ImportError without libseccomp."""
+    try:
+        import seccomp
+    except ImportError:
+        try:
+            import pyseccomp as seccomp
+        except (ImportError, RuntimeError, OSError) as exc:  # pyseccomp raises RuntimeError when libseccomp is missing
+            raise ImportError(one_line(str(exc)) or type(exc).__name__) from None
+    return seccomp
 
 
 def available() -> str | None:
@@ -93,43 +98,42 @@ def available() -> str | None:
         return f"the sandbox needs Linux (seccomp); this is {sys.platform}"
     if platform.machine() not in ("x86_64", "AMD64"):
         return f"the sandbox's seccomp filter is written for x86-64; this is {platform.machine()}"
+    try:
+        _seccomp()
+    except ImportError as exc:
+        return f"the sandbox needs libseccomp, which could not be loaded ({exc}): install it (Debian and Ubuntu: libseccomp2)"
     return None
 
 
-def _filter(pid: int) -> bytes:
-    """The seccomp BPF program (see the module doc), as bytes of ``struct sock_filter``."""
-    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
-    allow, kill = 0x7FFF0000, 0x80000000
-
-    def error(code: int) -> int:
-        return 0x00050000 | code
-
-    def arg(i: int) -> int:
-        return 16 + 8 * i  # low 32 bits of seccomp_data.args[i] (little endian)
-
-    prog = [(ld, 0, 0, 4), (jeq, 1, 0, _AUDIT_ARCH_X86_64), (ret, 0, 0, kill), (ld, 0, 0, 0)]
-    prog += [(jge, 0, 1, 0x40000000), (ret, 0, 0, error(errno.EPERM))]  # the x32 ABI
-    for nr in sorted(_DENIED.values()):
-        prog += [(jeq, 0, 1, nr), (ret, 0, 0, error(errno.EPERM))]
-    for nr in (_OPENAT2, _CLONE3):  # arguments in a struct seccomp cannot read: make libc use the plain call
-        prog += [(jeq, 0, 1, nr), (ret, 0, 0, error(errno.ENOSYS))]
-    for nr, i in ((_OPEN, 1), (_OPENAT, 2)):
-        prog += [(jeq, 0, 4, nr), (ld, 0, 0, arg(i)), (jset, 0, 1, _WRITE_FLAGS), (ret, 0, 0, error(errno.EPERM)), (ret, 0, 0, allow)]
-    for req in (_TIOCSTI, _TIOCLINUX):
-        prog += [(jeq, 0, 4, _IOCTL), (ld, 0, 0, arg(1)), (jeq, 0, 1, req), (ret, 0, 0, error(errno.EPERM)), (ld, 0, 0, 0)]
-    for nr in (_KILL, _TKILL, _TGKILL):  # signals only to itself (tkill: one of its own threads, checked by the kernel's thread group)
-        if nr == _TKILL:
-            prog += [(jeq, 0, 1, nr), (ret, 0, 0, error(errno.EPERM))]
-            continue
-        prog += [(jeq, 0, 4, nr), (ld, 0, 0, arg(0)), (jeq, 1, 0, pid), (ret, 0, 0, error(errno.EPERM)), (ret, 0, 0, allow)]
-    prog.append((ret, 0, 0, allow))
-    return b"".join(struct.pack("<HBBI", *ins) for ins in prog)
+def _filter(pid: int) -> Any:
+    """The seccomp filter of the module doc, built with libseccomp (not loaded): anything not named here is allowed;
+    another architecture or ABI (i386, x32) kills the process."""
+    sc = _seccomp()
+    f = sc.SyscallFilter(defaction=sc.ALLOW)
+    f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
+    refuse, absent = sc.ERRNO(errno.EPERM), sc.ERRNO(errno.ENOSYS)
+    unknown = [name for name in (*_DENIED, *_NOT_IMPLEMENTED) if sc.resolve_syscall(sc.Arch.NATIVE, name) < 0]
+    if unknown:  # a call this libseccomp cannot name would stay allowed: refuse to run at all
+        raise OSError(errno.ENOSYS, f"this libseccomp does not know the system calls {', '.join(unknown)}: update it")
+    for name in _DENIED:
+        f.add_rule(refuse, name)
+    for name in _NOT_IMPLEMENTED:
+        f.add_rule(absent, name)
+    for name, flags_arg in (("open", 1), ("openat", 2)):  # any write, create, truncate or append flag (rules are OR-ed)
+        for flag in _WRITE_FLAGS:
+            f.add_rule(refuse, name, sc.Arg(flags_arg, sc.MASKED_EQ, flag, flag))
+    for request in (_TIOCSTI, _TIOCLINUX):  # the kernel reads the request as 32 bits: compare those only
+        f.add_rule(refuse, "ioctl", sc.Arg(1, sc.MASKED_EQ, 0xFFFFFFFF, request))
+    for name in ("kill", "tgkill"):  # signals only to itself: any other 64-bit value of the pid argument is refused
+        f.add_rule(refuse, name, sc.Arg(0, sc.NE, pid))
+    return f
 
 
 def _lock_down() -> None:
     """Resource limits, no_new_privs and the seccomp filter, in this process (the child), for good."""
     import resource
 
+    seccomp_filter = _filter(os.getpid())  # built before the limits: libseccomp may open files while building it
     signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past RLIMIT_FSIZE fails with EFBIG instead of killing
     for limit, value in (
         (resource.RLIMIT_FSIZE, 0),
@@ -140,17 +144,9 @@ def _lock_down() -> None:
     ):
         resource.setrlimit(limit, (value, value))
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS
+    if libc.prctl(38, 1, 0, 0, 0) != 0:  # PR_SET_NO_NEW_PRIVS (libseccomp sets it too; here it does not depend on that)
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_NO_NEW_PRIVS) failed")
-    prog = _filter(os.getpid())
-    buf = ctypes.create_string_buffer(prog, len(prog))
-
-    class _Prog(ctypes.Structure):
-        _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
-
-    fprog = _Prog(len(prog) // 8, ctypes.addressof(buf))
-    if libc.prctl(22, 2, ctypes.byref(fprog), 0, 0) != 0:  # PR_SET_SECCOMP, SECCOMP_MODE_FILTER
-        raise OSError(ctypes.get_errno(), "installing the seccomp filter failed")
+    seccomp_filter.load()
 
 
 # --------------------------------------------------------------------------- the wire: raw frames over pipes
