@@ -1,0 +1,145 @@
+"""The CLI in a forked copy of the test process: a process boundary without a fresh ``import torch``.
+
+A real ``python -m tamperprobe`` costs about two CPU-seconds before it does anything (the interpreter
+imports torch); a ``fork`` of the test process, which has imported everything already, costs almost
+nothing. The forked child still is a process of its own: it gets fresh file descriptors 0, 1 and 2
+(stdin from /dev/null, stdout and stderr into files the parent reads), its own ``sys.stdout`` /
+``sys.stderr`` built as the interpreter builds them (``PYTHONIOENCODING`` honoured), the environment
+the caller gives, its own signal handlers and its own exit code (``sys.exit`` inside the CLI becomes
+the process's status), and a hang is ended by a kill after ``timeout`` instead of hanging the suite.
+
+What it does not give is a *fresh* interpreter: whatever the test process imported or changed is in
+the child too. Tests about what a fresh interpreter imports, or about the installed executable, run
+a real subprocess (``tests/test_startup.py``, ``tests/test_cli_core.py``'s executable test,
+``tests/test_cli_app.py``).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from typing import Any
+
+
+def _cli_main(*args: str) -> Any:
+    """The installed entry point (``tamperprobe.cli.app.main``) with ``args`` as its command line."""
+    sys.argv = ["tamperprobe", *args]
+    from tamperprobe.cli.app import main
+
+    main()
+
+
+def _child(fn: Callable[..., Any], args: tuple[Any, ...], env: Mapping[str, str] | None, out: int, err: int) -> int:
+    """Runs in the forked child: rewire fds 0-2 and the std streams as an interpreter would, then ``fn(*args)``."""
+    code: Any = 1
+    try:
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        for fd in (null, out, err):
+            os.close(fd)
+        if env is not None:
+            os.environ.clear()
+            os.environ.update(env)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        encoding, _, errors = (os.environ.get("PYTHONIOENCODING") or "utf-8").partition(":")
+        sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding=encoding)
+        sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding=encoding, errors=errors or "strict")
+        sys.stderr = sys.__stderr__ = io.TextIOWrapper(
+            io.FileIO(2, "w", closefd=False), encoding=encoding, errors=errors or "backslashreplace", line_buffering=True
+        )
+        try:
+            code = fn(*args)
+        except SystemExit as exc:
+            code = exc.code
+    except BaseException:  # noqa: BLE001 - an uncaught exception: the interpreter's traceback and status 1
+        import traceback
+
+        traceback.print_exc()
+        code = 1
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except Exception:  # noqa: BLE001 - a stream that cannot flush (ascii) loses its tail, as in a real interpreter
+            pass
+    if code is None:
+        return 0
+    if isinstance(code, int):
+        return code & 0xFF
+    print(code, file=sys.stderr)
+    sys.stderr.flush()
+    return 1
+
+
+def run_forked(
+    fn: Callable[..., Any], *args: Any, timeout: float = 120, env: Mapping[str, str] | None = None, extra_env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``fn(*args)`` in a forked child; its stdout and stderr as text and its exit status as ``returncode``.
+
+    The status is what ``fn`` returns or passes to ``sys.exit`` (None: 0), 1 after an uncaught exception
+    (its traceback on stderr), or minus a signal's number. ``env`` replaces the environment, ``extra_env``
+    adds to it. A child still running after ``timeout`` seconds is killed and ``subprocess.TimeoutExpired``
+    raised, as ``subprocess.run`` does.
+    """
+    name = [getattr(fn, "__name__", "fn"), *map(str, args)]
+    if extra_env is not None:
+        env = {**(os.environ if env is None else env), **extra_env}
+    pipes = [os.pipe(), os.pipe()]  # pipes, as subprocess uses: a child under RLIMIT_FSIZE=0 can still write to them
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:  # pragma: no cover - the child
+        status = 1
+        try:
+            for r, _ in pipes:
+                os.close(r)
+            status = _child(fn, args, env, pipes[0][1], pipes[1][1])
+        finally:
+            os._exit(status)
+    for _, w in pipes:
+        os.close(w)
+    chunks: dict[int, list[bytes]] = {r: [] for r, _ in pipes}
+    deadline = time.monotonic() + timeout
+    try:
+        open_fds = list(chunks)
+        while open_fds:
+            left = deadline - time.monotonic()
+            ready = select.select(open_fds, [], [], max(left, 0))[0] if left > 0 else []
+            if not ready:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise subprocess.TimeoutExpired(name, timeout)
+            for fd in ready:
+                data = os.read(fd, 1 << 16)
+                if data:
+                    chunks[fd].append(data)
+                else:
+                    open_fds.remove(fd)
+    finally:
+        for fd in chunks:
+            os.close(fd)
+    status = os.waitpid(pid, 0)[1]  # both pipes closed: the child has ended (or closed them and ends now)
+    out, err = (b"".join(chunks[r]).decode("utf-8", "replace") for r, _ in pipes)
+    return subprocess.CompletedProcess(name, os.waitstatus_to_exitcode(status), out, err)
+
+
+def run_cli(
+    *args: Any, timeout: float = 120, env: Mapping[str, str] | None = None, extra_env: Mapping[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``tamperprobe ARGS`` in a forked child (see the module doc), as ``subprocess.run(..., capture_output=True, text=True)`` answers."""
+    result = run_forked(_cli_main, *map(str, args), timeout=timeout, env=env, extra_env=extra_env)
+    result.args = ["tamperprobe", *map(str, args)]
+    return result
+
+
+def cli_argv(*args: Any) -> list[str]:
+    """The real command line for ``args``, for the tests that keep a real subprocess."""
+    return [sys.executable, "-m", "tamperprobe", *map(str, args)]
