@@ -26,13 +26,13 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
+from tamperprobe.cli.app import main as _tamperprobe_main  # imported once here, not again in every child
+
 
 def _cli_main(*args: str) -> Any:
     """The installed entry point (``tamperprobe.cli.app.main``) with ``args`` as its command line."""
     sys.argv = ["tamperprobe", *args]
-    from tamperprobe.cli.app import main
-
-    main()
+    _tamperprobe_main()
 
 
 def _child(fn: Callable[..., Any], args: tuple[Any, ...], env: Mapping[str, str] | None, out: int, err: int) -> int:

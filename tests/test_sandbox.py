@@ -20,6 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from _procs import run_forked
 from tamperprobe import zoo
 from tamperprobe._sandbox import SandboxedModel, available
 from tamperprobe.cli.app import app
@@ -27,8 +28,6 @@ from tamperprobe.data import InputSpec
 from tamperprobe.errors import ModelLoadError, UsageError
 from tamperprobe.fingerprint import make_fingerprint, save
 from tamperprobe.models import load_model, save_model
-
-from _procs import run_forked
 
 needs_sandbox = pytest.mark.skipif(available() is not None, reason=str(available()))
 
