@@ -17,6 +17,7 @@ a real subprocess (``tests/test_startup.py``, ``tests/test_cli_core.py``'s execu
 from __future__ import annotations
 
 import io
+import json
 import os
 import select
 import signal
@@ -143,3 +144,50 @@ def run_cli(
 def cli_argv(*args: Any) -> list[str]:
     """The real command line for ``args``, for the tests that keep a real subprocess."""
     return [sys.executable, "-m", "tamperprobe", *map(str, args)]
+
+
+_FORK_EACH = """
+import io, json, os, sys, traceback
+exec(sys.argv[1], {"__name__": "__prelude__"})
+results = []
+for body in json.loads(sys.argv[2]):
+    r, w = os.pipe()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        os.close(r)
+        os.dup2(w, 1)
+        os.close(w)
+        sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding="utf-8")
+        code = 0
+        try:
+            exec(body, {"__name__": "__child__"})
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as f:
+        out = f.read().decode("utf-8", "replace")
+    results.append({"code": os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), "stdout": out})
+print("\\0RESULTS" + json.dumps(results))
+"""
+
+
+def fresh_then_fork(prelude: str, bodies: list[str], *, timeout: float = 300) -> tuple[list[dict[str, Any]], str]:
+    """One fresh interpreter runs ``prelude``, then forks a child per body (each starting from the prelude's state).
+
+    For the tests of what a fresh ``tamperprobe`` imports: the prelude imports what the command line holds before
+    it parses its arguments, and each child then holds exactly what its body added, without paying ``import torch``
+    once per body. Returns each body's exit code and stdout (``{"code", "stdout"}``), and the interpreter's stderr
+    (where the children's stderr goes too).
+    """
+    proc = subprocess.run([sys.executable, "-c", _FORK_EACH, prelude, json.dumps(bodies)], capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0 or "\0RESULTS" not in proc.stdout:
+        raise AssertionError(f"the probe interpreter failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.rsplit("\0RESULTS", 1)[1]), proc.stderr
