@@ -30,7 +30,7 @@ from typing import Any
 from tamperprobe.cli.app import main as _tamperprobe_main  # imported once here, not again in every child
 
 
-def _cli_main(*args: str) -> Any:
+def cli_main(*args: str) -> Any:
     """The installed entry point (``tamperprobe.cli.app.main``) with ``args`` as its command line."""
     sys.argv = ["tamperprobe", *args]
     _tamperprobe_main()
@@ -136,7 +136,7 @@ def run_cli(
     *args: Any, timeout: float = 120, env: Mapping[str, str] | None = None, extra_env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     """``tamperprobe ARGS`` in a forked child (see the module doc), as ``subprocess.run(..., capture_output=True, text=True)`` answers."""
-    result = run_forked(_cli_main, *map(str, args), timeout=timeout, env=env, extra_env=extra_env)
+    result = run_forked(cli_main, *map(str, args), timeout=timeout, env=env, extra_env=extra_env)
     result.args = ["tamperprobe", *map(str, args)]
     return result
 
