@@ -191,3 +191,55 @@ def fresh_then_fork(prelude: str, bodies: list[str], *, timeout: float = 300) ->
     if proc.returncode != 0 or "\0RESULTS" not in proc.stdout:
         raise AssertionError(f"the probe interpreter failed ({proc.returncode}): {proc.stderr[-3000:]}")
     return json.loads(proc.stdout.rsplit("\0RESULTS", 1)[1]), proc.stderr
+
+
+class Forked:
+    """A forked child running ``fn(*args)`` in the background, its stdout and stderr into ``log`` (a Popen-like handle).
+
+    For a server a test starts and stops: ``poll``, ``terminate`` (SIGTERM), ``kill`` and ``wait(timeout)`` behave as
+    ``subprocess.Popen``'s do; the child's own exit status is what ``fn`` returns (see ``run_forked``).
+    """
+
+    def __init__(self, fn: Callable[..., Any], *args: Any, log: str | os.PathLike, env: Mapping[str, str] | None = None) -> None:
+        self.args = [getattr(fn, "__name__", "fn"), *map(str, args)]
+        self.returncode: int | None = None
+        out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover - the child
+            status = 1
+            try:
+                status = _child(fn, args, env, out, os.dup(out))
+            finally:
+                os._exit(status)
+        os.close(out)
+        self.pid = pid
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            done, status = os.waitpid(self.pid, os.WNOHANG)
+            if done:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            pidfd = os.pidfd_open(self.pid)
+            try:
+                if not select.select([pidfd], [], [], timeout)[0]:
+                    raise subprocess.TimeoutExpired(self.args, timeout or 0)
+            finally:
+                os.close(pidfd)
+            self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, sig)
+
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
