@@ -1,17 +1,28 @@
-"""The CLI in a forked copy of the test process: a process boundary without a fresh ``import torch``.
+"""Processes for the tests, without a fresh ``import torch`` each: forked copies of the test process.
 
-A real ``python -m tamperprobe`` costs about two CPU-seconds before it does anything (the interpreter
-imports torch); a ``fork`` of the test process, which has imported everything already, costs almost
-nothing. The forked child still is a process of its own: it gets fresh file descriptors 0, 1 and 2
-(stdin from /dev/null, stdout and stderr into files the parent reads), its own ``sys.stdout`` /
-``sys.stderr`` built as the interpreter builds them (``PYTHONIOENCODING`` honoured), the environment
-the caller gives, its own signal handlers and its own exit code (``sys.exit`` inside the CLI becomes
-the process's status), and a hang is ended by a kill after ``timeout`` instead of hanging the suite.
+A real ``python -m tamperprobe`` first imports torch, which costs more CPU than most commands under test;
+a ``fork`` of the test process, which has imported everything already, costs almost nothing. The forked
+child still is a process of its own: it gets fresh file descriptors 0, 1 and 2 (stdin from /dev/null,
+stdout and stderr into pipes the parent reads, or into a log file), its own ``sys.stdout`` /
+``sys.stderr`` built as the interpreter builds them (``PYTHONIOENCODING`` honoured), the environment the
+caller gives, its own signal handlers and its own exit status (``sys.exit`` inside the CLI becomes the
+process's status), and a hang is ended by a kill after ``timeout`` instead of hanging the suite.
 
-What it does not give is a *fresh* interpreter: whatever the test process imported or changed is in
-the child too. Tests about what a fresh interpreter imports, or about the installed executable, run
-a real subprocess (``tests/test_startup.py``, ``tests/test_cli_core.py``'s executable test,
-``tests/test_cli_app.py``).
+* ``run_cli`` / ``run_forked``: the CLI (or any function) to completion, answered as ``subprocess.run``
+  answers; ``Forked``: one in the background (a server), a ``Popen``-like handle.
+* ``fresh_then_fork``: for the tests of what a fresh interpreter imports, one fresh interpreter runs a
+  prelude (importing what ``tamperprobe`` holds before it parses its arguments) and forks a child per case.
+
+The child runs torch on one thread unless its command sets more, and no command run in a child forked
+from the test process may: GNU OpenMP, which torch uses, hangs in a child that uses several threads when
+the process it was forked from had used several (``evaluate`` measures a two-thread runtime, so the
+test of ``evaluate`` without matplotlib keeps a fresh interpreter). ``fresh_then_fork`` forks from an
+interpreter that has run no model, so its children may use any number.
+
+What a forked child does not give is a *fresh* interpreter: whatever the test process imported or
+changed is in the child too. Tests about what a fresh interpreter imports use ``fresh_then_fork``; the
+installed executable itself still runs as a real subprocess in ``tests/test_cli_core.py``,
+``tests/test_cli_app.py``, ``tests/test_session.py`` (encoding, SIGTERM) and ``tests/test_remote_e2e.py`` (serve).
 """
 
 from __future__ import annotations
@@ -49,6 +60,8 @@ def _child(fn: Callable[..., Any], args: tuple[Any, ...], env: Mapping[str, str]
         if env is not None:
             os.environ.clear()
             os.environ.update(env)
+        if "torch" in sys.modules:  # one thread unless the command asks for more (see the module doc)
+            sys.modules["torch"].set_num_threads(1)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
         encoding, _, errors = (os.environ.get("PYTHONIOENCODING") or "utf-8").partition(":")

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 
 import pytest
 from typer.testing import CliRunner
 
-from _procs import cli_main, run_forked
 from tamperprobe.cli.app import app
 from tamperprobe.evaluation.adversary import SWEEP
 from tamperprobe.evaluation.routers import router_names
@@ -40,18 +40,17 @@ def run(*args: object):
     return CliRunner().invoke(app, ["evaluate", *map(str, args)])
 
 
-def _without_matplotlib(*argv: str) -> None:
-    """In a forked child: matplotlib installed but its import failing, as if it were not; then the command line."""
-    for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
-        del sys.modules[name]
-    sys.modules["matplotlib"] = None  # type: ignore[assignment]
-    cli_main(*argv)
-
-
 def test_without_matplotlib_evaluate_writes_everything_but_plots_and_says_so(model_file, tmp_path):
     out = tmp_path / "report"
     argv = ["evaluate", str(model_file), "--data", "digits", "--out", str(out), *TINY, "--quiet"]
-    proc = run_forked(_without_matplotlib, *argv, timeout=300)
+    code = (
+        "import sys\n"
+        "sys.modules['matplotlib'] = None  # installed, but its import fails: as if it were not\n"
+        "from tamperprobe.cli.app import main\n"
+        f"sys.argv = ['tamperprobe', *{argv!r}]\n"
+        "main()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("plots skipped: matplotlib is not installed"), proc.stderr
