@@ -2,8 +2,9 @@
 
 scikit-learn (for the bundled digits, now shipped with the package) and ``torch._dynamo`` (pulled
 in by the first ``torch.optim`` call) each cost about as much as ``import torch`` itself on a small
-machine (``bench/results/startup.md``). Each command runs in a fresh interpreter, which then lists
-the modules it holds.
+machine (``bench/results/startup.md``). Each command runs in a child forked from a fresh interpreter
+that has imported only the command line (what a fresh ``tamperprobe`` holds before it parses its
+arguments), and the child then lists the modules it holds.
 """
 
 from __future__ import annotations
