@@ -4,16 +4,26 @@ from __future__ import annotations
 
 
 def test_usage_errors_are_one_line_on_stderr():
-    """Issue 12: a usage error (missing argument, unknown option or command) is one line, not a boxed panel."""
+    """Issue 12: a usage error (missing argument, unknown option or command) is one line, not a boxed panel.
+
+    The first case runs the real ``python -m tamperprobe``; the others the same entry point in a forked child
+    (``tests/_procs.py``: own stderr and exit status, no second ``import torch``)."""
     import subprocess
     import sys
 
-    for args, want in (
-        (["fingerprint"], "Missing argument"),
-        (["verify", "x.tpf", "--bogus"], "No such option: --bogus"),
-        (["nosuch"], "No such command"),
+    from _procs import run_cli
+
+    for i, (args, want) in enumerate(
+        (
+            (["fingerprint"], "Missing argument"),
+            (["verify", "x.tpf", "--bogus"], "No such option: --bogus"),
+            (["nosuch"], "No such command"),
+        )
     ):
-        proc = subprocess.run([sys.executable, "-m", "tamperprobe", *args], capture_output=True, text=True, timeout=60)
+        if i == 0:
+            proc = subprocess.run([sys.executable, "-m", "tamperprobe", *args], capture_output=True, text=True, timeout=60)
+        else:
+            proc = run_cli(*args, timeout=60)
         assert proc.returncode == 2, (args, proc.stderr)
         lines = proc.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and want in lines[0], proc.stderr

@@ -13,6 +13,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from _procs import run_cli
 from tamperprobe.cli.app import app
 from tamperprobe.fingerprint import make_fingerprint, save
 from tamperprobe.models import TorchModel, save_model
@@ -88,11 +89,18 @@ def test_errors_are_one_line_exit_2(files, args, message):
 
 
 def test_the_executable_reports_errors_in_one_line_exit_2(files):
-    """The installed ``tamperprobe`` command itself: an error is one line on stderr, exit code 2, no traceback."""
+    """The installed ``tamperprobe`` command itself: an error is one line on stderr, exit code 2, no traceback.
+
+    The first case runs the installed executable; the second the same entry point in a forked child (``tests/_procs.py``:
+    a process with its own stderr and exit status, without a second ``import torch``)."""
     d, intact, _ = files
     exe = Path(sys.executable).with_name("tamperprobe")
-    for args, message in (ERRORS[0], ERRORS[2]):
-        r = subprocess.run([str(exe), *[a.format(d=d, intact=intact) for a in args]], capture_output=True, text=True, timeout=120)
+    for i, (args, message) in enumerate((ERRORS[0], ERRORS[2])):
+        argv = [a.format(d=d, intact=intact) for a in args]
+        if i == 0:
+            r = subprocess.run([str(exe), *argv], capture_output=True, text=True, timeout=120)
+        else:
+            r = run_cli(*argv, timeout=120)
         assert r.returncode == 2, (r.stdout, r.stderr)
         assert message in r.stderr
         assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1

@@ -78,9 +78,20 @@ class KillAlways(Attack):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+#: Ray's own settings for the test cluster: no workers started ahead of the tasks (a worker that runs a task imports
+#: torch anyway; one started ahead and never used only costs its start-up), and no metrics collection.
+_LEAN = {
+    "enable_worker_prestart": False,
+    "prestart_worker_first_driver": False,
+    "enable_metrics_collection": False,
+    "num_workers_soft_limit": 2,
+    "worker_maximum_startup_concurrency": 1,
+}
+
+
 @pytest.fixture(scope="session")
 def cluster():
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, _system_config=_LEAN)
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     yield ray
     ray.shutdown()

@@ -2,12 +2,12 @@
 one-line error naming the extra. Modules are 'missing' by a None entry in sys.modules (import then fails)."""
 
 import json
-import subprocess
 import sys
 
 import pytest
 from typer.testing import CliRunner
 
+from _procs import fresh_then_fork
 from tamperprobe._extras import EXTRAS, require
 from tamperprobe.cli.app import app
 from tamperprobe.errors import MissingDependencyError
@@ -37,22 +37,26 @@ def test_fingerprint_on_digits_imports_no_optional_dependency(tmp_path, trained_
     other runtimes and the file names ONNX as not measured, with the extra that brings it.
     """
     model = save_model(trained_cnn, tmp_path / "m.pt", digits[1].x)
+    # one fresh interpreter imports the command line, then forks a child per case: the child hides its modules and runs
+    hiddens = [(), ("onnx", "onnxruntime")]
+    prelude = "from typer.testing import CliRunner\nfrom tamperprobe.cli.app import app\n"
+    bodies = [
+        "import json, sys\n"
+        f"for name in {list(hidden)!r}: sys.modules[name] = None\n"
+        "from typer.testing import CliRunner\n"
+        "from tamperprobe.cli.app import app\n"
+        f"r = CliRunner().invoke(app, ['fingerprint', {str(model)!r}, '--data', 'digits', '--out', {str(tmp_path / f'f{i}.tpf')!r},"
+        " '--method', 'natural', '--select', 'random', '--size', '3', '--bag', '6', '--no-check', '--json'])\n"
+        "assert r.exit_code == 0, r.output\n"
+        "print(json.dumps(json.loads(r.stdout)['benign_noise']))\n"
+        f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}} & set({OPTIONAL!r}))))\n"
+        for i, hidden in enumerate(hiddens)
+    ]
+    results, stderr = fresh_then_fork(prelude, bodies)
     runs = {}
-    for hidden in ((), ("onnx", "onnxruntime")):
-        code = (
-            "import json, sys\n"
-            f"for name in {list(hidden)!r}: sys.modules[name] = None\n"
-            "from typer.testing import CliRunner\n"
-            "from tamperprobe.cli.app import app\n"
-            f"r = CliRunner().invoke(app, ['fingerprint', {str(model)!r}, '--data', 'digits', '--out', {str(tmp_path / 'f.tpf')!r},"
-            " '--method', 'natural', '--select', 'random', '--size', '3', '--bag', '6', '--no-check', '--json'])\n"
-            "assert r.exit_code == 0, r.output\n"
-            "print(json.dumps(json.loads(r.stdout)['benign_noise']))\n"
-            f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}} & set({OPTIONAL!r}))))\n"
-        )
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, proc.stderr
-        *_, noise, imported = proc.stdout.strip().splitlines()
+    for hidden, result in zip(hiddens, results):
+        assert result["code"] == 0, stderr
+        *_, noise, imported = result["stdout"].strip().splitlines()
         runs[hidden] = (json.loads(noise), json.loads(imported))
     noise, imported = runs[()]
     assert set(imported) <= {"onnx", "onnxruntime"} and "onnx" in noise["runtimes"]

@@ -1,8 +1,8 @@
 """The history file is hostile until proven otherwise (issue 18.3): whoever can write it cannot hold the alarm or make the ledger forget.
 
 Real components: real SQLite files planted with triggers, views, extra tables and indexes by a
-plain ``sqlite3`` connection (what anyone who can write the file can do), the CLI in a real
-subprocess bounded by a timeout (a hang fails the test instead of hanging the suite), the
+plain ``sqlite3`` connection (what anyone who can write the file can do), the CLI in a process
+of its own (forked from the test's, ``tests/_procs.py``) bounded by a timeout (a hang fails the test instead of hanging the suite), the
 reference server on 127.0.0.1, and the pool drawing from a real fingerprint.
 """
 
@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import os
 import sqlite3
-import subprocess
-import sys
 import time
 
 import numpy as np
 import pytest
 import torch
 
+from _procs import run_cli, run_forked
 from fakes import confident_mlp
 from tamperprobe.data import InputSpec
 from tamperprobe.fingerprint import make_fingerprint, save
@@ -65,9 +64,9 @@ def world(tmp_path_factory):
 
 
 def _cli(*args, timeout: float = 120):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TAMPERPROBE_THREADS": "1"}
+    """The CLI in a process of its own (forked from this one: no second ``import torch``), killed after ``timeout``."""
     start = time.monotonic()
-    proc = subprocess.run([sys.executable, "-m", "tamperprobe", *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+    proc = run_cli(*args, timeout=timeout, extra_env={"OMP_NUM_THREADS": "1", "TAMPERPROBE_THREADS": "1"})
     return proc, time.monotonic() - start
 
 
@@ -188,11 +187,17 @@ def test_another_programs_database_is_refused_not_written_into(tmp_path):
         assert [r[0] for r in con.execute("SELECT name FROM sqlite_master")] == ["customers"]
 
 
+def _print_refusal(path: str) -> None:
+    try:
+        history.runs(path)
+    except history.HistoryError as exc:
+        print(exc)
+
+
 def test_a_fifo_in_place_of_the_history_is_refused_without_blocking(tmp_path):
     fifo = tmp_path / "h.sqlite"
     os.mkfifo(fifo)
-    code = "import sys; from tamperprobe.served import history\ntry:\n history.runs(sys.argv[1])\nexcept history.HistoryError as e:\n print(e)"
-    proc = subprocess.run([sys.executable, "-c", code, str(fifo)], capture_output=True, text=True, timeout=60)
+    proc = run_forked(_print_refusal, str(fifo), timeout=60)  # in a child of its own: were it to block, it is killed
     assert "is not a regular file" in proc.stdout, (proc.stdout, proc.stderr)
 
 

@@ -1,7 +1,7 @@
 """End to end over HTTP: fingerprint a trained model, serve it, verify INTACT, tamper, TAMPERED, stop, INCONCLUSIVE.
 
 Also the CLI: ``verify --endpoint`` exit codes, ``watch`` and ``history`` in-process, and ``serve``
-as a subprocess.
+in a process of its own (forked from the test's).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from _procs import Forked, cli_main
 from tamperprobe import zoo
 from tamperprobe.cli.app import app
 from tamperprobe.data import load_data
@@ -200,29 +201,14 @@ def test_cli_watch(setup, served, tmp_path):
 
 
 def test_cli_serve_subprocess(setup, tmp_path):
+    """``serve`` in a process of its own answers ``verify --endpoint`` INTACT; a TorchScript file without a shape is refused."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "tamperprobe",
-            "serve",
-            str(setup["intact"]),
-            "--port",
-            str(port),
-            "--name",
-            "digits",
-            "--fingerprint",
-            str(setup["fp_path"]),
-            "--output-spec",
-            "top1",
-        ],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    args = ["serve", str(setup["intact"]), "--port", str(port), "--name", "digits", "--fingerprint", str(setup["fp_path"]), "--output-spec", "top1"]
+    # a process of its own, forked from this one (tests/_procs.py); test_server_guard runs the installed executable's serve
+    log = tmp_path / "serve.log"
+    proc = Forked(cli_main, *args, log=log)
     try:
         import httpx
 
@@ -234,7 +220,7 @@ def test_cli_serve_subprocess(setup, tmp_path):
                     break
             except httpx.HTTPError:
                 pass
-            assert proc.poll() is None, proc.stderr.read()
+            assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "serve did not start"
             time.sleep(0.1)
         r = run("verify", setup["fp_path"], "--endpoint", url, "--model-name", "digits", "--output-spec", "top1", "--allow-weaker-spec")
@@ -245,6 +231,7 @@ def test_cli_serve_subprocess(setup, tmp_path):
             proc.wait(timeout=10)
         except subprocess.TimeoutExpired:  # pragma: no cover
             proc.kill()
+            proc.wait()
     r = CliRunner().invoke(app, ["serve", str(setup["intact"]), "--port", "0"])  # TorchScript without a shape
     assert r.exit_code == 2 and "--input-shape" in r.output
 

@@ -1,6 +1,6 @@
 """``tamperprobe serve --model-repository DIR`` (issue 19, item 5): many models from one process.
 
-A real ``serve`` subprocess on 127.0.0.1 serves a repository of several models (TorchScript, ONNX,
+A ``serve`` process of its own (forked from the test's: ``tests/_procs.py``) on 127.0.0.1 serves a repository of several models (TorchScript, ONNX,
 two byte-identical files under two names, a tampered copy, one never asked for); each answers at
 its own URL with the logits of its own file, an ordinary KServe v2 client (tritonclient) finds and
 queries them, models load on first use and identical files share one loaded instance.
@@ -12,7 +12,6 @@ import os
 import shutil
 import socket
 import subprocess
-import sys
 import time
 
 import httpx
@@ -21,6 +20,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from _procs import Forked, cli_main
 from tamperprobe import zoo
 from tamperprobe.cli.app import app
 from tamperprobe.errors import UsageError
@@ -61,9 +61,8 @@ def server(repo, tmp_path_factory):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = tmp_path_factory.mktemp("log") / "serve.log"
-    args = [sys.executable, "-m", "tamperprobe", "serve", "--model-repository", str(repo), "--port", str(port), "--output-spec", "logits"]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen(args, stdout=log.open("wb"), stderr=subprocess.STDOUT, env=env)
+    args = ["serve", "--model-repository", str(repo), "--port", str(port), "--output-spec", "logits"]
+    proc = Forked(cli_main, *args, log=log, env=dict(os.environ, OMP_NUM_THREADS="1"))  # a process of its own, forked from this one
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 60

@@ -1,7 +1,8 @@
 """The verification session (``served.session``) and the verdicts it reaches, as verify and watch drive it.
 
 Real parts throughout: the reference server and scripted HTTP servers on 127.0.0.1, real SQLite
-histories, the CLI in-process and as a real subprocess (for the encoding and signal tests), hooks as
+histories, the CLI in-process, in forked children (``tests/_procs.py``) and as a real subprocess (for the
+encoding and signal tests), hooks as
 real shell commands, the Prometheus exporter scraped over HTTP.
 """
 
@@ -22,6 +23,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
+from _procs import run_cli
 from fakes import Scripted, confident_mlp, free_port, kserve, reply
 from tamperprobe.cli.app import app
 from tamperprobe.data import InputSpec
@@ -148,25 +150,31 @@ def _env(**extra):
     return env
 
 
-@pytest.mark.parametrize("encoding", ["ascii", "ascii:strict"])
-def test_a_tampered_run_on_a_stdout_that_cannot_encode_still_alarms_exits_1_and_is_recorded(world, tmp_path, encoding):
+@pytest.mark.parametrize("encoding, how", [("ascii", "subprocess"), ("ascii:strict", "forked")])
+def test_a_tampered_run_on_a_stdout_that_cannot_encode_still_alarms_exits_1_and_is_recorded(world, tmp_path, encoding, how):
+    """Once in the real executable (the interpreter sets up its ascii stdout itself), once in a forked child whose
+    streams ``tests/_procs.py`` sets up the same way from PYTHONIOENCODING."""
     hist = tmp_path / "h.sqlite"
     with ServerThread(world["tampered"], name="m", input_shape=SHAPE) as srv:
-        args = _cli("verify", world["fp_path"], "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--history", hist)
-        proc = subprocess.run(args, capture_output=True, env=_env(PYTHONIOENCODING=encoding), timeout=120)
-    out = proc.stdout.decode("ascii", "replace")
-    assert proc.returncode == 1, (out, proc.stderr.decode(errors="replace"))
-    assert "TAMPERED: " in out and b"Traceback" not in proc.stderr
+        args = ["verify", world["fp_path"], "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--history", hist]
+        if how == "subprocess":
+            proc = subprocess.run(_cli(*args), capture_output=True, env=_env(PYTHONIOENCODING=encoding), timeout=120)
+            out, err = proc.stdout.decode("ascii", "replace"), proc.stderr.decode(errors="replace")
+        else:
+            proc = run_cli(*args, env=_env(PYTHONIOENCODING=encoding), timeout=120)
+            out, err = proc.stdout, proc.stderr
+    assert proc.returncode == 1, (out, err)
+    assert "TAMPERED: " in out and "Traceback" not in err
     assert [row["verdict"] for row in history.runs(hist)] == ["TAMPERED"]
 
 
 def test_watch_on_an_ascii_stdout_alarms_runs_the_hook_and_records(world, tmp_path):
     hist, hook_out = tmp_path / "h.sqlite", tmp_path / "hook.jsonl"
     with ServerThread(world["tampered"], name="m", input_shape=SHAPE) as srv:
-        args = _cli("watch", world["fp_path"], "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--history", hist, "--every", "0s")
-        proc = subprocess.run([*args, "--hook", _hook(hook_out)], capture_output=True, env=_env(PYTHONIOENCODING="ascii"), timeout=120)
-    assert proc.returncode == 1, proc.stderr.decode(errors="replace")
-    assert b"TAMPERED" in proc.stdout and b"Traceback" not in proc.stderr
+        args = ["watch", world["fp_path"], "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--history", hist, "--every", "0s"]
+        proc = run_cli(*args, "--hook", _hook(hook_out), env=_env(PYTHONIOENCODING="ascii"), timeout=120)
+    assert proc.returncode == 1, proc.stderr
+    assert "TAMPERED" in proc.stdout and "Traceback" not in proc.stderr
     assert json.loads(hook_out.read_text())["TAMPERPROBE_VERDICT"] == "TAMPERED"
     assert [row["verdict"] for row in history.runs(hist)] == ["TAMPERED"]
 

@@ -169,11 +169,12 @@ def approved_parts(path: Any, data: bytes) -> dict[str, bytes]:
 
 def clean_pt2(path: Any, data: bytes) -> bytes:
     """A fresh archive, written by torch's own writer in memory, holding only the approved parts of ``data``."""
+    approved = approved_parts(path, data)  # before the writer's import, which pulls in torch._dynamo: a refusal is quick
     from torch.export.pt2_archive import PT2ArchiveWriter
 
     buf = io.BytesIO()
     with PT2ArchiveWriter(buf) as writer:
-        for name, blob in approved_parts(path, data).items():
+        for name, blob in approved.items():
             writer.write_bytes(name, blob)
     return buf.getvalue()
 

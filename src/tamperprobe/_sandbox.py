@@ -194,7 +194,11 @@ def _child_main(path: str) -> int:
     try:
         tempfile.gettempdir()  # torch asks for it while loading; found (and cached) while it can still be probed by writing
         if path.lower().endswith(".pt2"):
-            import torch._dynamo  # noqa: F401  (imported by the deserializer; it looks for its cache folder on import)
+            # torch.export.load imports torch._dynamo, which on import makes sure its cache folder exists: made here, in the
+            # private folder, while folders can still be made; so a file refused by the archive check costs no dynamo import
+            cache = os.path.join(tempfile.gettempdir(), "torchinductor")
+            os.makedirs(cache, exist_ok=True)
+            os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
         _lock_down()
         model = load_model(path)
         if model.module is None:

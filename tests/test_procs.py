@@ -1,0 +1,76 @@
+"""The test helpers of ``tests/_procs.py``: a forked child answers as ``subprocess`` would, and a hang cannot hang the suite."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from _procs import Forked, fresh_then_fork, run_cli, run_forked
+
+
+def _speak(code: str) -> int | None:
+    print("out", os.getpid() != int(os.environ["PARENT_PID"]))
+    print("err", file=sys.stderr)
+    if code == "exit":
+        sys.exit(4)
+    if code == "raise":
+        raise ZeroDivisionError("on purpose")
+    return 3 if code == "int" else None
+
+
+@pytest.mark.parametrize("code, status", [("none", 0), ("int", 3), ("exit", 4), ("raise", 1)])
+def test_a_forked_function_answers_like_a_subprocess(code, status, monkeypatch):
+    monkeypatch.setenv("PARENT_PID", str(os.getpid()))
+    r = run_forked(_speak, code, timeout=30)
+    assert r.returncode == status and r.stdout == "out True\n", (r.stdout, r.stderr)
+    assert r.stderr.startswith("err\n") and (("ZeroDivisionError" in r.stderr) == (code == "raise"))
+
+
+def _hang() -> None:
+    time.sleep(600)
+
+
+def test_a_child_that_hangs_is_killed_after_its_timeout():
+    start = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        run_forked(_hang, timeout=0.5)
+    assert time.monotonic() - start < 10
+
+
+def test_the_cli_exit_code_and_one_line_error_and_the_environment():
+    r = run_cli("nosuch", timeout=60)
+    assert r.returncode == 2 and r.stderr.strip().splitlines() == [r.stderr.strip()] and "No such command" in r.stderr
+    r = run_forked(_env_value, "TP_PROBE", extra_env={"TP_PROBE": "seen"}, timeout=30)
+    assert (r.returncode, r.stdout) == (0, "seen\n") and "TP_PROBE" not in os.environ
+
+
+def _env_value(name: str) -> None:
+    print(os.environ.get(name))
+
+
+def test_an_ascii_stdout_is_what_the_interpreter_would_build():
+    r = run_forked(_stdout_encoding, extra_env={"PYTHONIOENCODING": "ascii"}, timeout=30)
+    assert r.stdout.split() == ["ascii", "strict", "ascii", "backslashreplace"], r.stderr
+
+
+def _stdout_encoding() -> None:
+    print(sys.stdout.encoding, sys.stdout.errors, sys.stderr.encoding, sys.stderr.errors)
+
+
+def test_a_background_child_stops_on_sigterm(tmp_path):
+    proc = Forked(_hang, log=tmp_path / "log")
+    assert proc.poll() is None
+    proc.terminate()
+    assert proc.wait(timeout=30) == -signal.SIGTERM and proc.poll() == -signal.SIGTERM
+
+
+def test_fresh_then_fork_children_start_from_the_prelude_alone():
+    results, _ = fresh_then_fork(
+        "import sys; sys.prelude_ran = True", ["import sys; print(sys.prelude_ran, 'torch' in sys.modules)", "raise SystemExit(5)"]
+    )
+    assert results == [{"code": 0, "stdout": "True False\n"}, {"code": 5, "stdout": ""}]
