@@ -40,6 +40,20 @@ from typing import Any
 
 from tamperprobe.cli.app import main as _tamperprobe_main  # imported once here, not again in every child
 
+_HELD = {signal.SIGINT, signal.SIGTERM}
+
+
+def _fork() -> int:
+    """``os.fork()`` with SIGINT and SIGTERM held until the child has a fresh process's handlers for them: a signal sent
+    right after the fork would otherwise run the test process's handlers (a latch, say) in the child."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, _HELD)
+    pid = os.fork()
+    if pid != 0:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return pid
+
 
 def cli_main(*args: str) -> Any:
     """The installed entry point (``tamperprobe.cli.app.main``) with ``args`` as its command line."""
@@ -64,6 +78,7 @@ def _child(fn: Callable[..., Any], args: tuple[Any, ...], env: Mapping[str, str]
             sys.modules["torch"].set_num_threads(1)
         signal.signal(signal.SIGINT, signal.default_int_handler)
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, _HELD)  # held since the fork (see _fork): now a fresh process's handlers take them
         encoding, _, errors = (os.environ.get("PYTHONIOENCODING") or "utf-8").partition(":")
         sys.stdin = sys.__stdin__ = io.TextIOWrapper(io.FileIO(0, "r", closefd=False), encoding=encoding)
         sys.stdout = sys.__stdout__ = io.TextIOWrapper(io.FileIO(1, "w", closefd=False), encoding=encoding, errors=errors or "strict")
@@ -107,9 +122,7 @@ def run_forked(
     if extra_env is not None:
         env = {**(os.environ if env is None else env), **extra_env}
     pipes = [os.pipe(), os.pipe()]  # pipes, as subprocess uses: a child under RLIMIT_FSIZE=0 can still write to them
-    sys.stdout.flush()
-    sys.stderr.flush()
-    pid = os.fork()
+    pid = _fork()
     if pid == 0:  # pragma: no cover - the child
         status = 1
         try:
@@ -217,9 +230,7 @@ class Forked:
         self.args = [getattr(fn, "__name__", "fn"), *map(str, args)]
         self.returncode: int | None = None
         out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-        sys.stdout.flush()
-        sys.stderr.flush()
-        pid = os.fork()
+        pid = _fork()
         if pid == 0:  # pragma: no cover - the child
             status = 1
             try:
