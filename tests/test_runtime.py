@@ -201,7 +201,7 @@ def test_attacks_create_every_tensor_on_the_models_device(trained_mlp, digits, k
     from tamperprobe.attacks import run_attack
 
     train = digits[0].split(0.7, seed=0)[1]
-    params = {"epochs": 1} if kind in ("finetune", "watermark", "trojan", "poison-generic", "poison-specific") else {}
+    params = {"epochs": 1} if kind in ("finetune", "watermark", "trojan", "trojan-neuron", "poison-generic", "poison-specific") else {}
     reference = run_attack(kind, trained_mlp, train, seed=0, **params)
     with meta_default_device():
         result = run_attack(kind, trained_mlp, train, seed=0, **params)
