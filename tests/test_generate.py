@@ -52,7 +52,7 @@ def test_uint8_boundary_markers_round_trip_through_verify(cnn, digits, tmp_path)
 def test_boundary_pairs_catch_int8_with_top1(cnn, digits, trained_cnn):
     import copy
 
-    fp = create_fingerprint(cnn, digits[0], method="boundary", size=8, bag=24, seed=0, output_spec="top1")
+    fp = create_fingerprint(cnn, digits[0], method="boundary", size=8, bag=24, seed=0, output_spec="top1", **GIVEN_TOLERANCE)
     q = copy.deepcopy(trained_cnn)
     with torch.no_grad():
         for p in q.parameters():
@@ -66,7 +66,7 @@ def test_manc_works_on_torchscript_and_export(trained_cnn, cnn, digits, tmp_path
     saved = load_model(save_model(trained_cnn, tmp_path / f"m{suffix}", digits[1].x))
     fp = create_fingerprint(saved, digits[0], method="natural", size=4, bag=10, seed=0)
     assert fp.generator["selection"] == "manc"
-    same = create_fingerprint(cnn, digits[0], method="natural", size=4, bag=10, seed=0)
+    same = create_fingerprint(cnn, digits[0], method="natural", size=4, bag=10, seed=0, **GIVEN_TOLERANCE)
     assert fp.inputs.tobytes() == same.inputs.tobytes()  # the same activations, so the same picks
     assert verify(fp, LocalTarget(saved)).verdict == INTACT
 
@@ -84,7 +84,7 @@ class _Shifted(torch.nn.Module):
 
 def test_manc_falls_back_to_random_without_a_linear_output(trained_cnn, digits, tmp_path):
     ts = load_model(save_model(_Shifted(trained_cnn).eval(), tmp_path / "m.pt", digits[1].x))
-    fp = create_fingerprint(ts, digits[0], method="natural", size=4, bag=10, seed=0)
+    fp = create_fingerprint(ts, digits[0], method="natural", size=4, bag=10, seed=0, **GIVEN_TOLERANCE)
     assert fp.generator["selection"].startswith("random (manc unavailable")
     assert verify(fp, LocalTarget(ts)).verdict == INTACT
 
@@ -98,7 +98,7 @@ def test_generation_is_deterministic(cnn, digits):
 def test_self_check_reports_per_unit_trigger_ratio(cnn, digits):
     from tamperprobe.owner.budget import detection_confidence, self_check
 
-    fp = create_fingerprint(cnn, digits[0], method="boundary", size=6, bag=18, seed=0, output_spec="top1")
+    fp = create_fingerprint(cnn, digits[0], method="boundary", size=6, bag=18, seed=0, output_spec="top1", **GIVEN_TOLERANCE)
     rows = self_check(cnn, fp, attacks=("int8", "noise"), seeds=(0, 1))
     assert [r["attack"] for r in rows] == ["int8", "noise", "noise"]  # int8 is not random: one seed
     for r in rows:
