@@ -308,16 +308,23 @@ def deep_classifier(tmp_path_factory):
     return module, data, onnx
 
 
+# one round of the boundary search instead of four: the margin rule (delta not given, so widened from the floor) is the same,
+# for a quarter of the deep model's forward passes
+ONE_ROUND = {"rounds": 1}
+
+
 def test_label_only_markers_get_a_margin_above_the_benign_floor_on_a_deep_model(deep_classifier):
     """δ = 1e-4 would sit below what batch size 1 or ONNX Runtime move this model's logits by: it is raised to 10 floors."""
     module, data, onnx = deep_classifier
-    fp = create_fingerprint(TorchModel(module), data, output_spec="top1", size=8, bag=16, decoys=8, seed=0)
+    fp = create_fingerprint(TorchModel(module), data, output_spec="top1", size=8, bag=16, decoys=8, params=ONE_ROUND, seed=0)
     raised = fp.extra["delta_raised"]
     floor = fp.extra["benign_noise"]["floor"]
     assert fp.generator["method"] == "crossed" and raised["from"] == 1e-4
     assert raised["to"] == fp.generator["params"]["delta"] >= 10 * floor > 1e-4 and raised["to"] > 2 * fp.tolerance
     # made again from the same seed: exactly the fingerprint that asking for that margin gives
-    same = create_fingerprint(TorchModel(module), data, output_spec="top1", size=8, bag=16, decoys=8, params={"delta": raised["to"]}, seed=0)
+    same = create_fingerprint(
+        TorchModel(module), data, output_spec="top1", size=8, bag=16, decoys=8, params={**ONE_ROUND, "delta": raised["to"]}, seed=0
+    )
     assert np.array_equal(same.inputs, fp.inputs) and "delta_raised" not in same.extra
     for spec in ("top1", "topk:3"):
         assert _verdict(fp, onnx, spec) == INTACT
@@ -353,6 +360,8 @@ def test_cli_fingerprint_widens_the_margin_too_and_keeps_a_given_one(deep_classi
         "--no-check",
         "--seed",
         "0",
+        "--param",
+        "rounds=1",
     ]
     base += ["--seed", "0"]  # reproducible: the default seed is drawn afresh
     r = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "a.tpf")])
@@ -380,6 +389,6 @@ def test_markers_that_cannot_be_remade_wider_are_kept_with_a_warning(deep_classi
 
     monkeypatch.setattr(Crossed, "_generate", narrow_only)
     with pytest.warns(MarginWarning, match="margin delta=0.0001"):
-        fp = create_fingerprint(TorchModel(module), data, output_spec="top1", size=8, bag=16, decoys=8, seed=0)
+        fp = create_fingerprint(TorchModel(module), data, output_spec="top1", size=8, bag=16, decoys=8, params=ONE_ROUND, seed=0)
     assert fp.generator["params"]["delta"] == 1e-4 and "delta_raised" not in fp.extra
     assert "simulated" in fp.extra["delta_raise_failed"]["error"]
