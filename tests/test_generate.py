@@ -114,7 +114,7 @@ def test_fingerprint_cli_prints_budget(tmp_path, trained_cnn, digits):
     from tamperprobe.cli.app import app
 
     save_model(trained_cnn, tmp_path / "m.pt", digits[1].x)
-    args = ["fingerprint", str(tmp_path / "m.pt"), "--data", "digits", "--out", str(tmp_path / "f.tpf")]
+    args = ["fingerprint", str(tmp_path / "m.pt"), "--data", "digits", "--out", str(tmp_path / "f.tpf"), "--tolerance", str(DEFAULT_TOLERANCE)]
     r = CliRunner().invoke(app, [*args, "--method", "natural", "--select", "random", "--size", "5", "--bag", "20"])
     assert r.exit_code == 0, r.output
     assert "query budget: 5 markers + 5 decoys a run, each sent once: 1 runs in the pool" in r.stdout
