@@ -149,13 +149,15 @@ def test_seeded(models, small, arch, kind):
         assert _same_weights(first.model, other.model)
 
 
-def test_params_record_everything_and_replay(models, split):
-    tr, te = split
+def test_params_record_everything_and_replay(models, split, small):
     r = _run(models, split, "mlp", "trojan-neuron")
     assert {"target", "layer", "neurons", "size", "value", "epochs", "lr", "seed"} <= set(r.params)
     assert r.params["layer"] == "net.1" and r.params["size"] == 2 and r.params["value"] == 1.0
-    replay = run_attack("trojan-neuron", models["mlp"], tr, eval_data=te, **r.params)
-    assert _same_weights(r.model, replay.model)
+    # the replay: a short run (one epoch on the small split, another seed) and the same attack from everything it recorded
+    tr, te = small
+    short = run_attack("trojan-neuron", models["mlp"], tr, seed=5, eval_data=te, epochs=1)
+    replay = run_attack("trojan-neuron", models["mlp"], tr, eval_data=te, **short.params)
+    assert replay.params == short.params and _same_weights(short.model, replay.model)
 
 
 def test_trojan_neuron_touches_only_the_chosen_units_onward(models, split):
