@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -51,22 +53,25 @@ MIN_SUCCESS = {"trojan": 0.8, "trojan-neuron": 0.8, "poison-generic": 0.8, "pois
 
 
 @pytest.fixture(scope="module")
-def split():
-    from tamperprobe.data import load_data
-
-    return load_data("digits").split(0.25, seed=0)
+def split(digits):
+    """The digits split the shared models were trained on (conftest ``digits``)."""
+    return digits
 
 
 @pytest.fixture(scope="module")
-def models(split):
-    from tamperprobe import zoo
-    from tamperprobe.train import fit
+def models(trained_mlp, trained_cnn):
+    """The conftest models, trained once per test run and shared with the other modules (attacks work on copies)."""
+    return {"mlp": trained_mlp, "cnn": trained_cnn}
 
-    tr, _ = split
-    out = {}
-    for arch, lr in (("mlp", 1e-3), ("cnn", 3e-3)):
-        torch.manual_seed(0)
-        out[arch] = fit(zoo.build(arch, (1, 8, 8)), tr.x, tr.y, epochs=10, lr=lr, seed=0)
+
+@pytest.fixture(scope="module")
+def small(split):
+    """A few hundred training and evaluation samples, every class present: for properties that do not depend on
+    how much an attack trains (determinism, round trips, export against eager)."""
+    tr, te = split
+    cut = lambda ds, n: replace(ds, x=ds.x[:n], y=ds.y[:n])  # noqa: E731
+    out = cut(tr, 320), cut(te, 120)
+    assert all(set(d.y.tolist()) == set(range(10)) for d in out)
     return out
 
 
@@ -130,10 +135,10 @@ def test_attack_tampers_a_copy_and_keeps_the_model_useful(models, split, arch, k
 
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 @pytest.mark.parametrize("kind", KINDS)
-def test_seeded(models, split, arch, kind):
-    tr, te = split
-    # training attacks: two epochs are enough to show (non-)determinism
-    short = {"epochs": 2} if "epochs" in REGISTRY[kind].param_names() else {}
+def test_seeded(models, small, arch, kind):
+    tr, te = small
+    # training attacks: one epoch on a few hundred samples is enough to show (non-)determinism
+    short = {"epochs": 1} if "epochs" in REGISTRY[kind].param_names() else {}
     first = run_attack(kind, models[arch], tr, seed=0, eval_data=te, **short)
     again = run_attack(kind, models[arch], tr, seed=0, eval_data=te, **short)
     assert _same_weights(first.model, again.model), "same seed must give bit-identical weights"
@@ -144,13 +149,15 @@ def test_seeded(models, split, arch, kind):
         assert _same_weights(first.model, other.model)
 
 
-def test_params_record_everything_and_replay(models, split):
-    tr, te = split
+def test_params_record_everything_and_replay(models, split, small):
     r = _run(models, split, "mlp", "trojan-neuron")
     assert {"target", "layer", "neurons", "size", "value", "epochs", "lr", "seed"} <= set(r.params)
     assert r.params["layer"] == "net.1" and r.params["size"] == 2 and r.params["value"] == 1.0
-    replay = run_attack("trojan-neuron", models["mlp"], tr, eval_data=te, **r.params)
-    assert _same_weights(r.model, replay.model)
+    # the replay: a short run (one epoch on the small split, another seed) and the same attack from everything it recorded
+    tr, te = small
+    short = run_attack("trojan-neuron", models["mlp"], tr, seed=5, eval_data=te, epochs=1)
+    replay = run_attack("trojan-neuron", models["mlp"], tr, eval_data=te, **short.params)
+    assert replay.params == short.params and _same_weights(short.model, replay.model)
 
 
 def test_trojan_neuron_touches_only_the_chosen_units_onward(models, split):
@@ -235,16 +242,16 @@ def test_weight_attacks_on_irnn():
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pt2"])
-def test_round_trip_through_files(models, split, tmp_path, suffix):
+def test_round_trip_through_files(models, small, tmp_path, suffix):
     from tamperprobe.attacks.io import write_attacked
     from tamperprobe.models import load_model, save_model
 
-    tr, te = split
+    tr, te = small
     src = save_model(models["cnn"], tmp_path / f"cnn{suffix}", tr.x)
     loaded = load_model(src)
     ref = loaded.logits(te.x)
     for kind in ("int8", "fp16", "floor", "noise", "prune", "trojan"):
-        r = run_attack(kind, loaded.module, tr, seed=0, eval_data=te, **({"epochs": 3} if kind == "trojan" else {}))
+        r = run_attack(kind, loaded.module, tr, seed=0, eval_data=te, **({"epochs": 1} if kind == "trojan" else {}))
         assert r.changed > 0
         out = tmp_path / f"{kind}{suffix}"
         write_attacked(r.model, kind, loaded.format, out, tr)
@@ -281,13 +288,13 @@ def test_round_trip_reference_and_dynamic_int8(models, split, tmp_path):
     )
 
 
-def test_trojan_neuron_on_export_matches_eager(models, split, tmp_path):
+def test_trojan_neuron_on_export_matches_eager(models, small, tmp_path):
     from tamperprobe.models import load_model, save_model
 
-    tr, te = split
+    tr, te = small
     loaded = load_model(save_model(models["cnn"], tmp_path / "m.pt2", tr.x))
-    ex = run_attack("trojan-neuron", loaded.module, tr, seed=0, eval_data=te, epochs=3)
-    eager = run_attack("trojan-neuron", models["cnn"], tr, seed=0, eval_data=te, epochs=3)
+    ex = run_attack("trojan-neuron", loaded.module, tr, seed=0, eval_data=te, epochs=1)
+    eager = run_attack("trojan-neuron", models["cnn"], tr, seed=0, eval_data=te, epochs=1)
     assert ex.params == eager.params and ex.changed == eager.changed > 0
     assert ex.success == eager.success
 
@@ -373,7 +380,7 @@ def test_cli_train(tmp_path):
     from tamperprobe.models import load_model
 
     out = tmp_path / "m.pt2"
-    res = _cli("train", "mlp", "--data", "digits", "--out", out, "--epochs", "3", "--seed", "1")
+    res = _cli("train", "mlp", "--data", "digits", "--out", out, "--epochs", "1", "--seed", "1")
     assert res.exit_code == 0, res.output
     assert "test accuracy" in res.output
     assert load_model(out).format == "export"

@@ -255,8 +255,15 @@ def test_campaign_is_deterministic_for_a_seed(campaign, loaded_mlp, digits_all):
     assert other.trigger != campaign.trigger
 
 
-def test_write_report_writes_the_promised_files(campaign, tmp_path):
-    paths = write_report(campaign, tmp_path)
+@pytest.fixture(scope="module")
+def report_with_plots(campaign, tmp_path_factory):
+    """The campaign's report with its plots, written once (matplotlib is most of the work) and read by the tests below."""
+    folder = tmp_path_factory.mktemp("report")
+    return folder, write_report(campaign, folder)
+
+
+def test_write_report_writes_the_promised_files(campaign, report_with_plots):
+    tmp_path, paths = report_with_plots
     names = {p.name for p in paths}
     assert {"report.md", "results.json", "detection.csv", "trigger.csv", "key_size.csv", "false_alarms.csv"} <= names
     assert {"detection.png", "trigger.png", "markers.png"} <= names
@@ -273,12 +280,13 @@ def test_write_report_writes_the_promised_files(campaign, tmp_path):
     assert data["timings"]["plots"] > 0 and "| plots |" in md
 
 
-def test_write_report_without_plots_writes_the_same_tables(campaign, tmp_path):
-    with_plots = {p.name for p in write_report(campaign, tmp_path / "a")}
+def test_write_report_without_plots_writes_the_same_tables(campaign, report_with_plots, tmp_path):
+    folder, paths = report_with_plots
+    with_plots = {p.name for p in paths}
     without = {p.name for p in write_report(campaign, tmp_path / "b", plots=False)}
     assert without == {n for n in with_plots if not n.endswith(".png")} and not list((tmp_path / "b").glob("*.png"))
     for name in without - {"report.md", "results.json"}:
-        assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+        assert (folder / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
     assert "No plots: plots were not asked for" in (tmp_path / "b" / "report.md").read_text()
 
 

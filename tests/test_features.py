@@ -159,10 +159,11 @@ def test_activations_default_layer_and_named_layer() -> None:
 def test_named_layer_needs_hooks(fmt: str) -> None:
     module = _cnn()
     x = _x(23)
-    got = features_activations(_as(fmt, module, x), x, batch_size=9)
+    model = _as(fmt, module, x)  # one trace or export for both calls
+    got = features_activations(model, x, batch_size=9)
     np.testing.assert_allclose(got, features_activations(TorchModel(module, "cnn"), x), rtol=1e-6, atol=1e-7)
     with pytest.raises(UsageError, match="--select random"):
-        features_activations(_as(fmt, module, x), x, "1")
+        features_activations(model, x, "1")
 
 
 def test_onnx_named_tensor_and_unknown_name(tmp_path: Path) -> None:

@@ -64,8 +64,8 @@ FUZZ = settings(
     database=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.data_too_large],
 )
-FUZZ_MORE = settings(FUZZ, max_examples=int(400 * SCALE))
-FUZZ_SERVER = settings(FUZZ, max_examples=int(200 * SCALE))
+FUZZ_MORE = settings(FUZZ, max_examples=int(250 * SCALE))
+FUZZ_SERVER = settings(FUZZ, max_examples=int(120 * SCALE))  # each example is a real HTTP round trip
 
 
 # --------------------------------------------------------------------------- OutputSpec.parse

@@ -7,10 +7,16 @@ import torch
 from tamperprobe._params import Interval
 from tamperprobe.errors import UsageError
 from tamperprobe.models import TorchModel, load_model, save_model
+from tamperprobe.outputs import DEFAULT_TOLERANCE
 from tamperprobe.owner.generate import create_fingerprint
 from tamperprobe.owner.methods import Bag, Method, get_method, method_names
 from tamperprobe.served.targets import LocalTarget
 from tamperprobe.served.verify import INTACT, TAMPERED, verify
+
+# For tests of what generation records or reproduces, not of the tolerance: a given tolerance skips the benign-noise
+# measurement (a trace, an ONNX export and four more runs of the model per fingerprint). The digits CNN's measured
+# tolerance is this default anyway (test_tolerance.py checks the measurement, and that this model keeps the default margin).
+GIVEN_TOLERANCE = {"tolerance": DEFAULT_TOLERANCE}
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +52,7 @@ def test_uint8_boundary_markers_round_trip_through_verify(cnn, digits, tmp_path)
 def test_boundary_pairs_catch_int8_with_top1(cnn, digits, trained_cnn):
     import copy
 
-    fp = create_fingerprint(cnn, digits[0], method="boundary", size=8, bag=24, seed=0, output_spec="top1")
+    fp = create_fingerprint(cnn, digits[0], method="boundary", size=8, bag=24, seed=0, output_spec="top1", **GIVEN_TOLERANCE)
     q = copy.deepcopy(trained_cnn)
     with torch.no_grad():
         for p in q.parameters():
@@ -60,7 +66,7 @@ def test_manc_works_on_torchscript_and_export(trained_cnn, cnn, digits, tmp_path
     saved = load_model(save_model(trained_cnn, tmp_path / f"m{suffix}", digits[1].x))
     fp = create_fingerprint(saved, digits[0], method="natural", size=4, bag=10, seed=0)
     assert fp.generator["selection"] == "manc"
-    same = create_fingerprint(cnn, digits[0], method="natural", size=4, bag=10, seed=0)
+    same = create_fingerprint(cnn, digits[0], method="natural", size=4, bag=10, seed=0, **GIVEN_TOLERANCE)
     assert fp.inputs.tobytes() == same.inputs.tobytes()  # the same activations, so the same picks
     assert verify(fp, LocalTarget(saved)).verdict == INTACT
 
@@ -78,21 +84,21 @@ class _Shifted(torch.nn.Module):
 
 def test_manc_falls_back_to_random_without_a_linear_output(trained_cnn, digits, tmp_path):
     ts = load_model(save_model(_Shifted(trained_cnn).eval(), tmp_path / "m.pt", digits[1].x))
-    fp = create_fingerprint(ts, digits[0], method="natural", size=4, bag=10, seed=0)
+    fp = create_fingerprint(ts, digits[0], method="natural", size=4, bag=10, seed=0, **GIVEN_TOLERANCE)
     assert fp.generator["selection"].startswith("random (manc unavailable")
     assert verify(fp, LocalTarget(ts)).verdict == INTACT
 
 
 def test_generation_is_deterministic(cnn, digits):
-    a = create_fingerprint(cnn, digits[0], method="sensitive", size=4, bag=8, seed=3, params={"steps": 10})
-    b = create_fingerprint(cnn, digits[0], method="sensitive", size=4, bag=8, seed=3, params={"steps": 10})
+    a = create_fingerprint(cnn, digits[0], method="sensitive", size=4, bag=8, seed=3, params={"steps": 10}, **GIVEN_TOLERANCE)
+    b = create_fingerprint(cnn, digits[0], method="sensitive", size=4, bag=8, seed=3, params={"steps": 10}, **GIVEN_TOLERANCE)
     assert a.inputs.tobytes() == b.inputs.tobytes() and a.logits.tobytes() == b.logits.tobytes()
 
 
 def test_self_check_reports_per_unit_trigger_ratio(cnn, digits):
     from tamperprobe.owner.budget import detection_confidence, self_check
 
-    fp = create_fingerprint(cnn, digits[0], method="boundary", size=6, bag=18, seed=0, output_spec="top1")
+    fp = create_fingerprint(cnn, digits[0], method="boundary", size=6, bag=18, seed=0, output_spec="top1", **GIVEN_TOLERANCE)
     rows = self_check(cnn, fp, attacks=("int8", "noise"), seeds=(0, 1))
     assert [r["attack"] for r in rows] == ["int8", "noise", "noise"]  # int8 is not random: one seed
     for r in rows:
@@ -108,7 +114,7 @@ def test_fingerprint_cli_prints_budget(tmp_path, trained_cnn, digits):
     from tamperprobe.cli.app import app
 
     save_model(trained_cnn, tmp_path / "m.pt", digits[1].x)
-    args = ["fingerprint", str(tmp_path / "m.pt"), "--data", "digits", "--out", str(tmp_path / "f.tpf")]
+    args = ["fingerprint", str(tmp_path / "m.pt"), "--data", "digits", "--out", str(tmp_path / "f.tpf"), "--tolerance", str(DEFAULT_TOLERANCE)]
     r = CliRunner().invoke(app, [*args, "--method", "natural", "--select", "random", "--size", "5", "--bag", "20"])
     assert r.exit_code == 0, r.output
     assert "query budget: 5 markers + 5 decoys a run, each sent once: 1 runs in the pool" in r.stdout
@@ -211,7 +217,7 @@ def test_fingerprint_records_exactly_the_constructor_parameters(cnn, digits, tmp
     params = CHEAP.get(name, {})
     gen = get_method(name, **params)
     cls = type(gen)
-    fp = create_fingerprint(cnn, digits[1], method=name, select="random", size=2, bag=4, seed=0, params=params)
+    fp = create_fingerprint(cnn, digits[1], method=name, select="random", size=2, bag=4, seed=0, params=params, **GIVEN_TOLERANCE)
     recorded = fp.generator["params"]
     assert fp.generator["method"] == name == cls.name
     assert list(recorded) == cls.param_names()  # every constructor parameter, in signature order, nothing else
@@ -224,7 +230,7 @@ def test_fingerprint_records_exactly_the_constructor_parameters(cnn, digits, tmp
     if name == "sensitive":
         assert recorded["steps"] == 2 and recorded["params"] is None
     # the same parameters from an instance; and they survive the file
-    again = create_fingerprint(cnn, digits[1], method=gen, select="random", size=2, bag=4, seed=0)
+    again = create_fingerprint(cnn, digits[1], method=gen, select="random", size=2, bag=4, seed=0, **GIVEN_TOLERANCE)
     assert again.generator == fp.generator and again.inputs.tobytes() == fp.inputs.tobytes()
     save(fp, tmp_path / "f.tpf")
     assert load(tmp_path / "f.tpf").generator["params"] == recorded
@@ -249,7 +255,7 @@ def test_a_new_method_is_one_class_and_one_registry_line(monkeypatch, cnn, digit
 
     monkeypatch.setitem(REGISTRY, "constant", f"{__name__}:Constant")
     assert "constant" in method_names() and method_descriptions()["constant"].startswith("Test method")
-    kwargs = dict(select="random", size=3, bag=5, seed=0)
+    kwargs = dict(select="random", size=3, bag=5, seed=0, **GIVEN_TOLERANCE)
     by_name = create_fingerprint(cnn, digits[1], method="constant", params={"shift": "0.25"}, **kwargs)
     by_instance = create_fingerprint(cnn, digits[1], method=Constant(shift=0.25), **kwargs)
     for fp in (by_name, by_instance):

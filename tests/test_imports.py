@@ -12,6 +12,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 import tamperprobe
 
 ROOT = Path(tamperprobe.__file__).parent
@@ -131,8 +133,19 @@ def cycles(graph: dict[str, set[str]]) -> list[set[str]]:
     return found
 
 
-def test_the_graph_sees_the_package():
-    graph = import_graph()
+@pytest.fixture(scope="module")
+def graph() -> dict[str, set[str]]:
+    """The package's import graph, parsed once per module (the tests below only read it)."""
+    return import_graph()
+
+
+@pytest.fixture(scope="module")
+def typed() -> dict[str, set[str]]:
+    """The import graph with the type-only imports, parsed once per module."""
+    return import_graph(type_checking=True)
+
+
+def test_the_graph_sees_the_package(graph):
     assert "tamperprobe.evaluation.campaign" in graph and "tamperprobe.cli.app" in graph
     assert "tamperprobe.evaluation.protocol" in graph["tamperprobe.evaluation.campaign"]
     assert "tamperprobe.evaluation.results" in graph["tamperprobe.evaluation.report"]
@@ -171,26 +184,24 @@ def test_imports_resolve_relative_and_skip_type_checking_and_functions(tmp_path)
     assert with_types == imports_of("tamperprobe.p.a", path, known) | {"tamperprobe.p.f"}
 
 
-def test_no_import_cycle_in_the_package():
-    found = [sorted(c) for c in cycles(import_graph())]
+def test_no_import_cycle_in_the_package(graph):
+    found = [sorted(c) for c in cycles(graph)]
     assert found == [], f"import cycles: {found}"
 
 
-def test_evaluation_types_make_no_cycle_either():
+def test_evaluation_types_make_no_cycle_either(typed):
     """In ``evaluation`` not even the type-only imports make a cycle: the result types live in ``results``, apart from their runners."""
-    graph = import_graph(type_checking=True)
     evaluation = {
-        m: {t for t in targets if t.startswith("tamperprobe.evaluation")} for m, targets in graph.items() if m.startswith("tamperprobe.evaluation")
+        m: {t for t in targets if t.startswith("tamperprobe.evaluation")} for m, targets in typed.items() if m.startswith("tamperprobe.evaluation")
     }
     found = [sorted(c) for c in cycles(evaluation)]
     assert found == [], f"import cycles (type-only imports counted): {found}"
 
 
-def test_the_history_and_the_ledger_sit_below_what_verifies():
+def test_the_history_and_the_ledger_sit_below_what_verifies(graph, typed):
     """``served.history`` (runs), ``served.ledger`` (the pool ledger) and ``served._db`` (their file) import neither the pool nor
     verify nor the session, and not even type-only imports make a cycle among them (main had history -> verify -> pool -> history)."""
     low = {"tamperprobe.served.history", "tamperprobe.served.ledger", "tamperprobe.served._db"}
-    graph, typed = import_graph(), import_graph(type_checking=True)
     assert "tamperprobe.served.ledger" in graph["tamperprobe.served.pool"] and "tamperprobe.served._db" in graph["tamperprobe.served.ledger"]
     for module in low:
         assert not graph[module] & {"tamperprobe.served.pool", "tamperprobe.served.verify", "tamperprobe.served.session"}, module

@@ -213,11 +213,10 @@ def test_manc_batch_equals_the_per_selection_greedy_for_the_same_draws() -> None
         k = int(rng.integers(1, m + 1))
         pools = np.stack([rng.choice(units, size=m, replace=False) for _ in range(40)])
         priority = np.stack([rng.permutation(m) for _ in range(40)])
-        for chunk_bytes in (1, 1 << 20):  # one row per chunk, and all rows in one
+        want = [pools[r][_greedy(active[pools[r]], np.ones(m, dtype=np.int64), k, priority[r])].tolist() for r in range(len(pools))]
+        for chunk_bytes in (1, 1 << 20):  # one row per chunk, and all rows in one: each against the same per-row greedy
             batch = manc_batch(active, pools, k, priority, chunk_bytes=chunk_bytes)
-            for r in range(len(pools)):
-                one = _greedy(active[pools[r]], np.ones(m, dtype=np.int64), k, priority[r])
-                assert batch[r].tolist() == pools[r][one].tolist()
+            assert [row.tolist() for row in batch] == want
 
 
 def test_manc_orders_runs_manc_on_each_drawn_sub_bag() -> None:

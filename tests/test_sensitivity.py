@@ -85,9 +85,56 @@ def _reference(module: nn.Module, x: torch.Tensor, params: list[str], output: st
     return ref.detach(), torch.zeros_like(xr) if g is None else g
 
 
-def _compare(model: Model, ref_module: nn.Module, x: torch.Tensor, params: list[str], output: str, rtol: float = RTOL) -> None:
-    """S and dS/dx of both entry points against the reference: S per sample, the gradient over the batch."""
-    ref, g_ref = _reference(ref_module, x, params, output)
+class _Shared:
+    """Models in each format and float64 references, made once per module and kept by name.
+
+    ``torch.export`` and the per-sample, per-class reference are most of this module's work, and each is the same
+    for every parametrized case that asks for it: the cases differ in what they compare, not in these. Sharing is
+    sound because nothing here modifies a model (``test_frozen_torchscript_parameters_are_restored`` checks that
+    the routes put the parameters' flags back) and the cached tensors are never written to.
+    """
+
+    def __init__(self) -> None:
+        self.modules: dict[str, nn.Module] = {}
+        self.models: dict[tuple[str, str], Model] = {}
+        self.refs: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def module(self, arch: str) -> nn.Module:
+        """The small model ``arch`` of BUILDERS (seeded: the same weights a fresh build has)."""
+        if arch not in self.modules:
+            self.modules[arch] = BUILDERS[arch]()
+        return self.modules[arch]
+
+    def model(self, name: str, fmt: str, module: nn.Module, example: torch.Tensor) -> Model:
+        if (name, fmt) not in self.models:
+            self.models[(name, fmt)] = _as(fmt, module, example)
+        return self.models[(name, fmt)]
+
+    def reference(self, name: str, module: nn.Module, x: torch.Tensor, params: list[str], output: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``_reference`` of ``module`` (kept as ``name``) on ``x``, keyed by the inputs' bytes too."""
+        key = (name, x.dtype, tuple(x.shape), x.numpy().tobytes(), tuple(params), output)
+        if key not in self.refs:
+            self.refs[key] = _reference(module, x, params, output)
+        return self.refs[key]
+
+
+@pytest.fixture(scope="module")
+def shared() -> _Shared:
+    return _Shared()
+
+
+def _compare(
+    model: Model,
+    ref_module: nn.Module,
+    x: torch.Tensor,
+    params: list[str],
+    output: str,
+    rtol: float = RTOL,
+    reference: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> None:
+    """S and dS/dx of both entry points against the reference (``reference``: already computed for these arguments):
+    S per sample, the gradient over the batch."""
+    ref, g_ref = _reference(ref_module, x, params, output) if reference is None else reference
     assert torch.all(ref > 0)
     s, g = sensitivity_and_grad(model, x, params, output)  # type: ignore[arg-type]
     xd = x.clone().requires_grad_(True)
@@ -187,26 +234,35 @@ def confident(trained_cnn, digits) -> torch.Tensor:
     return x[picked]
 
 
+@pytest.fixture(scope="module")
+def trained64(trained_cnn) -> nn.Module:
+    return copy.deepcopy(trained_cnn).double()
+
+
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("output", ["softmax", "logits"])
-def test_trained_model_on_confident_inputs(trained_cnn, confident, fmt: str, output: str) -> None:
+def test_trained_model_on_confident_inputs(trained_cnn, confident, shared, fmt: str, output: str) -> None:
     params = resolve_params(trained_cnn, None)
     assert params == ["head.3.weight", "head.3.bias"]
-    _compare(_as(fmt, trained_cnn, confident), trained_cnn, confident, params, output)
+    ref = shared.reference("trained", trained_cnn, confident, params, output)
+    _compare(shared.model("trained", fmt, trained_cnn, confident), trained_cnn, confident, params, output, reference=ref)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_trained_model_in_float64_is_exact(trained_cnn, confident, fmt: str) -> None:
+def test_trained_model_in_float64_is_exact(trained64, confident, shared, fmt: str) -> None:
     """In float64 the only error left is the algorithm's: far below the float32 tolerance."""
-    m64 = copy.deepcopy(trained_cnn).double()
     x = confident.double()
+    model = shared.model("trained64", fmt, trained64, x)
     for params in (["head.3.weight", "head.3.bias"], ["head.3.weight"], ["head.3.bias"], ["features.0.weight", "head.1.bias"]):
-        _compare(_as(fmt, m64, x), m64, x, params, "softmax", RTOL64)
+        ref = shared.reference("trained64", trained64, x, params, "softmax")
+        _compare(model, trained64, x, params, "softmax", RTOL64, reference=ref)
 
 
 @pytest.mark.parametrize("fmt", FORMATS)
-def test_trained_model_inner_parameters(trained_cnn, confident, fmt: str) -> None:
-    _compare(_as(fmt, trained_cnn, confident), trained_cnn, confident[:8], ["features.0.weight", "head.1.bias"], "softmax")
+def test_trained_model_inner_parameters(trained_cnn, confident, shared, fmt: str) -> None:
+    params = ["features.0.weight", "head.1.bias"]
+    ref = shared.reference("trained", trained_cnn, confident[:8], params, "softmax")
+    _compare(shared.model("trained", fmt, trained_cnn, confident), trained_cnn, confident[:8], params, "softmax", reference=ref)
 
 
 # ---------------------------------------------------------------------------- small models, every route
@@ -215,13 +271,13 @@ def test_trained_model_inner_parameters(trained_cnn, confident, fmt: str) -> Non
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 @pytest.mark.parametrize("output", ["softmax", "logits"])
-def test_last_layer_matches_naive(fmt: str, arch: str, output: str) -> None:
-    module = BUILDERS[arch]()
-    model = _as(fmt, module, _x(2))
+def test_last_layer_matches_naive(shared, fmt: str, arch: str, output: str) -> None:
+    module = shared.module(arch)
+    model = shared.model(arch, fmt, module, _x(2))
     params = resolve_params(model.module, None)
     assert params == LAST[arch]
-    _compare(model, module, _x(), params, output)
-    _compare(model, module, _x(13, seed=1), params, output)  # more samples than classes: several cotangent batches
+    for x in (_x(), _x(13, seed=1)):  # 13: more samples than classes, several cotangent batches
+        _compare(model, module, x, params, output, reference=shared.reference(arch, module, x, params, output))
 
 
 @pytest.mark.parametrize("leaf", ["weight", "bias"])
@@ -234,9 +290,10 @@ def test_output_layer_weight_only_or_bias_only(leaf: str, output: str) -> None:
 @pytest.mark.parametrize("fmt", FORMATS)
 @pytest.mark.parametrize("arch", ["mlp", "cnn"])
 @pytest.mark.parametrize("output", ["softmax", "logits"])
-def test_inner_layers_match_naive(fmt: str, arch: str, output: str) -> None:
-    module = BUILDERS[arch]()
-    _compare(_as(fmt, module, _x(2)), module, _x(), INNER[arch], output)
+def test_inner_layers_match_naive(shared, fmt: str, arch: str, output: str) -> None:
+    module = shared.module(arch)
+    ref = shared.reference(arch, module, _x(), INNER[arch], output)
+    _compare(shared.model(arch, fmt, module, _x(2)), module, _x(), INNER[arch], output, reference=ref)
 
 
 def test_inner_layers_in_small_chunks_of_classes(monkeypatch) -> None:
