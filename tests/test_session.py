@@ -375,6 +375,22 @@ def test_a_session_checks_everything_before_sending(world):
 # --------------------------------------------------------------------------- verify --model: the suspect party's file unless trusted
 
 
+def test_a_suspect_model_file_is_not_started_before_the_options_are_checked(world, tmp_path, monkeypatch):
+    """Bad options are refused before the sandboxed child (seconds of CPU) is started for the suspect's file."""
+    from tamperprobe import _sandbox
+
+    started = []
+    monkeypatch.setattr(_sandbox.SandboxedModel, "__init__", lambda self, *a, **k: started.append(a) or (_ for _ in ()).throw(AssertionError))
+    for args, message in (
+        (["--output-spec", "probs:0"], "decimals"),
+        (["--limit", "3"], "--limit applies to a model file the owner trusts"),
+        (["--no-history"], "history"),
+    ):
+        e = run("verify", world["fp_path"], "--model", world["intact_file"], *args, "--history", tmp_path / "h.sqlite")
+        assert e.exit_code == 2 and message in e.stderr and len(e.stderr.strip().splitlines()) == 1, (args, e.stderr)
+    assert started == []
+
+
 def test_a_model_file_draws_from_the_pool_unless_the_owner_trusts_it(world, tmp_path):
     hist = tmp_path / "h.sqlite"
     r = run("verify", world["fp_path"], "--model", world["intact_file"], "--history", hist, "--per-run", "4", "--json")

@@ -328,8 +328,9 @@ def verify(
         if (model is None) == (endpoint is None):
             fail("give exactly one of --model or --endpoint")
         fp = load_fingerprint_from_options(fp_path, trust_key, allow_unsigned, decrypt_key, expect)
-        target = _verify_target(fp, ctx.params)
         settings = _settings(ctx.params, "local" if model is not None else protocol_name(protocol))
+        Session.check_settings(fp, settings, suspect=model is None or not trusted_model)  # before a sandboxed model is started
+        target = _verify_target(fp, ctx.params)
         session = Session(fp, target, settings, fingerprint_file=fp_path, on_run=_show_verify(as_json), on_warning=_warn)
         report = session.run_once().report
     raise typer.Exit(report.exit_code)

@@ -103,23 +103,31 @@ class Session:
         self.fingerprint_file = str(fingerprint_file)
         self.on_run, self.on_warning = on_run, on_warning
         self.number, self.streak = 0, 0
-        comparison(fp, s.output_spec, s.tolerance, allow_weaker=s.allow_weaker_spec)
-        self.plan: pool.Plan | None = None
-        if target.suspect:
-            if s.limit is not None:
-                raise UsageError(
-                    "--limit applies to a model file the owner trusts (--trusted-model): a suspect target gets --per-run markers from the pool"
-                )
-            self.plan = pool.plan(fp, s.per_run, s.decoys)
+        self.plan = self.check_settings(fp, s, suspect=target.suspect)
+        if self.plan is not None:
             pool.check_schedule(target, self.plan.queries)
-            if not s.record and not s.allow_repeat:
-                pool.draw(fp, self.plan, record=False)  # refused, with the one-line reason
         else:
+            pool.check_schedule(target, len(fp) if s.limit is None else min(s.limit, len(fp)))
+
+    @staticmethod
+    def check_settings(fp: Fingerprint, s: Settings, *, suspect: bool) -> pool.Plan | None:
+        """What a session checks before it needs its target (``UsageError``), so that a caller can check it before
+        building an expensive target (a sandboxed model); returns the pool plan of a suspect target (None: trusted)."""
+        comparison(fp, s.output_spec, s.tolerance, allow_weaker=s.allow_weaker_spec)
+        if not suspect:
             if s.per_run is not None or s.decoys is not None or s.allow_repeat:
                 raise UsageError(
                     "--per-run, --decoys and --allow-repeat apply to a suspect target: a trusted model file is checked with every marker"
                 )
-            pool.check_schedule(target, len(fp) if s.limit is None else min(s.limit, len(fp)))
+            return None
+        if s.limit is not None:
+            raise UsageError(
+                "--limit applies to a model file the owner trusts (--trusted-model): a suspect target gets --per-run markers from the pool"
+            )
+        plan = pool.plan(fp, s.per_run, s.decoys)
+        if not s.record and not s.allow_repeat:
+            pool.draw(fp, plan, record=False)  # refused, with the one-line reason
+        return plan
 
     # ------------------------------------------------------------------ the pool
 
