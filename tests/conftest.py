@@ -21,6 +21,27 @@ def _one_torch_thread():
 
 
 @pytest.fixture(scope="session", autouse=True)
+def _click_command_built_once():
+    """typer builds the app's whole click command tree (``typing.get_type_hints`` of every option of every command) on
+    each ``CliRunner.invoke`` and each in-process ``main()``: here once per app for the session. A click command is
+    reusable (each invocation makes its own context), as in any process that runs its CLI twice."""
+    import typer.main
+    import typer.testing
+
+    build = typer.main.get_command
+    built: dict[int, tuple[object, object]] = {}
+
+    def get_command(app):
+        if id(app) not in built:
+            built[id(app)] = (app, build(app))  # the app is kept, so its id is never reused
+        return built[id(app)][1]
+
+    typer.main.get_command = typer.testing._get_command = get_command
+    yield
+    typer.main.get_command = typer.testing._get_command = build
+
+
+@pytest.fixture(scope="session", autouse=True)
 def _private_config(tmp_path_factory):
     """A config folder of the session's own: the default signing key (created on first use by ``fingerprint.save``)
     and the trusted keys live there, never in the user's real config; subprocesses inherit it."""

@@ -384,7 +384,7 @@ def test_a_suspect_model_file_is_not_started_before_the_options_are_checked(worl
     for args, message in (
         (["--output-spec", "probs:0"], "decimals"),
         (["--limit", "3"], "--limit applies to a model file the owner trusts"),
-        (["--no-history"], "history"),
+        (["--per-run", "0"], "--per-run"),
     ):
         e = run("verify", world["fp_path"], "--model", world["intact_file"], *args, "--history", tmp_path / "h.sqlite")
         assert e.exit_code == 2 and message in e.stderr and len(e.stderr.strip().splitlines()) == 1, (args, e.stderr)

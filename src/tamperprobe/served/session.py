@@ -106,6 +106,8 @@ class Session:
         self.plan = self.check_settings(fp, s, suspect=target.suspect)
         if self.plan is not None:
             pool.check_schedule(target, self.plan.queries)
+            if not s.record and not s.allow_repeat:
+                pool.draw(fp, self.plan, record=False)  # refused, with the one-line reason
         else:
             pool.check_schedule(target, len(fp) if s.limit is None else min(s.limit, len(fp)))
 
@@ -124,10 +126,7 @@ class Session:
             raise UsageError(
                 "--limit applies to a model file the owner trusts (--trusted-model): a suspect target gets --per-run markers from the pool"
             )
-        plan = pool.plan(fp, s.per_run, s.decoys)
-        if not s.record and not s.allow_repeat:
-            pool.draw(fp, plan, record=False)  # refused, with the one-line reason
-        return plan
+        return pool.plan(fp, s.per_run, s.decoys)
 
     # ------------------------------------------------------------------ the pool
 
