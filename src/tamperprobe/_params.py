@@ -265,7 +265,7 @@ class Settings:
     labels: ClassVar[dict[str, str]] = {}
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
+        hints = _class_hints(type(self))
         for f in dataclasses.fields(self):  # type: ignore[arg-type]
             name = self.labels.get(f.name, f.name)
             value = getattr(self, f.name)
@@ -283,6 +283,16 @@ class Settings:
     def to_json(self) -> dict[str, Any]:
         """The fields as a dict (what a result records)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+
+
+_HINTS: dict[type, dict[str, Any]] = {}
+
+
+def _class_hints(cls: type) -> dict[str, Any]:
+    """A settings class's field annotations, resolved once per class (settings are built for every client and run)."""
+    if cls not in _HINTS:
+        _HINTS[cls] = typing.get_type_hints(cls)
+    return _HINTS[cls]
 
 
 def _simple(tp: Any) -> bool:
