@@ -7,6 +7,7 @@ import this file).
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import signal
 import sys
@@ -15,16 +16,14 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the test cluster listens on 127.0.0.1 only
-ray = pytest.importorskip("ray")
+from tamperprobe.attacks.base import Attack
+from tamperprobe.data import load_data
+from tamperprobe.evaluation import run_evaluation
+from tamperprobe.evaluation.backends import RayBackend, get_backend
+from tamperprobe.models import TorchModel
 
-from tamperprobe.attacks.base import Attack  # noqa: E402
-from tamperprobe.data import load_data  # noqa: E402
-from tamperprobe.evaluation import run_evaluation  # noqa: E402
-from tamperprobe.evaluation.backends import RayBackend, get_backend  # noqa: E402
-from tamperprobe.models import TorchModel  # noqa: E402
-
-ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+# ray is imported by the cluster fixture, not here: every xdist worker collects this module, one runs it
+pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="ray is not installed (the ray extra)")
 
 VOLATILE = ("machine", "started", "seconds", "timings")
 SMALL = dict(
@@ -91,6 +90,10 @@ _LEAN = {
 
 @pytest.fixture(scope="session")
 def cluster():
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the test cluster listens on 127.0.0.1 only
+    import ray
+
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this file
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, _system_config=_LEAN)
     assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
     yield ray
@@ -118,7 +121,7 @@ def test_ray_gives_the_results_of_the_local_backend(cluster, model_and_data, loc
     ev = run_evaluation(model, data, attacks=["noise", "prune", "fp16", Boom(), "nope"], backend=RayBackend(cpus_per_task=cpus_per_task), **SMALL)
     assert _document(ev) == _document(local)
     assert ev.measured and {"method:natural", "attack:noise#1", "attack:fp16#0"} <= set(ev.timings)
-    assert ray.is_initialized()  # a cluster the backend joined keeps running
+    assert cluster.is_initialized()  # a cluster the backend joined keeps running
 
 
 def test_a_cell_that_raises_is_reported_in_the_errors_table(cluster, local, model_and_data):
