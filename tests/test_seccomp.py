@@ -88,3 +88,23 @@ def test_without_libseccomp_a_suspect_program_is_refused_in_one_line(tmp_path, m
     with pytest.raises(ModelLoadError) as info:
         load_model(path, sandbox=True)
     assert "\n" not in str(info.value) and "libseccomp" in str(info.value)
+
+
+@needs_sandbox
+def test_a_libseccomp_that_cannot_name_a_refused_call_builds_no_filter(monkeypatch):
+    """An older libseccomp that does not know a call (it would stay allowed) makes the lock-down fail, not pass."""
+    real = _sandbox._seccomp()
+
+    class Old:
+        def __getattr__(self, name):
+            return getattr(real, name)
+
+        @staticmethod
+        def resolve_syscall(arch, name):
+            if name == "fchmodat2":
+                raise ValueError("unknown system call")  # the official binding's answer; pyseccomp's is negative
+            return real.resolve_syscall(arch, name)
+
+    monkeypatch.setattr(_sandbox, "_seccomp", Old)
+    with pytest.raises(OSError, match="does not know the system calls fchmodat2: update it"):
+        _sandbox._filter(1)

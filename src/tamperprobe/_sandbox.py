@@ -112,7 +112,7 @@ def _filter(pid: int) -> Any:
     f = sc.SyscallFilter(defaction=sc.ALLOW)
     f.set_attr(sc.Attr.ACT_BADARCH, sc.KILL_PROCESS)
     refuse, absent = sc.ERRNO(errno.EPERM), sc.ERRNO(errno.ENOSYS)
-    unknown = [name for name in (*_DENIED, *_NOT_IMPLEMENTED) if sc.resolve_syscall(sc.Arch.NATIVE, name) < 0]
+    unknown = [name for name in (*_DENIED, *_NOT_IMPLEMENTED) if _number(sc, name) < 0]
     if unknown:  # a call this libseccomp cannot name would stay allowed: refuse to run at all
         raise OSError(errno.ENOSYS, f"this libseccomp does not know the system calls {', '.join(unknown)}: update it")
     for name in _DENIED:
@@ -127,6 +127,14 @@ def _filter(pid: int) -> Any:
     for name in ("kill", "tgkill"):  # signals only to itself: any other 64-bit value of the pid argument is refused
         f.add_rule(refuse, name, sc.Arg(0, sc.NE, pid))
     return f
+
+
+def _number(sc: Any, name: str) -> int:
+    """The native number of system call ``name``, negative when this libseccomp cannot name it (a binding may raise)."""
+    try:
+        return int(sc.resolve_syscall(sc.Arch.NATIVE, name))
+    except (ValueError, OSError, TypeError):
+        return -1
 
 
 def _lock_down() -> None:
