@@ -95,6 +95,11 @@ class HTTPResponse:
             raise Failure(f"malformed response: not JSON ({clean(ctype, 60)}): '{clean(self.body.decode(errors='replace'), 80)}'") from None
 
 
+def _setting(group: str, name: str) -> Any:
+    """A read-only attribute that is field ``name`` of the settings object ``group``."""
+    return property(lambda self: getattr(getattr(self, group), name), doc=f"``{group}.{name}``")
+
+
 class HTTPTarget:
     """Base of the endpoint clients: HTTP with retries, limits and a deadline, marker scheduling, failure capture.
 
@@ -161,12 +166,7 @@ class HTTPTarget:
         self.retry_policy = RetryPolicy(timeout, retries, backoff, max_retry_after, None if no_deadline else deadline)
         self.pacing = Pacing(batch_size, delay, spread, shuffle)
         self.connection = Connection(verify_tls, ca_file, max_response_bytes)
-        self.timeout, self.retries, self.backoff = self.retry_policy.timeout, self.retry_policy.retries, self.retry_policy.backoff
-        self.max_retry_after, self.deadline = self.retry_policy.max_retry_after, self.retry_policy.deadline
-        self.batch_size = self.pacing.batch_size if self.max_batch is None else min(self.pacing.batch_size, self.max_batch)
-        self.delay, self.spread, self.shuffle = self.pacing.delay, self.pacing.spread, self.pacing.shuffle
         self.seed = seed
-        self.verify_tls, self.max_response_bytes = verify_tls, self.connection.max_response_bytes
         self.input_spec = input_spec  # the fingerprint's: markers are sent as they are stored (8-bit ones as integers)
         self.classes = classes
         self.profile = load_profile(profile)
@@ -187,6 +187,23 @@ class HTTPTarget:
         self._unreachable = False
         self._reached = False  # some attempt of the current query got past connecting (its bytes may have reached the server)
         self._set_name()
+
+    # what the client runs on, read from its settings objects (one copy of each value)
+    timeout = _setting("retry_policy", "timeout")
+    retries = _setting("retry_policy", "retries")
+    backoff = _setting("retry_policy", "backoff")
+    max_retry_after = _setting("retry_policy", "max_retry_after")
+    deadline = _setting("retry_policy", "deadline")
+    delay = _setting("pacing", "delay")
+    spread = _setting("pacing", "spread")
+    shuffle = _setting("pacing", "shuffle")
+    verify_tls = _setting("connection", "verify_tls")
+    max_response_bytes = _setting("connection", "max_response_bytes")
+
+    @property
+    def batch_size(self) -> int:
+        """Inputs per request: the pacing's, at most what the dialect takes (``max_batch``)."""
+        return self.pacing.batch_size if self.max_batch is None else min(self.pacing.batch_size, self.max_batch)
 
     def endpoint_url(self) -> str:
         """The URL that names this client in reports and history (subclasses: the model's URL), without secrets."""
