@@ -20,7 +20,7 @@ import os
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from typing import TypeVar
+from typing import Generic, TypeVar
 
 from .._util import one_line
 from ..served import history, ledger
@@ -51,23 +51,15 @@ def _batches(q: queue.Queue[T | None]) -> Iterator[list[T]]:
             yield batch
 
 
-class Recorder:
-    """``add(session, run)`` queues a run for the history; ``close()`` writes what is left and waits for it.
+class _BatchWorker(Generic[T]):
+    """One thread that takes what is queued and hands it over in batches (``_batches``) to ``_handle``; ``close()``
+    lets it finish what is queued and waits for it."""
 
-    ``on_problem(endpoint, text)`` hears each run that could not be written (as ``Session.record``'s
-    caller would warn). A session that does not record (``record`` off) is skipped.
-    """
-
-    def __init__(self, path: str | os.PathLike | None, on_problem: Callable[[str, str], None]) -> None:
+    def __init__(self, path: str | os.PathLike | None, thread_name: str) -> None:
         self.path = path
-        self.on_problem = on_problem
-        self._queue: queue.Queue[tuple[Session, Run] | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="fleet-history", daemon=True)
+        self._queue: queue.Queue[T | None] = queue.Queue()
+        self._thread = threading.Thread(target=self._work, name=thread_name, daemon=True)
         self._thread.start()
-
-    def add(self, session: Session, run: Run) -> None:
-        if session.settings.record:
-            self._queue.put((session, run))
 
     def close(self) -> None:
         self._queue.put(None)
@@ -75,9 +67,28 @@ class Recorder:
 
     def _work(self) -> None:
         for batch in _batches(self._queue):
-            self._write(batch)
+            self._handle(batch)
 
-    def _write(self, batch: list[tuple[Session, Run]]) -> None:
+    def _handle(self, batch: list[T]) -> None:
+        raise NotImplementedError
+
+
+class Recorder(_BatchWorker[tuple[Session, Run]]):
+    """``add(session, run)`` queues a run for the history; ``close()`` writes what is left and waits for it.
+
+    ``on_problem(endpoint, text)`` hears each run that could not be written (as ``Session.record``'s
+    caller would warn). A session that does not record (``record`` off) is skipped.
+    """
+
+    def __init__(self, path: str | os.PathLike | None, on_problem: Callable[[str, str], None]) -> None:
+        self.on_problem = on_problem
+        super().__init__(path, "fleet-history")
+
+    def add(self, session: Session, run: Run) -> None:
+        if session.settings.record:
+            self._queue.put((session, run))
+
+    def _handle(self, batch: list[tuple[Session, Run]]) -> None:
         try:
             history.record_many([(run.report, s.settings.protocol or None) for s, run in batch], self.path)
         except Exception as exc:  # noqa: BLE001 - a history problem never costs a verdict: each run's endpoint is told
@@ -93,15 +104,12 @@ class _Pending:
         self.result: dict[str, list[int]] | BaseException | None = None
 
 
-class Claims:
+class Claims(_BatchWorker[_Pending]):
     """``ledger.claim`` for a pass's sessions: each call returns once its draw is committed, in one transaction with the
     draws that waited alongside it (``Session(claim=...)``). ``close()`` ends the thread once the pass is over."""
 
     def __init__(self, path: str | os.PathLike | None) -> None:
-        self.path = path
-        self._queue: queue.Queue[_Pending | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._work, name="fleet-ledger", daemon=True)
-        self._thread.start()
+        super().__init__(path, "fleet-ledger")
 
     def __call__(
         self,
@@ -124,15 +132,7 @@ class Claims:
         assert pending.result is not None
         return pending.result
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
-
-    def _work(self) -> None:
-        for batch in _batches(self._queue):
-            self._claim(batch)
-
-    def _claim(self, batch: list[_Pending]) -> None:
+    def _handle(self, batch: list[_Pending]) -> None:
         results: list[dict[str, list[int]] | Exception] | list[BaseException]
         try:
             results = ledger.claim_many([p.claim for p in batch], path=self.path)
