@@ -142,7 +142,7 @@ def test_sandbox_stops_writes_in_forward_and_while_loading(files):
         for first in (0.9, 0.1):
             with pytest.raises(ModelLoadError, match="failed"):
                 model.logits(_x(first))
-        assert model._proc.poll() is None  # a failed batch does not end the child
+        assert model._child.poll() is None  # a failed batch does not end the child
     finally:
         model.close()
     with pytest.raises(ModelLoadError, match="cannot load TorchScript"):
@@ -227,7 +227,7 @@ def test_a_program_that_never_returns_is_stopped(tmp_path):
     model = SandboxedModel(path, timeout=0.5)  # the bound is the caller's; a program that never returns needs no long one
     with pytest.raises(ModelLoadError, match="took more than 0.5 s"):
         model.logits(X[:1])
-    assert model._proc.poll() is not None
+    assert model._child.poll() is not None
 
 
 @needs_sandbox

@@ -13,7 +13,8 @@ root (``tests/test_sandbox.py``):
   mapping of one can be made; ``openat2`` (whose flags seccomp cannot read) answers ENOSYS, so the
   C library falls back to ``openat``.
 
-So the child (``python -m tamperprobe._sandbox``, started by ``SandboxedModel``) opens what it
+So the child (forked for ``SandboxedModel`` by ``_zygote``: a clean interpreter, started once per
+verifier process, that has imported torch and holds nothing of the verifier's) opens what it
 needs, then, before it reads the model file: moves the answer channel off stdout (TorchScript's
 ``print`` writes there), starts a session of its own (no controlling terminal), sets resource
 limits (file size 0, no core files, a CPU-time and an address-space bound, few descriptors), sets
@@ -43,7 +44,6 @@ import platform
 import select
 import signal
 import struct
-import subprocess
 import sys
 import tempfile
 import time
@@ -52,6 +52,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from ._util import one_line
+from ._zygote import fork_child
 from .errors import ModelLoadError, UsageError
 
 #: Wall-clock bounds (seconds) on starting and loading, and on one batch; the child's resource limits.
@@ -247,23 +248,11 @@ class SandboxedModel:
         self.source = str(path)
         self.timeout = timeout
         self._dir = tempfile.TemporaryDirectory(prefix="tamperprobe-sandbox-")
-        env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self._dir.name, "TMPDIR": self._dir.name, "OMP_NUM_THREADS": "1"}
-        env["TAMPERPROBE_THREADS"] = str(threads or 1)
-        self._proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-I",
-                "-c",
-                f"import sys; sys.path[:0] = {sys.path!r}; from tamperprobe._sandbox import _child_main; sys.exit(_child_main(sys.argv[1]))",
-                os.path.abspath(path),
-            ],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-            cwd=self._dir.name,
-            env=env,
-            start_new_session=True,  # no controlling terminal
-        )
+        try:
+            self._child = fork_child(os.path.abspath(path), self._dir.name, threads or 1, LOAD_TIMEOUT)
+        except BaseException:
+            self._dir.cleanup()
+            raise
         try:
             info = json.loads(self._answer(b"REDY", "loading", LOAD_TIMEOUT))
             self._digest = str(info["digest"])
@@ -279,14 +268,13 @@ class SandboxedModel:
 
     def _stopped(self, what: str) -> ModelLoadError:
         self.close()
-        code = self._proc.returncode
-        how = f"killed by signal {-code}" if code is not None and code < 0 else f"exit code {code}"
+        code = self._child.returncode
+        how = f"killed by signal {-code}" if isinstance(code, int) and code < 0 else f"exit code {code}"
         return ModelLoadError(f"the sandboxed model {self.source} stopped while {what} ({how})")
 
     def _answer(self, want: bytes, what: str, timeout: float | None = None) -> bytes:
         """The body of the next frame, which must be ``want``; the child's FAIL text becomes a ModelLoadError."""
-        assert self._proc.stdout is not None
-        fd = self._proc.stdout.fileno()
+        fd = self._child.stdout
         limit = self.timeout if timeout is None else timeout
         deadline = time.monotonic() + limit
         try:
@@ -311,16 +299,11 @@ class SandboxedModel:
 
     def close(self) -> None:
         """Stop the child and remove its private folder (idempotent)."""
-        if self._proc.poll() is None:
-            self._proc.kill()
-        self._proc.wait()
-        for stream in (self._proc.stdin, self._proc.stdout):
-            if stream is not None:
-                stream.close()
+        self._child.close()
         self._dir.cleanup()
 
     def __del__(self) -> None:
-        if getattr(self, "_proc", None) is not None:
+        if getattr(self, "_child", None) is not None:
             try:
                 self.close()
             except Exception:
@@ -350,11 +333,10 @@ class SandboxedModel:
     def logits(self, x: np.ndarray, batch_size: int = 256, threads: int | None = None) -> np.ndarray:
         """float32 logits (N, C), computed in the child batch by batch."""
         x = np.ascontiguousarray(x, dtype=np.float32)
-        if self._proc.poll() is not None:
+        if self._child.poll() is not None:
             raise self._stopped("waiting")
         outs = []
-        assert self._proc.stdin is not None
-        fd = self._proc.stdin.fileno()
+        fd = self._child.stdin
         for i in range(0, len(x), max(1, batch_size)):
             chunk = x[i : i + batch_size]
             try:
