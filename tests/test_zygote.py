@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from _procs import run_forked
-from tamperprobe import _zygote, zoo
+from tamperprobe import _sandbox, _zygote, zoo
 from tamperprobe._sandbox import SandboxedModel, available
 from tamperprobe.errors import ModelLoadError
 from tamperprobe.models import load_model, save_model
@@ -195,3 +195,16 @@ def test_threads_starting_children_at_once_each_get_their_own(model_file, expect
     assert len({r[0] for r in results.values()}) == 4  # type: ignore[index]
     for r in results.values():
         np.testing.assert_allclose(r[1], expected, rtol=1e-6, atol=1e-6)  # type: ignore[index]
+
+
+def test_without_pidfds_a_suspect_program_is_refused_in_one_line(model_file, monkeypatch):
+    """A kernel before Linux 5.3 has no pidfd_open: the sandbox says so and the file is refused, never run unsandboxed."""
+
+    def enosys(pid):
+        raise OSError(38, "Function not implemented")
+
+    monkeypatch.setattr(os, "pidfd_open", enosys)
+    assert _sandbox.available().startswith("the sandbox needs pidfds (Linux 5.3 or later); this is Linux ")
+    with pytest.raises(ModelLoadError) as info:
+        load_model(model_file, sandbox=True)
+    assert "\n" not in str(info.value) and "pidfds" in str(info.value)

@@ -103,6 +103,10 @@ def available() -> str | None:
         _seccomp()
     except ImportError as exc:
         return f"the sandbox needs libseccomp, which could not be loaded ({exc}): install it (Debian and Ubuntu: libseccomp2)"
+    try:  # the zygote hands out pidfds of the children (Linux 5.3)
+        os.close(os.pidfd_open(os.getpid()))
+    except (AttributeError, OSError):
+        return f"the sandbox needs pidfds (Linux 5.3 or later); this is Linux {platform.release()}"
     return None
 
 
