@@ -1,4 +1,7 @@
-"""Shared fixtures: a tiny trained model on scikit-learn's digits, seeded."""
+"""Shared fixtures: a tiny trained model on scikit-learn's digits, seeded.
+
+torch is imported inside the fixtures, not here: xdist's controller loads this file too and never runs a test.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +9,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -14,6 +16,8 @@ def _one_torch_thread():
     """One torch thread for the whole session, module and session fixtures included: tiny models run
     many times faster on one thread than on two competing for a busy 2-core machine. Tests that
     measure thread counts set them explicitly."""
+    import torch
+
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
@@ -62,6 +66,8 @@ def _private_config(tmp_path_factory):
 
 @pytest.fixture(autouse=True)
 def _seed_and_isolate(tmp_path_factory, monkeypatch):
+    import torch
+
     torch.manual_seed(0)
     np.random.seed(0)
     monkeypatch.setenv("TAMPERPROBE_HISTORY", str(tmp_path_factory.mktemp("hist") / "history.sqlite"))
@@ -80,6 +86,8 @@ def _trained(kind, digits, tmp_path_factory):
     first one to get here trains it and saves its weights for the others (a lock file orders them)."""
     import fcntl
     import os
+
+    import torch
 
     from tamperprobe import zoo
     from tamperprobe.train import fit

@@ -1,10 +1,10 @@
-"""``tamperprobe evaluate`` on the command line: plots optional, ``--adversary``, options checked before the work."""
+"""``tamperprobe evaluate`` on the command line: plots optional, ``--adversary``, options checked before the work.
+
+``evaluate`` without matplotlib (a process whose import of it fails) is tested in tests/test_startup.py."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -38,29 +38,6 @@ def model_file(tmp_path_factory, trained_mlp, digits):
 
 def run(*args: object):
     return CliRunner().invoke(app, ["evaluate", *map(str, args)])
-
-
-def test_without_matplotlib_evaluate_writes_everything_but_plots_and_says_so(model_file, tmp_path):
-    out = tmp_path / "report"
-    argv = ["evaluate", str(model_file), "--data", "digits", "--out", str(out), *TINY, "--quiet"]
-    code = (
-        "import sys\n"
-        "sys.modules['matplotlib'] = None  # installed, but its import fails: as if it were not\n"
-        "from tamperprobe.cli.app import main\n"
-        f"sys.argv = ['tamperprobe', *{argv!r}]\n"
-        "main()\n"
-    )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("plots skipped: matplotlib is not installed"), proc.stderr
-    assert "pip install 'tamperprobe[plots]'" in lines[0]
-    names = {p.name for p in out.iterdir()}
-    assert {"report.md", "results.json", "detection.csv", "trigger.csv"} <= names
-    assert not [n for n in names if n.endswith(".png")]
-    assert "No plots: matplotlib is not installed" in (out / "report.md").read_text()
-    assert "no plots" in proc.stdout
-    assert "plots" not in json.loads((out / "results.json").read_text())["timings"]
 
 
 def test_plots_by_default_and_none_with_no_plots(model_file, tmp_path):

@@ -1,16 +1,21 @@
 """The Ray backend on a real local Ray cluster: the same results as the local backend, failures per cell.
 
-One session-scoped cluster (``ray.init(num_cpus=2)``) serves every test, so its start-up is paid
-once. The test attacks are defined here and sent to the workers by value (the workers cannot
-import this file).
+One cluster (``ray.init(num_cpus=2)``) serves the module's tests, so its start-up is paid once, and
+stops when they are done (its daemons would otherwise keep using CPU for the rest of the session).
+The test attacks are defined here and sent to the workers by value (the workers cannot import this
+file). Every Ray worker imports torch, so the tests that kill workers come last and run one task at
+a time: the workers the other tests started serve them, and a worker is started again only where a
+death leaves none.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import shutil
 import signal
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -88,16 +93,36 @@ _LEAN = {
 }
 
 
-@pytest.fixture(scope="session")
+#: The head node of the test cluster, as ``ray.init(num_cpus=2)`` starts it but without the two processes the tests do not
+#: use: the autoscaler's monitor (a one-machine cluster does not scale) and the log monitor (the driver does not ask for
+#: the workers' output, ``log_to_driver=False``).
+_HEAD = {"num_cpus": 2, "include_dashboard": False, "no_monitor": True, "include_log_monitor": False, "_system_config": _LEAN}
+
+
+@pytest.fixture(scope="module")
 def cluster():
+    """A local cluster (Ray's test cluster, ``ray.cluster_utils.Cluster``) and this process connected to it as its driver.
+
+    Its files, sockets and the address file that ``Cluster`` writes for ``ray.init()`` to find go into a folder of its
+    own (``RAY_TMPDIR``), so no other Ray program on the machine sees it; the folder's name is short because Ray's socket
+    paths live under it."""
     os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # the test cluster listens on 127.0.0.1 only
     import ray
+    from ray.cluster_utils import Cluster
 
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the workers cannot import this file
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False, _system_config=_LEAN)
-    assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
-    yield ray
-    ray.shutdown()
+    folder = tempfile.mkdtemp(prefix="tpray")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_TMPDIR", folder)
+        head = Cluster(initialize_head=True, head_node_args=_HEAD)
+        try:
+            ray.init(address=head.address, log_to_driver=False, configure_logging=False)
+            assert {n["NodeManagerAddress"] for n in ray.nodes()} == {"127.0.0.1"}
+            yield ray
+        finally:
+            ray.shutdown()
+            head.shutdown()
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
@@ -131,28 +156,6 @@ def test_a_cell_that_raises_is_reported_in_the_errors_table(cluster, local, mode
     (boom,) = [a for a in local.attacks if a.attack == "boom"]
     assert boom.error == errors[("attack", "boom#0")] and boom.max_abs_dlogit is None
     assert [m.method for m in local.methods if m.error is None] == ["natural", "boundary"]
-
-
-def test_a_worker_killed_mid_campaign_is_retried_and_changes_nothing(cluster, model_and_data, tmp_path):
-    model, data = model_and_data
-    flag = tmp_path / "killed"
-    settings = {**SMALL, "methods": ["natural"], "attack_params": {}}
-    ev = run_evaluation(model, data, attacks=[KillOnce(flag=str(flag)), "fp16"], backend="ray", **settings)
-    assert flag.read_text() == "killed once"  # the first attempt's worker died
-    assert ev.errors == [] and all(a.functional_change for a in ev.attacks)
-    again = run_evaluation(model, data, attacks=[KillOnce(flag=str(flag)), "fp16"], **settings)  # local, the flag already set
-    assert _document(ev) == _document(again)
-
-
-def test_a_cell_whose_worker_always_dies_fails_after_the_retries(cluster, model_and_data):
-    model, data = model_and_data
-    settings = {**SMALL, "methods": ["natural"], "attack_params": {}}
-    ev = run_evaluation(model, data, attacks=[KillAlways(), "fp16"], backend=RayBackend(max_retries=1), **settings)
-    ((stage, name, error),) = [(e.stage, e.name, e.error) for e in ev.errors]
-    assert (stage, name) == ("attack", "kill-always#0") and error.endswith("(max_retries 1)") and "Worker" in error and "\x1b" not in error
-    assert [a.error is None for a in ev.attacks] == [False, True] and ev.measured
-    detection = {(d.attack, d.ns): d.rate for d in ev.detection if d.spec == "logits"}
-    assert detection[("fp16", 10)] == pytest.approx(1.0) and not any(a == "kill-always" for a, _ in detection)
 
 
 def test_the_local_backend_imports_no_ray():
@@ -209,3 +212,25 @@ def test_the_adversary_harness_on_ray_gives_the_local_results(cluster, model_and
     remote = run_adversary(model, train, traffic, backend="ray", **common)
     assert _document(remote) == _document(local)
     assert {(e.stage, e.name) for e in local.errors} == {("method", "nope"), ("attack", "boom#0")} and local.detection
+
+
+def test_a_worker_killed_mid_campaign_is_retried_and_changes_nothing(cluster, model_and_data, tmp_path):
+    model, data = model_and_data
+    flag = tmp_path / "killed"
+    settings = {**SMALL, "methods": ["natural"], "attack_params": {}}
+    ev = run_evaluation(model, data, attacks=[KillOnce(flag=str(flag)), "fp16"], backend=RayBackend(cpus_per_task=2), **settings)
+    assert flag.read_text() == "killed once"  # the first attempt's worker died
+    assert ev.errors == [] and all(a.functional_change for a in ev.attacks)
+    again = run_evaluation(model, data, attacks=[KillOnce(flag=str(flag)), "fp16"], **settings)  # local, the flag already set
+    assert _document(ev) == _document(again)
+
+
+def test_a_cell_whose_worker_always_dies_fails_after_the_retries(cluster, model_and_data):
+    model, data = model_and_data
+    settings = {**SMALL, "methods": ["natural"], "attack_params": {}}
+    ev = run_evaluation(model, data, attacks=[KillAlways(), "fp16"], backend=RayBackend(cpus_per_task=2, max_retries=1), **settings)
+    ((stage, name, error),) = [(e.stage, e.name, e.error) for e in ev.errors]
+    assert (stage, name) == ("attack", "kill-always#0") and error.endswith("(max_retries 1)") and "Worker" in error and "\x1b" not in error
+    assert [a.error is None for a in ev.attacks] == [False, True] and ev.measured
+    detection = {(d.attack, d.ns): d.rate for d in ev.detection if d.spec == "logits"}
+    assert detection[("fp16", 10)] == pytest.approx(1.0) and not any(a == "kill-always" for a, _ in detection)

@@ -1,19 +1,18 @@
 """A lighter install: the server, ONNX and plotting are extras, imported only where used; a missing one is a
-one-line error naming the extra. Modules are 'missing' by a None entry in sys.modules (import then fails)."""
+one-line error naming the extra. Modules are 'missing' by a None entry in sys.modules (import then fails).
 
-import json
+What a fresh process imports (``fingerprint`` imports no optional dependency) and ``evaluate`` without matplotlib are
+tested in tests/test_startup.py, in children of one fresh interpreter."""
+
 import sys
 
 import pytest
 from typer.testing import CliRunner
 
-from _procs import fresh_then_fork
 from tamperprobe._extras import EXTRAS, require
 from tamperprobe.cli.app import app
 from tamperprobe.errors import MissingDependencyError
 from tamperprobe.models import TorchModel, load_model, save_model
-
-OPTIONAL = sorted(EXTRAS)
 
 
 def hide(monkeypatch, *names):
@@ -28,41 +27,6 @@ def one_line_error(r, extra):
     lines = r.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and f"pip install 'tamperprobe[{extra}]'" in lines[0], r.stderr
     return lines[0]
-
-
-def test_fingerprint_on_digits_imports_no_optional_dependency(tmp_path, trained_cnn, digits):
-    """Nothing optional is imported, ONNX Runtime aside: fingerprint measures its tolerance under it when it is installed.
-
-    With onnx and onnxruntime missing the command still works: the tolerance is measured under the
-    other runtimes and the file names ONNX as not measured, with the extra that brings it.
-    """
-    model = save_model(trained_cnn, tmp_path / "m.pt", digits[1].x)
-    # one fresh interpreter imports the command line, then forks a child per case: the child hides its modules and runs
-    hiddens = [(), ("onnx", "onnxruntime")]
-    prelude = "from typer.testing import CliRunner\nfrom tamperprobe.cli.app import app\n"
-    bodies = [
-        "import json, sys\n"
-        f"for name in {list(hidden)!r}: sys.modules[name] = None\n"
-        "from typer.testing import CliRunner\n"
-        "from tamperprobe.cli.app import app\n"
-        f"r = CliRunner().invoke(app, ['fingerprint', {str(model)!r}, '--data', 'digits', '--out', {str(tmp_path / f'f{i}.tpf')!r},"
-        " '--method', 'natural', '--select', 'random', '--size', '3', '--bag', '6', '--no-check', '--json'])\n"
-        "assert r.exit_code == 0, r.output\n"
-        "print(json.dumps(json.loads(r.stdout)['benign_noise']))\n"
-        f"print(json.dumps(sorted({{m.split('.')[0] for m in sys.modules if sys.modules[m] is not None}} & set({OPTIONAL!r}))))\n"
-        for i, hidden in enumerate(hiddens)
-    ]
-    results, stderr = fresh_then_fork(prelude, bodies)
-    runs = {}
-    for hidden, result in zip(hiddens, results):
-        assert result["code"] == 0, stderr
-        *_, noise, imported = result["stdout"].strip().splitlines()
-        runs[hidden] = (json.loads(noise), json.loads(imported))
-    noise, imported = runs[()]
-    assert set(imported) <= {"onnx", "onnxruntime"} and "onnx" in noise["runtimes"]
-    noise, imported = runs[("onnx", "onnxruntime")]
-    assert imported == [] and "onnx" not in noise["runtimes"] and "tamperprobe[onnx]" in noise["skipped"]["onnx"]
-    assert {"batch1", "torchscript"} <= set(noise["runtimes"])
 
 
 def test_require_names_the_extra(monkeypatch):
@@ -96,7 +60,7 @@ def test_serve_without_the_server_extra(monkeypatch, tmp_path, trained_mlp, digi
 
 
 def test_plots_without_matplotlib(monkeypatch, tmp_path, trained_mlp, digits):
-    """``evaluate`` runs without its plots (tests/test_evaluate_cli.py); ``inspect --png`` needs them."""
+    """``evaluate`` runs without its plots (tests/test_startup.py); ``inspect --png`` needs them."""
     path = save_model(trained_mlp, tmp_path / "m.pt", digits[1].x)
     hide(monkeypatch, "matplotlib")
     fp = tmp_path / "f.tpf"
