@@ -36,6 +36,8 @@ from typing import Any
 
 import pytest
 
+from _procs import Forked, cli_main
+
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
 BIN = Path(sys.executable).parent
@@ -248,40 +250,58 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return base
 
 
-def _wait_for(port: str, server: subprocess.Popen[bytes], deadline: float = 90) -> None:
+def _wait_for(port: str, server: Forked, log: Path, deadline: float = 90) -> None:
+    """Until the server listens on 127.0.0.1:``port``; a server that exits first or never listens fails the test, its log shown."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         if server.poll() is not None:
-            raise AssertionError(f"the server exited with {server.returncode} before listening")
+            raise AssertionError(f"the server exited with {server.returncode} before listening:\n{log.read_text(errors='replace')[-3000:]}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", int(port))) == 0:
                 return
         time.sleep(0.2)
-    raise AssertionError(f"nothing listened on 127.0.0.1:{port} within {deadline} s")
+    raise AssertionError(f"nothing listened on 127.0.0.1:{port} within {deadline} s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def _serve(argv: list[str], pythonpath: list[str], fresh_under: Path) -> None:
+    """In the forked child: ``tamperprobe ARGV`` as the console script would run it in a fresh interpreter, whose import path
+    starts with ``$PYTHONPATH`` and which has imported nothing from a page workspace (a factory module is read from its own
+    working directory, not taken from what this process imported for another page)."""
+    sys.path[:0] = pythonpath
+    for name, module in list(sys.modules.items()):
+        if Path(getattr(module, "__file__", None) or "/").is_relative_to(fresh_under):
+            del sys.modules[name]
+    cli_main(*argv)
 
 
 PAGES_WITH_COMMANDS = [p for p in pages() if any(b.kind not in ("setup", "copy") for b in runnable(p))]
 
 
 @pytest.fixture(scope="session")
-def servers() -> Iterator[Callable[[str, Path], str]]:
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str, Path], str]]:
     """The background blocks' servers, one per distinct command, started on a free port in the workspace of the
     first page that shows the command (every page starts from the same files) and stopped at the end of the
-    session; the fixture maps (command, page workspace) to the port."""
+    session; the fixture maps (command, page workspace) to the port.
+
+    A server is a forked copy of this process (``tests/_procs.py``: no fresh ``import torch``) running the command's
+    argv through the console script's ``main``, with the environment and working directory a subprocess would have,
+    listening on a real socket of 127.0.0.1."""
+    import shlex
+
     started: dict[str, str] = {}
-    processes: list[subprocess.Popen[bytes]] = []
-    logs = []
+    processes: list[Forked] = []
 
     def start(body: str, cwd: Path) -> str:
         if body not in started:
             port = re.search(r"--port (\d+)", body)
             assert port is not None, "a background block names its --port"
             free = str(_free_port())
-            log = open(cwd / f"server-{len(processes)}.log", "wb")  # noqa: SIM115 - closed at the end
-            logs.append(log)
-            command = body.strip().replace(f"--port {port.group(1)}", f"--port {free}")
-            processes.append(subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, env=_env(cwd), stdout=log, stderr=log))
-            _wait_for(free, processes[-1])
+            words = shlex.split(body.strip().replace(f"--port {port.group(1)}", f"--port {free}"))
+            assert words[0] == "tamperprobe" and not SHELL & set(words), f"a background block is one tamperprobe command: {body}"
+            log, env = cwd / f"server-{len(processes)}.log", _env(cwd)
+            pythonpath = env["PYTHONPATH"].split(os.pathsep)
+            processes.append(Forked(_serve, words[1:], pythonpath, tmp_path_factory.getbasetemp(), log=log, env=env, cwd=cwd))
+            _wait_for(free, processes[-1], log)
             started[body] = free
         return started[body]
 
@@ -293,8 +313,6 @@ def servers() -> Iterator[Callable[[str, Path], str]]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    for log in logs:
-        log.close()
 
 
 @pytest.mark.parametrize("path", PAGES_WITH_COMMANDS, ids=lambda p: p.relative_to(ROOT).as_posix())
