@@ -231,25 +231,35 @@ def fresh_then_fork(prelude: str, bodies: list[str], *, timeout: float = 300) ->
 class Forked:
     """A forked child running ``fn(*args)`` in the background, its stdout and stderr into ``log`` (a Popen-like handle).
 
+    ``err_log`` gives stderr a file of its own (as ``Popen(stdout=..., stderr=...)`` with two files).
+
     For a server a test starts and stops: ``poll``, ``terminate`` (SIGTERM), ``kill`` and ``wait(timeout)`` behave as
     ``subprocess.Popen``'s do; the child's own exit status is what ``fn`` returns (see ``run_forked``). ``env`` and ``cwd``
     are the child's environment and working directory, as ``Popen``'s are.
     """
 
     def __init__(
-        self, fn: Callable[..., Any], *args: Any, log: str | os.PathLike, env: Mapping[str, str] | None = None, cwd: str | os.PathLike | None = None
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        log: str | os.PathLike,
+        err_log: str | os.PathLike | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
     ) -> None:
         self.args = [getattr(fn, "__name__", "fn"), *map(str, args)]
         self.returncode: int | None = None
         out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        err = os.open(err_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if err_log is not None else os.dup(out)
         pid = _fork()
         if pid == 0:  # pragma: no cover - the child
             status = 1
             try:
-                status = _child(fn, args, env, out, os.dup(out), cwd)
+                status = _child(fn, args, env, out, err, cwd)
             finally:
                 os._exit(status)
         os.close(out)
+        os.close(err)
         self.pid = pid
 
     def poll(self) -> int | None:

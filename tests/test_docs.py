@@ -7,7 +7,8 @@ made once by the blocks marked ``setup``):
 * ``<!-- run -->``: must exit 0; ``<!-- run: exit=N -->``: must exit N; ``expect=TEXT`` (after a ``;``):
   its output must contain TEXT;
 * ``<!-- run: background -->``: a server, started in the background on a free port of 127.0.0.1 (which
-  replaces the block's ``--port`` in every block of the page), once per distinct command for the session;
+  replaces the block's ``--port`` in every block of the page), once per distinct command for the session, as a
+  forked copy of the test process (``tests/_procs.py``) running the command line through the CLI's ``main``;
 * ``<!-- run: setup -->``: run once, in page order, to make the shared workspace;
 * ``<!-- run: needs=MODULE -->``: the page is skipped, with the reason, when MODULE cannot be imported;
 * ``<!-- file: NAME -->``: the block (``bash``, ``python`` or ``toml``) is written to NAME in the page's
@@ -15,7 +16,9 @@ made once by the blocks marked ``setup``):
 * ``<!-- demo-command -->`` / ``<!-- test-command -->``: the README's quick start (CI runs the test
   command; ``tests/test_demo.py`` the demo); a copy elsewhere must equal the README's.
 
-A bash block without a marker fails the test: nothing shown can go unrun.
+A bash block without a marker fails the test: nothing shown can go unrun. Its ``tamperprobe`` commands run
+through the console script's ``main`` (in this process, or forked for ``timeout``), other commands under bash
+(see ``_run``).
 """
 
 from __future__ import annotations
@@ -198,11 +201,13 @@ def _with_ports(body: str, ports: dict[str, str]) -> str:
     return body
 
 
-def _run(block: Block, cwd: Path, ports: dict[str, str], timeout: float = 300) -> Result:
+def _run(block: Block, cwd: Path, ports: dict[str, str], timeout: float = 300, *, workspaces: Path | None = None) -> Result:
     """Run a block as ``bash -e`` would: command by command, stopping at the first that fails.
 
     ``tamperprobe`` commands without shell syntax and Python blocks run in this process (the same ``main`` the
-    console script calls); anything else (pipes, redirections, other programs) runs under bash.
+    console script calls); ``timeout --preserve-status N tamperprobe ...`` in a forked copy of it, stopped as
+    ``timeout`` stops it (``_stopped_after``); anything else (pipes, redirections, other programs) runs under bash.
+    ``workspaces`` holds every page workspace (see ``_fresh_cli``; default: ``cwd``).
     """
     import shlex
 
@@ -218,8 +223,12 @@ def _run(block: Block, cwd: Path, ports: dict[str, str], timeout: float = 300) -
         if words[0] == "export" and all("=" in w for w in words[1:]):
             env.update(dict(w.split("=", 1) for w in words[1:]))
             continue
-        if words[0] == "tamperprobe" and not SHELL & set(words) and "$(" not in line and "`" not in line:
+        plain = not SHELL & set(words) and "$(" not in line and "`" not in line
+        stop = _timeout(words) if plain else None
+        if words[0] == "tamperprobe" and plain:
             rc = _in_process(words[1:], None, cwd, env, result)
+        elif stop is not None:
+            rc = _stopped_after(*stop, cwd, env, workspaces or cwd, result)
         else:
             done = subprocess.run(["bash", "-euo", "pipefail", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
             result.stdout, result.stderr, rc = result.stdout + done.stdout, result.stderr + done.stderr, done.returncode
@@ -227,6 +236,42 @@ def _run(block: Block, cwd: Path, ports: dict[str, str], timeout: float = 300) -
         if rc != 0:
             break
     return result
+
+
+def _timeout(words: list[str]) -> tuple[float, list[str]] | None:
+    """``timeout --preserve-status SECONDS tamperprobe ARGS`` -> (SECONDS, ARGS); None for any other command."""
+    if words[:2] != ["timeout", "--preserve-status"] or len(words) < 4 or words[3] != "tamperprobe" or not re.fullmatch(r"\d+(\.\d+)?", words[2]):
+        return None
+    return float(words[2]), words[4:]
+
+
+def _stopped_after(seconds: float, argv: list[str], cwd: Path, env: dict[str, str], workspaces: Path, result: Result) -> int:
+    """``timeout --preserve-status SECONDS tamperprobe ARGV`` as GNU timeout runs it, the command a forked copy of this
+    process (``_fresh_cli``) instead of a fresh interpreter: SIGTERM after SECONDS, and the command's own exit status
+    (128 + N when signal N ended it). A command still running 60 s after the SIGTERM is killed and fails the test
+    (``timeout`` would wait for it forever)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+        proc = _fork_cli(argv, cwd, env, workspaces, log=out, err_log=err)
+        try:
+            try:
+                status = proc.wait(timeout=seconds)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                status = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"tamperprobe {' '.join(argv)} did not stop within 60 s of SIGTERM:\n{err.read_text(errors='replace')[-3000:]}"
+            ) from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        result.stdout += out.read_text(errors="replace")
+        result.stderr += err.read_text(errors="replace")
+    return 128 - status if status < 0 else status
 
 
 def _check(block: Block, result: Result) -> None:
@@ -245,7 +290,7 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for path in pages():
         for block in runnable(path):
             if block.kind == "setup":
-                _check(block, _run(block, base, {}))
+                _check(block, _run(block, base, {}, workspaces=base.parent))
     assert (base / "model.pt").is_file() and (base / "model.tpf").is_file()
     return base
 
@@ -259,19 +304,26 @@ def _wait_for(port: str, server: Forked, log: Path, deadline: float = 90) -> Non
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", int(port))) == 0:
                 return
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError(f"nothing listened on 127.0.0.1:{port} within {deadline} s:\n{log.read_text(errors='replace')[-3000:]}")
 
 
-def _serve(argv: list[str], pythonpath: list[str], fresh_under: Path) -> None:
-    """In the forked child: ``tamperprobe ARGV`` as the console script would run it in a fresh interpreter, whose import path
+def _fresh_cli(argv: list[str], pythonpath: list[str], workspaces: Path) -> None:
+    """In a forked child: ``tamperprobe ARGV`` as the console script runs it in a fresh interpreter, whose import path
     starts with ``$PYTHONPATH`` and which has imported nothing from a page workspace (a factory module is read from its own
-    working directory, not taken from what this process imported for another page)."""
+    working directory, not taken from what this process imported for another page: everything under ``workspaces``)."""
     sys.path[:0] = pythonpath
     for name, module in list(sys.modules.items()):
-        if Path(getattr(module, "__file__", None) or "/").is_relative_to(fresh_under):
+        if name != "__main__" and Path(os.path.realpath(getattr(module, "__file__", None) or "/")).is_relative_to(workspaces):
             del sys.modules[name]
     cli_main(*argv)
+
+
+def _fork_cli(argv: list[str], cwd: Path, env: dict[str, str], workspaces: Path, log: Path, err_log: Path | None = None) -> Forked:
+    """``tamperprobe ARGV`` in the background, in a forked copy of this process (``tests/_procs.py``: no fresh ``import
+    torch``) with the environment and working directory a subprocess would have; its output into ``log`` (and ``err_log``)."""
+    pythonpath = env["PYTHONPATH"].split(os.pathsep)
+    return Forked(_fresh_cli, argv, pythonpath, workspaces.resolve(), log=log, err_log=err_log, env=env, cwd=cwd)
 
 
 PAGES_WITH_COMMANDS = [p for p in pages() if any(b.kind not in ("setup", "copy") for b in runnable(p))]
@@ -283,9 +335,10 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str,
     first page that shows the command (every page starts from the same files) and stopped at the end of the
     session; the fixture maps (command, page workspace) to the port.
 
-    A server is a forked copy of this process (``tests/_procs.py``: no fresh ``import torch``) running the command's
-    argv through the console script's ``main``, with the environment and working directory a subprocess would have,
-    listening on a real socket of 127.0.0.1."""
+    A server is a forked copy of this process (``_fork_cli``) running the command's argv through the console script's
+    ``main``, listening on a real socket of 127.0.0.1. What every ``serve`` imports (the server module, uvicorn) is
+    imported here once, before the first fork, instead of once in each child."""
+    import contextlib
     import shlex
 
     started: dict[str, str] = {}
@@ -298,9 +351,12 @@ def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str,
             free = str(_free_port())
             words = shlex.split(body.strip().replace(f"--port {port.group(1)}", f"--port {free}"))
             assert words[0] == "tamperprobe" and not SHELL & set(words), f"a background block is one tamperprobe command: {body}"
-            log, env = cwd / f"server-{len(processes)}.log", _env(cwd)
-            pythonpath = env["PYTHONPATH"].split(os.pathsep)
-            processes.append(Forked(_serve, words[1:], pythonpath, tmp_path_factory.getbasetemp(), log=log, env=env, cwd=cwd))
+            if words[1] == "serve":
+                with contextlib.suppress(ImportError):  # a missing server extra: the server's own error says so
+                    importlib.import_module("uvicorn")
+                    importlib.import_module("tamperprobe.server.app")
+            log = cwd / f"server-{len(processes)}.log"
+            processes.append(_fork_cli(words[1:], cwd, _env(cwd), tmp_path_factory.getbasetemp(), log=log))
             _wait_for(free, processes[-1], log)
             started[body] = free
         return started[body]
@@ -337,7 +393,13 @@ def test_page_commands_run(path: Path, workspace: Path, servers: Callable[[str, 
             for file in files:  # again, with the server's port in the URLs
                 (cwd / file.marker.split(":", 1)[1].strip()).write_text(_with_ports(file.body, ports), encoding="utf-8")
         else:
-            _check(block, _run(block, cwd, ports))
+            _check(block, _run(block, cwd, ports, workspaces=workspace.parent))
+
+
+def test_a_timeout_command_that_ends_first_gives_its_own_status_and_output(tmp_path: Path) -> None:
+    """The harness's ``timeout --preserve-status`` (``_stopped_after``; the fleet page's watch is the case it stops)."""
+    r = _run(Block("t", "bash", "run", "timeout --preserve-status 60 tamperprobe nosuch"), tmp_path, {}, workspaces=tmp_path)
+    assert (r.returncode, r.stdout) == (2, "") and "No such command 'nosuch'" in r.stderr, r.stderr
 
 
 # --- facts: the defaults table, the quoted numbers, the metric names --------------------------------------------------

@@ -68,6 +68,14 @@ def test_a_child_runs_in_the_working_directory_it_is_given_and_the_test_process_
     assert (tmp_path / "log").read_text() == f"{tmp_path / 'sub'}\n" and os.getcwd() == here
 
 
+def test_a_background_child_writes_stdout_and_stderr_to_one_log_or_to_two(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARENT_PID", str(os.getpid()))
+    assert Forked(_speak, "int", log=tmp_path / "both").wait(timeout=30) == 3
+    assert sorted((tmp_path / "both").read_text().splitlines()) == ["err", "out True"]  # stdout to a file is block-buffered
+    assert Forked(_speak, "exit", log=tmp_path / "out", err_log=tmp_path / "err").wait(timeout=30) == 4
+    assert ((tmp_path / "out").read_text(), (tmp_path / "err").read_text()) == ("out True\n", "err\n")
+
+
 def test_an_ascii_stdout_is_what_the_interpreter_would_build():
     r = run_forked(_stdout_encoding, extra_env={"PYTHONIOENCODING": "ascii"}, timeout=30)
     assert r.stdout.split() == ["ascii", "strict", "ascii", "backslashreplace"], r.stderr
