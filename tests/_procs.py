@@ -124,8 +124,8 @@ def run_forked(
 
     The status is what ``fn`` returns or passes to ``sys.exit`` (None: 0), 1 after an uncaught exception
     (its traceback on stderr), or minus a signal's number. ``env`` replaces the environment, ``extra_env``
-    adds to it; ``cwd`` is the child's working directory (the test process's stays). A child still running after ``timeout`` seconds is killed and ``subprocess.TimeoutExpired``
-    raised, as ``subprocess.run`` does.
+    adds to it; ``cwd`` is the child's working directory (the test process's stays where it is). A child still
+    running after ``timeout`` seconds is killed and ``subprocess.TimeoutExpired`` raised, as ``subprocess.run`` does.
     """
     name = [getattr(fn, "__name__", "fn"), *map(str, args)]
     if extra_env is not None:
