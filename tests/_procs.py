@@ -61,8 +61,10 @@ def cli_main(*args: str) -> Any:
     _tamperprobe_main()
 
 
-def _child(fn: Callable[..., Any], args: tuple[Any, ...], env: Mapping[str, str] | None, out: int, err: int) -> int:
-    """Runs in the forked child: rewire fds 0-2 and the std streams as an interpreter would, then ``fn(*args)``."""
+def _child(
+    fn: Callable[..., Any], args: tuple[Any, ...], env: Mapping[str, str] | None, out: int, err: int, cwd: str | os.PathLike | None = None
+) -> int:
+    """Runs in the forked child: rewire fds 0-2 and the std streams as an interpreter would, move to ``cwd``, then ``fn(*args)``."""
     code: Any = 1
     try:
         null = os.open(os.devnull, os.O_RDONLY)
@@ -74,6 +76,8 @@ def _child(fn: Callable[..., Any], args: tuple[Any, ...], env: Mapping[str, str]
         if env is not None:
             os.environ.clear()
             os.environ.update(env)
+        if cwd is not None:
+            os.chdir(cwd)
         if "torch" in sys.modules:  # one thread unless the command asks for more (see the module doc)
             sys.modules["torch"].set_num_threads(1)
         signal.signal(signal.SIGINT, signal.default_int_handler)
@@ -109,14 +113,19 @@ def _child(fn: Callable[..., Any], args: tuple[Any, ...], env: Mapping[str, str]
 
 
 def run_forked(
-    fn: Callable[..., Any], *args: Any, timeout: float = 120, env: Mapping[str, str] | None = None, extra_env: Mapping[str, str] | None = None
+    fn: Callable[..., Any],
+    *args: Any,
+    timeout: float = 120,
+    env: Mapping[str, str] | None = None,
+    extra_env: Mapping[str, str] | None = None,
+    cwd: str | os.PathLike | None = None,
 ) -> subprocess.CompletedProcess[str]:
     """``fn(*args)`` in a forked child; its stdout and stderr as text and its exit status as ``returncode``.
 
     The status is what ``fn`` returns or passes to ``sys.exit`` (None: 0), 1 after an uncaught exception
     (its traceback on stderr), or minus a signal's number. ``env`` replaces the environment, ``extra_env``
-    adds to it. A child still running after ``timeout`` seconds is killed and ``subprocess.TimeoutExpired``
-    raised, as ``subprocess.run`` does.
+    adds to it; ``cwd`` is the child's working directory (the test process's stays where it is). A child still
+    running after ``timeout`` seconds is killed and ``subprocess.TimeoutExpired`` raised, as ``subprocess.run`` does.
     """
     name = [getattr(fn, "__name__", "fn"), *map(str, args)]
     if extra_env is not None:
@@ -128,7 +137,7 @@ def run_forked(
         try:
             for r, _ in pipes:
                 os.close(r)
-            status = _child(fn, args, env, pipes[0][1], pipes[1][1])
+            status = _child(fn, args, env, pipes[0][1], pipes[1][1], cwd)
         finally:
             os._exit(status)
     for _, w in pipes:
@@ -222,22 +231,35 @@ def fresh_then_fork(prelude: str, bodies: list[str], *, timeout: float = 300) ->
 class Forked:
     """A forked child running ``fn(*args)`` in the background, its stdout and stderr into ``log`` (a Popen-like handle).
 
+    ``err_log`` gives stderr a file of its own (as ``Popen(stdout=..., stderr=...)`` with two files).
+
     For a server a test starts and stops: ``poll``, ``terminate`` (SIGTERM), ``kill`` and ``wait(timeout)`` behave as
-    ``subprocess.Popen``'s do; the child's own exit status is what ``fn`` returns (see ``run_forked``).
+    ``subprocess.Popen``'s do; the child's own exit status is what ``fn`` returns (see ``run_forked``). ``env`` and ``cwd``
+    are the child's environment and working directory, as ``Popen``'s are.
     """
 
-    def __init__(self, fn: Callable[..., Any], *args: Any, log: str | os.PathLike, env: Mapping[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *args: Any,
+        log: str | os.PathLike,
+        err_log: str | os.PathLike | None = None,
+        env: Mapping[str, str] | None = None,
+        cwd: str | os.PathLike | None = None,
+    ) -> None:
         self.args = [getattr(fn, "__name__", "fn"), *map(str, args)]
         self.returncode: int | None = None
         out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        err = os.open(err_log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600) if err_log is not None else os.dup(out)
         pid = _fork()
         if pid == 0:  # pragma: no cover - the child
             status = 1
             try:
-                status = _child(fn, args, env, out, os.dup(out))
+                status = _child(fn, args, env, out, err, cwd)
             finally:
                 os._exit(status)
         os.close(out)
+        os.close(err)
         self.pid = pid
 
     def poll(self) -> int | None:

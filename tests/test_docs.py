@@ -7,7 +7,8 @@ made once by the blocks marked ``setup``):
 * ``<!-- run -->``: must exit 0; ``<!-- run: exit=N -->``: must exit N; ``expect=TEXT`` (after a ``;``):
   its output must contain TEXT;
 * ``<!-- run: background -->``: a server, started in the background on a free port of 127.0.0.1 (which
-  replaces the block's ``--port`` in every block of the page), once per distinct command for the session;
+  replaces the block's ``--port`` in every block of the page), once per distinct command for the session, as a
+  forked copy of the test process (``tests/_procs.py``) running the command line through the CLI's ``main``;
 * ``<!-- run: setup -->``: run once, in page order, to make the shared workspace;
 * ``<!-- run: needs=MODULE -->``: the page is skipped, with the reason, when MODULE cannot be imported;
 * ``<!-- file: NAME -->``: the block (``bash``, ``python`` or ``toml``) is written to NAME in the page's
@@ -15,7 +16,9 @@ made once by the blocks marked ``setup``):
 * ``<!-- demo-command -->`` / ``<!-- test-command -->``: the README's quick start (CI runs the test
   command; ``tests/test_demo.py`` the demo); a copy elsewhere must equal the README's.
 
-A bash block without a marker fails the test: nothing shown can go unrun.
+A bash block without a marker fails the test: nothing shown can go unrun. Its ``tamperprobe`` commands run
+through the console script's ``main`` (in this process, or forked for ``timeout``), other commands under bash
+(see ``_run``).
 """
 
 from __future__ import annotations
@@ -35,6 +38,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from _procs import Forked, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -196,11 +201,13 @@ def _with_ports(body: str, ports: dict[str, str]) -> str:
     return body
 
 
-def _run(block: Block, cwd: Path, ports: dict[str, str], timeout: float = 300) -> Result:
+def _run(block: Block, cwd: Path, ports: dict[str, str], timeout: float = 300, *, workspaces: Path | None = None) -> Result:
     """Run a block as ``bash -e`` would: command by command, stopping at the first that fails.
 
     ``tamperprobe`` commands without shell syntax and Python blocks run in this process (the same ``main`` the
-    console script calls); anything else (pipes, redirections, other programs) runs under bash.
+    console script calls); ``timeout --preserve-status N tamperprobe ...`` in a forked copy of it, stopped as
+    ``timeout`` stops it (``_stopped_after``); anything else (pipes, redirections, other programs) runs under bash.
+    ``workspaces`` holds every page workspace (see ``_fresh_cli``; default: ``cwd``).
     """
     import shlex
 
@@ -216,8 +223,12 @@ def _run(block: Block, cwd: Path, ports: dict[str, str], timeout: float = 300) -
         if words[0] == "export" and all("=" in w for w in words[1:]):
             env.update(dict(w.split("=", 1) for w in words[1:]))
             continue
-        if words[0] == "tamperprobe" and not SHELL & set(words) and "$(" not in line and "`" not in line:
+        plain = not SHELL & set(words) and "$(" not in line and "`" not in line
+        stop = _timeout(words) if plain else None
+        if words[0] == "tamperprobe" and plain:
             rc = _in_process(words[1:], None, cwd, env, result)
+        elif stop is not None:
+            rc = _stopped_after(*stop, cwd, env, workspaces or cwd, result)
         else:
             done = subprocess.run(["bash", "-euo", "pipefail", "-c", line], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
             result.stdout, result.stderr, rc = result.stdout + done.stdout, result.stderr + done.stderr, done.returncode
@@ -225,6 +236,42 @@ def _run(block: Block, cwd: Path, ports: dict[str, str], timeout: float = 300) -
         if rc != 0:
             break
     return result
+
+
+def _timeout(words: list[str]) -> tuple[float, list[str]] | None:
+    """``timeout --preserve-status SECONDS tamperprobe ARGS`` -> (SECONDS, ARGS); None for any other command."""
+    if words[:2] != ["timeout", "--preserve-status"] or len(words) < 4 or words[3] != "tamperprobe" or not re.fullmatch(r"\d+(\.\d+)?", words[2]):
+        return None
+    return float(words[2]), words[4:]
+
+
+def _stopped_after(seconds: float, argv: list[str], cwd: Path, env: dict[str, str], workspaces: Path, result: Result) -> int:
+    """``timeout --preserve-status SECONDS tamperprobe ARGV`` as GNU timeout runs it, the command a forked copy of this
+    process (``_fresh_cli``) instead of a fresh interpreter: SIGTERM after SECONDS, and the command's own exit status
+    (128 + N when signal N ended it). A command still running 60 s after the SIGTERM is killed and fails the test
+    (``timeout`` would wait for it forever)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out, err = Path(tmp, "stdout"), Path(tmp, "stderr")
+        proc = _fork_cli(argv, cwd, env, workspaces, log=out, err_log=err)
+        try:
+            try:
+                status = proc.wait(timeout=seconds)
+            except subprocess.TimeoutExpired:
+                proc.terminate()
+                status = proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(
+                f"tamperprobe {' '.join(argv)} did not stop within 60 s of SIGTERM:\n{err.read_text(errors='replace')[-3000:]}"
+            ) from None
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        result.stdout += out.read_text(errors="replace")
+        result.stderr += err.read_text(errors="replace")
+    return 128 - status if status < 0 else status
 
 
 def _check(block: Block, result: Result) -> None:
@@ -243,45 +290,76 @@ def workspace(tmp_path_factory: pytest.TempPathFactory) -> Path:
     for path in pages():
         for block in runnable(path):
             if block.kind == "setup":
-                _check(block, _run(block, base, {}))
+                _check(block, _run(block, base, {}, workspaces=base.parent))
     assert (base / "model.pt").is_file() and (base / "model.tpf").is_file()
     return base
 
 
-def _wait_for(port: str, server: subprocess.Popen[bytes], deadline: float = 90) -> None:
+def _wait_for(port: str, server: Forked, log: Path, deadline: float = 90) -> None:
+    """Until the server listens on 127.0.0.1:``port``; a server that exits first or never listens fails the test, its log shown."""
     end = time.monotonic() + deadline
     while time.monotonic() < end:
         if server.poll() is not None:
-            raise AssertionError(f"the server exited with {server.returncode} before listening")
+            raise AssertionError(f"the server exited with {server.returncode} before listening:\n{log.read_text(errors='replace')[-3000:]}")
         with socket.socket() as s:
             if s.connect_ex(("127.0.0.1", int(port))) == 0:
                 return
-        time.sleep(0.2)
-    raise AssertionError(f"nothing listened on 127.0.0.1:{port} within {deadline} s")
+        time.sleep(0.05)
+    raise AssertionError(f"nothing listened on 127.0.0.1:{port} within {deadline} s:\n{log.read_text(errors='replace')[-3000:]}")
+
+
+def _fresh_cli(argv: list[str], pythonpath: list[str], workspaces: Path) -> None:
+    """In a forked child: ``tamperprobe ARGV`` as the console script runs it in a fresh interpreter, whose import path
+    starts with ``$PYTHONPATH`` and which has imported nothing from a page workspace (a factory module is read from its own
+    working directory, not taken from what this process imported for another page: everything under ``workspaces``)."""
+    sys.path[:0] = pythonpath
+    inside = str(workspaces) + os.sep
+    for name, module in list(sys.modules.items()):
+        file = getattr(module, "__file__", None)
+        if name != "__main__" and isinstance(file, str) and file.startswith(inside):
+            del sys.modules[name]
+    cli_main(*argv)
+
+
+def _fork_cli(argv: list[str], cwd: Path, env: dict[str, str], workspaces: Path, log: Path, err_log: Path | None = None) -> Forked:
+    """``tamperprobe ARGV`` in the background, in a forked copy of this process (``tests/_procs.py``: no fresh ``import
+    torch``) with the environment and working directory a subprocess would have; its output into ``log`` (and ``err_log``)."""
+    pythonpath = env["PYTHONPATH"].split(os.pathsep)
+    return Forked(_fresh_cli, argv, pythonpath, workspaces.resolve(), log=log, err_log=err_log, env=env, cwd=cwd)
 
 
 PAGES_WITH_COMMANDS = [p for p in pages() if any(b.kind not in ("setup", "copy") for b in runnable(p))]
 
 
 @pytest.fixture(scope="session")
-def servers() -> Iterator[Callable[[str, Path], str]]:
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[[str, Path], str]]:
     """The background blocks' servers, one per distinct command, started on a free port in the workspace of the
     first page that shows the command (every page starts from the same files) and stopped at the end of the
-    session; the fixture maps (command, page workspace) to the port."""
+    session; the fixture maps (command, page workspace) to the port.
+
+    A server is a forked copy of this process (``_fork_cli``) running the command's argv through the console script's
+    ``main``, listening on a real socket of 127.0.0.1. What every ``serve`` imports (the server module, uvicorn) is
+    imported here once, before the first fork, instead of once in each child."""
+    import contextlib
+    import shlex
+
     started: dict[str, str] = {}
-    processes: list[subprocess.Popen[bytes]] = []
-    logs = []
+    processes: list[Forked] = []
 
     def start(body: str, cwd: Path) -> str:
         if body not in started:
             port = re.search(r"--port (\d+)", body)
             assert port is not None, "a background block names its --port"
             free = str(_free_port())
-            log = open(cwd / f"server-{len(processes)}.log", "wb")  # noqa: SIM115 - closed at the end
-            logs.append(log)
-            command = body.strip().replace(f"--port {port.group(1)}", f"--port {free}")
-            processes.append(subprocess.Popen(["bash", "-c", f"exec {command}"], cwd=cwd, env=_env(cwd), stdout=log, stderr=log))
-            _wait_for(free, processes[-1])
+            words = shlex.split(body.strip().replace(f"--port {port.group(1)}", f"--port {free}"))
+            assert words[0] == "tamperprobe" and not SHELL & set(words), f"a background block is one tamperprobe command: {body}"
+            if words[1] == "serve":
+                with contextlib.suppress(ImportError):  # a missing server extra: the server's own error says so
+                    importlib.import_module("uvicorn")
+                    importlib.import_module("tamperprobe.server.app")
+            log = cwd / f"server-{len(processes)}.log"
+            processes.append(_fork_cli(words[1:], cwd, _env(cwd), tmp_path_factory.getbasetemp(), log=log))
+            _wait_for(free, processes[-1], log)
             started[body] = free
         return started[body]
 
@@ -293,8 +371,6 @@ def servers() -> Iterator[Callable[[str, Path], str]]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
-    for log in logs:
-        log.close()
 
 
 @pytest.mark.parametrize("path", PAGES_WITH_COMMANDS, ids=lambda p: p.relative_to(ROOT).as_posix())
@@ -319,7 +395,12 @@ def test_page_commands_run(path: Path, workspace: Path, servers: Callable[[str, 
             for file in files:  # again, with the server's port in the URLs
                 (cwd / file.marker.split(":", 1)[1].strip()).write_text(_with_ports(file.body, ports), encoding="utf-8")
         else:
-            _check(block, _run(block, cwd, ports))
+            _check(block, _run(block, cwd, ports, workspaces=workspace.parent))
+
+
+def test_a_server_that_fails_to_start_fails_the_test_with_its_log(servers: Callable[[str, Path], str], tmp_path: Path) -> None:
+    with pytest.raises(AssertionError, match=r"(?s)exited with 2 before listening:\n.*error: model file not found: nosuch\.pt"):
+        servers("tamperprobe serve nosuch.pt --port 8080", tmp_path)
 
 
 # --- facts: the defaults table, the quoted numbers, the metric names --------------------------------------------------

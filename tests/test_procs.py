@@ -53,6 +53,29 @@ def _env_value(name: str) -> None:
     print(os.environ.get(name))
 
 
+def _where() -> None:
+    print(os.getcwd())
+
+
+def test_a_child_runs_in_the_working_directory_it_is_given_and_the_test_process_stays(tmp_path):
+    """``cwd`` moves the child only, as ``subprocess``'s does: a relative path in the child is read from there."""
+    here = os.getcwd()
+    (tmp_path / "sub").mkdir()
+    r = run_forked(_where, cwd=tmp_path / "sub", timeout=30)
+    assert (r.returncode, r.stdout) == (0, f"{tmp_path / 'sub'}\n"), r.stderr
+    proc = Forked(_where, log=tmp_path / "log", cwd=tmp_path / "sub")
+    assert proc.wait(timeout=30) == 0
+    assert (tmp_path / "log").read_text() == f"{tmp_path / 'sub'}\n" and os.getcwd() == here
+
+
+def test_a_background_child_writes_stdout_and_stderr_to_one_log_or_to_two(tmp_path, monkeypatch):
+    monkeypatch.setenv("PARENT_PID", str(os.getpid()))
+    assert Forked(_speak, "int", log=tmp_path / "both").wait(timeout=30) == 3
+    assert sorted((tmp_path / "both").read_text().splitlines()) == ["err", "out True"]  # stdout to a file is block-buffered
+    assert Forked(_speak, "exit", log=tmp_path / "out", err_log=tmp_path / "err").wait(timeout=30) == 4
+    assert ((tmp_path / "out").read_text(), (tmp_path / "err").read_text()) == ("out True\n", "err\n")
+
+
 def test_an_ascii_stdout_is_what_the_interpreter_would_build():
     r = run_forked(_stdout_encoding, extra_env={"PYTHONIOENCODING": "ascii"}, timeout=30)
     assert r.stdout.split() == ["ascii", "strict", "ascii", "backslashreplace"], r.stderr
