@@ -38,3 +38,24 @@ def test_version():
 
     res = CliRunner().invoke(app, ["--version"])
     assert res.exit_code == 0 and res.output.strip() == f"tamperprobe {__version__}"
+
+
+def test_no_help_text_loses_words_to_rich_markup():
+    """``--help`` is rendered by rich, which reads ``[word]`` as a markup tag and drops it ("one [[endpoint]] per model"
+    printed as "one [] per model"): every help text of every command, option and argument shows as written."""
+    import typer.main
+    from rich.markup import render
+
+    from tamperprobe.cli.app import app
+
+    def texts(command, path: str):
+        yield path, command.help or ""
+        for param in command.params:
+            yield f"{path} {param.name}", getattr(param, "help", None) or ""
+        for name, sub in (getattr(command, "commands", None) or {}).items():  # a group (typer's own copy of click)
+            yield from texts(sub, f"{path} {name}")
+
+    seen = list(texts(typer.main.get_command(app), "tamperprobe"))
+    assert len(seen) > 100
+    lost = {where: text for where, text in seen if render(text).plain != text}
+    assert not lost, lost
