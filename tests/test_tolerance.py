@@ -185,7 +185,7 @@ def deep(tmp_path_factory):
     module = DeepResNet()
     data = load_data("digits")
     data = Dataset(data.x[:300], data.y[:300], "digits[300]", data.low, data.high)
-    fp = create_fingerprint(TorchModel(module), data, method="sensitive", size=10, bag=20, decoys=10, seed=0)
+    fp = create_fingerprint(TorchModel(module), data, method="sensitive", size=5, bag=10, decoys=5, seed=0)
     folder = tmp_path_factory.mktemp("deep")
     files = {suffix: save_model(module, folder / f"deep{suffix}", data.x[:2]) for suffix in (".onnx", ".pt")}
     return module, fp, files
@@ -312,12 +312,15 @@ def deep_classifier(tmp_path_factory):
 # one round of the boundary search instead of four: the margin rule (delta not given, so widened from the floor) is the same,
 # for a quarter of the deep model's forward passes
 ONE_ROUND = {"rounds": 1}
+# four markers (two crossed pairs) and four decoys: their floor asks for a margin ten times the default as eight did, and each
+# of the deep model's forward passes carries half the inputs
+FOUR = {"size": 4, "bag": 8, "decoys": 4}
 
 
 def test_label_only_markers_get_a_margin_above_the_benign_floor_on_a_deep_model(deep_classifier):
     """δ = 1e-4 would sit below what batch size 1 or ONNX Runtime move this model's logits by: it is raised to 10 floors."""
     module, data, onnx = deep_classifier
-    fp = create_fingerprint(TorchModel(module), data, output_spec="top1", size=8, bag=16, decoys=8, params=ONE_ROUND, seed=0)
+    fp = create_fingerprint(TorchModel(module), data, output_spec="top1", **FOUR, params=ONE_ROUND, seed=0)
     raised = fp.extra["delta_raised"]
     floor = fp.extra["benign_noise"]["floor"]
     assert fp.generator["method"] == "crossed" and raised["from"] == 1e-4
@@ -328,9 +331,7 @@ def test_label_only_markers_get_a_margin_above_the_benign_floor_on_a_deep_model(
         TorchModel(module),
         data,
         output_spec="top1",
-        size=8,
-        bag=16,
-        decoys=8,
+        **FOUR,
         params={**ONE_ROUND, "delta": raised["to"]},
         tolerance=fp.tolerance,
         seed=0,
@@ -364,9 +365,9 @@ def test_cli_fingerprint_widens_the_margin_too_and_keeps_a_given_one(deep_classi
         "--output-spec",
         "top1",
         "--size",
-        "8",
+        "4",
         "--bag",
-        "16",
+        "8",
         "--no-check",
         "--seed",
         "0",
@@ -399,6 +400,6 @@ def test_markers_that_cannot_be_remade_wider_are_kept_with_a_warning(deep_classi
 
     monkeypatch.setattr(Crossed, "_generate", narrow_only)
     with pytest.warns(MarginWarning, match="margin delta=0.0001"):
-        fp = create_fingerprint(TorchModel(module), data, output_spec="top1", size=8, bag=16, decoys=8, params=ONE_ROUND, seed=0)
+        fp = create_fingerprint(TorchModel(module), data, output_spec="top1", **FOUR, params=ONE_ROUND, seed=0)
     assert fp.generator["params"]["delta"] == 1e-4 and "delta_raised" not in fp.extra
     assert "simulated" in fp.extra["delta_raise_failed"]["error"]
