@@ -312,15 +312,12 @@ def deep_classifier(tmp_path_factory):
 # one round of the boundary search instead of four: the margin rule (delta not given, so widened from the floor) is the same,
 # for a quarter of the deep model's forward passes
 ONE_ROUND = {"rounds": 1}
-# four markers (two crossed pairs) and four decoys: their floor asks for a margin ten times the default as eight did, and each
-# of the deep model's forward passes carries half the inputs
-FOUR = {"size": 4, "bag": 8, "decoys": 4}
 
 
 def test_label_only_markers_get_a_margin_above_the_benign_floor_on_a_deep_model(deep_classifier):
     """δ = 1e-4 would sit below what batch size 1 or ONNX Runtime move this model's logits by: it is raised to 10 floors."""
     module, data, onnx = deep_classifier
-    fp = create_fingerprint(TorchModel(module), data, output_spec="top1", **FOUR, params=ONE_ROUND, seed=0)
+    fp = create_fingerprint(TorchModel(module), data, output_spec="top1", size=8, bag=16, decoys=8, params=ONE_ROUND, seed=0)
     raised = fp.extra["delta_raised"]
     floor = fp.extra["benign_noise"]["floor"]
     assert fp.generator["method"] == "crossed" and raised["from"] == 1e-4
@@ -331,7 +328,9 @@ def test_label_only_markers_get_a_margin_above_the_benign_floor_on_a_deep_model(
         TorchModel(module),
         data,
         output_spec="top1",
-        **FOUR,
+        size=8,
+        bag=16,
+        decoys=8,
         params={**ONE_ROUND, "delta": raised["to"]},
         tolerance=fp.tolerance,
         seed=0,
@@ -365,9 +364,9 @@ def test_cli_fingerprint_widens_the_margin_too_and_keeps_a_given_one(deep_classi
         "--output-spec",
         "top1",
         "--size",
-        "4",
-        "--bag",
         "8",
+        "--bag",
+        "16",
         "--no-check",
         "--seed",
         "0",
@@ -400,6 +399,6 @@ def test_markers_that_cannot_be_remade_wider_are_kept_with_a_warning(deep_classi
 
     monkeypatch.setattr(Crossed, "_generate", narrow_only)
     with pytest.warns(MarginWarning, match="margin delta=0.0001"):
-        fp = create_fingerprint(TorchModel(module), data, output_spec="top1", **FOUR, params=ONE_ROUND, seed=0)
+        fp = create_fingerprint(TorchModel(module), data, output_spec="top1", size=8, bag=16, decoys=8, params=ONE_ROUND, seed=0)
     assert fp.generator["params"]["delta"] == 1e-4 and "delta_raised" not in fp.extra
     assert "simulated" in fp.extra["delta_raise_failed"]["error"]
