@@ -142,10 +142,10 @@ def _greedy_step(words: np.ndarray, covered: np.ndarray, eligible: np.ndarray, p
     choice = np.asarray(np.argmax(np.where(best == top[..., None], priority, -1), axis=-1))
     if words.ndim == 2:  # one selection: (W, units)
         covered |= words[:, choice]
-    else:  # a batch: (W, rows, units), one pick per row
-        covered |= (
-            words[:, np.arange(words.shape[1]), choice] if words.ndim == 3 else np.take_along_axis(words, choice[None, ..., None], axis=-1)[..., 0]
-        )
+    elif words.ndim == 3:  # a batch: (W, rows, units), one pick per row
+        covered |= words[:, np.arange(words.shape[1]), choice]
+    else:
+        covered |= np.take_along_axis(words, choice[None, ..., None], axis=-1)[..., 0]
     return choice
 
 
