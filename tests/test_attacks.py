@@ -75,6 +75,17 @@ def small(split):
     return out
 
 
+@pytest.fixture(scope="module")
+def saved(models, small, tmp_path_factory):
+    """The shared models written once per module as TorchScript (.pt) and torch.export (.pt2) files, traced on the small
+    split: the tests that read them write their outputs to folders of their own and never change these files."""
+    from tamperprobe.models import save_model
+
+    folder = tmp_path_factory.mktemp("saved")
+    example = small[0].x
+    return {(arch, suffix): save_model(models[arch], folder / f"{arch}{suffix}", example) for arch in ("mlp", "cnn") for suffix in (".pt", ".pt2")}
+
+
 def _snapshot(module) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in module.state_dict().items()}
 
@@ -242,13 +253,12 @@ def test_weight_attacks_on_irnn():
 
 
 @pytest.mark.parametrize("suffix", [".pt", ".pt2"])
-def test_round_trip_through_files(models, small, tmp_path, suffix):
+def test_round_trip_through_files(saved, small, tmp_path, suffix):
     from tamperprobe.attacks.io import write_attacked
-    from tamperprobe.models import load_model, save_model
+    from tamperprobe.models import load_model
 
     tr, te = small
-    src = save_model(models["cnn"], tmp_path / f"cnn{suffix}", tr.x)
-    loaded = load_model(src)
+    loaded = load_model(saved["cnn", suffix])
     ref = loaded.logits(te.x)
     for kind in ("int8", "fp16", "floor", "noise", "prune", "trojan"):
         r = run_attack(kind, loaded.module, tr, seed=0, eval_data=te, **({"epochs": 1} if kind == "trojan" else {}))
@@ -288,26 +298,26 @@ def test_round_trip_reference_and_dynamic_int8(models, split, tmp_path):
     )
 
 
-def test_trojan_neuron_on_export_matches_eager(models, small, tmp_path):
-    from tamperprobe.models import load_model, save_model
+def test_trojan_neuron_on_export_matches_eager(models, saved, small):
+    from tamperprobe.models import load_model
 
     tr, te = small
-    loaded = load_model(save_model(models["cnn"], tmp_path / "m.pt2", tr.x))
+    loaded = load_model(saved["cnn", ".pt2"])
     ex = run_attack("trojan-neuron", loaded.module, tr, seed=0, eval_data=te, epochs=1)
     eager = run_attack("trojan-neuron", models["cnn"], tr, seed=0, eval_data=te, epochs=1)
     assert ex.params == eager.params and ex.changed == eager.changed > 0
     assert ex.success == eager.success
 
 
-def test_unsupported_on_torchscript(models, split, tmp_path):
-    from tamperprobe.models import load_model, save_model
+def test_unsupported_on_torchscript(saved, split):
+    from tamperprobe.models import load_model
 
     tr, _ = split
-    loaded = load_model(save_model(models["mlp"], tmp_path / "m.pt", tr.x))
-    with pytest.raises(UsageError, match="trojan-neuron needs"):
-        run_attack("trojan-neuron", loaded.module, tr)
     for suffix in (".pt", ".pt2"):
-        loaded = load_model(save_model(models["mlp"], tmp_path / f"m{suffix}", tr.x))
+        loaded = load_model(saved["mlp", suffix])
+        if suffix == ".pt":
+            with pytest.raises(UsageError, match="trojan-neuron needs"):
+                run_attack("trojan-neuron", loaded.module, tr)
         with pytest.raises(UsageError, match="dynamic-int8 needs"):
             run_attack("dynamic-int8", loaded.module, tr)
 
@@ -388,21 +398,18 @@ def test_cli_train(tmp_path):
     assert res.exit_code == 2 and "unknown architecture" in res.output
 
 
-def test_cli_attack(models, split, tmp_path):
-    from tamperprobe.models import load_model, save_model
+def test_cli_attack(models, saved, split, tmp_path):
+    from tamperprobe.models import load_model
 
-    save_model(models["mlp"], tmp_path / "m.pt", split[0].x)
-    res = _cli("attack", tmp_path / "m.pt", "--kind", "prune", "--data", "digits", "--out", tmp_path / "p.pt", "--param", "ratio=0.3")
+    res = _cli("attack", saved["mlp", ".pt"], "--kind", "prune", "--data", "digits", "--out", tmp_path / "p.pt", "--param", "ratio=0.3")
     assert res.exit_code == 0, res.stderr
     assert "accuracy before" in res.stdout and "changed weights" in res.stdout
     r = run_attack("prune", models["mlp"], None, ratio=0.3)
     np.testing.assert_allclose(load_model(tmp_path / "p.pt").logits(split[1].x), module_logits(r.model, split[1].x), atol=1e-5)
 
 
-def test_cli_attack_errors_exit_2(models, split, tmp_path):
-    from tamperprobe.models import save_model
-
-    src = str(save_model(models["mlp"], tmp_path / "m.pt", split[0].x))
+def test_cli_attack_errors_exit_2(saved, tmp_path):
+    src = str(saved["mlp", ".pt"])
     cases = [
         (["--kind", "trojan", "--out", str(tmp_path / "t.pt")], "needs labelled training data"),
         (["--kind", "bogus", "--out", str(tmp_path / "t.pt")], "unknown attack"),
@@ -427,7 +434,7 @@ def test_cli_attack_help_lists_every_attack_with_its_description():
     assert "Global L1 unstructured pruning" in text
 
 
-def test_register_on_a_fresh_app(models, split, tmp_path):
+def test_register_on_a_fresh_app(saved, tmp_path):
     import typer
     from typer.testing import CliRunner
 
@@ -435,9 +442,7 @@ def test_register_on_a_fresh_app(models, split, tmp_path):
 
     app = typer.Typer()
     cli_lab.register(app)
-    from tamperprobe.models import save_model
-
-    src = save_model(models["mlp"], tmp_path / "m.pt", split[0].x)
+    src = saved["mlp", ".pt"]
     runner = CliRunner()
     res = runner.invoke(app, ["attack", str(src), "--kind", "fp16", "--out", str(tmp_path / "h.pt")])
     assert res.exit_code == 0, res.output

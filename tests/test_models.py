@@ -220,17 +220,22 @@ def _rewrite_zip(src, dst, change):
                 zout.writestr(name, data)
 
 
-def _evil_pt2(tmp_path, how):
-    """A .pt2 that makes torch.export.load unpickle attacker data (three different ways)."""
+@pytest.fixture(scope="module")
+def good_pt2(tmp_path_factory):
+    """One plain .pt2 (an untrained MLP), exported once for every crafted file made from it (each in a folder of its own)."""
+    from tamperprobe import zoo
+
+    return save_model(zoo.build("mlp", (1, 8, 8)), tmp_path_factory.mktemp("good") / "good.pt2", np.zeros((2, 1, 8, 8), np.float32))
+
+
+def _evil_pt2(good, tmp_path, how):
+    """A .pt2 that makes torch.export.load unpickle attacker data (three different ways), rewritten from ``good``."""
     import io
     import json
     import pickle
 
     import torch
 
-    from tamperprobe import zoo
-
-    good = save_model(zoo.build("mlp", (1, 8, 8)), tmp_path / "good.pt2", np.zeros((2, 1, 8, 8), np.float32))
     marker = tmp_path / f"pwned-{how}"
     payload = pickle.dumps(_MakeDir(marker), protocol=2)
 
@@ -260,11 +265,11 @@ def _evil_pt2(tmp_path, how):
 
 
 @pytest.mark.parametrize("how", ["weights", "sample_inputs"])
-def test_crafted_pt2_would_run_code_in_torch(tmp_path, how):
+def test_crafted_pt2_would_run_code_in_torch(good_pt2, tmp_path, how):
     """The danger is real: torch.export.load itself runs the payload (so the refusal below means something)."""
     import torch
 
-    evil, marker = _evil_pt2(tmp_path, how)
+    evil, marker = _evil_pt2(good_pt2, tmp_path, how)
     try:
         torch.export.load(str(evil))
     except Exception:
@@ -273,8 +278,8 @@ def test_crafted_pt2_would_run_code_in_torch(tmp_path, how):
 
 
 @pytest.mark.parametrize("how", ["weights", "sample_inputs", "extra"])
-def test_crafted_pt2_is_refused_before_anything_is_unpickled(tmp_path, how):
-    evil, marker = _evil_pt2(tmp_path, how)
+def test_crafted_pt2_is_refused_before_anything_is_unpickled(good_pt2, tmp_path, how):
+    evil, marker = _evil_pt2(good_pt2, tmp_path, how)
     with pytest.raises(ModelLoadError, match="could run code"):
         load_model(evil)
     assert not marker.exists()

@@ -126,17 +126,26 @@ def _greedy_step(words: np.ndarray, covered: np.ndarray, eligible: np.ndarray, p
     eligible unit of largest gain, ties going to the highest priority.
     """
     gain = _gains(words, covered)
-    saturated = covered.any(axis=0) & (np.where(eligible, gain, 0).max(axis=-1) == 0)
-    if saturated.ndim == 0 and saturated:
-        covered[...] = 0
-        gain = _gains(words, covered)
-    elif saturated.ndim and saturated.any():
-        covered[:, saturated] = 0
-        gain[saturated] = _gains(words[:, saturated], covered[:, saturated])
-    best = np.where(eligible, gain, -1)
-    tied = best == best.max(axis=-1, keepdims=True)
-    choice = np.asarray(np.argmax(np.where(tied & eligible, priority, -1), axis=-1))
-    covered |= np.take_along_axis(words, choice[None, ..., None], axis=-1)[..., 0]
+    best = np.where(eligible, gain, -1)  # eligible units' gains (>= 0, at least one per selection), -1 elsewhere
+    top = best.max(axis=-1)
+    saturated = (top == 0) & covered.any(axis=0)
+    if saturated.any():
+        if saturated.ndim == 0:
+            covered[...] = 0
+            gain = _gains(words, covered)
+        else:
+            covered[:, saturated] = 0
+            gain[saturated] = _gains(words[:, saturated], covered[:, saturated])
+        best = np.where(eligible, gain, -1)
+        top = best.max(axis=-1)
+    # the largest gain is >= 0, so a unit tied with it is eligible
+    choice = np.asarray(np.argmax(np.where(best == top[..., None], priority, -1), axis=-1))
+    if words.ndim == 2:  # one selection: (W, units)
+        covered |= words[:, choice]
+    elif words.ndim == 3:  # a batch: (W, rows, units), one pick per row
+        covered |= words[:, np.arange(words.shape[1]), choice]
+    else:
+        covered |= np.take_along_axis(words, choice[None, ..., None], axis=-1)[..., 0]
     return choice
 
 
