@@ -363,29 +363,47 @@ def test_a_header_given_again_replaces_the_profiles_in_place_and_framing_is_refu
 # --------------------------------------------------------------------------- against the reference server
 
 
-@pytest.mark.parametrize("profile", ["python-requests", "tritonclient", "curl"])
-def test_every_profile_verifies_against_the_reference_server(profile):
-    """tamperprobe serve under each profile (tritonclient's: binary tensors, binary outputs, labels and
-    classification strings included): every output spec reads INTACT."""
+SERVED_SPECS = ["top1", "topk:3", "top1-prob:4", "probs:3", "logits"]
+
+
+@pytest.fixture(scope="module")
+def reference_servers():
+    """The reference server once per output spec, with a fingerprint of its model for that spec: every profile queries the same ones."""
+    import contextlib
+
     import torch
 
     from tamperprobe import zoo
     from tamperprobe.data import InputSpec
     from tamperprobe.fingerprint import make_fingerprint
     from tamperprobe.models import TorchModel
-    from tamperprobe.served.verify import INTACT, verify
     from tamperprobe.server.app import ServerThread
 
     torch.manual_seed(0)
     model = TorchModel(zoo.build("mlp", SHAPE).eval(), "m")
     xs = np.random.default_rng(2).random((4, *SHAPE)).astype(np.float32)
     reference = np.concatenate([model.logits(xs[i : i + 1]) for i in range(len(xs))])
-    for spec in ["top1", "topk:3", "top1-prob:4", "probs:3", "logits"]:
-        fp = make_fingerprint(xs, reference, InputSpec(SHAPE), {"method": "natural"}, "test", output_spec=spec)
-        with ServerThread(model, name="m", input_shape=SHAPE, output_spec=spec) as srv:
-            client = make_client("kserve", srv.url, model_name="m", profile=profile, retries=0, classes=10)
-            with client:
-                report = verify(fp, client)
+    with contextlib.ExitStack() as stack:
+        yield {
+            spec: (
+                make_fingerprint(xs, reference, InputSpec(SHAPE), {"method": "natural"}, "test", output_spec=spec),
+                stack.enter_context(ServerThread(model, name="m", input_shape=SHAPE, output_spec=spec)),
+            )
+            for spec in SERVED_SPECS
+        }
+
+
+@pytest.mark.parametrize("profile", ["python-requests", "tritonclient", "curl"])
+def test_every_profile_verifies_against_the_reference_server(profile, reference_servers):
+    """tamperprobe serve under each profile (tritonclient's: binary tensors, binary outputs, labels and
+    classification strings included): every output spec reads INTACT."""
+    from tamperprobe.served.verify import INTACT, verify
+
+    for spec in SERVED_SPECS:
+        fp, srv = reference_servers[spec]
+        client = make_client("kserve", srv.url, model_name="m", profile=profile, retries=0, classes=10)
+        with client:
+            report = verify(fp, client)
         assert report.verdict == INTACT, (spec, report.summary())
 
 

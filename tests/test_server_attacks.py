@@ -101,7 +101,7 @@ def _response(s: socket.socket) -> tuple[int, bytes]:
 
 def test_tls_connections_silent_before_the_client_hello_are_closed_at_the_header_deadline(model, certificate):
     """Before: asyncio's own 60 s handshake timeout applied, the header deadline did not."""
-    limits = Limits(header_timeout=0.5)
+    limits = Limits(header_timeout=0.3)
     with ServerThread(model, input_shape=SHAPE, limits=limits, tls_cert=certificate[0], tls_key=certificate[1]) as srv:
         stalled = [_connect(srv) for _ in range(3)]
         t0 = time.monotonic()
@@ -160,7 +160,7 @@ def test_connections_that_send_headers_and_no_body_hold_no_inference_slot(model)
 
 
 def test_a_body_not_sent_within_the_body_timeout_ends_the_connection(model):
-    limits = Limits(body_timeout=0.5)
+    limits = Limits(body_timeout=0.3)
     with ServerThread(model, input_shape=SHAPE, limits=limits) as srv:
         s = _connect(srv)
         s.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(BODY)}\r\n\r\n".encode() + BODY[:10])

@@ -1,0 +1,71 @@
+"""uvicorn's server for ``ServerThread``: it stops when asked, not at its next tick and a fixed pause later.
+
+``uvicorn.Server`` notices ``should_exit`` on a 0.1 s tick and then pauses 0.1 s after asking its connections to
+close, before it waits for them in 0.1 s steps: every stop of a background server (tests and the demo start many)
+took 0.15 s or more of doing nothing. ``PromptServer`` takes the same steps in the same order: its tick is still
+0.1 s (the Date header is refreshed on it) but ``request_exit`` wakes it at once; the shutdown stops accepting,
+asks every connection to close and waits for them and for the running requests, up to the configured
+``timeout_graceful_shutdown``, checking every few milliseconds instead of every 0.1 s, and cancels what is left.
+``serve`` (the command) keeps uvicorn's own server: it stops on a signal, where a tenth of a second does not matter.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from typing import Any
+
+import uvicorn
+
+_TICK = 0.1  # uvicorn's own: on_tick counts these (the Date header is refreshed every 10th)
+_POLL = 0.005  # how often the shutdown looks whether the connections and requests are gone
+
+
+class PromptServer(uvicorn.Server):
+    """``uvicorn.Server`` whose ``request_exit`` (from any thread) ends ``run`` promptly."""
+
+    def __init__(self, config: uvicorn.Config) -> None:
+        super().__init__(config)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._wake: asyncio.Event | None = None
+
+    def request_exit(self) -> None:
+        """Ask the server to stop, from any thread: its loop wakes now instead of at the next tick."""
+        self.should_exit = True
+        loop, wake = self._loop, self._wake
+        if loop is not None and wake is not None:
+            with contextlib.suppress(RuntimeError):  # the loop has ended already: nothing to wake
+                loop.call_soon_threadsafe(wake.set)
+
+    async def main_loop(self) -> None:
+        self._wake = asyncio.Event()
+        self._loop = asyncio.get_running_loop()
+        counter = 0
+        should_exit = await self.on_tick(counter)
+        while not should_exit:
+            counter = (counter + 1) % 864000
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), _TICK)
+            should_exit = await self.on_tick(counter)
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        for server in self.servers:
+            server.close()
+        for sock in sockets or []:
+            sock.close()
+        state: Any = self.server_state
+        for connection in list(state.connections):
+            connection.shutdown()
+        loop = asyncio.get_running_loop()
+        grace = self.config.timeout_graceful_shutdown
+        end = loop.time() + (float("inf") if grace is None else grace)
+        while (state.connections or state.tasks) and not self.force_exit and loop.time() < end:
+            await asyncio.sleep(_POLL)
+        if not self.force_exit:
+            for task in list(state.tasks):  # still running when the graceful time ran out
+                task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
+        for server in self.servers:
+            await server.wait_closed()
+        if not self.force_exit:
+            await self.lifespan.shutdown()
