@@ -222,7 +222,7 @@ def test_cli_serve_subprocess(setup, tmp_path):
                 pass
             assert proc.poll() is None, log.read_text()
             assert time.monotonic() < deadline, "serve did not start"
-            time.sleep(0.1)
+            time.sleep(0.02)
         r = run("verify", setup["fp_path"], "--endpoint", url, "--model-name", "digits", "--output-spec", "top1", "--allow-weaker-spec")
         assert r.exit_code == 0, r.stdout + r.stderr
     finally:

@@ -150,6 +150,48 @@ def test_requests_are_processed_on_worker_threads_not_the_event_loop(model):
     assert rec.threads and all(t.startswith("tamperprobe-infer") for t in rec.threads)
 
 
+class _Held(torch.nn.Module):
+    """The mlp, but every batch waits for ``gate`` first (``entered`` says one has arrived)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def forward(self, x):
+        self.entered.set()
+        assert self.gate.wait(20)
+        return self.inner(x)
+
+
+def test_stopping_lets_a_running_request_finish_and_refuses_new_ones(model):
+    """``ServerThread.stop`` stops at once when nothing runs (``server/_stopping.py``), yet a request the model is still
+    running gets its answer, an idle kept-alive connection is closed, and stop returns only after both."""
+    held = _Held(model.module)
+    held.gate.set()  # the start-up probe passes
+    srv = ServerThread(TorchModel(held, "held"), input_shape=SHAPE).start()
+    idle = _connect(srv)
+    idle.sendall(_request("/v2/health/live", method="GET"))
+    assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+    held.entered.clear()
+    held.gate.clear()
+    answer: dict = {}
+    running = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{srv.url}/v2/models/model/infer", content=BODY, timeout=20)))
+    running.start()
+    assert held.entered.wait(20)
+    stopper = threading.Thread(target=srv.stop)
+    stopper.start()
+    assert _closed_by_server(idle)  # the idle connection is closed while the running request goes on
+    assert stopper.is_alive()  # stop waits for the running request
+    held.gate.set()
+    running.join(20)
+    stopper.join(20)
+    assert not stopper.is_alive() and answer["r"].status_code == 200
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", srv.port)) != 0  # and nothing answers any more
+
+
 def test_bad_limits_are_usage_errors():
     from tamperprobe.errors import UsageError
 

@@ -73,7 +73,7 @@ def server(repo, tmp_path_factory):
             except httpx.HTTPError:
                 pass
             assert proc.poll() is None, log.read_text()
-            time.sleep(0.2)
+            time.sleep(0.02)
         yield url, log
     finally:
         proc.terminate()
