@@ -22,6 +22,8 @@ from tamperprobe.fleet.watch import FleetWatch
 from tamperprobe.models import TorchModel
 from tamperprobe.server.app import ServerThread
 
+HTTP = httpx.Client(timeout=5, limits=httpx.Limits(max_keepalive_connections=0))  # one TLS context for the module, not one per request
+
 
 @pytest.fixture(scope="module")
 def world(digits, tmp_path_factory):
@@ -119,7 +121,7 @@ def test_fleet_check_bad_file_sends_nothing(world, tmp_path):
 
 
 def _metric(port: int, name: str, **labels: str) -> float | None:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    text = HTTP.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])

@@ -22,6 +22,8 @@ from tamperprobe.served.monitor import EventLog, Metrics
 from tamperprobe.served.watch import watch
 from tamperprobe.server.app import ServerThread
 
+HTTP = httpx.Client(timeout=5, limits=httpx.Limits(max_keepalive_connections=0))  # one TLS context for the module, not one per request
+
 pytest.importorskip("prometheus_client")
 
 
@@ -41,7 +43,7 @@ def models(digits):
 
 
 def _metric(port: int, name: str, **labels: str) -> float | None:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    text = HTTP.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
@@ -189,7 +191,7 @@ def test_closed_metrics_stop_serving_and_free_their_port():
     for read_first in (False, True):
         metrics = Metrics(0)
         if read_first:
-            assert "tamperprobe_tampered" in httpx.get(f"http://127.0.0.1:{metrics.port}/metrics", timeout=5).text
+            assert "tamperprobe_tampered" in HTTP.get(f"http://127.0.0.1:{metrics.port}/metrics", timeout=5).text
         metrics.close()
         assert not metrics._thread.is_alive()
         with socket.socket() as s:

@@ -36,6 +36,7 @@ from tamperprobe.server.app import ServerThread
 from tamperprobe.server.guard import Limits
 
 SHAPE = (1, 8, 8)
+HTTP = httpx.Client(timeout=5, limits=httpx.Limits(max_keepalive_connections=0))  # one TLS context for the module, not one per request
 BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, *SHAPE], "datatype": "FP32", "data": [0.5] * 64}]}).encode()
 
 
@@ -84,7 +85,7 @@ def test_slow_clients_are_disconnected(model, case, send):
         s = _connect(srv)
         s.sendall(send)
         assert _closed_by_server(s), case
-        assert httpx.get(f"{srv.url}/v2/health/live").status_code == 200
+        assert HTTP.get(f"{srv.url}/v2/health/live").status_code == 200
 
 
 def test_idle_keep_alive_connections_are_closed(model):
@@ -116,18 +117,18 @@ def test_no_redirect_and_no_host_echo(model):
     with ServerThread(model, input_shape=SHAPE) as srv, ServerThread(model, input_shape=SHAPE, token="tok") as guarded:
         for server, auth in ((srv, {}), (guarded, {}), (guarded, {"Authorization": "Bearer tok"})):
             for method, path in (("GET", "/v2/models/model/"), ("POST", "/v2/models/model/infer/"), ("GET", "/v2/health/live/"), ("GET", "/v2/")):
-                r = httpx.request(method, server.url + path, headers={"Host": evil_host, **auth}, content=BODY if method == "POST" else None)
+                r = HTTP.request(method, server.url + path, headers={"Host": evil_host, **auth}, content=BODY if method == "POST" else None)
                 assert r.status_code in (401, 404), (path, r.status_code)
                 assert "location" not in r.headers and "evil" not in r.text
                 if server is guarded and not auth:
                     assert r.status_code == 401  # authentication comes before routing: unknown paths reveal nothing
-        assert "server" not in httpx.get(srv.url + "/v2/health/live").headers  # no software banner
+        assert "server" not in HTTP.get(srv.url + "/v2/health/live").headers  # no software banner
 
 
 def test_json_heavy_in_containers_is_refused_before_parsing(model):
     with ServerThread(model, input_shape=SHAPE, max_batch=4) as srv:
         body = b'{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5]}], "pad": [' + b"[]," * 5000 + b"[]]}"
-        r = httpx.post(f"{srv.url}/v2/models/model/infer", content=body)
+        r = HTTP.post(f"{srv.url}/v2/models/model/infer", content=body)
         assert r.status_code == 400 and "lists and objects" in r.json()["error"]
 
 
@@ -146,7 +147,7 @@ def test_requests_are_processed_on_worker_threads_not_the_event_loop(model):
     rec = _ThreadRecorder(model.module)
     with ServerThread(TorchModel(rec, "rec"), input_shape=SHAPE) as srv:
         rec.threads.clear()  # the start-up probe ran in this thread
-        assert httpx.post(f"{srv.url}/v2/models/model/infer", content=BODY).status_code == 200
+        assert HTTP.post(f"{srv.url}/v2/models/model/infer", content=BODY).status_code == 200
     assert rec.threads and all(t.startswith("tamperprobe-infer") for t in rec.threads)
 
 
@@ -225,7 +226,7 @@ def test_a_body_over_the_cap_gets_its_413_not_a_connection_reset(model):
         for i in range(50):
             with _connect(srv) as s:
                 assert _send_then_read(s, request).startswith(b"HTTP/1.1 413 "), i
-        assert httpx.post(f"{srv.url}/v2/models/model/infer", content=BODY).status_code == 200
+        assert HTTP.post(f"{srv.url}/v2/models/model/infer", content=BODY).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -246,7 +247,7 @@ def test_every_answer_before_the_request_is_read_reaches_the_client(model, case,
         for i in range(10):
             with _connect(srv) as s:
                 assert _send_then_read(s, request_bytes).startswith(b"HTTP/1.1 " + status + b" "), (case, i)
-        assert httpx.get(f"{srv.url}/v2/health/live").status_code == 200
+        assert HTTP.get(f"{srv.url}/v2/health/live").status_code == 200
 
 
 def test_lingering_is_bounded_in_time_and_in_bytes(model):

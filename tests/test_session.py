@@ -35,6 +35,7 @@ from tamperprobe.served.targets import QueryResult
 from tamperprobe.server.app import ServerThread
 
 SHAPE = (1, 8, 8)
+HTTP = httpx.Client(timeout=5, limits=httpx.Limits(max_keepalive_connections=0))  # one TLS context for the module, not one per request
 N = 20  # markers in the pool
 
 
@@ -216,7 +217,7 @@ def test_every_altered_signed_file_exits_3(world, tmp_path):
 
 
 def _metric(port: int, name: str) -> float | None:
-    for line in httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
+    for line in HTTP.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text.splitlines():
         if line.startswith(name + "{"):
             return float(line.rsplit(" ", 1)[1])
     return None
