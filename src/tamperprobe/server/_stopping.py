@@ -1,12 +1,12 @@
-"""uvicorn's server for ``ServerThread``: it stops when asked, not at its next tick and a fixed pause later.
+"""uvicorn's server for ``ServerThread`` and ``serve``: it stops when asked, not at its next tick and a fixed pause later.
 
 ``uvicorn.Server`` notices ``should_exit`` on a 0.1 s tick and then pauses 0.1 s after asking its connections to
-close, before it waits for them in 0.1 s steps: every stop of a background server (tests and the demo start many)
-took 0.15 s or more of doing nothing. ``PromptServer`` takes the same steps in the same order: its tick is still
-0.1 s (the Date header is refreshed on it) but ``request_exit`` wakes it at once; the shutdown stops accepting,
-asks every connection to close and waits for them and for the running requests, up to the configured
-``timeout_graceful_shutdown``, checking every few milliseconds instead of every 0.1 s, and cancels what is left.
-``serve`` (the command) keeps uvicorn's own server: it stops on a signal, where a tenth of a second does not matter.
+close, before it waits for them in 0.1 s steps: every stop of a server (tests and the demo start many) took 0.15 s
+or more of doing nothing. ``PromptServer`` takes the same steps in the same order: its tick is still 0.1 s (the Date
+header is refreshed on it) but ``request_exit`` (``ServerThread.stop``, any thread) and uvicorn's own signal handler
+(``serve``: SIGINT, SIGTERM) wake it at once; the shutdown stops accepting, asks every connection to close and waits
+for them and for the running requests, up to the configured ``timeout_graceful_shutdown``, checking every few
+milliseconds instead of every 0.1 s, and cancels what is left. A second SIGINT still forces the exit, as uvicorn's.
 """
 
 from __future__ import annotations
@@ -33,10 +33,18 @@ class PromptServer(uvicorn.Server):
     def request_exit(self) -> None:
         """Ask the server to stop, from any thread: its loop wakes now instead of at the next tick."""
         self.should_exit = True
+        self._wake_up()
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        """uvicorn's handler of SIGINT and SIGTERM (it sets ``should_exit``, or ``force_exit`` on a second SIGINT), then the wake-up."""
+        super().handle_exit(sig, frame)
+        self._wake_up()
+
+    def _wake_up(self) -> None:
         loop, wake = self._loop, self._wake
         if loop is not None and wake is not None:
             with contextlib.suppress(RuntimeError):  # the loop has ended already: nothing to wake
-                loop.call_soon_threadsafe(wake.set)
+                loop.call_soon_threadsafe(wake.set)  # safe in a signal handler too (asyncio.Runner wakes its loop so on SIGINT)
 
     async def main_loop(self) -> None:
         self._wake = asyncio.Event()

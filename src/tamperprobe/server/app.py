@@ -415,7 +415,9 @@ def serve(
     ``input_shape`` and ``max_batch`` are the defaults of models whose config.toml leaves them out,
     its models load on first use unless ``eager``, and ``on_event`` hears one line per load.
     """
-    import uvicorn  # first: a missing server extra is reported before any work
+    import uvicorn  # noqa: F401 - first: a missing server extra is reported before any work
+
+    from ._stopping import PromptServer
 
     warn = on_warning or (lambda _text: None)
     if not 0 <= port <= 65535:
@@ -449,7 +451,7 @@ def serve(
             where = "/v2/models/<name>/infer"
         on_ready(f"serving {what} at {scheme}://{shown}:{port}{where}{' (token required)' if token else ''}")
     try:
-        uvicorn.Server(_uvicorn_config(app, limits, host=host, port=port, log_level=log_level, tls=tls)).run()
+        PromptServer(_uvicorn_config(app, limits, host=host, port=port, log_level=log_level, tls=tls)).run()
     finally:
         shutdown(app)
 
