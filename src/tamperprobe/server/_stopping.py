@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import socket
 from typing import Any
 
@@ -20,6 +21,7 @@ import uvicorn
 
 _TICK = 0.1  # uvicorn's own: on_tick counts these (the Date header is refreshed every 10th)
 _POLL = 0.005  # how often the shutdown looks whether the connections and requests are gone
+_log = logging.getLogger("uvicorn.error")  # uvicorn's own lines about the shutdown, where uvicorn writes them
 
 
 class PromptServer(uvicorn.Server):
@@ -58,6 +60,7 @@ class PromptServer(uvicorn.Server):
             should_exit = await self.on_tick(counter)
 
     async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        _log.info("Shutting down")
         for server in self.servers:
             server.close()
         for sock in sockets or []:
@@ -65,15 +68,22 @@ class PromptServer(uvicorn.Server):
         state: Any = self.server_state
         for connection in list(state.connections):
             connection.shutdown()
-        loop = asyncio.get_running_loop()
-        grace = self.config.timeout_graceful_shutdown
-        end = loop.time() + (float("inf") if grace is None else grace)
-        while (state.connections or state.tasks) and not self.force_exit and loop.time() < end:
-            await asyncio.sleep(_POLL)
-        if not self.force_exit:
-            for task in list(state.tasks):  # still running when the graceful time ran out
+        try:
+            async with asyncio.timeout(self.config.timeout_graceful_shutdown):
+                await self._drained(state)
+        except TimeoutError:
+            _log.error("Cancel %s running task(s), timeout graceful shutdown exceeded", len(state.tasks))
+            for task in list(state.tasks):
                 task.cancel(msg="Task cancelled, timeout graceful shutdown exceeded")
-        for server in self.servers:
-            await server.wait_closed()
         if not self.force_exit:
             await self.lifespan.shutdown()
+
+    async def _drained(self, state: Any) -> None:
+        """Until the connections have closed, then the running requests have ended (a forced exit stops waiting)."""
+        for what, left in (("connections to close", state.connections), ("background tasks to complete", state.tasks)):
+            if left and not self.force_exit:
+                _log.info("Waiting for %s. (CTRL+C to force quit)", what)
+            while left and not self.force_exit:
+                await asyncio.sleep(_POLL)
+        for server in self.servers:
+            await server.wait_closed()
