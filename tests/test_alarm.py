@@ -25,7 +25,7 @@ from fakes import Scripted, confident_mlp, kserve, reply
 from tamperprobe.cli.app import app
 from tamperprobe.data import InputSpec
 from tamperprobe.fingerprint import make_fingerprint, save
-from tamperprobe.served import history
+from tamperprobe.served import history, ledger
 from tamperprobe.server.app import ServerThread
 
 SHAPE = (1, 8, 8)
@@ -54,9 +54,13 @@ def _hook(out):
     return f'{sys.executable} -c "{code}"'
 
 
-def _broken_history(kind, tmp_path):
+def _broken_history(kind, tmp_path, monkeypatch):
     """A history path that cannot be written, and what keeps it broken (a held lock)."""
     if kind == "locked":
+        # The lock is held for the whole run, so every write fails however long it waits: 0.2 s here, not
+        # WRITE_TIMEOUT's 2 s (test_a_locked_history_waits_a_bounded_time is the test of that wait).
+        for write in (ledger.claim, history.record):
+            monkeypatch.setitem(write.__kwdefaults__, "timeout", 0.2)
         path = tmp_path / "locked.sqlite"
         history.runs(path)  # creates the schema
         holder = sqlite3.connect(path, isolation_level=None)
@@ -87,8 +91,8 @@ KINDS = ["locked", "corrupt", "directory", "parent is a file", "unwritable folde
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_verify_tampered_with_broken_history_prints_and_exits_1(world, tmp_path, kind):
-    path, holder = _broken_history(kind, tmp_path)
+def test_verify_tampered_with_broken_history_prints_and_exits_1(world, tmp_path, monkeypatch, kind):
+    path, holder = _broken_history(kind, tmp_path, monkeypatch)
     try:
         with ServerThread(world["tampered"], name="m", input_shape=SHAPE) as srv:
             r = run("verify", world["fp"], "--endpoint", srv.url, "--model-name", "m", "--retries", "0", "--history", path, "--allow-repeat")
@@ -102,8 +106,8 @@ def test_verify_tampered_with_broken_history_prints_and_exits_1(world, tmp_path,
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_watch_tampered_with_broken_history_runs_the_hook_and_exits_1(world, tmp_path, kind):
-    path, holder = _broken_history(kind, tmp_path)
+def test_watch_tampered_with_broken_history_runs_the_hook_and_exits_1(world, tmp_path, monkeypatch, kind):
+    path, holder = _broken_history(kind, tmp_path, monkeypatch)
     hook_out = tmp_path / "hook.jsonl"
     try:
         with ServerThread(world["tampered"], name="m", input_shape=SHAPE) as srv:

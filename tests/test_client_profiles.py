@@ -363,29 +363,47 @@ def test_a_header_given_again_replaces_the_profiles_in_place_and_framing_is_refu
 # --------------------------------------------------------------------------- against the reference server
 
 
-@pytest.mark.parametrize("profile", ["python-requests", "tritonclient", "curl"])
-def test_every_profile_verifies_against_the_reference_server(profile):
-    """tamperprobe serve under each profile (tritonclient's: binary tensors, binary outputs, labels and
-    classification strings included): every output spec reads INTACT."""
+SERVED_SPECS = ["top1", "topk:3", "top1-prob:4", "probs:3", "logits"]
+
+
+@pytest.fixture(scope="module")
+def reference_servers():
+    """The reference server once per output spec, with a fingerprint of its model for that spec: every profile queries the same ones."""
+    import contextlib
+
     import torch
 
     from tamperprobe import zoo
     from tamperprobe.data import InputSpec
     from tamperprobe.fingerprint import make_fingerprint
     from tamperprobe.models import TorchModel
-    from tamperprobe.served.verify import INTACT, verify
     from tamperprobe.server.app import ServerThread
 
     torch.manual_seed(0)
     model = TorchModel(zoo.build("mlp", SHAPE).eval(), "m")
     xs = np.random.default_rng(2).random((4, *SHAPE)).astype(np.float32)
     reference = np.concatenate([model.logits(xs[i : i + 1]) for i in range(len(xs))])
-    for spec in ["top1", "topk:3", "top1-prob:4", "probs:3", "logits"]:
-        fp = make_fingerprint(xs, reference, InputSpec(SHAPE), {"method": "natural"}, "test", output_spec=spec)
-        with ServerThread(model, name="m", input_shape=SHAPE, output_spec=spec) as srv:
-            client = make_client("kserve", srv.url, model_name="m", profile=profile, retries=0, classes=10)
-            with client:
-                report = verify(fp, client)
+    with contextlib.ExitStack() as stack:
+        yield {
+            spec: (
+                make_fingerprint(xs, reference, InputSpec(SHAPE), {"method": "natural"}, "test", output_spec=spec),
+                stack.enter_context(ServerThread(model, name="m", input_shape=SHAPE, output_spec=spec)),
+            )
+            for spec in SERVED_SPECS
+        }
+
+
+@pytest.mark.parametrize("profile", ["python-requests", "tritonclient", "curl"])
+def test_every_profile_verifies_against_the_reference_server(profile, reference_servers):
+    """tamperprobe serve under each profile (tritonclient's: binary tensors, binary outputs, labels and
+    classification strings included): every output spec reads INTACT."""
+    from tamperprobe.served.verify import INTACT, verify
+
+    for spec in SERVED_SPECS:
+        fp, srv = reference_servers[spec]
+        client = make_client("kserve", srv.url, model_name="m", profile=profile, retries=0, classes=10)
+        with client:
+            report = verify(fp, client)
         assert report.verdict == INTACT, (spec, report.summary())
 
 
@@ -421,22 +439,29 @@ def test_binary_outputs_are_read_like_json_ones():
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="curl is not installed")
 def test_curl_profile_expects_100_continue_on_a_large_body_as_curl_does(server, tmp_path, monkeypatch):
-    """Over 1 MiB curl adds ``Expect: 100-continue`` and holds the body back (1 s when the server says nothing): so does the profile."""
+    """Over 1 MiB curl adds ``Expect: 100-continue`` and holds the body back (1 s when the server says nothing): so does the profile.
+    curl and the profile send at the same time (each waits its second on its own connection): their requests are byte-equal."""
     import time
+    from concurrent.futures import ThreadPoolExecutor
 
     big = np.random.default_rng(1).random((1, 3, 140, 140)).astype(np.float32)  # about 1.1 MB of JSON
-    t0 = time.monotonic()
-    _curl_script("json", server.url, big, "none", tmp_path)
-    curl_seconds = time.monotonic() - t0
-    ordinary = server.take()
-    t0 = time.monotonic()
-    template = json.dumps(TEMPLATE)
-    client = make_client("json", server.url, template=template, profile="curl", retries=0, timeout=10, shuffle=False)
-    with client:
-        (a,) = client.query(big, OutputSpec.parse("logits")).answers
-    ours_seconds = time.monotonic() - t0
+
+    def curl_seconds() -> float:
+        t0 = time.monotonic()
+        _curl_script("json", server.url, big, "none", tmp_path)
+        return time.monotonic() - t0
+
+    with ThreadPoolExecutor(1) as pool:
+        curl_run = pool.submit(curl_seconds)
+        t0 = time.monotonic()
+        template = json.dumps(TEMPLATE)
+        client = make_client("json", server.url, template=template, profile="curl", retries=0, timeout=10, shuffle=False)
+        with client:
+            (a,) = client.query(big, OutputSpec.parse("logits")).answers
+        ours_seconds = time.monotonic() - t0
+        curl_took = curl_run.result()
     assert not isinstance(a, QueryFailure), a.reason
-    (c,) = server.take()
-    assert len(ordinary[0].body) > 1 << 20 and c.header("Expect") == "100-continue"
-    assert c.raw == ordinary[0].raw
-    assert curl_seconds >= 0.9 and ours_seconds >= 0.9  # both waited for a "100 Continue" that never came
+    ordinary, ours = server.take()  # curl's and the profile's, in either order: they must not differ
+    assert len(ordinary.body) > 1 << 20 and ours.header("Expect") == "100-continue"
+    assert ours.raw == ordinary.raw
+    assert curl_took >= 0.9 and ours_seconds >= 0.9  # both waited for a "100 Continue" that never came

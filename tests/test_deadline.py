@@ -1,8 +1,9 @@
 """An overall deadline per run: a dripping server or a huge Retry-After ends the run INCONCLUSIVE with a clear reason.
 
-Real servers on 127.0.0.1. The dripping server sends one byte every 0.25 s and stops after a
+Real servers on 127.0.0.1. The dripping server sends one byte every 0.05 s and stops after a
 bounded number of bytes (finishing a valid answer), so without a deadline the run would end
-INTACT after half a minute instead of INCONCLUSIVE: the tests assert verdicts and reasons, not times.
+INTACT after 6 s instead of INCONCLUSIVE: the tests assert verdicts and reasons, not times.
+Deadlines and timeouts are 0.3 s: a sixth of a dripped answer's time, six of its gaps.
 """
 
 from __future__ import annotations
@@ -37,17 +38,17 @@ def _answer(n: int = 1) -> bytes:
 
 
 def _dripping(where: str):
-    """A TF-Serving endpoint whose correct answer arrives one byte every 0.25 s (headers and body, or the body only)."""
+    """A TF-Serving endpoint whose correct answer arrives one byte every 0.05 s (headers and body, or the body only)."""
 
     def respond(req, out):
         body = _answer(len(req.json()["instances"]))
         head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n".encode()
         if where == "headers":
-            drip(out, head[:120], 0.25)  # 30 s at most, then the rest at once
+            drip(out, head[:120], 0.05)  # 6 s at most, then the rest at once
             out.write(head[120:] + body)
         else:
             out.write(head)
-            drip(out, body[:120], 0.25)
+            drip(out, body[:120], 0.05)
             out.write(body[120:])
         out.flush()
 
@@ -57,18 +58,20 @@ def _dripping(where: str):
 @pytest.mark.parametrize("where", ["headers", "body"])
 def test_a_dripping_server_cannot_stretch_a_run_past_the_deadline(fp_path, where):
     with _dripping(where) as srv:
-        r = CliRunner().invoke(app, ["verify", str(fp_path), "--endpoint", srv.url, "--protocol", "tfserving", "--deadline", "1s", "--timeout", "60"])
+        r = CliRunner().invoke(
+            app, ["verify", str(fp_path), "--endpoint", srv.url, "--protocol", "tfserving", "--deadline", "300ms", "--timeout", "60"]
+        )
     assert r.exit_code == 2, (r.stdout, r.stderr)
     assert r.stdout.strip().splitlines()[-1].startswith("INCONCLUSIVE: 3 of 3 markers got no usable answer")
-    assert "deadline of 1 s reached" in r.stdout
+    assert "deadline of 0.3 s reached" in r.stdout
 
 
 def test_the_timeout_bounds_a_whole_attempt_not_each_read():
     """Without a deadline, a dripped answer is still cut at ``timeout`` per attempt (every read gets only the time left)."""
     with _dripping("body") as srv:
-        c = make_client("tfserving", srv.url, timeout=1.0, retries=0, deadline=None)
+        c = make_client("tfserving", srv.url, timeout=0.3, retries=0, deadline=None)
         (a,) = c.query(np.zeros((1, *SHAPE), np.float32), OutputSpec.parse("logits")).answers
-    assert a.reason == "timed out after 1.0 s"
+    assert a.reason == "timed out after 0.3 s"
 
 
 @pytest.mark.parametrize("retry_after", ["100000", "Wed, 21 Oct 2099 07:28:00 GMT"])
@@ -119,11 +122,11 @@ def test_watch_applies_the_deadline_to_every_run(fp_path):
     with _dripping("headers") as srv:
         r = CliRunner().invoke(
             app,
-            ["watch", str(fp_path), "--endpoint", srv.url, "--protocol", "tfserving", "--deadline", "1s", "--every", "0s", "--count", "2"]
+            ["watch", str(fp_path), "--endpoint", srv.url, "--protocol", "tfserving", "--deadline", "300ms", "--every", "0s", "--count", "2"]
             + ["--timeout", "60", "--per-run", "1"],
         )
     assert r.exit_code == 2, (r.stdout, r.stderr)
-    assert r.stdout.count(INCONCLUSIVE) == 2 and r.stderr.count("deadline of 1 s reached") == 2
+    assert r.stdout.count(INCONCLUSIVE) == 2 and r.stderr.count("deadline of 0.3 s reached") == 2
 
 
 def test_bad_deadlines_are_usage_errors(fp_path):

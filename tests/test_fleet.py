@@ -22,6 +22,8 @@ from tamperprobe.fleet.watch import FleetWatch
 from tamperprobe.models import TorchModel
 from tamperprobe.server.app import ServerThread
 
+HTTP = httpx.Client(timeout=5, limits=httpx.Limits(max_keepalive_connections=0))  # one TLS context for the module, not one per request
+
 
 @pytest.fixture(scope="module")
 def world(digits, tmp_path_factory):
@@ -119,7 +121,7 @@ def test_fleet_check_bad_file_sends_nothing(world, tmp_path):
 
 
 def _metric(port: int, name: str, **labels: str) -> float | None:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    text = HTTP.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
@@ -134,7 +136,7 @@ def test_fleet_watch_holds_a_tampered_endpoint_and_keeps_the_others_on_schedule(
     with ServerThread(world["intact"], input_spec=world["spec"]) as a, ServerThread(world["intact"], input_spec=world["spec"]) as b:
         with ServerThread(world["intact"], input_spec=world["spec"]) as c:
             hook = f'hook = "echo $TAMPERPROBE_ENDPOINT $TAMPERPROBE_VERDICT >> {hook_out}"'
-            path = fleet_file(world, tmp_path, {"a": a.url, "b": b.url, "c": c.url}, extra=f"every = 0.4\n{hook}")
+            path = fleet_file(world, tmp_path, {"a": a.url, "b": b.url, "c": c.url}, extra=f"every = 0.25\n{hook}")
             fleet = config.load(path)
             metrics = Metrics(0)
             runs: dict[str, list[str]] = {"a": [], "b": [], "c": []}
@@ -158,7 +160,7 @@ def test_fleet_watch_holds_a_tampered_endpoint_and_keeps_the_others_on_schedule(
                     time.sleep(0.1)
                 assert runs["b"][-1] == "TAMPERED" and runs["c"][-1] == "INCONCLUSIVE", runs
                 held, a_before = len(runs["b"]), len(runs["a"])
-                time.sleep(1.5)
+                time.sleep(1.0)  # four runs' time
                 assert len(runs["b"]) == held  # held: not run again
                 assert len(runs["a"]) >= a_before + 2  # the others keep their schedule
                 assert set(runs["a"]) == {"INTACT"}

@@ -117,7 +117,7 @@ def check(path: Path, tmp_path: Path) -> tuple[int, list[dict]]:
 def test_per_endpoint_connections_bounds_the_connections_one_server_sees(world, tmp_path, profile):
     """Eight entries of one server, eight at once: the server never has more than the limit open, and all are verified."""
     upstream = int(world["server"].url.rsplit(":", 1)[1].split("/")[0])
-    relay = CountingRelay(upstream, hold=0.05)
+    relay = CountingRelay(upstream, hold=0.03)  # per answer chunk (headers and body come apart): a run holds its connection 0.2 s
     try:
         url = f"http://127.0.0.1:{relay.port}/v2/models/model"
         code, rows = check(fleet_file(tmp_path, world, url, 8, limit=2, extra=profile), tmp_path)
@@ -209,7 +209,7 @@ def test_fleet_watch_keeps_to_the_connection_limit_too(world, tmp_path):
     from tamperprobe.fleet.watch import FleetWatch
 
     upstream = int(world["server"].url.rsplit(":", 1)[1].split("/")[0])
-    relay = CountingRelay(upstream, hold=0.05)
+    relay = CountingRelay(upstream, hold=0.02)
     counts: dict[str, int] = {}
     try:
         path = fleet_file(tmp_path, world, f"http://127.0.0.1:{relay.port}/v2/models/model", 6, limit=2, extra="every = 0.3")

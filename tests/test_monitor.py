@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 
@@ -20,6 +21,8 @@ from tamperprobe.served.clients import make_client
 from tamperprobe.served.monitor import EventLog, Metrics
 from tamperprobe.served.watch import watch
 from tamperprobe.server.app import ServerThread
+
+HTTP = httpx.Client(timeout=5, limits=httpx.Limits(max_keepalive_connections=0))  # one TLS context for the module, not one per request
 
 pytest.importorskip("prometheus_client")
 
@@ -40,7 +43,7 @@ def models(digits):
 
 
 def _metric(port: int, name: str, **labels: str) -> float | None:
-    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
+    text = HTTP.get(f"http://127.0.0.1:{port}/metrics", timeout=5).text
     for line in text.splitlines():
         if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
             return float(line.rsplit(" ", 1)[1])
@@ -180,3 +183,16 @@ def test_history_table_is_intact_at_80_columns(models, tmp_path):
     flat = " ".join(out.stdout.split())
     port = url.rsplit(":", 1)[1]
     assert "INTACT" in flat and f"{len(fp)}" in flat and port in out.stdout.replace("\n", "").replace(" ", ""), out.stdout
+
+
+def test_closed_metrics_stop_serving_and_free_their_port():
+    """``Metrics.close`` wakes prometheus_client's serving thread instead of waiting out its 0.5 s poll: the thread has
+    ended and the port answers nothing once close returns, whether the metrics were ever read or not."""
+    for read_first in (False, True):
+        metrics = Metrics(0)
+        if read_first:
+            assert "tamperprobe_tampered" in HTTP.get(f"http://127.0.0.1:{metrics.port}/metrics", timeout=5).text
+        metrics.close()
+        assert not metrics._thread.is_alive()
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", metrics.port)) != 0

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 import time
 
 import numpy as np
@@ -18,6 +16,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from _procs import Forked
 from fakes import Scripted, confident_mlp, kserve
 from tamperprobe.cli.app import app
 from tamperprobe.data import InputSpec
@@ -28,6 +27,7 @@ from tamperprobe.served import history, ledger, pool
 from tamperprobe.served.clients import make_client
 from tamperprobe.served.verify import INCONCLUSIVE, INTACT, TAMPERED, verify
 from tamperprobe.server.app import ServerThread
+from tamperprobe.signing import Trust
 
 SHAPE = (1, 8, 8)
 PAIRS, DECOYS = 6, 12
@@ -228,37 +228,39 @@ def test_decoys_are_shuffled_in_among_the_markers(world, tmp_path):
     assert first_kinds == {"marker", "decoy"} and len(positions) >= 3
 
 
+def _draw_until_used_up(fp, plan, hist, go, out) -> None:
+    """In a process of its own: wait for ``go``, then draw from ``hist`` until the pool is used up; the draws into ``out``."""
+    while not go.exists():
+        time.sleep(0.001)
+    got = []
+    while True:
+        try:
+            got.append(list(pool.draw(fp, plan, path=hist).markers))
+            time.sleep(0.002)
+        except pool.PoolExhausted:
+            break
+    out.write_text(json.dumps(got))
+
+
 def test_two_processes_sharing_a_history_never_draw_the_same_marker(tmp_path):
+    """Two processes (forked from this one, tests/_procs.py: SQLite's locks between processes are the point, a fresh
+    interpreter is not) race to draw from one history."""
     n_pairs = 150
     x = np.random.default_rng(1).random((2 * n_pairs, *SHAPE)).astype(np.float32)
     z = np.random.default_rng(2).normal(size=(2 * n_pairs, 10)).astype(np.float32)
     fp = make_fingerprint(x, z, InputSpec(SHAPE), {"method": "boundary"}, "t", groups=np.repeat(np.arange(n_pairs), 2))
     fp_path, hist, go = save(fp, tmp_path / "fp.tpf", sign_key=None), tmp_path / "h.sqlite", tmp_path / "go"
+    fp = load(fp_path, trust=Trust(allow_unsigned=True))
     history.runs(hist)  # the schema exists before the race starts
-    code = (
-        "import json, os, sys, time\n"
-        "from tamperprobe.fingerprint import load\nfrom tamperprobe.served import pool\nfrom tamperprobe.signing import Trust\n"
-        "fp = load(sys.argv[1], trust=Trust(allow_unsigned=True)); p = pool.plan(fp, per_run=2)\n"
-        "print('ready', flush=True)\n"
-        "while not os.path.exists(sys.argv[3]): time.sleep(0.001)\n"
-        "got = []\n"
-        "while True:\n"
-        "    try: got.append(list(pool.draw(fp, p, path=sys.argv[2]).markers)); time.sleep(0.002)\n"
-        "    except pool.PoolExhausted: break\n"
-        "print(json.dumps(got))\n"
-    )
-    procs = [
-        subprocess.Popen([sys.executable, "-c", code, str(fp_path), str(hist), str(go)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        for _ in range(2)
-    ]
-    for p in procs:
-        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+    outs = [tmp_path / f"drawn{i}.json" for i in range(2)]
+    procs = [Forked(_draw_until_used_up, fp, pool.plan(fp, per_run=2), hist, go, out, log=tmp_path / f"log{i}") for i, out in enumerate(outs)]
     go.write_text("go")
-    results = []
-    for p in procs:
-        out, err = p.communicate(timeout=120)
-        assert p.returncode == 0, err
-        results.append(json.loads(out.strip().splitlines()[-1]))
+    for i, p in enumerate(procs):
+        try:
+            assert p.wait(timeout=120) == 0, (tmp_path / f"log{i}").read_text()
+        finally:
+            p.kill()
+    results = [json.loads(out.read_text()) for out in outs]
     drawn = [i for draws in results for d in draws for i in d]
     assert sorted(drawn) == list(range(2 * n_pairs))  # every marker drawn exactly once between the two
     assert len(results[0]) + len(results[1]) == n_pairs and all(len(d) == 2 and d[0] // 2 == d[1] // 2 for r in results for d in r)
@@ -358,14 +360,14 @@ def test_a_spread_run_that_overruns_its_deadline_fails_closed(world, tmp_path):
 
     def respond(req, out):
         if req.path.endswith("/infer"):
-            time.sleep(0.6)
+            time.sleep(0.3)
         slow(req, out)
 
     fp = world["fp"]
-    with Scripted(respond) as srv:
-        client = make_client("kserve", srv.url, model_name="m", retries=0, spread=1.0, deadline=1.5, classes=10)
+    with Scripted(respond) as srv:  # five requests of 0.3 s each, spread over 0.5 s: they cannot end within 0.75 s
+        client = make_client("kserve", srv.url, model_name="m", retries=0, spread=0.5, deadline=0.75, classes=10)
         report = verify(fp, client, draw=pool.draw(fp, pool.plan(fp, per_run=4, decoys=1), path=tmp_path / "h.sqlite"))
-    assert report.verdict == INCONCLUSIVE and "deadline of 1.5 s reached" in report.summary()
+    assert report.verdict == INCONCLUSIVE and "deadline of 0.75 s reached" in report.summary()
 
 
 # --------------------------------------------------------------------------- the fingerprint and the history file

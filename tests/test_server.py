@@ -192,17 +192,24 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize("case, payload, extra", BAD, ids=[c[0] for c in BAD])
-def test_bad_input_gives_400(model_files, case, payload, extra):
+@pytest.fixture(scope="module")
+def bad_input_server(model_files):
+    """One server for every bad input: each case must leave it serving, so later cases meet a server that took the earlier ones."""
     with ServerThread(model_files["pt"], input_shape=SHAPE, max_batch=4) as srv:
-        headers = {"Content-Type": "application/json"}
-        if extra == "hdr":
-            headers["Inference-Header-Content-Length"] = str(payload.index(b"}]}") + 3)
-        status, doc = _raw_post(srv.url, "/v2/models/model/infer", payload, headers)
-        assert status == 400, (case, doc)
-        assert isinstance(doc.get("error"), str) and doc["error"]
-        # still serving
-        assert HTTP.post(f"{srv.url}/v2/models/model/infer", json=_body()).status_code == 200
+        yield srv
+
+
+@pytest.mark.parametrize("case, payload, extra", BAD, ids=[c[0] for c in BAD])
+def test_bad_input_gives_400(bad_input_server, case, payload, extra):
+    srv = bad_input_server
+    headers = {"Content-Type": "application/json"}
+    if extra == "hdr":
+        headers["Inference-Header-Content-Length"] = str(payload.index(b"}]}") + 3)
+    status, doc = _raw_post(srv.url, "/v2/models/model/infer", payload, headers)
+    assert status == 400, (case, doc)
+    assert isinstance(doc.get("error"), str) and doc["error"]
+    # still serving
+    assert HTTP.post(f"{srv.url}/v2/models/model/infer", json=_body()).status_code == 200
 
 
 def test_body_cap_by_content_length_and_by_actual_size(model_files):

@@ -25,6 +25,7 @@ from tamperprobe.server.app import ServerThread
 from tamperprobe.server.guard import Limits
 
 SHAPE = (1, 8, 8)
+HTTP = httpx.Client(timeout=5, limits=httpx.Limits(max_keepalive_connections=0))  # one TLS context for the module, not one per request
 INFER = "/v2/models/model/infer"
 BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, *SHAPE], "datatype": "FP32", "data": [0.5] * 64}]}).encode()
 
@@ -101,7 +102,7 @@ def _response(s: socket.socket) -> tuple[int, bytes]:
 
 def test_tls_connections_silent_before_the_client_hello_are_closed_at_the_header_deadline(model, certificate):
     """Before: asyncio's own 60 s handshake timeout applied, the header deadline did not."""
-    limits = Limits(header_timeout=0.5)
+    limits = Limits(header_timeout=0.3)
     with ServerThread(model, input_shape=SHAPE, limits=limits, tls_cert=certificate[0], tls_key=certificate[1]) as srv:
         stalled = [_connect(srv) for _ in range(3)]
         t0 = time.monotonic()
@@ -153,19 +154,19 @@ def test_connections_that_send_headers_and_no_body_hold_no_inference_slot(model)
             h.sendall(head + BODY[:10])
         time.sleep(0.3)
         for _ in range(3):
-            r = httpx.post(f"{srv.url}{INFER}", content=BODY, timeout=10)
+            r = HTTP.post(f"{srv.url}{INFER}", content=BODY, timeout=10)
             assert r.status_code == 200, r.text
         for h in hogs:
             h.close()
 
 
 def test_a_body_not_sent_within_the_body_timeout_ends_the_connection(model):
-    limits = Limits(body_timeout=0.5)
+    limits = Limits(body_timeout=0.3)
     with ServerThread(model, input_shape=SHAPE, limits=limits) as srv:
         s = _connect(srv)
         s.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(BODY)}\r\n\r\n".encode() + BODY[:10])
         assert _closed_by_server(s)
-        assert httpx.post(f"{srv.url}{INFER}", content=BODY, timeout=10).status_code == 200
+        assert HTTP.post(f"{srv.url}{INFER}", content=BODY, timeout=10).status_code == 200
 
 
 def test_requests_beyond_the_work_limit_wait_then_get_503():
@@ -179,13 +180,13 @@ def test_requests_beyond_the_work_limit_wait_then_get_503():
         first.start()
         time.sleep(0.3)
         try:
-            r = httpx.post(f"{srv.url}{INFER}", content=BODY, timeout=20)
+            r = HTTP.post(f"{srv.url}{INFER}", content=BODY, timeout=20)
             assert r.status_code == 503 and r.headers["retry-after"] == "1" and "busy" in r.json()["error"]
-            assert httpx.get(f"{srv.url}/v2/health/live").status_code == 200  # probes do not queue
+            assert HTTP.get(f"{srv.url}/v2/health/live").status_code == 200  # probes do not queue
         finally:
             gated.gate.set()
             first.join(20)
-        assert httpx.post(f"{srv.url}{INFER}", content=BODY, timeout=20).status_code == 200
+        assert HTTP.post(f"{srv.url}{INFER}", content=BODY, timeout=20).status_code == 200
 
 
 def test_bodies_held_at_once_are_bounded_by_the_body_budget(model):
@@ -195,11 +196,11 @@ def test_bodies_held_at_once_are_bounded_by_the_body_budget(model):
         hog = _connect(srv)
         hog.sendall(f"POST {INFER} HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n".encode() + b" " * 3900)
         time.sleep(0.3)
-        r = httpx.post(f"{srv.url}{INFER}", content=BODY, timeout=10)
+        r = HTTP.post(f"{srv.url}{INFER}", content=BODY, timeout=10)
         assert r.status_code == 503 and "bodies" in r.json()["error"]
         hog.close()
         time.sleep(0.3)
-        assert httpx.post(f"{srv.url}{INFER}", content=BODY, timeout=10).status_code == 200  # the budget came back
+        assert HTTP.post(f"{srv.url}{INFER}", content=BODY, timeout=10).status_code == 200  # the budget came back
 
 
 # --------------------------------------------------------------------------- chunks, outputs, headers
@@ -237,9 +238,9 @@ def test_an_output_requested_twice_is_refused(model):
     """Before: each repeat of an output was answered in full (a 0.25 MB request drew a response 254 times its size)."""
     with ServerThread(model, input_shape=SHAPE, output_spec="probs:3") as srv:
         req = json.loads(BODY)
-        r = httpx.post(f"{srv.url}{INFER}", json={**req, "outputs": [{"name": "probabilities"}] * 2}, timeout=10)
+        r = HTTP.post(f"{srv.url}{INFER}", json={**req, "outputs": [{"name": "probabilities"}] * 2}, timeout=10)
         assert r.status_code == 400 and "more than once" in r.json()["error"]
-        r = httpx.post(f"{srv.url}{INFER}", json={**req, "outputs": [{"name": "probabilities"}]}, timeout=10)
+        r = HTTP.post(f"{srv.url}{INFER}", json={**req, "outputs": [{"name": "probabilities"}]}, timeout=10)
         assert r.status_code == 200 and len(r.json()["outputs"]) == 1
 
 
@@ -247,9 +248,9 @@ def test_a_response_over_the_cap_is_refused(model):
     x = np.full((64, *SHAPE), 0.5, np.float32)
     req = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
     with ServerThread(model, input_shape=SHAPE, limits=Limits(max_response=2000)) as srv:
-        r = httpx.post(f"{srv.url}{INFER}", json=req, timeout=10)
+        r = HTTP.post(f"{srv.url}{INFER}", json=req, timeout=10)
         assert r.status_code == 400 and "limit of 2000" in r.json()["error"]
-        assert httpx.post(f"{srv.url}{INFER}", content=BODY, timeout=10).status_code == 200  # a small response still fits
+        assert HTTP.post(f"{srv.url}{INFER}", content=BODY, timeout=10).status_code == 200  # a small response still fits
 
 
 @pytest.mark.parametrize("size, status", [(100_000, 400), (24_000, 400), (12_000, 200)])

@@ -36,6 +36,7 @@ from tamperprobe.server.app import ServerThread
 from tamperprobe.server.guard import Limits
 
 SHAPE = (1, 8, 8)
+HTTP = httpx.Client(timeout=5, limits=httpx.Limits(max_keepalive_connections=0))  # one TLS context for the module, not one per request
 BODY = json.dumps({"inputs": [{"name": "input", "shape": [1, *SHAPE], "datatype": "FP32", "data": [0.5] * 64}]}).encode()
 
 
@@ -68,7 +69,7 @@ def _request(path, body=b"", method="POST", extra="") -> bytes:
     return f"{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Length: {len(body)}\r\n{extra}\r\n".encode() + body
 
 
-FAST = Limits(header_timeout=0.5, body_timeout=0.5, idle_timeout=1)
+FAST = Limits(header_timeout=0.3, body_timeout=0.3, idle_timeout=1)  # idle_timeout is uvicorn's, whole seconds
 
 
 @pytest.mark.parametrize(
@@ -84,7 +85,7 @@ def test_slow_clients_are_disconnected(model, case, send):
         s = _connect(srv)
         s.sendall(send)
         assert _closed_by_server(s), case
-        assert httpx.get(f"{srv.url}/v2/health/live").status_code == 200
+        assert HTTP.get(f"{srv.url}/v2/health/live").status_code == 200
 
 
 def test_idle_keep_alive_connections_are_closed(model):
@@ -116,18 +117,18 @@ def test_no_redirect_and_no_host_echo(model):
     with ServerThread(model, input_shape=SHAPE) as srv, ServerThread(model, input_shape=SHAPE, token="tok") as guarded:
         for server, auth in ((srv, {}), (guarded, {}), (guarded, {"Authorization": "Bearer tok"})):
             for method, path in (("GET", "/v2/models/model/"), ("POST", "/v2/models/model/infer/"), ("GET", "/v2/health/live/"), ("GET", "/v2/")):
-                r = httpx.request(method, server.url + path, headers={"Host": evil_host, **auth}, content=BODY if method == "POST" else None)
+                r = HTTP.request(method, server.url + path, headers={"Host": evil_host, **auth}, content=BODY if method == "POST" else None)
                 assert r.status_code in (401, 404), (path, r.status_code)
                 assert "location" not in r.headers and "evil" not in r.text
                 if server is guarded and not auth:
                     assert r.status_code == 401  # authentication comes before routing: unknown paths reveal nothing
-        assert "server" not in httpx.get(srv.url + "/v2/health/live").headers  # no software banner
+        assert "server" not in HTTP.get(srv.url + "/v2/health/live").headers  # no software banner
 
 
 def test_json_heavy_in_containers_is_refused_before_parsing(model):
     with ServerThread(model, input_shape=SHAPE, max_batch=4) as srv:
         body = b'{"inputs": [{"name": "input", "shape": [1, 1, 8, 8], "datatype": "FP32", "data": [0.5]}], "pad": [' + b"[]," * 5000 + b"[]]}"
-        r = httpx.post(f"{srv.url}/v2/models/model/infer", content=body)
+        r = HTTP.post(f"{srv.url}/v2/models/model/infer", content=body)
         assert r.status_code == 400 and "lists and objects" in r.json()["error"]
 
 
@@ -146,8 +147,50 @@ def test_requests_are_processed_on_worker_threads_not_the_event_loop(model):
     rec = _ThreadRecorder(model.module)
     with ServerThread(TorchModel(rec, "rec"), input_shape=SHAPE) as srv:
         rec.threads.clear()  # the start-up probe ran in this thread
-        assert httpx.post(f"{srv.url}/v2/models/model/infer", content=BODY).status_code == 200
+        assert HTTP.post(f"{srv.url}/v2/models/model/infer", content=BODY).status_code == 200
     assert rec.threads and all(t.startswith("tamperprobe-infer") for t in rec.threads)
+
+
+class _Held(torch.nn.Module):
+    """The mlp, but every batch waits for ``gate`` first (``entered`` says one has arrived)."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def forward(self, x):
+        self.entered.set()
+        assert self.gate.wait(20)
+        return self.inner(x)
+
+
+def test_stopping_lets_a_running_request_finish_and_refuses_new_ones(model):
+    """``ServerThread.stop`` stops at once when nothing runs (``server/_stopping.py``), yet a request the model is still
+    running gets its answer, an idle kept-alive connection is closed, and stop returns only after both."""
+    held = _Held(model.module)
+    held.gate.set()  # the start-up probe passes
+    srv = ServerThread(TorchModel(held, "held"), input_shape=SHAPE).start()
+    idle = _connect(srv)
+    idle.sendall(_request("/v2/health/live", method="GET"))
+    assert idle.recv(65536).startswith(b"HTTP/1.1 200")
+    held.entered.clear()
+    held.gate.clear()
+    answer: dict = {}
+    running = threading.Thread(target=lambda: answer.update(r=httpx.post(f"{srv.url}/v2/models/model/infer", content=BODY, timeout=20)))
+    running.start()
+    assert held.entered.wait(20)
+    stopper = threading.Thread(target=srv.stop)
+    stopper.start()
+    assert _closed_by_server(idle)  # the idle connection is closed while the running request goes on
+    assert stopper.is_alive()  # stop waits for the running request
+    held.gate.set()
+    running.join(20)
+    stopper.join(20)
+    assert not stopper.is_alive() and answer["r"].status_code == 200
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", srv.port)) != 0  # and nothing answers any more
 
 
 def test_bad_limits_are_usage_errors():
@@ -183,7 +226,7 @@ def test_a_body_over_the_cap_gets_its_413_not_a_connection_reset(model):
         for i in range(50):
             with _connect(srv) as s:
                 assert _send_then_read(s, request).startswith(b"HTTP/1.1 413 "), i
-        assert httpx.post(f"{srv.url}/v2/models/model/infer", content=BODY).status_code == 200
+        assert HTTP.post(f"{srv.url}/v2/models/model/infer", content=BODY).status_code == 200
 
 
 @pytest.mark.parametrize(
@@ -204,19 +247,19 @@ def test_every_answer_before_the_request_is_read_reaches_the_client(model, case,
         for i in range(10):
             with _connect(srv) as s:
                 assert _send_then_read(s, request_bytes).startswith(b"HTTP/1.1 " + status + b" "), (case, i)
-        assert httpx.get(f"{srv.url}/v2/health/live").status_code == 200
+        assert HTTP.get(f"{srv.url}/v2/health/live").status_code == 200
 
 
 def test_lingering_is_bounded_in_time_and_in_bytes(model):
     """A client that goes on sending after its 413 (slowly, or as fast as it can) is cut off by the server."""
     head = _request("/v2/models/model/infer", b"x" * 5000)[:-5000].replace(b"5000", b"999999999")  # declares far more than it sends
-    with ServerThread(model, input_shape=SHAPE, max_body=4096) as srv:
+    with ServerThread(model, input_shape=SHAPE, max_body=4096, limits=Limits(linger_timeout=0.3)) as srv:
         s = _connect(srv)  # slowly: closed after linger_timeout
         s.sendall(head + b"x" * 1000)
         started = time.monotonic()
         assert s.recv(65536).startswith(b"HTTP/1.1 413 ")
         try:
-            while time.monotonic() - started < 15:  # the safety bound only: linger_timeout is 2 s
+            while time.monotonic() - started < 15:  # the safety bound only: linger_timeout is 0.3 s
                 s.sendall(b"x")
                 time.sleep(0.05)
         except OSError:
@@ -340,7 +383,7 @@ def test_serve_command_with_tls_token_file_and_limits(model, certificate, tmp_pa
                     pass
                 assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
                 assert time.monotonic() < deadline, "serve did not start"
-                time.sleep(0.2)
+                time.sleep(0.05)
             assert client.post(f"{url}/v2/models/model/infer", content=BODY).status_code == 401
             r = client.post(f"{url}/v2/models/model/infer", content=BODY, headers={"Authorization": "Bearer s3cret-token"})
             assert r.status_code == 200 and r.json()["outputs"][0]["name"] == "logits"

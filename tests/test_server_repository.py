@@ -28,6 +28,7 @@ from tamperprobe.models import load_model, save_model
 from tamperprobe.server.repository import Repository, read_config
 
 SHAPE = (1, 8, 8)
+HTTP = httpx.Client(timeout=5, limits=httpx.Limits(max_keepalive_connections=0))  # one TLS context for the module, not one per request
 
 
 def _module(seed: int) -> torch.nn.Module:
@@ -68,12 +69,12 @@ def server(repo, tmp_path_factory):
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             try:
-                if httpx.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
+                if HTTP.get(f"{url}/v2/health/ready", timeout=1).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             assert proc.poll() is None, log.read_text()
-            time.sleep(0.2)
+            time.sleep(0.02)
         yield url, log
     finally:
         proc.terminate()
@@ -86,7 +87,7 @@ def server(repo, tmp_path_factory):
 
 def _infer(url: str, name: str, x: np.ndarray) -> dict:
     body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
-    r = httpx.post(f"{url}/v2/models/{name}/infer", json=body, timeout=30)
+    r = HTTP.post(f"{url}/v2/models/{name}/infer", json=body, timeout=30)
     assert r.status_code == 200, r.text
     return {o["name"]: np.asarray(o["data"]).reshape(o["shape"]) for o in r.json()["outputs"]}
 
@@ -95,7 +96,7 @@ def test_startup_line_reports_the_models_and_memory_and_loads_none(server):
     url, log = server
     text = log.read_text()
     assert "serving 5 models from" in text and "0 loaded, the others on first use" in text and "MiB" in text
-    index = httpx.post(f"{url}/v2/repository/index", timeout=10).json()
+    index = HTTP.post(f"{url}/v2/repository/index", timeout=10).json()
     assert sorted(e["name"] for e in index) == ["digits", "digits-eu", "digits-tampered", "never-asked", "onnx-model"]
 
 
@@ -121,7 +122,7 @@ def test_identical_files_share_one_loaded_instance_and_unused_models_stay_unload
     text = log.read_text()
     assert "model 'digits': loaded model.pt" in text
     assert "model 'digits-eu'" not in text  # the same bytes: no second load
-    states = {e["name"]: e for e in httpx.post(f"{url}/v2/repository/index", timeout=10).json()}
+    states = {e["name"]: e for e in HTTP.post(f"{url}/v2/repository/index", timeout=10).json()}
     assert states["digits"]["state"] == states["digits-eu"]["state"] == "READY"
     assert states["never-asked"]["state"] == "UNAVAILABLE" and "not loaded" in states["never-asked"]["reason"]
 
@@ -130,11 +131,11 @@ def test_config_limits_and_unknown_names(server):
     url, _ = server
     x = np.zeros((9, *SHAPE), np.float32)  # digits has max_batch 8
     body = {"inputs": [{"name": "input", "shape": list(x.shape), "datatype": "FP32", "data": x.ravel().tolist()}]}
-    assert httpx.post(f"{url}/v2/models/digits/infer", json=body, timeout=10).status_code == 400
-    assert httpx.post(f"{url}/v2/models/digits-tampered/infer", json=body, timeout=10).status_code == 200  # the default, 64
-    assert httpx.post(f"{url}/v2/models/nope/infer", json=body, timeout=10).status_code == 404
-    assert httpx.get(f"{url}/v2/models/nope", timeout=10).status_code == 404
-    meta = httpx.get(f"{url}/v2/models/digits-eu", timeout=10).json()
+    assert HTTP.post(f"{url}/v2/models/digits/infer", json=body, timeout=10).status_code == 400
+    assert HTTP.post(f"{url}/v2/models/digits-tampered/infer", json=body, timeout=10).status_code == 200  # the default, 64
+    assert HTTP.post(f"{url}/v2/models/nope/infer", json=body, timeout=10).status_code == 404
+    assert HTTP.get(f"{url}/v2/models/nope", timeout=10).status_code == 404
+    meta = HTTP.get(f"{url}/v2/models/digits-eu", timeout=10).json()
     assert meta["name"] == "digits-eu" and [o["name"] for o in meta["outputs"]] == ["label"]
 
 

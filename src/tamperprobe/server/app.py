@@ -415,7 +415,9 @@ def serve(
     ``input_shape`` and ``max_batch`` are the defaults of models whose config.toml leaves them out,
     its models load on first use unless ``eager``, and ``on_event`` hears one line per load.
     """
-    import uvicorn  # first: a missing server extra is reported before any work
+    import uvicorn  # noqa: F401 - first: a missing server extra is reported before any work
+
+    from ._stopping import PromptServer
 
     warn = on_warning or (lambda _text: None)
     if not 0 <= port <= 65535:
@@ -449,7 +451,7 @@ def serve(
             where = "/v2/models/<name>/infer"
         on_ready(f"serving {what} at {scheme}://{shown}:{port}{where}{' (token required)' if token else ''}")
     try:
-        uvicorn.Server(_uvicorn_config(app, limits, host=host, port=port, log_level=log_level, tls=tls)).run()
+        PromptServer(_uvicorn_config(app, limits, host=host, port=port, log_level=log_level, tls=tls)).run()
     finally:
         shutdown(app)
 
@@ -545,7 +547,7 @@ class ServerThread:
         return len(self._server.config.http.live) if self._server is not None else 0
 
     def start(self) -> ServerThread:
-        import uvicorn
+        from ._stopping import PromptServer
 
         # proto=IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say so (else ~40 ms per request)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
@@ -560,7 +562,7 @@ class ServerThread:
         self._sock = sock
         self._bound_port = int(sock.getsockname()[1])
         config = _uvicorn_config(self.app, self.limits, log_level=self._log_level, tls=self._tls, access_log=False)
-        server = self._server = uvicorn.Server(config)
+        server = self._server = PromptServer(config)
         self._thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, name="tamperprobe-server", daemon=True)
         self._thread.start()
         deadline = time.monotonic() + self._start_timeout
@@ -573,7 +575,7 @@ class ServerThread:
 
     def stop(self) -> None:
         if self._server is not None:
-            self._server.should_exit = True
+            self._server.request_exit()
         if self._thread is not None:
             self._thread.join(timeout=10)
             self._thread = None
