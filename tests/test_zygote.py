@@ -42,15 +42,23 @@ def expected(model_file) -> np.ndarray:
 
 @pytest.fixture()
 def fresh_zygote():
-    """No zygote in this process yet: the next sandboxed model starts one (ended again afterwards)."""
+    """No zygote in this process yet: the next sandboxed model starts one (the later tests use it)."""
     _zygote.stop()
-    yield
-    _zygote.stop()
+
+
+def _stat(pid: int) -> tuple[str, int] | None:
+    """The state letter and parent pid of process ``pid``, None once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    return fields[0], int(fields[1])
 
 
 def _parent(pid: int) -> int:
-    stat = Path(f"/proc/{pid}/stat").read_text()
-    return int(stat.rsplit(")", 1)[1].split()[1])
+    stat = _stat(pid)
+    assert stat is not None, f"process {pid} is gone"
+    return stat[1]
 
 
 def _environ(pid: int) -> dict[str, str]:
@@ -116,7 +124,8 @@ def test_a_childs_end_is_reported_as_it_happened_and_the_zygote_goes_on(model_fi
     assert model._child.wait(30) == -signal.SIGKILL
     with pytest.raises(ModelLoadError, match=r"stopped while waiting \(killed by signal 9\)"):
         model.logits(X)
-    assert not Path(f"/proc/{pid}").exists() or _parent(pid) != zygote.process.pid  # reaped, not a zombie of the zygote
+    stat = _stat(pid)
+    assert stat is None or stat[1] != zygote.process.pid  # reaped, not a zombie of the zygote
     again = SandboxedModel(model_file)
     try:
         assert _zygote._zygote is zygote and _parent(again._child.pid) == zygote.process.pid
@@ -143,7 +152,7 @@ def test_a_zygote_that_died_is_replaced_and_its_orphan_still_stops(model_file, e
     orphan.close()
     assert orphan._child.returncode == _zygote.Child.UNKNOWN  # nobody was left to tell its status
     deadline = time.monotonic() + 10
-    while Path(f"/proc/{pid}").exists() and "Z" not in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[:1]:
+    while (stat := _stat(pid)) is not None and stat[0] != "Z":  # gone, or a zombie waiting for whoever adopted it
         assert time.monotonic() < deadline, "the orphan was not killed"
         time.sleep(0.02)
 
