@@ -20,7 +20,9 @@ from ._options import HistoryOption, JsonOption
 if TYPE_CHECKING:
     from ..fleet.check import Outcome
 
-FleetFileArgument = Annotated[Path, typer.Argument(help="The fleet file (TOML): a defaults table and one endpoint table (an array of tables) per served model.")]
+FleetFileArgument = Annotated[
+    Path, typer.Argument(help="The fleet file (TOML): a defaults table and one endpoint table (an array of tables) per served model.")
+]
 ConcurrencyOption = Annotated[Optional[int], typer.Option("--concurrency", help="Endpoints verified at once (default: the file's, else 32).")]
 NoHistoryOption = Annotated[bool, typer.Option("--no-history", help="Do not record in the history (draws refused unless allow_repeat).")]
 
