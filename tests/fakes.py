@@ -150,6 +150,24 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def wait_ready(client: Any, url: str, ended: Callable[[], str | None], seconds: float, poll: float = 0.02) -> None:
+    """Poll ``url``'s ``/v2/health/ready`` with ``client`` (an ``httpx.Client``) until it answers 200; fail with what
+    ``ended()`` says (a process's output) once the server process has ended, or after ``seconds``."""
+    import httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            if client.get(f"{url}/v2/health/ready").status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        why = ended()
+        assert why is None, why
+        assert time.monotonic() < deadline, "serve did not start"
+        time.sleep(poll)
+
+
 def confident_mlp(seed: int, shape: tuple[int, ...] = (1, 8, 8)) -> Any:
     """A small untrained MLP whose last layer is scaled up, so its answers are confident (well-separated logits)."""
     import torch

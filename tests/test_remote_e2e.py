@@ -18,6 +18,7 @@ import torch
 from typer.testing import CliRunner
 
 from _procs import Forked, cli_main
+from fakes import free_port, wait_ready
 from tamperprobe import zoo
 from tamperprobe.cli.app import app
 from tamperprobe.data import load_data
@@ -202,9 +203,7 @@ def test_cli_watch(setup, served, tmp_path):
 
 def test_cli_serve_subprocess(setup, tmp_path):
     """``serve`` in a process of its own answers ``verify --endpoint`` INTACT; a TorchScript file without a shape is refused."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     args = ["serve", str(setup["intact"]), "--port", str(port), "--name", "digits", "--fingerprint", str(setup["fp_path"]), "--output-spec", "top1"]
     # a process of its own, forked from this one (tests/_procs.py); test_server_guard runs the installed executable's serve
     log = tmp_path / "serve.log"
@@ -213,17 +212,8 @@ def test_cli_serve_subprocess(setup, tmp_path):
         import httpx
 
         url = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 30
         with httpx.Client(timeout=1) as client:  # one client for the polls: each new one costs tens of ms of CPU
-            while True:
-                try:
-                    if client.get(f"{url}/v2/health/ready").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, "serve did not start"
-                time.sleep(0.02)
+            wait_ready(client, url, lambda: None if proc.poll() is None else log.read_text(), 30)
         r = run("verify", setup["fp_path"], "--endpoint", url, "--model-name", "digits", "--output-spec", "top1", "--allow-weaker-spec")
         assert r.exit_code == 0, r.stdout + r.stderr
     finally:

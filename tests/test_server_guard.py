@@ -24,6 +24,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from fakes import free_port, wait_ready
 from tamperprobe import zoo
 from tamperprobe.cli.app import app
 from tamperprobe.data import InputSpec
@@ -364,26 +365,15 @@ def test_serve_command_with_tls_token_file_and_limits(model, certificate, tmp_pa
     token = tmp_path / "token"
     token.write_text("s3cret-token\n")
     pt = save_model(model.module, tmp_path / "m.pt", np.zeros((2, *SHAPE), np.float32))
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     args = [sys.executable, "-m", "tamperprobe", "serve", str(pt), "--input-shape", "1,8,8", "--port", str(port), "--token-file", str(token)]
     args += ["--tls-cert", str(cert), "--tls-key", str(key), "--max-connections", "50", "--max-concurrent", "4", "--header-timeout", "5"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     ctx = ssl.create_default_context(cafile=str(cert))
     try:
         url = f"https://127.0.0.1:{port}"
-        deadline = time.monotonic() + 60
         with httpx.Client(verify=ctx, timeout=5) as client:
-            while True:
-                try:
-                    if client.get(f"{url}/v2/health/ready").status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-                assert time.monotonic() < deadline, "serve did not start"
-                time.sleep(0.05)
+            wait_ready(client, url, lambda: None if proc.poll() is None else (proc.stderr.read() if proc.stderr else ""), 60, poll=0.05)
             assert client.post(f"{url}/v2/models/model/infer", content=BODY).status_code == 401
             r = client.post(f"{url}/v2/models/model/infer", content=BODY, headers={"Authorization": "Bearer s3cret-token"})
             assert r.status_code == 200 and r.json()["outputs"][0]["name"] == "logits"
