@@ -140,15 +140,12 @@ class Zygote:
                 if not select.select([self._socket], [], [], timeout)[0]:
                     raise ModelLoadError(f"the sandbox's starter process did not answer within {timeout:g} s")
                 message, fds, _, _ = socket.recv_fds(self._socket, _MAX_MESSAGE, 1)
-        except OSError as exc:
+        except BaseException as exc:  # a zygote that failed to answer is ended: the next model gets a new one
             for fd in (in_w, out_r, status_r):
                 os.close(fd)
             self.close()
-            raise ModelLoadError(f"the sandbox's starter process is gone ({exc.strerror or exc})") from None
-        except BaseException:
-            for fd in (in_w, out_r, status_r):
-                os.close(fd)
-            self.close()
+            if isinstance(exc, OSError):
+                raise ModelLoadError(f"the sandbox's starter process is gone ({exc.strerror or exc})") from None
             raise
         finally:
             for fd in (in_r, out_w, status_w):
